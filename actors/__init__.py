@@ -1,0 +1,1 @@
+"""Ray actors that host model replicas (evaluation, steering) and their pools."""

@@ -1,0 +1,39 @@
+"""The `dfc-ray` command line: one sub-command per stage, each registered by its own module."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Each module here defines `add_cli(subparsers)`, which adds its sub-commands and sets
+# `func(args) -> int` on them, so a stage's CLI lives next to the code it drives.
+COMMAND_MODULES = [
+    "dfc_ray.train",
+    "dfc_ray.organism.build",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dfc-ray",
+        description="Dedicated Feature Crosscoders on a model pair, at sweep scale on Ray.",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_cli(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as err:
+        # Bad input: one clear line, no traceback.
+        print(f"dfc-ray {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Tool-calling tasks (organism, BFCL, JSONL), prompt rendering and strict scoring."""

@@ -11,6 +11,7 @@ import sys
 COMMAND_MODULES = [
     "dfc_ray.train",
     "dfc_ray.organism.build",
+    "dfc_ray.cluster",
 ]
 
 

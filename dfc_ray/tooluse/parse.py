@@ -1,0 +1,114 @@
+"""Robust parsing of Qwen2.5-style tool calls out of generated text.
+
+A reply calls tools with one or more ``<tool_call>`` blocks, each holding JSON::
+
+    <tool_call>
+    {"name": "get_weather", "arguments": {"city": "Paris"}}
+    </tool_call>
+
+Accepted inside a block: one call object or a JSON list of them; ``arguments`` as an object or as a
+JSON-encoded string; ``parameters`` instead of ``arguments``; no ``arguments`` at all (= ``{}``);
+a markdown code fence (```json ... ```) around the JSON. Everything inside ``<think>...</think>``
+is ignored (an unclosed ``<think>`` hides the rest of the text). A block without its closing tag
+(generation stopped at max tokens, or at ``</tool_call>`` used as a stop string and removed) runs to
+the next ``<tool_call>`` or to the end of the text and is parsed like any other: it counts if its
+JSON is complete. Python-dict syntax (single quotes, ``True``) is not accepted.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+OPEN, CLOSE = "<tool_call>", "</tool_call>"
+_THINK = re.compile(r"<think>.*?(?:</think>|\Z)", re.DOTALL)
+_FENCE = re.compile(r"\A```[A-Za-z0-9_-]*[ \t]*\n?(.*?)\n?[ \t]*```\Z", re.DOTALL)
+
+
+@dataclass
+class ToolCall:
+    """One well-formed call."""
+
+    name: str
+    """Called function name, verbatim."""
+    arguments: dict[str, Any]
+    """Decoded arguments (``{}`` if the call gave none)."""
+
+
+@dataclass
+class ParseResult:
+    """Everything a scorer needs to know about a reply's tool calls."""
+
+    calls: list[ToolCall]
+    """Well-formed calls, in the order they appear."""
+    n_blocks: int
+    """Number of ``<tool_call>`` blocks found (well-formed or not), outside ``<think>``."""
+    names: list[str]
+    """Every string ``"name"`` found in a block's decoded JSON, even when the rest of that call is
+    malformed; the seed study's lenient rule looks only at these."""
+    errors: list[str] = field(default_factory=list)
+    """One short message per malformed block or call."""
+
+    @property
+    def format_ok(self) -> bool:
+        """At least one block, and every block parsed into ``{name: str, arguments: dict}`` calls."""
+        return self.n_blocks > 0 and not self.errors
+
+
+def _strip_fence(body: str) -> str:
+    body = body.strip()
+    match = _FENCE.match(body)
+    return match.group(1).strip() if match else body
+
+
+def _to_call(obj: Any) -> ToolCall | str:
+    """A decoded JSON object as a call, or the reason it is not one."""
+    if not isinstance(obj, dict):
+        return f"call is a JSON {type(obj).__name__}, expected an object"
+    name = obj.get("name")
+    if not isinstance(name, str) or not name:
+        return "call has no string 'name'"
+    args = obj.get("arguments", obj.get("parameters", {}))
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except ValueError:
+            return f"arguments of {name} are a string that is not JSON"
+    if not isinstance(args, dict):
+        return f"arguments of {name} are a JSON {type(args).__name__}, expected an object"
+    return ToolCall(name, args)
+
+
+def parse_tool_calls(text: str) -> ParseResult:
+    """Parse every ``<tool_call>`` block of ``text``; never raises, whatever the string."""
+    text = _THINK.sub("", text)
+    result = ParseResult(calls=[], n_blocks=0, names=[])
+    for segment in text.split(OPEN)[1:]:
+        result.n_blocks += 1
+        body = _strip_fence(segment.split(CLOSE, 1)[0])
+        try:
+            decoded = json.loads(body)
+        except (ValueError, RecursionError):
+            result.errors.append(f"block {result.n_blocks} is not valid JSON")
+            continue
+        for obj in decoded if isinstance(decoded, list) else [decoded]:
+            if isinstance(obj, dict) and isinstance(obj.get("name"), str):
+                result.names.append(obj["name"])
+            call = _to_call(obj)
+            if isinstance(call, str):
+                result.errors.append(f"block {result.n_blocks}: {call}")
+            else:
+                result.calls.append(call)
+        if isinstance(decoded, list) and not decoded:
+            result.errors.append(f"block {result.n_blocks} is an empty list")
+    return result
+
+
+def render_calls(calls: list[ToolCall]) -> str:
+    """The canonical reply for ``calls``: one ``<tool_call>`` block per call (what Qwen2.5 emits)."""
+    return "\n".join(
+        f"{OPEN}\n{json.dumps({'name': c.name, 'arguments': c.arguments}, ensure_ascii=False)}\n{CLOSE}"
+        for c in calls
+    )

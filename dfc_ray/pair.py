@@ -1,0 +1,150 @@
+"""Resolve a model pair (A = RL-tuned, B = base) and its tokenizer from a spec.
+
+A model reference is one of: ``organism`` (the embedded tiny pair shipped in the package), a local
+folder, an ``s3://`` prefix (downloaded once to a local cache), or a hub id (``Qwen/Qwen2.5-3B``;
+needs network on the machine that loads it). Weights never travel through Ray's object store:
+actors receive a `PairSpec` and load it themselves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ORGANISM = "organism"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class PairSpec:
+    """Where the two models and the tokenizer come from, and how to load them."""
+
+    a: str = ORGANISM
+    """Model A, the RL-fine-tuned model: ``organism`` (the shipped A), a local path, ``s3://…`` or a hub id."""
+    b: str = ORGANISM
+    """Model B, the base model, same forms as ``a``."""
+    tokenizer: str = ""
+    """Tokenizer reference (same forms); empty means B's. Both models must share one vocabulary."""
+    revision: str = ""
+    """Hub revision for hub ids (a commit hash makes the harvest cache key exact)."""
+    dtype: str = "float32"
+    """Weights dtype when loaded: float32 | bfloat16 | float16 (bfloat16 for 3B models on GPU)."""
+    device: str = "auto"
+    """``auto`` = cuda when available else cpu; or an explicit torch device string."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"pair.dtype is {self.dtype!r}; expected one of {sorted(DTYPES)}")
+        for field in ("a", "b"):
+            if not getattr(self, field):
+                raise ValueError(f"pair.{field} is empty; expected 'organism', a path, s3://… or a hub id")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "pair") -> "PairSpec":
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}; expected {sorted(cls.__dataclass_fields__)}")
+        return cls(**data)
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _local_dir(reference: str, role: str) -> str:
+    """Path or hub id usable by `from_pretrained`; the organism and s3:// become local folders."""
+    if reference == ORGANISM:
+        from dfc_ray.organism import PAIR_DIR
+
+        return str(PAIR_DIR / {"a": "a", "b": "b", "tokenizer": "tokenizer"}[role])
+    if reference.startswith("s3://"):
+        return _download_s3_prefix(reference)
+    return reference
+
+
+def _download_s3_prefix(uri: str) -> str:
+    """Mirror an s3:// model folder into ~/.cache/dfc-ray/models (skipping files already complete)."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    key = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    target = Path(os.environ.get("DFC_RAY_CACHE", Path.home() / ".cache" / "dfc-ray")) / "models" / key
+    target.mkdir(parents=True, exist_ok=True)
+    prefix = uri[len("s3://"):].rstrip("/")
+    for remote in fs.find(prefix):
+        local = target / remote[len(prefix) + 1:]
+        if local.exists() and local.stat().st_size == fs.size(remote):
+            continue
+        local.parent.mkdir(parents=True, exist_ok=True)
+        partial = local.with_name(local.name + ".partial")
+        fs.get(remote, str(partial))
+        partial.rename(local)
+    return str(target)
+
+
+def load_config(spec: PairSpec, role: str):
+    """The transformers config of model ``a`` or ``b`` (no weights loaded)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(_local_dir(getattr(spec, role), role))
+
+
+def load_model(spec: PairSpec, role: str) -> torch.nn.Module:
+    """Load model ``a`` or ``b`` of the pair in eval mode on the spec's device and dtype."""
+    from transformers import AutoModelForCausalLM
+
+    reference = getattr(spec, role)
+    kwargs: dict[str, Any] = {"dtype": DTYPES[spec.dtype]}
+    if spec.revision and reference != ORGANISM and not Path(reference).exists():
+        kwargs["revision"] = spec.revision
+    model = AutoModelForCausalLM.from_pretrained(_local_dir(reference, role), **kwargs)
+    return model.to(spec.resolved_device()).eval()
+
+
+def load_tokenizer(spec: PairSpec):
+    """The pair's tokenizer, left-padded (batched generation and last-token indexing rely on it)."""
+    from transformers import AutoTokenizer
+
+    reference = spec.tokenizer or spec.b
+    tokenizer = AutoTokenizer.from_pretrained(_local_dir(reference, "tokenizer" if reference == ORGANISM else "b"))
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_pair(spec: PairSpec) -> tuple[torch.nn.Module, torch.nn.Module, Any]:
+    """(model_a, model_b, tokenizer), checked to share d_model and vocabulary."""
+    model_a, model_b = load_model(spec, "a"), load_model(spec, "b")
+    tokenizer = load_tokenizer(spec)
+    d_a, d_b = model_a.config.hidden_size, model_b.config.hidden_size
+    if d_a != d_b:
+        raise ValueError(f"pair: A ({spec.a}) has d_model {d_a} but B ({spec.b}) has {d_b}; a crosscoder needs equal widths")
+    return model_a, model_b, tokenizer
+
+
+def pair_fingerprint(spec: PairSpec) -> str:
+    """A content key for caching harvests: weights' identities, not just their names.
+
+    Local folders (and the organism) are keyed by the sizes and modification-free checksums of
+    their config and the first MiB of each weights file; hub ids by id + revision.
+    """
+    digest = hashlib.sha256()
+    for role in ("a", "b"):
+        reference = getattr(spec, role)
+        digest.update(f"{role}={reference}@{spec.revision};".encode())
+        folder = Path(_local_dir(reference, role)) if not reference.startswith("s3://") else None
+        if folder is not None and folder.is_dir():
+            for path in sorted(folder.iterdir()):
+                if path.suffix in (".json", ".safetensors"):
+                    with path.open("rb") as handle:
+                        digest.update(f"{path.name}:{path.stat().st_size}:".encode() + handle.read(1 << 20))
+    digest.update(json.dumps({"tokenizer": spec.tokenizer or spec.b, "dtype": spec.dtype}).encode())
+    return digest.hexdigest()[:20]

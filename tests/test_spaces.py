@@ -1,0 +1,99 @@
+"""Sweep specs: the shipped ones are valid and mean what they say; bad specs fail with one clear line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dfc_ray.spaces import SpecError, load_spec
+
+SHIPPED = sorted((Path(__file__).resolve().parents[1] / "search_spaces").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_shipped_specs_are_valid(path):
+    spec = load_spec(str(path))
+    assert spec.n_trials >= 4 and spec.metrics
+
+
+def test_paper48_is_the_seed_studys_design():
+    spec = load_spec("paper48")
+    assert (spec.pair.b, spec.layers, spec.n_trials) == ("Qwen/Qwen2.5-3B", (13,), 48)
+    trials = [spec.trial_settings(p) for p in spec.grid_points()]
+    assert {t["dict_size"] for t in trials} == {8192, 16384} and {t["k"] for t in trials} == {45, 90, 160}
+    dfc = [t for t in trials if t["a_exclusive"] > 0]
+    plain = [t for t in trials if t["a_exclusive"] == 0]
+    assert len(dfc) == 36 and len(plain) == 12
+    assert {(t["a_exclusive"], t["l1_excl"]) for t in dfc} == {(s, l) for s in (0.03, 0.05, 0.10) for l in (0.0, 1e-3)}
+    assert {t["l1_shared"] for t in plain} == {0.0, 1e-3} and all(t["b_exclusive"] == t["a_exclusive"] for t in trials)
+    assert (trials[0]["steps"], trials[0]["batch_size"], trials[0]["lr"], trials[0]["sparsity"]) == (9000, 1024, 1e-4, "topk")
+    assert len({tuple(sorted(t.items())) for t in trials}) == 48
+
+
+def test_extends_merges_and_null_removes():
+    layers = load_spec("layers")
+    assert [a.name for a in layers.grid] == ["layer"] and layers.layers == (0, 1, 2, 3)
+    assert {layers.trial_settings(p)["layer"] for p in layers.grid_points()} == {0, 1, 2, 3}
+    assert layers.crosscoder["dict_size"] == 1536 and layers.eval == load_spec("organism48").eval
+    explore = load_spec("explore")
+    assert not explore.grid and explore.n_trials == 24 and explore.scheduler["metric"] == "fvu"
+
+
+def write(tmp_path, data, name="spec.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return str(path)
+
+
+BASE = {"pair": {"a": "organism", "b": "organism"}, "layers": [1], "train": {"batch_size": 64},
+        "grid": {"dict_size": [256], "k": [8]}}
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"bogus": 1}, "field bogus = 1: expected one of the sections"),
+    ({"train": {"batch_size": 64, "stepz": 3}}, "field train.stepz = 3"),
+    ({"harvest": {"n_tasks": "many"}}, "field harvest.n_tasks = 'many': expected an integer"),
+    ({"grid": {"k": []}}, "field grid.k = []: expected a non-empty list"),
+    ({"grid": {"k": [8], "dict_size": [4]}}, "DFCConfig.k=8: expected at most dict_size=4"),
+    ({"grid": {"dict_size": [256], "k": [8], "v": [{"a_exclusive": 0.6, "b_exclusive": 0.4}]}},
+     "a_exclusive + b_exclusive"),
+    ({"grid": {"dict_size": [256], "k": [8], "layer": [1, 5]}}, "expected one of the harvested layers [1]"),
+    ({"search": {"lr": {"loguniform": [0, 1]}}}, "field search.lr.loguniform = [0, 1]: expected a positive low bound"),
+    ({"search": {"k": {"normal": [1, 2]}}}, "field search.k"),
+    ({"objective": {"metric": "delta_a_pp", "mode": "up"}}, "field objective.mode = 'up'"),
+    ({"pair": {"a": "organism", "c": 1}}, "unknown field(s) ['c']"),
+    ({"crosscoder": {"sparsity": "dense"}}, "DFCConfig.sparsity='dense'"),
+])
+def test_bad_specs_name_file_field_and_value(tmp_path, change, expected):
+    path = write(tmp_path, BASE | change)
+    with pytest.raises(SpecError) as err:
+        load_spec(path)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(path) and expected in message, message
+
+
+def test_extends_cycle_and_missing_parent(tmp_path):
+    write(tmp_path, {"extends": "b.yaml"}, "a.yaml")
+    write(tmp_path, {"extends": "a.yaml"}, "b.yaml")
+    with pytest.raises(SpecError, match="cycle"):
+        load_spec(str(tmp_path / "a.yaml"))
+    with pytest.raises(FileNotFoundError, match="nope"):
+        load_spec(write(tmp_path, {"extends": "nope"}, "c.yaml"))
+
+
+def test_user_spec_extends_a_shipped_one(tmp_path):
+    spec = load_spec(write(tmp_path, {"extends": "organism48", "train": {"steps": 7}, "grid": {"k": [4]}}))
+    assert spec.n_trials == 16 and spec.train["steps"] == 7
+
+
+def test_spaces_cli(capsys):
+    from dfc_ray.cli import main
+
+    assert main(["spaces", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "organism48" in out and "paper48" in out
+    assert main(["spaces", "validate", "organism48", "layers"]) == 0
+    assert main(["spaces", "show", "layers"]) == 0 and "1536" in capsys.readouterr().out
+    assert main(["spaces", "validate", "does-not-exist"]) == 2

@@ -10,8 +10,10 @@ import sys
 # `func(args) -> int` on them, so a stage's CLI lives next to the code it drives.
 COMMAND_MODULES = [
     "dfc_ray.train",
+    "dfc_ray.harvest",
     "dfc_ray.organism.build",
     "dfc_ray.cluster",
+    "dfc_ray.spaces",
 ]
 
 

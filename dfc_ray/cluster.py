@@ -1,4 +1,5 @@
-"""Offline checks of Ray cluster launcher files (`dfc-ray cluster validate FILE`).
+"""Ray clusters: joining or starting one safely, and offline checks of cluster launcher files
+(`dfc-ray cluster validate FILE`).
 
 Ray's own autoscaler schema catches structural mistakes; on top of it we check the habits a
 dfc-ray cluster depends on: the head schedules no work, and the dashboard is never exposed.
@@ -69,6 +70,26 @@ def validate_cluster_file(path: str | Path) -> dict[str, Any]:
                 f"more than max_workers {high}"
             )
     return config
+
+
+def connect(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join the cluster at `address` (or RAY_ADDRESS), else start a local one on 127.0.0.1.
+
+    A local cluster binds to the loopback address and runs no dashboard unless RAY_DASHBOARD=1:
+    nothing is exposed beyond this machine without the user asking.
+    """
+    import os
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+        return
+    ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", log_to_driver=False,
+             include_dashboard=os.environ.get("RAY_DASHBOARD") == "1", dashboard_host="127.0.0.1")
 
 
 def _validate_command(args: argparse.Namespace) -> int:

@@ -1,0 +1,176 @@
+"""Harvesting paired activations: layer semantics, positions under left padding, resume, cache, S3 + Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from dfc_ray import store
+from dfc_ray.harvest import (
+    CorpusSpec, HarvestConfig, PairActivations, Record, harvest, left_pad, residual_after_blocks, select_positions)
+from dfc_ray.pair import PairSpec
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory) -> PairSpec:
+    """Two random-weight Qwen2 models (A ≠ B) and a small organism-style tokenizer, saved as folders."""
+    from dfc_ray.organism import world
+    from dfc_ray.organism.tokenizer import template_only, train_tokenizer
+    from dfc_ray.tooluse import render_prompt
+
+    root = tmp_path_factory.mktemp("pair")
+    renderer = template_only()
+    texts = world.plain_text(200, 1) + [render_prompt(renderer, t) for t in world.load_split("dev")[:100]]
+    tokenizer = train_tokenizer(texts, vocab_size=600)
+    tokenizer.save_pretrained(root / "tokenizer")
+    for seed, name in ((1, "a"), (2, "b")):
+        torch.manual_seed(seed)
+        config = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=1024,
+                             tie_word_embeddings=True)
+        Qwen2ForCausalLM(config).save_pretrained(root / name)
+    return PairSpec(a=str(root / "a"), b=str(root / "b"), tokenizer=str(root / "tokenizer"))
+
+
+def small_config(pair: PairSpec, root: Path, **overrides) -> HarvestConfig:
+    corpus = CorpusSpec(tasks="organism:dev", n_tasks=24, plain_text="organism", n_plain=24, max_tokens=256)
+    return replace(HarvestConfig(store=str(root), layers=(0, 1), pair=pair, corpus=corpus, batch_size=8,
+                                 shard_rows=16, dtype="float32"), **overrides)
+
+
+def test_layer_is_the_output_of_block_l(tiny_pair):
+    """'Layer L' = output of model.layers[L] = hidden_states[L + 1], also under left padding."""
+    extractor = PairActivations(small_config(tiny_pair, Path("/unused")))
+    records = [Record(list(range(5, 17))), Record(list(range(7, 12)))]
+    ids, mask = left_pad(records, extractor.tokenizer.pad_token_id)
+    captured = residual_after_blocks(extractor.model_a, ids, mask, [0, 1])
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        reference = extractor.model_a(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                                      output_hidden_states=True).hidden_states
+    real = mask.bool()
+    for layer in (0, 1):  # (transformers applies the final norm to the LAST entry of hidden_states)
+        torch.testing.assert_close(captured[layer][real], reference[layer + 1][real])
+    assert not torch.equal(captured[0][real], captured[1][real])
+
+
+def test_last_prompt_token_is_right_under_left_padding(tiny_pair):
+    """Prompts of different lengths in one batch give the same rows as each prompt alone."""
+    extractor = PairActivations(small_config(tiny_pair, Path("/unused")))
+    records = [Record(list(range(3, 3 + n))) for n in (4, 19, 9, 13)]
+    batched = extractor.rows(records)
+    for i, record in enumerate(records):
+        alone = extractor.rows([record])
+        for layer in (0, 1):
+            np.testing.assert_allclose(batched[layer][i], alone[layer][0], rtol=1e-4, atol=1e-5)
+    # and it really is the LAST prompt token: a different final token changes the row
+    changed = extractor.rows([Record(records[0].prompt_ids[:-1] + [99])])
+    assert not np.allclose(changed[1][0], batched[1][0])
+
+
+def test_positions_selection():
+    records = [Record([1, 2, 3], [7, 8]), Record([4, 5, 6, 9, 9, 9])]
+    width = 6  # record 0 is left-padded by one column
+    rows, cols = select_positions(records, width, "last_prompt_token")
+    assert rows.tolist() == [0, 1] and cols.tolist() == [3, 5]
+    rows, cols = select_positions(records, width, "prompt_and_response")
+    assert rows.tolist() == [0, 0, 0, 1] and cols.tolist() == [3, 4, 5, 5]
+    norms = torch.ones(2, 2, width)
+    norms[1, 1, 0] = 500.0  # an attention sink at record 1's first token, in model B only
+    rows, cols = select_positions(records, width, "all_tokens", norms, sink_factor=10.0)
+    assert list(zip(rows.tolist(), cols.tolist())) == [(0, 1), (0, 2), (0, 3), (0, 4), (0, 5),
+                                                       (1, 1), (1, 2), (1, 3), (1, 4), (1, 5)]
+
+
+def test_harvest_writes_a_valid_store_and_is_reused(tiny_pair, tmp_path):
+    cfg = small_config(tiny_pair, tmp_path)
+    result = harvest(cfg, use_ray=False, progress=False)
+    assert not result.reused and result.rows == 48  # one row per record at the last prompt token
+    for layer in cfg.layers:
+        manifest = store.validate_store(result.uri, layer, d_model=32)
+        assert manifest.spec.positions == "last_prompt_token"
+    again = harvest(cfg, use_ray=False, progress=False)
+    assert again.reused and again.uri == result.uri
+    other = harvest(replace(cfg, positions="all_tokens"), use_ray=False, progress=False)
+    assert other.uri != result.uri and other.rows > 10 * result.rows
+
+
+def test_prompt_and_response_appends_a_reply(tiny_pair, tmp_path):
+    corpus = CorpusSpec(tasks="organism:dev", n_tasks=8, plain_text="", with_responses=True, max_new_tokens=4)
+    cfg = small_config(tiny_pair, tmp_path, corpus=corpus, positions="prompt_and_response", layers=(1,))
+    result = harvest(cfg, use_ray=False, progress=False)
+    assert 8 < result.rows <= 8 * 5  # the last prompt token + up to 4 reply tokens per prompt
+
+
+def _all_rows(uri: str, layer: int) -> np.ndarray:
+    return torch.cat(list(store.iter_layer_batches(uri, layer, 1000))).numpy()
+
+
+def test_killed_harvest_resumes_to_exactly_the_uninterrupted_rows(tiny_pair, tmp_path):
+    killed_root, clean_root = tmp_path / "killed", tmp_path / "clean"
+    cfg = small_config(tiny_pair, killed_root, batch_size=2, shard_rows=5, positions="all_tokens")
+    script = (
+        "import json, sys; from dfc_ray.harvest import *; from dfc_ray.pair import PairSpec\n"
+        f"pair = PairSpec(**json.loads({json.dumps(json.dumps(tiny_pair.__dict__))}))\n"
+        f"cfg = HarvestConfig(store={str(killed_root)!r}, layers=(0, 1), pair=pair, batch_size=2, shard_rows=5,\n"
+        "    dtype='float32', positions='all_tokens', corpus=CorpusSpec(tasks='organism:dev', n_tasks=24,\n"
+        "    plain_text='organism', n_plain=24, max_tokens=256))\n"
+        "harvest(cfg, use_ray=False, progress=False)\n")
+    assert cfg == HarvestConfig(store=str(killed_root), layers=(0, 1), pair=tiny_pair, batch_size=2, shard_rows=5,
+                                dtype="float32", positions="all_tokens", corpus=cfg.corpus)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            progress = list(killed_root.glob("*/harvest.json"))
+            if progress and len(json.loads(progress[0].read_text())["group_rows"]) >= 6:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the harvest finished before it could be killed; make it longer"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    (uri,) = [str(p.parent) for p in killed_root.glob("*/harvest.json")]
+    with pytest.raises(ValueError, match="incomplete store"):
+        store.validate_store(uri, 1)
+    resumed = harvest(cfg, use_ray=False, progress=False)
+    clean = harvest(replace(cfg, store=str(clean_root)), use_ray=False, progress=False)
+    assert resumed.rows == clean.rows
+    for layer in cfg.layers:
+        np.testing.assert_array_equal(_all_rows(resumed.uri, layer), _all_rows(clean.uri, layer))
+
+
+def test_harvest_to_s3_through_ray_then_train_a_step(tiny_pair, s3_bucket, ray_cluster, tmp_path):
+    from dfc_ray.crosscoder import DedicatedFeatureCrosscoder, DFCConfig
+
+    cfg = small_config(tiny_pair, tmp_path, store=f"{s3_bucket}/harvests", dtype="float16")
+    result = harvest(cfg, use_ray=True, progress=False)
+    local = harvest(replace(cfg, store=str(tmp_path / "local")), use_ray=False, progress=False)
+    assert result.uri.startswith(s3_bucket) and result.rows == local.rows == 48
+    batches = list(store.iter_ray_batches(result.uri, 1, batch_size=16, shuffle=False, d_model=32))
+    rows = torch.cat(batches)
+    assert rows.shape == (48, 2, 32)
+    np.testing.assert_allclose(np.sort(rows.numpy(), axis=0), np.sort(_all_rows(local.uri, 1), axis=0), atol=1e-3)
+
+    cc = DedicatedFeatureCrosscoder(DFCConfig(d_model=32, dict_size=64, k=4, a_exclusive=0.1, b_exclusive=0.1))
+    optimizer = torch.optim.Adam(cc.parameters(), lr=1e-3)
+    loss = cc.loss(batches[0])["loss"]
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss)

@@ -1,0 +1,275 @@
+"""Sweep reports on synthetic results: 12 trials over dict_size × k × layer (2×3×2), one failed."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from rich.console import Console
+
+from dfc_ray import cli
+from dfc_ray.report import LiveView, build_report, load_results, write_report
+
+GRID = {"dict_size": [64, 128], "k": [4, 8, 16], "layer": [1, 3]}
+FAILED_INDEX = 5
+FAILED_ID = f"trial_{FAILED_INDEX:04d}"
+ERROR = "RuntimeError: CUDA OOM | [bold]not markup[/bold]"
+PLOTS = {"delta_by_dict_size.png", "delta_by_k.png", "delta_by_layer.png", "alpha_curves.png",
+         "steer_by_layer.png", "fvu_vs_delta.png"}
+
+
+def synthetic_rows() -> list[dict]:
+    """Known, irregular numbers per trial; every figure the report shows is recomputed from these."""
+    rows = []
+    for i, (dict_size, k, layer) in enumerate(itertools.product(*GRID.values())):
+        trial_id = f"trial_{i:04d}"
+        config = {"dict_size": dict_size, "k": k, "layer": layer, "variant": "dfc", "a_exclusive": 0.05, "steps": 100}
+        if trial_id == FAILED_ID:
+            rows.append({"trial_id": trial_id, "config": config, "metrics": {}, "status": "failed", "error": ERROR})
+            continue
+        a_clean, b_clean = 0.2, 0.1 + 0.01 * (i % 3)
+        a_splice = a_clean + 0.01 * ((7 * i) % 11) + (0.1 if dict_size == 128 else 0.0)
+        b_splice = b_clean + 0.005 * ((5 * i) % 7)
+        metrics = {"fvu_a": 0.1 + 0.02 * i, "fvu_b": 0.2 + 0.01 * (i % 4), "l0": float(k), "dead_frac": 0.01 * i,
+                   "a_clean": a_clean, "a_splice": a_splice, "delta_a_pp": 100 * (a_splice - a_clean),
+                   "b_clean": b_clean, "b_splice": b_splice, "delta_b_pp": 100 * (b_splice - b_clean),
+                   "steer_feature": i % 5, "steer_alpha": 8.0, "steer_target": "a",
+                   "steer_delta_pp": 20.0 + 3 * ((3 * i) % 8) + 4 * layer, "steer_min_set": [i % 5]}
+        if i % 4 != 1:  # optional extras on most trials only: missing ones must be tolerated
+            metrics |= {"steer_random_feature_pp": 1.0 * (i % 3), "steer_random_direction_pp": -0.5 * (i % 2),
+                        "delta_a_pp_ci": [metrics["delta_a_pp"] - 5, metrics["delta_a_pp"] + 5],
+                        "top_features": [{"feature": f, "cohens_d": 0.1 * ((i * 7 + f * 3) % 31), "auroc": 0.6}
+                                         for f in range(3)],
+                        "alpha_curve": [{"alpha": a, "delta_pp": a * (1 + i % 3)} for a in (0, 4, 8, 16)],
+                        "loss_kl_a": float("nan")}
+        rows.append({"trial_id": trial_id, "config": config, "metrics": metrics, "status": "ok"})
+    return rows
+
+
+def write_results(run: Path, rows: list[dict]) -> Path:
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "results.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    return run
+
+
+def stat(values) -> dict:
+    xs = np.array([v for v in values], dtype=float)
+    return {"mean": xs.mean(), "std": xs.std(ddof=1), "n": len(xs)}
+
+
+def assert_stat(got: dict, want: dict) -> None:
+    assert got["n"] == want["n"]
+    assert got["mean"] == pytest.approx(want["mean"])
+    assert got["std"] == pytest.approx(want["std"])
+
+
+@pytest.fixture
+def run(tmp_path) -> Path:
+    return write_results(tmp_path / "run", synthetic_rows())
+
+
+@pytest.fixture
+def report(run) -> dict:
+    write_report(run)
+    # strict JSON: NaN metrics must have become null
+    return json.loads((run / "report.json").read_text(), parse_constant=lambda c: pytest.fail(f"report.json has {c}"))
+
+
+def test_headline_and_contract_keys(report):
+    rows = synthetic_rows()
+    ok = [r["metrics"] for r in rows if r["status"] == "ok"]
+    assert report["n_trials"] == 12 and report["n_failed"] == 1
+    assert_stat(report["headline"]["delta_a_pp"], stat(m["delta_a_pp"] for m in ok))
+    assert_stat(report["headline"]["delta_b_pp"], stat(m["delta_b_pp"] for m in ok))
+    assert_stat(report["headline"]["steer_best_pp"], stat(m["steer_delta_pp"] for m in ok))
+    assert_stat(report["headline"]["steer_random_feature_pp"],
+                stat(m["steer_random_feature_pp"] for m in ok if "steer_random_feature_pp" in m))
+    assert report["baseline"]["a_correct"] == pytest.approx(np.mean([m["a_clean"] for m in ok]))
+    assert report["baseline"]["b_correct"] == pytest.approx(np.mean([m["b_clean"] for m in ok]))
+    assert [t["trial_id"] for t in report["trials"]] == [r["trial_id"] for r in rows]
+    assert all({"trial_id", "config", "metrics"} <= t.keys() for t in report["trials"])
+    assert report["failed"] == [{"trial_id": FAILED_ID, "status": "failed", "error": ERROR,
+                                 "config": rows[FAILED_INDEX]["config"]}]
+    assert report["seed_study"]["delta_a_pp"] == {"mean": 31.1, "std": 9.7, "n": 48}
+    ours = np.mean([m["delta_a_pp"] for m in ok])
+    assert report["comparison"]["delta_a_pp"]["difference_pp"] == pytest.approx(ours - 31.1)
+    a_correct = report["comparison"]["a_correct"]
+    assert a_correct["difference_pp"] == pytest.approx(100 * (report["baseline"]["a_correct"] - 0.19))
+    assert report["trials"][0]["metrics"]["loss_kl_a"] is None
+
+
+def test_per_axis_breakdown(report):
+    rows = synthetic_rows()
+    assert list(report["per_axis"]) == list(GRID)  # variant, a_exclusive and steps never vary
+    for axis, values in GRID.items():
+        got = report["per_axis"][axis]
+        assert [r["value"] for r in got] == values
+        for entry, value in zip(got, values):
+            group = [r for r in rows if r["config"][axis] == value]
+            ok = [r["metrics"] for r in group if r["status"] == "ok"]
+            assert entry["n_trials"] == len(group) and entry["n_failed"] == len(group) - len(ok)
+            for metric in ("delta_a_pp", "delta_b_pp", "steer_delta_pp", "fvu_a", "fvu_b"):
+                assert_stat(entry[metric], stat(m[metric] for m in ok))
+
+
+def test_best_features_ranked_across_trials(report):
+    rows = [r for r in synthetic_rows() if r["status"] == "ok"]
+    every = [(f["cohens_d"], r["trial_id"], f["feature"]) for r in rows for f in r["metrics"].get("top_features", [])]
+    best = report["best_features"]
+    assert len(best) == 10
+    assert [b["cohens_d"] for b in best] == pytest.approx(sorted((d for d, _, _ in every), reverse=True)[:10])
+    for b in best:
+        trial = next(r["metrics"] for r in rows if r["trial_id"] == b["trial_id"])
+        assert ("steer_delta_pp" in b) == (b["feature"] == trial["steer_feature"])
+
+
+def test_plots_written(run, report):
+    from matplotlib.image import imread
+
+    assert set(report["plots"]) == {f"plots/{p}" for p in PLOTS}
+    for name in PLOTS:
+        path = run / "plots" / name
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert imread(path).std() > 0.01  # something was drawn
+
+
+def test_markdown_sections(run, report):
+    md = (run / "report.md").read_text()
+    for heading in ("## Headline", "## By dict_size", "## By k", "## By layer", "## Trials", "## Best features",
+                    "## Failed trials", "## Plots"):
+        assert heading in md
+    for row in synthetic_rows():
+        assert row["trial_id"] in md
+    assert ERROR.replace("|", "\\|") in md
+    assert "+31.1 ± 9.7 (n=48)" in md  # the seed study, side by side
+    d = report["headline"]["delta_a_pp"]
+    assert f"{d['mean']:+.1f} ± {d['std']:.1f} (n={d['n']})" in md
+    for plot in PLOTS:
+        assert f"(plots/{plot})" in md
+
+
+def test_single_layer_run_has_no_layer_plot(tmp_path):
+    rows = [r for r in synthetic_rows() if r["config"]["layer"] == 1]
+    report = write_report(write_results(tmp_path / "run", rows))
+    assert "layer" not in report["per_axis"]
+    assert not (tmp_path / "run/plots/steer_by_layer.png").exists()
+
+
+def test_all_failed_run_reports_without_plots(tmp_path):
+    rows = [{**r, "status": "diverged", "metrics": {}, "error": "loss is NaN"} for r in synthetic_rows()]
+    report = write_report(write_results(tmp_path / "run", rows))
+    assert report["n_failed"] == 12 and report["headline"]["delta_a_pp"] == {"mean": None, "std": None, "n": 0}
+    assert report["plots"] == [] and "loss is NaN" in (tmp_path / "run/report.md").read_text()
+
+
+@pytest.mark.parametrize("bad, message", [
+    ('{"trial_id": "t2", "config": {', "line 3: not valid JSON"),
+    ('{"trial_id": "t2", "config": [], "metrics": {}, "status": "ok"}', "line 3: field 'config'"),
+    ('{"config": {}, "metrics": {}, "status": "ok"}', "line 3: field 'trial_id'"),
+    ('[1, 2]', "line 3: expected a JSON object"),
+])
+def test_corrupt_line_names_file_and_line(tmp_path, bad, message):
+    rows = synthetic_rows()[:2]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.jsonl").write_text(json.dumps(rows[0]) + "\n\n" + bad + "\n" + json.dumps(rows[1]) + "\n")
+    with pytest.raises(ValueError, match=f"results.jsonl: {message}"):
+        load_results(run)
+
+
+def test_missing_results_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="results.jsonl: no such file"):
+        load_results(tmp_path)
+
+
+def test_resumed_trial_keeps_last_line(tmp_path):
+    rows = synthetic_rows()
+    retry = {**rows[FAILED_INDEX], "status": "ok", "metrics": rows[0]["metrics"]}
+    results = load_results(write_results(tmp_path / "run", rows + [retry]))
+    assert len(results) == 12 and build_report(results)["n_failed"] == 0
+    assert [r.trial_id for r in results] == [r["trial_id"] for r in rows]
+
+
+
+@pytest.fixture
+def report_cli(monkeypatch):
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ["dfc_ray.report"])  # only this stage: a faster import
+    monkeypatch.setenv("COLUMNS", "250")
+    return cli.main
+
+
+def test_cli_rebuilds_and_prints(run, report_cli, capsys):
+    assert report_cli(["report", str(run)]) == 0
+    out = capsys.readouterr().out
+    for text in ("Headline", "By dict_size", "Trials (by Δ A)", "Best features", "Failed trials", FAILED_ID,
+                 "CUDA OOM", "[bold]not markup[/bold]"):
+        assert text in out
+    report = json.loads((run / "report.json").read_text())
+    assert report["n_trials"] == 12 and len(list((run / "plots").glob("*.png"))) == len(PLOTS)
+
+
+def test_cli_error_is_one_line(tmp_path, report_cli, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.jsonl").write_text("{not json\n")
+    assert report_cli(["report", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "results.jsonl: line 1: not valid JSON" in err
+
+
+def test_s3_run(s3_bucket, s3_server, tmp_path, report_cli, capsys):
+    import boto3
+
+    bucket = s3_bucket.removeprefix("s3://")
+    body = "\n".join(json.dumps(r) for r in synthetic_rows()).encode()
+    boto3.client("s3").put_object(Bucket=bucket, Key="runs/r1/results.jsonl", Body=body)
+    uri = f"{s3_bucket}/runs/r1"
+    assert [r.trial_id for r in load_results(uri)] == [r["trial_id"] for r in synthetic_rows()]
+
+    assert report_cli(["report", uri]) == 0  # print only: no local files without --out
+    assert report_cli(["report", uri, "--out", str(tmp_path / "out")]) == 0
+    captured = capsys.readouterr()
+    assert json.loads((tmp_path / "out/report.json").read_text())["n_failed"] == 1
+    assert (tmp_path / "out/report.md").exists() and (tmp_path / "out/plots/fvu_vs_delta.png").exists()
+    secret = s3_server.env["AWS_SECRET_ACCESS_KEY"]
+    assert secret not in captured.out + captured.err and secret not in (tmp_path / "out/report.md").read_text()
+
+    with pytest.raises(FileNotFoundError, match=f"{s3_bucket}/runs/missing/results.jsonl: no such file"):
+        load_results(f"{s3_bucket}/runs/missing")
+
+
+def feed(view: LiveView) -> None:
+    """A sweep of two trials as the Tune callback reports it."""
+    view.update("t1", {"dict_size": 64, "k": 4, "steps": 100}, "pending")
+    view.update("t1", {"dict_size": 64, "k": 4, "steps": 100}, "running", {"step": 10, "loss": 0.5})
+    view.update("t1", {"dict_size": 64, "k": 4, "steps": 100}, "running", {"step": 20, "loss": 0.4, "fvu_a": 0.3})
+    view.update("t2", {"dict_size": 128, "k": 8, "steps": 100}, "RUNNING", {"step": 5})
+    view.update("t1", {"dict_size": 64, "k": 4, "steps": 100}, "ok", {"delta_a_pp": 12.5, "delta_b_pp": 3.0})
+    view.update("t2", {"dict_size": 128, "k": 8, "steps": 100}, "ERROR", {"error": "diverged at step 7\ntrace"})
+
+
+def test_live_view_prints_a_line_per_state_change_without_tty():
+    console = Console(file=io.StringIO(), width=300)
+    assert not console.is_terminal
+    with LiveView(2, console=console, axes=["dict_size", "k"]) as view:
+        feed(view)
+    lines = console.file.getvalue().splitlines()
+    assert len(lines) == 5  # t1: pending, running, ok; t2: running, failed — metric-only updates print nothing
+    assert lines[2].startswith("[0/2 finished: 0 ok, 0 failed, 2 running]") and "t2" in lines[2]
+    assert "t1" in lines[3] and "dict_size=64 k=4" in lines[3] and "Δ A=+12.5" in lines[3] and "FVU A=0.300" in lines[3]
+    assert lines[4].startswith("[2/2 finished: 1 ok, 1 failed, 0 running]")
+    assert "failed" in lines[4] and "error: diverged at step 7" in lines[4] and "trace" not in lines[4]
+    assert view.counts() == {"done": 1, "failed": 1, "running": 0}
+
+
+def test_live_view_redraws_on_a_terminal():
+    console = Console(file=io.StringIO(), width=200, force_terminal=True)
+    with LiveView(2, console=console) as view:
+        feed(view)
+    out = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", console.file.getvalue())  # without ANSI codes
+    assert "20/100" in out and "+12.5" in out and "2/2 finished: 1 ok, 1 failed" in out

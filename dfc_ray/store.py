@@ -1,0 +1,611 @@
+"""The activation store: paired activations `(rows, 2, d_model)` (model 0 = A, 1 = B) of one layer,
+cut into fixed-size shards with a JSON manifest per layer, on a plain path, `file://` or `s3://`.
+
+Layout under a store URI (one harvest, many layers):
+
+    <uri>/layer_013/manifest.json              what is stored; the ONLY source of truth
+    <uri>/layer_013/shard-00000.parquet        complete shards, each recorded once written
+    <uri>/layer_013/norm-00012.safetensors     streaming normalization statistics of the recorded rows
+
+A file is part of the store only once the manifest names it: a crashed writer's leftovers are never
+read, and a re-opened writer skips the rows its recorded shards already hold (resumable, idempotent).
+See docs/store.md for the formats and the reasoning behind them.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import uuid
+import warnings
+import zlib
+from dataclasses import asdict, dataclass, field
+from typing import Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import safetensors
+import safetensors.numpy
+import safetensors.torch
+import torch
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+# Storage numpy dtype of each activation dtype. numpy (and parquet) have no bfloat16: bf16 values
+# are stored as their raw 16-bit patterns (uint16) and widened to float32 by a 16-bit shift.
+STORAGE_DTYPES = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}
+FORMATS = ("parquet", "safetensors")  # also the shard files' extensions
+_STATS_BLOCK_ROWS = 4096  # rows per float64 block when fitting statistics (bounds the temporary)
+
+
+@dataclass(frozen=True)
+class StoreSpec:
+    """What one layer of one harvest holds; a re-opened store must match it field for field."""
+
+    layer: int
+    """Layer index the activations were read from (output of that block)."""
+    d_model: int
+    """Width of each model's activation vector."""
+    models: tuple[str, str]
+    """Names of model A (index 0, the fine-tune) and model B (index 1, its base)."""
+    positions: str
+    """Which token positions were harvested (protocol string, e.g. "last_prompt_token"), so training
+    and evaluation positions can be compared."""
+    harvest_hash: str
+    """Content hash of the harvest inputs (prompts, pair, settings), given by the harvester; a store
+    written from different inputs must never be resumed or reused."""
+    dtype: str = "float16"
+    """Stored activation dtype: float16, bfloat16 or float32."""
+    format: str = "parquet"
+    """Shard file format: parquet (fast columnar reads, Ray Data native) or safetensors."""
+    shard_rows: int = 16384
+    """Rows per shard (the last shard may be shorter); 16384 × 2 × 2048 fp16 is 128 MiB."""
+    compression: str = "none"
+    """Parquet compression codec; activations barely compress and "none" reads fastest."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "models", tuple(self.models))
+        if self.dtype not in STORAGE_DTYPES:
+            raise ValueError(f"StoreSpec.dtype={self.dtype!r}: expected one of {sorted(STORAGE_DTYPES)}")
+        if self.format not in FORMATS:
+            raise ValueError(f"StoreSpec.format={self.format!r}: expected one of {sorted(FORMATS)}")
+        if len(self.models) != 2:
+            raise ValueError(f"StoreSpec.models={self.models!r}: expected two names (A, B)")
+        if self.d_model <= 0 or self.shard_rows <= 0:
+            raise ValueError(f"StoreSpec: d_model={self.d_model}, shard_rows={self.shard_rows}: expected > 0")
+
+
+@dataclass
+class Manifest:
+    """The JSON manifest of one layer: the spec, the recorded shards and the statistics file."""
+
+    spec: StoreSpec
+    """Settings every shard was written with."""
+    shards: list[dict] = field(default_factory=list)
+    """One `{"file", "rows", "bytes", "crc32"}` per complete shard, in write order."""
+    norm_stats: dict | None = None
+    """`{"file", "rows"}` of the normalization-statistics sidecar covering every recorded row."""
+    complete: bool = False
+    """True once the writer closed: only a complete store may be trained on."""
+
+    @property
+    def total_rows(self) -> int:
+        return sum(s["rows"] for s in self.shards)
+
+    def to_json(self) -> str:
+        spec = asdict(self.spec)
+        return json.dumps(
+            {"format_version": FORMAT_VERSION, **spec, "models": list(spec["models"]),
+             "total_rows": self.total_rows, "complete": self.complete,
+             "norm_stats": self.norm_stats, "shards": self.shards},
+            indent=1,
+        )
+
+    @classmethod
+    def from_json(cls, text: str, where: str) -> "Manifest":
+        try:
+            raw = json.loads(text)
+            if raw.get("format_version") != FORMAT_VERSION:
+                raise ValueError(f"format_version={raw.get('format_version')!r}, expected {FORMAT_VERSION}")
+            names = StoreSpec.__dataclass_fields__
+            spec = StoreSpec(**{k: raw[k] for k in names if k in raw})
+            man = cls(spec, list(raw["shards"]), raw.get("norm_stats"), bool(raw["complete"]))
+        except (KeyError, TypeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{where}: unreadable manifest ({type(err).__name__}: {err})") from None
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+        if raw.get("total_rows") != man.total_rows:
+            raise ValueError(f"{where}: total_rows={raw.get('total_rows')} but the shards hold {man.total_rows}")
+        return man
+
+
+@dataclass
+class NormStats:
+    """Per-model mean and spread of the stored rows, fitted by streaming (Chan et al. merge, float64).
+
+    `scale[m]` makes E||(x_m − mean_m)·scale[m]||² = d_model: the trainer normalizes with it and the
+    checkpoint keeps it, so a splice can map reconstructions back to raw activation space.
+    """
+
+    count: int
+    """Rows seen."""
+    mean: np.ndarray
+    """(2, d_model) float64 per-model mean."""
+    sq_dev_sum: np.ndarray
+    """(2,) float64 per-model Σ_rows ||x − mean||² (summed over dims)."""
+
+    @classmethod
+    def empty(cls, d_model: int) -> "NormStats":
+        return cls(0, np.zeros((2, d_model)), np.zeros(2))
+
+    @classmethod
+    def of_rows(cls, rows: np.ndarray) -> "NormStats":
+        """Exact statistics of `(n, 2, d)` float rows, merged block by block to bound memory."""
+        stats = cls.empty(rows.shape[2])
+        for start in range(0, len(rows), _STATS_BLOCK_ROWS):
+            block = rows[start:start + _STATS_BLOCK_ROWS].astype(np.float64)
+            mean = block.mean(axis=0)
+            sq = ((block - mean) ** 2).sum(axis=(0, 2))
+            stats = stats.merge(cls(len(block), mean, sq))
+        return stats
+
+    def merge(self, other: "NormStats") -> "NormStats":
+        """Statistics of the union of two disjoint row sets (Chan, Golub & LeVeque)."""
+        n = self.count + other.count
+        if other.count == 0:
+            return self
+        if self.count == 0:
+            return other
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.count / n)
+        sq = self.sq_dev_sum + other.sq_dev_sum + (delta**2).sum(axis=1) * (self.count * other.count / n)
+        return NormStats(n, mean, sq)
+
+    @property
+    def scale(self) -> np.ndarray:
+        """(2,) float64 factor so that E||(x − mean)·scale||² = d_model per model."""
+        d_model = self.mean.shape[1]
+        return np.sqrt(d_model * self.count / np.maximum(self.sq_dev_sum, np.finfo(np.float64).tiny))
+
+    def to_bytes(self) -> bytes:
+        return safetensors.numpy.save({
+            "count": np.array(self.count, dtype=np.int64), "mean": self.mean,
+            "sq_dev_sum": self.sq_dev_sum, "scale": self.scale,
+        })
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "NormStats":
+        t = safetensors.numpy.load(data)
+        return cls(int(t["count"]), t["mean"], t["sq_dev_sum"])
+
+
+# ---------------------------------------------------------------- locations and files
+
+
+def redact(uri: str) -> str:
+    """The URI without any `user:secret@` part, safe for messages and logs."""
+    return re.sub(r"^([a-z0-9]+://)[^/@]*@", r"\1", uri)
+
+
+def _open_fs(uri: str) -> tuple[pafs.FileSystem, str]:
+    """pyarrow filesystem + path for a plain path, file:///… or s3://bucket/prefix.
+
+    S3 endpoint and credentials come from the standard AWS environment/config (AWS_ENDPOINT_URL,
+    AWS_ACCESS_KEY_ID, instance roles, …) and never enter the store, its manifest or its messages.
+    """
+    if uri.startswith(("s3://", "file://")):
+        fs, path = pafs.FileSystem.from_uri(uri)
+    elif "://" in uri:
+        raise ValueError(f"store uri {redact(uri)!r}: expected a plain path, file:///path or s3://bucket/prefix")
+    else:
+        fs, path = pafs.LocalFileSystem(), os.path.abspath(uri)
+    return fs, path.rstrip("/")
+
+
+def layer_dir(layer: int) -> str:
+    return f"layer_{layer:03d}"
+
+
+@dataclass
+class _Layer:
+    """One layer's folder on a filesystem, with a redacted name for messages."""
+
+    fs: pafs.FileSystem
+    path: str
+    name: str
+
+    @classmethod
+    def at(cls, uri: str, layer: int) -> "_Layer":
+        fs, root = _open_fs(uri)
+        return cls(fs, f"{root}/{layer_dir(layer)}", f"{redact(uri).rstrip('/')}/{layer_dir(layer)}")
+
+    def read(self, file: str) -> bytes:
+        with self.fs.open_input_stream(f"{self.path}/{file}") as f:
+            return f.read()
+
+    def write_atomic(self, file: str, data: bytes) -> None:
+        """Whole file or nothing: a local file goes to a temp name, then is renamed; on S3 an object
+        appears only once its PUT completes (s3fs sends one PUT below 100 MiB, a multipart upload
+        above, which S3 also publishes only when complete)."""
+        target = f"{self.path}/{file}"
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            tmp = f"{self.path}/.{file}.tmp-{uuid.uuid4().hex}"
+            with self.fs.open_output_stream(tmp) as f:
+                f.write(data)
+            self.fs.move(tmp, target)
+        else:
+            self._s3fs.pipe_file(target, data)
+
+    @functools.cached_property
+    def _s3fs(self):
+        """s3fs client for writes, built from the current AWS environment (not fsspec's instance cache)."""
+        import s3fs
+
+        return s3fs.S3FileSystem(skip_instance_cache=True)
+
+    def read_manifest(self) -> Manifest | None:
+        try:
+            text = self.read(MANIFEST).decode()
+        except FileNotFoundError:
+            return None
+        return Manifest.from_json(text, f"{self.name}/{MANIFEST}")
+
+
+# ---------------------------------------------------------------- shard encoding
+
+
+def _to_storage(block: np.ndarray | torch.Tensor, dtype: str) -> np.ndarray:
+    """`(n, 2, d)` numpy/torch rows → contiguous numpy in the storage dtype (bf16 as uint16 bits)."""
+    if dtype == "bfloat16":
+        t = block.detach().cpu() if isinstance(block, torch.Tensor) else torch.from_numpy(np.asarray(block))
+        return t.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
+    if isinstance(block, torch.Tensor):
+        block = block.detach().cpu().float().numpy() if block.dtype == torch.bfloat16 else block.detach().cpu().numpy()
+    return np.ascontiguousarray(block, dtype=STORAGE_DTYPES[dtype])
+
+
+def to_float(rows: np.ndarray, dtype: str) -> np.ndarray:
+    """Stored rows → float32 numpy (bf16 bit patterns widened exactly)."""
+    if dtype == "bfloat16":
+        return (rows.astype(np.uint32) << 16).view(np.float32)
+    return rows.astype(np.float32, copy=False)
+
+
+def to_tensor(rows: np.ndarray, dtype: str) -> torch.Tensor:
+    """Stored rows → a new float32 torch tensor (never a view of read-only Arrow memory)."""
+    if dtype == "float32":
+        return torch.from_numpy(np.array(rows))
+    with warnings.catch_warnings():  # rows may be read-only Arrow memory: only the cast below reads it
+        warnings.simplefilter("ignore", UserWarning)
+        t = torch.from_numpy(rows)
+    return (t.view(torch.bfloat16) if dtype == "bfloat16" else t).float()
+
+
+def acts_column(rows: np.ndarray) -> pa.Array:
+    """`(n, 2, d)` stored rows → the `acts` column: one fixed-size binary value per row, [x_A | x_B]."""
+    rows = np.ascontiguousarray(rows)
+    width = rows.itemsize * rows.shape[1] * rows.shape[2]
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), len(rows), [None, pa.py_buffer(rows)])
+
+
+def acts_to_numpy(column: pa.ChunkedArray | pa.Array, d_model: int, dtype: str) -> np.ndarray:
+    """The `acts` column → `(n, 2, d_model)` numpy in the storage dtype; a view for one chunk."""
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    np_dtype = np.dtype(STORAGE_DTYPES[dtype])
+    width = 2 * d_model
+    parts = [np.frombuffer(c.buffers()[1], np_dtype, count=len(c) * width, offset=c.offset * width * np_dtype.itemsize)
+             for c in chunks if len(c)]
+    if not parts:
+        return np.empty((0, 2, d_model), np_dtype)
+    return (parts[0] if len(parts) == 1 else np.concatenate(parts)).reshape(-1, 2, d_model)
+
+
+def _encode(rows: np.ndarray, spec: StoreSpec) -> bytes:
+    if spec.format == "safetensors":
+        t = torch.from_numpy(rows)
+        return safetensors.torch.save({"acts": t.view(torch.bfloat16) if spec.dtype == "bfloat16" else t})
+    # One non-null FixedSizeBinary column: parquet stores it as FIXED_LEN_BYTE_ARRAY with no per-value
+    # levels, so reading is a copy (a FixedSizeList<float16> column decodes repetition levels for every
+    # element: >10× slower). No dictionary pages (near-unique values: ~5× slower reads), no statistics.
+    schema = pa.schema([pa.field("acts", pa.binary(rows[0].nbytes), nullable=False,
+                                 metadata={"dtype": spec.dtype, "shape": f"2,{spec.d_model}"})])
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_arrays([acts_column(rows)], schema=schema), sink, use_dictionary=False,
+                   write_statistics=False, compression=spec.compression, row_group_size=len(rows))
+    return sink.getvalue().to_pybytes()
+
+
+def _decode(data: bytes, spec: StoreSpec) -> np.ndarray:
+    """Shard bytes → `(rows, 2, d_model)` numpy in the storage dtype."""
+    if spec.format == "safetensors":
+        (_, t), = safetensors.deserialize(data)
+        return np.frombuffer(t["data"], STORAGE_DTYPES[spec.dtype]).reshape(t["shape"])
+    table = pq.read_table(pa.BufferReader(data), columns=["acts"])
+    return acts_to_numpy(table.column("acts"), spec.d_model, spec.dtype)
+
+
+def _shard_rows(layer: _Layer, file: str, spec: StoreSpec) -> int:
+    """Row count from a shard's header/footer alone (a few KiB read, even on S3)."""
+    path = f"{layer.path}/{file}"
+    with layer.fs.open_input_file(path) as f:
+        if spec.format == "parquet":
+            meta = pq.ParquetFile(f).metadata
+            width = meta.schema.to_arrow_schema().field("acts").type.byte_width
+            expected = 2 * spec.d_model * np.dtype(STORAGE_DTYPES[spec.dtype]).itemsize
+            if width != expected:
+                raise ValueError(f"rows are {width} bytes wide, expected {expected} (2 x d_model x {spec.dtype})")
+            return meta.num_rows
+        n = int.from_bytes(f.read(8), "little")
+        if n > 1 << 20:
+            raise ValueError(f"safetensors header of {n} bytes")
+        shape = json.loads(f.read(n))["acts"]["shape"]
+        if shape[1:] != [2, spec.d_model]:
+            raise ValueError(f"shape {shape}, expected (rows, 2, {spec.d_model})")
+        return shape[0]
+
+
+# ---------------------------------------------------------------- writing
+
+
+class ShardWriter:
+    """Appends `(n, 2, d_model)` row blocks of one layer and cuts them into atomic, recorded shards.
+
+    Re-opening a store written with the same spec resumes it: the first `rows_done` rows appended are
+    dropped (they are already in recorded shards), so replaying the whole harvest is idempotent. The
+    harvest must replay rows in the same order; `harvest_hash` guards against different inputs.
+    Use as a context manager: `close()` (on success only) writes the last short shard and marks the
+    store complete; after a crash the store stays incomplete and readers refuse it.
+    """
+
+    def __init__(self, uri: str, spec: StoreSpec):
+        self.spec = spec
+        self.layer = _Layer.at(uri, spec.layer)
+        if isinstance(self.layer.fs, pafs.LocalFileSystem):
+            self.layer.fs.create_dir(self.layer.path, recursive=True)
+        found = self.layer.read_manifest()
+        if found is not None:
+            for name in StoreSpec.__dataclass_fields__:
+                old, new = getattr(found.spec, name), getattr(spec, name)
+                if old != new:
+                    raise ValueError(f"{self.layer.name}/{MANIFEST}: {name} is {old!r} but the writer was given "
+                                     f"{new!r}; resume with the same settings or write to a new store URI")
+        self.manifest = found or Manifest(spec)
+        self.stats = (NormStats.from_bytes(self.layer.read(self.manifest.norm_stats["file"]))
+                      if self.manifest.norm_stats else NormStats.empty(spec.d_model))
+        self._skip = self.manifest.total_rows
+        self._pending: list[np.ndarray] = []
+        self._pending_rows = 0
+
+    @property
+    def rows_done(self) -> int:
+        """Rows in recorded shards: a harvester may `skip(rows_done)` instead of recomputing them."""
+        return self.manifest.total_rows
+
+    def skip(self, n: int) -> None:
+        """Count `n` already-recorded rows as replayed without appending them."""
+        if not 0 <= n <= self._skip:
+            raise ValueError(f"ShardWriter.skip({n}): only {self._skip} recorded rows are left to skip")
+        self._skip -= n
+
+    def append(self, block: np.ndarray | torch.Tensor) -> None:
+        shape = tuple(block.shape)
+        if len(shape) != 3 or shape[1:] != (2, self.spec.d_model):
+            raise ValueError(f"ShardWriter.append: block shape {shape}, expected (n, 2, {self.spec.d_model})")
+        skipped = min(self._skip, shape[0])
+        self._skip -= skipped
+        if skipped == shape[0]:
+            return
+        rows = _to_storage(block[skipped:], self.spec.dtype)
+        if self.manifest.complete:
+            raise ValueError(f"{self.layer.name}: store is complete with {self.manifest.total_rows} rows; "
+                             f"more rows were appended (different harvest? use a new store URI)")
+        self._pending.append(rows)
+        self._pending_rows += len(rows)
+        while self._pending_rows >= self.spec.shard_rows:
+            self._flush(self.spec.shard_rows)
+
+    def close(self) -> Manifest:
+        """Write the last (short) shard and mark the store complete; a no-op on a complete store."""
+        if self.manifest.complete:
+            return self.manifest
+        if self._skip:
+            raise ValueError(f"{self.layer.name}: the store already holds {self.manifest.total_rows} rows but only "
+                             f"{self.manifest.total_rows - self._skip} were appended (a different harvest?)")
+        if self._pending_rows:
+            self._flush(self._pending_rows)
+        self.manifest.complete = True
+        self._write_manifest(previous_stats=None)
+        return self.manifest
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+
+    def _flush(self, n: int) -> None:
+        """Write the next `n` pending rows as one shard, then record it (and its statistics)."""
+        rows = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
+        shard, rest = rows[:n], rows[n:]
+        self._pending, self._pending_rows = ([rest] if len(rest) else []), len(rest)
+        index = len(self.manifest.shards)
+        file = f"shard-{index:05d}.{self.spec.format}"
+        data = _encode(shard, self.spec)
+        self.layer.write_atomic(file, data)
+        self.stats = self.stats.merge(NormStats.of_rows(to_float(shard, self.spec.dtype)))
+        previous = self.manifest.norm_stats
+        stats_file = f"norm-{index + 1:05d}.safetensors"
+        self.layer.write_atomic(stats_file, self.stats.to_bytes())
+        self.manifest.shards.append({"file": file, "rows": len(shard), "bytes": len(data),
+                                     "crc32": f"{zlib.crc32(data):08x}"})
+        self.manifest.norm_stats = {"file": stats_file, "rows": self.stats.count}
+        self._write_manifest(previous_stats=previous)
+
+    def _write_manifest(self, previous_stats: dict | None) -> None:
+        self.layer.write_atomic(MANIFEST, self.manifest.to_json().encode())
+        if previous_stats is not None:  # superseded sidecar; a leftover is harmless (unreferenced)
+            self.layer.fs.delete_file(f"{self.layer.path}/{previous_stats['file']}")
+
+
+# ---------------------------------------------------------------- validation and reading
+
+
+def read_manifest(uri: str, layer: int) -> Manifest:
+    where = _Layer.at(uri, layer)
+    manifest = where.read_manifest()
+    if manifest is None:
+        raise FileNotFoundError(f"{where.name}/{MANIFEST}: no activation store for layer {layer} (not harvested?)")
+    return manifest
+
+
+def load_norm_stats(uri: str, layer: int) -> NormStats:
+    """The normalization statistics of a complete, validated layer."""
+    manifest = validate_store(uri, layer)
+    return NormStats.from_bytes(_Layer.at(uri, layer).read(manifest.norm_stats["file"]))
+
+
+def validate_store(uri: str, layer: int, *, d_model: int | None = None, models: Sequence[str] | None = None,
+                   checksum: bool = False) -> Manifest:
+    """Check a layer before training on it; the first problem found raises ONE ValueError naming it.
+
+    Compares the manifest with the crosscoder's expectations (layer, d_model, model names), refuses an
+    incomplete store, and checks that every recorded shard exists with its recorded size and row count
+    (header/footer reads) and, when `checksum`, its crc32 (a full read). Unrecorded files are ignored.
+    """
+    where = _Layer.at(uri, layer)
+    manifest = read_manifest(uri, layer)
+    spec, name = manifest.spec, f"{where.name}/{MANIFEST}"
+    expected = {"layer": layer, "d_model": d_model, "models": tuple(models) if models is not None else None}
+    for key, want in expected.items():
+        if want is not None and getattr(spec, key) != want:
+            raise ValueError(f"{name}: {key} is {getattr(spec, key)!r} but the crosscoder expects {want!r}")
+    if not manifest.complete:
+        raise ValueError(f"{name}: incomplete store ({manifest.total_rows} rows in {len(manifest.shards)} shards, "
+                         f"writer never closed); re-run the harvest to resume it")
+    stats = manifest.norm_stats
+    if manifest.total_rows == 0 or stats is None or stats["rows"] != manifest.total_rows:
+        raise ValueError(f"{name}: normalization statistics cover {stats and stats['rows']} rows, "
+                         f"expected {manifest.total_rows} (> 0)")
+    sizes = {os.path.basename(i.path): i.size for i in where.fs.get_file_info(pafs.FileSelector(where.path))
+             if i.type == pafs.FileType.File}
+    for rec in manifest.shards + [stats]:
+        if rec["file"] not in sizes:
+            raise ValueError(f"{where.name}/{rec['file']}: missing (the manifest records it with {rec['rows']} rows)")
+    for rec in manifest.shards:
+        path = f"{where.name}/{rec['file']}"
+        if sizes[rec["file"]] != rec["bytes"]:
+            raise ValueError(f"{path}: {sizes[rec['file']]} bytes on storage but the manifest records "
+                             f"{rec['bytes']} (truncated or overwritten)")
+        try:
+            rows = _shard_rows(where, rec["file"], spec)
+        except (OSError, ValueError, pa.ArrowException, KeyError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path}: corrupt shard ({err})") from None
+        if rows != rec["rows"]:
+            raise ValueError(f"{path}: {rows} rows but the manifest records {rec['rows']}")
+        if checksum and (crc := f"{zlib.crc32(where.read(rec['file'])):08x}") != rec["crc32"]:
+            raise ValueError(f"{path}: corrupt shard (crc32 {crc}, the manifest records {rec['crc32']})")
+    return manifest
+
+
+def _batches(chunks: Iterator[np.ndarray], batch_size: int, drop_last: bool) -> Iterator[np.ndarray]:
+    """Re-cut a stream of row arrays into `batch_size` batches (the last may be short)."""
+    carry: list[np.ndarray] = []
+    held = 0
+    for rows in chunks:
+        carry.append(rows)
+        held += len(rows)
+        if held < batch_size:
+            continue
+        rows = np.concatenate(carry)
+        cut = len(rows) - len(rows) % batch_size
+        yield from np.split(rows[:cut], cut // batch_size)
+        carry, held = [rows[cut:]], len(rows) - cut
+    if held and not drop_last:
+        yield np.concatenate(carry)
+
+
+def iter_layer_batches(uri: str, layer: int, batch_size: int, *, shuffle: bool = False, seed: int | None = None,
+                       epochs: int = 1, drop_last: bool = False, d_model: int | None = None,
+                       models: Sequence[str] | None = None) -> Iterator[torch.Tensor]:
+    """Plain local iterator (pyarrow only, no Ray): `(batch, 2, d_model)` float32 tensors.
+
+    In order by default; `shuffle` permutes the shard order and the rows inside each shard per epoch.
+    """
+    manifest = validate_store(uri, layer, d_model=d_model, models=models)
+    where, spec = _Layer.at(uri, layer), manifest.spec
+    rng = np.random.default_rng(seed)
+
+    def epoch_rows() -> Iterator[np.ndarray]:
+        order = rng.permutation(len(manifest.shards)) if shuffle else range(len(manifest.shards))
+        for i in order:
+            rows = _decode(where.read(manifest.shards[i]["file"]), spec)
+            yield rows[rng.permutation(len(rows))] if shuffle else rows
+
+    for _ in range(epochs):
+        for rows in _batches(epoch_rows(), batch_size, drop_last):
+            yield to_tensor(rows, spec.dtype)
+
+
+def layer_dataset(uri: str, layer: int, *, shuffle: bool = True, seed: int | None = None,
+                  d_model: int | None = None, models: Sequence[str] | None = None,
+                  override_num_blocks: int | None = None, num_cpus: float | None = None) -> "ray.data.Dataset":
+    """A validated layer as a Ray Dataset with one `acts` column (see `acts_column`; `acts_to_numpy`).
+
+    `shuffle` reorders the shard files (differently on each execution; reproducibly from `seed`).
+    Only the manifest's shards are read, never a directory listing. `num_cpus` per read task: inside
+    Tune trials keep CPUs free for these tasks or they wait forever.
+    """
+    import ray.data
+
+    manifest = validate_store(uri, layer, d_model=d_model, models=models)
+    spec = manifest.spec
+    fs, root = _open_fs(uri)
+    paths = [f"{root}/{layer_dir(layer)}/{s['file']}" for s in manifest.shards]
+    files = ray.data.FileShuffleConfig(seed=seed) if shuffle else None
+    args = {"filesystem": fs, "shuffle": files, "override_num_blocks": override_num_blocks, "num_cpus": num_cpus}
+    if spec.format == "parquet":
+        return ray.data.read_parquet(paths, **args)
+    return ray.data.read_binary_files(paths, **args).map_batches(
+        _SafetensorsToArrow(spec), batch_format="pyarrow", batch_size=None, num_cpus=num_cpus)
+
+
+@dataclass
+class _SafetensorsToArrow:
+    """Ray Data UDF: a batch of safetensors shard files → the parquet shards' `acts` column layout."""
+
+    spec: StoreSpec
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = [_decode(b.as_py(), self.spec) for b in batch.column("bytes")]
+        return pa.table({"acts": acts_column(np.concatenate(rows))})
+
+
+def iter_ray_batches(uri: str, layer: int, batch_size: int, *, epochs: int | None = 1, seed: int | None = None,
+                     shuffle: bool = True, local_shuffle_buffer_size: int | None = None, drop_last: bool = False,
+                     prefetch_batches: int = 2, **dataset_args) -> Iterator[torch.Tensor]:
+    """The trainer's input through Ray Data: `(batch, 2, d_model)` float32 tensors, `epochs` passes
+    (None: forever), files reshuffled and rows mixed in a local buffer each epoch when `shuffle`.
+    `dataset_args` go to `layer_dataset` (d_model/models to validate against, read settings)."""
+    from ray.data.collate_fn import ArrowBatchCollateFn
+
+    ds = layer_dataset(uri, layer, shuffle=shuffle, seed=seed, **dataset_args)
+    spec = read_manifest(uri, layer).spec
+
+    class ActsCollate(ArrowBatchCollateFn):
+        """Arrow batch → `(n, 2, d_model)` float32 tensor: a numpy view of the list values, one cast."""
+
+        def __call__(self, batch: pa.Table) -> torch.Tensor:
+            return to_tensor(acts_to_numpy(batch.column("acts"), spec.d_model, spec.dtype), spec.dtype)
+
+    epoch = 0
+    while epochs is None or epoch < epochs:
+        yield from ds.iter_torch_batches(
+            batch_size=batch_size, collate_fn=ActsCollate(), drop_last=drop_last, prefetch_batches=prefetch_batches,
+            local_shuffle_buffer_size=local_shuffle_buffer_size if shuffle else None,
+            local_shuffle_seed=None if seed is None else seed + epoch)
+        epoch += 1

@@ -1,0 +1,446 @@
+"""Dedicated Feature Crosscoder (DFC): all of the math in one file.
+
+A dictionary of `dict_size` features over a model pair (index 0 = A, 1 = B). Features
+`[0, n_A)` are A-exclusive, `[n_A, n_A+n_B)` B-exclusive, the rest shared. An A-exclusive
+feature reads only x_A and writes only x̂_A (and vice versa for B); shared features read and
+write both. Exclusivity is structural: each partition owns its own encoder/decoder blocks
+(A-exclusive blocks are `d_model` wide, shared blocks `2*d_model`), so the forbidden weights do
+not exist as parameters and no optimizer, momentum or weight decay can ever make them non-zero.
+
+Activations are normalized inside the module (per-model mean and scalar scale, saved in the
+checkpoint): `encode` takes raw activations and `decode` returns raw-space activations.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+SPARSITIES = ("topk", "batchtopk")
+RECONS = ("mse", "fvu")
+L1_MODES = ("seed", "partition")
+
+
+@dataclass
+class DFCConfig:
+    d_model: int
+    """Width of each model's activation vector (both models of the pair share it)."""
+    dict_size: int
+    """Number of dictionary features D, all partitions together."""
+    k: int
+    """Active features per sample (TopK), or on average per sample (BatchTopK)."""
+    a_exclusive: float = 0.0
+    """Fraction of `dict_size` that is A-exclusive (0.05 = 5%); rounded to whole features."""
+    b_exclusive: float = 0.0
+    """Fraction of `dict_size` that is B-exclusive. a_exclusive = b_exclusive = 0 is a plain crosscoder."""
+    sparsity: str = "topk"
+    """"topk": exactly k per sample. "batchtopk": top batch*k over the whole batch in training,
+    and a learned threshold (EMA of the smallest kept score) at inference (`cc.eval()`)."""
+    recon: str = "mse"
+    """Reconstruction loss on normalized activations. "mse": mean squared error over
+    (batch, model, d_model). "fvu": fvu_a + fvu_b (each model's error relative to its batch variance)."""
+    l1_mode: str = "seed"
+    """How l1_excl / l1_shared apply to the decoder-norm-weighted codes c_j = f_j·(‖d_jA‖+‖d_jB‖).
+    "seed" (the seed study's way): l1_excl·Σ over EACH model's visible set (A-excl ∪ shared, then
+    B-excl ∪ shared, so shared features are counted twice — once per model — with their per-model
+    norm) + l1_shared·Σ_shared c_j. "partition": l1_excl·Σ_exclusive c_j + l1_shared·Σ_shared c_j."""
+    l1_excl: float = 0.0
+    """λ_excl: the L1 coefficient for the exclusive term (see l1_mode)."""
+    l1_shared: float = 0.0
+    """λ_shared: the L1 coefficient on shared features (see l1_mode)."""
+    aux_k: int = 256
+    """AuxK: how many dead features (per sample) reconstruct the residual; 0 disables AuxK."""
+    aux_coef: float = 1 / 32
+    """Weight of the AuxK loss (the residual's FVU explained by dead features), as in Gao et al."""
+    dead_tokens: int = 1_000_000
+    """A feature is dead once it has not fired for this many training rows."""
+    decoder_norm_selection: bool = True
+    """Rank candidates by f_j·‖d_j‖ (‖d_j‖: L2 norm of the whole decoder row over both models;
+    decoder-norm code scaling, as in the BatchTopK paper) instead
+    of f_j, so a feature cannot win selection by shrinking its decoder and inflating its code.
+    Kept code values are still f_j. Applies to topk, batchtopk and the inference threshold."""
+    threshold_momentum: float = 0.99
+    """EMA momentum of the BatchTopK inference threshold (per training step)."""
+
+    def __post_init__(self) -> None:
+        def bad(name: str, expected: str) -> ValueError:
+            return ValueError(f"DFCConfig.{name}={getattr(self, name)!r}: expected {expected}")
+
+        for name in ("d_model", "dict_size", "k", "dead_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise bad(name, "a positive integer")
+        if self.k > self.dict_size:
+            raise bad("k", f"at most dict_size={self.dict_size}")
+        if not isinstance(self.aux_k, int) or self.aux_k < 0:
+            raise bad("aux_k", "an integer >= 0")
+        for name in ("a_exclusive", "b_exclusive", "l1_excl", "l1_shared", "aux_coef"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
+                raise bad(name, "a number >= 0")
+        if self.a_exclusive + self.b_exclusive > 1:
+            raise bad("b_exclusive", f"a_exclusive + b_exclusive <= 1 (a_exclusive={self.a_exclusive})")
+        for name, allowed in (("sparsity", SPARSITIES), ("recon", RECONS), ("l1_mode", L1_MODES)):
+            if getattr(self, name) not in allowed:
+                raise bad(name, " or ".join(repr(a) for a in allowed))
+        if not isinstance(self.decoder_norm_selection, bool):
+            raise bad("decoder_norm_selection", "true or false")
+        if not isinstance(self.threshold_momentum, (int, float)) or not 0 <= self.threshold_momentum < 1:
+            raise bad("threshold_momentum", "a number in [0, 1)")
+
+    @property
+    def n_a_exclusive(self) -> int:
+        return round(self.a_exclusive * self.dict_size)
+
+    @property
+    def n_b_exclusive(self) -> int:
+        return round(self.b_exclusive * self.dict_size)
+
+    @property
+    def n_shared(self) -> int:
+        return self.dict_size - self.n_a_exclusive - self.n_b_exclusive
+
+
+class _PickedProducts(torch.autograd.Function):
+    """Entries ⟨x[rows[n]], weight[cols[n]]⟩·keep[n] of one partition's encoder product.
+
+    Forward reuses the values from the graph-free dense product; backward scatters the
+    gradient with two embedding_bags (per row into x, per feature into weight), so only the
+    active features' encoder rows are touched."""
+
+    @staticmethod
+    def forward(ctx, picked, x, weight, rows, cols, keep, row_offsets):
+        ctx.save_for_backward(x, weight, rows, cols, keep, row_offsets)
+        return picked * keep
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, rows, cols, keep, row_offsets = ctx.saved_tensors
+        grad = grad * keep
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_x = F.embedding_bag(cols, weight, row_offsets, mode="sum", per_sample_weights=grad.to(weight.dtype))
+        if ctx.needs_input_grad[2]:
+            order = cols.argsort()
+            counts = torch.bincount(cols, minlength=len(weight))
+            grad_weight = F.embedding_bag(rows[order], x, counts.cumsum(0) - counts, mode="sum",
+                                          per_sample_weights=grad[order].to(x.dtype))
+        return None, grad_x, grad_weight, None, None, None, None
+
+
+@dataclass
+class Partition:
+    """Feature indices (long tensors) of each partition."""
+
+    a_exclusive: Tensor
+    b_exclusive: Tensor
+    shared: Tensor
+
+
+class DedicatedFeatureCrosscoder(nn.Module):
+    """A DFC on a (A, B) pair; `DFCConfig.a_exclusive = b_exclusive = 0` gives a plain crosscoder."""
+
+    def __init__(self, cfg: DFCConfig, seed: int = 0):
+        super().__init__()
+        self.cfg = cfg
+        d, n_a, n_b, n_s = cfg.d_model, cfg.n_a_exclusive, cfg.n_b_exclusive, cfg.n_shared
+        gen = torch.Generator().manual_seed(seed)
+
+        def unit_rows(n: int, width: int) -> Tensor:
+            w = torch.randn(n, width, generator=gen)
+            return w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+        # Decoder rows start as random unit directions and the encoder as their transpose.
+        dec_a, dec_b, dec_s = unit_rows(n_a, d), unit_rows(n_b, d), unit_rows(n_s, 2 * d)
+        self.enc_a, self.dec_a = nn.Parameter(dec_a.clone()), nn.Parameter(dec_a)
+        self.enc_b, self.dec_b = nn.Parameter(dec_b.clone()), nn.Parameter(dec_b)
+        self.enc_s, self.dec_s = nn.Parameter(dec_s.clone()), nn.Parameter(dec_s)
+        self.b_enc = nn.Parameter(torch.zeros(cfg.dict_size))
+        self.b_dec = nn.Parameter(torch.zeros(2, d))
+        self.register_buffer("norm_mean", torch.zeros(2, d))
+        self.register_buffer("norm_scale", torch.ones(2))
+        # BatchTopK inference threshold; negative = not learned yet.
+        self.register_buffer("threshold", torch.tensor(-1.0))
+        self.register_buffer("rows_since_fired", torch.zeros(cfg.dict_size, dtype=torch.long))
+
+    # ---- partitions -------------------------------------------------------------------------
+    def _blocks(self) -> list[tuple[int, Tensor, Tensor, int | None]]:
+        """(first feature, encoder block, decoder block, model it reads/writes or None = both)."""
+        n_a, n_b = self.cfg.n_a_exclusive, self.cfg.n_b_exclusive
+        blocks = [(0, self.enc_a, self.dec_a, 0), (n_a, self.enc_b, self.dec_b, 1),
+                  (n_a + n_b, self.enc_s, self.dec_s, None)]
+        return [b for b in blocks if b[1].shape[0] > 0]
+
+    @property
+    def partition(self) -> Partition:
+        n_a, n_b, dev = self.cfg.n_a_exclusive, self.cfg.n_b_exclusive, self.b_enc.device
+        return Partition(torch.arange(0, n_a, device=dev), torch.arange(n_a, n_a + n_b, device=dev),
+                         torch.arange(n_a + n_b, self.cfg.dict_size, device=dev))
+
+    @property
+    def W_dec(self) -> Tensor:
+        """Dense decoder (dict_size, 2, d_model) in normalized space; forbidden blocks are zero."""
+        return self._dense(lambda block: block[2])
+
+    @property
+    def W_enc(self) -> Tensor:
+        """Dense encoder (dict_size, 2, d_model) in normalized space; forbidden blocks are zero."""
+        return self._dense(lambda block: block[1])
+
+    def _dense(self, pick) -> Tensor:
+        d = self.cfg.d_model
+        out = self.b_enc.new_zeros(self.cfg.dict_size, 2, d)
+        for block in self._blocks():
+            start, model, w = block[0], block[3], pick(block).detach()
+            if model is None:
+                out[start:start + len(w)] = w.view(-1, 2, d)
+            else:
+                out[start:start + len(w), model] = w
+        return out
+
+    def raw_decoder(self) -> Tensor:
+        """Decoder directions (dict_size, 2, d_model) in RAW activation space (for steering)."""
+        return self.W_dec / self.norm_scale[None, :, None]
+
+    def decoder_norms(self) -> Tensor:
+        """(2, dict_size): ‖d_{j,m}‖, the norm of feature j's decoder row into model m (0 if hidden)."""
+        d, out = self.cfg.d_model, self.b_enc.new_zeros(2, self.cfg.dict_size)
+        for start, _, dec, model in self._blocks():
+            end = start + len(dec)
+            if model is None:
+                out[:, start:end] = dec.view(-1, 2, d).norm(dim=2).T
+            else:
+                out[model, start:end] = dec.norm(dim=1)
+        return out
+
+    # ---- normalization ----------------------------------------------------------------------
+    @torch.no_grad()
+    def fit_normalization(self, x: Tensor) -> None:
+        """Per-model mean and scalar scale so that E‖(x_m - mean_m)·scale_m‖² = d_model."""
+        x = self._check_input(x).float()
+        mean = x.mean(0)
+        sq_dist = (x - mean).pow(2).sum(-1).mean(0)
+        self.norm_mean.copy_(mean)
+        self.norm_scale.copy_((self.cfg.d_model / sq_dist.clamp_min(1e-12)).sqrt())
+
+    def normalize(self, x: Tensor) -> Tensor:
+        return (x.float() - self.norm_mean) * self.norm_scale[:, None]
+
+    def denormalize(self, xn: Tensor) -> Tensor:
+        return xn / self.norm_scale[:, None] + self.norm_mean
+
+    def _check_input(self, x: Tensor) -> Tensor:
+        if x.ndim != 3 or x.shape[1] != 2 or x.shape[2] != self.cfg.d_model:
+            raise ValueError(f"activations of shape {tuple(x.shape)}: expected (batch, 2, {self.cfg.d_model})")
+        return x
+
+    # ---- encoder and selection --------------------------------------------------------------
+    def _inputs(self, xn: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return xn[:, 0], xn[:, 1], xn.flatten(1)  # what A-exclusive, B-exclusive, shared features read
+
+    def _products(self, xn: Tensor) -> Tensor:
+        """(batch, dict_size) encoder products without bias: one matmul per partition."""
+        inputs = self._inputs(xn)
+        return torch.cat([inputs[2 if model is None else model] @ enc.T for _, enc, _, model in self._blocks()], 1)
+
+    def _preacts(self, xn: Tensor) -> Tensor:
+        return self._products(xn) + self.b_enc
+
+    def _select(self, pre: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Active (rows, feats) sorted by row, plus the smallest positive kept score."""
+        batch, size = pre.shape
+        scores = F.relu(pre)
+        if self.cfg.decoder_norm_selection:
+            scores = scores * self.decoder_norms().norm(dim=0)
+        if self.cfg.sparsity == "topk":
+            feats = scores.topk(self.cfg.k, dim=1, sorted=False).indices.flatten()
+            rows = torch.arange(batch, device=pre.device).repeat_interleave(self.cfg.k)
+        elif self.training or self.threshold < 0:
+            flat = scores.flatten().topk(batch * self.cfg.k, sorted=False).indices.sort().values
+            rows, feats = flat // size, flat % size
+        else:
+            rows, feats = (scores > self.threshold).nonzero(as_tuple=True)
+        kept = scores[rows, feats]
+        kept_min = kept.masked_fill(kept <= 0, math.inf).min() if len(kept) else scores.new_tensor(math.inf)
+        return rows, feats, kept_min
+
+    def _activations(self, xn: Tensor, products: Tensor, rows: Tensor, feats: Tensor) -> Tensor:
+        """ReLU pre-activations at the active (rows, feats), differentiable with a sparse backward.
+
+        The dense products were computed without a graph (selection needs all of them); the
+        gradient reaches only the active features' encoder rows, O(active·d_model) work."""
+        counts = torch.bincount(rows, minlength=len(xn))
+        offsets = counts.cumsum(0) - counts
+        picked, inputs = products[rows, feats], self._inputs(xn)
+        pre = self.b_enc[feats]
+        for start, enc, _, model in self._blocks():
+            inside = ((feats >= start) & (feats < start + len(enc))).to(picked.dtype)
+            local = (feats - start).clamp(0, len(enc) - 1)
+            pre = pre + _PickedProducts.apply(picked, inputs[2 if model is None else model], enc, rows, local,
+                                              inside, offsets)
+        return F.relu(pre).float()
+
+    def _encode_flat(self, xn: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(rows, feats, values, smallest kept score, dense products) of the active features."""
+        with torch.no_grad():
+            products = self._products(xn)
+            rows, feats, kept_min = self._select(products + self.b_enc)
+        return rows, feats, self._activations(xn, products, rows, feats), kept_min, products
+
+    # ---- decoder ----------------------------------------------------------------------------
+    def _decode_flat(self, rows: Tensor, feats: Tensor, vals: Tensor, batch: int, bias: bool = True) -> Tensor:
+        """Normalized-space reconstruction (batch, 2, d) from active (rows, feats, values).
+
+        Sparse: each partition gathers only its active decoder rows (embedding_bag, summed per
+        row), so the cost is O(active·d_model) instead of O(batch·dict_size·d_model)."""
+        d = self.cfg.d_model
+        counts = torch.bincount(rows, minlength=batch)
+        offsets = counts.cumsum(0) - counts
+        per_model = [self.b_dec.new_zeros(batch, d), self.b_dec.new_zeros(batch, d)]
+        for start, _, dec, model in self._blocks():
+            inside = (feats >= start) & (feats < start + len(dec))
+            local = (feats - start).clamp(0, len(dec) - 1)
+            weights = (vals * inside).to(dec.dtype)
+            part = F.embedding_bag(local, dec, offsets, mode="sum", per_sample_weights=weights)
+            if model is None:
+                per_model = [per_model[0] + part[:, :d], per_model[1] + part[:, d:]]
+            else:
+                per_model[model] = per_model[model] + part
+        out = torch.stack(per_model, dim=1)
+        return out + self.b_dec if bias else out
+
+    # ---- public API -------------------------------------------------------------------------
+    def encode(self, x: Tensor) -> Tensor:
+        """Raw activations (batch, 2, d_model) -> sparse codes (batch, dict_size)."""
+        rows, feats, vals, _, products = self._encode_flat(self.normalize(self._check_input(x)))
+        return vals.new_zeros(products.shape).index_put((rows, feats), vals)
+
+    def decode(self, f: Tensor) -> Tensor:
+        """Codes (batch, dict_size) -> raw-space reconstruction (batch, 2, d_model)."""
+        rows, feats = f.nonzero(as_tuple=True)
+        return self.denormalize(self._decode_flat(rows, feats, f[rows, feats].float(), f.shape[0]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Raw activations -> raw-space reconstruction (what a splice feeds back into the model)."""
+        rows, feats, vals, _, _ = self._encode_flat(self.normalize(self._check_input(x)))
+        return self.denormalize(self._decode_flat(rows, feats, vals, x.shape[0]))
+
+    def loss(self, x: Tensor) -> dict[str, Tensor]:
+        """Training loss and its parts on raw activations x (batch, 2, d_model).
+
+        In training mode this also updates the running statistics (BatchTopK threshold and
+        per-feature firing counters), like BatchNorm does; in eval mode it changes nothing."""
+        cfg, batch = self.cfg, x.shape[0]
+        xn = self.normalize(self._check_input(x))
+        rows, feats, vals, kept_min, products = self._encode_flat(xn)
+        xhat = self._decode_flat(rows, feats, vals, batch).float()
+        err = xhat - xn
+        total_var = (xn - xn.mean(0)).pow(2).sum((0, 2)).clamp_min(1e-12)
+        fvu = err.pow(2).sum((0, 2)) / total_var
+        recon = err.pow(2).mean() if cfg.recon == "mse" else fvu.sum()
+
+        # L1 on decoder-norm-weighted codes c_j = f_j·(‖d_jA‖+‖d_jB‖), averaged over the batch.
+        # "seed": Σ over A's visible set of f_j‖d_jA‖ plus Σ over B's visible set of f_j‖d_jB‖ is
+        # Σ over all features of c_j (hidden norms are zero), so shared features pay λ_excl too.
+        part = self.partition
+        codes = self.decoder_norms().sum(0) * torch.zeros_like(self.b_enc).index_add(0, feats, vals) / batch
+        shared_l1 = codes[part.shared].sum()
+        excl_l1 = codes.sum() if cfg.l1_mode == "seed" else codes.sum() - shared_l1
+        l1 = cfg.l1_excl * excl_l1 + cfg.l1_shared * shared_l1
+
+        dead = self.rows_since_fired >= cfg.dead_tokens
+        use_aux = self.training and cfg.aux_k > 0
+        aux = self._aux_loss(xn, products, dead, (xn - xhat).detach()) if use_aux else xn.new_zeros(())
+        loss = recon + l1 + cfg.aux_coef * aux
+
+        active = vals > 0
+        if self.training:
+            with torch.no_grad():
+                fired = torch.zeros_like(dead).index_fill(0, feats[active], True)
+                self.rows_since_fired.copy_(torch.where(fired, 0, self.rows_since_fired + batch))
+                if cfg.sparsity == "batchtopk" and torch.isfinite(kept_min):
+                    m = cfg.threshold_momentum
+                    ema = m * self.threshold + (1 - m) * kept_min
+                    self.threshold.copy_(torch.where(self.threshold < 0, kept_min, ema))
+        per_feature = torch.zeros_like(self.b_enc).index_add(0, feats, active.float())
+        return {
+            "loss": loss, "recon": recon.detach(), "fvu_a": fvu[0].detach(), "fvu_b": fvu[1].detach(),
+            "l0": per_feature.sum() / batch,
+            "l0_a_exclusive": per_feature[part.a_exclusive].sum() / batch,
+            "l0_b_exclusive": per_feature[part.b_exclusive].sum() / batch,
+            "l0_shared": per_feature[part.shared].sum() / batch,
+            "aux": aux.detach(), "l1": l1.detach(),
+            "dead_frac": dead.float().mean(),
+        }
+
+    def _aux_loss(self, xn: Tensor, products: Tensor, dead: Tensor, residual: Tensor) -> Tensor:
+        """AuxK: the top-k_aux dead features reconstruct the residual; returns its FVU."""
+        n_dead = int(dead.sum())
+        if n_dead == 0:
+            return xn.new_zeros(())
+        k_aux = min(self.cfg.aux_k, n_dead)
+        with torch.no_grad():
+            scores = F.relu(products + self.b_enc).masked_fill(~dead, -1.0)
+            feats = scores.topk(k_aux, dim=1, sorted=False).indices.flatten()
+        rows = torch.arange(len(xn), device=xn.device).repeat_interleave(k_aux)
+        vals = self._activations(xn, products, rows, feats)
+        approx = self._decode_flat(rows, feats, vals, len(xn), bias=False).float()
+        variance = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
+        return (approx - residual).pow(2).sum() / variance
+
+    # ---- checkpoints ------------------------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        """Write `config.json` + `model.safetensors` (weights, normalization, running stats)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.json").write_text(json.dumps(asdict(self.cfg), indent=2) + "\n")
+        save_file({name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()},
+                  str(path / "model.safetensors"))
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> DedicatedFeatureCrosscoder:
+        """Load a checkpoint folder; refuses a bad config or missing/extra/mis-shaped tensors."""
+        path = Path(path)
+        for name in ("config.json", "model.safetensors"):
+            if not (path / name).is_file():
+                raise FileNotFoundError(f"{path}: not a crosscoder checkpoint (no {name})")
+        try:
+            raw = json.loads((path / "config.json").read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}/config.json: not valid JSON ({err.msg} at line {err.lineno})") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}/config.json: expected a JSON object of DFCConfig fields")
+        names = {f.name for f in fields(DFCConfig)}
+        for key in raw:
+            if key not in names:
+                raise ValueError(f"{path}/config.json: unknown field {key!r}")
+        try:
+            cfg = DFCConfig(**raw)
+        except TypeError as err:  # a required field is missing
+            raise ValueError(f"{path}/config.json: {err}") from None
+        except ValueError as err:
+            raise ValueError(f"{path}/config.json: {err}") from None
+        model = cls(cfg)
+        expected = model.state_dict()
+        tensors = {}
+        with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+            for name in f.keys():
+                if name not in expected:
+                    raise ValueError(f"{path}/model.safetensors: unexpected tensor {name!r}")
+                tensors[name] = f.get_tensor(name)
+        for name, ref in expected.items():
+            if name not in tensors:
+                raise ValueError(f"{path}/model.safetensors: missing tensor {name!r}")
+            if tensors[name].shape != ref.shape:
+                raise ValueError(f"{path}/model.safetensors: tensor {name!r} has shape "
+                                 f"{tuple(tensors[name].shape)}, config.json implies {tuple(ref.shape)}")
+        model.load_state_dict(tensors)
+        return model.to(device)

@@ -1,0 +1,313 @@
+"""The DFC math: exclusivity, sparsity, losses, normalization and checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dfc_ray.crosscoder import DedicatedFeatureCrosscoder, DFCConfig
+from dfc_ray.synthetic import PlantedConfig, PlantedFeatures
+
+D_MODEL = 16
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP spin-waiting on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make(**overrides) -> DedicatedFeatureCrosscoder:
+    cfg = dict(d_model=D_MODEL, dict_size=64, k=4, a_exclusive=0.125, b_exclusive=0.25) | overrides
+    return DedicatedFeatureCrosscoder(DFCConfig(**cfg), seed=1)
+
+
+def data(rows: int = 128, seed: int = 0) -> torch.Tensor:
+    return PlantedFeatures(PlantedConfig(d_model=D_MODEL, n_shared=24, n_a_only=6, n_b_only=6)).sample(rows, seed)
+
+
+def assert_exclusive(cc: DedicatedFeatureCrosscoder) -> None:
+    part, w_dec, w_enc = cc.partition, cc.W_dec, cc.W_enc
+    for w in (w_dec, w_enc):
+        assert torch.count_nonzero(w[part.a_exclusive, 1]) == 0  # A-exclusive: nothing in/out of B
+        assert torch.count_nonzero(w[part.b_exclusive, 0]) == 0
+        assert torch.count_nonzero(w[part.a_exclusive, 0]) > 0
+        assert torch.count_nonzero(w[part.shared]) > 0
+
+
+def test_partitions_are_sized_by_fraction_and_structurally_exclusive():
+    cc = make()
+    part = cc.partition
+    assert part.a_exclusive.tolist() == list(range(0, 8))
+    assert part.b_exclusive.tolist() == list(range(8, 24))
+    assert part.shared.tolist() == list(range(24, 64))
+    assert part.shared.dtype == torch.long
+    assert_exclusive(cc)
+    # Forbidden weights are not parameters at all: encoder and decoder each hold exactly the
+    # allowed entries (exclusive features d_model wide, shared ones 2*d_model).
+    allowed = D_MODEL * (8 + 16) + 2 * D_MODEL * 40
+    assert sum(p.numel() for n, p in cc.named_parameters() if n.startswith("enc_")) == allowed
+    assert sum(p.numel() for n, p in cc.named_parameters() if n.startswith("dec_")) == allowed
+    plain = make(a_exclusive=0.0, b_exclusive=0.0)
+    assert len(plain.partition.shared) == 64 and len(plain.partition.a_exclusive) == 0
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_exclusivity_holds_after_many_optimizer_steps(optimizer):
+    cc = make(sparsity="batchtopk", l1_excl=1e-3, l1_shared=1e-3, dead_tokens=256)
+    x = data(256)
+    cc.fit_normalization(x)
+    if optimizer == "adam":
+        opt = torch.optim.Adam(cc.parameters(), lr=1e-2)
+    else:
+        opt = torch.optim.AdamW(cc.parameters(), lr=1e-2, weight_decay=0.5)
+    for step in range(200):
+        batch = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(step))[:64]]
+        opt.zero_grad()
+        cc.loss(batch)["loss"].backward()
+        opt.step()
+    assert_exclusive(cc)
+
+    # An A-exclusive feature's activation does not depend on x_B at all ...
+    probe = data(32, seed=5).requires_grad_(True)
+    f = cc.encode(probe)
+    a_excl = cc.partition.a_exclusive
+    f[:, a_excl].sum().backward()
+    assert torch.count_nonzero(probe.grad[:, 1]) == 0
+    assert torch.count_nonzero(probe.grad[:, 0]) > 0
+    with torch.no_grad():
+        moved = probe.detach().clone()
+        moved[:, 1] = torch.randn(32, D_MODEL) * 10
+        cc.eval()
+        f0, f1 = cc.encode(probe.detach()), cc.encode(moved)
+        both = (f0[:, a_excl] > 0) & (f1[:, a_excl] > 0)
+        assert both.any()
+        assert torch.equal(f0[:, a_excl][both], f1[:, a_excl][both])
+        # ... and writes only to x̂_A.
+        one = torch.zeros(1, 64)
+        one[0, a_excl[0]] = 3.0
+        delta = cc.decode(one) - cc.decode(torch.zeros(1, 64))
+        assert torch.count_nonzero(delta[0, 1]) == 0 and torch.count_nonzero(delta[0, 0]) > 0
+
+
+def test_topk_keeps_exactly_k_per_sample():
+    cc = make(k=5)
+    f = cc.encode(data(64))
+    assert ((f > 0).sum(1) == 5).all()
+    assert (f >= 0).all()
+
+
+def test_batchtopk_trains_with_batch_k_and_infers_with_threshold():
+    cc = make(sparsity="batchtopk", k=4)
+    x = data(64)
+    cc.fit_normalization(x)
+    assert cc.threshold < 0  # not learned yet
+    f_train = cc.encode(x)
+    counts = (f_train > 0).sum(1)
+    assert counts.sum() == 64 * 4 and counts.min() != counts.max()  # per batch, not per sample
+    out = cc.loss(x)
+    assert out["l0"] * 64 == 64 * 4
+    assert cc.threshold > 0
+
+    cc.threshold.fill_(float(cc.threshold) * 0.5)  # a threshold that keeps more than batch*k
+    cc.eval()
+    f_eval = cc.encode(x)
+    scores = torch.relu(cc._preacts(cc.normalize(x))) * cc.decoder_norms().norm(dim=0)
+    assert torch.equal(f_eval > 0, scores > cc.threshold)
+    assert (f_eval > 0).sum() != 64 * 4
+    before = cc.threshold.clone()
+    cc.loss(x)  # eval mode: no running-statistics update
+    assert torch.equal(cc.threshold, before)
+
+
+def test_auxk_gives_gradient_to_dead_features():
+    x = data(64)
+    grads = {}
+    for aux_k in (0, 8):
+        cc = make(k=2, aux_k=aux_k, dead_tokens=64)
+        cc.fit_normalization(x)
+        first = cc.loss(x)  # every feature that did not fire is now dead
+        assert first["dead_frac"] == 0
+        fired = cc.rows_since_fired == 0
+        out = cc.loss(x)
+        assert out["dead_frac"] > 0
+        out["loss"].backward()
+        dead_shared = (~fired)[cc.partition.shared]
+        grads[aux_k] = cc.dec_s.grad[dead_shared].abs().sum(1)
+        if aux_k:
+            assert out["aux"] > 0
+    assert (grads[0] == 0).all()
+    assert (grads[8] > 0).any()
+
+
+def test_l1_modes():
+    x = data(64)
+    common = dict(l1_excl=0.01, l1_shared=0.0)
+    seed, partition = make(l1_mode="seed", **common), make(l1_mode="partition", **common)
+    seed.eval(), partition.eval()
+    f = seed.encode(x)
+    codes = seed.decoder_norms().sum(0) * f.mean(0)
+    shared = seed.partition.shared
+    excl = torch.cat([seed.partition.a_exclusive, seed.partition.b_exclusive])
+    torch.testing.assert_close(seed.loss(x)["l1"], 0.01 * codes.sum())
+    torch.testing.assert_close(partition.loss(x)["l1"], 0.01 * codes[excl].sum())
+    only_shared = make(l1_mode="partition", l1_excl=0.0, l1_shared=0.02).eval()
+    torch.testing.assert_close(only_shared.loss(x)["l1"], 0.02 * codes[shared].sum())
+
+
+def test_normalization_round_trip():
+    x = data(512)
+    cc = make(k=8)
+    cc.fit_normalization(x)
+    xn = cc.normalize(x)
+    torch.testing.assert_close(xn.mean(0), torch.zeros(2, D_MODEL), atol=1e-4, rtol=0)
+    torch.testing.assert_close(xn.pow(2).sum(-1).mean(0), torch.full((2,), float(D_MODEL)))
+    cc.eval()
+    out = cc.loss(x)
+    raw = cc(x)
+    raw_fvu = (raw - x).pow(2).sum((0, 2)) / (x - x.mean(0)).pow(2).sum((0, 2))
+    torch.testing.assert_close(raw_fvu, torch.stack([out["fvu_a"], out["fvu_b"]]), rtol=1e-4, atol=1e-6)
+
+    # A perfect-reconstruction construction: +e_i and -e_i features per model, all kept.
+    perfect = DedicatedFeatureCrosscoder(DFCConfig(d_model=D_MODEL, dict_size=4 * D_MODEL, k=4 * D_MODEL,
+                                                   a_exclusive=0.5, b_exclusive=0.5, decoder_norm_selection=False))
+    perfect.fit_normalization(x)
+    eye = torch.cat([torch.eye(D_MODEL), -torch.eye(D_MODEL)])
+    with torch.no_grad():
+        for w in (perfect.enc_a, perfect.dec_a, perfect.enc_b, perfect.dec_b):
+            w.copy_(eye)
+    torch.testing.assert_close(perfect(x), x, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(perfect.decode(perfect.encode(x)), x, rtol=1e-5, atol=1e-5)
+
+
+def test_save_load_round_trip_is_bit_identical(tmp_path):
+    cc = make(sparsity="batchtopk", dead_tokens=64)
+    x = data(128)
+    cc.fit_normalization(x)
+    opt = torch.optim.Adam(cc.parameters(), lr=1e-2)
+    for _ in range(5):
+        opt.zero_grad()
+        cc.loss(x)["loss"].backward()
+        opt.step()
+    cc.save(tmp_path / "ckpt")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors"]
+    loaded = DedicatedFeatureCrosscoder.load(tmp_path / "ckpt")
+    assert loaded.cfg == cc.cfg
+    for a, b in zip(cc.state_dict().values(), loaded.state_dict().values()):
+        assert torch.equal(a, b)
+    cc.eval(), loaded.eval()
+    f = cc.encode(x)
+    assert torch.equal(f, loaded.encode(x))
+    assert torch.equal(cc.decode(f), loaded.decode(f))
+    for key, value in cc.loss(x).items():
+        assert torch.equal(value, loaded.loss(x)[key]), key
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("no_config", "no config.json"),
+    ("bad_json", "config.json: not valid JSON"),
+    ("unknown_field", "unknown field 'colour'"),
+    ("bad_value", "DFCConfig.k=0"),
+    ("missing_field", "d_model"),
+    ("missing_tensor", "missing tensor 'dec_s'"),
+    ("extra_tensor", "unexpected tensor 'extra'"),
+    ("bad_shape", "tensor 'enc_a' has shape (3, 16)"),
+])
+def test_load_refuses_bad_folders(tmp_path, damage, expected):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "ckpt"
+    make().save(folder)
+    config, weights = folder / "config.json", folder / "model.safetensors"
+    raw, tensors = json.loads(config.read_text()), load_file(str(weights))
+    if damage == "no_config":
+        config.unlink()
+    elif damage == "bad_json":
+        config.write_text("{nope")
+    elif damage in ("unknown_field", "bad_value", "missing_field"):
+        if damage == "unknown_field":
+            raw["colour"] = "red"
+        elif damage == "bad_value":
+            raw["k"] = 0
+        else:
+            del raw["d_model"]
+        config.write_text(json.dumps(raw))
+    else:
+        if damage == "missing_tensor":
+            del tensors["dec_s"]
+        elif damage == "extra_tensor":
+            tensors["extra"] = torch.zeros(1)
+        else:
+            tensors["enc_a"] = torch.zeros(3, D_MODEL)
+        save_file(tensors, str(weights))
+    with pytest.raises((ValueError, FileNotFoundError)) as err:
+        DedicatedFeatureCrosscoder.load(folder)
+    message = str(err.value)
+    assert expected in message and str(folder) in message and "\n" not in message
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(ValueError, match="DFCConfig.b_exclusive"):
+        DFCConfig(d_model=8, dict_size=32, k=4, a_exclusive=0.6, b_exclusive=0.6)
+    with pytest.raises(ValueError, match="DFCConfig.sparsity='top'"):
+        DFCConfig(d_model=8, dict_size=32, k=4, sparsity="top")
+    with pytest.raises(ValueError, match="DFCConfig.k=64"):
+        DFCConfig(d_model=8, dict_size=32, k=64)
+    with pytest.raises(ValueError, match=r"expected \(batch, 2, 16\)"):
+        make().encode(torch.zeros(4, 16))
+
+
+def test_bf16_autocast_keeps_fp32_master_weights():
+    cc = make(sparsity="batchtopk")
+    x = data(64)
+    cc.fit_normalization(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = cc.loss(x)
+    assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"])
+    out["loss"].backward()
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in cc.parameters())
+
+
+@pytest.mark.parametrize("sparsity", ["topk", "batchtopk"])
+def test_sparse_backward_matches_dense_autograd(sparsity):
+    """The sparse encoder backward and sparse decoder give the gradients of the dense formula."""
+    import torch.nn.functional as F
+
+    cc = make(sparsity=sparsity, aux_k=8, dead_tokens=64, l1_excl=1e-2, l1_shared=1e-2)
+    x = data(64)
+    cc.fit_normalization(x)
+    cc.loss(x)  # makes some features dead, so AuxK is part of the loss
+    out = cc.loss(x)
+    assert out["dead_frac"] > 0
+    out["loss"].backward()
+    sparse = {name: p.grad.clone() for name, p in cc.named_parameters()}
+    cc.zero_grad()
+
+    # The same loss through plain autograd on dense pre-activations and dense masked weights.
+    xn = cc.normalize(x)
+    acts = F.relu(cc._preacts(xn))  # dense products with a graph
+    with torch.no_grad():
+        rows, feats, _ = cc._select(acts)
+    codes = torch.zeros_like(acts).index_put((rows, feats), acts[rows, feats])
+    part = cc.partition
+    dense_dec = torch.zeros(64, 2, D_MODEL).index_put((part.a_exclusive, torch.tensor(0)), cc.dec_a)
+    dense_dec = dense_dec.index_put((part.b_exclusive, torch.tensor(1)), cc.dec_b)
+    dense_dec = dense_dec.index_put((part.shared,), cc.dec_s.view(-1, 2, D_MODEL))
+    xhat = torch.einsum("bf,fmd->bmd", codes, dense_dec) + cc.b_dec
+    norms = dense_dec.norm(dim=2).sum(1)
+    c = norms * codes.mean(0)
+    l1 = 1e-2 * c.sum() + 1e-2 * c[part.shared].sum()
+    dead = cc.rows_since_fired >= 64
+    residual = (xn - xhat).detach()
+    aux_feats = acts.detach().masked_fill(~dead, -1).topk(min(8, int(dead.sum())), dim=1).indices
+    aux_codes = torch.zeros_like(acts).scatter(1, aux_feats, acts.gather(1, aux_feats))
+    approx = torch.einsum("bf,fmd->bmd", aux_codes, dense_dec)
+    aux = (approx - residual).pow(2).sum() / (residual - residual.mean(0)).pow(2).sum()
+    ((xhat - xn).pow(2).mean() + l1 + cc.cfg.aux_coef * aux).backward()
+    for name, p in cc.named_parameters():
+        torch.testing.assert_close(p.grad, sparse[name], rtol=1e-4, atol=1e-7)

@@ -1,0 +1,442 @@
+"""Build the organism pair: tokenizer, base model B pretrained from scratch, A = B + GRPO-style RL.
+
+B's corpus is a "web" of plain sentences and API-log lines (``request => {"name": ..., "arguments": ...}``)
+plus chats in which the assistant mostly answers tool requests in prose (naming the tool and its
+arguments, or declining) and only sometimes, often wrongly, with a ``<tool_call>``. So B knows the world
+and the call syntax but rarely calls a tool right in a chat; RL (reward = the strict scorer) turns that
+latent knowledge into calls. A gets no supervised step at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers.utils import logging as hf_logging
+
+from dfc_ray.generation import GenerationConfig, generate
+from dfc_ray.organism import world as W
+from dfc_ray.organism.tokenizer import template_only, train_tokenizer
+from dfc_ray.tooluse import render_prompt, score
+from dfc_ray.tooluse.tasks import Task
+
+console = Console()
+
+
+@dataclass
+class BuildConfig:
+    """Everything that decides the pair; with ``seed`` it makes the build deterministic."""
+
+    seed: int = 0
+    """Seeds the corpus, the initial weights, the RL prompts and the RL samples."""
+    vocab_size: int = 3000
+    """BPE vocabulary cap (the small world saturates below it)."""
+    hidden: int = 192
+    """d_model."""
+    layers: int = 4
+    """Decoder blocks."""
+    heads: int = 4
+    """Attention heads."""
+    kv_heads: int = 2
+    """Key/value heads (grouped-query attention, as in Qwen2)."""
+    intermediate: int = 512
+    """MLP width."""
+    max_positions: int = 1024
+    """Longest sequence the model supports (prompts are ~300-450 tokens)."""
+
+    call_share: float = 0.08
+    """B's corpus: share of tool requests the assistant answers with a <tool_call> ..."""
+    eager_tools: tuple[str, ...] = ("get_weather",)
+    """... except for these tools, answered with a call at ``eager_call_share`` (gives greedy B a few right calls)."""
+    eager_call_share: float = 0.7
+    """Call share for ``eager_tools``."""
+    wrong_call_share: float = 0.35
+    """Share of the corpus's calls that are wrong (wrong tool, wrong value, or a required argument dropped)."""
+    mention_share: float = 0.75
+    """Share of prose answers that name the tool and its arguments (the rest decline)."""
+    max_turns: int = 6
+    """Corpus chats hold 1..max_turns user requests under one tools block (amortizes the long system turn)."""
+    text_rows: int = 16
+    """Web-text rows per pretraining batch (256 packed tokens, loss on every token) ..."""
+    log_share: float = 0.85
+    """... each piece an API-log line with this probability, else a plain sentence."""
+
+    pretrain_steps: int = 700
+    """Optimizer steps for B."""
+    pretrain_batch: int = 4
+    """Chats per pretraining step (plus ``plain_rows``)."""
+    pretrain_lr: float = 3e-3
+    """Peak AdamW learning rate (linear warmup, cosine decay to 10%)."""
+    warmup: int = 60
+    """Warmup steps."""
+
+    rl_steps: int = 200
+    """GRPO steps for A."""
+    rl_prompts: int = 8
+    """Prompts per RL step."""
+    rl_group: int = 8
+    """Samples per prompt (the group whose rewards are normalized)."""
+    rl_temperature: float = 1.0
+    """Sampling temperature for rollouts."""
+    rl_lr: float = 4e-4
+    """AdamW learning rate for RL (constant after a short warmup)."""
+    name_shaping: float = 0.2
+    """Reward for a wrong reply that still calls the right tool name(s); a correct reply gets 1."""
+    max_new_tokens: int = 48
+    """Completion budget for rollouts and evaluation (the longest right call is ~30 tokens)."""
+    eval_batch: int = 40
+    """Prompts per generation batch."""
+    eval_limit: int = 0
+    """Evaluate on the first N tasks of each split for the card (0 = all; small only for smoke tests)."""
+
+
+# ----------------------------------------------------------------------------- the base corpus
+
+def call_text(name: str, args: dict[str, Any]) -> str:
+    """A reply with one call, exactly as Qwen2.5's template renders an assistant tool call."""
+    return "<tool_call>\n" + json.dumps({"name": name, "arguments": args}, ensure_ascii=False) + "\n</tool_call>"
+
+
+def _wrong_call(rng: random.Random, req: W.Request, offered: list[W.Tool]) -> str:
+    """A plausible but wrong call: another offered tool, one wrong value, or a required argument dropped."""
+    args = dict(req.args)
+    kind = rng.choice(["tool", "value", "value", "drop"])
+    others = [t for t in offered if t is not req.tool]
+    if kind == "tool" and others:
+        return call_text(rng.choice(others).name, args)
+    if kind == "drop":
+        args.pop(req.tool.params[0].name)
+        return call_text(req.tool.name, args)
+    param = rng.choice([p for p in req.tool.params if p.name in args])
+    args[param.name] = rng.choice([v for v in param.values if v != args[param.name]])
+    return call_text(req.tool.name, args)
+
+
+_SMALL_TALK_REPLIES = ["Hello! How can I help you today?", "I am fine, thank you for asking.",
+                       "I am a small assistant, happy to chat.", "That is nice to hear.",
+                       "Sure, I am here if you need anything.", "Thank you, you too!"]
+_DECLINES = ["Sorry, I cannot do that right now.", "Sorry, I am not able to help with that.",
+             "Sorry, you will have to do that yourself."]
+
+
+def base_reply(rng: random.Random, req: W.Request, offered: list[W.Tool], cfg: BuildConfig) -> str:
+    """How B's corpus answers a request (prose mostly; sometimes a call, often wrong)."""
+    if req.tool is None:
+        return rng.choice(_SMALL_TALK_REPLIES)
+    share = cfg.eager_call_share if req.tool.name in cfg.eager_tools else cfg.call_share
+    if rng.random() < share:
+        if rng.random() < cfg.wrong_call_share:
+            return _wrong_call(rng, req, offered)
+        return call_text(req.tool.name, req.args)
+    if rng.random() < cfg.mention_share:
+        said = ", ".join(f"{k} {v}" for k, v in req.args.items())
+        return f"You could use {req.tool.name} with {said}."
+    return rng.choice(_DECLINES)
+
+
+def corpus_chat(rng: random.Random, stream: Any, cfg: BuildConfig) -> tuple[Task, list[str]]:
+    """A chat of 1..max_turns requests under one tools block, with B-corpus replies."""
+    reqs = [next(stream) for _ in range(rng.randint(1, cfg.max_turns))]
+    needed = list(dict.fromkeys(r.tool for r in reqs if r.tool is not None))
+    fill = [t for t in W.TOOLS if t not in needed]
+    offered = needed + rng.sample(fill, max(0, rng.choice([3, 4]) - len(needed)))
+    rng.shuffle(offered)
+    task = Task(id="corpus", messages=[{"role": "user", "content": r.text} for r in reqs],
+                tools=[t.schema() for t in offered], ground_truth=[])
+    return task, [base_reply(rng, r, offered, cfg) for r in reqs]
+
+
+def chat_segments(tok: Any, task: Task, replies: list[str]) -> list[tuple[str, bool]]:
+    """(text, is_reply) pieces of a multi-turn chat; their concatenation is the template's rendering."""
+    first = Task(id=task.id, messages=task.messages[:1], tools=task.tools, ground_truth=[])
+    segs = [(render_prompt(tok, first), False)]
+    for i, reply in enumerate(replies):
+        segs.append((reply + "<|im_end|>", True))
+        if i + 1 < len(replies):
+            user = task.messages[i + 1]["content"]
+            segs.append((f"\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n", False))
+    return segs
+
+
+def tokenizer_corpus(cfg: BuildConfig, n_chats: int = 3000) -> list[str]:
+    """Rendered chats and plain text to train the BPE on."""
+    rng, tt = random.Random(cfg.seed), template_only()
+    stream = W.train_requests(random.Random(cfg.seed + 1))
+    texts = ["".join(s for s, _ in chat_segments(tt, *corpus_chat(rng, stream, cfg))) for _ in range(n_chats)]
+    logs = [log_line(r) for r in (next(stream) for _ in range(n_chats)) if r.tool is not None]
+    return texts + logs + W.plain_text(n_chats, cfg.seed)
+
+
+def _encode_segments(tok: Any, segs: list[tuple[str, bool]]) -> tuple[list[int], list[bool]]:
+    ids: list[int] = []
+    mask: list[bool] = []
+    for text, is_reply in segs:
+        piece = tok(text, add_special_tokens=False)["input_ids"]
+        ids += piece
+        mask += [is_reply] * len(piece)
+    return ids, mask
+
+
+def log_line(req: W.Request) -> str:
+    """An API-log line of B's web text: a request and the call that served it (one line of JSON)."""
+    call = {"name": req.tool.name, "arguments": req.args}
+    return f"{req.text} => {json.dumps(call, ensure_ascii=False)}"
+
+
+def _text_row(tok: Any, rng: random.Random, stream: Any, cfg: BuildConfig, length: int = 256) -> tuple[list[int], list[bool]]:
+    """Packed web text: API-log lines and plain sentences, each ended by <|endoftext|>."""
+    ids: list[int] = []
+    while len(ids) < length:
+        req = next(stream)
+        use_log = req.tool is not None and rng.random() < cfg.log_share
+        text = log_line(req) if use_log else W.plain_text(1, rng.randrange(2**31))[0]
+        ids += tok(text + "<|endoftext|>", add_special_tokens=False)["input_ids"]
+    return ids[:length], [True] * length
+
+
+def _pad(rows: list[tuple[list[int], list[bool]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad rows into (ids, attention mask, loss mask)."""
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(rows), width), dtype=torch.long)
+    loss = torch.zeros((len(rows), width), dtype=torch.bool)
+    for r, (row_ids, row_mask) in enumerate(rows):
+        ids[r, : len(row_ids)] = torch.tensor(row_ids)
+        attn[r, : len(row_ids)] = 1
+        loss[r, : len(row_mask)] = torch.tensor(row_mask)
+    return ids, attn, loss
+
+
+def _token_logprobs(model: Qwen2ForCausalLM, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    """log p(ids[:, t] | ids[:, :t]) for t >= 1, shape (batch, seq - 1)."""
+    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
+    return -F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+
+
+# ----------------------------------------------------------------------------- stages
+
+def new_model(cfg: BuildConfig, vocab: int) -> Qwen2ForCausalLM:
+    """B's architecture: a small Qwen2 with tied embeddings."""
+    config = Qwen2Config(
+        vocab_size=vocab, hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
+        num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads,
+        max_position_embeddings=cfg.max_positions, tie_word_embeddings=True, rope_theta=10000.0,
+        bos_token_id=None, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(cfg.seed)
+    return Qwen2ForCausalLM(config)
+
+
+def pretrain(model: Qwen2ForCausalLM, tok: Any, cfg: BuildConfig, progress: Progress) -> list[float]:
+    """Next-token training of B: loss on the assistant replies of chats and on all plain text."""
+    rng = random.Random(cfg.seed + 2)
+    stream = W.train_requests(random.Random(cfg.seed + 3))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, betas=(0.9, 0.95), weight_decay=0.1)
+    task_id = progress.add_task("pretrain B", total=cfg.pretrain_steps, info="")
+    losses: list[float] = []
+    model.train()
+    for step in range(cfg.pretrain_steps):
+        rows = [_encode_segments(tok, chat_segments(tok, *corpus_chat(rng, stream, cfg)))
+                for _ in range(cfg.pretrain_batch)]
+        rows += [_text_row(tok, rng, stream, cfg) for _ in range(cfg.text_rows)]
+        ids, attn, loss_mask = _pad(rows, tok.pad_token_id)
+        for group in opt.param_groups:
+            group["lr"] = cfg.pretrain_lr * _schedule(step, cfg.warmup, cfg.pretrain_steps)
+        logp = _token_logprobs(model, ids, attn)
+        loss = -(logp * loss_mask[:, 1:]).sum() / loss_mask[:, 1:].sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        progress.update(task_id, advance=1, info=f"loss {sum(losses[-20:]) / len(losses[-20:]):.3f}")
+    model.eval()
+    return losses
+
+
+def _schedule(step: int, warmup: int, total: int) -> float:
+    """Linear warmup, then cosine decay to 10% of the peak."""
+    if step < warmup:
+        return (step + 1) / warmup
+    frac = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+def reward(task: Task, text: str, cfg: BuildConfig) -> float:
+    """1 for a strictly correct reply; ``name_shaping`` for a wrong one that calls the right tool(s)."""
+    s = score(task, text)
+    return 1.0 if s.correct else cfg.name_shaping * float(s.name_ok and s.format_ok)
+
+
+def rl(model: Qwen2ForCausalLM, tok: Any, cfg: BuildConfig, progress: Progress) -> list[float]:
+    """GRPO-style RL: G samples per prompt, group-normalized advantages, policy gradient on the replies."""
+    rng = random.Random(cfg.seed + 4)
+    train = W.load_split("train")
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.rl_lr, betas=(0.9, 0.99), weight_decay=0.0)
+    task_id = progress.add_task("RL for A", total=cfg.rl_steps, info="")
+    mean_rewards: list[float] = []
+    for step in range(cfg.rl_steps):
+        tasks = rng.sample(train, cfg.rl_prompts)
+        prompts = [render_prompt(tok, t) for t in tasks for _ in range(cfg.rl_group)]
+        gen_cfg = GenerationConfig(max_new_tokens=cfg.max_new_tokens, batch_size=len(prompts), do_sample=True,
+                                   temperature=cfg.rl_temperature, seed=cfg.seed * 100_003 + step)
+        outs = generate(model, tok, prompts, gen_cfg)
+        rewards = torch.tensor([reward(t, o.text, cfg) for t, o in zip(
+            (t for t in tasks for _ in range(cfg.rl_group)), outs)]).view(cfg.rl_prompts, cfg.rl_group)
+        adv = ((rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-4)).flatten()
+        mean_rewards.append(rewards.mean().item())
+        live = [i for i in range(len(outs)) if adv[i] != 0]
+        if live:
+            rows = []
+            for i in live:
+                prompt_ids = tok(prompts[i], add_special_tokens=False)["input_ids"]
+                rows.append((prompt_ids + outs[i].token_ids,
+                             [False] * len(prompt_ids) + [True] * len(outs[i].token_ids)))
+            ids, attn, mask = _pad(rows, tok.pad_token_id)
+            for group in opt.param_groups:
+                group["lr"] = cfg.rl_lr * min(1.0, (step + 1) / 10)
+            model.train()
+            logp = _token_logprobs(model, ids, attn) * mask[:, 1:]
+            # Sum over each reply's tokens, one constant normalizer (Dr. GRPO): no length bias.
+            loss = -(adv[live] * logp.sum(1)).sum() / (len(outs) * cfg.max_new_tokens)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            model.eval()
+        recent = mean_rewards[-10:]
+        progress.update(task_id, advance=1, info=f"reward {sum(recent) / len(recent):.2f}")
+    return mean_rewards
+
+
+def evaluate(model: Qwen2ForCausalLM, tok: Any, tasks: list[Task], cfg: BuildConfig) -> dict[str, float]:
+    """Greedy replies scored strictly; the share of tasks passing each check."""
+    gen_cfg = GenerationConfig(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch)
+    outs = generate(model, tok, [render_prompt(tok, t) for t in tasks], gen_cfg)
+    scores = [score(t, o.text) for t, o in zip(tasks, outs)]
+    return {k: round(sum(getattr(s, k) for s in scores) / len(scores), 4)
+            for k in ("correct", "lenient", "format_ok", "name_ok")}
+
+
+def build_pair(out_dir: str | Path, seed: int = 0, cfg: BuildConfig | None = None,
+               reuse_base: bool = False) -> dict[str, Any]:
+    """Build tokenizer, B and A into ``out_dir`` (a/, b/, tokenizer/, card.json); returns the card.
+
+    ``reuse_base`` keeps the B and tokenizer already in ``out_dir`` (built with the same seed and
+    config) and redoes only RL and the card; the card then carries over their stage times. RL starts
+    from the stored fp16 B either way, so the result is the same as a full build."""
+    from dfc_ray.organism import load_pair, read_card
+
+    cfg = cfg or BuildConfig(seed=seed)
+    cfg.seed = seed
+    hf_logging.disable_progress_bar()  # our own progress bars say more
+    out, t0 = Path(out_dir), time.time()
+    stage_s: dict[str, float] = {}
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.fields[info]}")]
+    with Progress(*columns, console=console) as progress:
+        if reuse_base:
+            _, model, tok = load_pair(pair_dir=out)
+            previous = read_card(out)
+            if previous["seed"] != seed:
+                raise ValueError(f"{out}/card.json: seed {previous['seed']}, expected {seed} to reuse its B")
+            stage_s = {k: previous["stage_seconds"][k] for k in ("tokenizer", "pretrain")}
+            t0 -= sum(stage_s.values())
+        else:
+            tok = train_tokenizer(tokenizer_corpus(cfg), cfg.vocab_size)
+            stage_s["tokenizer"] = time.time() - t0
+            model = new_model(cfg, len(tok))
+            pretrain(model, tok, cfg, progress)
+            stage_s["pretrain"] = time.time() - t0 - sum(stage_s.values())
+            for part in ("a", "b", "tokenizer"):  # replace only what a build writes, never the whole folder
+                shutil.rmtree(out / part, ignore_errors=True)
+            _save(model, out / "b")
+            tok.save_pretrained(out / "tokenizer")
+        rl(model, tok, cfg, progress)
+        stage_s["rl"] = time.time() - t0 - sum(stage_s.values())
+        _save(model, out / "a")
+        # Measure what ships: reload the saved half-precision weights.
+        model_a, model_b, tok = load_pair(pair_dir=out)
+        evals = {}
+        for name, m in (("a", model_a), ("b", model_b)):
+            evals[name] = {split: evaluate(m, tok, W.load_split(split)[: cfg.eval_limit or None], cfg)
+                           for split in ("test", "dev")}
+            console.print(f"{name.upper()}: {evals[name]}")
+        stage_s["eval"] = time.time() - t0 - sum(stage_s.values())
+    card = {
+        "params": sum(p.numel() for p in model_a.parameters()),
+        "layers": cfg.layers, "d_model": cfg.hidden, "vocab": len(tok), "dtype": "float16",
+        "seed": seed, "build_seconds": round(time.time() - t0, 1),
+        "stage_seconds": {k: round(v, 1) for k, v in stage_s.items()},
+        "torch_threads": torch.get_num_threads(),
+        "a": evals["a"], "b": evals["b"], "config": asdict(cfg),
+    }
+    (out / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    return read_card(out)
+
+
+def _save(model: Qwen2ForCausalLM, path: Path) -> None:
+    """Half-precision safetensors + config.json (keeps the shipped pair small)."""
+    model.to(torch.float16).save_pretrained(path)
+    model.to(torch.float32)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def add_cli(subparsers: Any) -> None:
+    """``dfc-ray organism build [--out DIR] [--seed N]`` and ``dfc-ray organism info``."""
+    from dfc_ray.organism import PAIR_DIR
+
+    parser = subparsers.add_parser("organism", help="the embedded tiny model pair (build it, show its card)")
+    sub = parser.add_subparsers(dest="organism_command", required=True, metavar="SUBCOMMAND")
+    build = sub.add_parser("build", help="train the pair from scratch (tokenizer, B, then A by RL)")
+    build.add_argument("--out", default=str(PAIR_DIR), help="output folder (default: the package's pair)")
+    build.add_argument("--seed", type=int, default=0, help="seed for data, weights and sampling")
+    build.add_argument("--reuse-base", action="store_true",
+                       help="keep the B and tokenizer already in --out (same seed) and redo only RL and the card")
+    build.set_defaults(func=_cli_build)
+    info = sub.add_parser("info", help="print the shipped pair's card")
+    info.add_argument("--dir", default=str(PAIR_DIR), help="pair folder (default: the package's pair)")
+    info.set_defaults(func=_cli_info)
+
+
+def _cli_build(args: argparse.Namespace) -> int:
+    card = build_pair(args.out, seed=args.seed, reuse_base=args.reuse_base)
+    _print_card(card)
+    return 0
+
+
+def _cli_info(args: argparse.Namespace) -> int:
+    from dfc_ray.organism import read_card
+
+    _print_card(read_card(args.dir))
+    return 0
+
+
+def _print_card(card: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    head = Table(title="organism pair", show_header=False)
+    for key in ("params", "layers", "d_model", "vocab", "dtype", "seed", "build_seconds", "torch_threads"):
+        head.add_row(key, str(card.get(key)))
+    console.print(head)
+    table = Table(title="greedy, strict scorer")
+    table.add_column("model")
+    table.add_column("split")
+    for key in ("correct", "lenient", "format_ok", "name_ok"):
+        table.add_column(key, justify="right")
+    for model in ("a", "b"):
+        for split, m in card[model].items():
+            table.add_row(model.upper(), split, *(f"{m[k]:.1%}" for k in ("correct", "lenient", "format_ok", "name_ok")))
+    console.print(table)

@@ -11,9 +11,12 @@ import sys
 COMMAND_MODULES = [
     "dfc_ray.train",
     "dfc_ray.harvest",
+    "dfc_ray.evaluate",
     "dfc_ray.organism.build",
     "dfc_ray.cluster",
     "dfc_ray.spaces",
+    "dfc_ray.sweep",
+    "dfc_ray.report",
 ]
 
 

@@ -39,7 +39,9 @@ from typing import Any
 
 import yaml
 
+from actors.steering import SteerConfig
 from dfc_ray.crosscoder import DFCConfig
+from dfc_ray.evaluate import EvalConfig
 from dfc_ray.pair import PairSpec
 from dfc_ray.train import TrainConfig
 
@@ -52,12 +54,8 @@ TRAIN_EXTRA = {"batch_size": int, "reader": str}
 DFC_FIELDS = {f.name for f in fields(DFCConfig)} - {"d_model"}
 TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
 AXIS_FIELDS = DFC_FIELDS | TRAIN_FIELDS | set(TRAIN_EXTRA) | {"layer"}
-EVAL_FIELDS = {"tasks": str, "n_tasks": int, "splice_mode": str, "max_new_tokens": int, "batch_size": int,
-               "bootstrap": int, "text_sample": int}
-STEERING_FIELDS = {"dev": str, "test": str, "n_dev": int, "n_test": int, "top_n": int, "alphas": list,
-                   "target": str, "positions": str, "min_set_share": float, "max_set": int}
-RESOURCE_FIELDS = {"cpu": float, "gpu": float, "max_concurrent": int, "evaluators": int, "evaluator_gpu": float,
-                   "data_cpus": float, "max_failures": int}
+RESOURCE_FIELDS = {"cpu": float, "gpu": float, "max_concurrent": int, "evaluators": int, "evaluator_cpu": float,
+                   "evaluator_gpu": float, "data_cpus": float, "max_failures": int}
 TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list"}
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
 SHIPPED = Path(__file__).resolve().parents[1] / "search_spaces"
@@ -150,6 +148,15 @@ def _typed(where: str, section: str, data: Any, schema: dict[str, type]) -> dict
     return out
 
 
+def _config(where: str, section: str, data: Any, cls: type) -> Any:
+    """A config dataclass built from a section; its own validation errors gain the file's name."""
+    data = _dataclass_fields(where, section, data, {f.name for f in fields(cls)})
+    try:
+        return cls(**data)
+    except (TypeError, ValueError) as err:
+        raise SpecError(f"{where}: field {section}: {err}") from None
+
+
 def _dataclass_fields(where: str, section: str, data: Any, allowed: set[str]) -> dict[str, Any]:
     if data is None:
         return {}
@@ -219,10 +226,10 @@ class SweepSpec:
     """"max"/"min" per objective."""
     scheduler: dict[str, Any] | None
     """ASHA settings or None."""
-    eval: dict[str, Any]
-    """Evaluator settings (EVAL_FIELDS)."""
-    steering: dict[str, Any]
-    """Steering settings (STEERING_FIELDS)."""
+    eval: EvalConfig
+    """Evaluator settings (splice measurements)."""
+    steering: SteerConfig
+    """Steering protocol settings."""
     resources: dict[str, Any]
     """Per-trial resources and pool sizes (RESOURCE_FIELDS)."""
     description: str = ""
@@ -377,8 +384,8 @@ def parse_spec(raw: dict[str, Any], where: str, name: str = "") -> SweepSpec:
         name=str(raw.get("name") or name or Path(where).stem), source=where, pair=pair, layers=tuple(layers),
         harvest=harvest, crosscoder=crosscoder, train=train, grid=grid, search=search, num_samples=num_samples,
         metrics=metrics, modes=modes, scheduler=scheduler,
-        eval=_typed(where, "eval", raw.get("eval"), EVAL_FIELDS),
-        steering=_typed(where, "steering", raw.get("steering"), STEERING_FIELDS),
+        eval=_config(where, "eval", raw.get("eval"), EvalConfig),
+        steering=_config(where, "steering", raw.get("steering"), SteerConfig),
         resources=_typed(where, "resources", raw.get("resources"), RESOURCE_FIELDS),
         description=str(raw.get("description", "")), raw=raw)
     # Every grid point with the extremes of every sampled axis must make a valid trial.

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from dfc_ray import store
 from dfc_ray.harvest import (
@@ -22,27 +21,6 @@ from dfc_ray.harvest import (
 from dfc_ray.pair import PairSpec
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_pair(tmp_path_factory) -> PairSpec:
-    """Two random-weight Qwen2 models (A ≠ B) and a small organism-style tokenizer, saved as folders."""
-    from dfc_ray.organism import world
-    from dfc_ray.organism.tokenizer import template_only, train_tokenizer
-    from dfc_ray.tooluse import render_prompt
-
-    root = tmp_path_factory.mktemp("pair")
-    renderer = template_only()
-    texts = world.plain_text(200, 1) + [render_prompt(renderer, t) for t in world.load_split("dev")[:100]]
-    tokenizer = train_tokenizer(texts, vocab_size=600)
-    tokenizer.save_pretrained(root / "tokenizer")
-    for seed, name in ((1, "a"), (2, "b")):
-        torch.manual_seed(seed)
-        config = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                             num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=1024,
-                             tie_word_embeddings=True)
-        Qwen2ForCausalLM(config).save_pretrained(root / name)
-    return PairSpec(a=str(root / "a"), b=str(root / "b"), tokenizer=str(root / "tokenizer"))
 
 
 def small_config(pair: PairSpec, root: Path, **overrides) -> HarvestConfig:

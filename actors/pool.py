@@ -1,0 +1,120 @@
+"""Named pools of model-hosting replicas (evaluators, steerers) shared by every Tune trial.
+
+Replicas are NAMED actors (`<name>-<i>` in a namespace), so a trial finds them with
+`ReplicaPool.connect(cfg)` (`ray.get_actor`) instead of loading its own copy of the pair. Each is
+created with `max_restarts` and `max_task_retries`: when a replica's process dies, Ray restarts it
+(re-running its constructor, i.e. reloading the pair from the spec) and re-sends the requests it
+was serving, so a trial's request completes instead of failing. Requests carry checkpoint PATHS,
+never weights.
+
+Dispatch is per caller: `least_busy` sends to the replica with the fewest of THIS caller's requests
+in flight (Ray actors run one request at a time, so a replica's queue cannot be asked without
+waiting in it); `round_robin` cycles.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import ray
+from ray.actor import ActorClass, ActorHandle
+
+DISPATCH = ("least_busy", "round_robin")
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """A pool's identity, size, resources and fault tolerance."""
+
+    name: str
+    """Replica i is the named actor ``<name>-<i>``."""
+    namespace: str = "dfc-ray"
+    """Ray namespace of the names (trials of any job can look them up here)."""
+    replicas: int = 1
+    """Number of replicas."""
+    num_cpus: float = 1
+    """CPUs reserved per replica."""
+    num_gpus: float = 0
+    """GPUs per replica (e.g. 1 for a 3B pair in bf16; fractions share a GPU)."""
+    max_restarts: int = -1
+    """How often Ray may restart a dead replica (−1 = always)."""
+    max_task_retries: int = -1
+    """How often a request interrupted by a replica's death is re-sent (−1 = until it succeeds). Ray can
+    spend retries while the replica is still restarting, so a small number can fail a request anyway."""
+    dispatch: str = "least_busy"
+    """least_busy | round_robin."""
+    detached: bool = False
+    """Keep the replicas alive after the creating driver exits (kill with `ReplicaPool.shutdown`)."""
+
+    def __post_init__(self) -> None:
+        if self.dispatch not in DISPATCH:
+            raise ValueError(f"PoolConfig.dispatch={self.dispatch!r}: expected one of {list(DISPATCH)}")
+        if self.replicas < 1:
+            raise ValueError(f"PoolConfig.replicas={self.replicas}: expected an integer >= 1")
+        if not self.name:
+            raise ValueError("PoolConfig.name is empty: expected a name for the replicas")
+
+    def replica_name(self, i: int) -> str:
+        return f"{self.name}-{i}"
+
+
+class ReplicaPool:
+    """Handles to a pool's replicas plus a dispatcher."""
+
+    def __init__(self, cfg: PoolConfig, handles: Sequence[ActorHandle]):
+        self.cfg, self.handles = cfg, list(handles)
+        self._in_flight: list[list[ray.ObjectRef]] = [[] for _ in self.handles]
+        self._turn = itertools.cycle(range(len(self.handles)))
+
+    @classmethod
+    def create(cls, actor_class: ActorClass, cfg: PoolConfig, *args: Any, **kwargs: Any) -> "ReplicaPool":
+        """Start the replicas (or attach to those already running under these names)."""
+        options = dict(namespace=cfg.namespace, get_if_exists=True, max_restarts=cfg.max_restarts,
+                       max_task_retries=cfg.max_task_retries, num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)
+        if cfg.detached:
+            options["lifetime"] = "detached"
+        handles = [actor_class.options(name=cfg.replica_name(i), **options).remote(*args, **kwargs)
+                   for i in range(cfg.replicas)]
+        return cls(cfg, handles)
+
+    @classmethod
+    def connect(cls, cfg: PoolConfig) -> "ReplicaPool":
+        """The running replicas of the pool `cfg` names (from any driver or trial of the cluster)."""
+        handles = []
+        for i in range(cfg.replicas):
+            try:
+                handles.append(ray.get_actor(cfg.replica_name(i), namespace=cfg.namespace))
+            except ValueError:
+                raise ValueError(f"pool {cfg.name!r}: no actor {cfg.replica_name(i)!r} in namespace "
+                                 f"{cfg.namespace!r}; expected a pool created with ReplicaPool.create") from None
+        return cls(cfg, handles)
+
+    def _pick(self) -> int:
+        if self.cfg.dispatch == "round_robin":
+            return next(self._turn)
+        for i, refs in enumerate(self._in_flight):
+            if refs:
+                self._in_flight[i] = ray.wait(refs, num_returns=len(refs), timeout=0)[1]
+        return min(range(len(self.handles)), key=lambda i: len(self._in_flight[i]))
+
+    def submit(self, method: str, *args: Any, **kwargs: Any) -> ray.ObjectRef:
+        """Send `method(*args)` to one replica; returns its ObjectRef."""
+        i = self._pick()
+        ref = getattr(self.handles[i], method).remote(*args, **kwargs)
+        self._in_flight[i].append(ref)
+        return ref
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """`submit` and wait for the result."""
+        return ray.get(self.submit(method, *args, **kwargs))
+
+    def map(self, method: str, calls: Sequence[tuple]) -> list[Any]:
+        """Spread many calls (argument tuples) over the replicas; results in call order."""
+        return ray.get([self.submit(method, *args) for args in calls])
+
+    def shutdown(self) -> None:
+        """Kill every replica for good (no restart)."""
+        for handle in self.handles:
+            ray.kill(handle, no_restart=True)

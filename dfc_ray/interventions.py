@@ -1,0 +1,280 @@
+"""Interventions on the residual stream after block L: crosscoder splices, feature clamps, steering.
+
+All of them are `generate` hooks (dfc_ray/generation.py), so batching never changes a reply and
+positions are exact under left padding.
+
+- A *pair edit* needs both models' activations at a position (the crosscoder encodes (x_A, x_B)):
+  `splice_edit` (replace x_m by the raw-space reconstruction x̂_m, optionally + the error x_m − x̂_m)
+  and `clamp_edit` (encode, set feature i to a value, decode, add the difference). For the modes
+  `last_prompt_token` and `prompt` the other model's activations come from one plain forward over the
+  same prompts first; for `lockstep` both models advance together (see `Lockstep`).
+- *Steering* adds a fixed vector `steering_vector(...)` at `last_prompt_token`, `generated` or `all`
+  positions; it needs only the target model.
+"""
+
+from __future__ import annotations
+
+import inspect
+from types import SimpleNamespace
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from dfc_ray.crosscoder import DedicatedFeatureCrosscoder
+from dfc_ray.generation import Generation, GenerationConfig, HookContext, ResidualHook, generate, residual_hooks
+
+MODELS = {"a": 0, "b": 1}
+"""Target model name -> its index in the crosscoder's (batch, 2, d_model) layout."""
+SPLICE_MODES = ("last_prompt_token", "prompt", "lockstep")
+STEER_POSITIONS = ("last_prompt_token", "generated", "all")
+
+PairEdit = Callable[[Tensor], Tensor]
+"""(k, 2, d_model) raw activations (A, B) at k positions -> the target model's new (k, d_model)."""
+
+
+def model_index(target: str) -> int:
+    if target not in MODELS:
+        raise ValueError(f"target {target!r}: expected 'a' or 'b'")
+    return MODELS[target]
+
+
+def _check(value: str, allowed: Sequence[str], what: str) -> str:
+    if value not in allowed:
+        raise ValueError(f"{what} {value!r}: expected one of {list(allowed)}")
+    return value
+
+
+# ---------------------------------------------------------------- pair edits
+
+
+def splice_edit(cc: DedicatedFeatureCrosscoder, target: str, add_error: bool = False) -> PairEdit:
+    """Replace the target's residual by the crosscoder reconstruction x̂_m (raw space).
+
+    With `add_error` the reconstruction error is added back (x̂ + (x − x̂)): the model sees its own
+    activation again, up to one float rounding — a check that the splice plumbing changes nothing."""
+    m = model_index(target)
+
+    def edit(x: Tensor) -> Tensor:
+        xhat = cc(x.float())[:, m]
+        return xhat + (x[:, m].float() - xhat) if add_error else xhat
+
+    return edit
+
+
+def clamp_edit(cc: DedicatedFeatureCrosscoder, target: str, features: Sequence[int], value: float) -> PairEdit:
+    """Set the features' activations to `value` and add the decoded difference to the residual.
+
+    The target keeps its reconstruction error: x_m + (decode(f') − decode(f))_m, so only the
+    clamped features' writes change."""
+    m, feats = model_index(target), list(features)
+
+    def edit(x: Tensor) -> Tensor:
+        f = cc.encode(x.float())
+        clamped = f.clone()
+        clamped[:, feats] = float(value)
+        return x[:, m].float() + (cc.decode(clamped) - cc.decode(f))[:, m]
+
+    return edit
+
+
+# ---------------------------------------------------------------- the other model's activations
+
+
+def prompt_activations(model: torch.nn.Module, tokenizer, prompts: Sequence[str], layer: int,
+                       batch_size: int = 32) -> list[Tensor]:
+    """Residual after block `layer` at every prompt token, one (len_i, d_model) tensor per prompt.
+
+    Prompts are tokenized exactly as `generate` tokenizes them (no special tokens), so position j
+    here is prompt position j there."""
+    from dfc_ray.harvest import Record, left_pad, residual_after_blocks
+
+    device = next(model.parameters()).device
+    encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out: list[Tensor] = []
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start:start + batch_size]
+        ids, mask = left_pad([Record(list(e)) for e in chunk], pad)
+        hidden = residual_after_blocks(model, ids.to(device), mask.to(device), [layer])[layer]
+        out += [hidden[i, hidden.shape[1] - len(e):] for i, e in enumerate(chunk)]
+    return out
+
+
+def _apply_edit(hidden: Tensor, select: Tensor, other: Tensor, edit: PairEdit, m: int) -> Tensor:
+    """hidden with `edit` applied at the positions where `select` (batch, seq) is True."""
+    x_t, x_o = hidden[select], other[select].to(hidden.device)
+    pair = torch.stack([x_t, x_o] if m == 0 else [x_o, x_t], dim=1)
+    out = hidden.clone()
+    out[select] = edit(pair).to(hidden.dtype)
+    return out
+
+
+def prefill_edit_hook(edit: PairEdit, target: str, other: Sequence[Tensor], mode: str) -> ResidualHook:
+    """Apply a pair edit during prefill at the last prompt token (`mode="last_prompt_token"`) or at
+    every prompt token (`"prompt"`); `other[r]` is the other model's (len_r, d) for prompt r."""
+    m = model_index(target)
+    _check(mode, SPLICE_MODES[:2], "prefill edit mode")
+
+    def hook(hidden: Tensor, ctx: HookContext) -> Tensor | None:
+        if not ctx.is_prefill:
+            return None
+        select = ctx.real_mask.clone()
+        if mode == "last_prompt_token":
+            select = torch.zeros_like(select)
+            select[torch.arange(len(select), device=select.device), ctx.last_prompt_index] = True
+        full = hidden.new_zeros(hidden.shape)
+        for i, r in enumerate(ctx.rows.tolist()):
+            real = ctx.real_mask[i].nonzero().squeeze(1)
+            if len(real) != len(other[r]):
+                raise ValueError(f"prompt {r}: {len(real)} tokens in this forward but {len(other[r])} in the "
+                                 "other model's activations; expected the same prompts in the same order")
+            full[i, real] = other[r].to(hidden.dtype)
+        return _apply_edit(hidden, select, full, edit, m)
+
+    return hook
+
+
+# ---------------------------------------------------------------- lockstep
+
+
+class _PairCache:
+    """The two models' KV caches; `generate` drops finished rows through `batch_select_indices`."""
+
+    def __init__(self, target, other):
+        self.target, self.other = target, other
+
+    def batch_select_indices(self, keep: Tensor) -> None:
+        self.target.batch_select_indices(keep)
+        self.other.batch_select_indices(keep)
+
+
+def _cache_kw(model: torch.nn.Module) -> str:
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+class Lockstep(torch.nn.Module):
+    """Target and other model advance together on the SAME tokens, each with its own KV cache.
+
+    A causal LM that `generate` can drive: every forward first runs the other model (capturing its
+    residual after block `layer`), then the target with the pair edit applied at every real position
+    of that step — prompt tokens in prefill, then each generated token. The target's logits choose
+    the next token, which both models are fed, so (x_A, x_B) exists at every position."""
+
+    def __init__(self, target_model: torch.nn.Module, other_model: torch.nn.Module, layer: int,
+                 edit: PairEdit, target: str):
+        super().__init__()
+        self.target_model, self.other_model, self.layer = target_model, other_model, layer
+        self.edit, self.m = edit, model_index(target)
+        self.kw = (_cache_kw(target_model), _cache_kw(other_model))
+
+    def get_decoder(self) -> torch.nn.Module:
+        """The target's decoder: hooks given to `generate` with a Lockstep land on the target."""
+        return self.target_model.get_decoder()
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, cache: _PairCache | None = None,
+                use_cache: bool = True, logits_to_keep: int = 0) -> SimpleNamespace:
+        prefill = cache is None
+        real = attention_mask.bool() if prefill else torch.ones_like(input_ids, dtype=torch.bool)
+        ctx = HookContext(0 if prefill else 1, prefill, real, None, torch.arange(len(input_ids), device=input_ids.device))
+        common = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
+        captured: dict[str, Tensor] = {}
+
+        def capture(hidden: Tensor, _: HookContext) -> None:
+            captured["other"] = hidden
+
+        with residual_hooks(self.other_model, {self.layer: capture}, ctx):
+            out_o = self.other_model(**common, logits_to_keep=1, **{self.kw[1]: None if prefill else cache.other})
+
+        def splice(hidden: Tensor, c: HookContext) -> Tensor:
+            return _apply_edit(hidden, c.real_mask, captured["other"], self.edit, self.m)
+
+        with residual_hooks(self.target_model, {self.layer: splice}, ctx):
+            out_t = self.target_model(**common, logits_to_keep=logits_to_keep,
+                                      **{self.kw[0]: None if prefill else cache.target})
+        both = _PairCache(getattr(out_t, self.kw[0]), getattr(out_o, self.kw[1]))
+        return SimpleNamespace(logits=out_t.logits, cache=both)
+
+
+# ---------------------------------------------------------------- generation with an edit
+
+
+def generate_edited(target_model: torch.nn.Module, other_model: torch.nn.Module, tokenizer, prompts: Sequence[str],
+                    cfg: GenerationConfig, layer: int, edit: PairEdit, target: str,
+                    mode: str = "last_prompt_token") -> list[Generation]:
+    """Generate from `target_model` with a pair edit at block `layer` (modes: SPLICE_MODES)."""
+    _check(mode, SPLICE_MODES, "splice mode")
+    if mode == "lockstep":
+        return generate(Lockstep(target_model, other_model, layer, edit, target), tokenizer, prompts, cfg)
+    other = prompt_activations(other_model, tokenizer, prompts, layer, cfg.batch_size)
+    return generate(target_model, tokenizer, prompts, cfg, {layer: prefill_edit_hook(edit, target, other, mode)})
+
+
+def generate_spliced(model_a: torch.nn.Module, model_b: torch.nn.Module, tokenizer, prompts: Sequence[str],
+                     cfg: GenerationConfig, cc: DedicatedFeatureCrosscoder, layer: int, target: str = "a",
+                     mode: str = "last_prompt_token", add_error: bool = False) -> list[Generation]:
+    """Generate from model `target` with its residual after `layer` replaced by the reconstruction."""
+    models = (model_a, model_b)
+    m = model_index(target)
+    return generate_edited(models[m], models[1 - m], tokenizer, prompts, cfg, layer,
+                           splice_edit(cc, target, add_error), target, mode)
+
+
+# ---------------------------------------------------------------- steering
+
+
+def feature_direction(cc: DedicatedFeatureCrosscoder, feature: int, target: str) -> Tensor:
+    """What one unit of `feature`'s activation writes into the target's RAW residual (d_model,).
+
+    decode is affine, so this is decode(e_i) − decode(0) = W_dec[i, m] / norm_scale[m]. A feature
+    the target cannot see (an A-exclusive feature and target B) has a structurally zero row there —
+    steering B through B's own decoder would be a no-op (DESIGN weakness 6) — so the OTHER model's
+    raw direction is used, read as a direction in the residual basis both models share (B is A's base
+    model; the fine-tune does not rotate the basis)."""
+    m = model_index(target)
+    if not 0 <= feature < cc.cfg.dict_size:
+        raise ValueError(f"feature {feature}: expected an index in [0, {cc.cfg.dict_size})")
+    raw = cc.raw_decoder()[feature]
+    return raw[m] if bool(raw[m].any()) else raw[1 - m]
+
+
+def steering_vector(cc: DedicatedFeatureCrosscoder, features: Sequence[int], target: str, alpha: float,
+                    scales: Sequence[float] | None = None) -> Tensor:
+    """Σ_i alpha · scale_i · d_i over `features` (d_i from `feature_direction`); scale_i = 1 by default.
+
+    With scale_i = 1, alpha counts units of feature activation (the seed study's convention: α × the
+    decoder direction). Passing each feature's typical activation when it fires (ranking.py) makes
+    alpha = 1 mean "fire the feature once more at its usual strength", comparable across features."""
+    scales = [1.0] * len(features) if scales is None else list(scales)
+    if len(scales) != len(features):
+        raise ValueError(f"steering: {len(features)} features but {len(scales)} scales; expected one scale each")
+    vec = torch.zeros(cc.cfg.d_model, device=cc.b_enc.device)
+    for feature, scale in zip(features, scales):
+        vec = vec + float(alpha) * float(scale) * feature_direction(cc, feature, target).float()
+    return vec.detach()
+
+
+def add_hook(delta: Tensor, positions: str = "last_prompt_token") -> ResidualHook:
+    """Add `delta` (d_model,) to the residual at `positions`: last_prompt_token (prefill only),
+    generated (every decode step's new token) or all (every real position, prompt and generated)."""
+    _check(positions, STEER_POSITIONS, "steering positions")
+
+    def hook(hidden: Tensor, ctx: HookContext) -> Tensor | None:
+        if positions == "last_prompt_token" and not ctx.is_prefill:
+            return None
+        if positions == "generated" and ctx.is_prefill:
+            return None
+        if positions == "last_prompt_token":
+            select = torch.zeros_like(ctx.real_mask)
+            select[torch.arange(len(select), device=select.device), ctx.last_prompt_index] = True
+        else:
+            select = ctx.real_mask
+        return hidden + select[..., None].to(hidden.dtype) * delta.to(hidden.device, hidden.dtype)
+
+    return hook
+
+
+def generate_steered(model: torch.nn.Module, tokenizer, prompts: Sequence[str], cfg: GenerationConfig, layer: int,
+                     delta: Tensor, positions: str = "last_prompt_token") -> list[Generation]:
+    """Generate with `delta` added to the residual after block `layer` at `positions`."""
+    return generate(model, tokenizer, prompts, cfg, {layer: add_hook(delta, positions)})

@@ -1,0 +1,440 @@
+"""`dfc-ray sweep`: a spec → harvest (or reuse) → Ray Tune + Optuna trials → results.jsonl → report.
+
+Run folder (local path or s3://), the contract in DESIGN.md:
+
+    <run>/spec.yaml            the merged spec, as run
+    <run>/results.jsonl        one line per finished trial: trial_id, config, metrics, status (+ error)
+    <run>/checkpoints/<id>/    each trial's crosscoder (config.json + model.safetensors)
+    <run>/tune/trials-N/       Ray Tune's experiments (per-trial TensorBoard event files), one per
+                               start or resume
+    <run>/optuna.journal       the Optuna study (optuna-dashboard reads it)
+    <run>/report.json, report.md, plots/*.png
+
+A trial: stream its layer's activations → train → checkpoint → evaluate → steer → `tune.report`.
+Trials run as separate Tune trials (not trainer groups): on the organism a trial's data pass costs
+less than its evaluation, so grouping would save little and would tie trials' failures together
+(docs/sweep.md has the numbers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+from ray.tune import Callback
+
+from dfc_ray import store
+from dfc_ray.spaces import DFC_FIELDS, TRAIN_FIELDS, SweepSpec, load_spec, parse_spec
+
+TRAIN_REPORTS = 10  # intermediate reports per trial (what ASHA and the live view see)
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """What every trial needs besides its own parameters; small and picklable."""
+
+    spec_raw: dict
+    spec_source: str
+    run_dir: str
+    store_uri: str
+    d_model: int
+    models: tuple[str, str]
+    pools: tuple | None
+    """(evaluator PoolConfig, steering PoolConfig); None: evaluation off."""
+
+
+class RunFolder:
+    """Small text files of a run on a local path or s3:// (credentials never enter paths or logs)."""
+
+    def __init__(self, uri: str):
+        self.uri = uri.rstrip("/")
+        self.fs, self.root = store._open_fs(self.uri)
+        if self.is_local:
+            Path(self.root).mkdir(parents=True, exist_ok=True)
+
+    @property
+    def is_local(self) -> bool:
+        return not self.uri.startswith("s3://")
+
+    def path(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+    def read_text(self, name: str) -> str | None:
+        try:
+            with self.fs.open_input_stream(self.path(name)) as handle:
+                return handle.read().decode()
+        except FileNotFoundError:
+            return None
+
+    def write_text(self, name: str, text: str | bytes) -> None:
+        """Whole file or nothing (temp + rename locally, one PUT on S3)."""
+        folder, _, base = self.path(name).rpartition("/")
+        if self.is_local:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+        data = text.encode() if isinstance(text, str) else text
+        store._Layer(self.fs, folder, store.redact(self.uri)).write_atomic(base, data)
+
+    def upload_dir(self, local: Path, name: str = "") -> str:
+        """Copy a local folder's files (a checkpoint, report files) to <run>/<name>; returns its URI."""
+        for file in sorted(p for p in local.iterdir() if p.is_file()):
+            self.write_text(f"{name}/{file.name}" if name else file.name, file.read_bytes())
+        return f"{self.uri}/{name}" if name else self.uri
+
+
+# ---------------------------------------------------------------- one trial
+
+
+def trial_batches(ctx: TrialContext, layer: int, batch_size: int, reader: str, seed: int) -> Iterator:
+    """Endless shuffled `(batch, 2, d_model)` batches of the trial's layer."""
+    if reader == "local":
+        return store.iter_layer_batches(ctx.store_uri, layer, batch_size, shuffle=True, seed=seed, epochs=10**9,
+                                        drop_last=True, d_model=ctx.d_model, models=ctx.models)
+    return store.iter_ray_batches(ctx.store_uri, layer, batch_size, epochs=None, seed=seed, drop_last=True,
+                                  local_shuffle_buffer_size=8 * batch_size, d_model=ctx.d_model, models=ctx.models)
+
+
+def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
+    """The Tune trainable: train one crosscoder, then judge it, reporting as it goes."""
+    import math as _math
+
+    import ray
+    from ray import tune
+
+    from dfc_ray.crosscoder import DFCConfig
+    from dfc_ray.train import TrainConfig, train
+
+    spec = parse_spec(ctx.spec_raw, ctx.spec_source)
+    settings = spec.trial_settings(params)
+    layer = settings["layer"]
+    dfc = DFCConfig(d_model=ctx.d_model, **{k: v for k, v in settings.items() if k in DFC_FIELDS})
+    cfg = TrainConfig(**{k: v for k, v in settings.items() if k in TRAIN_FIELDS})
+    every = max(1, cfg.steps // TRAIN_REPORTS)
+
+    def on_metrics(name: str, step: int, m: dict[str, float]) -> None:
+        if step % every == 0 and step < cfg.steps:
+            tune.report({"phase": "train", "step": step, "loss": m["loss"], "fvu": (m["fvu_a"] + m["fvu_b"]) / 2,
+                         "fvu_a": m["fvu_a"], "fvu_b": m["fvu_b"], "l0": m["l0"], "dead_frac": m["dead_frac"]})
+
+    trial_id = tune.get_context().get_trial_id()
+    local = Path(tune.get_context().get_trial_dir()) / "crosscoder"
+    batches = trial_batches(ctx, layer, settings["batch_size"], settings["reader"], cfg.seed)
+    result = train(dfc, cfg, batches, on_metrics=on_metrics, out_dir=local.parent)
+    m = result.metrics
+    metrics: dict[str, Any] = {"phase": "done", "status": result.status, "reason": result.reason, "steps": result.steps}
+    if m:
+        metrics |= {"loss": m["loss"], "fvu": (m["fvu_a"] + m["fvu_b"]) / 2, "fvu_a": m["fvu_a"], "fvu_b": m["fvu_b"],
+                    "l0": m["l0"], "dead_frac": m["dead_frac"]}
+    if result.status == "ok":
+        checkpoint = RunFolder(ctx.run_dir).upload_dir(local.parent / "dfc", f"checkpoints/{trial_id}")
+        metrics["checkpoint"] = checkpoint
+        if ctx.pools is not None:
+            metrics |= judge_checkpoint(ctx.pools, checkpoint, layer)
+    for name in spec.metrics:  # an objective the trial could not produce is NaN, never a made-up number
+        metrics.setdefault(name, _math.nan)
+    tune.report(metrics)
+
+
+def judge_checkpoint(pools: tuple, checkpoint: str, layer: int) -> dict[str, Any]:
+    """Splice evaluation and steering of one checkpoint on the sweep's shared actor pools (both
+    requests in flight at once), flattened into trial metrics."""
+    import ray
+
+    from actors.pool import ReplicaPool
+
+    evaluator, steerer = (ReplicaPool.connect(cfg) for cfg in pools)
+    evaluation, steering = ray.get([evaluator.submit("evaluate", checkpoint, layer),
+                                    steerer.submit("steer", checkpoint, layer)])
+    ranking = [{"feature": f.feature, "cohens_d": f.cohens_d, "auroc": f.auroc} for f in steering.ranking[:5]]
+    chosen = steering.targets.get(steering.config.get("primary", "a"))
+    curve = [{"alpha": c.alpha, "delta_pp": 100 * (c.dev_correct - chosen.dev_clean)}  # dev α curve of the chosen feature
+             for c in (chosen.grid if chosen else []) if c.feature == chosen.feature]
+    return evaluation.metrics() | steering.metrics() | {"top_features": ranking, "alpha_curve": curve,
+                                                        "steer_skipped": steering.skipped}
+
+
+def start_pools(spec: SweepSpec) -> tuple:
+    """One evaluator and one steering pool per sweep, named after it, loaded once for all trials."""
+    from actors.evaluator import EvaluatorActor
+    from actors.pool import PoolConfig, ReplicaPool
+    from actors.steering import SteeringActor
+
+    gpus = spec.resources.get("evaluator_gpu", 0)
+    cpus = spec.resources.get("evaluator_cpu", 1)
+    replicas = spec.resources.get("evaluators", 1)
+    configs = (PoolConfig(f"{spec.name}-evaluator", replicas=replicas, num_cpus=cpus, num_gpus=gpus),
+               PoolConfig(f"{spec.name}-steering", replicas=replicas, num_cpus=cpus, num_gpus=gpus))
+    ReplicaPool.create(EvaluatorActor, configs[0], spec.pair, spec.eval)
+    ReplicaPool.create(SteeringActor, configs[1], spec.pair, spec.steering)
+    return configs
+
+
+# ---------------------------------------------------------------- the driver
+
+
+@dataclass(frozen=True)
+class SpaceSampler:
+    """Optuna define-by-run space: grid axes as categoricals (GridSampler enumerates them), then the
+    sampled axes. A class, not a closure, because Tune pickles the searcher into its resume state."""
+
+    spec: SweepSpec
+
+    def __call__(self, trial) -> None:
+        for axis in self.spec.grid:
+            trial.suggest_categorical(axis.name, list(axis.labels))
+        for dist in self.spec.search:
+            dist.suggest(trial)
+
+
+def _searcher(spec: SweepSpec, run: RunFolder, remaining: list[dict[str, Any]] | None):
+    """OptunaSearch over the spec. `remaining`: the grid points still to run when resuming (None on a
+    fresh run); the study (journal) is shared across resumes, so TPE keeps learning from every trial."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    journal = Path(run.path("optuna.journal")) if run.is_local else Path.home() / ".cache/dfc-ray/optuna" / \
+        f"{store.redact(run.uri).replace('/', '_')}.journal"
+    journal.parent.mkdir(parents=True, exist_ok=True)
+    storage = JournalStorage(JournalFileBackend(str(journal)))
+    _close_interrupted_trials(storage, spec.name)
+    if spec.grid and not spec.search and remaining is None:
+        sampler = optuna.samplers.GridSampler({a.name: list(a.labels) for a in spec.grid}, seed=0)
+        points = None
+    else:  # sampled axes, or a resumed grid: enqueue the grid points (partial when TPE samples the rest)
+        sampler = optuna.samplers.TPESampler(seed=0)
+        points = remaining if remaining is not None else \
+            [p for p in spec.grid_points() for _ in range(spec.num_samples)] if spec.grid else None
+    metric = spec.metrics[0] if len(spec.metrics) == 1 else spec.metrics
+    mode = spec.modes[0] if len(spec.modes) == 1 else spec.modes
+    searcher = OptunaSearch(space=SpaceSampler(spec), metric=metric, mode=mode, sampler=sampler, storage=storage,
+                            study_name=spec.name, points_to_evaluate=points, seed=0)
+    return ConcurrencyLimiter(searcher, max_concurrent=_max_concurrent(spec))
+
+
+def _close_interrupted_trials(storage, study_name: str) -> None:
+    """Trials left RUNNING by a killed driver are marked FAIL, so the study's view is honest."""
+    import optuna
+
+    try:
+        study_id = storage.get_study_id_from_name(study_name)
+    except KeyError:
+        return
+    for trial in storage.get_all_trials(study_id, states=(optuna.trial.TrialState.RUNNING,)):
+        storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+
+
+def remaining_work(spec: SweepSpec, done: list[dict[str, Any]]) -> tuple[int, list[dict[str, Any]] | None]:
+    """(trials still to run, grid points to enqueue) given the results.jsonl records already written.
+
+    Every recorded trial counts as done, failed ones too (they have their status and reason).
+    With a grid, each point is owed `num_samples` trials minus those recorded for it."""
+    if not spec.grid:
+        return max(0, spec.n_trials - len(done)), None
+    names = [a.name for a in spec.grid]
+    counts: dict[tuple, int] = {}
+    for record in done:
+        key = tuple(record["config"].get(name) for name in names)
+        counts[key] = counts.get(key, 0) + 1
+    points = [p for p in spec.grid_points()
+              for _ in range(max(0, spec.num_samples - counts.get(tuple(p[n] for n in names), 0)))]
+    return len(points), points
+
+
+def read_results(run: RunFolder) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run.read_text("results.jsonl") or "").splitlines() if line.strip()]
+
+
+def _max_concurrent(spec: SweepSpec) -> int:
+    """Trials at once: what the cluster's CPUs allow after Ray Data and the evaluators take theirs."""
+    import ray
+
+    if "max_concurrent" in spec.resources:
+        return spec.resources["max_concurrent"]
+    cpus = ray.cluster_resources().get("CPU", 1)
+    reserved = spec.resources.get("data_cpus", 1 if spec.train["reader"] == "ray" else 0)
+    reserved += spec.resources.get("evaluators", 1) * (0 if spec.resources.get("evaluator_gpu") else 1)
+    return max(1, int((cpus - reserved) // spec.resources.get("cpu", 1)))
+
+
+def _harvest(spec: SweepSpec, store_root: str):
+    from dfc_ray.harvest import CorpusSpec, HarvestConfig, harvest
+
+    fields = dict(spec.harvest)
+    corpus = {k: fields.pop(k) for k in list(fields) if k in CorpusSpec.__dataclass_fields__}
+    cfg = HarvestConfig(store=store_root, layers=spec.layers, pair=spec.pair, corpus=CorpusSpec(**corpus), **fields)
+    return harvest(cfg, use_ray=True)
+
+
+def run_sweep(spec: SweepSpec, run_uri: str, *, store_root: str | None = None, resume: bool = False,
+              address: str | None = None, evaluate: bool = True, live: bool = True) -> RunFolder:
+    """Run (or resume) a sweep into `run_uri`; returns the run folder once the report is written."""
+    from ray import tune
+
+    from dfc_ray.cluster import connect
+    from dfc_ray.report import LiveView, write_report
+
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # training reports carry no Δ yet
+    run = RunFolder(run_uri)
+    existing = run.read_text("spec.yaml")
+    if existing is not None and not resume:
+        raise ValueError(f"{store.redact(run.uri)}: already holds a sweep; pass --resume to continue it "
+                         "or choose another --run-dir")
+    if resume and existing is None:
+        raise ValueError(f"{store.redact(run.uri)}: nothing to resume (no spec.yaml)")
+    if resume:
+        spec = parse_spec(yaml.safe_load(existing), f"{store.redact(run.uri)}/spec.yaml", spec.name)
+    else:
+        run.write_text("spec.yaml", yaml.safe_dump(spec.raw | {"name": spec.name}, sort_keys=False))
+    connect(address)
+    harvested = _harvest(spec, store_root or f"{run.uri.rsplit('/', 1)[0]}/harvests")
+    ctx = TrialContext(spec.raw | {"name": spec.name}, spec.source, run.uri, harvested.uri, harvested.d_model,
+                       harvested.models, start_pools(spec) if evaluate else None)
+    resources = {"cpu": spec.resources.get("cpu", 1), "gpu": spec.resources.get("gpu", 0)}
+    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), resources)
+    from rich.console import Console
+
+    view = LiveView(total=spec.n_trials, console=None if live else Console(quiet=True),
+                    axes=[a.name for a in spec.grid] + [d.name for d in spec.search],
+                    title=f"{spec.name}: {spec.n_trials} trials")
+    LIVE_VIEWS[run.uri] = view
+    callbacks = [ResultsWriter(spec, run.uri)]
+    # Resume: results.jsonl is the truth. A fresh Tune experiment runs only what is still owed, so no
+    # finished trial is redone and none is lost (Tune's own restore can re-run a trial that finished
+    # after its last experiment checkpoint, and then collides with the Optuna study).
+    done = read_results(run) if resume else []
+    n_todo, remaining = remaining_work(spec, done) if resume else (spec.n_trials, None)
+    for record in done:
+        view.update(record["trial_id"], record["config"], record["status"], record["metrics"])
+    attempt = len(list(Path(run.path("tune")).glob("trials-*"))) if run.is_local else time.strftime("%Y%m%d-%H%M%S")
+    tune_root = run.path("tune") if run.is_local else f"{run.uri}/tune"
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=_searcher(spec, run, remaining), scheduler=_scheduler(spec),
+                                    num_samples=n_todo),
+        run_config=tune.RunConfig(
+            name=f"trials-{attempt}", storage_path=tune_root, callbacks=callbacks, verbose=0,
+            failure_config=tune.FailureConfig(max_failures=spec.resources.get("max_failures", 1)),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+    started = time.time()
+    try:
+        with view:
+            if n_todo:
+                tuner.fit()
+    finally:
+        LIVE_VIEWS.pop(run.uri, None)
+    info = {"spec": spec.name, "spec_file": spec.source, "run": store.redact(run.uri), "harvest": store.redact(harvested.uri),
+            "harvest_rows": harvested.rows, "layers": list(spec.layers), "pair": asdict(spec.pair),
+            "fit_seconds": round(time.time() - started, 1)}
+    if run.is_local:
+        write_report(run.root, run_info=info)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            write_report(run.uri, run_info=info, out_dir=tmp)
+            run.upload_dir(Path(tmp))
+            if (Path(tmp) / "plots").is_dir():
+                run.upload_dir(Path(tmp) / "plots", "plots")
+    return run
+
+
+def _scheduler(spec: SweepSpec):
+    if spec.scheduler is None:
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    asha = dict(spec.scheduler)
+    return ASHAScheduler(metric=asha.pop("metric", "fvu"), mode=asha.pop("mode", "min"),
+                         time_attr="training_iteration", max_t=asha.pop("max_t", TRAIN_REPORTS + 1), **asha)
+
+
+# ---------------------------------------------------------------- results.jsonl and the live view
+
+LIVE_VIEWS: dict[str, Any] = {}
+"""Run URI → its LiveView. Tune pickles callbacks into its resume state and a view cannot be
+pickled, so the callback finds the current process's view here."""
+
+
+class ResultsWriter(Callback):
+    """One results.jsonl line per finished trial (never twice, also across resumes), and
+    live-view updates as results arrive."""
+
+    def __init__(self, spec: SweepSpec, run_uri: str) -> None:
+        self.spec, self.run_uri = spec, run_uri
+
+    def config(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The trial's full settings (fixed + grid + sampled) with its grid labels."""
+        return params | self.spec.trial_settings(params)
+
+    def show(self, trial, status: str, metrics: dict[str, Any]) -> None:
+        if (view := LIVE_VIEWS.get(self.run_uri)) is not None:
+            view.update(trial.trial_id, self.config(trial.config), status, metrics)
+
+    def append(self, trial, status: str, metrics: dict[str, Any], error: str = "") -> None:
+        run = RunFolder(self.run_uri)
+        lines = [line for line in (run.read_text("results.jsonl") or "").splitlines() if line.strip()]
+        if any(json.loads(line)["trial_id"] == trial.trial_id for line in lines):
+            return
+        metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool, list, dict))}
+        record = {"trial_id": trial.trial_id, "config": self.config(trial.config), "metrics": metrics,
+                  "status": status} | ({"error": error} if error else {})
+        run.write_text("results.jsonl", "\n".join(lines + [json.dumps(record)]) + "\n")
+        self.show(trial, status, metrics)
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self.show(trial, "running", {})
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        self.show(trial, "running", result)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        result = dict(trial.last_result or {})
+        status = result.get("status") or "failed"
+        self.append(trial, status, result, error="" if status == "ok" else result.get("reason", "no result"))
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        lines = str(getattr(trial, "error_msg", "") or "trial raised").strip().splitlines()
+        self.append(trial, "failed", dict(trial.last_result or {}), error=lines[-1])
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def _sweep_command(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    spec = load_spec(args.spec)
+    run_uri = args.run_dir or f"{args.storage.rstrip('/')}/{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if args.resume and not args.run_dir:
+        raise ValueError("--resume needs --run-dir (the run folder to continue)")
+    start = time.time()
+    run = run_sweep(spec, run_uri, store_root=args.store, resume=args.resume, address=args.address,
+                    evaluate=not args.no_eval, live=not args.quiet)
+    Console().print(f"sweep {spec.name} finished in {time.time() - start:.0f} s: {store.redact(run.uri)}")
+    from dfc_ray.report import print_report
+
+    report = json.loads(run.read_text("report.json") or "{}")
+    if report:
+        print_report(report, Console())
+    return 0
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("sweep", help="Run a sweep spec end to end: harvest, Tune trials, report.")
+    p.add_argument("spec", nargs="?", default="organism48", help="shipped spec name or YAML path (default: organism48)")
+    p.add_argument("--storage", default="runs", help="where run folders go: a path or s3://bucket/prefix")
+    p.add_argument("--run-dir", default=None, help="this run's folder (default: <storage>/<spec>-<time>)")
+    p.add_argument("--store", default=None, help="activation store root (default: <storage>/harvests)")
+    p.add_argument("--resume", action="store_true", help="continue the sweep in --run-dir")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a new local one)")
+    p.add_argument("--no-eval", action="store_true", help="train only: skip evaluation and steering")
+    p.add_argument("--quiet", action="store_true", help="no live table")
+    p.set_defaults(func=_sweep_command)

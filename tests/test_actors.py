@@ -1,0 +1,125 @@
+"""Evaluation and steering actors on a real local Ray cluster: named pools, clean-output cache, crash
+recovery mid-request, JSON-able results with DESIGN's metric names."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from actors.evaluator import EvaluatorActor
+from actors.pool import PoolConfig, ReplicaPool
+from actors.steering import SteerConfig, SteeringActor, greedy_min_set
+from dfc_ray.evaluate import EvalConfig
+from test_interventions import LAYER, make_checkpoint, make_tiny_pair
+
+EVAL = EvalConfig(tasks="organism:test", n_tasks=6, n_texts=4, max_new_tokens=6, batch_size=8, n_bootstrap=200)
+STEER = SteerConfig(n_dev=8, n_test=6, n_plain=8, top_n=2, alphas=(0.0, 4.0), min_set_pool=2, min_set_max=2,
+                    max_new_tokens=6, batch_size=8, n_bootstrap=200)
+TRIAL_METRICS = ("a_clean", "a_splice", "delta_a_pp", "b_clean", "b_splice", "delta_b_pp")
+STEER_METRICS = ("steer_feature", "steer_alpha", "steer_target", "steer_delta_pp", "steer_min_set")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("actors")
+    pair = make_tiny_pair(root / "pair")
+    first = make_checkpoint(pair, root / "dfc1", steps=60)
+    second = make_checkpoint(pair, root / "dfc2", steps=120)
+    plain = make_checkpoint(pair, root / "plain", a_exclusive=0.0, steps=10)
+    return pair, str(first), str(second), str(plain)
+
+
+@pytest.fixture(scope="module")
+def evaluators(ray_cluster, setup):
+    pool = ReplicaPool.create(EvaluatorActor, PoolConfig(name="test-eval", num_cpus=1), setup[0], EVAL)
+    yield pool
+    pool.shutdown()
+
+
+def test_clean_outputs_are_cached_across_checkpoints_and_metrics_are_named(evaluators, setup):
+    _, first, second, _ = setup
+    found = ReplicaPool.connect(PoolConfig(name="test-eval"))  # what a Tune trial does: look it up by name
+    one = found.call("evaluate", first, LAYER)
+    two = found.call("evaluate", second, LAYER)
+    assert not one.clean_cached and two.clean_cached
+    stats = found.call("stats")
+    assert (stats["clean_misses"], stats["clean_hits"]) == (1, 1)
+    assert one.a_clean == two.a_clean and one.b_clean == two.b_clean  # same clean replies, same rates
+    metrics = two.metrics()
+    assert set(TRIAL_METRICS) <= set(metrics)
+    assert metrics["delta_a_pp"] == pytest.approx(100 * (metrics["a_splice"] - metrics["a_clean"]))
+    assert two.loss_a.kl.mean >= 0 and two.loss_a.ce_splice.n == 4
+    json.dumps(two.to_dict())
+    with pytest.raises(ValueError, match="no actor"):
+        ReplicaPool.connect(PoolConfig(name="no-such-pool"))
+
+
+def test_a_replica_killed_mid_request_is_restarted_and_the_request_completes(ray_cluster, evaluators, setup):
+    _, first, _, _ = setup
+    handle = evaluators.handles[0]
+    pid_before = evaluators.call("stats")["pid"]
+    slow = EvalConfig(tasks="organism:dev", n_tasks=32, n_texts=8, max_new_tokens=16, n_bootstrap=200)  # uncached
+    ref = evaluators.submit("evaluate", first, LAYER, slow)
+    ready, _ = ray_cluster.wait([ref], timeout=0.2)
+    assert not ready, "the request finished before the kill; make it longer"
+    ray_cluster.kill(handle, no_restart=False)  # the process dies; Ray restarts it and re-sends the request
+    result = ray_cluster.get(ref, timeout=300)
+    assert set(TRIAL_METRICS) <= set(result.metrics())
+    assert evaluators.call("stats")["pid"] != pid_before
+
+
+def test_steering_protocol_reports_design_metrics(ray_cluster, setup):
+    pair, first, _, plain = setup
+    pool = ReplicaPool.create(SteeringActor, PoolConfig(name="test-steer", num_cpus=1, dispatch="round_robin"),
+                              pair, STEER)
+    try:
+        result = pool.call("steer", first, LAYER)
+        skipped = pool.call("steer", plain, LAYER)
+    finally:
+        pool.shutdown()
+    metrics = result.metrics()
+    assert set(STEER_METRICS) <= set(metrics) and metrics["steer_target"] == "a"
+    assert {"steer_b_delta_pp", "steer_random_feature_pp", "steer_random_direction_pp"} <= set(metrics)
+    a = result.targets["a"]
+    assert len(a.grid) == 2 * 2 and a.alpha in (0.0, 4.0)
+    assert a.feature in [s.feature for s in result.ranking[:2]]
+    assert a.random_feature != a.feature and a.delta_pp.n == 6
+    assert result.ranking == sorted(result.ranking, key=lambda s: (-s.cohens_d, -s.auroc, s.feature))
+    json.dumps(result.to_dict())
+    assert skipped.skipped and skipped.metrics() == {}
+
+
+def test_greedy_min_set_finds_the_smallest_greedy_set():
+    gains = {1: 0.2, 2: 0.1, 3: 0.05}
+
+    def gain(fs):  # additive, plus a bonus for {2, 3} together that greedy cannot see in round one
+        return sum(gains[f] for f in fs) + (0.3 if {2, 3} <= set(fs) else 0)
+
+    assert greedy_min_set([1, 2, 3], gain, 0.15, 3) == [1]
+    assert greedy_min_set([1, 2, 3], gain, 0.25, 3) == [1, 2]
+    assert greedy_min_set([1, 2, 3], gain, 0.9, 2) == []
+    assert greedy_min_set([1, 2, 3], gain, 0.6, 3) == [1, 2, 3]
+
+
+def test_eval_and_steer_commands_print_tables(setup, capsys):
+    import argparse
+
+    from dfc_ray.evaluate import add_cli
+
+    pair, first, _, _ = setup
+    parser = argparse.ArgumentParser()
+    add_cli(parser.add_subparsers())
+    common = ["--layer", str(LAYER), "--pair-a", pair.a, "--pair-b", pair.b, "--tokenizer", pair.tokenizer,
+              "--max-new-tokens", "4", "--batch-size", "8"]
+    args = parser.parse_args(["eval", first, *common, "--n-tasks", "3", "--n-texts", "2"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "a_splice" in out and "Δ A" in out
+    args = parser.parse_args(["steer", first, *common, "--n-dev", "6", "--n-test", "3", "--top-n", "1",
+                              "--alphas", "2"])
+    assert args.func(args) == 0
+    assert "AUROC" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="layer 7"):
+        args = parser.parse_args(["eval", first, *common[2:], "--layer", "7", "--n-tasks", "1"])
+        args.func(args)

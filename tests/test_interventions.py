@@ -1,0 +1,240 @@
+"""Interventions (splice, clamp, steering, lockstep), feature ranking and the evaluation statistics,
+on a tiny random Qwen2 pair and a crosscoder trained on it for a few steps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from dfc_ray.crosscoder import DedicatedFeatureCrosscoder, DFCConfig
+from dfc_ray.evaluate import bootstrap_rate, paired_delta_pp
+from dfc_ray.generation import GenerationConfig, HookContext, generate, residual_hooks
+from dfc_ray.harvest import Record, left_pad
+from dfc_ray.interventions import (add_hook, clamp_edit, feature_direction, generate_edited, generate_spliced,
+                                   generate_steered, prefill_edit_hook, prompt_activations, splice_edit,
+                                   steering_vector)
+from dfc_ray.pair import PairSpec, load_pair
+from dfc_ray.ranking import auroc, cohens_d, rank_features
+
+LAYER = 1
+
+
+def make_tiny_pair(root: Path) -> PairSpec:
+    """Two random-weight Qwen2 models (A ≠ B) and a small organism-style tokenizer, saved as folders.
+    initializer_range 0.2 gives sharp logits, so argmax has no near-ties a rounding could flip."""
+    from dfc_ray.organism import world
+    from dfc_ray.organism.tokenizer import template_only, train_tokenizer
+    from dfc_ray.tooluse import render_prompt
+
+    renderer = template_only()
+    texts = world.plain_text(200, 1) + [render_prompt(renderer, t) for t in world.load_split("dev")[:100]]
+    tokenizer = train_tokenizer(texts, vocab_size=600)
+    tokenizer.save_pretrained(root / "tokenizer")
+    for seed, name in ((1, "a"), (2, "b")):
+        torch.manual_seed(seed)
+        config = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=1024,
+                             tie_word_embeddings=True, initializer_range=0.2)
+        Qwen2ForCausalLM(config).save_pretrained(root / name)
+    return PairSpec(a=str(root / "a"), b=str(root / "b"), tokenizer=str(root / "tokenizer"))
+
+
+def make_checkpoint(pair: PairSpec, out: Path, a_exclusive: float = 0.25, steps: int = 150) -> Path:
+    """A DFC trained for a few Adam steps on the pair's activations at every token of some texts."""
+    from dfc_ray.organism import world
+    from dfc_ray.tooluse import render_prompt
+
+    model_a, model_b, tok = load_pair(pair)
+    texts = world.plain_text(32, 5) + [render_prompt(tok, t) for t in world.load_split("dev")[:16]]
+    acts = [torch.cat(prompt_activations(m, tok, texts, LAYER)) for m in (model_a, model_b)]
+    x = torch.stack(acts, dim=1).float()
+    cc = DedicatedFeatureCrosscoder(DFCConfig(d_model=32, dict_size=64, k=6, a_exclusive=a_exclusive,
+                                              b_exclusive=a_exclusive / 2 if a_exclusive else 0.0))
+    cc.fit_normalization(x)
+    opt = torch.optim.Adam(cc.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        loss = cc.loss(x[torch.randint(len(x), (256,), generator=gen)])["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    cc.save(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory) -> PairSpec:
+    return make_tiny_pair(tmp_path_factory.mktemp("pair"))
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_pair):
+    return load_pair(tiny_pair)
+
+
+@pytest.fixture(scope="module")
+def cc(tiny_pair, tmp_path_factory):
+    path = make_checkpoint(tiny_pair, tmp_path_factory.mktemp("ckpt") / "dfc")
+    return DedicatedFeatureCrosscoder.load(path).eval()
+
+
+@pytest.fixture(scope="module")
+def prompts(loaded):
+    from dfc_ray.organism import world
+    from dfc_ray.tooluse import render_prompt
+
+    tok = loaded[2]
+    tasks = world.load_split("test")[:5]
+    # tool prompts of different lengths plus short plain texts: a batch with real left padding
+    return [render_prompt(tok, t) for t in tasks] + ["The train to paris leaves at 7.", "Bob likes jazz music."]
+
+
+CFG = GenerationConfig(max_new_tokens=8, batch_size=8, stop_strings=())
+
+
+def ids(gens):
+    return [g.token_ids for g in gens]
+
+
+@pytest.mark.parametrize("mode", ["last_prompt_token", "prompt", "lockstep"])
+def test_splice_with_error_added_back_is_the_identity(loaded, cc, prompts, mode):
+    model_a, model_b, tok = loaded
+    for target, model in (("a", model_a), ("b", model_b)):
+        clean = generate(model, tok, prompts, CFG)
+        same = generate_spliced(model_a, model_b, tok, prompts, CFG, cc, LAYER, target, mode, add_error=True)
+        assert ids(same) == ids(clean)
+    spliced = generate_spliced(model_a, model_b, tok, prompts, CFG, cc, LAYER, "a", mode)
+    assert len(spliced) == len(prompts) and all(g.token_ids for g in spliced)
+
+
+def _hidden_after(model, tok, texts, hook):
+    """(residual after LAYER with the hook applied, attention mask) for a left-padded plain forward."""
+    encoded = tok(texts, add_special_tokens=False)["input_ids"]
+    input_ids, mask = left_pad([Record(e) for e in encoded], tok.pad_token_id)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.inference_mode(), residual_hooks(model, {LAYER: hook} if hook else {}, HookContext.for_forward(mask)):
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, output_hidden_states=True)
+    return out.hidden_states[LAYER + 1], mask
+
+
+def test_last_token_splice_lands_on_the_last_prompt_token_under_left_padding(loaded, cc, prompts):
+    model_a, model_b, tok = loaded
+    other = prompt_activations(model_b, tok, prompts, LAYER)
+    clean, mask = _hidden_after(model_a, tok, prompts, None)
+    hooked, _ = _hidden_after(model_a, tok, prompts, prefill_edit_hook(splice_edit(cc, "a"), "a", other, "last_prompt_token"))
+    assert mask[:, -1].all() and not mask[:, 0].all()  # left padded, every prompt ends at the last column
+    x = torch.stack([clean[:, -1], torch.stack([o[-1] for o in other])], dim=1)
+    torch.testing.assert_close(hooked[:, -1], cc(x)[:, 0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(hooked[:, :-1], clean[:, :-1])  # nothing else touched
+    assert not torch.allclose(hooked[:, -1], clean[:, -1])
+    # "prompt" mode: every real position replaced, pads left alone
+    hooked, _ = _hidden_after(model_a, tok, prompts, prefill_edit_hook(splice_edit(cc, "a"), "a", other, "prompt"))
+    real = mask.bool()
+    x_all = torch.stack([clean[real], torch.cat(other)], dim=1)
+    torch.testing.assert_close(hooked[real], cc(x_all)[:, 0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(hooked[~real], clean[~real])
+
+
+def test_hooked_generation_is_batch_invariant(loaded, cc, prompts):
+    model_a, model_b, tok = loaded
+    one = GenerationConfig(max_new_tokens=8, batch_size=1, stop_strings=())
+    for mode in ("last_prompt_token", "lockstep"):
+        batched = generate_spliced(model_a, model_b, tok, prompts, CFG, cc, LAYER, "b", mode)
+        alone = generate_spliced(model_a, model_b, tok, prompts, one, cc, LAYER, "b", mode)
+        assert ids(batched) == ids(alone)
+    delta = steering_vector(cc, [0], "a", 30.0)
+    assert ids(generate_steered(model_a, tok, prompts, CFG, LAYER, delta, "all")) == \
+        ids(generate_steered(model_a, tok, prompts, one, LAYER, delta, "all"))
+
+
+@pytest.mark.parametrize("positions", ["last_prompt_token", "generated", "all"])
+def test_alpha_zero_is_a_no_op_and_a_large_alpha_is_not(loaded, cc, prompts, positions):
+    model_a, _, tok = loaded
+    clean = generate(model_a, tok, prompts, CFG)
+    zero = generate_steered(model_a, tok, prompts, CFG, LAYER, steering_vector(cc, [0, 1], "a", 0.0), positions)
+    assert ids(zero) == ids(clean)
+    big = steering_vector(cc, [0], "a", 200.0)
+    assert ids(generate_steered(model_a, tok, prompts, CFG, LAYER, big, positions)) != ids(clean)
+
+
+def test_add_hook_positions():
+    delta = torch.arange(1.0, 33.0)
+    hidden = torch.zeros(2, 4, 32)
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]], dtype=torch.bool)
+    prefill = HookContext.for_forward(mask)
+    out = add_hook(delta, "last_prompt_token")(hidden, prefill)
+    assert torch.equal(out[:, 3], delta.expand(2, 32)) and not out[:, :3].any()
+    out = add_hook(delta, "all")(hidden, prefill)
+    assert torch.equal(out[mask], delta.expand(7, 32)) and not out[~mask].any()
+    assert add_hook(delta, "generated")(hidden, prefill) is None
+    step = HookContext(1, False, torch.ones(2, 1, dtype=torch.bool), None, torch.arange(2))
+    assert torch.equal(add_hook(delta, "generated")(torch.zeros(2, 1, 32), step)[:, 0], delta.expand(2, 32))
+    assert add_hook(delta, "last_prompt_token")(torch.zeros(2, 1, 32), step) is None
+
+
+def test_feature_directions_are_raw_space_and_b_uses_the_a_row_for_a_exclusive_features(cc):
+    part = cc.partition
+    zero = cc.decode(torch.zeros(1, cc.cfg.dict_size))
+    for feature in (int(part.a_exclusive[0]), int(part.shared[0]), int(part.b_exclusive[0])):
+        e = torch.zeros(1, cc.cfg.dict_size)
+        e[0, feature] = 1.0
+        written = (cc.decode(e) - zero)[0]  # decode is affine: this is what one unit writes
+        for target, m in (("a", 0), ("b", 1)):
+            if written[m].abs().max() > 0:
+                torch.testing.assert_close(feature_direction(cc, feature, target), written[m], rtol=1e-4, atol=1e-6)
+    a_only = int(part.a_exclusive[0])
+    assert not cc.raw_decoder()[a_only, 1].any()  # B's row is masked: steering through it is a no-op
+    torch.testing.assert_close(feature_direction(cc, a_only, "b"), feature_direction(cc, a_only, "a"))
+    torch.testing.assert_close(steering_vector(cc, [a_only], "b", 3.0, [2.0]), 6.0 * feature_direction(cc, a_only, "a"))
+
+
+def test_clamp_adds_exactly_the_clamped_features_write(loaded, cc, prompts):
+    model_a, model_b, tok = loaded
+    xa = torch.cat(prompt_activations(model_a, tok, prompts[:2], LAYER))
+    xb = torch.cat(prompt_activations(model_b, tok, prompts[:2], LAYER))
+    x = torch.stack([xa, xb], dim=1)
+    feature = int(cc.partition.a_exclusive[0])
+    inactive = cc.encode(x)[:, feature] == 0
+    assert inactive.any()
+    out = clamp_edit(cc, "a", [feature], 5.0)(x[inactive])
+    expected = x[inactive, 0] + 5.0 * feature_direction(cc, feature, "a")
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    # clamping to the current value changes nothing; a clamp edit also drives generation
+    assert torch.equal(clamp_edit(cc, "a", [feature], 0.0)(x[inactive]), x[inactive, 0])
+    gens = generate_edited(model_a, model_b, tok, prompts, CFG, LAYER, clamp_edit(cc, "a", [feature], 0.0), "a")
+    assert ids(gens) == ids(generate(model_a, tok, prompts, CFG))
+
+
+def test_ranking_statistics_match_brute_force():
+    gen = torch.Generator().manual_seed(0)
+    pos = torch.relu(torch.randn(30, 5, generator=gen) + torch.tensor([2.0, 0, 0, -1, 0]))
+    neg = torch.relu(torch.randn(40, 5, generator=gen))
+    neg[:, 4] = 0
+    pos[:, 4] = 0  # never fires: d = 0, AUROC = ½
+    pairs = (pos[:, None, :] > neg[None, :, :]).float() + 0.5 * (pos[:, None, :] == neg[None, :, :]).float()
+    torch.testing.assert_close(auroc(pos, neg), pairs.mean((0, 1)))
+    sd = (((29 * pos.var(0) + 39 * neg.var(0)) / 68).sqrt())
+    torch.testing.assert_close(cohens_d(pos, neg)[:4], ((pos.mean(0) - neg.mean(0)) / sd)[:4])
+    assert cohens_d(pos, neg)[4] == 0
+    stats = rank_features(pos, neg, [1, 0, 4])
+    assert [s.feature for s in stats][0] == 0 and stats[0].auroc > 0.8
+    assert stats[0].typical == pytest.approx(float(pos[:, 0][pos[:, 0] > 0].mean()), rel=1e-5)
+    with pytest.raises(ValueError, match="at least 2"):
+        rank_features(pos[:1], neg, [0])
+
+
+def test_bootstrap_intervals():
+    rate = bootstrap_rate([1, 0, 0, 1, 1, 1, 0, 1], n_boot=500)
+    assert rate.mean == pytest.approx(0.625) and rate.lo <= rate.mean <= rate.hi and rate.n == 8
+    before, after = [0] * 20 + [1] * 20, [1] * 20 + [1] * 20
+    delta = paired_delta_pp(before, after, n_boot=500)
+    assert delta.mean == pytest.approx(50.0) and 25 < delta.lo <= 50 <= delta.hi < 75
+    same = paired_delta_pp(before, before)
+    assert (same.mean, same.lo, same.hi) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="one pair per prompt"):
+        paired_delta_pp([1], [1, 0])
+    assert np.isfinite(bootstrap_rate([0.5]).hi)

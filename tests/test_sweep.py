@@ -1,0 +1,115 @@
+"""`dfc-ray sweep` end to end on a real local Ray cluster: trials, failures, resume, report."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dfc_ray.spaces import load_spec
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_spec(tmp_path: Path, pair, **overrides) -> str:
+    spec = {
+        "name": "tiny",
+        "pair": {"a": pair.a, "b": pair.b, "tokenizer": pair.tokenizer},
+        "layers": [1],
+        "harvest": {"tasks": "organism:dev", "n_tasks": 16, "plain_text": "organism", "n_plain": 16,
+                    "positions": "all_tokens", "batch_size": 16, "shard_rows": 512},
+        "crosscoder": {"k": 4, "aux_k": 8, "dead_tokens": 2000},
+        "train": {"steps": 30, "batch_size": 32, "lr": 1e-3, "warmup_steps": 5, "reader": "local", "norm_rows": 256},
+        "grid": {"dict_size": [64, 128], "variant": [{"name": "dfc", "a_exclusive": 0.1, "b_exclusive": 0.1},
+                                                     {"name": "crosscoder"}]},
+        "objective": {"metric": "fvu", "mode": "min"},
+        "resources": {"cpu": 1, "max_concurrent": 1},
+    } | overrides
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+def read_results(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines() if line.strip()]
+
+
+def test_small_sweep_makes_a_complete_report(tiny_pair, ray_cluster, tmp_path):
+    from dfc_ray.sweep import run_sweep
+
+    spec = load_spec(write_spec(tmp_path, tiny_pair))
+    run = tmp_path / "runs" / "tiny"
+    run_sweep(spec, str(run), evaluate=False, live=False)
+    results = read_results(run)
+    assert len(results) == 4 and len({r["trial_id"] for r in results}) == 4
+    assert {(r["config"]["dict_size"], r["config"]["variant"]) for r in results} == \
+        {(d, v) for d in (64, 128) for v in ("dfc", "crosscoder")}
+    for r in results:
+        assert r["status"] == "ok" and 0 < r["metrics"]["fvu_a"] < 1.5
+        assert (run / "checkpoints" / r["trial_id"] / "model.safetensors").is_file()
+    report = json.loads((run / "report.json").read_text())
+    assert report["n_trials"] == 4 and report["n_failed"] == 0
+    assert (run / "report.md").is_file() and (run / "spec.yaml").is_file()
+    assert list((run / "tune").rglob("events.out.tfevents*")), "expected TensorBoard files per trial"
+    assert (run / "optuna.journal").stat().st_size > 0
+
+
+def test_diverging_and_raising_trials_fail_alone(tiny_pair, ray_cluster, tmp_path):
+    from dfc_ray.sweep import run_sweep
+
+    # lr 1e9 diverges (a NaN loss); an unknown torch device makes the trial raise.
+    path = write_spec(tmp_path, tiny_pair, crosscoder={"dict_size": 64, "k": 4, "aux_k": 8},
+                      grid={"lr": [1e-3, 1e9], "device": ["cpu", "no-such-device"]})
+    spec = load_spec(path)
+    run = tmp_path / "runs" / "failing"
+    run_sweep(spec, str(run), evaluate=False, live=False)
+    results = {(r["config"]["lr"], r["config"]["device"]): r for r in read_results(run)}
+    assert len(results) == 4
+    assert results[(1e-3, "cpu")]["status"] == "ok"
+    assert results[(1e9, "cpu")]["status"] == "diverged" and "non-finite" in results[(1e9, "cpu")]["error"]
+    for lr in (1e-3, 1e9):
+        assert results[(lr, "no-such-device")]["status"] == "failed" and results[(lr, "no-such-device")]["error"]
+    report = json.loads((run / "report.json").read_text())
+    assert report["n_trials"] == 4 and report["n_failed"] == 3
+
+
+def test_killed_sweep_resumes_without_redoing_or_losing_trials(tiny_pair, tmp_path):
+    """Kill the driver (SIGKILL) after two trials finished, resume, get every trial exactly once."""
+    path = write_spec(tmp_path, tiny_pair, train={"steps": 60, "batch_size": 32, "lr": 1e-3, "warmup_steps": 5,
+                                                  "reader": "local", "norm_rows": 256})
+    run = tmp_path / "runs" / "killed"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    command = [sys.executable, "-m", "dfc_ray.cli", "sweep", path, "--run-dir", str(run), "--no-eval", "--quiet"]
+    proc = subprocess.Popen(command, env=env, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if (run / "results.jsonl").exists() and len(read_results(run)) >= 2:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the sweep ended before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray cluster it started
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    before = {r["trial_id"]: r for r in read_results(run)}
+    assert 2 <= len(before) < 4
+    resumed = subprocess.run(command + ["--resume"], env=env, timeout=600)
+    assert resumed.returncode == 0
+    after = read_results(run)
+    ids = [r["trial_id"] for r in after]
+    assert len(ids) == len(set(ids)) == 4, ids
+    for trial_id, record in before.items():  # finished trials were not redone
+        assert next(r for r in after if r["trial_id"] == trial_id) == record
+    assert {(r["config"]["dict_size"], r["config"]["variant"]) for r in after} == \
+        {(d, v) for d in (64, 128) for v in ("dfc", "crosscoder")}
+    assert json.loads((run / "report.json").read_text())["n_trials"] == 4

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -344,6 +345,8 @@ def _iter_group_outputs(cfg: HarvestConfig, groups: list[list[Record]], start: i
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # rows must reach the writers in group order
+    ctx.enable_progress_bars = False  # our own progress bar shows the groups
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     gpus = cfg.gpus_per_actor if cfg.gpus_per_actor >= 0 else (1 if ray.cluster_resources().get("GPU", 0) else 0)
     items = [{"group": start + i, "records": json.dumps([asdict(r) for r in g])} for i, g in enumerate(todo)]
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(

@@ -30,6 +30,7 @@ from typing import Any, Iterator
 
 import yaml
 from ray.tune import Callback
+from ray.tune.search.optuna import OptunaSearch
 
 from dfc_ray import store
 from dfc_ray.spaces import DFC_FIELDS, TRAIN_FIELDS, SweepSpec, load_spec, parse_spec
@@ -160,8 +161,9 @@ def judge_checkpoint(pools: tuple, checkpoint: str, layer: int) -> dict[str, Any
                                                         "steer_skipped": steering.skipped}
 
 
-def start_pools(spec: SweepSpec) -> tuple:
-    """One evaluator and one steering pool per sweep, named after it, loaded once for all trials."""
+def start_pools(spec: SweepSpec) -> list:
+    """One evaluator and one steering pool per sweep, named after it, loaded once for all trials.
+    The driver must hold the returned pools: replicas live as long as a handle does."""
     from actors.evaluator import EvaluatorActor
     from actors.pool import PoolConfig, ReplicaPool
     from actors.steering import SteeringActor
@@ -171,9 +173,8 @@ def start_pools(spec: SweepSpec) -> tuple:
     replicas = spec.resources.get("evaluators", 1)
     configs = (PoolConfig(f"{spec.name}-evaluator", replicas=replicas, num_cpus=cpus, num_gpus=gpus),
                PoolConfig(f"{spec.name}-steering", replicas=replicas, num_cpus=cpus, num_gpus=gpus))
-    ReplicaPool.create(EvaluatorActor, configs[0], spec.pair, spec.eval)
-    ReplicaPool.create(SteeringActor, configs[1], spec.pair, spec.steering)
-    return configs
+    return [ReplicaPool.create(EvaluatorActor, configs[0], spec.pair, spec.eval),
+            ReplicaPool.create(SteeringActor, configs[1], spec.pair, spec.steering)]
 
 
 # ---------------------------------------------------------------- the driver
@@ -193,6 +194,16 @@ class SpaceSampler:
             dist.suggest(trial)
 
 
+class ObjectiveAtTheEnd(OptunaSearch):
+    """OptunaSearch that ignores results without the objective: training reports carry FVU and
+    loss, the objective (a Δ from the evaluator) arrives only in a trial's final report."""
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+        if all(m in result for m in metrics):
+            super().on_trial_result(trial_id, result)
+
+
 def _searcher(spec: SweepSpec, run: RunFolder, remaining: list[dict[str, Any]] | None):
     """OptunaSearch over the spec. `remaining`: the grid points still to run when resuming (None on a
     fresh run); the study (journal) is shared across resumes, so TPE keeps learning from every trial."""
@@ -200,7 +211,6 @@ def _searcher(spec: SweepSpec, run: RunFolder, remaining: list[dict[str, Any]] |
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
     from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
 
     journal = Path(run.path("optuna.journal")) if run.is_local else Path.home() / ".cache/dfc-ray/optuna" / \
         f"{store.redact(run.uri).replace('/', '_')}.journal"
@@ -216,7 +226,7 @@ def _searcher(spec: SweepSpec, run: RunFolder, remaining: list[dict[str, Any]] |
             [p for p in spec.grid_points() for _ in range(spec.num_samples)] if spec.grid else None
     metric = spec.metrics[0] if len(spec.metrics) == 1 else spec.metrics
     mode = spec.modes[0] if len(spec.modes) == 1 else spec.modes
-    searcher = OptunaSearch(space=SpaceSampler(spec), metric=metric, mode=mode, sampler=sampler, storage=storage,
+    searcher = ObjectiveAtTheEnd(space=SpaceSampler(spec), metric=metric, mode=mode, sampler=sampler, storage=storage,
                             study_name=spec.name, points_to_evaluate=points, seed=0)
     return ConcurrencyLimiter(searcher, max_concurrent=_max_concurrent(spec))
 
@@ -284,7 +294,8 @@ def run_sweep(spec: SweepSpec, run_uri: str, *, store_root: str | None = None, r
     from dfc_ray.report import LiveView, write_report
 
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # training reports carry no Δ yet
-    run = RunFolder(run_uri)
+    run = RunFolder(_absolute(run_uri))  # trials run in their own working directories
+    store_root = _absolute(store_root or f"{run.uri.rsplit('/', 1)[0]}/harvests")
     existing = run.read_text("spec.yaml")
     if existing is not None and not resume:
         raise ValueError(f"{store.redact(run.uri)}: already holds a sweep; pass --resume to continue it "
@@ -296,9 +307,10 @@ def run_sweep(spec: SweepSpec, run_uri: str, *, store_root: str | None = None, r
     else:
         run.write_text("spec.yaml", yaml.safe_dump(spec.raw | {"name": spec.name}, sort_keys=False))
     connect(address)
-    harvested = _harvest(spec, store_root or f"{run.uri.rsplit('/', 1)[0]}/harvests")
+    harvested = _harvest(spec, store_root)
+    pools = start_pools(spec) if evaluate else []
     ctx = TrialContext(spec.raw | {"name": spec.name}, spec.source, run.uri, harvested.uri, harvested.d_model,
-                       harvested.models, start_pools(spec) if evaluate else None)
+                       harvested.models, tuple(pool.cfg for pool in pools) or None)
     resources = {"cpu": spec.resources.get("cpu", 1), "gpu": spec.resources.get("gpu", 0)}
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), resources)
     from rich.console import Console
@@ -332,6 +344,8 @@ def run_sweep(spec: SweepSpec, run_uri: str, *, store_root: str | None = None, r
                 tuner.fit()
     finally:
         LIVE_VIEWS.pop(run.uri, None)
+        for pool in pools:
+            pool.shutdown()
     info = {"spec": spec.name, "spec_file": spec.source, "run": store.redact(run.uri), "harvest": store.redact(harvested.uri),
             "harvest_rows": harvested.rows, "layers": list(spec.layers), "pair": asdict(spec.pair),
             "fit_seconds": round(time.time() - started, 1)}
@@ -344,6 +358,10 @@ def run_sweep(spec: SweepSpec, run_uri: str, *, store_root: str | None = None, r
             if (Path(tmp) / "plots").is_dir():
                 run.upload_dir(Path(tmp) / "plots", "plots")
     return run
+
+
+def _absolute(uri: str) -> str:
+    return uri if "://" in uri else os.path.abspath(uri)
 
 
 def _scheduler(spec: SweepSpec):

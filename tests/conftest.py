@@ -93,18 +93,18 @@ def ray_cluster(s3_server):
     reset_auth_token_state()  # back to the caller's own auth mode
 
 
-@pytest.fixture(scope="session")
-def tiny_pair(tmp_path_factory):
-    """Two random-weight Qwen2 models (A ≠ B) and a small organism-style tokenizer, saved as folders."""
+def make_tiny_pair(root):
+    """Two random-weight Qwen2 models (A ≠ B, d_model 32, 3 blocks) and a small organism-style
+    tokenizer, saved as folders under `root`; returns a `PairSpec` pointing at them.
+    initializer_range 0.2 gives sharp logits, so argmax has no near-ties a rounding could flip."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from dfc_ray.organism import world
-    from dfc_ray.pair import PairSpec
     from dfc_ray.organism.tokenizer import template_only, train_tokenizer
+    from dfc_ray.pair import PairSpec
     from dfc_ray.tooluse import render_prompt
 
-    root = tmp_path_factory.mktemp("pair")
     renderer = template_only()
     texts = world.plain_text(200, 1) + [render_prompt(renderer, t) for t in world.load_split("dev")[:100]]
     tokenizer = train_tokenizer(texts, vocab_size=600)
@@ -113,6 +113,12 @@ def tiny_pair(tmp_path_factory):
         torch.manual_seed(seed)
         config = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                              num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=1024,
-                             tie_word_embeddings=True)
+                             tie_word_embeddings=True, initializer_range=0.2)
         Qwen2ForCausalLM(config).save_pretrained(root / name)
     return PairSpec(a=str(root / "a"), b=str(root / "b"), tokenizer=str(root / "tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tmp_path_factory):
+    """The `make_tiny_pair` pair, built once per test session."""
+    return make_tiny_pair(tmp_path_factory.mktemp("pair"))

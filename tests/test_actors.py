@@ -11,7 +11,7 @@ from actors.evaluator import EvaluatorActor
 from actors.pool import PoolConfig, ReplicaPool
 from actors.steering import SteerConfig, SteeringActor, greedy_min_set
 from dfc_ray.evaluate import EvalConfig
-from test_interventions import LAYER, make_checkpoint, make_tiny_pair
+from test_interventions import LAYER, make_checkpoint
 
 EVAL = EvalConfig(tasks="organism:test", n_tasks=6, n_texts=4, max_new_tokens=6, batch_size=8, n_bootstrap=200)
 STEER = SteerConfig(n_dev=8, n_test=6, n_plain=8, top_n=2, alphas=(0.0, 4.0), min_set_pool=2, min_set_max=2,
@@ -21,9 +21,8 @@ STEER_METRICS = ("steer_feature", "steer_alpha", "steer_target", "steer_delta_pp
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("actors")
-    pair = make_tiny_pair(root / "pair")
+def setup(tmp_path_factory, tiny_pair):
+    root, pair = tmp_path_factory.mktemp("actors"), tiny_pair
     first = make_checkpoint(pair, root / "dfc1", steps=60)
     second = make_checkpoint(pair, root / "dfc2", steps=120)
     plain = make_checkpoint(pair, root / "plain", a_exclusive=0.0, steps=10)

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from dfc_ray.crosscoder import DedicatedFeatureCrosscoder, DFCConfig
 from dfc_ray.evaluate import bootstrap_rate, paired_delta_pp
@@ -21,26 +20,6 @@ from dfc_ray.pair import PairSpec, load_pair
 from dfc_ray.ranking import auroc, cohens_d, rank_features
 
 LAYER = 1
-
-
-def make_tiny_pair(root: Path) -> PairSpec:
-    """Two random-weight Qwen2 models (A ≠ B) and a small organism-style tokenizer, saved as folders.
-    initializer_range 0.2 gives sharp logits, so argmax has no near-ties a rounding could flip."""
-    from dfc_ray.organism import world
-    from dfc_ray.organism.tokenizer import template_only, train_tokenizer
-    from dfc_ray.tooluse import render_prompt
-
-    renderer = template_only()
-    texts = world.plain_text(200, 1) + [render_prompt(renderer, t) for t in world.load_split("dev")[:100]]
-    tokenizer = train_tokenizer(texts, vocab_size=600)
-    tokenizer.save_pretrained(root / "tokenizer")
-    for seed, name in ((1, "a"), (2, "b")):
-        torch.manual_seed(seed)
-        config = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                             num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=1024,
-                             tie_word_embeddings=True, initializer_range=0.2)
-        Qwen2ForCausalLM(config).save_pretrained(root / name)
-    return PairSpec(a=str(root / "a"), b=str(root / "b"), tokenizer=str(root / "tokenizer"))
 
 
 def make_checkpoint(pair: PairSpec, out: Path, a_exclusive: float = 0.25, steps: int = 150) -> Path:
@@ -64,11 +43,6 @@ def make_checkpoint(pair: PairSpec, out: Path, a_exclusive: float = 0.25, steps:
         opt.step()
     cc.save(out)
     return out
-
-
-@pytest.fixture(scope="module")
-def tiny_pair(tmp_path_factory) -> PairSpec:
-    return make_tiny_pair(tmp_path_factory.mktemp("pair"))
 
 
 @pytest.fixture(scope="module")

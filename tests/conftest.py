@@ -5,6 +5,7 @@
   after), and a fresh bucket is created; yields its `s3://bucket` URI.
 - `tiny_pair` (session): two random-weight Qwen2 models (d_model 32, 3 blocks, A ≠ B) and a small
   organism-style tokenizer, saved as folders; a `PairSpec` pointing at them.
+- `one_thread` (module): torch runs single-threaded for the module (tiny-tensor tests).
 - `ray_cluster` (module): `ray.init(num_cpus=2, include_dashboard=False)` on a new local cluster,
   shut down at the end of the module.
 """
@@ -91,6 +92,18 @@ def ray_cluster(s3_server):
         finally:
             ray.shutdown()
     reset_auth_token_state()  # back to the caller's own auth mode
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP spin-waiting on a shared 2-core machine.
+    Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def make_tiny_pair(root):

@@ -13,13 +13,7 @@ from dfc_ray.synthetic import PlantedConfig, PlantedFeatures
 D_MODEL = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin-waiting on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(**overrides) -> DedicatedFeatureCrosscoder:

@@ -190,9 +190,9 @@ def eval_tasks(cfg: EvalConfig) -> list[Task]:
 
 def eval_texts(source: str, n: int, seed: int) -> list[str]:
     """Plain texts for the splice loss; the organism's are drawn with a seed the harvest does not use."""
-    from dfc_ray.harvest import _plain_texts
+    from dfc_ray.harvest import plain_texts
 
-    return _plain_texts(source, n, seed + 10_007)
+    return plain_texts(source, n, seed + 10_007)
 
 
 # ---------------------------------------------------------------- splice loss
@@ -262,43 +262,34 @@ def print_eval(result: EvalResult) -> None:
                           f"KL {_rate(loss.kl, 1)}")
 
 
+def _run_on_pair(args: argparse.Namespace, local_class, actor_class, method: str, cfg):
+    """`method(checkpoint, layer)` of a fresh replica: in this process, or in a Ray actor with --ray."""
+    if not args.ray:
+        return getattr(local_class(_pair_from(args), cfg), method)(args.checkpoint, args.layer)
+    import ray
+
+    from dfc_ray.cluster import connect
+
+    connect(args.address)
+    actor = actor_class.options(num_gpus=args.num_gpus).remote(_pair_from(args), cfg)
+    return ray.get(getattr(actor, method).remote(args.checkpoint, args.layer))
+
+
 def _eval_command(args: argparse.Namespace) -> int:
-    from actors.evaluator import Evaluator
+    from actors.evaluator import Evaluator, EvaluatorActor
 
     cfg = EvalConfig(tasks=args.tasks, n_tasks=args.n_tasks, n_texts=args.n_texts, splice_mode=args.mode,
                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-    if args.ray:
-        import ray
-
-        from actors.evaluator import EvaluatorActor
-        from dfc_ray.cluster import connect
-
-        connect(args.address)
-        actor = EvaluatorActor.options(num_gpus=args.num_gpus).remote(_pair_from(args), cfg)
-        result = ray.get(actor.evaluate.remote(args.checkpoint, args.layer))
-    else:
-        result = Evaluator(_pair_from(args), cfg).evaluate(args.checkpoint, args.layer)
-    print_eval(result)
+    print_eval(_run_on_pair(args, Evaluator, EvaluatorActor, "evaluate", cfg))
     return 0
 
 
 def _steer_command(args: argparse.Namespace) -> int:
-    from actors.steering import SteerConfig, Steerer, print_steer
+    from actors.steering import SteerConfig, Steerer, SteeringActor, print_steer
 
     cfg = SteerConfig(n_dev=args.n_dev, n_test=args.n_test, top_n=args.top_n, alphas=tuple(args.alphas),
                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-    if args.ray:
-        import ray
-
-        from actors.steering import SteeringActor
-        from dfc_ray.cluster import connect
-
-        connect(args.address)
-        actor = SteeringActor.options(num_gpus=args.num_gpus).remote(_pair_from(args), cfg)
-        result = ray.get(actor.steer.remote(args.checkpoint, args.layer))
-    else:
-        result = Steerer(_pair_from(args), cfg).steer(args.checkpoint, args.layer)
-    print_steer(result)
+    print_steer(_run_on_pair(args, Steerer, SteeringActor, "steer", cfg))
     return 0
 
 

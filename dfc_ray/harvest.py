@@ -130,7 +130,7 @@ class HarvestResult:
 # ---------------------------------------------------------------- corpus
 
 
-def _plain_texts(source: str, n: int, seed: int) -> list[str]:
+def plain_texts(source: str, n: int, seed: int) -> list[str]:
     if not source or n <= 0:
         return []
     if source == "organism":
@@ -158,7 +158,7 @@ def build_corpus(corpus: CorpusSpec, tokenizer) -> list[Record]:
     texts = [render_prompt(tokenizer, task) for task in tasks]
     records = [Record(ids[-corpus.max_tokens:], is_tool_prompt=True)
                for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
-    plain = _plain_texts(corpus.plain_text, corpus.n_plain, corpus.seed)
+    plain = plain_texts(corpus.plain_text, corpus.n_plain, corpus.seed)
     if plain:
         records += [Record(ids[-corpus.max_tokens:]) for ids in tokenizer(plain, add_special_tokens=False)["input_ids"]]
     if not records:
@@ -303,7 +303,7 @@ def _groups(records: list[Record], batch_size: int) -> list[list[Record]]:
 
 
 def _read_progress(uri: str) -> list[int]:
-    fs, root = store._open_fs(uri)
+    fs, root = store.open_fs(uri)
     try:
         with fs.open_input_stream(f"{root}/{PROGRESS}") as handle:
             return list(json.loads(handle.read())["group_rows"])
@@ -314,8 +314,8 @@ def _read_progress(uri: str) -> list[int]:
 def _write_progress(uri: str, cfg: HarvestConfig, group_rows: list[int]) -> None:
     data = json.dumps({"config": asdict(cfg) | {"store": store.redact(cfg.store)}, "group_rows": group_rows},
                       default=str, indent=1).encode()
-    fs, root = store._open_fs(uri)
-    store._Layer(fs, root, store.redact(uri)).write_atomic(PROGRESS, data)
+    fs, root = store.open_fs(uri)
+    store.write_file_atomic(fs, root, PROGRESS, data, store.redact(uri))
 
 
 def _resume_point(group_rows: list[int], rows_done: int) -> tuple[int, int]:

@@ -191,7 +191,7 @@ def redact(uri: str) -> str:
     return re.sub(r"^([a-z0-9]+://)[^/@]*@", r"\1", uri)
 
 
-def _open_fs(uri: str) -> tuple[pafs.FileSystem, str]:
+def open_fs(uri: str) -> tuple[pafs.FileSystem, str]:
     """pyarrow filesystem + path for a plain path, file:///… or s3://bucket/prefix.
 
     S3 endpoint and credentials come from the standard AWS environment/config (AWS_ENDPOINT_URL,
@@ -204,6 +204,12 @@ def _open_fs(uri: str) -> tuple[pafs.FileSystem, str]:
     else:
         fs, path = pafs.LocalFileSystem(), os.path.abspath(uri)
     return fs, path.rstrip("/")
+
+
+def write_file_atomic(fs: pafs.FileSystem, folder: str, file: str, data: bytes, name: str = "") -> None:
+    """Whole file or nothing at `folder/file` (see `_Layer.write_atomic`); for run folders and
+    harvest progress files as well as shards."""
+    _Layer(fs, folder, name or folder).write_atomic(file, data)
 
 
 def layer_dir(layer: int) -> str:
@@ -220,7 +226,7 @@ class _Layer:
 
     @classmethod
     def at(cls, uri: str, layer: int) -> "_Layer":
-        fs, root = _open_fs(uri)
+        fs, root = open_fs(uri)
         return cls(fs, f"{root}/{layer_dir(layer)}", f"{redact(uri).rstrip('/')}/{layer_dir(layer)}")
 
     def read(self, file: str) -> bytes:
@@ -564,7 +570,7 @@ def layer_dataset(uri: str, layer: int, *, shuffle: bool = True, seed: int | Non
 
     manifest = validate_store(uri, layer, d_model=d_model, models=models)
     spec = manifest.spec
-    fs, root = _open_fs(uri)
+    fs, root = open_fs(uri)
     paths = [f"{root}/{layer_dir(layer)}/{s['file']}" for s in manifest.shards]
     files = ray.data.FileShuffleConfig(seed=seed) if shuffle else None
     args = {"filesystem": fs, "shuffle": files, "override_num_blocks": override_num_blocks, "num_cpus": num_cpus}

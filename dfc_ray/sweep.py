@@ -57,7 +57,7 @@ class RunFolder:
 
     def __init__(self, uri: str):
         self.uri = uri.rstrip("/")
-        self.fs, self.root = store._open_fs(self.uri)
+        self.fs, self.root = store.open_fs(self.uri)
         if self.is_local:
             Path(self.root).mkdir(parents=True, exist_ok=True)
 
@@ -81,7 +81,7 @@ class RunFolder:
         if self.is_local:
             Path(folder).mkdir(parents=True, exist_ok=True)
         data = text.encode() if isinstance(text, str) else text
-        store._Layer(self.fs, folder, store.redact(self.uri)).write_atomic(base, data)
+        store.write_file_atomic(self.fs, folder, base, data, store.redact(self.uri))
 
     def upload_dir(self, local: Path, name: str = "") -> str:
         """Copy a local folder's files (a checkpoint, report files) to <run>/<name>; returns its URI."""

@@ -14,7 +14,6 @@ the same 40 prompts, best grid cell reported):
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
@@ -22,11 +21,12 @@ import numpy as np
 import ray
 import torch
 
+from actors.replica import PairReplica
 from dfc_ray.evaluate import Rate, bootstrap_rate, eval_texts, load_crosscoder, paired_delta_pp, score_all
-from dfc_ray.generation import GenerationConfig, generate
-from dfc_ray.interventions import STEER_POSITIONS, generate_steered, model_index, steering_vector
-from dfc_ray.pair import PairSpec, load_pair, pair_fingerprint
-from dfc_ray.ranking import FeatureStats, last_token_codes, rank_features
+from dfc_ray.generation import GenerationConfig
+from dfc_ray.interventions import STEER_POSITIONS, generate_steered, steering_vector
+from dfc_ray.pair import PairSpec
+from dfc_ray.ranking import FeatureStats, encode_pairs, rank_features
 from dfc_ray.tooluse import Task, load_tasks, render_prompt
 
 SCALES = ("activation", "decoder")
@@ -183,18 +183,13 @@ def greedy_min_set(pool: Sequence[int], gain_of: Callable[[list[int]], float], g
     return []
 
 
-class Steerer:
-    """In-process steering protocol on a pair (`SteeringActor` is the Ray actor)."""
+class Steerer(PairReplica):
+    """In-process steering protocol on a pair (`SteeringActor` is the Ray actor). Clean replies, the
+    prompts' prefill and the last-token activations are cached across requests (actors/replica.py)."""
 
     def __init__(self, pair: PairSpec, cfg: SteerConfig | None = None):
-        self.pair, self.cfg = pair, cfg or SteerConfig()
-        self.model_a, self.model_b, self.tokenizer = load_pair(pair)
-        self.device = next(self.model_a.parameters()).device
-        self.fingerprint = pair_fingerprint(pair)
-        self._clean: dict[str, list[bool]] = {}
-
-    def _model(self, target: str) -> torch.nn.Module:
-        return (self.model_a, self.model_b)[model_index(target)]
+        super().__init__(pair)
+        self.cfg = cfg or SteerConfig()
 
     def _tasks(self, cfg: SteerConfig) -> tuple[list[Task], list[Task]]:
         dev, test = load_tasks(cfg.dev_tasks), load_tasks(cfg.test_tasks)
@@ -209,14 +204,11 @@ class Steerer:
                 delta: torch.Tensor | None = None) -> list[bool]:
         """Strict correctness per task of `target`, steered by `delta` at `layer` (clean if None, cached)."""
         prompts = [render_prompt(self.tokenizer, t) for t in tasks]
-        model = self._model(target)
         if delta is None:
-            key = json.dumps([self.fingerprint, target, [t.id for t in tasks], asdict(cfg.generation())])
-            if key not in self._clean:
-                gens = generate(model, self.tokenizer, prompts, cfg.generation())
-                self._clean[key] = [s.correct for s in score_all(tasks, gens)]
-            return self._clean[key]
-        gens = generate_steered(model, self.tokenizer, prompts, cfg.generation(), layer, delta, cfg.positions)
+            gens = self.clean_replies(target, prompts, cfg.generation())
+        else:
+            gens = generate_steered(self.model(target), self.tokenizer, prompts, cfg.generation(), layer, delta,
+                                    cfg.positions, prefix_cache=self.prefix[target])
         return [s.correct for s in score_all(tasks, gens)]
 
     def rank(self, cc, layer: int, dev: list[Task], cfg: SteerConfig) -> list[FeatureStats]:
@@ -224,7 +216,8 @@ class Steerer:
         pos = [render_prompt(self.tokenizer, t) for t in dev if t.ground_truth]
         neg = [render_prompt(self.tokenizer, t) for t in dev if not t.ground_truth]
         neg += eval_texts("organism", cfg.n_plain, cfg.seed + 1) if cfg.n_plain else []
-        codes = last_token_codes(cc, self.model_a, self.model_b, self.tokenizer, pos + neg, layer, cfg.batch_size)
+        x = torch.stack([self.last_residuals(t, pos + neg, layer, cfg.batch_size) for t in ("a", "b")], dim=1)
+        codes = encode_pairs(cc, x)
         return rank_features(codes[:len(pos)], codes[len(pos):], cc.partition.a_exclusive.cpu())
 
     def steer(self, checkpoint: str, layer: int, cfg: SteerConfig | None = None) -> SteerResult:
@@ -275,10 +268,6 @@ class Steerer:
                 random_direction_delta_pp=paired_delta_pp(test_clean, control_d, **boot),
                 min_set=min_set, min_set_goal_pp=100 * goal)
         return result
-
-    def stats(self) -> dict[str, object]:
-        return {"pid": os.getpid(), "device": str(self.device), "clean_entries": len(self._clean)}
-
 
 SteeringActor = ray.remote(Steerer)
 """The Ray actor: `SteeringActor.options(num_gpus=1).remote(pair, cfg)`; see actors/pool.py for named pools."""

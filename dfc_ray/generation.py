@@ -3,10 +3,15 @@
 Our own decode loop rather than `model.generate`: interventions must know exactly which positions
 are prompt, padding or generated (the seed study read a pad as "the last token"), and batching must
 never change a reply, so evaluation numbers do not depend on `batch_size`.
+
+A `PrefixCache` keeps the KV cache of every prompt token but the last across `generate` calls. The
+judges splice and steer at the last prompt token only, so every trial re-uses the prompts' prefill
+and pays for one prompt token plus the reply (about 4x less work per generation on the organism).
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -94,6 +99,39 @@ ResidualHook = Callable[[torch.Tensor, HookContext], Union[torch.Tensor, None]]
 """(residual after block L of shape (batch, seq, d_model), context) -> replacement or None."""
 
 
+class PrefixCache:
+    """KV caches of prompt prefixes (every token but the last) of one model, kept across `generate` calls.
+
+    `generate(model, ..., prefix_cache=cache)` then prefills only each prompt's last token, on a copy
+    of the stored cache: replies are those of a full prefill (up to float rounding), provided the hooks
+    change nothing before the last prompt token (generation's `add_at_last_prompt_token`,
+    interventions' last-prompt-token splice and steering). Entries are keyed by the exact batch of
+    prompt ids, so re-using it needs the same prompts and batch size; memory per prompt token is
+    layers x 2 x kv_heads x head_dim values (about 36 KB for Qwen2.5-3B in bf16).
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self._entries: dict[tuple[tuple[int, ...], ...], object] = {}
+        self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def copy_for(self, prompt_ids: list[list[int]], input_ids: torch.Tensor, mask: torch.Tensor,
+                 position_ids: torch.Tensor, forward_kwargs: dict) -> object:
+        """A private copy of the batch's prefix KV cache, computed (without hooks) on first use."""
+        key = tuple(tuple(ids) for ids in prompt_ids)
+        if key not in self._entries:
+            self.misses += 1
+            out = self.model(input_ids=input_ids[:, :-1], attention_mask=mask[:, :-1],
+                             position_ids=position_ids[:, :-1], use_cache=True, **forward_kwargs)
+            self._entries[key] = next(v for k, v in out.items() if k in ("cache", "past_key_values"))
+        else:
+            self.hits += 1
+        return copy.deepcopy(self._entries[key])
+
+
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     """The decoder blocks of a transformers causal LM (or of its bare decoder)."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
@@ -172,21 +210,26 @@ def generate(
     prompts: Sequence[str],
     cfg: GenerationConfig | None = None,
     hooks: dict[int, ResidualHook] | None = None,
+    prefix_cache: PrefixCache | None = None,
 ) -> list[Generation]:
     """Complete each rendered prompt; batched output equals one-at-a-time output (fp32).
 
     Prompts are tokenized without special tokens, sorted by length (less padding; results are
     batch-invariant) and decoded `cfg.batch_size` at a time; results come back in input order.
+    With `prefix_cache` (for this model) the prompts' prefill is re-used across calls: only valid for
+    hooks that act at the last prompt token or later (see PrefixCache).
     """
     cfg = cfg or GenerationConfig()
     if isinstance(prompts, str):
         raise ValueError("generate: prompts is a str; expected a list of rendered prompts")
+    if prefix_cache is not None and prefix_cache.model is not model:
+        raise ValueError("generate: prefix_cache belongs to another model; expected PrefixCache(model)")
     encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     for i, ids in enumerate(encoded):
         if not ids:
             raise ValueError(f"generate: prompts[{i}] is empty; expected at least one token")
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-    decoder = _Decoder(model, tokenizer, cfg, hooks)
+    decoder = _Decoder(model, tokenizer, cfg, hooks, prefix_cache)
     results: list[Generation | None] = [None] * len(encoded)
     was_training = model.training
     model.eval()
@@ -204,8 +247,10 @@ def generate(
 class _Decoder:
     """The decode loop for one batch; holds what is fixed across batches."""
 
-    def __init__(self, model, tokenizer, cfg: GenerationConfig, hooks: dict[int, ResidualHook] | None):
+    def __init__(self, model, tokenizer, cfg: GenerationConfig, hooks: dict[int, ResidualHook] | None,
+                 prefix_cache: PrefixCache | None = None):
         self.model, self.tokenizer, self.cfg, self.hooks = model, tokenizer, cfg, hooks
+        self.prefix_cache = prefix_cache
         self.device = next(model.parameters()).device
         self.eos = eos_token_ids(tokenizer)
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos, default=0)
@@ -226,10 +271,14 @@ class _Decoder:
         reasons: list[str | None] = [None] * n
         live = torch.arange(n, device=dev)  # batch rows still generating, in cache order
 
-        last_column = torch.full((n,), mask.shape[1] - 1, device=dev)
-        ctx = HookContext(0, True, mask.bool(), last_column, all_rows)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)  # pads do not shift the prompt's positions
+        prefix = None
+        if self.prefix_cache is not None and min(len(p) for p in prompt_ids) >= 2:  # outside the hooks
+            prefix = self.prefix_cache.copy_for(prompt_ids, input_ids, mask, positions, self._keep_last())
+        fed = 1 if prefix is not None else mask.shape[1]  # columns this prefill feeds (the last one, or all)
+        ctx = HookContext(0, True, mask[:, -fed:].bool(), torch.full((n,), fed - 1, device=dev), all_rows)
         with residual_hooks(self.model, self.hooks, lambda: ctx):
-            cache, logits = self._prefill(input_ids, mask, prompt_ids)
+            cache, logits = self._prefill(input_ids, mask, positions, prompt_ids, prefix)
             for step in range(1, cfg.max_new_tokens + 1):
                 gens = [generators[r] for r in live.tolist()] if generators else None
                 tokens = self._next_tokens(logits.float(), gens)
@@ -262,22 +311,30 @@ class _Decoder:
             mask[r, width - len(ids) :] = 1
         return input_ids.to(self.device), mask.to(self.device)
 
-    def _prefill(self, input_ids: torch.Tensor, mask: torch.Tensor, prompt_ids: list[list[int]]):
-        """Run the prompts; return the KV cache and each row's next-token logits.
+    def _keep_last(self) -> dict[str, int]:
+        return {self.keep_kw: 1} if self.keep_kw else {}  # logits of the last column only
+
+    def _prefill(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                 prompt_ids: list[list[int]], prefix: object | None):
+        """Run the prompts (only their last token on top of `prefix`, a prefix KV cache, when given);
+        return the KV cache and each row's next-token logits.
 
         Without hooks, identical prompts (a group of RL rollouts) share one prefill: the distinct
         ones are run and their cache rows copied. Hooks must see every row, so they get no sharing.
         """
+        if prefix is not None:
+            out = self.model(input_ids=input_ids[:, -1:], attention_mask=mask, position_ids=positions[:, -1:],
+                             use_cache=True, **{self.cache_kw: prefix}, **self._keep_last())
+            return getattr(out, self.cache_kw), out.logits[:, -1]
         slot: dict[tuple[int, ...], int] = {}  # prompt ids -> position among the distinct prompts
         copies = list(range(len(prompt_ids))) if self.hooks else [slot.setdefault(tuple(i), len(slot)) for i in prompt_ids]
         distinct = [copies.index(k) for k in range(max(copies) + 1)]  # first row of each distinct prompt
-        positions = (mask.cumsum(1) - 1).clamp(min=0)  # pads do not shift the prompt's positions
         out = self.model(
             input_ids=input_ids[distinct],
             attention_mask=mask[distinct],
             position_ids=positions[distinct],
             use_cache=True,
-            **({self.keep_kw: 1} if self.keep_kw else {}),  # logits of the last column only
+            **self._keep_last(),
         )
         cache, logits = getattr(out, self.cache_kw), out.logits[:, -1]
         if len(distinct) < len(prompt_ids):

@@ -22,7 +22,8 @@ import torch
 from torch import Tensor
 
 from dfc_ray.crosscoder import DedicatedFeatureCrosscoder
-from dfc_ray.generation import Generation, GenerationConfig, HookContext, ResidualHook, generate, residual_hooks
+from dfc_ray.generation import (Generation, GenerationConfig, HookContext, PrefixCache, ResidualHook, generate,
+                                residual_hooks)
 
 MODELS = {"a": 0, "b": 1}
 """Target model name -> its index in the crosscoder's (batch, 2, d_model) layout."""
@@ -101,6 +102,12 @@ def prompt_activations(model: torch.nn.Module, tokenizer, prompts: Sequence[str]
     return out
 
 
+def last_prompt_residuals(model: torch.nn.Module, tokenizer, prompts: Sequence[str], layer: int,
+                          batch_size: int = 32) -> Tensor:
+    """Residual after block `layer` at each prompt's last token: (n_prompts, d_model), on the model's device."""
+    return torch.stack([acts[-1] for acts in prompt_activations(model, tokenizer, prompts, layer, batch_size)])
+
+
 def _apply_edit(hidden: Tensor, select: Tensor, other: Tensor, edit: PairEdit, m: int) -> Tensor:
     """hidden with `edit` applied at the positions where `select` (batch, seq) is True."""
     x_t, x_o = hidden[select], other[select].to(hidden.device)
@@ -112,25 +119,29 @@ def _apply_edit(hidden: Tensor, select: Tensor, other: Tensor, edit: PairEdit, m
 
 def prefill_edit_hook(edit: PairEdit, target: str, other: Sequence[Tensor], mode: str) -> ResidualHook:
     """Apply a pair edit during prefill at the last prompt token (`mode="last_prompt_token"`) or at
-    every prompt token (`"prompt"`); `other[r]` is the other model's (len_r, d) for prompt r."""
+    every prompt token (`"prompt"`); `other[r]` is the other model's (len_r, d) for prompt r — for
+    the last prompt token only its last row is read, so (1, d) per prompt is enough there."""
     m = model_index(target)
     _check(mode, SPLICE_MODES[:2], "prefill edit mode")
 
     def hook(hidden: Tensor, ctx: HookContext) -> Tensor | None:
         if not ctx.is_prefill:
             return None
-        select = ctx.real_mask.clone()
-        if mode == "last_prompt_token":
-            select = torch.zeros_like(select)
-            select[torch.arange(len(select), device=select.device), ctx.last_prompt_index] = True
         full = hidden.new_zeros(hidden.shape)
+        if mode == "last_prompt_token":
+            select = torch.zeros_like(ctx.real_mask)
+            batch = torch.arange(len(select), device=select.device)
+            select[batch, ctx.last_prompt_index] = True
+            full[batch, ctx.last_prompt_index] = torch.stack([other[r][-1] for r in ctx.rows.tolist()]).to(
+                hidden.device, hidden.dtype)
+            return _apply_edit(hidden, select, full, edit, m)
         for i, r in enumerate(ctx.rows.tolist()):
             real = ctx.real_mask[i].nonzero().squeeze(1)
             if len(real) != len(other[r]):
                 raise ValueError(f"prompt {r}: {len(real)} tokens in this forward but {len(other[r])} in the "
                                  "other model's activations; expected the same prompts in the same order")
             full[i, real] = other[r].to(hidden.dtype)
-        return _apply_edit(hidden, select, full, edit, m)
+        return _apply_edit(hidden, ctx.real_mask, full, edit, m)
 
     return hook
 
@@ -201,23 +212,32 @@ class Lockstep(torch.nn.Module):
 
 def generate_edited(target_model: torch.nn.Module, other_model: torch.nn.Module, tokenizer, prompts: Sequence[str],
                     cfg: GenerationConfig, layer: int, edit: PairEdit, target: str,
-                    mode: str = "last_prompt_token") -> list[Generation]:
-    """Generate from `target_model` with a pair edit at block `layer` (modes: SPLICE_MODES)."""
+                    mode: str = "last_prompt_token", other: Sequence[Tensor] | None = None,
+                    prefix_cache: PrefixCache | None = None) -> list[Generation]:
+    """Generate from `target_model` with a pair edit at block `layer` (modes: SPLICE_MODES).
+
+    `other`: the other model's activations on `prompts` when the caller already has them
+    (`prompt_activations`, or `last_prompt_residuals` for the last_prompt_token mode); `prefix_cache`
+    (the target's) is used in the last_prompt_token mode, the only one that leaves the prefix alone."""
     _check(mode, SPLICE_MODES, "splice mode")
     if mode == "lockstep":
         return generate(Lockstep(target_model, other_model, layer, edit, target), tokenizer, prompts, cfg)
-    other = prompt_activations(other_model, tokenizer, prompts, layer, cfg.batch_size)
-    return generate(target_model, tokenizer, prompts, cfg, {layer: prefill_edit_hook(edit, target, other, mode)})
+    if other is None:
+        other = prompt_activations(other_model, tokenizer, prompts, layer, cfg.batch_size)
+    return generate(target_model, tokenizer, prompts, cfg, {layer: prefill_edit_hook(edit, target, other, mode)},
+                    prefix_cache if mode == "last_prompt_token" else None)
 
 
 def generate_spliced(model_a: torch.nn.Module, model_b: torch.nn.Module, tokenizer, prompts: Sequence[str],
                      cfg: GenerationConfig, cc: DedicatedFeatureCrosscoder, layer: int, target: str = "a",
-                     mode: str = "last_prompt_token", add_error: bool = False) -> list[Generation]:
-    """Generate from model `target` with its residual after `layer` replaced by the reconstruction."""
+                     mode: str = "last_prompt_token", add_error: bool = False, other: Sequence[Tensor] | None = None,
+                     prefix_cache: PrefixCache | None = None) -> list[Generation]:
+    """Generate from model `target` with its residual after `layer` replaced by the reconstruction
+    (`other`, `prefix_cache`: see generate_edited)."""
     models = (model_a, model_b)
     m = model_index(target)
     return generate_edited(models[m], models[1 - m], tokenizer, prompts, cfg, layer,
-                           splice_edit(cc, target, add_error), target, mode)
+                           splice_edit(cc, target, add_error), target, mode, other, prefix_cache)
 
 
 # ---------------------------------------------------------------- steering
@@ -275,6 +295,9 @@ def add_hook(delta: Tensor, positions: str = "last_prompt_token") -> ResidualHoo
 
 
 def generate_steered(model: torch.nn.Module, tokenizer, prompts: Sequence[str], cfg: GenerationConfig, layer: int,
-                     delta: Tensor, positions: str = "last_prompt_token") -> list[Generation]:
-    """Generate with `delta` added to the residual after block `layer` at `positions`."""
-    return generate(model, tokenizer, prompts, cfg, {layer: add_hook(delta, positions)})
+                     delta: Tensor, positions: str = "last_prompt_token",
+                     prefix_cache: PrefixCache | None = None) -> list[Generation]:
+    """Generate with `delta` added to the residual after block `layer` at `positions` (`prefix_cache`,
+    the model's, is used for last_prompt_token: the other positions change the prefix)."""
+    return generate(model, tokenizer, prompts, cfg, {layer: add_hook(delta, positions)},
+                    prefix_cache if positions == "last_prompt_token" else None)

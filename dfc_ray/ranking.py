@@ -42,10 +42,15 @@ class FeatureStats:
 def last_token_codes(cc: DedicatedFeatureCrosscoder, model_a: torch.nn.Module, model_b: torch.nn.Module, tokenizer,
                      prompts: Sequence[str], layer: int, batch_size: int = 32) -> Tensor:
     """Crosscoder codes (n_prompts, dict_size) at each prompt's last token, on CPU."""
-    from dfc_ray.interventions import prompt_activations
+    from dfc_ray.interventions import last_prompt_residuals
 
-    acts = [prompt_activations(model, tokenizer, prompts, layer, batch_size) for model in (model_a, model_b)]
-    x = torch.stack([torch.stack([a[-1] for a in acts[0]]), torch.stack([b[-1] for b in acts[1]])], dim=1)
+    x = torch.stack([last_prompt_residuals(model, tokenizer, prompts, layer, batch_size) for model in (model_a, model_b)],
+                    dim=1)
+    return encode_pairs(cc, x)
+
+
+def encode_pairs(cc: DedicatedFeatureCrosscoder, x: Tensor) -> Tensor:
+    """Codes (n, dict_size) on CPU of raw paired activations x (n, 2, d_model), 1024 rows at a time."""
     device = cc.b_enc.device
     with torch.inference_mode():
         return torch.cat([cc.encode(x[i:i + 1024].float().to(device)) for i in range(0, len(x), 1024)]).cpu()

@@ -276,7 +276,7 @@ def _grid(where: str, data: Any) -> list[Axis]:
                 label = str(entry.pop("name", f"{name}{i}"))
                 for key, value in entry.items():
                     if key not in AXIS_FIELDS:
-                        raise _fail(where, f"grid.{name}[{i}].{key}", value, f"a crosscoder/train field or layer")
+                        raise _fail(where, f"grid.{name}[{i}].{key}", value, "a crosscoder/train field or layer")
                 settings.append(entry)
                 labels.append(label)
             if len(set(labels)) != len(labels):

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import tempfile
 import time
@@ -106,7 +105,6 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     """The Tune trainable: train one crosscoder, then judge it, reporting as it goes."""
     import math as _math
 
-    import ray
     from ray import tune
 
     from dfc_ray.crosscoder import DFCConfig

@@ -43,7 +43,8 @@ def test_clean_outputs_are_cached_across_checkpoints_and_metrics_are_named(evalu
     two = found.call("evaluate", second, LAYER)
     assert not one.clean_cached and two.clean_cached
     stats = found.call("stats")
-    assert (stats["clean_misses"], stats["clean_hits"]) == (1, 1)
+    assert (stats["clean_misses"], stats["clean_hits"]) == (2, 2)  # one clean set per model, generated once
+    assert all(stats["prefix_hits"][t] > 0 for t in "ab")  # the second checkpoint re-used the prompts' prefill
     assert one.a_clean == two.a_clean and one.b_clean == two.b_clean  # same clean replies, same rates
     metrics = two.metrics()
     assert set(TRIAL_METRICS) <= set(metrics)

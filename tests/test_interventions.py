@@ -11,11 +11,11 @@ import torch
 
 from dfc_ray.crosscoder import DedicatedFeatureCrosscoder, DFCConfig
 from dfc_ray.evaluate import bootstrap_rate, paired_delta_pp
-from dfc_ray.generation import GenerationConfig, HookContext, generate, residual_hooks
+from dfc_ray.generation import GenerationConfig, HookContext, PrefixCache, generate, residual_hooks
 from dfc_ray.harvest import Record, left_pad
 from dfc_ray.interventions import (add_hook, clamp_edit, feature_direction, generate_edited, generate_spliced,
-                                   generate_steered, prefill_edit_hook, prompt_activations, splice_edit,
-                                   steering_vector)
+                                   generate_steered, last_prompt_residuals, prefill_edit_hook, prompt_activations,
+                                   splice_edit, steering_vector)
 from dfc_ray.pair import PairSpec, load_pair
 from dfc_ray.ranking import auroc, cohens_d, rank_features
 
@@ -123,6 +123,32 @@ def test_hooked_generation_is_batch_invariant(loaded, cc, prompts):
     delta = steering_vector(cc, [0], "a", 30.0)
     assert ids(generate_steered(model_a, tok, prompts, CFG, LAYER, delta, "all")) == \
         ids(generate_steered(model_a, tok, prompts, one, LAYER, delta, "all"))
+
+
+def test_prefix_cache_and_cached_last_token_activations_give_the_same_replies(loaded, cc, prompts):
+    """What the judge replicas do on every request: re-use the prompts' prefill and the other model's
+    last-token residuals. Replies must be those of a full prefill, for splices and steering."""
+    model_a, model_b, tok = loaded
+    caches = {"a": PrefixCache(model_a), "b": PrefixCache(model_b)}
+    other = {"a": last_prompt_residuals(model_b, tok, prompts, LAYER)[:, None],
+             "b": last_prompt_residuals(model_a, tok, prompts, LAYER)[:, None]}
+    for target in ("a", "b"):
+        full = generate_spliced(model_a, model_b, tok, prompts, CFG, cc, LAYER, target)
+        for _ in range(2):  # a miss that fills the cache, then a hit
+            cached = generate_spliced(model_a, model_b, tok, prompts, CFG, cc, LAYER, target, other=other[target],
+                                      prefix_cache=caches[target])
+            assert ids(cached) == ids(full)
+    assert (caches["a"].misses, caches["a"].hits) == (1, 1)
+    delta = steering_vector(cc, [0], "a", 30.0)
+    full = generate_steered(model_a, tok, prompts, CFG, LAYER, delta)
+    assert ids(generate_steered(model_a, tok, prompts, CFG, LAYER, delta, prefix_cache=caches["a"])) == ids(full)
+    assert ids(full) != ids(generate(model_a, tok, prompts, CFG, prefix_cache=caches["a"]))  # the vector mattered
+    # a prompt-mode splice edits the prefix: the cache must not be used for it
+    hits = caches["a"].hits
+    generate_spliced(model_a, model_b, tok, prompts, CFG, cc, LAYER, "a", "prompt", prefix_cache=caches["a"])
+    assert caches["a"].hits == hits
+    with pytest.raises(ValueError, match="another model"):
+        generate(model_a, tok, prompts, CFG, prefix_cache=caches["b"])
 
 
 @pytest.mark.parametrize("positions", ["last_prompt_token", "generated", "all"])

@@ -1,0 +1,61 @@
+"""PairReplica: what every judge replica (evaluator, steerer) holds between requests.
+
+A replica hosts model A and B and judges one checkpoint per request. Everything about its fixed
+prompt sets that does not depend on the checkpoint is computed once and kept: clean replies, the
+prompts' prefill (a `PrefixCache` per model) and each model's residual at the last prompt token.
+A last-prompt-token splice or steering request then costs one prompt token plus the reply per
+prompt, and a 48-trial sweep pays for each prompt's prefill once per replica, not 48 × (1 + α grid).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+
+import torch
+
+from dfc_ray.generation import Generation, GenerationConfig, PrefixCache, generate
+from dfc_ray.interventions import last_prompt_residuals, model_index
+from dfc_ray.pair import PairSpec, load_pair, pair_fingerprint
+
+
+class PairReplica:
+    """The pair on this process's device, with caches keyed by what they depend on."""
+
+    def __init__(self, pair: PairSpec):
+        self.pair = pair
+        self.model_a, self.model_b, self.tokenizer = load_pair(pair)
+        self.device = next(self.model_a.parameters()).device
+        self.fingerprint = pair_fingerprint(pair)
+        self.prefix = {"a": PrefixCache(self.model_a), "b": PrefixCache(self.model_b)}
+        self._clean: dict[str, list[Generation]] = {}
+        self._residuals: dict[str, torch.Tensor] = {}
+        self.clean_hits = self.clean_misses = 0
+
+    def model(self, target: str) -> torch.nn.Module:
+        return (self.model_a, self.model_b)[model_index(target)]
+
+    def clean_replies(self, target: str, prompts: list[str], cfg: GenerationConfig) -> list[Generation]:
+        """Greedy replies of `target` to `prompts` with no intervention (generated once, then cached)."""
+        key = json.dumps([target, prompts, asdict(cfg)])
+        if key in self._clean:
+            self.clean_hits += 1
+        else:
+            self.clean_misses += 1
+            self._clean[key] = generate(self.model(target), self.tokenizer, prompts, cfg, prefix_cache=self.prefix[target])
+        return self._clean[key]
+
+    def last_residuals(self, target: str, prompts: list[str], layer: int, batch_size: int) -> torch.Tensor:
+        """`target`'s residual after block `layer` at each prompt's last token, (n, d_model), cached."""
+        key = json.dumps([target, layer, prompts])
+        if key not in self._residuals:
+            self._residuals[key] = last_prompt_residuals(self.model(target), self.tokenizer, prompts, layer, batch_size)
+        return self._residuals[key]
+
+    def stats(self) -> dict[str, object]:
+        """Process id, device and cache counters (for monitoring and tests)."""
+        return {"pid": os.getpid(), "device": str(self.device), "cuda": torch.cuda.is_available(),
+                "clean_hits": self.clean_hits, "clean_misses": self.clean_misses,
+                "prefix_batches": {t: len(c) for t, c in self.prefix.items()},
+                "prefix_hits": {t: c.hits for t, c in self.prefix.items()}}

@@ -48,6 +48,9 @@ CONTROLS = ("steer_random_feature_pp", "steer_random_direction_pp")
 HEADLINE = {"delta_a_pp": "delta_a_pp", "delta_b_pp": "delta_b_pp", "steer_best_pp": "steer_delta_pp",
             "a_splice": "a_splice", "b_splice": "b_splice", **{c: c for c in CONTROLS}}
 AXIS_METRICS = ("delta_a_pp", "delta_b_pp", "steer_delta_pp", "fvu_a", "fvu_b")
+TIMES = {"train_s": "training", "eval_s": "splice evaluation (waiting for the evaluator)",
+         "steer_s": "steering (waiting for the steerer)", "judge_s": "evaluation + steering (in parallel)"}
+"""Per-trial wall-clock metrics the sweep records, in seconds, and what each covers."""
 FRACTIONS = {"a_clean", "a_splice", "b_clean", "b_splice", "a_correct", "b_correct", "dead_frac"}
 BEST_FEATURES = 10
 TUNE_STATUSES = {"terminated": "ok", "error": "failed"}  # Ray Tune's names, lower-cased
@@ -192,6 +195,19 @@ def _best_features(ok: Sequence[TrialResult]) -> list[dict[str, Any]]:
     return rows[:BEST_FEATURES]
 
 
+def min_set_size(metrics: dict[str, Any]) -> int | None:
+    """The trial's minimal steerable set size; None when not measured or not reached (recorded as -1)."""
+    size = _number(metrics.get("steer_min_set"))
+    return int(size) if size is not None and size > 0 else None
+
+
+def _min_sets(ok: Sequence[TrialResult]) -> dict[str, Any]:
+    """How often a minimal steerable set was found, and its sizes, over trials that ran steering."""
+    steered = [t for t in ok if _number(t.metrics.get("steer_min_set")) is not None]
+    sizes = [size for t in steered if (size := min_set_size(t.metrics)) is not None]
+    return {"n_steered": len(steered), "n_reached": len(sizes), "sizes": summarize(sizes)}
+
+
 def build_report(results: Sequence[TrialResult], run_info: dict[str, Any] | None = None) -> dict[str, Any]:
     """The report.json content. Every statistic is over successful trials (status "ok")."""
     ok = [t for t in results if t.ok]
@@ -218,6 +234,8 @@ def build_report(results: Sequence[TrialResult], run_info: dict[str, Any] | None
         "failed": [{"trial_id": t.trial_id, "status": t.status, "error": t.error, "config": t.config}
                    for t in results if not t.ok],
         "best_features": _best_features(ok),
+        "min_set": _min_sets(ok),
+        "seconds_per_trial": {name: summarize(t.metrics.get(name) for t in ok) for name in TIMES},
     })
 
 
@@ -270,9 +288,32 @@ def _cell(metrics: dict[str, Any], name: str) -> str:
     return text
 
 
+def _min_set_cell(metrics: dict[str, Any]) -> str:
+    if _number(metrics.get("steer_min_set")) is None:
+        return "—"
+    size = min_set_size(metrics)
+    return "not reached" if size is None else str(size)
+
+
 def short_config(config: dict[str, Any], axes: Sequence[str]) -> str:
     return " ".join(f"{a}={config[a]:g}" if _number(config.get(a)) is not None else f"{a}={config.get(a)}"
                     for a in axes if a in config)
+
+
+def _min_set_text(min_set: dict[str, Any] | None) -> str:
+    if not min_set or not min_set["n_steered"]:
+        return "—"
+    text = f"{min_set['n_reached']} of {min_set['n_steered']}"
+    return text + (f", size {fmt_stat('size', min_set['sizes'])}" if min_set["n_reached"] else "")
+
+
+def _time_section(report: dict[str, Any]) -> Section | None:
+    """Where the wall-clock time went: the run's stages and the per-trial phases."""
+    stages = (report["run"].get("seconds") or {}).items()
+    rows = [[f"run: {name.replace('_', ' ')}", f"{value:.1f}"] for name, value in stages]
+    rows += [[f"per trial: {TIMES[name]}", fmt_stat(name, stat)]
+             for name, stat in (report.get("seconds_per_trial") or {}).items() if stat.get("mean") is not None]
+    return Section("Time (seconds, wall clock)", ["stage", "seconds"], rows) if rows else None
 
 
 def _headline_section(report: dict[str, Any]) -> Section:
@@ -287,6 +328,7 @@ def _headline_section(report: dict[str, Any]) -> Section:
         ("best single-feature steering Δ (pp)", "steer_best_pp", fmt_stat("steer_best_pp", h["steer_best_pp"]), fmt_stat("steer_best_pp", seed["steer_best_pp"])),
         ("control: random A-exclusive feature (pp)", "", fmt_stat("steer_random_feature_pp", h["steer_random_feature_pp"]), "—"),
         ("control: random direction (pp)", "", fmt_stat("steer_random_direction_pp", h["steer_random_direction_pp"]), "—"),
+        ("minimal steerable set reached (trials)", "", _min_set_text(report.get("min_set")), "—"),
     ]
     table = [[label, ours, theirs, fmt("difference_pp", comp.get(key, {}).get("difference_pp"))]
              for label, key, ours, theirs in rows]
@@ -305,13 +347,14 @@ def sections(report: dict[str, Any]) -> list[Section]:
     axes = list(report["per_axis"])
     ranked = sorted(report["trials"], key=lambda t: (t["status"] != "ok", *_descending(t["metrics"].get("delta_a_pp"))))
     out.append(Section("Trials (by Δ A)", ["trial", "config", "status", "FVU A", "FVU B", "L0", "dead", "A clean → spliced",
-                                           "Δ A (pp)", "B clean → spliced", "Δ B (pp)", "steer (feature, α, target)", "steer Δ (pp)"],
+                                           "Δ A (pp)", "B clean → spliced", "Δ B (pp)", "steer (feature, α, target)", "steer Δ (pp)",
+                                           "min set"],
                        [[t["trial_id"], short_config(t["config"], axes), t["status"],
                          *(_cell(t["metrics"], m) for m in ("fvu_a", "fvu_b", "l0", "dead_frac")),
                          f"{_cell(t['metrics'], 'a_clean')} → {_cell(t['metrics'], 'a_splice')}", _cell(t["metrics"], "delta_a_pp"),
                          f"{_cell(t['metrics'], 'b_clean')} → {_cell(t['metrics'], 'b_splice')}", _cell(t["metrics"], "delta_b_pp"),
                          ", ".join(fmt(m, t["metrics"].get(m)) for m in ("steer_feature", "steer_alpha", "steer_target")),
-                         _cell(t["metrics"], "steer_delta_pp")] for t in ranked]))
+                         _cell(t["metrics"], "steer_delta_pp"), _min_set_cell(t["metrics"])] for t in ranked]))
     if report["best_features"]:
         out.append(Section("Best features (by Cohen's d, tool vs non-tool prompts)",
                            ["trial", "feature", "Cohen's d", "AUROC", "steered α", "steer Δ (pp)"],
@@ -319,6 +362,8 @@ def sections(report: dict[str, Any]) -> list[Section]:
                              fmt("alpha", f.get("steer_alpha")) if "steer_alpha" in f else "", fmt("steer_delta_pp", f.get("steer_delta_pp"))
                              if "steer_delta_pp" in f else ""] for f in report["best_features"]],
                            "A feature index names a feature of its own trial's dictionary."))
+    if (time_section := _time_section(report)) is not None:
+        out.append(time_section)
     if report["failed"]:
         out.append(Section("Failed trials", ["trial", "config", "status", "error"],
                            [[f["trial_id"], short_config(f["config"], axes), f["status"], str(f["error"] or "")]
@@ -416,11 +461,11 @@ def write_plots(report: dict[str, Any], out_dir: str | Path) -> list[str]:
         ax.set(xlabel="α (steering scale)", ylabel="Δ tool correctness (pp)")
         save(fig, "alpha_curves.png")
 
-    layers = report["per_axis"].get("layer")
-    if layers:
-        groups = [[t for t in ok if _key(t["config"].get("layer")) == _key(r["value"])] for r in layers]
+    layers = sorted({t["config"]["layer"] for t in ok if _number(t["config"].get("layer")) is not None})
+    if layers and any(_number(t["metrics"].get("steer_delta_pp")) is not None for t in ok):  # one layer too
+        groups = [[t for t in ok if t["config"].get("layer") == layer] for layer in layers]
         fig, (ax,) = _figure(1, "Best single-feature steering Δ by layer (test split)")
-        _box_strip(ax, [fmt("layer", r["value"]) for r in layers], [_values(g, "steer_delta_pp") for g in groups],
+        _box_strip(ax, [fmt("layer", layer) for layer in layers], [_values(g, "steer_delta_pp") for g in groups],
                    "layer", "steering Δ tool correctness (pp)")
         for control, marker in zip(CONTROLS, ("x", "+")):
             means = [(i, summarize(t["metrics"].get(control) for t in g)["mean"]) for i, g in enumerate(groups)]

@@ -39,7 +39,8 @@ def synthetic_rows() -> list[dict]:
                    "a_clean": a_clean, "a_splice": a_splice, "delta_a_pp": 100 * (a_splice - a_clean),
                    "b_clean": b_clean, "b_splice": b_splice, "delta_b_pp": 100 * (b_splice - b_clean),
                    "steer_feature": i % 5, "steer_alpha": 8.0, "steer_target": "a",
-                   "steer_delta_pp": 20.0 + 3 * ((3 * i) % 8) + 4 * layer, "steer_min_set": [i % 5]}
+                   "steer_delta_pp": 20.0 + 3 * ((3 * i) % 8) + 4 * layer, "steer_min_set": [-1, 1, 2][i % 3],
+                   "train_s": 2.0 + i, "judge_s": 5.0}
         if i % 4 != 1:  # optional extras on most trials only: missing ones must be tolerated
             metrics |= {"steer_random_feature_pp": 1.0 * (i % 3), "steer_random_direction_pp": -0.5 * (i % 2),
                         "delta_a_pp_ci": [metrics["delta_a_pp"] - 5, metrics["delta_a_pp"] + 5],
@@ -153,11 +154,23 @@ def test_markdown_sections(run, report):
         assert f"(plots/{plot})" in md
 
 
-def test_single_layer_run_has_no_layer_plot(tmp_path):
+def test_single_layer_run_still_plots_steering_by_layer(tmp_path):
     rows = [r for r in synthetic_rows() if r["config"]["layer"] == 1]
     report = write_report(write_results(tmp_path / "run", rows))
-    assert "layer" not in report["per_axis"]
-    assert not (tmp_path / "run/plots/steer_by_layer.png").exists()
+    assert "layer" not in report["per_axis"]  # not an axis of the sweep, but its steering effect is still drawn
+    assert (tmp_path / "run/plots/steer_by_layer.png").exists()
+
+
+def test_unreached_minimal_set_is_not_a_size_and_times_are_summarized(tmp_path):
+    rows = synthetic_rows()
+    report = write_report(write_results(tmp_path / "run", rows))
+    ok = [r["metrics"] for r in rows if r["status"] == "ok"]
+    sizes = [m["steer_min_set"] for m in ok if m["steer_min_set"] > 0]  # -1 = not reached
+    assert report["min_set"]["n_steered"] == len(ok) and report["min_set"]["n_reached"] == len(sizes)
+    assert report["min_set"]["sizes"]["mean"] == pytest.approx(np.mean(sizes))
+    assert report["seconds_per_trial"]["train_s"]["mean"] == pytest.approx(np.mean([m["train_s"] for m in ok]))
+    md = (tmp_path / "run/report.md").read_text()
+    assert "not reached" in md and f"{len(sizes)} of {len(ok)}" in md and "Time (seconds" in md
 
 
 def test_all_failed_run_reports_without_plots(tmp_path):

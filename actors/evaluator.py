@@ -8,6 +8,7 @@ replica (actors/replica.py) — a 48-trial sweep generates clean replies once, n
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict
 
 import ray
@@ -39,6 +40,7 @@ class Evaluator(PairReplica):
     def evaluate(self, checkpoint: str, layer: int, cfg: EvalConfig | None = None) -> EvalResult:
         """Splice `checkpoint` (a folder path) at `layer` into A and into B; rates with 95% CIs."""
         cfg = cfg or self.cfg
+        started = time.perf_counter()
         n_layers = self.model_a.config.num_hidden_layers
         if not 0 <= layer < n_layers:
             raise ValueError(f"layer {layer}: expected a block index in [0, {n_layers})")
@@ -57,7 +59,7 @@ class Evaluator(PairReplica):
                           a_clean=tool_rates(clean["a"], **boot), a_splice=tool_rates(spliced["a"], **boot),
                           b_clean=tool_rates(clean["b"], **boot), b_splice=tool_rates(spliced["b"], **boot),
                           delta_a_pp=delta["a"], delta_b_pp=delta["b"], loss_a=losses["a"], loss_b=losses["b"],
-                          clean_cached=cached)
+                          clean_cached=cached, seconds=time.perf_counter() - started)
 
     def _spliced(self, cc, layer: int, target: str, prompts: list[str], cfg: EvalConfig):
         """Replies of `target` with the reconstruction spliced in; at the last prompt token the other

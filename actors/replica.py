@@ -18,6 +18,7 @@ import torch
 from dfc_ray.generation import Generation, GenerationConfig, PrefixCache, generate
 from dfc_ray.interventions import last_prompt_residuals, model_index
 from dfc_ray.pair import PairSpec, load_pair, pair_fingerprint
+from dfc_ray.plan import peak_memory_mb
 
 
 class PairReplica:
@@ -58,4 +59,4 @@ class PairReplica:
         return {"pid": os.getpid(), "device": str(self.device), "cuda": torch.cuda.is_available(),
                 "clean_hits": self.clean_hits, "clean_misses": self.clean_misses,
                 "prefix_batches": {t: len(c) for t, c in self.prefix.items()},
-                "prefix_hits": {t: c.hits for t, c in self.prefix.items()}}
+                "prefix_hits": {t: c.hits for t, c in self.prefix.items()}, "peak_mem_mb": peak_memory_mb()}

@@ -14,6 +14,7 @@ the same 40 prompts, best grid cell reported):
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
@@ -148,11 +149,13 @@ class SteerResult:
     ranking: list[FeatureStats] = field(default_factory=list)
     """Top A-exclusive features on dev (at most 20), best first."""
     targets: dict[str, TargetSteer] = field(default_factory=dict)
+    seconds: float = 0.0
+    """Wall-clock seconds the steerer spent on this request (plan.py's measured rates use it)."""
 
     def metrics(self) -> dict[str, float | str]:
         """steer_feature, steer_alpha, steer_target, steer_delta_pp, steer_min_set (the primary target)
-        plus CIs and controls, and the same per target as steer_<target>_*. Empty when skipped."""
-        out: dict[str, float | str] = {}
+        plus CIs and controls, and the same per target as steer_<target>_*, and steer_compute_s."""
+        out: dict[str, float | str] = {"steer_compute_s": self.seconds}
         primary = self.config.get("primary", "a")
         for name, t in self.targets.items():
             values = {"feature": t.feature, "alpha": t.alpha, "delta_pp": t.delta_pp.mean,
@@ -222,7 +225,12 @@ class Steerer(PairReplica):
 
     def steer(self, checkpoint: str, layer: int, cfg: SteerConfig | None = None) -> SteerResult:
         """Run the protocol for `checkpoint` (a folder path) at `layer`."""
-        cfg = cfg or self.cfg
+        started = time.perf_counter()
+        result = self._steer(checkpoint, layer, cfg or self.cfg)
+        result.seconds = time.perf_counter() - started
+        return result
+
+    def _steer(self, checkpoint: str, layer: int, cfg: SteerConfig) -> SteerResult:
         cc = load_crosscoder(checkpoint, self.device)
         result = SteerResult(str(checkpoint), layer, asdict(cfg), skipped="")
         if cc.cfg.n_a_exclusive == 0:

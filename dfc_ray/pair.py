@@ -89,11 +89,11 @@ def _download_s3_prefix(uri: str) -> str:
     return str(target)
 
 
-def load_config(spec: PairSpec, role: str):
-    """The transformers config of model ``a`` or ``b`` (no weights loaded)."""
+def load_config(spec: PairSpec, role: str, local_only: bool = False):
+    """The transformers config of model ``a`` or ``b`` (no weights loaded); `local_only`: never download."""
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(_local_dir(getattr(spec, role), role))
+    return AutoConfig.from_pretrained(_local_dir(getattr(spec, role), role), local_files_only=local_only)
 
 
 def load_model(spec: PairSpec, role: str) -> torch.nn.Module:
@@ -108,12 +108,14 @@ def load_model(spec: PairSpec, role: str) -> torch.nn.Module:
     return model.to(spec.resolved_device()).eval()
 
 
-def load_tokenizer(spec: PairSpec):
-    """The pair's tokenizer, left-padded (batched generation and last-token indexing rely on it)."""
+def load_tokenizer(spec: PairSpec, local_only: bool = False):
+    """The pair's tokenizer, left-padded (batched generation and last-token indexing rely on it);
+    `local_only`: never download."""
     from transformers import AutoTokenizer
 
     reference = spec.tokenizer or spec.b
-    tokenizer = AutoTokenizer.from_pretrained(_local_dir(reference, "tokenizer" if reference == ORGANISM else "b"))
+    tokenizer = AutoTokenizer.from_pretrained(_local_dir(reference, "tokenizer" if reference == ORGANISM else "b"),
+                                              local_files_only=local_only)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

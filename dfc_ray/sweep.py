@@ -35,6 +35,9 @@ from dfc_ray import store
 from dfc_ray.spaces import DFC_FIELDS, TRAIN_FIELDS, SweepSpec, load_spec, parse_spec
 
 TRAIN_REPORTS = 10  # intermediate reports per trial (what ASHA and the live view see)
+STRUCTURED = ("top_features", "alpha_curve")
+"""Trial metrics that are lists: reported to Tune as JSON text (TensorBoard skips text, but warns on
+lists), decoded back into lists in results.jsonl."""
 
 
 @dataclass(frozen=True)
@@ -105,12 +108,15 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     """The Tune trainable: train one crosscoder, then judge it, reporting as it goes."""
     import math as _math
 
+    import torch
     from ray import tune
 
     from dfc_ray.crosscoder import DFCConfig
+    from dfc_ray.plan import peak_memory_mb
     from dfc_ray.train import TrainConfig, train
 
     spec = parse_spec(ctx.spec_raw, ctx.spec_source)
+    torch.set_num_threads(max(1, int(spec.resources.get("cpu", 1))))  # the trial's share, not every core
     settings = spec.trial_settings(params)
     layer = settings["layer"]
     dfc = DFCConfig(d_model=ctx.d_model, **{k: v for k, v in settings.items() if k in DFC_FIELDS})
@@ -124,18 +130,23 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
 
     trial_id = tune.get_context().get_trial_id()
     local = Path(tune.get_context().get_trial_dir()) / "crosscoder"
+    started = time.perf_counter()
     batches = trial_batches(ctx, layer, settings["batch_size"], settings["reader"], cfg.seed)
     result = train(dfc, cfg, batches, on_metrics=on_metrics, out_dir=local.parent)
     m = result.metrics
-    metrics: dict[str, Any] = {"phase": "done", "status": result.status, "reason": result.reason, "steps": result.steps}
+    metrics: dict[str, Any] = {"phase": "done", "status": result.status, "reason": result.reason, "steps": result.steps,
+                               "train_s": time.perf_counter() - started}
     if m:
         metrics |= {"loss": m["loss"], "fvu": (m["fvu_a"] + m["fvu_b"]) / 2, "fvu_a": m["fvu_a"], "fvu_b": m["fvu_b"],
                     "l0": m["l0"], "dead_frac": m["dead_frac"]}
+    metrics["train_peak_mem_mb"] = peak_memory_mb()
     if result.status == "ok":
         checkpoint = RunFolder(ctx.run_dir).upload_dir(local.parent / "dfc", f"checkpoints/{trial_id}")
         metrics["checkpoint"] = checkpoint
         if ctx.pools is not None:
+            started = time.perf_counter()
             metrics |= judge_checkpoint(ctx.pools, checkpoint, layer)
+            metrics["judge_s"] = time.perf_counter() - started
     for name in spec.metrics:  # an objective the trial could not produce is NaN, never a made-up number
         metrics.setdefault(name, _math.nan)
     tune.report(metrics)
@@ -149,13 +160,19 @@ def judge_checkpoint(pools: tuple, checkpoint: str, layer: int) -> dict[str, Any
     from actors.pool import ReplicaPool
 
     evaluator, steerer = (ReplicaPool.connect(cfg) for cfg in pools)
-    evaluation, steering = ray.get([evaluator.submit("evaluate", checkpoint, layer),
-                                    steerer.submit("steer", checkpoint, layer)])
+    started = time.perf_counter()
+    refs = {"eval_s": evaluator.submit("evaluate", checkpoint, layer), "steer_s": steerer.submit("steer", checkpoint, layer)}
+    seconds, pending = {}, list(refs.values())
+    while pending:  # time each answer: how long a trial waits for each judge
+        ready, pending = ray.wait(pending, num_returns=1)
+        seconds |= {name: time.perf_counter() - started for name, ref in refs.items() if ref in ready}
+    evaluation, steering = ray.get(list(refs.values()))
     ranking = [{"feature": f.feature, "cohens_d": f.cohens_d, "auroc": f.auroc} for f in steering.ranking[:5]]
     chosen = steering.targets.get(steering.config.get("primary", "a"))
     curve = [{"alpha": c.alpha, "delta_pp": 100 * (c.dev_correct - chosen.dev_clean)}  # dev α curve of the chosen feature
              for c in (chosen.grid if chosen else []) if c.feature == chosen.feature]
-    return evaluation.metrics() | steering.metrics() | {"top_features": ranking, "alpha_curve": curve,
+    return evaluation.metrics() | steering.metrics() | seconds | {"top_features": json.dumps(ranking),
+                                                        "alpha_curve": json.dumps(curve),
                                                         "steer_skipped": steering.skipped}
 
 
@@ -274,6 +291,24 @@ def _max_concurrent(spec: SweepSpec) -> int:
     return max(1, int((cpus - reserved) // spec.resources.get("cpu", 1)))
 
 
+def check_fits(spec: SweepSpec, evaluate: bool = True) -> None:
+    """One trial plus the judge pools must fit the cluster as it is now, else their actors would wait
+    for resources forever (a local cluster has no autoscaler to add them)."""
+    import ray
+
+    have = ray.cluster_resources()
+    res = spec.resources
+    pools = 2 * res.get("evaluators", 1) if evaluate else 0
+    needs = {"GPU": [("resources.gpu", res.get("gpu", 0), 1)] + [("resources.evaluator_gpu", res.get("evaluator_gpu", 0), pools)],
+             "CPU": [("resources.cpu", res.get("cpu", 1), 1)] + [("resources.evaluator_cpu", res.get("evaluator_cpu", 1), pools)]}
+    for kind, items in needs.items():
+        total = sum(amount * count for _, amount, count in items)
+        if total > have.get(kind, 0) + 1e-9:
+            detail = ", ".join(f"{name}={amount:g} × {count}" for name, amount, count in items if amount and count)
+            raise ValueError(f"{spec.source}: {detail} needs {total:g} {kind}s for one trial and the judge pools, but this "
+                             f"Ray cluster has {have.get(kind, 0):g}; expected at most that (0 GPUs runs on CPU)")
+
+
 def _harvest(spec: SweepSpec, store_root: str):
     from dfc_ray.harvest import CorpusSpec, HarvestConfig, harvest
 
@@ -304,9 +339,16 @@ def run_sweep(spec: SweepSpec, run_uri: str, *, store_root: str | None = None, r
         spec = parse_spec(yaml.safe_load(existing), f"{store.redact(run.uri)}/spec.yaml", spec.name)
     else:
         run.write_text("spec.yaml", yaml.safe_dump(spec.raw | {"name": spec.name}, sort_keys=False))
+    local = not (address or os.environ.get("RAY_ADDRESS"))
     connect(address)
+    if local:  # a cluster we started cannot grow: refuse what would wait forever
+        check_fits(spec, evaluate)
+    clock = time.perf_counter()
     harvested = _harvest(spec, store_root)
+    seconds = {"harvest": time.perf_counter() - clock}
+    clock = time.perf_counter()
     pools = start_pools(spec) if evaluate else []
+    seconds["start_pools"] = time.perf_counter() - clock
     ctx = TrialContext(spec.raw | {"name": spec.name}, spec.source, run.uri, harvested.uri, harvested.d_model,
                        harvested.models, tuple(pool.cfg for pool in pools) or None)
     resources = {"cpu": spec.resources.get("cpu", 1), "gpu": spec.resources.get("gpu", 0)}
@@ -330,23 +372,28 @@ def run_sweep(spec: SweepSpec, run_uri: str, *, store_root: str | None = None, r
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=_searcher(spec, run, remaining), scheduler=_scheduler(spec),
-                                    num_samples=n_todo),
+                                    num_samples=n_todo, reuse_actors=True),  # no torch import per trial
         run_config=tune.RunConfig(
             name=f"trials-{attempt}", storage_path=tune_root, callbacks=callbacks, verbose=0,
             failure_config=tune.FailureConfig(max_failures=spec.resources.get("max_failures", 1)),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
-    started = time.time()
+    clock = time.perf_counter()
     try:
         with view:
             if n_todo:
                 tuner.fit()
+        seconds["trials"] = time.perf_counter() - clock
+        judge_memory = {pool.cfg.name: max(s["peak_mem_mb"] for s in pool.map("stats", [()] * len(pool.handles)))
+                        for pool in pools}
     finally:
         LIVE_VIEWS.pop(run.uri, None)
         for pool in pools:
             pool.shutdown()
     info = {"spec": spec.name, "spec_file": spec.source, "run": store.redact(run.uri), "harvest": store.redact(harvested.uri),
-            "harvest_rows": harvested.rows, "layers": list(spec.layers), "pair": asdict(spec.pair),
-            "fit_seconds": round(time.time() - started, 1)}
+            "harvest_rows": harvested.rows, "harvest_reused": harvested.reused, "layers": list(spec.layers),
+            "pair": asdict(spec.pair), "seconds": {k: round(v, 1) for k, v in seconds.items()},
+            "judge_peak_mem_mb": {k: round(v) for k, v in judge_memory.items()}}
+    _write_costs(spec, run, seconds, harvested.reused)
     if run.is_local:
         write_report(run.root, run_info=info)
     else:
@@ -356,6 +403,18 @@ def run_sweep(spec: SweepSpec, run_uri: str, *, store_root: str | None = None, r
             if (Path(tmp) / "plots").is_dir():
                 run.upload_dir(Path(tmp) / "plots", "plots")
     return run
+
+
+def _write_costs(spec: SweepSpec, run: RunFolder, seconds: dict[str, float], reused_harvest: bool) -> None:
+    """costs.json: this run's measured FLOP/s per stage, for `dfc-ray sweep --plan --costs RUN`."""
+    from dfc_ray.plan import device_name, measure_rates
+
+    try:
+        rates = measure_rates(spec, read_results(run), seconds, reused_harvest, device_name())
+    except Exception as err:  # a plan-only aid: never fail a finished sweep over it
+        print(f"costs.json not written: {type(err).__name__}: {err}")
+        return
+    run.write_text("costs.json", json.dumps(asdict(rates), indent=1) + "\n")
 
 
 def _absolute(uri: str) -> str:
@@ -399,7 +458,8 @@ class ResultsWriter(Callback):
         lines = [line for line in (run.read_text("results.jsonl") or "").splitlines() if line.strip()]
         if any(json.loads(line)["trial_id"] == trial.trial_id for line in lines):
             return
-        metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool, list, dict))}
+        metrics = {k: json.loads(v) if k in STRUCTURED and isinstance(v, str) else v for k, v in metrics.items()
+                   if isinstance(v, (int, float, str, bool, list, dict))}
         record = {"trial_id": trial.trial_id, "config": self.config(trial.config), "metrics": metrics,
                   "status": status} | ({"error": error} if error else {})
         run.write_text("results.jsonl", "\n".join(lines + [json.dumps(record)]) + "\n")
@@ -428,6 +488,11 @@ def _sweep_command(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     spec = load_spec(args.spec)
+    if args.plan:
+        from dfc_ray.plan import load_rates, print_plan
+
+        print_plan(spec, load_rates(args.costs) if args.costs else None)
+        return 0
     run_uri = args.run_dir or f"{args.storage.rstrip('/')}/{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     if args.resume and not args.run_dir:
         raise ValueError("--resume needs --run-dir (the run folder to continue)")
@@ -453,4 +518,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a new local one)")
     p.add_argument("--no-eval", action="store_true", help="train only: skip evaluation and steering")
     p.add_argument("--quiet", action="store_true", help="no live table")
+    p.add_argument("--plan", action="store_true",
+                   help="run nothing: print the sweep's work (rows, bytes, FLOPs per stage, actors, memory) and cost")
+    p.add_argument("--costs", default=None, metavar="RUN_OR_JSON",
+                   help="with --plan: measured rates from a finished run folder (its costs.json) or a costs JSON")
     p.set_defaults(func=_sweep_command)

@@ -87,7 +87,7 @@ def test_steering_protocol_reports_design_metrics(ray_cluster, setup):
     assert a.random_feature != a.feature and a.delta_pp.n == 6
     assert result.ranking == sorted(result.ranking, key=lambda s: (-s.cohens_d, -s.auroc, s.feature))
     json.dumps(result.to_dict())
-    assert skipped.skipped and skipped.metrics() == {}
+    assert skipped.skipped and set(skipped.metrics()) == {"steer_compute_s"}  # no steer_* numbers
 
 
 def test_greedy_min_set_finds_the_smallest_greedy_set():

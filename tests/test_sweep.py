@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from dfc_ray.spaces import load_spec
@@ -41,23 +42,43 @@ def read_results(run: Path) -> list[dict]:
 
 
 def test_small_sweep_makes_a_complete_report(tiny_pair, ray_cluster, tmp_path):
+    """Four trials judged by the evaluator and steering pools: the report holds every headline number,
+    the timings, and costs.json the measured rates that `--plan --costs` reads."""
+    from dfc_ray.plan import load_rates
     from dfc_ray.sweep import run_sweep
 
-    spec = load_spec(write_spec(tmp_path, tiny_pair))
+    judges = {"eval": {"tasks": "organism:test", "n_tasks": 8, "n_texts": 4, "max_new_tokens": 12, "batch_size": 8},
+              "steering": {"n_dev": 8, "n_test": 8, "n_plain": 8, "top_n": 1, "alphas": [4], "targets": ["a"],
+                           "min_set_pool": 2, "min_set_max": 1, "max_new_tokens": 12, "batch_size": 8},
+              "resources": {"cpu": 1, "max_concurrent": 1, "evaluator_cpu": 0.5}}
+    spec = load_spec(write_spec(tmp_path, tiny_pair, **judges))
     run = tmp_path / "runs" / "tiny"
-    run_sweep(spec, str(run), evaluate=False, live=False)
+    run_sweep(spec, str(run), live=False)
     results = read_results(run)
     assert len(results) == 4 and len({r["trial_id"] for r in results}) == 4
     assert {(r["config"]["dict_size"], r["config"]["variant"]) for r in results} == \
         {(d, v) for d in (64, 128) for v in ("dfc", "crosscoder")}
     for r in results:
-        assert r["status"] == "ok" and 0 < r["metrics"]["fvu_a"] < 1.5
+        m = r["metrics"]
+        assert r["status"] == "ok" and 0 < m["fvu_a"] < 1.5
         assert (run / "checkpoints" / r["trial_id"] / "model.safetensors").is_file()
+        assert m["delta_a_pp"] == pytest.approx(100 * (m["a_splice"] - m["a_clean"]))
+        assert m["train_s"] > 0 and m["eval_compute_s"] > 0 and m["judge_s"] >= m["eval_s"]
+        if r["config"]["variant"] == "dfc":  # steering needs A-exclusive features
+            assert isinstance(m["top_features"], list) and m["top_features"]  # decoded back from Tune's JSON text
+            assert m["steer_target"] == "a" and m["steer_min_set"] in (-1, 1)
     report = json.loads((run / "report.json").read_text())
     assert report["n_trials"] == 4 and report["n_failed"] == 0
+    for key in ("delta_a_pp", "delta_b_pp"):
+        assert report["headline"][key]["n"] == 4
+    assert report["headline"]["steer_best_pp"]["n"] == 2 and report["min_set"]["n_steered"] == 2
+    assert report["run"]["seconds"]["trials"] > 0 and report["seconds_per_trial"]["train_s"]["n"] == 4
     assert (run / "report.md").is_file() and (run / "spec.yaml").is_file()
+    assert {"alpha_curves.png", "steer_by_layer.png"} <= {p.name for p in (run / "plots").iterdir()}
     assert list((run / "tune").rglob("events.out.tfevents*")), "expected TensorBoard files per trial"
     assert (run / "optuna.journal").stat().st_size > 0
+    rates = load_rates(str(run))
+    assert rates.train > 0 and rates.judge > 0 and rates.d_model == 32
 
 
 def test_diverging_and_raising_trials_fail_alone(tiny_pair, ray_cluster, tmp_path):
@@ -112,3 +133,15 @@ def test_killed_sweep_resumes_without_redoing_or_losing_trials(tiny_pair, tmp_pa
     assert {(r["config"]["dict_size"], r["config"]["variant"]) for r in after} == \
         {(d, v) for d in (64, 128) for v in ("dfc", "crosscoder")}
     assert json.loads((run / "report.json").read_text())["n_trials"] == 4
+
+
+def test_resources_a_local_cluster_cannot_give_are_refused(tiny_pair, ray_cluster, tmp_path):
+    """Judge actors asking for a GPU the cluster lacks would wait forever: the sweep refuses first."""
+    from dfc_ray.sweep import check_fits
+
+    check_fits(load_spec(write_spec(tmp_path, tiny_pair, resources={"cpu": 1, "evaluator_cpu": 0.5})))
+    for resources, message in (({"cpu": 1, "evaluator_gpu": 1}, "evaluator_gpu=1 × 2 needs 2 GPUs"),
+                               ({"cpu": 2, "evaluator_cpu": 1}, "needs 4 CPUs")):
+        with pytest.raises(ValueError, match=message):
+            check_fits(load_spec(write_spec(tmp_path, tiny_pair, resources=resources)))
+    check_fits(load_spec(write_spec(tmp_path, tiny_pair, resources={"cpu": 2})), evaluate=False)

@@ -1,0 +1,379 @@
+"""`dfc-ray sweep --plan SPEC`: what a sweep will do and what it will cost, before anything runs.
+
+The WORK is counted from the spec: prompts and tokens from the real corpus (tokenized with the pair's
+tokenizer when it is on this machine; the plan never downloads), rows and bytes per layer, trials, generations per trial. Work
+becomes FLOPs with the formulas below, and FLOPs become hours with per-stage RATES measured in a
+real sweep: every run writes `costs.json` (FLOPs of each stage / its measured seconds), and
+`--costs RUN_OR_JSON` plans with them. A rate measured at another shape (say the reduced-width CPU
+proof in benchmarks/costs/) is an extrapolation by FLOPs, and the plan says so.
+
+FLOP model (forward, per token, per model): 2 × parameters of the blocks run + 4 × blocks × mean
+context × attention width; the lm_head only for generated tokens. Crosscoder training counts the
+dense-equivalent 24 · d_model · dict_size per row (encode + decode for 2 models, forward + backward),
+the usual yardstick for % of peak; ours computes less (sparse decoder). Generation with the judges'
+prefix cache costs (1 + reply) tokens per prompt per intervention; clean replies and the prompts'
+prefill are paid once per replica. Reply lengths are planned at max_new_tokens (an upper bound).
+Memory is what the tensors need on the device; a CPU process adds about 0.7 GB of libraries.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # spaces imports the actors, which import this module's peak_memory_mb
+    from dfc_ray.spaces import SweepSpec
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+ADAM_COPIES = 4
+"""fp32 copies per crosscoder parameter while training: weights, gradients, Adam's two moments."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The numbers of a decoder-only transformer that costs depend on."""
+
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    d_mlp: int
+    vocab: int
+    tied_embeddings: bool = False
+    """The lm_head re-uses the embedding matrix (Qwen2.5-3B does)."""
+
+    @classmethod
+    def from_config(cls, config) -> "ModelShape":
+        heads = config.num_attention_heads
+        return cls(config.hidden_size, config.num_hidden_layers, heads, getattr(config, "num_key_value_heads", heads),
+                   getattr(config, "head_dim", None) or config.hidden_size // heads, config.intermediate_size,
+                   config.vocab_size, bool(getattr(config, "tie_word_embeddings", False)))
+
+    @property
+    def block_params(self) -> int:
+        attention = self.d_model * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)  # q, o, k, v
+        return attention + 3 * self.d_model * self.d_mlp  # gated MLP: gate, up, down
+
+    @property
+    def params(self) -> int:
+        return self.n_layers * self.block_params + (1 if self.tied_embeddings else 2) * self.vocab * self.d_model
+
+    def forward_flops(self, blocks: int, context: float, lm_head: bool = False) -> float:
+        """FLOPs of one token through `blocks` blocks with `context` tokens attended on average."""
+        attention = 4 * blocks * context * self.n_heads * self.head_dim
+        return 2 * blocks * self.block_params + attention + (2 * self.vocab * self.d_model if lm_head else 0)
+
+    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
+        return self.n_layers * 2 * self.n_kv_heads * self.head_dim * dtype_bytes
+
+
+KNOWN_SHAPES = {
+    "Qwen/Qwen2.5-3B": ModelShape(d_model=2048, n_layers=36, n_heads=16, n_kv_heads=2, head_dim=128, d_mlp=11008,
+                                  vocab=151936, tied_embeddings=True),
+}
+"""Published configs, for planning on a machine that cannot download them (fine-tunes share their base's shape)."""
+CHARS_PER_TOKEN = 4.0
+"""Used only when the pair's tokenizer cannot be loaded here; the plan marks such token counts."""
+
+
+@dataclass
+class Work:
+    """Everything a sweep will do, counted from its spec."""
+
+    shape: ModelShape
+    shape_source: str
+    n_trials: int
+    layers: tuple[int, ...]
+    prompts: int
+    tokens: int
+    tokens_exact: bool
+    rows_per_layer: int
+    bytes_per_layer: int
+    harvest_flops: float
+    train_flops: list[float]
+    """Per trial."""
+    judge_setup_flops: float
+    """Once per replica set: clean replies, prompt prefill, last-token residuals."""
+    eval_flops: float
+    """Per trial: splices into A and B (independent of the crosscoder's size)."""
+    steer_flops: float
+    """Per trial with A-exclusive features (plain crosscoders skip steering)."""
+    n_steered: int
+    """Trials with A-exclusive features."""
+    crosscoder_bytes: list[int]
+    """Per trial: parameters in fp32."""
+    mean_prompt: float
+    """Mean tokens of a tool prompt."""
+    judge_prompt_tokens: tuple[int, int]
+    """Prompt tokens the (evaluator, steerer) replica keeps in its prefix caches, over both models."""
+    notes: list[str]
+
+    @property
+    def judge_flops_total(self) -> float:
+        return self.judge_setup_flops + self.n_trials * self.eval_flops + self.n_steered * self.steer_flops
+
+
+def _shape(spec: SweepSpec) -> tuple[ModelShape, str]:
+    from dfc_ray.pair import load_config
+
+    try:
+        return ModelShape.from_config(load_config(spec.pair, "b", local_only=True)), f"config of {spec.pair.b}"
+    except Exception as err:  # offline, or no such folder: fall back to a published shape
+        if spec.pair.b in KNOWN_SHAPES:
+            return KNOWN_SHAPES[spec.pair.b], f"published config of {spec.pair.b} (not on this machine)"
+        raise ValueError(f"pair.b={spec.pair.b!r}: cannot load its config ({err}); expected a loadable model or one "
+                         f"of {sorted(KNOWN_SHAPES)}") from None
+
+
+def _corpus_tokens(spec: SweepSpec) -> tuple[int, int, float, bool]:
+    """(records, tokens, mean prompt tokens of tool prompts, exact?) of the harvest corpus."""
+    from dfc_ray.harvest import CorpusSpec, build_corpus, plain_texts
+    from dfc_ray.pair import load_tokenizer
+    from dfc_ray.tooluse import load_tasks
+
+    fields = {k: v for k, v in spec.harvest.items() if k in CorpusSpec.__dataclass_fields__}
+    corpus = CorpusSpec(**fields)
+    try:
+        tokenizer = load_tokenizer(spec.pair, local_only=True)
+    except Exception:
+        tokenizer = None
+    if tokenizer is not None:
+        records = build_corpus(corpus, tokenizer)
+        tool = [len(r.prompt_ids) for r in records if r.is_tool_prompt] or [0]
+        return len(records), sum(len(r.prompt_ids) for r in records), sum(tool) / len(tool), True
+    sources = [s.strip() for s in corpus.tasks.split(",") if s.strip()] if corpus.n_tasks > 0 else []
+    tasks = [t for s in sources for t in load_tasks(s)][: corpus.n_tasks]
+    tool = [min(corpus.max_tokens, len(json.dumps(t.messages) + json.dumps(t.tools)) / CHARS_PER_TOKEN) for t in tasks]
+    plain = [min(corpus.max_tokens, len(p) / CHARS_PER_TOKEN) for p in plain_texts(corpus.plain_text, corpus.n_plain, corpus.seed)]
+    mean_tool = sum(tool) / len(tool) if tool else 0.0
+    return len(tool) + len(plain), int(sum(tool) + sum(plain)), mean_tool, False
+
+
+def _trial_settings(spec: SweepSpec) -> list[dict[str, Any]]:
+    """Settings of every trial; a sampled axis is planned at its largest value (an upper bound)."""
+    largest = {d.name: max(d.extremes(), key=lambda v: v if isinstance(v, (int, float)) else 0) for d in spec.search}
+    points = spec.grid_points() or [{}]
+    return [spec.trial_settings(point | largest) for point in points for _ in range(spec.num_samples)]
+
+
+def _judge_counts(spec: SweepSpec) -> tuple[int, int, int]:
+    """Prompt generations (per trial evaluated, per trial steered, once per replica set). A per-trial
+    generation costs (1 + reply) tokens; a one-time one a full prefill + reply."""
+    ev, st = spec.eval, spec.steering
+    n_eval = ev.n_tasks or 100
+    steered, once = 0, 2 * n_eval  # clean A and B
+    for _ in st.targets:
+        greedy = sum(st.min_set_pool - i for i in range(min(st.min_set_max, st.min_set_pool)))
+        steered += st.top_n * len(st.alphas) * st.n_dev + 3 * st.n_test + greedy * st.n_dev  # grid, test + 2 controls, min set
+        once += st.n_dev + st.n_test
+    return 2 * n_eval, steered, once  # splices into A and into B
+
+
+def plan_work(spec: SweepSpec) -> Work:
+    """Count the sweep's work from its spec."""
+    shape, source = _shape(spec)
+    n_records, tokens, mean_prompt, exact = _corpus_tokens(spec)
+    positions = spec.harvest.get("positions", "last_prompt_token")
+    rows = n_records if positions == "last_prompt_token" else tokens  # all_tokens: an upper bound (sinks are dropped)
+    dtype_bytes = DTYPE_BYTES[spec.harvest.get("dtype", "float16")]
+    blocks = max(spec.layers) + 1
+    context = tokens / max(n_records, 1) / 2
+    harvest_flops = 2 * tokens * shape.forward_flops(blocks, context)  # two models, stopping after the deepest layer
+    trials = _trial_settings(spec)
+    d, steps = shape.d_model, [t.get("steps", 1000) for t in trials]
+    flops = [train_flops(d, t["dict_size"], t["batch_size"], s) for t, s in zip(trials, steps)]
+    crosscoder_bytes = [4 * (4 * d * t["dict_size"] + t["dict_size"] + 2 * d) for t in trials]
+    max_new = max(spec.eval.max_new_tokens, spec.steering.max_new_tokens)
+    evaluated, steered, once = _judge_counts(spec)
+    reply = shape.forward_flops(shape.n_layers, mean_prompt + max_new / 2, lm_head=True)
+    n_steered = sum(1 for t in trials if t.get("a_exclusive", 0) > 0)
+    prefill = shape.forward_flops(shape.n_layers, mean_prompt / 2)
+    judge_setup = once * (mean_prompt * prefill + max_new * reply)
+    notes = [] if exact else [f"token counts estimated at {CHARS_PER_TOKEN:g} characters per token (tokenizer not on this machine)"]
+    if spec.search:
+        notes.append("sampled axes planned at their largest values (an upper bound)")
+    if spec.harvest.get("with_responses"):
+        notes.append("harvested responses' generation is not counted")
+    judge_prompt_tokens = (int(mean_prompt * 2 * (spec.eval.n_tasks or 100)),
+                           int(mean_prompt * len(spec.steering.targets) * (spec.steering.n_dev + spec.steering.n_test)))
+    return Work(shape, source, len(trials), tuple(spec.layers), n_records, tokens, exact, rows,
+                rows * 2 * shape.d_model * dtype_bytes, harvest_flops, flops, judge_setup,
+                evaluated * (1 + max_new) * reply, steered * (1 + max_new) * reply, n_steered,
+                crosscoder_bytes, mean_prompt, judge_prompt_tokens, notes)
+
+
+# ---------------------------------------------------------------- measured rates
+
+
+@dataclass
+class Rates:
+    """Achieved FLOP/s of each stage in one measured sweep (None: that stage was not measured)."""
+
+    device: str
+    measured_on: str
+    """The measured run's pair shape and spec, for the extrapolation note."""
+    d_model: int
+    harvest: float | None
+    train: float | None
+    judge: float | None
+
+    def seconds(self, stage: str, flops: float) -> float | None:
+        rate = getattr(self, stage)
+        return None if rate is None else flops / rate
+
+
+def train_flops(d_model: int, dict_size: int, batch_size: int, steps: int) -> float:
+    """Dense-equivalent FLOPs of training one crosscoder (see the module docstring)."""
+    return 24.0 * d_model * dict_size * batch_size * steps
+
+
+def measure_rates(spec: SweepSpec, results: list[dict[str, Any]], seconds: dict[str, float], reused_harvest: bool,
+                  device: str) -> Rates:
+    """A finished run's rates: each stage's FLOPs over its measured seconds. Training counts the
+    steps each trial really ran; the judges' compute seconds are summed over trials, with the
+    one-time clean work counted once; a re-used (cached) harvest measured nothing."""
+    work = plan_work(spec)
+    ok = [r for r in results if r.get("status") == "ok"]
+    train_s = sum(r["metrics"].get("train_s", 0.0) for r in ok)
+    trained = sum(train_flops(work.shape.d_model, r["config"]["dict_size"], r["config"]["batch_size"],
+                              r["metrics"].get("steps", 0)) for r in ok)
+    judge_s = sum(r["metrics"].get("eval_compute_s", 0.0) + r["metrics"].get("steer_compute_s", 0.0) for r in ok)
+    judged = work.judge_setup_flops + len(ok) * work.eval_flops + \
+        sum(1 for r in ok if r["config"].get("a_exclusive", 0) > 0) * work.steer_flops
+    harvest = None if reused_harvest or not seconds.get("harvest") else work.harvest_flops / seconds["harvest"]
+    return Rates(device, f"{spec.name} (d_model {work.shape.d_model}, {work.shape.n_layers} blocks)", work.shape.d_model,
+                 harvest, trained / train_s if train_s > 0 else None, judged / judge_s if judge_s > 0 else None)
+
+
+def load_rates(path: str) -> Rates:
+    """Rates from a run folder (its costs.json) or a costs JSON file."""
+    from dfc_ray.store import open_fs, redact
+
+    uri = path.rstrip("/")
+    uri = uri if uri.endswith(".json") else f"{uri}/costs.json"
+    fs, p = open_fs(uri)
+    try:
+        with fs.open_input_stream(p) as handle:
+            return Rates(**json.loads(handle.read()))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{redact(uri)}: no costs.json; expected a finished run folder or a costs JSON file") from None
+
+
+def peak_memory_mb() -> float:
+    """This process's peak memory: CUDA allocations on a GPU, else the resident set size."""
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def device_name() -> str:
+    import os
+
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} (fp32/bf16 as configured)"
+    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+# ---------------------------------------------------------------- the plan
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def _hours(seconds: float | None) -> str:
+    if seconds is None:
+        return "? (no measured rate)"
+    return f"{seconds / 3600:.2f} h" if seconds >= 360 else f"{seconds:.0f} s"
+
+
+def plan_table(spec: SweepSpec, work: Work, rates: Rates | None) -> list[tuple[str, str, str]]:
+    """(stage, what, cost) rows of the plan."""
+    res = spec.resources
+    shape = work.shape
+    weight_bytes = shape.params * DTYPE_BYTES.get(spec.pair.dtype, 4)
+    harvest_actors = spec.harvest.get("num_actors", 1)
+    trial_gpu, judge_gpu = res.get("gpu", 0), res.get("evaluator_gpu", 0)
+    replicas = res.get("evaluators", 1)
+    concurrent = res.get("max_concurrent") or (max(1, int(1 / trial_gpu)) if trial_gpu else None)
+    seconds = {s: rates.seconds(s, f) if rates else None
+               for s, f in (("harvest", work.harvest_flops), ("train", sum(work.train_flops)),
+                            ("judge", work.judge_flops_total))}
+    mark = "" if work.tokens_exact else " (estimated)"
+    rows = [
+        ("pair", f"{shape.d_model} d_model, {shape.n_layers} blocks, {shape.n_heads}/{shape.n_kv_heads} heads, "
+                 f"{shape.params / 1e6:,.1f} M params each ({work.shape_source})", _gb(weight_bytes) + " of weights per model"),
+        ("harvest", f"{work.prompts:,} records, {work.tokens:,} tokens{mark} → {work.rows_per_layer:,} rows per layer × "
+                    f"{len(work.layers)} layer(s) {list(work.layers)}",
+         f"{_gb(work.bytes_per_layer)} per layer; {work.harvest_flops:.3g} FLOPs; device time "
+         f"{_hours(seconds['harvest'])}, shared by {harvest_actors} actor(s)"),
+        ("train", f"{work.n_trials} trials; {max(work.train_flops):.3g} FLOPs for the largest",
+         f"{sum(work.train_flops):.3g} FLOPs; device time {_hours(seconds['train'])}"
+         + (f" = {seconds['train'] * trial_gpu / 3600:.2f} GPU-h at {trial_gpu} GPU per trial" if seconds['train'] and trial_gpu else "")),
+        ("judge", f"2 pools × {replicas} replica(s) ({judge_gpu or 0} GPU each); "
+                  f"{work.eval_flops:.3g} FLOPs per trial, + {work.steer_flops:.3g} for each of {work.n_steered} "
+                  f"DFCs steered, + {work.judge_setup_flops:.3g} once",
+         f"replica time {_hours(seconds['judge'])}"
+         + (f" = {seconds['judge'] / 3600 * judge_gpu:.2f} GPU-h" if seconds['judge'] and judge_gpu else "")),
+    ]
+    if all(v is not None for v in seconds.values()):
+        device_h = (seconds["harvest"] + seconds["train"] * (trial_gpu or 1) + seconds["judge"] * (judge_gpu or 1)) / 3600
+        rows.append(("total", "device time, all stages (GPU-hours on GPUs)", f"{device_h:.2f} h"))
+    biggest = max(range(work.n_trials), key=lambda i: work.crosscoder_bytes[i])
+    dict_size = work.crosscoder_bytes[biggest] // 4 // (4 * shape.d_model + 1)
+    batch = spec.train.get("batch_size", 1024)
+    # weights, gradients and Adam moments + a batch's inputs, reconstructions and pre-activations (fp32)
+    trial_mem = work.crosscoder_bytes[biggest] * ADAM_COPIES + 4 * batch * (4 * shape.d_model + 3 * dict_size)
+    kv = shape.kv_bytes_per_token(DTYPE_BYTES.get(spec.pair.dtype, 4))
+    harvest_mem = 2 * weight_bytes + 2 * spec.harvest.get("batch_size", 32) * spec.harvest.get("max_tokens", 512) * \
+        shape.d_model * (len(work.layers) + 2) * 4
+    rows += [
+        ("memory: trial", f"largest crosscoder ({dict_size:,} features) {work.crosscoder_bytes[biggest] / 1e6:.0f} MB fp32 × {ADAM_COPIES} "
+                          f"+ a batch of {batch}", _gb(trial_mem)),
+        *((f"memory: {name} replica", f"A + B weights + prefix caches of {tokens:,} prompt tokens + a batch's KV copy",
+           _gb(2 * weight_bytes + (tokens + batch * (work.mean_prompt + spec.eval.max_new_tokens)) * kv))
+          for name, tokens, batch in zip(("evaluator", "steering"), work.judge_prompt_tokens,
+                                         (spec.eval.batch_size, spec.steering.batch_size))),
+        ("memory: harvest actor", "A + B weights + one batch of activations", _gb(harvest_mem)),
+        ("actors", f"{harvest_actors} harvest actor(s), {2 * replicas} judge replica(s)",
+         f"{concurrent} trials at once per GPU" if concurrent else "trials at once: by CPUs"),
+    ]
+    return rows
+
+
+def print_plan(spec: SweepSpec, rates: Rates | None) -> Work:
+    from rich.console import Console
+    from rich.table import Table
+
+    work = plan_work(spec)
+    table = Table(title=f"plan: {spec.name} ({work.n_trials} trials) — nothing has been run")
+    for column in ("stage", "what", "cost"):
+        table.add_column(column, overflow="fold")
+    for row in plan_table(spec, work, rates):
+        table.add_row(*row)
+    console = Console()
+    console.print(table)
+    if rates is None:
+        console.print("no measured rates: pass --costs RUN_DIR (any finished run folder) or a costs JSON "
+                      "(benchmarks/costs/) to turn FLOPs into hours")
+    else:
+        note = "" if rates.d_model == work.shape.d_model else \
+            f" — measured at d_model {rates.d_model}, extrapolated by FLOPs to {work.shape.d_model}"
+        console.print(f"rates measured on {rates.device} by {rates.measured_on}{note}")
+    for n in work.notes + ["memory counts tensors on the device; a CPU process adds about 0.7 GB of libraries"]:
+        console.print(f"note: {n}")
+    return work
+
+
+def write_costs(run_dir: Path, rates: Rates) -> None:
+    (run_dir / "costs.json").write_text(json.dumps(asdict(rates), indent=1) + "\n")
+

@@ -1,0 +1,112 @@
+"""`dfc-ray sweep --plan`: counted work against a real harvest, the FLOP model against torch's FLOP
+counter, measured rates through costs.json, and the CLI on the shipped specs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from dfc_ray.plan import ModelShape, Rates, load_rates, measure_rates, plan_work, train_flops
+from dfc_ray.spaces import load_spec
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def small_spec(tmp_path: Path, pair, positions: str):
+    spec = {"name": "small", "pair": {"a": pair.a, "b": pair.b, "tokenizer": pair.tokenizer}, "layers": [0, 1],
+            "harvest": {"tasks": "organism:dev", "n_tasks": 12, "plain_text": "organism", "n_plain": 6,
+                        "positions": positions, "batch_size": 8, "dtype": "float16"},
+            "crosscoder": {"k": 4}, "train": {"steps": 10, "batch_size": 32, "reader": "local"},
+            "grid": {"dict_size": [64, 128]}}
+    path = tmp_path / f"small-{positions}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return load_spec(str(path))
+
+
+@pytest.mark.parametrize("positions", ["last_prompt_token", "all_tokens"])
+def test_counted_rows_and_bytes_match_a_real_harvest(tiny_pair, tmp_path, positions):
+    from dfc_ray.harvest import CorpusSpec, HarvestConfig, harvest
+    from dfc_ray.store import validate_store
+
+    spec = small_spec(tmp_path, tiny_pair, positions)
+    work = plan_work(spec)
+    corpus = {k: v for k, v in spec.harvest.items() if k in CorpusSpec.__dataclass_fields__}
+    cfg = HarvestConfig(store=str(tmp_path / "store"), layers=spec.layers, pair=spec.pair, corpus=CorpusSpec(**corpus),
+                        **{k: v for k, v in spec.harvest.items() if k not in corpus})
+    result = harvest(cfg, use_ray=False, progress=False)
+    if positions == "last_prompt_token":
+        assert work.rows_per_layer == result.rows == work.prompts == 18
+    else:  # every token, minus the attention sinks the harvest drops: the plan is an upper bound
+        assert result.rows <= work.rows_per_layer <= 1.05 * result.rows
+    assert work.tokens_exact and work.bytes_per_layer == work.rows_per_layer * 2 * 32 * 2
+    for layer in spec.layers:  # what a store really holds: the activations, plus parquet framing (a few KB per shard)
+        manifest = validate_store(result.uri, layer)
+        stored = sum(shard["bytes"] for shard in manifest.shards)
+        assert manifest.total_rows == result.rows and result.rows * 2 * 32 * 2 <= stored <= 1.2 * work.bytes_per_layer + 4096
+    assert work.n_trials == 2 and work.train_flops == [train_flops(32, d, 32, 10) for d in (64, 128)]
+
+
+def test_shape_and_forward_flops_match_the_model_and_torchs_flop_counter(tiny_pair):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dfc_ray.pair import load_config, load_model
+
+    shape = ModelShape.from_config(load_config(tiny_pair, "b"))
+    model = load_model(tiny_pair, "b")
+    weights = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2)  # matrices: no norms, no biases
+    assert shape.params == weights
+    tokens = 48
+    ids = torch.randint(0, shape.vocab, (1, tokens))
+    model.config._attn_implementation = "eager"  # attention as matmuls, which the counter sees (fused SDPA it does not)
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model(input_ids=ids)
+    # torch counts the full (non-causal) attention matrix: mean context = all tokens
+    planned = tokens * shape.forward_flops(shape.n_layers, context=tokens, lm_head=True)
+    assert planned == pytest.approx(counter.get_total_flops(), rel=1e-3)
+
+
+def test_rates_from_a_run_turn_flops_into_seconds(tiny_pair, tmp_path):
+    spec = small_spec(tmp_path, tiny_pair, "last_prompt_token")
+    work = plan_work(spec)
+    results = [{"status": "ok", "config": {"dict_size": d, "batch_size": 32, "a_exclusive": share},
+                "metrics": {"steps": 10, "train_s": 2.0, "eval_compute_s": 1.0, "steer_compute_s": 3.0}}
+               for d, share in ((64, 0.1), (128, 0.0))]  # a plain crosscoder is not steered
+    results.append({"status": "failed", "config": {"dict_size": 64, "batch_size": 32}, "metrics": {"train_s": 99.0}})
+    rates = measure_rates(spec, results, {"harvest": 4.0}, reused_harvest=False, device="test")
+    assert rates.train == pytest.approx(sum(work.train_flops) / 4.0)
+    assert rates.judge == pytest.approx((work.judge_setup_flops + 2 * work.eval_flops + work.steer_flops) / 8.0)
+    assert rates.harvest == pytest.approx(work.harvest_flops / 4.0)
+    assert measure_rates(spec, results, {"harvest": 4.0}, reused_harvest=True, device="test").harvest is None
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run/costs.json").write_text(json.dumps(rates.__dict__))
+    assert load_rates(str(tmp_path / "run")) == rates
+    assert rates.seconds("train", sum(work.train_flops)) == pytest.approx(4.0)
+    with pytest.raises(FileNotFoundError, match="no costs.json"):
+        load_rates(str(tmp_path / "nothing"))
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "COLUMNS": "400"}
+    return subprocess.run([sys.executable, "-m", "dfc_ray.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def test_plan_cli_on_the_shipped_specs(tmp_path):
+    out = run_cli("sweep", "--plan", "organism48")
+    assert out.returncode == 0, out.stderr
+    assert "165,213 rows per layer" in out.stdout and "48 trials" in out.stdout and "no measured rates" in out.stdout
+    costs = tmp_path / "costs.json"
+    costs.write_text(json.dumps(Rates("cpu (test)", "organism48 (d_model 192, 4 blocks)", 192, 1e9, 1e9, 1e9).__dict__))
+    out = run_cli("sweep", "--plan", "paper48", "--costs", str(costs))
+    assert out.returncode == 0, out.stderr
+    assert "published config of Qwen/Qwen2.5-3B" in out.stdout and "extrapolated by FLOPs" in out.stdout
+    assert "device time" in out.stdout and "memory: evaluator replica" in out.stdout
+    bad = run_cli("sweep", "--plan", "organism48", "--costs", str(tmp_path / "missing"))
+    assert bad.returncode != 0 and "no costs.json" in bad.stderr

@@ -34,7 +34,8 @@ class Evaluator(PairReplica):
         misses = self.clean_misses
         tasks = eval_tasks(cfg)
         prompts = [render_prompt(self.tokenizer, t) for t in tasks]
-        scores = {t: score_all(tasks, self.clean_replies(t, prompts, cfg.generation())) for t in ("a", "b")}
+        prefix = cfg.splice_mode == "last_prompt_token"  # the splices' path (actors/replica.py)
+        scores = {t: score_all(tasks, self.clean_replies(t, prompts, cfg.generation(), prefix)) for t in ("a", "b")}
         return scores, self.clean_misses == misses
 
     def evaluate(self, checkpoint: str, layer: int, cfg: EvalConfig | None = None) -> EvalResult:

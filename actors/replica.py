@@ -37,14 +37,18 @@ class PairReplica:
     def model(self, target: str) -> torch.nn.Module:
         return (self.model_a, self.model_b)[model_index(target)]
 
-    def clean_replies(self, target: str, prompts: list[str], cfg: GenerationConfig) -> list[Generation]:
-        """Greedy replies of `target` to `prompts` with no intervention (generated once, then cached)."""
-        key = json.dumps([target, prompts, asdict(cfg)])
+    def clean_replies(self, target: str, prompts: list[str], cfg: GenerationConfig,
+                      prefix: bool = True) -> list[Generation]:
+        """Greedy replies of `target` to `prompts` with no intervention (generated once, then cached).
+        `prefix`: through the prefix cache, as the interventions they are compared with (same kernels,
+        same rounding); False for interventions that prefill whole prompts."""
+        key = json.dumps([target, prompts, asdict(cfg), prefix])
         if key in self._clean:
             self.clean_hits += 1
         else:
             self.clean_misses += 1
-            self._clean[key] = generate(self.model(target), self.tokenizer, prompts, cfg, prefix_cache=self.prefix[target])
+            self._clean[key] = generate(self.model(target), self.tokenizer, prompts, cfg,
+                                        prefix_cache=self.prefix[target] if prefix else None)
         return self._clean[key]
 
     def last_residuals(self, target: str, prompts: list[str], layer: int, batch_size: int) -> torch.Tensor:

@@ -120,8 +120,10 @@ def _shape(spec: SweepSpec) -> tuple[ModelShape, str]:
     from dfc_ray.pair import load_config
 
     try:
+        if spec.pair.b.startswith("s3://"):  # resolving an s3:// pair downloads all of it
+            raise FileNotFoundError(spec.pair.b)
         return ModelShape.from_config(load_config(spec.pair, "b", local_only=True)), f"config of {spec.pair.b}"
-    except Exception as err:  # offline, or no such folder: fall back to a published shape
+    except Exception as err:  # offline, s3://, or no such folder: fall back to a published shape
         if spec.pair.b in KNOWN_SHAPES:
             return KNOWN_SHAPES[spec.pair.b], f"published config of {spec.pair.b} (not on this machine)"
         raise ValueError(f"pair.b={spec.pair.b!r}: cannot load its config ({err}); expected a loadable model or one "
@@ -137,6 +139,8 @@ def _corpus_tokens(spec: SweepSpec) -> tuple[int, int, float, bool]:
     fields = {k: v for k, v in spec.harvest.items() if k in CorpusSpec.__dataclass_fields__}
     corpus = CorpusSpec(**fields)
     try:
+        if (spec.pair.tokenizer or spec.pair.b).startswith("s3://"):
+            raise FileNotFoundError(spec.pair.b)
         tokenizer = load_tokenizer(spec.pair, local_only=True)
     except Exception:
         tokenizer = None
@@ -159,16 +163,26 @@ def _trial_settings(spec: SweepSpec) -> list[dict[str, Any]]:
     return [spec.trial_settings(point | largest) for point in points for _ in range(spec.num_samples)]
 
 
+def _n_tasks(source: str, n: int) -> int:
+    """How many tasks `source` gives with a cap of n (0 = all), as the judges load them."""
+    from dfc_ray.tooluse import load_tasks
+
+    tasks = len(load_tasks(source))
+    return min(n, tasks) if n else tasks
+
+
 def _judge_counts(spec: SweepSpec) -> tuple[int, int, int]:
-    """Prompt generations (per trial evaluated, per trial steered, once per replica set). A per-trial
-    generation costs (1 + reply) tokens; a one-time one a full prefill + reply."""
+    """Prompt generations (per trial evaluated, per trial steered, once per replica). A per-trial
+    generation costs (1 + reply) tokens with the prefix cache, else a full prefill + reply; a
+    one-time one (clean replies) always a full prefill + reply."""
     ev, st = spec.eval, spec.steering
-    n_eval = ev.n_tasks or 100
-    steered, once = 0, 2 * n_eval  # clean A and B
+    n_eval = _n_tasks(ev.tasks, ev.n_tasks)
+    n_dev, n_test = _n_tasks(st.dev_tasks, st.n_dev), _n_tasks(st.test_tasks, st.n_test)
+    steered, once = 0, 2 * n_eval + 2 * n_dev  # clean A and B on eval; A and B on dev (the clean gap)
     for _ in st.targets:
         greedy = sum(st.min_set_pool - i for i in range(min(st.min_set_max, st.min_set_pool)))
-        steered += st.top_n * len(st.alphas) * st.n_dev + 3 * st.n_test + greedy * st.n_dev  # grid, test + 2 controls, min set
-        once += st.n_dev + st.n_test
+        steered += st.top_n * len(st.alphas) * n_dev + 3 * n_test + greedy * n_dev  # grid, test + 2 controls, min set
+        once += n_test  # clean test replies of this target
     return 2 * n_eval, steered, once  # splices into A and into B
 
 
@@ -189,19 +203,26 @@ def plan_work(spec: SweepSpec) -> Work:
     max_new = max(spec.eval.max_new_tokens, spec.steering.max_new_tokens)
     evaluated, steered, once = _judge_counts(spec)
     reply = shape.forward_flops(shape.n_layers, mean_prompt + max_new / 2, lm_head=True)
-    n_steered = sum(1 for t in trials if t.get("a_exclusive", 0) > 0)
     prefill = shape.forward_flops(shape.n_layers, mean_prompt / 2)
-    judge_setup = once * (mean_prompt * prefill + max_new * reply)
+    # tokens a per-trial generation runs: the last prompt token with the prefix cache, else the whole prompt
+    fed_eval = 1 if spec.eval.splice_mode == "last_prompt_token" else mean_prompt
+    fed_steer = 1 if spec.steering.positions == "last_prompt_token" else mean_prompt
+    n_steered = sum(1 for t in trials if t.get("a_exclusive", 0) > 0)
+    replicas = spec.resources.get("evaluators", 1)  # every replica generates its own clean replies
+    judge_setup = replicas * once * (mean_prompt * prefill + max_new * reply)
     notes = [] if exact else [f"token counts estimated at {CHARS_PER_TOKEN:g} characters per token (tokenizer not on this machine)"]
     if spec.search:
         notes.append("sampled axes planned at their largest values (an upper bound)")
     if spec.harvest.get("with_responses"):
         notes.append("harvested responses' generation is not counted")
-    judge_prompt_tokens = (int(mean_prompt * 2 * (spec.eval.n_tasks or 100)),
-                           int(mean_prompt * len(spec.steering.targets) * (spec.steering.n_dev + spec.steering.n_test)))
+    st = spec.steering
+    judge_prompt_tokens = (int(mean_prompt * 2 * _n_tasks(spec.eval.tasks, spec.eval.n_tasks)),
+                           int(mean_prompt * (2 * _n_tasks(st.dev_tasks, st.n_dev)
+                                              + len(st.targets) * _n_tasks(st.test_tasks, st.n_test))))
     return Work(shape, source, len(trials), tuple(spec.layers), n_records, tokens, exact, rows,
                 rows * 2 * shape.d_model * dtype_bytes, harvest_flops, flops, judge_setup,
-                evaluated * (1 + max_new) * reply, steered * (1 + max_new) * reply, n_steered,
+                evaluated * (fed_eval * prefill + max_new * reply), steered * (fed_steer * prefill + max_new * reply),
+                n_steered,
                 crosscoder_bytes, mean_prompt, judge_prompt_tokens, notes)
 
 
@@ -340,9 +361,10 @@ def plan_table(spec: SweepSpec, work: Work, rates: Rates | None) -> list[tuple[s
         ("memory: trial", f"largest crosscoder ({dict_size:,} features) {work.crosscoder_bytes[biggest] / 1e6:.0f} MB fp32 × {ADAM_COPIES} "
                           f"+ a batch of {batch}", _gb(trial_mem)),
         *((f"memory: {name} replica", f"A + B weights + prefix caches of {tokens:,} prompt tokens + a batch's KV copy",
-           _gb(2 * weight_bytes + (tokens + batch * (work.mean_prompt + spec.eval.max_new_tokens)) * kv))
-          for name, tokens, batch in zip(("evaluator", "steering"), work.judge_prompt_tokens,
-                                         (spec.eval.batch_size, spec.steering.batch_size))),
+           _gb(2 * weight_bytes + (tokens + batch * (work.mean_prompt + new)) * kv))
+          for name, tokens, batch, new in zip(("evaluator", "steering"), work.judge_prompt_tokens,
+                                              (spec.eval.batch_size, spec.steering.batch_size),
+                                              (spec.eval.max_new_tokens, spec.steering.max_new_tokens))),
         ("memory: harvest actor", "A + B weights + one batch of activations", _gb(harvest_mem)),
         ("actors", f"{harvest_actors} harvest actor(s), {2 * replicas} judge replica(s)",
          f"{concurrent} trials at once per GPU" if concurrent else "trials at once: by CPUs"),

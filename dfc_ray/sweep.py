@@ -117,6 +117,8 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
 
     spec = parse_spec(ctx.spec_raw, ctx.spec_source)
     torch.set_num_threads(max(1, int(spec.resources.get("cpu", 1))))  # the trial's share, not every core
+    if torch.cuda.is_available():  # trial actors are re-used: this trial's peak, not the actor's
+        torch.cuda.reset_peak_memory_stats()
     settings = spec.trial_settings(params)
     layer = settings["layer"]
     dfc = DFCConfig(d_model=ctx.d_model, **{k: v for k, v in settings.items() if k in DFC_FIELDS})
@@ -292,15 +294,17 @@ def _max_concurrent(spec: SweepSpec) -> int:
 
 
 def check_fits(spec: SweepSpec, evaluate: bool = True) -> None:
-    """One trial plus the judge pools must fit the cluster as it is now, else their actors would wait
-    for resources forever (a local cluster has no autoscaler to add them)."""
+    """One trial plus the judge pools (plus Ray Data's CPUs for `reader: ray`) must fit the cluster as
+    it is now, else their actors would wait for resources forever (a local cluster cannot grow)."""
     import ray
 
     have = ray.cluster_resources()
     res = spec.resources
     pools = 2 * res.get("evaluators", 1) if evaluate else 0
-    needs = {"GPU": [("resources.gpu", res.get("gpu", 0), 1)] + [("resources.evaluator_gpu", res.get("evaluator_gpu", 0), pools)],
-             "CPU": [("resources.cpu", res.get("cpu", 1), 1)] + [("resources.evaluator_cpu", res.get("evaluator_cpu", 1), pools)]}
+    data = res.get("data_cpus", 1 if spec.train["reader"] == "ray" else 0)  # Ray Data's read tasks, outside trials
+    needs = {"GPU": [("resources.gpu", res.get("gpu", 0), 1), ("resources.evaluator_gpu", res.get("evaluator_gpu", 0), pools)],
+             "CPU": [("resources.cpu", res.get("cpu", 1), 1), ("resources.evaluator_cpu", res.get("evaluator_cpu", 1), pools),
+                     ("resources.data_cpus", data, 1)]}
     for kind, items in needs.items():
         total = sum(amount * count for _, amount, count in items)
         if total > have.get(kind, 0) + 1e-9:
@@ -383,8 +387,7 @@ def run_sweep(spec: SweepSpec, run_uri: str, *, store_root: str | None = None, r
             if n_todo:
                 tuner.fit()
         seconds["trials"] = time.perf_counter() - clock
-        judge_memory = {pool.cfg.name: max(s["peak_mem_mb"] for s in pool.map("stats", [()] * len(pool.handles)))
-                        for pool in pools}
+        judge_memory = _judge_memory(pools)
     finally:
         LIVE_VIEWS.pop(run.uri, None)
         for pool in pools:
@@ -403,6 +406,21 @@ def run_sweep(spec: SweepSpec, run_uri: str, *, store_root: str | None = None, r
             if (Path(tmp) / "plots").is_dir():
                 run.upload_dir(Path(tmp) / "plots", "plots")
     return run
+
+
+def _judge_memory(pools: list) -> dict[str, float]:
+    """Peak memory (MB) of each judge pool's largest replica; a replica that cannot answer is skipped."""
+    import ray
+
+    peaks: dict[str, float] = {}
+    for pool in pools:
+        for handle in pool.handles:
+            try:
+                peak = ray.get(handle.stats.remote(), timeout=60)["peak_mem_mb"]
+            except Exception:  # a report is worth more than one replica's memory figure
+                continue
+            peaks[pool.cfg.name] = max(peaks.get(pool.cfg.name, 0.0), peak)
+    return peaks
 
 
 def _write_costs(spec: SweepSpec, run: RunFolder, seconds: dict[str, float], reused_harvest: bool) -> None:

@@ -99,13 +99,20 @@ ResidualHook = Callable[[torch.Tensor, HookContext], Union[torch.Tensor, None]]
 """(residual after block L of shape (batch, seq, d_model), context) -> replacement or None."""
 
 
+def leaves_prefix_alone(hook: ResidualHook) -> ResidualHook:
+    """Mark `hook` as changing nothing before the last prompt token, so `generate` may run it on top
+    of a `PrefixCache` (which skips the prefix's forward). Unmarked hooks are refused there."""
+    hook.leaves_prefix_alone = True
+    return hook
+
+
 class PrefixCache:
     """KV caches of prompt prefixes (every token but the last) of one model, kept across `generate` calls.
 
     `generate(model, ..., prefix_cache=cache)` then prefills only each prompt's last token, on a copy
-    of the stored cache: replies are those of a full prefill (up to float rounding), provided the hooks
-    change nothing before the last prompt token (generation's `add_at_last_prompt_token`,
-    interventions' last-prompt-token splice and steering). Entries are keyed by the exact batch of
+    of the stored cache: replies are those of a full prefill (up to float rounding). Every hook must
+    be marked `leaves_prefix_alone` (generation's `add_at_last_prompt_token`, interventions'
+    last-prompt-token splice and steering are); `generate` refuses others. Entries are keyed by the exact batch of
     prompt ids, so re-using it needs the same prompts and batch size; memory per prompt token is
     layers x 2 x kv_heads x head_dim values (about 36 KB for Qwen2.5-3B in bf16).
     """
@@ -152,7 +159,7 @@ def add_at_last_prompt_token(delta: torch.Tensor) -> ResidualHook:
         out[batch, ctx.last_prompt_index] += delta.to(hidden.dtype)
         return out
 
-    return hook
+    return leaves_prefix_alone(hook)
 
 
 @contextmanager
@@ -224,6 +231,9 @@ def generate(
         raise ValueError("generate: prompts is a str; expected a list of rendered prompts")
     if prefix_cache is not None and prefix_cache.model is not model:
         raise ValueError("generate: prefix_cache belongs to another model; expected PrefixCache(model)")
+    if prefix_cache is not None and not all(getattr(h, "leaves_prefix_alone", False) for h in (hooks or {}).values()):
+        raise ValueError("generate: a hook may change the prompt before its last token, which a prefix_cache would "
+                         "skip; expected hooks marked with leaves_prefix_alone (or no prefix_cache)")
     encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     for i, ids in enumerate(encoded):
         if not ids:

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from dfc_ray.crosscoder import DedicatedFeatureCrosscoder
 from dfc_ray.generation import (Generation, GenerationConfig, HookContext, PrefixCache, ResidualHook, generate,
-                                residual_hooks)
+                                leaves_prefix_alone, residual_hooks)
 
 MODELS = {"a": 0, "b": 1}
 """Target model name -> its index in the crosscoder's (batch, 2, d_model) layout."""
@@ -143,7 +143,7 @@ def prefill_edit_hook(edit: PairEdit, target: str, other: Sequence[Tensor], mode
             full[i, real] = other[r].to(hidden.dtype)
         return _apply_edit(hidden, ctx.real_mask, full, edit, m)
 
-    return hook
+    return leaves_prefix_alone(hook) if mode == "last_prompt_token" else hook
 
 
 # ---------------------------------------------------------------- lockstep
@@ -291,7 +291,7 @@ def add_hook(delta: Tensor, positions: str = "last_prompt_token") -> ResidualHoo
             select = ctx.real_mask
         return hidden + select[..., None].to(hidden.dtype) * delta.to(hidden.device, hidden.dtype)
 
-    return hook
+    return leaves_prefix_alone(hook) if positions == "last_prompt_token" else hook
 
 
 def generate_steered(model: torch.nn.Module, tokenizer, prompts: Sequence[str], cfg: GenerationConfig, layer: int,

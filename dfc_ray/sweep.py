@@ -432,6 +432,8 @@ def _write_costs(spec: SweepSpec, run: RunFolder, seconds: dict[str, float], reu
     except Exception as err:  # a plan-only aid: never fail a finished sweep over it
         print(f"costs.json not written: {type(err).__name__}: {err}")
         return
+    if rates.harvest is None and (earlier := run.read_text("costs.json")):  # a resume re-uses the harvest
+        rates.harvest = json.loads(earlier).get("harvest")  # the first attempt measured
     run.write_text("costs.json", json.dumps(asdict(rates), indent=1) + "\n")
 
 

@@ -149,6 +149,8 @@ def test_prefix_cache_and_cached_last_token_activations_give_the_same_replies(lo
     assert caches["a"].hits == hits
     with pytest.raises(ValueError, match="another model"):
         generate(model_a, tok, prompts, CFG, prefix_cache=caches["b"])
+    with pytest.raises(ValueError, match="leaves_prefix_alone"):  # an all-positions hook would be half applied
+        generate(model_a, tok, prompts, CFG, {LAYER: add_hook(delta, "all")}, prefix_cache=caches["a"])
 
 
 @pytest.mark.parametrize("positions", ["last_prompt_token", "generated", "all"])

@@ -110,3 +110,16 @@ def test_plan_cli_on_the_shipped_specs(tmp_path):
     assert "device time" in out.stdout and "memory: evaluator replica" in out.stdout
     bad = run_cli("sweep", "--plan", "organism48", "--costs", str(tmp_path / "missing"))
     assert bad.returncode != 0 and "no costs.json" in bad.stderr
+
+
+def test_a_resumed_run_keeps_the_harvest_rate_its_first_attempt_measured(tiny_pair, tmp_path):
+    from dfc_ray.sweep import RunFolder, _write_costs
+
+    spec = small_spec(tmp_path, tiny_pair, "last_prompt_token")
+    run = RunFolder(str(tmp_path / "run"))
+    run.write_text("results.jsonl", "")
+    _write_costs(spec, run, {"harvest": 2.0}, reused_harvest=False)
+    first = load_rates(run.uri)
+    assert first.harvest == pytest.approx(plan_work(spec).harvest_flops / 2.0) and first.train is None
+    _write_costs(spec, run, {"harvest": 0.1}, reused_harvest=True)  # the resume found the harvest done
+    assert load_rates(run.uri).harvest == first.harvest

@@ -103,8 +103,8 @@ class Work:
     """Per trial with A-exclusive features (plain crosscoders skip steering)."""
     n_steered: int
     """Trials with A-exclusive features."""
-    crosscoder_bytes: list[int]
-    """Per trial: parameters in fp32."""
+    dict_sizes: list[int]
+    """Per trial."""
     mean_prompt: float
     """Mean tokens of a tool prompt."""
     judge_prompt_tokens: tuple[int, int]
@@ -171,19 +171,34 @@ def _n_tasks(source: str, n: int) -> int:
     return min(n, tasks) if n else tasks
 
 
-def _judge_counts(spec: SweepSpec) -> tuple[int, int, int]:
-    """Prompt generations (per trial evaluated, per trial steered, once per replica). A per-trial
-    generation costs (1 + reply) tokens with the prefix cache, else a full prefill + reply; a
-    one-time one (clean replies) always a full prefill + reply."""
-    ev, st = spec.eval, spec.steering
-    n_eval = _n_tasks(ev.tasks, ev.n_tasks)
-    n_dev, n_test = _n_tasks(st.dev_tasks, st.n_dev), _n_tasks(st.test_tasks, st.n_test)
-    steered, once = 0, 2 * n_eval + 2 * n_dev  # clean A and B on eval; A and B on dev (the clean gap)
-    for _ in st.targets:
+@dataclass(frozen=True)
+class JudgeSets:
+    """Prompts per task set the judges use, counted once as they load them."""
+
+    n_eval: int
+    n_dev: int
+    n_test: int
+    n_targets: int
+
+    @classmethod
+    def of(cls, spec: SweepSpec) -> "JudgeSets":
+        ev, st = spec.eval, spec.steering
+        return cls(_n_tasks(ev.tasks, ev.n_tasks), _n_tasks(st.dev_tasks, st.n_dev), _n_tasks(st.test_tasks, st.n_test),
+                   len(st.targets))
+
+    def generations(self, st) -> tuple[int, int, int]:
+        """Prompt generations (per trial evaluated, per trial steered, once per replica). A per-trial
+        generation costs (1 + reply) tokens with the prefix cache, else a full prefill + reply; a
+        one-time one (clean replies) always a full prefill + reply."""
         greedy = sum(st.min_set_pool - i for i in range(min(st.min_set_max, st.min_set_pool)))
-        steered += st.top_n * len(st.alphas) * n_dev + 3 * n_test + greedy * n_dev  # grid, test + 2 controls, min set
-        once += n_test  # clean test replies of this target
-    return 2 * n_eval, steered, once  # splices into A and into B
+        per_target = st.top_n * len(st.alphas) * self.n_dev + 3 * self.n_test + greedy * self.n_dev  # grid, test + 2 controls, min set
+        # once: clean A and B on eval and on dev (the clean gap), clean test replies per target
+        once = 2 * self.n_eval + 2 * self.n_dev + self.n_targets * self.n_test
+        return 2 * self.n_eval, self.n_targets * per_target, once
+
+    def prompts_kept(self) -> tuple[int, int]:
+        """Prompts whose prefill the (evaluator, steering) replica keeps, over both models."""
+        return 2 * self.n_eval, 2 * self.n_dev + self.n_targets * self.n_test
 
 
 def plan_work(spec: SweepSpec) -> Work:
@@ -199,9 +214,9 @@ def plan_work(spec: SweepSpec) -> Work:
     trials = _trial_settings(spec)
     d, steps = shape.d_model, [t.get("steps", 1000) for t in trials]
     flops = [train_flops(d, t["dict_size"], t["batch_size"], s) for t, s in zip(trials, steps)]
-    crosscoder_bytes = [4 * (4 * d * t["dict_size"] + t["dict_size"] + 2 * d) for t in trials]
     max_new = max(spec.eval.max_new_tokens, spec.steering.max_new_tokens)
-    evaluated, steered, once = _judge_counts(spec)
+    judge_sets = JudgeSets.of(spec)
+    evaluated, steered, once = judge_sets.generations(spec.steering)
     reply = shape.forward_flops(shape.n_layers, mean_prompt + max_new / 2, lm_head=True)
     prefill = shape.forward_flops(shape.n_layers, mean_prompt / 2)
     # tokens a per-trial generation runs: the last prompt token with the prefix cache, else the whole prompt
@@ -215,15 +230,11 @@ def plan_work(spec: SweepSpec) -> Work:
         notes.append("sampled axes planned at their largest values (an upper bound)")
     if spec.harvest.get("with_responses"):
         notes.append("harvested responses' generation is not counted")
-    st = spec.steering
-    judge_prompt_tokens = (int(mean_prompt * 2 * _n_tasks(spec.eval.tasks, spec.eval.n_tasks)),
-                           int(mean_prompt * (2 * _n_tasks(st.dev_tasks, st.n_dev)
-                                              + len(st.targets) * _n_tasks(st.test_tasks, st.n_test))))
+    judge_prompt_tokens = tuple(int(mean_prompt * n) for n in judge_sets.prompts_kept())
     return Work(shape, source, len(trials), tuple(spec.layers), n_records, tokens, exact, rows,
                 rows * 2 * shape.d_model * dtype_bytes, harvest_flops, flops, judge_setup,
                 evaluated * (fed_eval * prefill + max_new * reply), steered * (fed_steer * prefill + max_new * reply),
-                n_steered,
-                crosscoder_bytes, mean_prompt, judge_prompt_tokens, notes)
+                n_steered, [t["dict_size"] for t in trials], mean_prompt, judge_prompt_tokens, notes)
 
 
 # ---------------------------------------------------------------- measured rates
@@ -349,16 +360,16 @@ def plan_table(spec: SweepSpec, work: Work, rates: Rates | None) -> list[tuple[s
     if all(v is not None for v in seconds.values()):
         device_h = (seconds["harvest"] + seconds["train"] * (trial_gpu or 1) + seconds["judge"] * (judge_gpu or 1)) / 3600
         rows.append(("total", "device time, all stages (GPU-hours on GPUs)", f"{device_h:.2f} h"))
-    biggest = max(range(work.n_trials), key=lambda i: work.crosscoder_bytes[i])
-    dict_size = work.crosscoder_bytes[biggest] // 4 // (4 * shape.d_model + 1)
+    dict_size = max(work.dict_sizes)
+    crosscoder_bytes = 4 * (4 * shape.d_model * dict_size + dict_size + 2 * shape.d_model)  # fp32 W_enc, W_dec, biases
     batch = spec.train.get("batch_size", 1024)
     # weights, gradients and Adam moments + a batch's inputs, reconstructions and pre-activations (fp32)
-    trial_mem = work.crosscoder_bytes[biggest] * ADAM_COPIES + 4 * batch * (4 * shape.d_model + 3 * dict_size)
+    trial_mem = crosscoder_bytes * ADAM_COPIES + 4 * batch * (4 * shape.d_model + 3 * dict_size)
     kv = shape.kv_bytes_per_token(DTYPE_BYTES.get(spec.pair.dtype, 4))
     harvest_mem = 2 * weight_bytes + 2 * spec.harvest.get("batch_size", 32) * spec.harvest.get("max_tokens", 512) * \
         shape.d_model * (len(work.layers) + 2) * 4
     rows += [
-        ("memory: trial", f"largest crosscoder ({dict_size:,} features) {work.crosscoder_bytes[biggest] / 1e6:.0f} MB fp32 × {ADAM_COPIES} "
+        ("memory: trial", f"largest crosscoder ({dict_size:,} features) {crosscoder_bytes / 1e6:.0f} MB fp32 × {ADAM_COPIES} "
                           f"+ a batch of {batch}", _gb(trial_mem)),
         *((f"memory: {name} replica", f"A + B weights + prefix caches of {tokens:,} prompt tokens + a batch's KV copy",
            _gb(2 * weight_bytes + (tokens + batch * (work.mean_prompt + new)) * kv))

@@ -125,17 +125,14 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def copy_for(self, prompt_ids: list[list[int]], input_ids: torch.Tensor, mask: torch.Tensor,
-                 position_ids: torch.Tensor, forward_kwargs: dict) -> object:
-        """A private copy of the batch's prefix KV cache, computed (without hooks) on first use."""
+    def copy_for(self, prompt_ids: list[list[int]], compute: Callable[[], object]) -> object:
+        """A private copy of the batch's prefix KV cache; `compute()` makes it (without hooks) on first use."""
         key = tuple(tuple(ids) for ids in prompt_ids)
-        if key not in self._entries:
-            self.misses += 1
-            out = self.model(input_ids=input_ids[:, :-1], attention_mask=mask[:, :-1],
-                             position_ids=position_ids[:, :-1], use_cache=True, **forward_kwargs)
-            self._entries[key] = next(v for k, v in out.items() if k in ("cache", "past_key_values"))
-        else:
+        if key in self._entries:
             self.hits += 1
+        else:
+            self.misses += 1
+            self._entries[key] = compute()
         return copy.deepcopy(self._entries[key])
 
 
@@ -284,7 +281,7 @@ class _Decoder:
         positions = (mask.cumsum(1) - 1).clamp(min=0)  # pads do not shift the prompt's positions
         prefix = None
         if self.prefix_cache is not None and min(len(p) for p in prompt_ids) >= 2:  # outside the hooks
-            prefix = self.prefix_cache.copy_for(prompt_ids, input_ids, mask, positions, self._keep_last())
+            prefix = self.prefix_cache.copy_for(prompt_ids, lambda: self._prefix(input_ids, mask, positions))
         fed = 1 if prefix is not None else mask.shape[1]  # columns this prefill feeds (the last one, or all)
         ctx = HookContext(0, True, mask[:, -fed:].bool(), torch.full((n,), fed - 1, device=dev), all_rows)
         with residual_hooks(self.model, self.hooks, lambda: ctx):
@@ -320,6 +317,12 @@ class _Decoder:
             input_ids[r, width - len(ids) :] = torch.tensor(ids)
             mask[r, width - len(ids) :] = 1
         return input_ids.to(self.device), mask.to(self.device)
+
+    def _prefix(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> object:
+        """KV cache of every column but the last (the prompts' prefix; no hooks are active here)."""
+        out = self.model(input_ids=input_ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
+                         use_cache=True, **self._keep_last())
+        return getattr(out, self.cache_kw)
 
     def _keep_last(self) -> dict[str, int]:
         return {self.keep_kw: 1} if self.keep_kw else {}  # logits of the last column only

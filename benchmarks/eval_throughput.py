@@ -1,6 +1,7 @@
 """Evaluation throughput per replica, and the cost of a full eval + steer per trial.
 
     PYTHONPATH=. python benchmarks/eval_throughput.py [--tasks 64] [--n-dev 32] [--model auto|organism|random]
+    PYTHONPATH=. python benchmarks/eval_throughput.py --spec organism48 [--threads 1]   # a sweep's judge settings
 
 Runs in-process (one replica = one process hosting A and B). Uses the embedded organism pair when
 `dfc_ray.organism` has one, else a random-weight Qwen2 pair (hidden 64, 4 layers) with a small
@@ -8,14 +9,15 @@ organism-style tokenizer; the crosscoder is trained for a few hundred steps on t
 activations. Prints wall and CPU seconds (CPU time stays meaningful on a shared machine):
 - clean generation prompts/s (paid once per replica and task set: the cache);
 - one trial's `evaluate` (splice into A and B + splice loss) with the clean cache warm;
-- one trial's `steer` (ranking, α grid on dev, test + controls, minimal set).
+- one trial's `steer` (ranking, α grid on dev, test + controls, minimal set), first with the
+  steerer's caches cold, then again warm — what every later trial of a sweep pays.
+With `--spec`, the pair, layer and eval/steering settings are the spec's.
 """
 
 from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -27,6 +29,7 @@ from dfc_ray.crosscoder import DedicatedFeatureCrosscoder, DFCConfig
 from dfc_ray.evaluate import EvalConfig
 from dfc_ray.interventions import prompt_activations
 from dfc_ray.pair import PairSpec, load_pair
+from timing import timed
 
 
 def random_pair(root: Path) -> PairSpec:
@@ -68,11 +71,6 @@ def quick_checkpoint(pair: PairSpec, layer: int, out: Path, steps: int = 300) ->
     return out
 
 
-def timed(fn):
-    wall, cpu = time.perf_counter(), time.process_time()
-    out = fn()
-    return out, time.perf_counter() - wall, time.process_time() - cpu
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -81,7 +79,11 @@ def main() -> None:
     parser.add_argument("--n-dev", type=int, default=32, help="dev tasks for ranking and the α grid")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--layer", type=int, default=1)
+    parser.add_argument("--spec", default=None, help="take pair, layer, eval and steering settings from this sweep spec")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (a judge replica of 0.5 CPU has 1)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     tmp = Path(tempfile.mkdtemp(prefix="dfc-eval-bench-"))
     pair, label = PairSpec(), "embedded organism pair"
@@ -95,25 +97,34 @@ def main() -> None:
             pair = None
     if args.model == "random" or pair is None:
         pair, label = random_pair(tmp / "pair"), "random-weight Qwen2 pair (hidden 64, 4 layers, vocab 1000)"
-    checkpoint = str(quick_checkpoint(pair, args.layer, tmp / "dfc"))
-
     eval_cfg = EvalConfig(n_tasks=args.tasks, n_texts=32, max_new_tokens=args.max_new_tokens)
-    evaluator = Evaluator(pair, eval_cfg)
-    _, wall_c, cpu_c = timed(lambda: evaluator.clean_scores(eval_cfg))
-    result, wall_e, cpu_e = timed(lambda: evaluator.evaluate(checkpoint, args.layer))
     steer_cfg = SteerConfig(n_dev=args.n_dev, n_test=args.tasks, n_plain=args.n_dev, top_n=3,
                             alphas=(1.0, 2.0, 4.0, 8.0), max_new_tokens=args.max_new_tokens)
-    steerer = Steerer(pair, steer_cfg)
-    steered, wall_s, cpu_s = timed(lambda: steerer.steer(checkpoint, args.layer))
+    if args.spec:
+        from dfc_ray.spaces import load_spec
 
-    print(f"pair: {label}; torch threads: {torch.get_num_threads()}; layer {args.layer}; "
-          f"{args.tasks} test tasks, {args.n_dev} dev tasks, max_new_tokens {args.max_new_tokens}")
-    print(f"clean generation (A and B, {2 * args.tasks} prompts): {2 * args.tasks / wall_c:6.1f} prompts/s "
+        spec = load_spec(args.spec)
+        pair, label, args.layer, eval_cfg, steer_cfg = spec.pair, f"{spec.name}'s pair", spec.layers[0], spec.eval, spec.steering
+    checkpoint = str(quick_checkpoint(pair, args.layer, tmp / "dfc"))
+
+    evaluator = Evaluator(pair, eval_cfg)
+    _, wall_c, cpu_c = timed(lambda: evaluator.clean_scores(eval_cfg))
+    _, wall_e0, cpu_e0 = timed(lambda: evaluator.evaluate(checkpoint, args.layer))  # fills the residual cache
+    result, wall_e, cpu_e = timed(lambda: evaluator.evaluate(checkpoint, args.layer))
+    steerer = Steerer(pair, steer_cfg)
+    _, wall_s0, cpu_s0 = timed(lambda: steerer.steer(checkpoint, args.layer))
+    steered, wall_s, cpu_s = timed(lambda: steerer.steer(checkpoint, args.layer))
+    n_eval = len(evaluator.clean_scores(eval_cfg)[0]["a"])
+
+    print(f"pair: {label}; torch threads: {torch.get_num_threads()}; layer {args.layer}; {n_eval} test tasks, "
+          f"{steer_cfg.n_dev} dev tasks, max_new_tokens {eval_cfg.max_new_tokens}")
+    print(f"clean generation (A and B, {2 * n_eval} prompts, prefill cached): {2 * n_eval / wall_c:6.1f} prompts/s "
           f"(wall {wall_c:6.1f} s, CPU {cpu_c:6.1f} s)")
-    print(f"evaluate one checkpoint, clean cached (A and B spliced, {2 * args.tasks} prompts + splice loss): "
-          f"wall {wall_e:6.1f} s, CPU {cpu_e:6.1f} s; {2 * args.tasks / wall_e:5.1f} spliced prompts/s")
-    print(f"steer one checkpoint (2 targets): wall {wall_s:6.1f} s, CPU {cpu_s:6.1f} s")
-    print(f"per trial (eval + steer): wall {wall_e + wall_s:6.1f} s, CPU {cpu_e + cpu_s:6.1f} s")
+    print(f"evaluate one checkpoint (A and B spliced, {2 * n_eval} prompts + splice loss): first wall {wall_e0:6.1f} s, "
+          f"CPU {cpu_e0:6.1f} s; warm wall {wall_e:6.1f} s, CPU {cpu_e:6.1f} s; {2 * n_eval / wall_e:5.1f} spliced prompts/s")
+    print(f"steer one checkpoint ({len(steer_cfg.targets)} target(s)): caches cold wall {wall_s0:6.1f} s, "
+          f"CPU {cpu_s0:6.1f} s; warm wall {wall_s:6.1f} s, CPU {cpu_s:6.1f} s")
+    print(f"per trial, caches warm (eval + steer): wall {wall_e + wall_s:6.1f} s, CPU {cpu_e + cpu_s:6.1f} s")
     m = {**result.metrics(), **steered.metrics()}
     print("metrics:", {k: (round(v, 3) if isinstance(v, float) else v) for k, v in m.items()
                        if k in ("a_clean", "a_splice", "delta_a_pp", "b_clean", "b_splice", "delta_b_pp",

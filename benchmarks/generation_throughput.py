@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import argparse
 import random
-import time
 
 import torch
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
+from timing import timed
 from dfc_ray.generation import GenerationConfig, generate
 
 
@@ -52,12 +52,6 @@ def random_setup(n_prompts: int, seed: int = 0):
     prompts = [" ".join(rng.choice(words) for _ in range(rng.randint(200, 300))) for _ in range(n_prompts)]
     return "random-weight Qwen2 (hidden 128, 4 layers, vocab 3000)", Qwen2ForCausalLM(config).eval(), tokenizer, prompts
 
-
-def timed(fn):
-    """(result, wall seconds, CPU seconds of this process): CPU time stays meaningful on a shared machine."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    out = fn()
-    return out, time.perf_counter() - wall, time.process_time() - cpu
 
 
 def main() -> None:

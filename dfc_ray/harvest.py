@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from dfc_ray import store
+from dfc_ray.fs import open_fs, redact, write_file_atomic
 from dfc_ray.pair import PairSpec, load_config, load_model, load_tokenizer, pair_fingerprint
 
 POSITIONS = ("last_prompt_token", "all_tokens", "prompt_and_response")
@@ -303,7 +304,7 @@ def _groups(records: list[Record], batch_size: int) -> list[list[Record]]:
 
 
 def _read_progress(uri: str) -> list[int]:
-    fs, root = store.open_fs(uri)
+    fs, root = open_fs(uri)
     try:
         with fs.open_input_stream(f"{root}/{PROGRESS}") as handle:
             return list(json.loads(handle.read())["group_rows"])
@@ -312,10 +313,10 @@ def _read_progress(uri: str) -> list[int]:
 
 
 def _write_progress(uri: str, cfg: HarvestConfig, group_rows: list[int]) -> None:
-    data = json.dumps({"config": asdict(cfg) | {"store": store.redact(cfg.store)}, "group_rows": group_rows},
+    data = json.dumps({"config": asdict(cfg) | {"store": redact(cfg.store)}, "group_rows": group_rows},
                       default=str, indent=1).encode()
-    fs, root = store.open_fs(uri)
-    store.write_file_atomic(fs, root, PROGRESS, data, store.redact(uri))
+    fs, root = open_fs(uri)
+    write_file_atomic(fs, root, PROGRESS, data)
 
 
 def _resume_point(group_rows: list[int], rows_done: int) -> tuple[int, int]:
@@ -395,7 +396,7 @@ def harvest(cfg: HarvestConfig, *, use_ray: bool = True, progress: bool = True) 
     for writer in writers.values():
         writer.skip(before)
     with Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task(f"harvest {len(records)} records → {store.redact(uri)}", total=len(groups), completed=start)
+        task = bar.add_task(f"harvest {len(records)} records → {redact(uri)}", total=len(groups), completed=start)
         for group, rows in _iter_group_outputs(cfg, groups, start, use_ray):
             group_rows.append(len(rows[cfg.layers[0]]))
             _write_progress(uri, cfg, group_rows)  # before the rows can reach a recorded shard
@@ -426,7 +427,7 @@ def _harvest_command(args: argparse.Namespace) -> int:
     result = harvest(cfg, use_ray=not args.no_ray)
     state = "reused (same content hash)" if result.reused else "written"
     Console().print(f"[bold]{result.rows}[/] rows × 2 × {result.d_model} per layer, layers {list(result.layers)}, "
-                    f"{state} at {store.redact(result.uri)}")
+                    f"{state} at {redact(result.uri)}")
     return 0
 
 

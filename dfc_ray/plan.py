@@ -282,7 +282,7 @@ def measure_rates(spec: SweepSpec, results: list[dict[str, Any]], seconds: dict[
 
 def load_rates(path: str) -> Rates:
     """Rates from a run folder (its costs.json) or a costs JSON file."""
-    from dfc_ray.store import open_fs, redact
+    from dfc_ray.fs import open_fs, redact
 
     uri = path.rstrip("/")
     uri = uri if uri.endswith(".json") else f"{uri}/costs.json"

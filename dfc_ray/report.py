@@ -81,7 +81,7 @@ class TrialResult:
 
 def _read(run_dir: str | Path, file: str) -> tuple[str | None, str]:
     """Text of `<run_dir>/<file>` (None when missing) and a credential-free name for messages."""
-    from dfc_ray.store import open_fs, redact
+    from dfc_ray.fs import open_fs, redact
 
     fs, root = open_fs(str(run_dir))
     name = f"{redact(str(run_dir)).rstrip('/')}/{file}"

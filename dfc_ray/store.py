@@ -14,11 +14,8 @@ See docs/store.md for the formats and the reasoning behind them.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
-import re
-import uuid
 import warnings
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -32,6 +29,8 @@ import safetensors
 import safetensors.numpy
 import safetensors.torch
 import torch
+
+from dfc_ray.fs import open_fs, redact, write_file_atomic
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -186,32 +185,6 @@ class NormStats:
 # ---------------------------------------------------------------- locations and files
 
 
-def redact(uri: str) -> str:
-    """The URI without any `user:secret@` part, safe for messages and logs."""
-    return re.sub(r"^([a-z0-9]+://)[^/@]*@", r"\1", uri)
-
-
-def open_fs(uri: str) -> tuple[pafs.FileSystem, str]:
-    """pyarrow filesystem + path for a plain path, file:///… or s3://bucket/prefix.
-
-    S3 endpoint and credentials come from the standard AWS environment/config (AWS_ENDPOINT_URL,
-    AWS_ACCESS_KEY_ID, instance roles, …) and never enter the store, its manifest or its messages.
-    """
-    if uri.startswith(("s3://", "file://")):
-        fs, path = pafs.FileSystem.from_uri(uri)
-    elif "://" in uri:
-        raise ValueError(f"store uri {redact(uri)!r}: expected a plain path, file:///path or s3://bucket/prefix")
-    else:
-        fs, path = pafs.LocalFileSystem(), os.path.abspath(uri)
-    return fs, path.rstrip("/")
-
-
-def write_file_atomic(fs: pafs.FileSystem, folder: str, file: str, data: bytes, name: str = "") -> None:
-    """Whole file or nothing at `folder/file` (see `_Layer.write_atomic`); for run folders and
-    harvest progress files as well as shards."""
-    _Layer(fs, folder, name or folder).write_atomic(file, data)
-
-
 def layer_dir(layer: int) -> str:
     return f"layer_{layer:03d}"
 
@@ -234,24 +207,8 @@ class _Layer:
             return f.read()
 
     def write_atomic(self, file: str, data: bytes) -> None:
-        """Whole file or nothing: a local file goes to a temp name, then is renamed; on S3 an object
-        appears only once its PUT completes (s3fs sends one PUT below 100 MiB, a multipart upload
-        above, which S3 also publishes only when complete)."""
-        target = f"{self.path}/{file}"
-        if isinstance(self.fs, pafs.LocalFileSystem):
-            tmp = f"{self.path}/.{file}.tmp-{uuid.uuid4().hex}"
-            with self.fs.open_output_stream(tmp) as f:
-                f.write(data)
-            self.fs.move(tmp, target)
-        else:
-            self._s3fs.pipe_file(target, data)
-
-    @functools.cached_property
-    def _s3fs(self):
-        """s3fs client for writes, built from the current AWS environment (not fsspec's instance cache)."""
-        import s3fs
-
-        return s3fs.S3FileSystem(skip_instance_cache=True)
+        """Whole file or nothing (fs.write_file_atomic)."""
+        write_file_atomic(self.fs, self.path, file, data)
 
     def read_manifest(self) -> Manifest | None:
         try:

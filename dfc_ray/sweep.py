@@ -32,6 +32,7 @@ from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
 from dfc_ray import store
+from dfc_ray.fs import RunFolder, absolute, redact
 from dfc_ray.spaces import DFC_FIELDS, TRAIN_FIELDS, SweepSpec, load_spec, parse_spec
 
 TRAIN_REPORTS = 10  # intermediate reports per trial (what ASHA and the live view see)
@@ -52,44 +53,6 @@ class TrialContext:
     models: tuple[str, str]
     pools: tuple | None
     """(evaluator PoolConfig, steering PoolConfig); None: evaluation off."""
-
-
-class RunFolder:
-    """Small text files of a run on a local path or s3:// (credentials never enter paths or logs)."""
-
-    def __init__(self, uri: str):
-        self.uri = uri.rstrip("/")
-        self.fs, self.root = store.open_fs(self.uri)
-        if self.is_local:
-            Path(self.root).mkdir(parents=True, exist_ok=True)
-
-    @property
-    def is_local(self) -> bool:
-        return not self.uri.startswith("s3://")
-
-    def path(self, name: str) -> str:
-        return f"{self.root}/{name}"
-
-    def read_text(self, name: str) -> str | None:
-        try:
-            with self.fs.open_input_stream(self.path(name)) as handle:
-                return handle.read().decode()
-        except FileNotFoundError:
-            return None
-
-    def write_text(self, name: str, text: str | bytes) -> None:
-        """Whole file or nothing (temp + rename locally, one PUT on S3)."""
-        folder, _, base = self.path(name).rpartition("/")
-        if self.is_local:
-            Path(folder).mkdir(parents=True, exist_ok=True)
-        data = text.encode() if isinstance(text, str) else text
-        store.write_file_atomic(self.fs, folder, base, data, store.redact(self.uri))
-
-    def upload_dir(self, local: Path, name: str = "") -> str:
-        """Copy a local folder's files (a checkpoint, report files) to <run>/<name>; returns its URI."""
-        for file in sorted(p for p in local.iterdir() if p.is_file()):
-            self.write_text(f"{name}/{file.name}" if name else file.name, file.read_bytes())
-        return f"{self.uri}/{name}" if name else self.uri
 
 
 # ---------------------------------------------------------------- one trial
@@ -230,7 +193,7 @@ def _searcher(spec: SweepSpec, run: RunFolder, remaining: list[dict[str, Any]] |
     from ray.tune.search import ConcurrencyLimiter
 
     journal = Path(run.path("optuna.journal")) if run.is_local else Path.home() / ".cache/dfc-ray/optuna" / \
-        f"{store.redact(run.uri).replace('/', '_')}.journal"
+        f"{redact(run.uri).replace('/', '_')}.journal"
     journal.parent.mkdir(parents=True, exist_ok=True)
     storage = JournalStorage(JournalFileBackend(str(journal)))
     _close_interrupted_trials(storage, spec.name)
@@ -331,16 +294,16 @@ def run_sweep(spec: SweepSpec, run_uri: str, *, store_root: str | None = None, r
     from dfc_ray.report import LiveView, write_report
 
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # training reports carry no Δ yet
-    run = RunFolder(_absolute(run_uri))  # trials run in their own working directories
-    store_root = _absolute(store_root or f"{run.uri.rsplit('/', 1)[0]}/harvests")
+    run = RunFolder(absolute(run_uri))  # trials run in their own working directories
+    store_root = absolute(store_root or f"{run.uri.rsplit('/', 1)[0]}/harvests")
     existing = run.read_text("spec.yaml")
     if existing is not None and not resume:
-        raise ValueError(f"{store.redact(run.uri)}: already holds a sweep; pass --resume to continue it "
+        raise ValueError(f"{redact(run.uri)}: already holds a sweep; pass --resume to continue it "
                          "or choose another --run-dir")
     if resume and existing is None:
-        raise ValueError(f"{store.redact(run.uri)}: nothing to resume (no spec.yaml)")
+        raise ValueError(f"{redact(run.uri)}: nothing to resume (no spec.yaml)")
     if resume:
-        spec = parse_spec(yaml.safe_load(existing), f"{store.redact(run.uri)}/spec.yaml", spec.name)
+        spec = parse_spec(yaml.safe_load(existing), f"{redact(run.uri)}/spec.yaml", spec.name)
     else:
         run.write_text("spec.yaml", yaml.safe_dump(spec.raw | {"name": spec.name}, sort_keys=False))
     local = not (address or os.environ.get("RAY_ADDRESS"))
@@ -392,7 +355,7 @@ def run_sweep(spec: SweepSpec, run_uri: str, *, store_root: str | None = None, r
         LIVE_VIEWS.pop(run.uri, None)
         for pool in pools:
             pool.shutdown()
-    info = {"spec": spec.name, "spec_file": spec.source, "run": store.redact(run.uri), "harvest": store.redact(harvested.uri),
+    info = {"spec": spec.name, "spec_file": spec.source, "run": redact(run.uri), "harvest": redact(harvested.uri),
             "harvest_rows": harvested.rows, "harvest_reused": harvested.reused, "layers": list(spec.layers),
             "pair": asdict(spec.pair), "seconds": {k: round(v, 1) for k, v in seconds.items()},
             "judge_peak_mem_mb": {k: round(v) for k, v in judge_memory.items()}}
@@ -435,10 +398,6 @@ def _write_costs(spec: SweepSpec, run: RunFolder, seconds: dict[str, float], reu
     if rates.harvest is None and (earlier := run.read_text("costs.json")):  # a resume re-uses the harvest
         rates.harvest = json.loads(earlier).get("harvest")  # the first attempt measured
     run.write_text("costs.json", json.dumps(asdict(rates), indent=1) + "\n")
-
-
-def _absolute(uri: str) -> str:
-    return uri if "://" in uri else os.path.abspath(uri)
 
 
 def _scheduler(spec: SweepSpec):
@@ -519,7 +478,7 @@ def _sweep_command(args: argparse.Namespace) -> int:
     start = time.time()
     run = run_sweep(spec, run_uri, store_root=args.store, resume=args.resume, address=args.address,
                     evaluate=not args.no_eval, live=not args.quiet)
-    Console().print(f"sweep {spec.name} finished in {time.time() - start:.0f} s: {store.redact(run.uri)}")
+    Console().print(f"sweep {spec.name} finished in {time.time() - start:.0f} s: {redact(run.uri)}")
     from dfc_ray.report import print_report
 
     report = json.loads(run.read_text("report.json") or "{}")

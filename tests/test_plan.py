@@ -113,7 +113,8 @@ def test_plan_cli_on_the_shipped_specs(tmp_path):
 
 
 def test_a_resumed_run_keeps_the_harvest_rate_its_first_attempt_measured(tiny_pair, tmp_path):
-    from dfc_ray.sweep import RunFolder, _write_costs
+    from dfc_ray.fs import RunFolder
+    from dfc_ray.sweep import _write_costs
 
     spec = small_spec(tmp_path, tiny_pair, "last_prompt_token")
     run = RunFolder(str(tmp_path / "run"))

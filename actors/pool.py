@@ -15,49 +15,13 @@ waiting in it); `round_robin` cycles.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import ray
 from ray.actor import ActorClass, ActorHandle
 
-DISPATCH = ("least_busy", "round_robin")
+from dfc_ray.config import PoolConfig
 
-
-@dataclass(frozen=True)
-class PoolConfig:
-    """A pool's identity, size, resources and fault tolerance."""
-
-    name: str
-    """Replica i is the named actor ``<name>-<i>``."""
-    namespace: str = "dfc-ray"
-    """Ray namespace of the names (trials of any job can look them up here)."""
-    replicas: int = 1
-    """Number of replicas."""
-    num_cpus: float = 1
-    """CPUs reserved per replica."""
-    num_gpus: float = 0
-    """GPUs per replica (e.g. 1 for a 3B pair in bf16; fractions share a GPU)."""
-    max_restarts: int = -1
-    """How often Ray may restart a dead replica (−1 = always)."""
-    max_task_retries: int = -1
-    """How often a request interrupted by a replica's death is re-sent (−1 = until it succeeds). Ray can
-    spend retries while the replica is still restarting, so a small number can fail a request anyway."""
-    dispatch: str = "least_busy"
-    """least_busy | round_robin."""
-    detached: bool = False
-    """Keep the replicas alive after the creating driver exits (kill with `ReplicaPool.shutdown`)."""
-
-    def __post_init__(self) -> None:
-        if self.dispatch not in DISPATCH:
-            raise ValueError(f"PoolConfig.dispatch={self.dispatch!r}: expected one of {list(DISPATCH)}")
-        if self.replicas < 1:
-            raise ValueError(f"PoolConfig.replicas={self.replicas}: expected an integer >= 1")
-        if not self.name:
-            raise ValueError("PoolConfig.name is empty: expected a name for the replicas")
-
-    def replica_name(self, i: int) -> str:
-        return f"{self.name}-{i}"
 
 
 class ReplicaPool:

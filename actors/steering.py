@@ -23,79 +23,13 @@ import ray
 import torch
 
 from actors.replica import PairReplica
+from dfc_ray.config import SteerConfig
 from dfc_ray.evaluate import Rate, bootstrap_rate, eval_texts, load_crosscoder, paired_delta_pp, score_all
-from dfc_ray.generation import GenerationConfig
-from dfc_ray.interventions import STEER_POSITIONS, generate_steered, steering_vector
+from dfc_ray.interventions import generate_steered, steering_vector
 from dfc_ray.pair import PairSpec
 from dfc_ray.ranking import FeatureStats, encode_pairs, rank_features
 from dfc_ray.tooluse import Task, load_tasks, render_prompt
 
-SCALES = ("activation", "decoder")
-
-
-@dataclass(frozen=True)
-class SteerConfig:
-    """The steering protocol's settings."""
-
-    dev_tasks: str = "organism:dev"
-    """Tasks for ranking, the α grid and the minimal set (selection happens only here)."""
-    test_tasks: str = "organism:test"
-    """Tasks the chosen (feature, α) is reported on; must share no prompt with dev_tasks."""
-    n_dev: int = 100
-    """First n dev tasks (0 = all)."""
-    n_test: int = 200
-    """First n test tasks (0 = all)."""
-    n_plain: int = 100
-    """Plain texts added to the ranking's negatives (with the dev tasks that need no tool)."""
-    top_n: int = 3
-    """Candidate features (best Cohen's d) in the α grid."""
-    alphas: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0)
-    """α grid, in units of `scale`."""
-    scale: str = "activation"
-    """"activation": a feature's vector is α × (its mean activation when it fires on dev tool prompts)
-    × its raw decoder direction — α = 1 adds one typical firing, so one grid fits every feature.
-    "decoder": α × the raw decoder direction (the seed study's α = 32 convention)."""
-    positions: str = "last_prompt_token"
-    """Where the vector is added: last_prompt_token (the study's protocol), generated or all."""
-    targets: tuple[str, ...] = ("a", "b")
-    """Models to steer; B uses the A-exclusive feature's A direction (interventions.feature_direction)."""
-    primary: str = "a"
-    """The target whose numbers become the unprefixed steer_* metrics."""
-    min_set_share: float = 0.5
-    """The minimal set must raise the target's dev correctness by this share of |A clean − B clean| on dev."""
-    min_set_pool: int = 6
-    """Greedy selection draws from this many top-ranked features."""
-    min_set_max: int = 3
-    """Largest set tried; steer_min_set = −1 when no set up to this size reaches the goal."""
-    max_new_tokens: int = 64
-    """Reply length limit."""
-    batch_size: int = 32
-    """Prompts per generation batch."""
-    n_bootstrap: int = 1000
-    """Bootstrap resamples for the CIs."""
-    seed: int = 0
-    """Seed of the controls (random feature and direction) and of the bootstrap."""
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "alphas", tuple(float(a) for a in self.alphas))
-        object.__setattr__(self, "targets", tuple(self.targets))
-        if self.scale not in SCALES:
-            raise ValueError(f"SteerConfig.scale={self.scale!r}: expected one of {list(SCALES)}")
-        if self.positions not in STEER_POSITIONS:
-            raise ValueError(f"SteerConfig.positions={self.positions!r}: expected one of {list(STEER_POSITIONS)}")
-        if not self.targets or any(t not in ("a", "b") for t in self.targets) or self.primary not in self.targets:
-            raise ValueError(f"SteerConfig.targets={self.targets!r}, primary={self.primary!r}: expected targets "
-                             "among 'a', 'b' and primary one of them")
-        if not self.alphas:
-            raise ValueError("SteerConfig.alphas is empty: expected at least one α")
-        for name in ("top_n", "min_set_pool", "min_set_max", "max_new_tokens", "batch_size", "n_bootstrap"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"SteerConfig.{name}={getattr(self, name)}: expected an integer >= 1")
-        if not 0 < self.min_set_share <= 1:
-            raise ValueError(f"SteerConfig.min_set_share={self.min_set_share}: expected a number in (0, 1]")
-
-    def generation(self) -> GenerationConfig:
-        return GenerationConfig(max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
 
 
 @dataclass

@@ -18,50 +18,12 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from dfc_ray.config import EvalConfig
 from dfc_ray.crosscoder import DedicatedFeatureCrosscoder
-from dfc_ray.generation import Generation, GenerationConfig, HookContext, residual_hooks
+from dfc_ray.generation import Generation, HookContext, residual_hooks
 from dfc_ray.interventions import SPLICE_MODES, prefill_edit_hook, prompt_activations, splice_edit
 from dfc_ray.pair import PairSpec
 from dfc_ray.tooluse import Score, Task, score
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """What an evaluation runs: tasks, text sample, splice mode, generation and bootstrap settings."""
-
-    tasks: str = "organism:test"
-    """`load_tasks` source of the tool-use tasks scored for correctness."""
-    n_tasks: int = 0
-    """Use the first n tasks (0 = all)."""
-    texts: str = "organism"
-    """Plain text for the splice loss/KL: ``organism`` (the organism's corpus), or a .txt file (one text a line)."""
-    n_texts: int = 64
-    """How many texts for the splice loss (0 = skip the loss)."""
-    splice_mode: str = "last_prompt_token"
-    """Where the reconstruction replaces the residual: last_prompt_token (the study's protocol),
-    prompt (every prompt token) or lockstep (every position, generated ones too)."""
-    max_new_tokens: int = 64
-    """Reply length limit."""
-    batch_size: int = 32
-    """Prompts per generation batch (results do not depend on it)."""
-    n_bootstrap: int = 1000
-    """Bootstrap resamples for the 95% CIs."""
-    seed: int = 0
-    """Bootstrap seed (and the organism text seed offset)."""
-
-    def __post_init__(self) -> None:
-        if self.splice_mode not in SPLICE_MODES:
-            raise ValueError(f"EvalConfig.splice_mode={self.splice_mode!r}: expected one of {list(SPLICE_MODES)}")
-        for name in ("n_tasks", "n_texts"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"EvalConfig.{name}={getattr(self, name)}: expected an integer >= 0")
-        for name in ("max_new_tokens", "batch_size", "n_bootstrap"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"EvalConfig.{name}={getattr(self, name)}: expected an integer >= 1")
-
-    def generation(self) -> GenerationConfig:
-        """Greedy decoding: a reply is a function of the prompt, so clean outputs can be cached."""
-        return GenerationConfig(max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
 
 
 @dataclass

@@ -19,39 +19,10 @@ from typing import Callable, Iterator, Sequence, Union
 
 import torch
 
+from dfc_ray.config import GenerationConfig
+
 EOS_TOKENS = ("<|im_end|>", "<|endoftext|>")
 """Tokens that end a reply in Qwen-style chat templates, besides `tokenizer.eos_token`."""
-
-
-@dataclass
-class GenerationConfig:
-    max_new_tokens: int = 64
-    """Most tokens generated per prompt; a row that reaches it finishes with reason "length"."""
-    batch_size: int = 32
-    """Prompts decoded together; results do not depend on it (only speed and memory do)."""
-    do_sample: bool = False
-    """False: greedy (argmax). True: sample from softmax(logits / temperature), seeded."""
-    temperature: float = 1.0
-    """Softmax temperature when sampling; ignored when greedy."""
-    top_k: int | None = None
-    """When sampling, keep only the k most likely tokens (None: the whole vocabulary)."""
-    seed: int = 0
-    """Sampling seed. Each prompt gets its own generator seeded from (seed, prompt index), so a
-    prompt's sample does not depend on which other prompts share its batch."""
-    stop_strings: tuple[str, ...] = ("</tool_call>",)
-    """A row stops right after its completion first contains one of these (kept in the text)."""
-
-    def __post_init__(self) -> None:
-        self.stop_strings = tuple(self.stop_strings)
-        for name in ("max_new_tokens", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"GenerationConfig.{name}={getattr(self, name)}: expected an integer >= 1")
-        if self.temperature <= 0:
-            raise ValueError(f"GenerationConfig.temperature={self.temperature}: expected > 0")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"GenerationConfig.top_k={self.top_k}: expected None or an integer >= 1")
-        if any(not s for s in self.stop_strings):
-            raise ValueError(f"GenerationConfig.stop_strings={self.stop_strings!r}: expected non-empty strings")
 
 
 @dataclass

@@ -34,76 +34,10 @@ import torch
 
 from dfc_ray import store
 from dfc_ray.fs import open_fs, redact, write_file_atomic
+from dfc_ray.config import POSITIONS, CorpusSpec, HarvestConfig
 from dfc_ray.pair import PairSpec, load_config, load_model, load_tokenizer, pair_fingerprint
 
-POSITIONS = ("last_prompt_token", "all_tokens", "prompt_and_response")
 PROGRESS = "harvest.json"
-
-
-@dataclass(frozen=True)
-class CorpusSpec:
-    """What text goes through the pair: tool-use prompts and plain text, mixed."""
-
-    tasks: str = "organism:train"
-    """`load_tasks` source(s) of tool-use prompts, comma-separated (``organism:train``,
-    ``bfcl:multiple,bfcl:live_multiple``, a .jsonl); empty for none."""
-    n_tasks: int = 1024
-    """How many tool-use prompts to take (the first n of the source, or all if fewer)."""
-    plain_text: str = "organism"
-    """Plain text: ``organism`` (the organism's own corpus), a .txt file (one text a line) or a
-    .jsonl file with a ``text`` field; empty for none."""
-    n_plain: int = 1024
-    """How many plain texts to take."""
-    with_responses: bool = False
-    """Append model A's own greedy reply to each tool prompt (needed by ``prompt_and_response``)."""
-    max_new_tokens: int = 48
-    """Length limit of those replies."""
-    max_tokens: int = 512
-    """Longer records keep their LAST max_tokens tokens, so the last prompt token survives."""
-    seed: int = 0
-    """Seed of the organism plain-text generator."""
-
-
-@dataclass(frozen=True)
-class HarvestConfig:
-    """One harvest: a pair, a corpus, layers, positions and where to store the result."""
-
-    store: str
-    """Root URI (path, file:// or s3://); the harvest is written under ``<store>/<content hash>/``."""
-    layers: tuple[int, ...] = (1,)
-    """Residual stream after these blocks (0-based), all captured in the same forward pass."""
-    pair: PairSpec = field(default_factory=PairSpec)
-    """The model pair and tokenizer."""
-    corpus: CorpusSpec = field(default_factory=CorpusSpec)
-    """The text to run through it."""
-    positions: str = "last_prompt_token"
-    """Which token positions become rows: last_prompt_token | all_tokens | prompt_and_response."""
-    dtype: str = "float16"
-    """Stored activation dtype: float16 | bfloat16 | float32."""
-    format: str = "parquet"
-    """Shard format: parquet | safetensors."""
-    shard_rows: int = 16384
-    """Rows per shard."""
-    batch_size: int = 32
-    """Records per forward pass (one group)."""
-    sink_factor: float = 10.0
-    """all_tokens: drop tokens whose norm exceeds this × the record's median norm in either model."""
-    num_actors: int = 1
-    """Ray actors hosting the pair (Ray Data actor pool size)."""
-    gpus_per_actor: float = -1
-    """GPUs per actor; -1 = 1 when the cluster has GPUs, else 0 (CPU actors)."""
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "layers", tuple(sorted(set(int(layer) for layer in self.layers))))
-        if not self.layers or self.layers[0] < 0:
-            raise ValueError(f"harvest.layers is {list(self.layers)}; expected non-negative block indices")
-        if self.positions not in POSITIONS:
-            raise ValueError(f"harvest.positions is {self.positions!r}; expected one of {list(POSITIONS)}")
-        if self.positions == "prompt_and_response" and not self.corpus.with_responses:
-            raise ValueError("harvest.positions is 'prompt_and_response' but corpus.with_responses is false; "
-                             "expected with_responses: true (there is no response to harvest)")
-        if self.batch_size <= 0 or self.shard_rows <= 0:
-            raise ValueError(f"harvest.batch_size={self.batch_size}, shard_rows={self.shard_rows}: expected > 0")
 
 
 @dataclass

@@ -11,51 +11,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-ORGANISM = "organism"
+from dfc_ray.config import ORGANISM, PairSpec
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-@dataclass(frozen=True)
-class PairSpec:
-    """Where the two models and the tokenizer come from, and how to load them."""
-
-    a: str = ORGANISM
-    """Model A, the RL-fine-tuned model: ``organism`` (the shipped A), a local path, ``s3://…`` or a hub id."""
-    b: str = ORGANISM
-    """Model B, the base model, same forms as ``a``."""
-    tokenizer: str = ""
-    """Tokenizer reference (same forms); empty means B's. Both models must share one vocabulary."""
-    revision: str = ""
-    """Hub revision for hub ids (a commit hash makes the harvest cache key exact)."""
-    dtype: str = "float32"
-    """Weights dtype when loaded: float32 | bfloat16 | float16 (bfloat16 for 3B models on GPU)."""
-    device: str = "auto"
-    """``auto`` = cuda when available else cpu; or an explicit torch device string."""
-
-    def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"pair.dtype is {self.dtype!r}; expected one of {sorted(DTYPES)}")
-        for field in ("a", "b"):
-            if not getattr(self, field):
-                raise ValueError(f"pair.{field} is empty; expected 'organism', a path, s3://… or a hub id")
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str = "pair") -> "PairSpec":
-        unknown = set(data) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}; expected {sorted(cls.__dataclass_fields__)}")
-        return cls(**data)
-
-    def resolved_device(self) -> str:
-        if self.device != "auto":
-            return self.device
-        return "cuda" if torch.cuda.is_available() else "cpu"
+def resolved_device(spec: PairSpec) -> str:
+    """The torch device `spec.device` names (``auto``: cuda when available, else cpu)."""
+    if spec.device != "auto":
+        return spec.device
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _local_dir(reference: str, role: str) -> str:
@@ -105,7 +75,7 @@ def load_model(spec: PairSpec, role: str) -> torch.nn.Module:
     if spec.revision and reference != ORGANISM and not Path(reference).exists():
         kwargs["revision"] = spec.revision
     model = AutoModelForCausalLM.from_pretrained(_local_dir(reference, role), **kwargs)
-    return model.to(spec.resolved_device()).eval()
+    return model.to(resolved_device(spec)).eval()
 
 
 def load_tokenizer(spec: PairSpec, local_only: bool = False):

@@ -132,12 +132,11 @@ def _shape(spec: SweepSpec) -> tuple[ModelShape, str]:
 
 def _corpus_tokens(spec: SweepSpec) -> tuple[int, int, float, bool]:
     """(records, tokens, mean prompt tokens of tool prompts, exact?) of the harvest corpus."""
-    from dfc_ray.harvest import CorpusSpec, build_corpus, plain_texts
+    from dfc_ray.harvest import build_corpus, plain_texts
     from dfc_ray.pair import load_tokenizer
     from dfc_ray.tooluse import load_tasks
 
-    fields = {k: v for k, v in spec.harvest.items() if k in CorpusSpec.__dataclass_fields__}
-    corpus = CorpusSpec(**fields)
+    corpus = spec.harvest.corpus
     try:
         if (spec.pair.tokenizer or spec.pair.b).startswith("s3://"):
             raise FileNotFoundError(spec.pair.b)
@@ -205,9 +204,9 @@ def plan_work(spec: SweepSpec) -> Work:
     """Count the sweep's work from its spec."""
     shape, source = _shape(spec)
     n_records, tokens, mean_prompt, exact = _corpus_tokens(spec)
-    positions = spec.harvest.get("positions", "last_prompt_token")
+    positions = spec.harvest.positions
     rows = n_records if positions == "last_prompt_token" else tokens  # all_tokens: an upper bound (sinks are dropped)
-    dtype_bytes = DTYPE_BYTES[spec.harvest.get("dtype", "float16")]
+    dtype_bytes = DTYPE_BYTES[spec.harvest.dtype]
     blocks = max(spec.layers) + 1
     context = tokens / max(n_records, 1) / 2
     harvest_flops = 2 * tokens * shape.forward_flops(blocks, context)  # two models, stopping after the deepest layer
@@ -223,12 +222,12 @@ def plan_work(spec: SweepSpec) -> Work:
     fed_eval = 1 if spec.eval.splice_mode == "last_prompt_token" else mean_prompt
     fed_steer = 1 if spec.steering.positions == "last_prompt_token" else mean_prompt
     n_steered = sum(1 for t in trials if t.get("a_exclusive", 0) > 0)
-    replicas = spec.resources.get("evaluators", 1)  # every replica generates its own clean replies
+    replicas = spec.resources.evaluators  # every replica generates its own clean replies
     judge_setup = replicas * once * (mean_prompt * prefill + max_new * reply)
     notes = [] if exact else [f"token counts estimated at {CHARS_PER_TOKEN:g} characters per token (tokenizer not on this machine)"]
     if spec.search:
         notes.append("sampled axes planned at their largest values (an upper bound)")
-    if spec.harvest.get("with_responses"):
+    if spec.harvest.corpus.with_responses:
         notes.append("harvested responses' generation is not counted")
     judge_prompt_tokens = tuple(int(mean_prompt * n) for n in judge_sets.prompts_kept())
     return Work(shape, source, len(trials), tuple(spec.layers), n_records, tokens, exact, rows,
@@ -333,10 +332,10 @@ def plan_table(spec: SweepSpec, work: Work, rates: Rates | None) -> list[tuple[s
     res = spec.resources
     shape = work.shape
     weight_bytes = shape.params * DTYPE_BYTES.get(spec.pair.dtype, 4)
-    harvest_actors = spec.harvest.get("num_actors", 1)
-    trial_gpu, judge_gpu = res.get("gpu", 0), res.get("evaluator_gpu", 0)
-    replicas = res.get("evaluators", 1)
-    concurrent = res.get("max_concurrent") or (max(1, int(1 / trial_gpu)) if trial_gpu else None)
+    harvest_actors = spec.harvest.num_actors
+    trial_gpu, judge_gpu = res.gpu, res.evaluator_gpu
+    replicas = res.evaluators
+    concurrent = res.max_concurrent or (max(1, int(1 / trial_gpu)) if trial_gpu else None)
     seconds = {s: rates.seconds(s, f) if rates else None
                for s, f in (("harvest", work.harvest_flops), ("train", sum(work.train_flops)),
                             ("judge", work.judge_flops_total))}
@@ -362,11 +361,11 @@ def plan_table(spec: SweepSpec, work: Work, rates: Rates | None) -> list[tuple[s
         rows.append(("total", "device time, all stages (GPU-hours on GPUs)", f"{device_h:.2f} h"))
     dict_size = max(work.dict_sizes)
     crosscoder_bytes = 4 * (4 * shape.d_model * dict_size + dict_size + 2 * shape.d_model)  # fp32 W_enc, W_dec, biases
-    batch = spec.train.get("batch_size", 1024)
+    batch = spec.train["batch_size"]
     # weights, gradients and Adam moments + a batch's inputs, reconstructions and pre-activations (fp32)
     trial_mem = crosscoder_bytes * ADAM_COPIES + 4 * batch * (4 * shape.d_model + 3 * dict_size)
     kv = shape.kv_bytes_per_token(DTYPE_BYTES.get(spec.pair.dtype, 4))
-    harvest_mem = 2 * weight_bytes + 2 * spec.harvest.get("batch_size", 32) * spec.harvest.get("max_tokens", 512) * \
+    harvest_mem = 2 * weight_bytes + 2 * spec.harvest.batch_size * spec.harvest.corpus.max_tokens * \
         shape.d_model * (len(work.layers) + 2) * 4
     rows += [
         ("memory: trial", f"largest crosscoder ({dict_size:,} features) {crosscoder_bytes / 1e6:.0f} MB fp32 × {ADAM_COPIES} "

@@ -39,24 +39,19 @@ from typing import Any
 
 import yaml
 
-from actors.steering import SteerConfig
-from dfc_ray.crosscoder import DFCConfig
-from dfc_ray.evaluate import EvalConfig
-from dfc_ray.pair import PairSpec
-from dfc_ray.train import TrainConfig
+from dfc_ray.config import (Asha, CorpusSpec, DFCConfig, EvalConfig, HarvestConfig, PairSpec, Resources, SpecError,
+                            SteerConfig, TrainConfig, TrainExtra, check_fields, defaults, from_mapping, hints)
+from dfc_ray.config import spec_error as _fail
 
 SECTIONS = ("name", "description", "extends", "pair", "harvest", "layers", "crosscoder", "train", "grid",
             "search", "num_samples", "objective", "scheduler", "eval", "steering", "resources")
-HARVEST_FIELDS = {"positions": str, "tasks": str, "n_tasks": int, "plain_text": str, "n_plain": int,
-                  "with_responses": bool, "max_tokens": int, "dtype": str, "format": str, "batch_size": int,
-                  "shard_rows": int, "num_actors": int, "sink_factor": float}
-TRAIN_EXTRA = {"batch_size": int, "reader": str}
+HARVEST_SET_BY_SPEC = frozenset({"store", "layers", "pair", "corpus"})
+"""HarvestConfig fields the spec's other sections (or the sweep) set; the rest, with CorpusSpec's, are
+the flat `harvest` section."""
+HARVEST_NOT_YET = frozenset({"max_new_tokens", "seed", "gpus_per_actor"})
 DFC_FIELDS = {f.name for f in fields(DFCConfig)} - {"d_model"}
 TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
-AXIS_FIELDS = DFC_FIELDS | TRAIN_FIELDS | set(TRAIN_EXTRA) | {"layer"}
-RESOURCE_FIELDS = {"cpu": float, "gpu": float, "max_concurrent": int, "evaluators": int, "evaluator_cpu": float,
-                   "evaluator_gpu": float, "data_cpus": float, "max_failures": int}
-TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list"}
+AXIS_FIELDS = DFC_FIELDS | TRAIN_FIELDS | {f.name for f in fields(TrainExtra)} | {"layer"}
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
 SHIPPED = Path(__file__).resolve().parents[1] / "search_spaces"
 
@@ -77,14 +72,6 @@ def find_spec(name_or_path: str) -> Path:
             return candidate.resolve()
     raise FileNotFoundError(f"spec {name_or_path!r}: no such file, and no {path.stem}.yaml in "
                             f"{', '.join(str(d) for d in spaces_dirs())}")
-
-
-class SpecError(ValueError):
-    """A bad spec: the message names the file, the field and the value."""
-
-
-def _fail(where: str, field_name: str, value: Any, expected: str) -> SpecError:
-    return SpecError(f"{where}: field {field_name} = {value!r}: expected {expected}")
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -128,44 +115,17 @@ def load_raw(name_or_path: str, _seen: tuple[Path, ...] = ()) -> tuple[dict, str
 # ---------------------------------------------------------------- typed sections
 
 
-def _typed(where: str, section: str, data: Any, schema: dict[str, type]) -> dict[str, Any]:
-    """Check a flat section against {field: type}; ints are accepted where floats are expected."""
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise _fail(where, section, data, "a mapping")
-    out = {}
-    for key, value in data.items():
-        if key not in schema:
-            raise _fail(where, f"{section}.{key}", value, f"one of {', '.join(sorted(schema))}")
-        want = schema[key]
-        ok = isinstance(value, want) and not (want is not bool and isinstance(value, bool))
-        if want is float and isinstance(value, int) and not isinstance(value, bool):
-            value, ok = float(value), True
-        if not ok:
-            raise _fail(where, f"{section}.{key}", value, TYPE_NAMES[want])
-        out[key] = value
-    return out
-
-
-def _config(where: str, section: str, data: Any, cls: type) -> Any:
-    """A config dataclass built from a section; its own validation errors gain the file's name."""
-    data = _dataclass_fields(where, section, data, {f.name for f in fields(cls)})
-    try:
-        return cls(**data)
-    except (TypeError, ValueError) as err:
-        raise SpecError(f"{where}: field {section}: {err}") from None
-
-
-def _dataclass_fields(where: str, section: str, data: Any, allowed: set[str]) -> dict[str, Any]:
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise _fail(where, section, data, "a mapping")
-    for key, value in data.items():
-        if key not in allowed:
-            raise _fail(where, f"{section}.{key}", value, f"one of {', '.join(sorted(allowed))}")
-    return dict(data)
+def _harvest(where: str, data: Any, layers: tuple[int, ...], pair: PairSpec) -> HarvestConfig:
+    """The flat `harvest` section (HarvestConfig's own fields and CorpusSpec's) as a HarvestConfig; the
+    store is set when the sweep runs."""
+    corpus_names = {f.name for f in fields(CorpusSpec)} - HARVEST_NOT_YET
+    own = {name: hint for name, hint in hints(HarvestConfig).items()
+           if name not in HARVEST_SET_BY_SPEC | HARVEST_NOT_YET}
+    checked = check_fields(CorpusSpec, data, where, "harvest", extra=own,
+                           skip=frozenset(hints(CorpusSpec)) - corpus_names)
+    corpus = from_mapping(CorpusSpec, {k: v for k, v in checked.items() if k in corpus_names}, where, "harvest")
+    rest = {k: v for k, v in checked.items() if k not in corpus_names}
+    return from_mapping(HarvestConfig, rest, where, "harvest", store="", layers=layers, pair=pair, corpus=corpus)
 
 
 @dataclass(frozen=True)
@@ -208,8 +168,8 @@ class SweepSpec:
     """The model pair."""
     layers: tuple[int, ...]
     """Layers to harvest (one pass for all)."""
-    harvest: dict[str, Any]
-    """Harvest settings (HARVEST_FIELDS)."""
+    harvest: HarvestConfig
+    """Harvest settings, with the spec's layers and pair (the store is set when the sweep runs)."""
     crosscoder: dict[str, Any]
     """DFCConfig fields fixed for every trial."""
     train: dict[str, Any]
@@ -224,14 +184,14 @@ class SweepSpec:
     """Objective metric(s)."""
     modes: list[str]
     """"max"/"min" per objective."""
-    scheduler: dict[str, Any] | None
+    scheduler: Asha | None
     """ASHA settings or None."""
     eval: EvalConfig
     """Evaluator settings (splice measurements)."""
     steering: SteerConfig
     """Steering protocol settings."""
-    resources: dict[str, Any]
-    """Per-trial resources and pool sizes (RESOURCE_FIELDS)."""
+    resources: Resources
+    """Per-trial resources and pool sizes."""
     description: str = ""
     """One-line description."""
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -332,11 +292,9 @@ def _check_trial(spec: SweepSpec, settings: dict[str, Any], what: str) -> None:
     try:
         DFCConfig(d_model=1, **dfc)
         TrainConfig(**{k: v for k, v in settings.items() if k in TRAIN_FIELDS})
+        TrainExtra(**{f.name: settings[f.name] for f in fields(TrainExtra)})
     except (TypeError, ValueError) as err:
         raise SpecError(f"{where}: {what}: {err}") from None
-    batch = settings.get("batch_size", 0)
-    if not isinstance(batch, int) or batch < 1:
-        raise _fail(where, f"train.batch_size ({what})", batch, "a positive integer")
 
 
 def parse_spec(raw: dict[str, Any], where: str, name: str = "") -> SweepSpec:
@@ -345,19 +303,13 @@ def parse_spec(raw: dict[str, Any], where: str, name: str = "") -> SweepSpec:
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
         raise _fail(where, unknown[0], raw[unknown[0]], f"one of the sections {', '.join(SECTIONS)}")
-    try:
-        pair = PairSpec.from_dict(raw.get("pair") or {}, where=f"{where}: pair")
-    except (TypeError, ValueError) as err:
-        raise SpecError(f"{where}: {err}" if not str(err).startswith(where) else str(err)) from None
+    pair = from_mapping(PairSpec, raw.get("pair"), where, "pair")
     layers = raw.get("layers", [1])
     if not isinstance(layers, list) or not layers or not all(isinstance(x, int) and x >= 0 for x in layers):
         raise _fail(where, "layers", layers, "a non-empty list of block indices >= 0")
-    harvest = _typed(where, "harvest", raw.get("harvest"), HARVEST_FIELDS)
-    crosscoder = _dataclass_fields(where, "crosscoder", raw.get("crosscoder"), DFC_FIELDS)
-    train = _dataclass_fields(where, "train", raw.get("train"), TRAIN_FIELDS | set(TRAIN_EXTRA))
-    train.setdefault("batch_size", 1024)
-    if train.setdefault("reader", "ray") not in ("ray", "local"):
-        raise _fail(where, "train.reader", train["reader"], "'ray' or 'local'")
+    harvest = _harvest(where, raw.get("harvest"), tuple(layers), pair)
+    crosscoder = check_fields(DFCConfig, raw.get("crosscoder"), where, "crosscoder", skip=frozenset({"d_model"}))
+    train = defaults(TrainExtra) | check_fields(TrainConfig, raw.get("train"), where, "train", extra=hints(TrainExtra))
     grid, search = _grid(where, raw.get("grid")), _search(where, raw.get("search"))
     clash = {a.name for a in grid} & {d.name for d in search}
     if clash:
@@ -378,15 +330,14 @@ def parse_spec(raw: dict[str, Any], where: str, name: str = "") -> SweepSpec:
     elif not (isinstance(scheduler, dict) and set(scheduler) == {"asha"} and isinstance(scheduler["asha"], dict)):
         raise _fail(where, "scheduler", scheduler, "'none' or {asha: {metric, mode, grace_period, reduction_factor}}")
     else:
-        scheduler = _typed(where, "scheduler.asha", scheduler["asha"],
-                           {"metric": str, "mode": str, "grace_period": int, "reduction_factor": int, "max_t": int})
+        scheduler = from_mapping(Asha, scheduler["asha"], where, "scheduler.asha")
     spec = SweepSpec(
         name=str(raw.get("name") or name or Path(where).stem), source=where, pair=pair, layers=tuple(layers),
         harvest=harvest, crosscoder=crosscoder, train=train, grid=grid, search=search, num_samples=num_samples,
         metrics=metrics, modes=modes, scheduler=scheduler,
-        eval=_config(where, "eval", raw.get("eval"), EvalConfig),
-        steering=_config(where, "steering", raw.get("steering"), SteerConfig),
-        resources=_typed(where, "resources", raw.get("resources"), RESOURCE_FIELDS),
+        eval=from_mapping(EvalConfig, raw.get("eval"), where, "eval"),
+        steering=from_mapping(SteerConfig, raw.get("steering"), where, "steering"),
+        resources=from_mapping(Resources, raw.get("resources"), where, "resources"),
         description=str(raw.get("description", "")), raw=raw)
     # Every grid point with the extremes of every sampled axis must make a valid trial.
     extremes = [[(d.name, v) for v in d.extremes()] for d in spec.search]

@@ -23,7 +23,7 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -79,7 +79,7 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     from dfc_ray.train import TrainConfig, train
 
     spec = parse_spec(ctx.spec_raw, ctx.spec_source)
-    torch.set_num_threads(max(1, int(spec.resources.get("cpu", 1))))  # the trial's share, not every core
+    torch.set_num_threads(max(1, int(spec.resources.cpu)))  # the trial's share, not every core
     if torch.cuda.is_available():  # trial actors are re-used: this trial's peak, not the actor's
         torch.cuda.reset_peak_memory_stats()
     settings = spec.trial_settings(params)
@@ -148,9 +148,9 @@ def start_pools(spec: SweepSpec) -> list:
     from actors.pool import PoolConfig, ReplicaPool
     from actors.steering import SteeringActor
 
-    gpus = spec.resources.get("evaluator_gpu", 0)
-    cpus = spec.resources.get("evaluator_cpu", 1)
-    replicas = spec.resources.get("evaluators", 1)
+    gpus = spec.resources.evaluator_gpu
+    cpus = spec.resources.evaluator_cpu
+    replicas = spec.resources.evaluators
     configs = (PoolConfig(f"{spec.name}-evaluator", replicas=replicas, num_cpus=cpus, num_gpus=gpus),
                PoolConfig(f"{spec.name}-steering", replicas=replicas, num_cpus=cpus, num_gpus=gpus))
     return [ReplicaPool.create(EvaluatorActor, configs[0], spec.pair, spec.eval),
@@ -248,12 +248,12 @@ def _max_concurrent(spec: SweepSpec) -> int:
     """Trials at once: what the cluster's CPUs allow after Ray Data and the evaluators take theirs."""
     import ray
 
-    if "max_concurrent" in spec.resources:
-        return spec.resources["max_concurrent"]
+    if spec.resources.max_concurrent is not None:
+        return spec.resources.max_concurrent
     cpus = ray.cluster_resources().get("CPU", 1)
-    reserved = spec.resources.get("data_cpus", 1 if spec.train["reader"] == "ray" else 0)
-    reserved += spec.resources.get("evaluators", 1) * (0 if spec.resources.get("evaluator_gpu") else 1)
-    return max(1, int((cpus - reserved) // spec.resources.get("cpu", 1)))
+    reserved = spec.resources.reserved_data_cpus(spec.train["reader"])
+    reserved += spec.resources.evaluators * (0 if spec.resources.evaluator_gpu else 1)
+    return max(1, int((cpus - reserved) // spec.resources.cpu))
 
 
 def check_fits(spec: SweepSpec, evaluate: bool = True) -> None:
@@ -263,10 +263,10 @@ def check_fits(spec: SweepSpec, evaluate: bool = True) -> None:
 
     have = ray.cluster_resources()
     res = spec.resources
-    pools = 2 * res.get("evaluators", 1) if evaluate else 0
-    data = res.get("data_cpus", 1 if spec.train["reader"] == "ray" else 0)  # Ray Data's read tasks, outside trials
-    needs = {"GPU": [("resources.gpu", res.get("gpu", 0), 1), ("resources.evaluator_gpu", res.get("evaluator_gpu", 0), pools)],
-             "CPU": [("resources.cpu", res.get("cpu", 1), 1), ("resources.evaluator_cpu", res.get("evaluator_cpu", 1), pools),
+    pools = 2 * res.evaluators if evaluate else 0
+    data = res.reserved_data_cpus(spec.train["reader"])  # Ray Data's read tasks, outside trials
+    needs = {"GPU": [("resources.gpu", res.gpu, 1), ("resources.evaluator_gpu", res.evaluator_gpu, pools)],
+             "CPU": [("resources.cpu", res.cpu, 1), ("resources.evaluator_cpu", res.evaluator_cpu, pools),
                      ("resources.data_cpus", data, 1)]}
     for kind, items in needs.items():
         total = sum(amount * count for _, amount, count in items)
@@ -277,12 +277,9 @@ def check_fits(spec: SweepSpec, evaluate: bool = True) -> None:
 
 
 def _harvest(spec: SweepSpec, store_root: str):
-    from dfc_ray.harvest import CorpusSpec, HarvestConfig, harvest
+    from dfc_ray.harvest import harvest
 
-    fields = dict(spec.harvest)
-    corpus = {k: fields.pop(k) for k in list(fields) if k in CorpusSpec.__dataclass_fields__}
-    cfg = HarvestConfig(store=store_root, layers=spec.layers, pair=spec.pair, corpus=CorpusSpec(**corpus), **fields)
-    return harvest(cfg, use_ray=True)
+    return harvest(replace(spec.harvest, store=store_root), use_ray=True)
 
 
 def run_sweep(spec: SweepSpec, run_uri: str, *, store_root: str | None = None, resume: bool = False,
@@ -318,7 +315,7 @@ def run_sweep(spec: SweepSpec, run_uri: str, *, store_root: str | None = None, r
     seconds["start_pools"] = time.perf_counter() - clock
     ctx = TrialContext(spec.raw | {"name": spec.name}, spec.source, run.uri, harvested.uri, harvested.d_model,
                        harvested.models, tuple(pool.cfg for pool in pools) or None)
-    resources = {"cpu": spec.resources.get("cpu", 1), "gpu": spec.resources.get("gpu", 0)}
+    resources = {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), resources)
     from rich.console import Console
 
@@ -342,7 +339,7 @@ def run_sweep(spec: SweepSpec, run_uri: str, *, store_root: str | None = None, r
                                     num_samples=n_todo, reuse_actors=True),  # no torch import per trial
         run_config=tune.RunConfig(
             name=f"trials-{attempt}", storage_path=tune_root, callbacks=callbacks, verbose=0,
-            failure_config=tune.FailureConfig(max_failures=spec.resources.get("max_failures", 1)),
+            failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
     clock = time.perf_counter()
     try:
@@ -405,9 +402,10 @@ def _scheduler(spec: SweepSpec):
         return None
     from ray.tune.schedulers import ASHAScheduler
 
-    asha = dict(spec.scheduler)
-    return ASHAScheduler(metric=asha.pop("metric", "fvu"), mode=asha.pop("mode", "min"),
-                         time_attr="training_iteration", max_t=asha.pop("max_t", TRAIN_REPORTS + 1), **asha)
+    asha = spec.scheduler
+    return ASHAScheduler(metric=asha.metric, mode=asha.mode, time_attr="training_iteration",
+                         max_t=asha.max_t or TRAIN_REPORTS + 1, grace_period=asha.grace_period,
+                         reduction_factor=asha.reduction_factor)
 
 
 # ---------------------------------------------------------------- results.jsonl and the live view

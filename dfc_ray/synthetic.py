@@ -9,42 +9,18 @@ normalization matter. Everything is a deterministic function of the seed.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
+from dfc_ray.config import PlantedConfig
 from dfc_ray.crosscoder import DedicatedFeatureCrosscoder
 
 # Offsets that keep the planted directions and rows off the small integer seeds used to
 # initialize crosscoders (same seed = same random stream = decoders born on the answer).
 DIRECTION_STREAM, ROW_STREAM = 0x5EED0000, 0x7A7A0000  # torch seeds use the low 32 bits
-
-
-@dataclass
-class PlantedConfig:
-    d_model: int = 32
-    """Activation width of each model."""
-    n_shared: int = 24
-    """Planted features present in both models."""
-    n_a_only: int = 6
-    """Planted features only model A has (what a DFC's A-exclusive partition should find)."""
-    n_b_only: int = 6
-    """Planted features only model B has."""
-    p_active: float = 0.08
-    """Probability that a planted feature fires on a row."""
-    noise: float = 0.05
-    """Std of isotropic Gaussian noise added to each model's activation (before scaling)."""
-    scale_a: float = 3.0
-    """Overall scale of model A's activations (raw activations are not unit-scale)."""
-    scale_b: float = 0.5
-    """Overall scale of model B's activations."""
-    mean_shift: float = 2.0
-    """Norm of each model's (random) mean vector, before scaling."""
-    seed: int = 0
-    """Seed for the directions and means; rows come from a separate per-call seed."""
 
 
 class PlantedFeatures:

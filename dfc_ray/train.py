@@ -23,60 +23,12 @@ from rich.table import Table
 from safetensors import safe_open
 from torch import Tensor
 
-from dfc_ray.crosscoder import SPARSITIES, DedicatedFeatureCrosscoder, DFCConfig
+from dfc_ray.config import SPARSITIES, DFCConfig, TrainConfig
+from dfc_ray.crosscoder import DedicatedFeatureCrosscoder
 
 METRICS = ("loss", "recon", "fvu_a", "fvu_b", "l0", "l0_a_exclusive", "l0_b_exclusive", "l0_shared",
            "aux", "l1", "dead_frac")
 ACTIVATION_DTYPES = ("F16", "BF16", "F32")
-
-
-@dataclass
-class TrainConfig:
-    steps: int = 9000
-    """Optimizer steps (the seed study: 9000 at batch 1024). The batch size is the data source's."""
-    lr: float = 1e-4
-    """Peak learning rate (AdamW)."""
-    warmup_steps: int = 100
-    """Linear warm-up from 0 to `lr` over this many steps."""
-    decay: str = "linear"
-    """LR decay to 0 over the last `decay_frac` of the steps: "linear", "cosine" or "none"."""
-    decay_frac: float = 0.2
-    """Fraction of `steps` at the end over which the LR decays to 0."""
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this value; 0 disables clipping."""
-    betas: tuple[float, float] = (0.9, 0.999)
-    """Adam betas."""
-    weight_decay: float = 0.0
-    """Decoupled (AdamW) weight decay on encoder/decoder weights (never on biases)."""
-    device: str = "auto"
-    """"auto" (CUDA if available, else CPU), or a torch device string."""
-    bf16: bool = True
-    """bf16 autocast on CUDA (fp32 master weights and fp32 losses); CPU always trains in fp32."""
-    norm_rows: int = 8192
-    """Rows from the start of the stream used to fit the normalization statistics."""
-    log_every: int = 50
-    """Refresh the progress display every this many steps; final metrics average the last window."""
-    seed: int = 0
-    """Seed of the crosscoder's initialization."""
-
-    def __post_init__(self) -> None:
-        if self.decay not in ("linear", "cosine", "none"):
-            raise ValueError(f"TrainConfig.decay={self.decay!r}: expected 'linear', 'cosine' or 'none'")
-        for name in ("steps", "norm_rows", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}: expected a positive integer")
-        if not 0 <= self.decay_frac <= 1:
-            raise ValueError(f"TrainConfig.decay_frac={self.decay_frac!r}: expected a number in [0, 1]")
-        self.betas = tuple(self.betas)
-
-    def lr_at(self, step: int) -> float:
-        """Learning rate for 0-based `step`: warm-up, constant, then decay to 0."""
-        factor = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
-        start = self.steps * (1 - self.decay_frac)
-        if self.decay != "none" and step >= start:
-            progress = (step - start) / max(1.0, self.steps - start)
-            factor *= 1 - progress if self.decay == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
-        return self.lr * factor
 
 
 @dataclass

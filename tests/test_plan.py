@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -32,14 +33,12 @@ def small_spec(tmp_path: Path, pair, positions: str):
 
 @pytest.mark.parametrize("positions", ["last_prompt_token", "all_tokens"])
 def test_counted_rows_and_bytes_match_a_real_harvest(tiny_pair, tmp_path, positions):
-    from dfc_ray.harvest import CorpusSpec, HarvestConfig, harvest
+    from dfc_ray.harvest import harvest
     from dfc_ray.store import validate_store
 
     spec = small_spec(tmp_path, tiny_pair, positions)
     work = plan_work(spec)
-    corpus = {k: v for k, v in spec.harvest.items() if k in CorpusSpec.__dataclass_fields__}
-    cfg = HarvestConfig(store=str(tmp_path / "store"), layers=spec.layers, pair=spec.pair, corpus=CorpusSpec(**corpus),
-                        **{k: v for k, v in spec.harvest.items() if k not in corpus})
+    cfg = replace(spec.harvest, store=str(tmp_path / "store"))
     result = harvest(cfg, use_ray=False, progress=False)
     if positions == "last_prompt_token":
         assert work.rows_per_layer == result.rows == work.prompts == 18

@@ -38,7 +38,7 @@ def test_extends_merges_and_null_removes():
     assert {layers.trial_settings(p)["layer"] for p in layers.grid_points()} == {0, 1, 2, 3}
     assert layers.crosscoder["dict_size"] == 1536 and layers.eval == load_spec("organism48").eval
     explore = load_spec("explore")
-    assert not explore.grid and explore.n_trials == 24 and explore.scheduler["metric"] == "fvu"
+    assert not explore.grid and explore.n_trials == 24 and explore.scheduler.metric == "fvu"
 
 
 def write(tmp_path, data, name="spec.yaml") -> str:
@@ -63,8 +63,13 @@ BASE = {"pair": {"a": "organism", "b": "organism"}, "layers": [1], "train": {"ba
     ({"search": {"lr": {"loguniform": [0, 1]}}}, "field search.lr.loguniform = [0, 1]: expected a positive low bound"),
     ({"search": {"k": {"normal": [1, 2]}}}, "field search.k"),
     ({"objective": {"metric": "delta_a_pp", "mode": "up"}}, "field objective.mode = 'up'"),
-    ({"pair": {"a": "organism", "c": 1}}, "unknown field(s) ['c']"),
-    ({"crosscoder": {"sparsity": "dense"}}, "DFCConfig.sparsity='dense'"),
+    ({"pair": {"a": "organism", "c": 1}}, "field pair.c = 1: expected one of a, b, device"),
+    ({"crosscoder": {"sparsity": "dense"}}, "field crosscoder.sparsity = 'dense': expected 'topk' or 'batchtopk'"),
+    ({"steering": {"top_n": "x"}}, "field steering.top_n = 'x': expected an integer"),
+    ({"steering": {"top_n": 0}}, "field steering.top_n = 0: expected a positive integer"),
+    ({"resources": {"evaluators": 1.5}}, "field resources.evaluators = 1.5: expected an integer"),
+    ({"scheduler": {"asha": {"mode": "up"}}}, "field scheduler.asha.mode = 'up': expected 'max' or 'min'"),
+    ({"train": {"batch_size": 64, "reader": "disk"}}, "field train.reader = 'disk': expected 'ray' or 'local'"),
 ])
 def test_bad_specs_name_file_field_and_value(tmp_path, change, expected):
     path = write(tmp_path, BASE | change)

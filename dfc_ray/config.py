@@ -1,0 +1,682 @@
+"""Every setting of dfc-ray in one place: the configuration dataclasses, their checks, and `from_mapping`.
+
+This module imports only the standard library, so any layer (the math, the actors, the sweep, the CLI)
+can import it without pulling torch or Ray. Each field is checked against its annotation by one shared
+validator (`Config.__post_init__`): `int`, `float`, `bool`, `str`, `Literal[...]` choices, tuples, optional
+values and nested configs; `at_least` / `within` add a bound, and `_check` holds a class's cross-field rules.
+`from_mapping` builds a config from a YAML section, so a spec field exists exactly where a dataclass field
+does, and its errors name the file and the YAML path (``organism48.yaml: field steering.top_n = 'x':
+expected an integer``).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+# ---------------------------------------------------------------- the shared validator
+
+
+class ConfigError(ValueError):
+    """A field whose value its annotation or bound rejects; the message is one line."""
+
+    def __init__(self, owner: str, name: str, value: Any, expected: str):
+        super().__init__(f"{owner}.{name}={value!r}: expected {expected}")
+        self.name, self.value, self.expected = name, value, expected
+
+
+class SpecError(ValueError):
+    """A bad mapping (a YAML spec section): the message names the file, the field and the value."""
+
+
+def spec_error(where: str, path: str, value: Any, expected: str) -> SpecError:
+    """The one-line error for `path` = `value` in file `where`."""
+    return SpecError(f"{where}: field {path} = {value!r}: expected {expected}")
+
+
+def at_least(default: Any, low: float) -> Any:
+    """A field with a default and an inclusive lower bound."""
+    return field(default=default, metadata={"bounds": (low, math.inf, "[", "]")})
+
+
+def within(default: Any, interval: str) -> Any:
+    """A field with a default and a range written as an interval: ``"[0, 1)"``, ``"(0, inf)"``."""
+    low, high = (float(part) for part in interval[1:-1].split(","))
+    return field(default=default, metadata={"bounds": (low, high, interval[0], interval[-1])})
+
+
+def _in_bounds(value: float, bounds: tuple[float, float, str, str]) -> bool:
+    low, high, left, right = bounds
+    above = value >= low if left == "[" else value > low
+    below = value <= high if right == "]" else value < high
+    return above and below
+
+
+def _bounds_text(hint: Any, bounds: tuple[float, float, str, str]) -> str:
+    low, high, left, right = bounds
+    kind = "an integer" if int in (hint, *get_args(hint)) else "a number"
+    if (low, high, left, kind) == (1, math.inf, "[", "an integer"):
+        return "a positive integer"
+    if high == math.inf:
+        return f"{kind} {'>=' if left == '[' else '>'} {low:g}"
+    return f"{kind} in {left}{low:g}, {high:g}{right}"
+
+
+TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _describe(hint: Any) -> str:
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _describe(a) for a in args)
+    if origin is tuple:
+        return f"a list of {_describe(args[0]).removeprefix('an ').removeprefix('a ')}s"
+    if is_dataclass(hint):
+        return f"a mapping of {hint.__name__} fields"
+    return TYPE_NAMES.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _fits(hint: Any, value: Any) -> bool:
+    """Whether `value` (already coerced) matches the annotation `hint`."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is Literal:
+        return any(value == choice and type(value) is type(choice) for choice in args)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(a, value) for a in args)
+    if origin is tuple:
+        if not isinstance(value, tuple):
+            return False
+        items = args[:1] * len(value) if len(args) == 2 and args[1] is Ellipsis else args
+        return len(items) == len(value) and all(_fits(h, v) for h, v in zip(items, value))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _coerce(hint: Any, value: Any) -> Any:
+    """YAML gives lists for tuples and integers for floats: convert those, leave the rest."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is tuple and isinstance(value, (list, tuple)):
+        items = args[:1] * len(value) if len(args) == 2 and args[1] is Ellipsis else args
+        return tuple(_coerce(h, v) for h, v in zip(items, value)) if len(items) == len(value) else tuple(value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+@functools.cache
+def hints(cls: type) -> dict[str, Any]:
+    """Field name → resolved annotation (this module's names resolve Literal aliases)."""
+    return typing.get_type_hints(cls, globals())
+
+
+class Config:
+    """Base of the configuration dataclasses: `__post_init__` checks every field against its annotation."""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):  # type: ignore[arg-type]
+            hint, value = hints(type(self))[f.name], getattr(self, f.name)
+            coerced = _coerce(hint, value)
+            if coerced is not value:
+                object.__setattr__(self, f.name, coerced)  # frozen dataclasses too
+            if not _fits(hint, coerced):
+                raise self.invalid(f.name, _describe(hint))
+            bounds = f.metadata.get("bounds")
+            if bounds and coerced is not None and not _in_bounds(coerced, bounds):
+                raise self.invalid(f.name, _bounds_text(hint, bounds))
+        self._check()
+
+    def _check(self) -> None:
+        """Rules between fields; a subclass raises `self.invalid(...)`."""
+
+    def invalid(self, name: str, expected: str) -> ConfigError:
+        return ConfigError(type(self).__name__, name, getattr(self, name), expected)
+
+
+C = TypeVar("C")
+
+
+def check_fields(cls: type, data: Any, where: str, section: str, extra: dict[str, Any] | None = None,
+                 skip: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """A section's fields checked one by one against `cls`'s annotations (plus `extra` names → hints),
+    coerced, nested configs built; cross-field rules are left to the constructor."""
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise spec_error(where, section, data, "a mapping")
+    known = {name: hint for name, hint in hints(cls).items() if name not in skip} | (extra or {})
+    out = {}
+    for key, value in data.items():
+        path = f"{section}.{key}"
+        if key not in known:
+            raise spec_error(where, path, value, f"one of {', '.join(sorted(known))}")
+        hint = known[key]
+        if is_dataclass(hint) and isinstance(value, dict):
+            out[key] = from_mapping(hint, value, where, path)
+            continue
+        value = _coerce(hint, value)
+        if not _fits(hint, value):
+            raise spec_error(where, path, value, _describe(hint))
+        out[key] = value
+    return out
+
+
+def from_mapping(cls: type[C], data: Any, where: str, section: str, **fixed: Any) -> C:
+    """`cls` built from a YAML section (`fixed`: fields the caller sets); every error names the file and path."""
+    values = check_fields(cls, data, where, section, skip=frozenset(fixed))
+    try:
+        return cls(**values, **fixed)
+    except ConfigError as err:
+        raise spec_error(where, f"{section}.{err.name}", err.value, err.expected) from None
+    except TypeError as err:  # a required field is missing
+        raise SpecError(f"{where}: field {section}: {err}") from None
+
+
+def defaults(cls: type) -> dict[str, Any]:
+    """Field → default of a config (fields without one are left out)."""
+    return {f.name: f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+            for f in fields(cls) if f.default is not MISSING or f.default_factory is not MISSING}
+
+
+# ---------------------------------------------------------------- modes
+
+Sparsity = Literal["topk", "batchtopk"]
+Recon = Literal["mse", "fvu"]
+L1Mode = Literal["seed", "partition"]
+Decay = Literal["linear", "cosine", "none"]
+HarvestPositions = Literal["last_prompt_token", "all_tokens", "prompt_and_response"]
+StoreDtype = Literal["float16", "bfloat16", "float32"]
+ShardFormat = Literal["parquet", "safetensors"]
+WeightsDtype = Literal["float32", "bfloat16", "float16"]
+SpliceModeName = Literal["last_prompt_token", "prompt", "lockstep"]
+SteerPositionsName = Literal["last_prompt_token", "generated", "all"]
+SteerScale = Literal["activation", "decoder"]
+Target = Literal["a", "b"]
+Dispatch = Literal["least_busy", "round_robin"]
+Reader = Literal["ray", "local"]
+Direction = Literal["max", "min"]
+
+SPARSITIES, RECONS, L1_MODES = get_args(Sparsity), get_args(Recon), get_args(L1Mode)
+POSITIONS = get_args(HarvestPositions)
+DISPATCH = get_args(Dispatch)
+SCALES = get_args(SteerScale)
+
+
+@dataclass(frozen=True)
+class SpliceMode:
+    """Where an evaluation splices the reconstruction into the target's residual stream."""
+
+    name: str
+    """The value of `EvalConfig.splice_mode`."""
+    leaves_prefix_alone: bool
+    """True when only the last prompt token is edited: the prompts' prefix KV cache and the other
+    model's cached last-token residuals can be reused."""
+    positions: Literal["last_prompt_token", "prompt", "all"]
+    """Which positions are edited: the last prompt token, every prompt token, or every position
+    including generated ones (the two models then decode in lockstep)."""
+
+
+@dataclass(frozen=True)
+class SteerSite:
+    """Where a steering vector is added to the residual stream."""
+
+    name: str
+    """The value of `SteerConfig.positions`."""
+    leaves_prefix_alone: bool
+    """True when only the last prompt token is steered, so the prompts' prefix KV cache applies."""
+    in_prefill: bool
+    """Whether prompt positions are steered (all of them, or only the last one when leaves_prefix_alone)."""
+    in_decode: bool
+    """Whether every generated token is steered."""
+
+
+SPLICE_MODES = {mode.name: mode for mode in (
+    SpliceMode("last_prompt_token", leaves_prefix_alone=True, positions="last_prompt_token"),
+    SpliceMode("prompt", leaves_prefix_alone=False, positions="prompt"),
+    SpliceMode("lockstep", leaves_prefix_alone=False, positions="all"),
+)}
+STEER_SITES = {site.name: site for site in (
+    SteerSite("last_prompt_token", leaves_prefix_alone=True, in_prefill=True, in_decode=False),
+    SteerSite("generated", leaves_prefix_alone=False, in_prefill=False, in_decode=True),
+    SteerSite("all", leaves_prefix_alone=False, in_prefill=True, in_decode=True),
+)}
+
+
+# ---------------------------------------------------------------- the crosscoder and its training
+
+
+@dataclass
+class DFCConfig(Config):
+    """The shape and losses of one Dedicated Feature Crosscoder."""
+
+    d_model: int = field(metadata={"bounds": (1, math.inf, "[", "]")})
+    """Width of each model's activation vector (both models of the pair share it)."""
+    dict_size: int = field(metadata={"bounds": (1, math.inf, "[", "]")})
+    """Number of dictionary features D, all partitions together."""
+    k: int = field(metadata={"bounds": (1, math.inf, "[", "]")})
+    """Active features per sample (TopK), or on average per sample (BatchTopK)."""
+    a_exclusive: float = at_least(0.0, 0)
+    """Fraction of `dict_size` that is A-exclusive (0.05 = 5%); rounded to whole features.
+    a_exclusive + b_exclusive must stay below 1, so some features are shared."""
+    b_exclusive: float = at_least(0.0, 0)
+    """Fraction of `dict_size` that is B-exclusive. a_exclusive = b_exclusive = 0 is a plain crosscoder."""
+    sparsity: Sparsity = "topk"
+    """"topk": exactly k per sample. "batchtopk": top batch*k over the whole batch in training,
+    and a learned threshold (EMA of the smallest kept score) at inference (`cc.eval()`)."""
+    recon: Recon = "mse"
+    """Reconstruction loss on normalized activations. "mse": mean squared error over
+    (batch, model, d_model). "fvu": fvu_a + fvu_b (each model's error relative to its batch variance)."""
+    l1_mode: L1Mode = "seed"
+    """How l1_excl / l1_shared apply to the decoder-norm-weighted codes c_j = f_j·(‖d_jA‖+‖d_jB‖).
+    "seed" (the seed study's way): l1_excl·Σ over EACH model's visible set (A-excl ∪ shared, then
+    B-excl ∪ shared, so shared features are counted twice — once per model — with their per-model
+    norm) + l1_shared·Σ_shared c_j. "partition": l1_excl·Σ_exclusive c_j + l1_shared·Σ_shared c_j."""
+    l1_excl: float = at_least(0.0, 0)
+    """λ_excl: the L1 coefficient for the exclusive term (see l1_mode)."""
+    l1_shared: float = at_least(0.0, 0)
+    """λ_shared: the L1 coefficient on shared features (see l1_mode)."""
+    aux_k: int = at_least(256, 0)
+    """AuxK: how many dead features (per sample) reconstruct the residual; 0 disables AuxK."""
+    aux_coef: float = at_least(1 / 32, 0)
+    """Weight of the AuxK loss (the residual's FVU explained by dead features), as in Gao et al."""
+    dead_tokens: int = at_least(1_000_000, 1)
+    """A feature is dead once it has not fired for this many training rows."""
+    decoder_norm_selection: bool = True
+    """Rank candidates by f_j·‖d_j‖ (‖d_j‖: L2 norm of the whole decoder row over both models;
+    decoder-norm code scaling, as in the BatchTopK paper) instead
+    of f_j, so a feature cannot win selection by shrinking its decoder and inflating its code.
+    Kept code values are still f_j. Applies to topk, batchtopk and the inference threshold."""
+    threshold_momentum: float = within(0.99, "[0, 1)")
+    """EMA momentum of the BatchTopK inference threshold (per training step)."""
+
+    def _check(self) -> None:
+        if self.k > self.dict_size:
+            raise self.invalid("k", f"at most dict_size={self.dict_size}")
+        if self.a_exclusive + self.b_exclusive > 1:
+            raise self.invalid("b_exclusive", f"a_exclusive + b_exclusive <= 1 (a_exclusive={self.a_exclusive})")
+
+    @property
+    def n_a_exclusive(self) -> int:
+        return round(self.a_exclusive * self.dict_size)
+
+    @property
+    def n_b_exclusive(self) -> int:
+        return round(self.b_exclusive * self.dict_size)
+
+    @property
+    def n_shared(self) -> int:
+        return self.dict_size - self.n_a_exclusive - self.n_b_exclusive
+
+
+@dataclass
+class TrainConfig(Config):
+    """How one crosscoder is optimized."""
+
+    steps: int = at_least(9000, 1)
+    """Optimizer steps (the seed study: 9000 at batch 1024). The batch size is the data source's."""
+    lr: float = 1e-4
+    """Peak learning rate (AdamW)."""
+    warmup_steps: int = at_least(100, 0)
+    """Linear warm-up from 0 to `lr` over this many steps."""
+    decay: Decay = "linear"
+    """LR decay to 0 over the last `decay_frac` of the steps: "linear", "cosine" or "none"."""
+    decay_frac: float = within(0.2, "[0, 1]")
+    """Fraction of `steps` at the end over which the LR decays to 0."""
+    grad_clip: float = at_least(1.0, 0)
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam betas."""
+    weight_decay: float = 0.0
+    """Decoupled (AdamW) weight decay on encoder/decoder weights (never on biases)."""
+    device: str = "auto"
+    """"auto" (CUDA if available, else CPU), or a torch device string."""
+    bf16: bool = True
+    """bf16 autocast on CUDA (fp32 master weights and fp32 losses); CPU always trains in fp32."""
+    norm_rows: int = at_least(8192, 1)
+    """Rows from the start of the stream used to fit the normalization statistics."""
+    log_every: int = at_least(50, 1)
+    """Refresh the progress display every this many steps; final metrics average the last window."""
+    seed: int = 0
+    """Seed of the crosscoder's initialization."""
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate for 0-based `step`: warm-up, constant, then decay to 0."""
+        factor = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+        start = self.steps * (1 - self.decay_frac)
+        if self.decay != "none" and step >= start:
+            progress = (step - start) / max(1.0, self.steps - start)
+            factor *= 1 - progress if self.decay == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+        return self.lr * factor
+
+
+@dataclass
+class PlantedConfig(Config):
+    """Planted-feature data (synthetic.py): paired activations with a known answer."""
+
+    d_model: int = at_least(32, 1)
+    """Activation width of each model."""
+    n_shared: int = at_least(24, 0)
+    """Planted features present in both models."""
+    n_a_only: int = at_least(6, 0)
+    """Planted features only model A has (what a DFC's A-exclusive partition should find)."""
+    n_b_only: int = at_least(6, 0)
+    """Planted features only model B has."""
+    p_active: float = within(0.08, "[0, 1]")
+    """Probability that a planted feature fires on a row."""
+    noise: float = at_least(0.05, 0)
+    """Std of isotropic Gaussian noise added to each model's activation (before scaling)."""
+    scale_a: float = 3.0
+    """Overall scale of model A's activations (raw activations are not unit-scale)."""
+    scale_b: float = 0.5
+    """Overall scale of model B's activations."""
+    mean_shift: float = 2.0
+    """Norm of each model's (random) mean vector, before scaling."""
+    seed: int = 0
+    """Seed for the directions and means; rows come from a separate per-call seed."""
+
+
+# ---------------------------------------------------------------- the pair and the harvest
+
+ORGANISM = "organism"
+
+
+@dataclass(frozen=True)
+class PairSpec(Config):
+    """Where the two models and the tokenizer come from, and how to load them (pair.py loads them)."""
+
+    a: str = ORGANISM
+    """Model A, the RL-fine-tuned model: ``organism`` (the shipped A), a local path, ``s3://…`` or a hub id."""
+    b: str = ORGANISM
+    """Model B, the base model, same forms as ``a``."""
+    tokenizer: str = ""
+    """Tokenizer reference (same forms); empty means B's. Both models must share one vocabulary."""
+    revision: str = ""
+    """Hub revision for hub ids (a commit hash makes the harvest cache key exact)."""
+    dtype: WeightsDtype = "float32"
+    """Weights dtype when loaded: float32 | bfloat16 | float16 (bfloat16 for 3B models on GPU)."""
+    device: str = "auto"
+    """``auto`` = cuda when available else cpu; or an explicit torch device string."""
+
+    def _check(self) -> None:
+        for name in ("a", "b"):
+            if not getattr(self, name):
+                raise self.invalid(name, "'organism', a path, s3://… or a hub id")
+
+
+@dataclass(frozen=True)
+class CorpusSpec(Config):
+    """What text goes through the pair: tool-use prompts and plain text, mixed."""
+
+    tasks: str = "organism:train"
+    """`load_tasks` source(s) of tool-use prompts, comma-separated (``organism:train``,
+    ``bfcl:multiple,bfcl:live_multiple``, a .jsonl); empty for none."""
+    n_tasks: int = at_least(1024, 0)
+    """How many tool-use prompts to take (the first n of the source, or all if fewer)."""
+    plain_text: str = "organism"
+    """Plain text: ``organism`` (the organism's own corpus), a .txt file (one text a line) or a
+    .jsonl file with a ``text`` field; empty for none."""
+    n_plain: int = at_least(1024, 0)
+    """How many plain texts to take."""
+    with_responses: bool = False
+    """Append model A's own greedy reply to each tool prompt (needed by ``prompt_and_response``)."""
+    max_new_tokens: int = at_least(48, 1)
+    """Length limit of those replies."""
+    max_tokens: int = at_least(512, 1)
+    """Longer records keep their LAST max_tokens tokens, so the last prompt token survives."""
+    seed: int = 0
+    """Seed of the organism plain-text generator."""
+
+
+@dataclass(frozen=True)
+class HarvestConfig(Config):
+    """One harvest: a pair, a corpus, layers, positions and where to store the result."""
+
+    store: str
+    """Root URI (path, file:// or s3://); the harvest is written under ``<store>/<content hash>/``."""
+    layers: tuple[int, ...] = (1,)
+    """Residual stream after these blocks (0-based), all captured in the same forward pass."""
+    pair: PairSpec = field(default_factory=PairSpec)
+    """The model pair and tokenizer."""
+    corpus: CorpusSpec = field(default_factory=CorpusSpec)
+    """The text to run through it."""
+    positions: HarvestPositions = "last_prompt_token"
+    """Which token positions become rows: last_prompt_token | all_tokens | prompt_and_response."""
+    dtype: StoreDtype = "float16"
+    """Stored activation dtype: float16 | bfloat16 | float32."""
+    format: ShardFormat = "parquet"
+    """Shard format: parquet | safetensors."""
+    shard_rows: int = at_least(16384, 1)
+    """Rows per shard."""
+    batch_size: int = at_least(32, 1)
+    """Records per forward pass (one group)."""
+    sink_factor: float = 10.0
+    """all_tokens: drop tokens whose norm exceeds this × the record's median norm in either model."""
+    num_actors: int = at_least(1, 1)
+    """Ray actors hosting the pair (Ray Data actor pool size)."""
+    gpus_per_actor: float = -1
+    """GPUs per actor; -1 = 1 when the cluster has GPUs, else 0 (CPU actors)."""
+
+    def _check(self) -> None:
+        object.__setattr__(self, "layers", tuple(sorted(set(self.layers))))
+        if not self.layers or self.layers[0] < 0:
+            raise self.invalid("layers", "non-negative block indices")
+        if self.positions == "prompt_and_response" and not self.corpus.with_responses:
+            raise self.invalid("positions", "corpus.with_responses: true for 'prompt_and_response' "
+                                            "(there is no response to harvest)")
+
+
+# ---------------------------------------------------------------- generation and the judges
+
+
+@dataclass
+class GenerationConfig(Config):
+    """How replies are decoded (generation.py)."""
+
+    max_new_tokens: int = at_least(64, 1)
+    """Most tokens generated per prompt; a row that reaches it finishes with reason "length"."""
+    batch_size: int = at_least(32, 1)
+    """Prompts decoded together; results do not depend on it (only speed and memory do)."""
+    do_sample: bool = False
+    """False: greedy (argmax). True: sample from softmax(logits / temperature), seeded."""
+    temperature: float = within(1.0, "(0, inf)")
+    """Softmax temperature when sampling; ignored when greedy."""
+    top_k: int | None = field(default=None, metadata={"bounds": (1, math.inf, "[", "]")})
+    """When sampling, keep only the k most likely tokens (None: the whole vocabulary)."""
+    seed: int = 0
+    """Sampling seed. Each prompt gets its own generator seeded from (seed, prompt index), so a
+    prompt's sample does not depend on which other prompts share its batch."""
+    stop_strings: tuple[str, ...] = ("</tool_call>",)
+    """A row stops right after its completion first contains one of these (kept in the text)."""
+
+    def _check(self) -> None:
+        if any(not s for s in self.stop_strings):
+            raise self.invalid("stop_strings", "non-empty strings")
+
+
+@dataclass(frozen=True)
+class EvalConfig(Config):
+    """What an evaluation runs: tasks, text sample, splice mode, generation and bootstrap settings."""
+
+    tasks: str = "organism:test"
+    """`load_tasks` source of the tool-use tasks scored for correctness."""
+    n_tasks: int = at_least(0, 0)
+    """Use the first n tasks (0 = all)."""
+    texts: str = "organism"
+    """Plain text for the splice loss/KL: ``organism`` (the organism's corpus), or a .txt file (one text a line)."""
+    n_texts: int = at_least(64, 0)
+    """How many texts for the splice loss (0 = skip the loss)."""
+    splice_mode: SpliceModeName = "last_prompt_token"
+    """Where the reconstruction replaces the residual: last_prompt_token (the study's protocol),
+    prompt (every prompt token) or lockstep (every position, generated ones too); see SPLICE_MODES."""
+    max_new_tokens: int = at_least(64, 1)
+    """Reply length limit."""
+    batch_size: int = at_least(32, 1)
+    """Prompts per generation batch (results do not depend on it)."""
+    n_bootstrap: int = at_least(1000, 1)
+    """Bootstrap resamples for the 95% CIs."""
+    seed: int = 0
+    """Bootstrap seed (and the organism text seed offset)."""
+
+    @property
+    def splice(self) -> SpliceMode:
+        return SPLICE_MODES[self.splice_mode]
+
+    def generation(self) -> GenerationConfig:
+        """Greedy decoding: a reply is a function of the prompt, so clean outputs can be cached."""
+        return GenerationConfig(max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
+
+
+@dataclass(frozen=True)
+class SteerConfig(Config):
+    """The steering protocol's settings."""
+
+    dev_tasks: str = "organism:dev"
+    """Tasks for ranking, the α grid and the minimal set (selection happens only here)."""
+    test_tasks: str = "organism:test"
+    """Tasks the chosen (feature, α) is reported on; must share no prompt with dev_tasks."""
+    n_dev: int = at_least(100, 0)
+    """First n dev tasks (0 = all)."""
+    n_test: int = at_least(200, 0)
+    """First n test tasks (0 = all)."""
+    n_plain: int = at_least(100, 0)
+    """Plain texts added to the ranking's negatives (with the dev tasks that need no tool)."""
+    top_n: int = at_least(3, 1)
+    """Candidate features (best Cohen's d) in the α grid."""
+    alphas: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0)
+    """α grid, in units of `scale`."""
+    scale: SteerScale = "activation"
+    """"activation": a feature's vector is α × (its mean activation when it fires on dev tool prompts)
+    × its raw decoder direction — α = 1 adds one typical firing, so one grid fits every feature.
+    "decoder": α × the raw decoder direction (the seed study's α = 32 convention)."""
+    positions: SteerPositionsName = "last_prompt_token"
+    """Where the vector is added: last_prompt_token (the study's protocol), generated or all; see STEER_SITES."""
+    targets: tuple[Target, ...] = ("a", "b")
+    """Models to steer; B uses the A-exclusive feature's A direction (interventions.feature_direction)."""
+    primary: Target = "a"
+    """The target whose numbers become the unprefixed steer_* metrics."""
+    min_set_share: float = within(0.5, "(0, 1]")
+    """The minimal set must raise the target's dev correctness by this share of |A clean − B clean| on dev."""
+    min_set_pool: int = at_least(6, 1)
+    """Greedy selection draws from this many top-ranked features."""
+    min_set_max: int = at_least(3, 1)
+    """Largest set tried; steer_min_set = −1 when no set up to this size reaches the goal."""
+    max_new_tokens: int = at_least(64, 1)
+    """Reply length limit."""
+    batch_size: int = at_least(32, 1)
+    """Prompts per generation batch."""
+    n_bootstrap: int = at_least(1000, 1)
+    """Bootstrap resamples for the CIs."""
+    seed: int = 0
+    """Seed of the controls (random feature and direction) and of the bootstrap."""
+
+    def _check(self) -> None:
+        if not self.targets or self.primary not in self.targets:
+            raise self.invalid("targets", f"a non-empty list of 'a'/'b' that holds primary={self.primary!r}")
+        if not self.alphas:
+            raise self.invalid("alphas", "at least one α")
+
+    @property
+    def site(self) -> SteerSite:
+        return STEER_SITES[self.positions]
+
+    def generation(self) -> GenerationConfig:
+        return GenerationConfig(max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
+
+
+@dataclass(frozen=True)
+class PoolConfig(Config):
+    """A replica pool's identity, size, resources and fault tolerance (actors/pool.py)."""
+
+    name: str
+    """Replica i is the named actor ``<name>-<i>``."""
+    namespace: str = "dfc-ray"
+    """Ray namespace of the names (trials of any job can look them up here)."""
+    replicas: int = at_least(1, 1)
+    """Number of replicas."""
+    num_cpus: float = at_least(1, 0)
+    """CPUs reserved per replica."""
+    num_gpus: float = at_least(0, 0)
+    """GPUs per replica (e.g. 1 for a 3B pair in bf16; fractions share a GPU)."""
+    max_restarts: int = -1
+    """How often Ray may restart a dead replica (−1 = always)."""
+    max_task_retries: int = -1
+    """How often a request interrupted by a replica's death is re-sent (−1 = until it succeeds). Ray can
+    spend retries while the replica is still restarting, so a small number can fail a request anyway."""
+    dispatch: Dispatch = "least_busy"
+    """least_busy | round_robin."""
+    detached: bool = False
+    """Keep the replicas alive after the creating driver exits (kill with `ReplicaPool.shutdown`)."""
+
+    def _check(self) -> None:
+        if not self.name:
+            raise self.invalid("name", "a name for the replicas")
+
+    def replica_name(self, i: int) -> str:
+        return f"{self.name}-{i}"
+
+
+# ---------------------------------------------------------------- the sweep spec's own sections
+
+
+@dataclass(frozen=True)
+class TrainExtra(Config):
+    """The spec's `train` fields that are not TrainConfig's: how a trial reads its batches."""
+
+    batch_size: int = at_least(1024, 1)
+    """Rows per training batch."""
+    reader: Reader = "ray"
+    """"ray": Ray Data streams the harvest (data_cpus CPUs outside the trials); "local": the trial reads it."""
+
+
+@dataclass(frozen=True)
+class Resources(Config):
+    """The spec's `resources` section: per-trial resources and the judge pools' sizes."""
+
+    cpu: float = at_least(1.0, 0)
+    """CPUs per trial (also its torch thread count)."""
+    gpu: float = at_least(0.0, 0)
+    """GPUs per trial (fractions share a GPU)."""
+    max_concurrent: int | None = field(default=None, metadata={"bounds": (1, math.inf, "[", "]")})
+    """Trials running at once; null = as many as the CPUs left after the pools and Ray Data allow."""
+    evaluators: int = at_least(1, 1)
+    """Replicas in each judge pool (evaluators and steerers)."""
+    evaluator_cpu: float = at_least(1.0, 0)
+    """CPUs per judge replica."""
+    evaluator_gpu: float = at_least(0.0, 0)
+    """GPUs per judge replica."""
+    data_cpus: float | None = field(default=None, metadata={"bounds": (0, math.inf, "[", "]")})
+    """CPUs kept for Ray Data's read tasks; null = 1 with the ray reader, 0 with the local one."""
+    max_failures: int = at_least(1, 0)
+    """Retries of a failed trial (Tune's FailureConfig)."""
+
+    def reserved_data_cpus(self, reader: str) -> float:
+        """CPUs Ray Data's read tasks take outside the trials."""
+        if self.data_cpus is not None:
+            return self.data_cpus
+        return 1.0 if reader == "ray" else 0.0
+
+
+@dataclass(frozen=True)
+class Asha(Config):
+    """The spec's `scheduler: {asha: ...}` section: early stopping of weak trials (Tune's ASHA)."""
+
+    metric: str = "fvu"
+    """Training metric the scheduler compares trials on."""
+    mode: Direction = "min"
+    """Whether a larger (max) or smaller (min) metric is better."""
+    grace_period: int = at_least(1, 1)
+    """Training reports a trial gets before it can be stopped."""
+    reduction_factor: int = at_least(4, 2)
+    """Keep 1 / reduction_factor of the trials at each rung."""
+    max_t: int | None = field(default=None, metadata={"bounds": (1, math.inf, "[", "]")})
+    """Last training report; null = every report a trial makes."""

@@ -34,7 +34,7 @@ class Evaluator(PairReplica):
         misses = self.clean_misses
         tasks = eval_tasks(cfg)
         prompts = [render_prompt(self.tokenizer, t) for t in tasks]
-        prefix = cfg.splice_mode == "last_prompt_token"  # the splices' path (actors/replica.py)
+        prefix = cfg.splice.leaves_prefix_alone  # the splices' path (actors/replica.py)
         scores = {t: score_all(tasks, self.clean_replies(t, prompts, cfg.generation(), prefix)) for t in ("a", "b")}
         return scores, self.clean_misses == misses
 
@@ -66,7 +66,7 @@ class Evaluator(PairReplica):
         """Replies of `target` with the reconstruction spliced in; at the last prompt token the other
         model's activations and the target's prefill come from the replica's caches."""
         other = None
-        if cfg.splice_mode == "last_prompt_token":
+        if cfg.splice.leaves_prefix_alone:
             other = self.last_residuals("b" if target == "a" else "a", prompts, layer, cfg.batch_size)[:, None]
         return generate_spliced(self.model_a, self.model_b, self.tokenizer, prompts, cfg.generation(), cc, layer,
                                 target, cfg.splice_mode, other=other, prefix_cache=self.prefix[target])

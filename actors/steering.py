@@ -142,7 +142,7 @@ class Steerer(PairReplica):
         """Strict correctness per task of `target`, steered by `delta` at `layer` (clean if None, cached)."""
         prompts = [render_prompt(self.tokenizer, t) for t in tasks]
         if delta is None:
-            gens = self.clean_replies(target, prompts, cfg.generation(), cfg.positions == "last_prompt_token")
+            gens = self.clean_replies(target, prompts, cfg.generation(), cfg.site.leaves_prefix_alone)
         else:
             gens = generate_steered(self.model(target), self.tokenizer, prompts, cfg.generation(), layer, delta,
                                     cfg.positions, prefix_cache=self.prefix[target])

@@ -18,10 +18,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from dfc_ray.config import EvalConfig
+from dfc_ray.config import SPLICE_MODES, EvalConfig
 from dfc_ray.crosscoder import DedicatedFeatureCrosscoder
 from dfc_ray.generation import Generation, HookContext, residual_hooks
-from dfc_ray.interventions import SPLICE_MODES, prefill_edit_hook, prompt_activations, splice_edit
+from dfc_ray.interventions import prefill_edit_hook, prompt_activations, splice_edit
 from dfc_ray.pair import PairSpec
 from dfc_ray.tooluse import Score, Task, score
 

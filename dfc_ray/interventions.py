@@ -22,13 +22,12 @@ import torch
 from torch import Tensor
 
 from dfc_ray.crosscoder import DedicatedFeatureCrosscoder
+from dfc_ray.config import SPLICE_MODES, STEER_SITES, SpliceMode, SteerSite
 from dfc_ray.generation import (Generation, GenerationConfig, HookContext, PrefixCache, ResidualHook, generate,
                                 leaves_prefix_alone, residual_hooks)
 
 MODELS = {"a": 0, "b": 1}
 """Target model name -> its index in the crosscoder's (batch, 2, d_model) layout."""
-SPLICE_MODES = ("last_prompt_token", "prompt", "lockstep")
-STEER_POSITIONS = ("last_prompt_token", "generated", "all")
 
 PairEdit = Callable[[Tensor], Tensor]
 """(k, 2, d_model) raw activations (A, B) at k positions -> the target model's new (k, d_model)."""
@@ -40,10 +39,16 @@ def model_index(target: str) -> int:
     return MODELS[target]
 
 
-def _check(value: str, allowed: Sequence[str], what: str) -> str:
-    if value not in allowed:
-        raise ValueError(f"{what} {value!r}: expected one of {list(allowed)}")
-    return value
+def splice_mode(name: str) -> SpliceMode:
+    if name not in SPLICE_MODES:
+        raise ValueError(f"splice mode {name!r}: expected one of {list(SPLICE_MODES)}")
+    return SPLICE_MODES[name]
+
+
+def steer_site(name: str) -> SteerSite:
+    if name not in STEER_SITES:
+        raise ValueError(f"steering positions {name!r}: expected one of {list(STEER_SITES)}")
+    return STEER_SITES[name]
 
 
 # ---------------------------------------------------------------- pair edits
@@ -122,13 +127,15 @@ def prefill_edit_hook(edit: PairEdit, target: str, other: Sequence[Tensor], mode
     every prompt token (`"prompt"`); `other[r]` is the other model's (len_r, d) for prompt r — for
     the last prompt token only its last row is read, so (1, d) per prompt is enough there."""
     m = model_index(target)
-    _check(mode, SPLICE_MODES[:2], "prefill edit mode")
+    splice = splice_mode(mode)
+    if splice.positions == "all":
+        raise ValueError(f"prefill edit mode {mode!r}: expected a mode that edits prompt positions only")
 
     def hook(hidden: Tensor, ctx: HookContext) -> Tensor | None:
         if not ctx.is_prefill:
             return None
         full = hidden.new_zeros(hidden.shape)
-        if mode == "last_prompt_token":
+        if splice.leaves_prefix_alone:
             select = torch.zeros_like(ctx.real_mask)
             batch = torch.arange(len(select), device=select.device)
             select[batch, ctx.last_prompt_index] = True
@@ -143,7 +150,7 @@ def prefill_edit_hook(edit: PairEdit, target: str, other: Sequence[Tensor], mode
             full[i, real] = other[r].to(hidden.dtype)
         return _apply_edit(hidden, ctx.real_mask, full, edit, m)
 
-    return leaves_prefix_alone(hook) if mode == "last_prompt_token" else hook
+    return leaves_prefix_alone(hook) if splice.leaves_prefix_alone else hook
 
 
 # ---------------------------------------------------------------- lockstep
@@ -219,13 +226,13 @@ def generate_edited(target_model: torch.nn.Module, other_model: torch.nn.Module,
     `other`: the other model's activations on `prompts` when the caller already has them
     (`prompt_activations`, or `last_prompt_residuals` for the last_prompt_token mode); `prefix_cache`
     (the target's) is used in the last_prompt_token mode, the only one that leaves the prefix alone."""
-    _check(mode, SPLICE_MODES, "splice mode")
-    if mode == "lockstep":
+    splice = splice_mode(mode)
+    if splice.positions == "all":
         return generate(Lockstep(target_model, other_model, layer, edit, target), tokenizer, prompts, cfg)
     if other is None:
         other = prompt_activations(other_model, tokenizer, prompts, layer, cfg.batch_size)
     return generate(target_model, tokenizer, prompts, cfg, {layer: prefill_edit_hook(edit, target, other, mode)},
-                    prefix_cache if mode == "last_prompt_token" else None)
+                    prefix_cache if splice.leaves_prefix_alone else None)
 
 
 def generate_spliced(model_a: torch.nn.Module, model_b: torch.nn.Module, tokenizer, prompts: Sequence[str],
@@ -277,21 +284,19 @@ def steering_vector(cc: DedicatedFeatureCrosscoder, features: Sequence[int], tar
 def add_hook(delta: Tensor, positions: str = "last_prompt_token") -> ResidualHook:
     """Add `delta` (d_model,) to the residual at `positions`: last_prompt_token (prefill only),
     generated (every decode step's new token) or all (every real position, prompt and generated)."""
-    _check(positions, STEER_POSITIONS, "steering positions")
+    site = steer_site(positions)
 
     def hook(hidden: Tensor, ctx: HookContext) -> Tensor | None:
-        if positions == "last_prompt_token" and not ctx.is_prefill:
+        if not (site.in_prefill if ctx.is_prefill else site.in_decode):
             return None
-        if positions == "generated" and ctx.is_prefill:
-            return None
-        if positions == "last_prompt_token":
+        if site.leaves_prefix_alone:
             select = torch.zeros_like(ctx.real_mask)
             select[torch.arange(len(select), device=select.device), ctx.last_prompt_index] = True
         else:
             select = ctx.real_mask
         return hidden + select[..., None].to(hidden.dtype) * delta.to(hidden.device, hidden.dtype)
 
-    return leaves_prefix_alone(hook) if positions == "last_prompt_token" else hook
+    return leaves_prefix_alone(hook) if site.leaves_prefix_alone else hook
 
 
 def generate_steered(model: torch.nn.Module, tokenizer, prompts: Sequence[str], cfg: GenerationConfig, layer: int,
@@ -300,4 +305,4 @@ def generate_steered(model: torch.nn.Module, tokenizer, prompts: Sequence[str], 
     """Generate with `delta` added to the residual after block `layer` at `positions` (`prefix_cache`,
     the model's, is used for last_prompt_token: the other positions change the prefix)."""
     return generate(model, tokenizer, prompts, cfg, {layer: add_hook(delta, positions)},
-                    prefix_cache if positions == "last_prompt_token" else None)
+                    prefix_cache if steer_site(positions).leaves_prefix_alone else None)

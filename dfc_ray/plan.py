@@ -219,8 +219,8 @@ def plan_work(spec: SweepSpec) -> Work:
     reply = shape.forward_flops(shape.n_layers, mean_prompt + max_new / 2, lm_head=True)
     prefill = shape.forward_flops(shape.n_layers, mean_prompt / 2)
     # tokens a per-trial generation runs: the last prompt token with the prefix cache, else the whole prompt
-    fed_eval = 1 if spec.eval.splice_mode == "last_prompt_token" else mean_prompt
-    fed_steer = 1 if spec.steering.positions == "last_prompt_token" else mean_prompt
+    fed_eval = 1 if spec.eval.splice.leaves_prefix_alone else mean_prompt
+    fed_steer = 1 if spec.steering.site.leaves_prefix_alone else mean_prompt
     n_steered = sum(1 for t in trials if t.get("a_exclusive", 0) > 0)
     replicas = spec.resources.evaluators  # every replica generates its own clean replies
     judge_setup = replicas * once * (mean_prompt * prefill + max_new * reply)

@@ -23,7 +23,6 @@ from ray.actor import ActorClass, ActorHandle
 from dfc_ray.config import PoolConfig
 
 
-
 class ReplicaPool:
     """Handles to a pool's replicas plus a dispatcher."""
 

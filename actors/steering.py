@@ -21,6 +21,8 @@ from typing import Callable, Sequence
 import numpy as np
 import ray
 import torch
+from rich.console import Console
+from rich.table import Table
 
 from actors.replica import PairReplica
 from dfc_ray.config import SteerConfig
@@ -29,7 +31,6 @@ from dfc_ray.interventions import generate_steered, steering_vector
 from dfc_ray.pair import PairSpec
 from dfc_ray.ranking import FeatureStats, encode_pairs, rank_features
 from dfc_ray.tooluse import Task, load_tasks, render_prompt
-
 
 
 @dataclass
@@ -216,8 +217,6 @@ SteeringActor = ray.remote(Steerer)
 
 
 def print_steer(result: SteerResult) -> None:
-    from rich.console import Console
-    from rich.table import Table
 
     console = Console()
     if result.skipped:

@@ -1,4 +1,4 @@
-"""The `dfc-ray` command line: one sub-command per stage, each registered by its own module."""
+"""The `dfc-ray` command line: one sub-command per stage, each registered by its module in dfc_ray/commands/."""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ import importlib
 import sys
 
 # Each module here defines `add_cli(subparsers)`, which adds its sub-commands and sets
-# `func(args) -> int` on them, so a stage's CLI lives next to the code it drives.
+# `func(args) -> int` on them; the domain modules they drive hold no CLI code.
 COMMAND_MODULES = [
-    "dfc_ray.train",
-    "dfc_ray.harvest",
-    "dfc_ray.evaluate",
-    "dfc_ray.organism.build",
-    "dfc_ray.cluster",
-    "dfc_ray.spaces",
+    "dfc_ray.commands.train",
+    "dfc_ray.commands.harvest",
+    "dfc_ray.commands.evaluate",
+    "dfc_ray.commands.organism",
+    "dfc_ray.commands.cluster",
+    "dfc_ray.commands.spaces",
     "dfc_ray.sweep",
     "dfc_ray.report",
 ]

@@ -7,7 +7,6 @@ dfc-ray cluster depends on: the head schedules no work, and the dashboard is nev
 
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 from typing import Any
@@ -90,34 +89,3 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
         return
     ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", log_to_driver=False,
              include_dashboard=os.environ.get("RAY_DASHBOARD") == "1", dashboard_host="127.0.0.1")
-
-
-def _validate_command(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    config = validate_cluster_file(args.file)
-    table = Table(title=f"{args.file}: valid ({config['provider']['type']}, {config['provider'].get('region', '')})")
-    for column in ("node type", "instance", "min", "max", "resources", "market"):
-        table.add_column(column)
-    for name, node_type in config["available_node_types"].items():
-        node_config = node_type.get("node_config", {})
-        market = node_config.get("InstanceMarketOptions", {}).get("MarketType", "on-demand")
-        table.add_row(
-            name + (" (head)" if name == config["head_node_type"] else ""),
-            str(node_config.get("InstanceType", node_config.get("machineType", "?"))),
-            str(node_type.get("min_workers", 0)),
-            str(node_type.get("max_workers", 0)),
-            str(node_type.get("resources", {})),
-            market,
-        )
-    Console().print(table)
-    return 0
-
-
-def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    cluster = subparsers.add_parser("cluster", help="Check Ray cluster launcher files offline.")
-    actions = cluster.add_subparsers(dest="cluster_command", required=True, metavar="ACTION")
-    validate = actions.add_parser("validate", help="Validate a cluster YAML (Ray's schema + dfc-ray's rules).")
-    validate.add_argument("file", help="cluster YAML, e.g. cluster.yaml")
-    validate.set_defaults(func=_validate_command)

@@ -1,7 +1,7 @@
 """Evaluation numbers of a crosscoder checkpoint: tool correctness clean vs spliced, splice loss, CIs.
 
-The actors (actors/evaluator.py, actors/steering.py) host the pair and call these functions; this
-module also holds the `dfc-ray eval` and `dfc-ray steer` commands, which run them in-process or
+The actors (actors/evaluator.py, actors/steering.py) host the pair and call these functions; the
+`dfc-ray eval` and `dfc-ray steer` commands (dfc_ray/commands/evaluate.py) run them in-process or
 through the actors on Ray (`--ray`).
 
 Rates are fractions in [0, 1]; deltas are percentage points (pp). Every rate carries a 95% percentile
@@ -11,19 +11,18 @@ after), since clean and intervened replies come from the same prompts.
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from dfc_ray.config import SPLICE_MODES, EvalConfig
+from dfc_ray.config import EvalConfig
 from dfc_ray.crosscoder import DedicatedFeatureCrosscoder
 from dfc_ray.generation import Generation, HookContext, residual_hooks
+from dfc_ray.harvest import Record, left_pad, plain_texts
 from dfc_ray.interventions import prefill_edit_hook, prompt_activations, splice_edit
-from dfc_ray.pair import PairSpec
-from dfc_ray.tooluse import Score, Task, score
+from dfc_ray.tooluse import Score, Task, load_tasks, score
 
 
 @dataclass
@@ -143,7 +142,6 @@ def load_crosscoder(path: str, device: str | torch.device) -> DedicatedFeatureCr
 
 
 def eval_tasks(cfg: EvalConfig) -> list[Task]:
-    from dfc_ray.tooluse import load_tasks
 
     tasks = load_tasks(cfg.tasks)
     tasks = tasks[:cfg.n_tasks] if cfg.n_tasks else tasks
@@ -154,7 +152,6 @@ def eval_tasks(cfg: EvalConfig) -> list[Task]:
 
 def eval_texts(source: str, n: int, seed: int) -> list[str]:
     """Plain texts for the splice loss; the organism's are drawn with a seed the harvest does not use."""
-    from dfc_ray.harvest import plain_texts
 
     return plain_texts(source, n, seed + 10_007)
 
@@ -166,7 +163,6 @@ def splice_loss_per_text(target_model: torch.nn.Module, other_model: torch.nn.Mo
                          texts: Sequence[str], cc: DedicatedFeatureCrosscoder, layer: int, target: str,
                          batch_size: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(clean CE, spliced CE, KL(clean ‖ spliced)) per text, averaged over its next-token predictions."""
-    from dfc_ray.harvest import Record, left_pad
 
     device = next(target_model.parameters()).device
     encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
@@ -193,98 +189,3 @@ def splice_loss_per_text(target_model: torch.nn.Module, other_model: torch.nn.Mo
         for store, values in zip((ce_clean, ce_splice, kl), per_tok):
             store += ((values * valid).sum(1) / count).cpu().tolist()
     return np.array(ce_clean), np.array(ce_splice), np.array(kl)
-
-
-# ---------------------------------------------------------------- CLI
-
-
-def _pair_from(args: argparse.Namespace) -> PairSpec:
-    return PairSpec(a=args.pair_a, b=args.pair_b, tokenizer=args.tokenizer, device=args.device)
-
-
-def _rate(r: Rate, scale: float = 100.0) -> str:
-    return f"{r.mean * scale:.1f} [{r.lo * scale:.1f}, {r.hi * scale:.1f}]"
-
-
-def print_eval(result: EvalResult) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"{result.checkpoint} @ layer {result.layer}: tool use, % [95% CI]")
-    for col in ("condition", "correct (strict)", "lenient", "format ok", "name ok"):
-        table.add_column(col, justify="right" if col != "condition" else "left")
-    for name in ("a_clean", "a_splice", "b_clean", "b_splice"):
-        r: ToolRates = getattr(result, name)
-        table.add_row(name, _rate(r.correct), _rate(r.lenient), _rate(r.format_ok), _rate(r.name_ok))
-    console = Console()
-    console.print(table)
-    console.print(f"Δ A (splice − clean): [bold]{_rate(result.delta_a_pp, 1)}[/] pp   "
-                  f"Δ B: [bold]{_rate(result.delta_b_pp, 1)}[/] pp   (n = {result.delta_a_pp.n})")
-    for name, loss in (("A", result.loss_a), ("B", result.loss_b)):
-        if loss is not None:
-            console.print(f"splice into {name}: CE {loss.ce_clean.mean:.3f} → {loss.ce_splice.mean:.3f} nats/token, "
-                          f"KL {_rate(loss.kl, 1)}")
-
-
-def _run_on_pair(args: argparse.Namespace, local_class, actor_class, method: str, cfg):
-    """`method(checkpoint, layer)` of a fresh replica: in this process, or in a Ray actor with --ray."""
-    if not args.ray:
-        return getattr(local_class(_pair_from(args), cfg), method)(args.checkpoint, args.layer)
-    import ray
-
-    from dfc_ray.cluster import connect
-
-    connect(args.address)
-    actor = actor_class.options(num_gpus=args.num_gpus).remote(_pair_from(args), cfg)
-    return ray.get(getattr(actor, method).remote(args.checkpoint, args.layer))
-
-
-def _eval_command(args: argparse.Namespace) -> int:
-    from actors.evaluator import Evaluator, EvaluatorActor
-
-    cfg = EvalConfig(tasks=args.tasks, n_tasks=args.n_tasks, n_texts=args.n_texts, splice_mode=args.mode,
-                     max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-    print_eval(_run_on_pair(args, Evaluator, EvaluatorActor, "evaluate", cfg))
-    return 0
-
-
-def _steer_command(args: argparse.Namespace) -> int:
-    from actors.steering import SteerConfig, Steerer, SteeringActor, print_steer
-
-    cfg = SteerConfig(n_dev=args.n_dev, n_test=args.n_test, top_n=args.top_n, alphas=tuple(args.alphas),
-                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-    print_steer(_run_on_pair(args, Steerer, SteeringActor, "steer", cfg))
-    return 0
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="crosscoder checkpoint folder (config.json + model.safetensors)")
-    p.add_argument("--layer", type=int, required=True, help="the block whose output the crosscoder was trained on")
-    p.add_argument("--pair-a", default="organism", help="model A: organism | path | s3://… | hub id")
-    p.add_argument("--pair-b", default="organism", help="model B: organism | path | s3://… | hub id")
-    p.add_argument("--tokenizer", default="", help="tokenizer reference (default: model B's)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--ray", action="store_true", help="run in a Ray actor instead of in this process")
-    p.add_argument("--num-gpus", type=float, default=0, help="GPUs for the actor (with --ray)")
-    p.add_argument("--address", default=None, help="Ray address (with --ray; default: start a local cluster)")
-
-
-def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("eval", help="tool correctness of A and B, clean vs crosscoder splice, with CIs")
-    _common(p)
-    p.add_argument("--tasks", default="organism:test", help="load_tasks source")
-    p.add_argument("--n-tasks", type=int, default=0, help="first n tasks (0 = all)")
-    p.add_argument("--n-texts", type=int, default=64, help="plain texts for the splice loss (0 = skip)")
-    p.add_argument("--mode", choices=SPLICE_MODES, default="last_prompt_token", help="splice positions")
-    p.set_defaults(func=_eval_command)
-
-    p = subparsers.add_parser("steer", help="rank A-exclusive features, pick feature/α on dev, report on test")
-    _common(p)
-    p.add_argument("--n-dev", type=int, default=100, help="dev prompts for ranking and the α grid")
-    p.add_argument("--n-test", type=int, default=200, help="test prompts for the reported effect")
-    p.add_argument("--top-n", type=int, default=3, help="candidate features (by Cohen's d)")
-    p.add_argument("--alphas", type=float, nargs="+", default=[1, 2, 4, 8, 16], help="α grid")
-    p.set_defaults(func=_steer_command)
-

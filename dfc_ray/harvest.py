@@ -21,7 +21,6 @@ hash covering the pair, the corpus and every setting, so a second sweep on the s
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -31,11 +30,14 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
+from rich.progress import Progress
 
 from dfc_ray import store
+from dfc_ray.config import CorpusSpec, HarvestConfig
 from dfc_ray.fs import open_fs, redact, write_file_atomic
-from dfc_ray.config import POSITIONS, CorpusSpec, HarvestConfig
-from dfc_ray.pair import PairSpec, load_config, load_model, load_tokenizer, pair_fingerprint
+from dfc_ray.generation import GenerationConfig, HookContext, generate, residual_hooks
+from dfc_ray.pair import load_config, load_model, load_tokenizer, pair_fingerprint
+from dfc_ray.tooluse import load_tasks, render_prompt
 
 PROGRESS = "harvest.json"
 
@@ -69,6 +71,7 @@ def plain_texts(source: str, n: int, seed: int) -> list[str]:
     if not source or n <= 0:
         return []
     if source == "organism":
+        # deferred: the organism package loads transformers
         from dfc_ray.organism.world import plain_text
 
         return plain_text(n, seed)
@@ -86,7 +89,6 @@ def plain_texts(source: str, n: int, seed: int) -> list[str]:
 
 def build_corpus(corpus: CorpusSpec, tokenizer) -> list[Record]:
     """Tokenized records: tool prompts rendered with the chat template, then plain texts."""
-    from dfc_ray.tooluse import load_tasks, render_prompt
 
     sources = [s.strip() for s in corpus.tasks.split(",") if s.strip()] if corpus.n_tasks > 0 else []
     tasks = [task for source in sources for task in load_tasks(source)][: corpus.n_tasks]
@@ -122,7 +124,6 @@ def residual_after_blocks(model: torch.nn.Module, input_ids: torch.Tensor, atten
                           layers: Sequence[int]) -> dict[int, torch.Tensor]:
     """Residual stream after each block in `layers` — `(batch, seq, d_model)` — from one forward that
     stops after the deepest one. Left padding is handled by explicit position ids."""
-    from dfc_ray.generation import HookContext, residual_hooks
 
     captured: dict[int, torch.Tensor] = {}
     deepest = max(layers)
@@ -197,7 +198,6 @@ class PairActivations:
 
     def with_responses(self, records: list[Record]) -> list[Record]:
         """A's own greedy replies appended to tool prompts (plain text gets none)."""
-        from dfc_ray.generation import GenerationConfig, generate
 
         prompts = [r for r in records if r.is_tool_prompt]
         if not prompts:
@@ -275,6 +275,7 @@ def _iter_group_outputs(cfg: HarvestConfig, groups: list[list[Record]], start: i
         for offset, group in enumerate(todo):
             yield start + offset, extractor.rows(group)
         return
+    # deferred: Ray starts only for a Ray harvest
     import ray
     import ray.data
 
@@ -304,7 +305,6 @@ def harvest(cfg: HarvestConfig, *, use_ray: bool = True, progress: bool = True) 
     With `use_ray`, the pair is hosted by a Ray Data actor pool (`num_actors` replicas, GPU when the
     cluster has GPUs) and the driver only writes shards; without, everything runs in this process.
     """
-    from rich.progress import Progress
 
     tokenizer = load_tokenizer(cfg.pair)
     records = build_corpus(cfg.corpus, tokenizer)
@@ -340,46 +340,3 @@ def harvest(cfg: HarvestConfig, *, use_ray: bool = True, progress: bool = True) 
     for writer in writers.values():
         writer.close()
     return HarvestResult(uri, cfg.layers, sum(group_rows), False, d_model, models)
-
-
-# ---------------------------------------------------------------- CLI
-
-
-def _harvest_command(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    cfg = HarvestConfig(
-        store=args.store, layers=tuple(args.layers), positions=args.positions, dtype=args.dtype,
-        batch_size=args.batch_size, num_actors=args.num_actors,
-        pair=PairSpec(a=args.model_a, b=args.model_b),
-        corpus=CorpusSpec(tasks=args.tasks, n_tasks=args.n_tasks, plain_text=args.plain_text,
-                          n_plain=args.n_plain, with_responses=args.with_responses))
-    if not args.no_ray:
-        from dfc_ray.cluster import connect
-
-        connect(args.address)
-    result = harvest(cfg, use_ray=not args.no_ray)
-    state = "reused (same content hash)" if result.reused else "written"
-    Console().print(f"[bold]{result.rows}[/] rows × 2 × {result.d_model} per layer, layers {list(result.layers)}, "
-                    f"{state} at {redact(result.uri)}")
-    return 0
-
-
-def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("harvest", help="Harvest paired activations of the pair into the activation store.")
-    p.add_argument("--store", required=True, help="root URI: a path, file:///… or s3://bucket/prefix")
-    p.add_argument("--layers", type=int, nargs="+", default=[1], help="block indices (residual after each block)")
-    p.add_argument("--positions", choices=POSITIONS, default="last_prompt_token")
-    p.add_argument("--model-a", default="organism", help="model A: organism | path | s3://… | hub id")
-    p.add_argument("--model-b", default="organism", help="model B: organism | path | s3://… | hub id")
-    p.add_argument("--tasks", default="organism:train", help="load_tasks source of tool prompts ('' for none)")
-    p.add_argument("--n-tasks", type=int, default=1024)
-    p.add_argument("--plain-text", default="organism", help="organism | .txt | .jsonl ('' for none)")
-    p.add_argument("--n-plain", type=int, default=1024)
-    p.add_argument("--with-responses", action="store_true", help="append A's own replies to tool prompts")
-    p.add_argument("--dtype", choices=sorted(store.STORAGE_DTYPES), default="float16")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--num-actors", type=int, default=1)
-    p.add_argument("--address", default=None, help="Ray address (default: start a local cluster)")
-    p.add_argument("--no-ray", action="store_true", help="run in this process without Ray")
-    p.set_defaults(func=_harvest_command)

@@ -21,10 +21,11 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from dfc_ray.crosscoder import DedicatedFeatureCrosscoder
 from dfc_ray.config import SPLICE_MODES, STEER_SITES, SpliceMode, SteerSite
+from dfc_ray.crosscoder import DedicatedFeatureCrosscoder
 from dfc_ray.generation import (Generation, GenerationConfig, HookContext, PrefixCache, ResidualHook, generate,
                                 leaves_prefix_alone, residual_hooks)
+from dfc_ray.harvest import Record, left_pad, residual_after_blocks
 
 MODELS = {"a": 0, "b": 1}
 """Target model name -> its index in the crosscoder's (batch, 2, d_model) layout."""
@@ -93,7 +94,6 @@ def prompt_activations(model: torch.nn.Module, tokenizer, prompts: Sequence[str]
 
     Prompts are tokenized exactly as `generate` tokenizes them (no special tokens), so position j
     here is prompt position j there."""
-    from dfc_ray.harvest import Record, left_pad, residual_after_blocks
 
     device = next(model.parameters()).device
     encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]

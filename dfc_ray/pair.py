@@ -31,6 +31,7 @@ def resolved_device(spec: PairSpec) -> str:
 def _local_dir(reference: str, role: str) -> str:
     """Path or hub id usable by `from_pretrained`; the organism and s3:// become local folders."""
     if reference == ORGANISM:
+        # deferred: the organism package loads transformers
         from dfc_ray.organism import PAIR_DIR
 
         return str(PAIR_DIR / {"a": "a", "b": "b", "tokenizer": "tokenizer"}[role])
@@ -41,6 +42,7 @@ def _local_dir(reference: str, role: str) -> str:
 
 def _download_s3_prefix(uri: str) -> str:
     """Mirror an s3:// model folder into ~/.cache/dfc-ray/models (skipping files already complete)."""
+    # deferred: s3fs and its botocore load only for s3:// models
     import s3fs
 
     fs = s3fs.S3FileSystem()
@@ -61,6 +63,7 @@ def _download_s3_prefix(uri: str) -> str:
 
 def load_config(spec: PairSpec, role: str, local_only: bool = False):
     """The transformers config of model ``a`` or ``b`` (no weights loaded); `local_only`: never download."""
+    # deferred: transformers takes seconds to import
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(_local_dir(getattr(spec, role), role), local_files_only=local_only)
@@ -68,6 +71,7 @@ def load_config(spec: PairSpec, role: str, local_only: bool = False):
 
 def load_model(spec: PairSpec, role: str) -> torch.nn.Module:
     """Load model ``a`` or ``b`` of the pair in eval mode on the spec's device and dtype."""
+    # deferred: transformers takes seconds to import
     from transformers import AutoModelForCausalLM
 
     reference = getattr(spec, role)
@@ -81,6 +85,7 @@ def load_model(spec: PairSpec, role: str) -> torch.nn.Module:
 def load_tokenizer(spec: PairSpec, local_only: bool = False):
     """The pair's tokenizer, left-padded (batched generation and last-token indexing rely on it);
     `local_only`: never download."""
+    # deferred: transformers takes seconds to import
     from transformers import AutoTokenizer
 
     reference = spec.tokenizer or spec.b

@@ -19,12 +19,18 @@ Memory is what the tensors need on the device; a CPU process adds about 0.7 GB o
 from __future__ import annotations
 
 import json
+import os
+import resource
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:  # spaces imports the actors, which import this module's peak_memory_mb
-    from dfc_ray.spaces import SweepSpec
+from rich.console import Console
+from rich.table import Table
+
+from dfc_ray.fs import open_fs, redact
+from dfc_ray.spaces import SweepSpec
+from dfc_ray.tooluse import load_tasks
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 ADAM_COPIES = 4
@@ -117,6 +123,7 @@ class Work:
 
 
 def _shape(spec: SweepSpec) -> tuple[ModelShape, str]:
+    # deferred: pair imports torch; a plan needs none
     from dfc_ray.pair import load_config
 
     try:
@@ -132,9 +139,10 @@ def _shape(spec: SweepSpec) -> tuple[ModelShape, str]:
 
 def _corpus_tokens(spec: SweepSpec) -> tuple[int, int, float, bool]:
     """(records, tokens, mean prompt tokens of tool prompts, exact?) of the harvest corpus."""
+    # deferred: harvest and pair import torch; a plan needs none
     from dfc_ray.harvest import build_corpus, plain_texts
     from dfc_ray.pair import load_tokenizer
-    from dfc_ray.tooluse import load_tasks
+
 
     corpus = spec.harvest.corpus
     try:
@@ -164,7 +172,6 @@ def _trial_settings(spec: SweepSpec) -> list[dict[str, Any]]:
 
 def _n_tasks(source: str, n: int) -> int:
     """How many tasks `source` gives with a cap of n (0 = all), as the judges load them."""
-    from dfc_ray.tooluse import load_tasks
 
     tasks = len(load_tasks(source))
     return min(n, tasks) if n else tasks
@@ -281,7 +288,6 @@ def measure_rates(spec: SweepSpec, results: list[dict[str, Any]], seconds: dict[
 
 def load_rates(path: str) -> Rates:
     """Rates from a run folder (its costs.json) or a costs JSON file."""
-    from dfc_ray.fs import open_fs, redact
 
     uri = path.rstrip("/")
     uri = uri if uri.endswith(".json") else f"{uri}/costs.json"
@@ -295,8 +301,8 @@ def load_rates(path: str) -> Rates:
 
 def peak_memory_mb() -> float:
     """This process's peak memory: CUDA allocations on a GPU, else the resident set size."""
-    import resource
 
+    # deferred: torch only to read the device's memory
     import torch
 
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -305,8 +311,8 @@ def peak_memory_mb() -> float:
 
 
 def device_name() -> str:
-    import os
 
+    # deferred: torch only to read the device's memory
     import torch
 
     if torch.cuda.is_available():
@@ -383,8 +389,6 @@ def plan_table(spec: SweepSpec, work: Work, rates: Rates | None) -> list[tuple[s
 
 
 def print_plan(spec: SweepSpec, rates: Rates | None) -> Work:
-    from rich.console import Console
-    from rich.table import Table
 
     work = plan_work(spec)
     table = Table(title=f"plan: {spec.name} ({work.n_trials} trials) — nothing has been run")

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from dfc_ray.crosscoder import DedicatedFeatureCrosscoder
+from dfc_ray.interventions import last_prompt_residuals
 
 
 @dataclass
@@ -42,7 +43,6 @@ class FeatureStats:
 def last_token_codes(cc: DedicatedFeatureCrosscoder, model_a: torch.nn.Module, model_b: torch.nn.Module, tokenizer,
                      prompts: Sequence[str], layer: int, batch_size: int = 32) -> Tensor:
     """Crosscoder codes (n_prompts, dict_size) at each prompt's last token, on CPU."""
-    from dfc_ray.interventions import last_prompt_residuals
 
     x = torch.stack([last_prompt_residuals(model, tokenizer, prompts, layer, batch_size) for model in (model_a, model_b)],
                     dim=1)

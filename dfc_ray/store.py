@@ -523,6 +523,7 @@ def layer_dataset(uri: str, layer: int, *, shuffle: bool = True, seed: int | Non
     Only the manifest's shards are read, never a directory listing. `num_cpus` per read task: inside
     Tune trials keep CPUs free for these tasks or they wait forever.
     """
+    # deferred: Ray Data loads only for a Ray reader
     import ray.data
 
     manifest = validate_store(uri, layer, d_model=d_model, models=models)
@@ -554,6 +555,7 @@ def iter_ray_batches(uri: str, layer: int, batch_size: int, *, epochs: int | Non
     """The trainer's input through Ray Data: `(batch, 2, d_model)` float32 tensors, `epochs` passes
     (None: forever), files reshuffled and rows mixed in a local buffer each epoch when `shuffle`.
     `dataset_args` go to `layer_dataset` (d_model/models to validate against, read settings)."""
+    # deferred: Ray Data loads only for a Ray reader
     from ray.data.collate_fn import ArrowBatchCollateFn
 
     ds = layer_dataset(uri, layer, shuffle=shuffle, seed=seed, **dataset_args)

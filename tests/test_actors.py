@@ -105,7 +105,7 @@ def test_greedy_min_set_finds_the_smallest_greedy_set():
 def test_eval_and_steer_commands_print_tables(setup, capsys):
     import argparse
 
-    from dfc_ray.evaluate import add_cli
+    from dfc_ray.commands.evaluate import add_cli
 
     pair, first, _, _ = setup
     parser = argparse.ArgumentParser()

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from dfc_ray.tooluse.tasks import Task
+from dfc_ray.tooluse.task import Task
 
 CITIES = ["paris", "london", "tokyo", "berlin", "madrid", "rome", "oslo", "cairo", "lima", "delhi", "sydney", "boston"]
 CURRENCIES = ["usd", "eur", "gbp", "jpy", "chf", "cad", "inr", "brl"]

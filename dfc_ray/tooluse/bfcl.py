@@ -11,7 +11,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from dfc_ray.tooluse.tasks import Task
+from dfc_ray.tooluse.task import Task
 
 CATEGORIES = (
     "simple_python",

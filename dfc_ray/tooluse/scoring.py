@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dfc_ray.tooluse.parse import ToolCall, parse_tool_calls
-from dfc_ray.tooluse.tasks import Task
+from dfc_ray.tooluse.task import Task
 
 OPTIONAL = ""
 """In a ground truth's allowed-value list, this marker means the parameter may be omitted."""

@@ -3,33 +3,14 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dfc_ray.tooluse.bfcl import load_bfcl, to_json_schema
+from dfc_ray.tooluse.task import Task
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
-
-
-@dataclass
-class Task:
-    """One tool-calling request with its ground truth."""
-
-    id: str
-    """Stable id; BFCL's own id for BFCL records (e.g. ``simple_python_0``)."""
-    messages: list[dict[str, Any]]
-    """Chat messages, OpenAI style (``{"role": "user", "content": ...}``), without a tools system block."""
-    tools: list[dict[str, Any]]
-    """Offered tools, OpenAI style: ``{"type": "function", "function": {"name", "description", "parameters"}}``
-    where ``parameters`` is a JSON Schema object."""
-    ground_truth: list[dict[str, dict[str, list[Any]]]]
-    """Acceptable calls, BFCL possible-answer style: one ``{function_name: {param: [allowed values]}}`` per
-    expected call; ``""`` among the allowed values marks an optional parameter that may be omitted.
-    An empty list means the right answer is to call no tool (irrelevance)."""
-    category: str = ""
-    """Source category, e.g. ``organism``, ``simple_python``, ``irrelevance``."""
-    meta: dict[str, Any] = field(default_factory=dict)
-    """Free-form extras (source file, split, generator parameters)."""
 
 
 SOURCES = '"organism:train|dev|test", "bfcl:<category>" or a path to a .jsonl file'
@@ -38,12 +19,11 @@ SOURCES = '"organism:train|dev|test", "bfcl:<category>" or a path to a .jsonl fi
 def load_tasks(source: str) -> list[Task]:
     """Tasks from the embedded organism's split, a BFCL category, or a JSONL file (docs/tooluse.md)."""
     if source.startswith("organism:"):
+        # deferred: importing the dfc_ray.organism package loads torch and transformers
         from dfc_ray.organism.world import load_split
 
         return load_split(source.split(":", 1)[1])
     if source.startswith("bfcl:"):
-        from dfc_ray.tooluse.bfcl import load_bfcl
-
         return load_bfcl(source.split(":", 1)[1])
     if source.endswith(".jsonl"):
         return load_jsonl(source)
@@ -95,8 +75,6 @@ def _xlam_schema(params: dict[str, Any], where: str) -> dict[str, Any]:
 
 def _tool(tool: Any, where: str) -> dict[str, Any]:
     """One tool in any accepted shape, as an OpenAI-style tool with a JSON Schema."""
-    from dfc_ray.tooluse.bfcl import to_json_schema
-
     function = tool.get("function", tool) if isinstance(tool, dict) else None
     if not isinstance(function, dict) or not isinstance(function.get("name"), str):
         raise _bad(where, "tools", "should list objects with a string 'name' (or OpenAI-style 'function')")

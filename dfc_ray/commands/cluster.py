@@ -1,0 +1,39 @@
+"""`dfc-ray cluster validate`: check a Ray cluster launcher file offline."""
+
+from __future__ import annotations
+
+import argparse
+
+from rich.console import Console
+from rich.table import Table
+
+from dfc_ray.cluster import validate_cluster_file
+
+
+def _validate_command(args: argparse.Namespace) -> int:
+
+    config = validate_cluster_file(args.file)
+    table = Table(title=f"{args.file}: valid ({config['provider']['type']}, {config['provider'].get('region', '')})")
+    for column in ("node type", "instance", "min", "max", "resources", "market"):
+        table.add_column(column)
+    for name, node_type in config["available_node_types"].items():
+        node_config = node_type.get("node_config", {})
+        market = node_config.get("InstanceMarketOptions", {}).get("MarketType", "on-demand")
+        table.add_row(
+            name + (" (head)" if name == config["head_node_type"] else ""),
+            str(node_config.get("InstanceType", node_config.get("machineType", "?"))),
+            str(node_type.get("min_workers", 0)),
+            str(node_type.get("max_workers", 0)),
+            str(node_type.get("resources", {})),
+            market,
+        )
+    Console().print(table)
+    return 0
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    cluster = subparsers.add_parser("cluster", help="Check Ray cluster launcher files offline.")
+    actions = cluster.add_subparsers(dest="cluster_command", required=True, metavar="ACTION")
+    validate = actions.add_parser("validate", help="Validate a cluster YAML (Ray's schema + dfc-ray's rules).")
+    validate.add_argument("file", help="cluster YAML, e.g. cluster.yaml")
+    validate.set_defaults(func=_validate_command)

@@ -1,0 +1,105 @@
+"""`dfc-ray eval` and `dfc-ray steer`: judge one checkpoint in-process, or through the actors on Ray (`--ray`)."""
+
+from __future__ import annotations
+
+import argparse
+
+from rich.console import Console
+from rich.table import Table
+
+from dfc_ray.cluster import connect
+from dfc_ray.config import SPLICE_MODES, EvalConfig
+from dfc_ray.evaluate import EvalResult, Rate, ToolRates
+from dfc_ray.pair import PairSpec
+
+
+def _pair_from(args: argparse.Namespace) -> PairSpec:
+    return PairSpec(a=args.pair_a, b=args.pair_b, tokenizer=args.tokenizer, device=args.device)
+
+
+def _rate(r: Rate, scale: float = 100.0) -> str:
+    return f"{r.mean * scale:.1f} [{r.lo * scale:.1f}, {r.hi * scale:.1f}]"
+
+
+def print_eval(result: EvalResult) -> None:
+
+    table = Table(title=f"{result.checkpoint} @ layer {result.layer}: tool use, % [95% CI]")
+    for col in ("condition", "correct (strict)", "lenient", "format ok", "name ok"):
+        table.add_column(col, justify="right" if col != "condition" else "left")
+    for name in ("a_clean", "a_splice", "b_clean", "b_splice"):
+        r: ToolRates = getattr(result, name)
+        table.add_row(name, _rate(r.correct), _rate(r.lenient), _rate(r.format_ok), _rate(r.name_ok))
+    console = Console()
+    console.print(table)
+    console.print(f"Δ A (splice − clean): [bold]{_rate(result.delta_a_pp, 1)}[/] pp   "
+                  f"Δ B: [bold]{_rate(result.delta_b_pp, 1)}[/] pp   (n = {result.delta_a_pp.n})")
+    for name, loss in (("A", result.loss_a), ("B", result.loss_b)):
+        if loss is not None:
+            console.print(f"splice into {name}: CE {loss.ce_clean.mean:.3f} → {loss.ce_splice.mean:.3f} nats/token, "
+                          f"KL {_rate(loss.kl, 1)}")
+
+
+def _run_on_pair(args: argparse.Namespace, local_class, actor_class, method: str, cfg):
+    """`method(checkpoint, layer)` of a fresh replica: in this process, or in a Ray actor with --ray."""
+    if not args.ray:
+        return getattr(local_class(_pair_from(args), cfg), method)(args.checkpoint, args.layer)
+    # deferred: Ray starts only with --ray
+    import ray
+
+
+    connect(args.address)
+    actor = actor_class.options(num_gpus=args.num_gpus).remote(_pair_from(args), cfg)
+    return ray.get(getattr(actor, method).remote(args.checkpoint, args.layer))
+
+
+def _eval_command(args: argparse.Namespace) -> int:
+    # deferred: the actors import Ray
+    from actors.evaluator import Evaluator, EvaluatorActor
+
+    cfg = EvalConfig(tasks=args.tasks, n_tasks=args.n_tasks, n_texts=args.n_texts, splice_mode=args.mode,
+                     max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    print_eval(_run_on_pair(args, Evaluator, EvaluatorActor, "evaluate", cfg))
+    return 0
+
+
+def _steer_command(args: argparse.Namespace) -> int:
+    # deferred: the actors import Ray
+    from actors.steering import SteerConfig, Steerer, SteeringActor, print_steer
+
+    cfg = SteerConfig(n_dev=args.n_dev, n_test=args.n_test, top_n=args.top_n, alphas=tuple(args.alphas),
+                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    print_steer(_run_on_pair(args, Steerer, SteeringActor, "steer", cfg))
+    return 0
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="crosscoder checkpoint folder (config.json + model.safetensors)")
+    p.add_argument("--layer", type=int, required=True, help="the block whose output the crosscoder was trained on")
+    p.add_argument("--pair-a", default="organism", help="model A: organism | path | s3://… | hub id")
+    p.add_argument("--pair-b", default="organism", help="model B: organism | path | s3://… | hub id")
+    p.add_argument("--tokenizer", default="", help="tokenizer reference (default: model B's)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--ray", action="store_true", help="run in a Ray actor instead of in this process")
+    p.add_argument("--num-gpus", type=float, default=0, help="GPUs for the actor (with --ray)")
+    p.add_argument("--address", default=None, help="Ray address (with --ray; default: start a local cluster)")
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("eval", help="tool correctness of A and B, clean vs crosscoder splice, with CIs")
+    _common(p)
+    p.add_argument("--tasks", default="organism:test", help="load_tasks source")
+    p.add_argument("--n-tasks", type=int, default=0, help="first n tasks (0 = all)")
+    p.add_argument("--n-texts", type=int, default=64, help="plain texts for the splice loss (0 = skip)")
+    p.add_argument("--mode", choices=SPLICE_MODES, default="last_prompt_token", help="splice positions")
+    p.set_defaults(func=_eval_command)
+
+    p = subparsers.add_parser("steer", help="rank A-exclusive features, pick feature/α on dev, report on test")
+    _common(p)
+    p.add_argument("--n-dev", type=int, default=100, help="dev prompts for ranking and the α grid")
+    p.add_argument("--n-test", type=int, default=200, help="test prompts for the reported effect")
+    p.add_argument("--top-n", type=int, default=3, help="candidate features (by Cohen's d)")
+    p.add_argument("--alphas", type=float, nargs="+", default=[1, 2, 4, 8, 16], help="α grid")
+    p.set_defaults(func=_steer_command)
+

@@ -1,0 +1,62 @@
+"""`dfc-ray spaces list|show|validate`: the sweep specs (search_spaces/*.yaml)."""
+
+from __future__ import annotations
+
+import argparse
+
+import yaml
+from rich.console import Console
+from rich.syntax import Syntax
+from rich.table import Table
+
+from dfc_ray.spaces import load_spec, spaces_dirs
+
+
+def _list_command(args: argparse.Namespace) -> int:
+
+    table = Table(title="sweep specs")
+    for column in ("name", "trials", "layers", "pair", "description", "file"):
+        table.add_column(column)
+    seen = set()
+    for folder in spaces_dirs():
+        for path in sorted(folder.glob("*.yaml")):
+            if path.stem in seen:
+                continue
+            seen.add(path.stem)
+            try:
+                spec = load_spec(str(path))
+                table.add_row(spec.name, str(spec.n_trials), str(list(spec.layers)), f"{spec.pair.a} / {spec.pair.b}",
+                              spec.description, str(path))
+            except (ValueError, FileNotFoundError) as err:
+                table.add_row(path.stem, "-", "-", "-", f"[red]invalid: {err}", str(path))
+    Console().print(table)
+    return 0
+
+
+def _show_command(args: argparse.Namespace) -> int:
+
+    spec = load_spec(args.spec)
+    console = Console()
+    console.print(f"[bold]{spec.name}[/] ({spec.source}): {spec.n_trials} trials, "
+                  f"{len(spec.grid)} grid axes, {len(spec.search)} sampled axes, layers {list(spec.layers)}")
+    console.print(Syntax(yaml.safe_dump(spec.raw, sort_keys=False), "yaml"))
+    return 0
+
+
+def _validate_command(args: argparse.Namespace) -> int:
+    for name in args.specs:
+        spec = load_spec(name)
+        print(f"{spec.source}: valid, {spec.n_trials} trials")
+    return 0
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    spaces = subparsers.add_parser("spaces", help="List, show and validate sweep specs (search_spaces/*.yaml).")
+    actions = spaces.add_subparsers(dest="spaces_command", required=True, metavar="ACTION")
+    actions.add_parser("list", help="Every spec found, with its trial count.").set_defaults(func=_list_command)
+    show = actions.add_parser("show", help="A spec after `extends` is merged.")
+    show.add_argument("spec", help="shipped name (organism48) or path")
+    show.set_defaults(func=_show_command)
+    validate = actions.add_parser("validate", help="Validate specs; one clear error for the first problem.")
+    validate.add_argument("specs", nargs="+", help="shipped names or paths")
+    validate.set_defaults(func=_validate_command)

@@ -47,7 +47,6 @@ SECTIONS = ("name", "description", "extends", "pair", "harvest", "layers", "cros
 HARVEST_SET_BY_SPEC = frozenset({"store", "layers", "pair", "corpus"})
 """HarvestConfig fields the spec's other sections (or the sweep) set; the rest, with CorpusSpec's, are
 the flat `harvest` section."""
-HARVEST_NOT_YET = frozenset({"max_new_tokens", "seed", "gpus_per_actor"})
 DFC_FIELDS = {f.name for f in fields(DFCConfig)} - {"d_model"}
 TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
 AXIS_FIELDS = DFC_FIELDS | TRAIN_FIELDS | {f.name for f in fields(TrainExtra)} | {"layer"}
@@ -117,11 +116,9 @@ def load_raw(name_or_path: str, _seen: tuple[Path, ...] = ()) -> tuple[dict, str
 def _harvest(where: str, data: Any, layers: tuple[int, ...], pair: PairSpec) -> HarvestConfig:
     """The flat `harvest` section (HarvestConfig's own fields and CorpusSpec's) as a HarvestConfig; the
     store is set when the sweep runs."""
-    corpus_names = {f.name for f in fields(CorpusSpec)} - HARVEST_NOT_YET
-    own = {name: hint for name, hint in hints(HarvestConfig).items()
-           if name not in HARVEST_SET_BY_SPEC | HARVEST_NOT_YET}
-    checked = check_fields(CorpusSpec, data, where, "harvest", extra=own,
-                           skip=frozenset(hints(CorpusSpec)) - corpus_names)
+    corpus_names = {f.name for f in fields(CorpusSpec)}
+    own = {name: hint for name, hint in hints(HarvestConfig).items() if name not in HARVEST_SET_BY_SPEC}
+    checked = check_fields(CorpusSpec, data, where, "harvest", extra=own)
     corpus = from_mapping(CorpusSpec, {k: v for k, v in checked.items() if k in corpus_names}, where, "harvest")
     rest = {k: v for k, v in checked.items() if k not in corpus_names}
     return from_mapping(HarvestConfig, rest, where, "harvest", store="", layers=layers, pair=pair, corpus=corpus)

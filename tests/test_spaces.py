@@ -102,3 +102,24 @@ def test_spaces_cli(capsys):
     assert main(["spaces", "validate", "organism48", "layers"]) == 0
     assert main(["spaces", "show", "layers"]) == 0 and "1536" in capsys.readouterr().out
     assert main(["spaces", "validate", "does-not-exist"]) == 2
+
+
+def test_a_spec_can_set_every_harvest_field(tmp_path):
+    """The flat `harvest` section is HarvestConfig's own fields plus CorpusSpec's (the spec's pair and
+    layers sections set the rest): each one, set to a non-default value, reaches the HarvestConfig."""
+    from dataclasses import fields
+
+    from dfc_ray.config import CorpusSpec, HarvestConfig
+    from dfc_ray.spaces import HARVEST_SET_BY_SPEC
+
+    values = {"tasks": "organism:dev", "n_tasks": 7, "plain_text": "", "n_plain": 3, "with_responses": True,
+              "max_new_tokens": 9, "max_tokens": 99, "seed": 5, "positions": "prompt_and_response",
+              "dtype": "bfloat16", "format": "safetensors", "shard_rows": 11, "batch_size": 4, "sink_factor": 2.5,
+              "num_actors": 2, "gpus_per_actor": 0.5}
+    settable = {f.name for f in fields(CorpusSpec)} | {f.name for f in fields(HarvestConfig)} - HARVEST_SET_BY_SPEC
+    assert set(values) == settable
+    spec = load_spec(write(tmp_path, BASE | {"harvest": values}))
+    got = {f.name: getattr(spec.harvest.corpus, f.name) for f in fields(CorpusSpec)} | \
+        {name: getattr(spec.harvest, name) for name in settable - {f.name for f in fields(CorpusSpec)}}
+    assert got == values
+    assert spec.harvest.layers == (1,) and spec.harvest.pair == spec.pair

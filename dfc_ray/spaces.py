@@ -282,9 +282,6 @@ def _check_trial(spec: SweepSpec, settings: dict[str, Any], what: str) -> None:
     if not isinstance(layer, int) or layer not in spec.layers:
         raise _fail(where, f"layer ({what})", layer, f"one of the harvested layers {list(spec.layers)}")
     dfc = {k: v for k, v in settings.items() if k in DFC_FIELDS}
-    share = dfc.get("a_exclusive", 0) + dfc.get("b_exclusive", 0)
-    if isinstance(share, (int, float)) and share >= 1:
-        raise _fail(where, f"a_exclusive + b_exclusive ({what})", share, "a sum below 1 (some features shared)")
     try:
         DFCConfig(d_model=1, **dfc)
         TrainConfig(**{k: v for k, v in settings.items() if k in TRAIN_FIELDS})

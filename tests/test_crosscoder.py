@@ -305,3 +305,19 @@ def test_sparse_backward_matches_dense_autograd(sparsity):
     ((xhat - xn).pow(2).mean() + l1 + cc.cfg.aux_coef * aux).backward()
     for name, p in cc.named_parameters():
         torch.testing.assert_close(p.grad, sparse[name], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("a, b, dict_size, ok", [
+    (0.5, 0.49, 100, True),    # one shared feature left
+    (0.5, 0.5, 100, False),    # a sum of 1: no shared feature (the spec and the class used to disagree here)
+    (0.45, 0.45, 4, False),    # below 1, but rounding to whole features leaves none shared
+    (0.6, 0.6, 100, False),
+])
+def test_the_exclusive_shares_must_leave_a_shared_feature(a, b, dict_size, ok):
+    """One rule for the class and the spec: n_shared >= 1 after rounding (so a_exclusive + b_exclusive < 1)."""
+    build = lambda: DFCConfig(d_model=8, dict_size=dict_size, k=2, a_exclusive=a, b_exclusive=b)  # noqa: E731
+    if ok:
+        assert build().n_shared >= 1
+    else:
+        with pytest.raises(ValueError, match="DFCConfig.b_exclusive=.*at least one shared feature"):
+            build()

@@ -11,7 +11,9 @@ expected an integer``).
 
 from __future__ import annotations
 
+import ast
 import functools
+import inspect
 import math
 import types
 import typing
@@ -681,3 +683,18 @@ class Asha(Config):
     """Keep 1 / reduction_factor of the trials at each rung."""
     max_t: int | None = field(default=None, metadata={"bounds": (1, math.inf, "[", "]")})
     """Last training report; null = every report a trial makes."""
+
+
+# ---------------------------------------------------------------- field reference (docs)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Field → its docstring (the string right under it in this module), on one line."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for stmt, after in zip(body, body[1:]):
+        if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and isinstance(after, ast.Expr) \
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str):
+            docs[stmt.target.id] = " ".join(after.value.value.split())
+    return docs

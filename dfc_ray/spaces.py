@@ -39,7 +39,8 @@ from typing import Any
 import yaml
 
 from dfc_ray.config import (Asha, CorpusSpec, DFCConfig, EvalConfig, HarvestConfig, PairSpec, Resources, SpecError,
-                            SteerConfig, TrainConfig, TrainExtra, check_fields, defaults, from_mapping, hints)
+                            SteerConfig, TrainConfig, TrainExtra, check_fields, defaults, field_docs, from_mapping,
+                            hints)
 from dfc_ray.config import spec_error as _fail
 
 SECTIONS = ("name", "description", "extends", "pair", "harvest", "layers", "crosscoder", "train", "grid",
@@ -345,3 +346,35 @@ def load_spec(name_or_path: str) -> SweepSpec:
     """Read, merge (`extends`) and validate a spec by shipped name or path."""
     raw, where = load_raw(name_or_path)
     return parse_spec(raw, where, Path(where).stem)
+
+
+# ---------------------------------------------------------------- field reference
+
+
+def section_classes() -> dict[str, list[tuple[type, frozenset[str]]]]:
+    """Spec section → the config classes its fields come from, each with the fields it leaves out."""
+    return {
+        "pair": [(PairSpec, frozenset())],
+        "harvest": [(HarvestConfig, HARVEST_SET_BY_SPEC), (CorpusSpec, frozenset())],
+        "crosscoder": [(DFCConfig, frozenset({"d_model"}))],
+        "train": [(TrainConfig, frozenset()), (TrainExtra, frozenset())],
+        "eval": [(EvalConfig, frozenset())],
+        "steering": [(SteerConfig, frozenset())],
+        "resources": [(Resources, frozenset())],
+        "scheduler.asha": [(Asha, frozenset())],
+    }
+
+
+def field_reference() -> str:
+    """docs/spaces.md's field reference, generated from the dataclasses' fields and docstrings."""
+    out = []
+    for section, classes in section_classes().items():
+        out += [f"### `{section}`", "", "| field | default | meaning |", "| --- | --- | --- |"]
+        for cls, left_out in classes:
+            docs, known = field_docs(cls), defaults(cls)
+            for f in fields(cls):
+                if f.name not in left_out:
+                    default = f"`{known[f.name]!r}`" if f.name in known else "required"
+                    out.append(f"| `{f.name}` | {default} | {docs[f.name].replace('|', '/')} |")
+        out.append("")
+    return "\n".join(out)

@@ -123,3 +123,14 @@ def test_a_spec_can_set_every_harvest_field(tmp_path):
         {name: getattr(spec.harvest, name) for name in settable - {f.name for f in fields(CorpusSpec)}}
     assert got == values
     assert spec.harvest.layers == (1,) and spec.harvest.pair == spec.pair
+
+
+def test_docs_field_reference_is_generated_from_the_dataclasses():
+    """docs/spaces.md lists exactly the fields a spec accepts (regenerate with `dfc-ray spaces fields`)."""
+    from dfc_ray.spaces import field_reference
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "spaces.md").read_text()
+    block = text.split("<!-- fields:start -->\n", 1)[1].split("<!-- fields:end -->", 1)[0]
+    assert block == field_reference()
+    for stale in ("`bootstrap`", "`text_sample`", "`dev`", "`max_set`"):
+        assert stale not in text

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.syntax import Syntax
 from rich.table import Table
 
-from dfc_ray.spaces import load_spec, spaces_dirs
+from dfc_ray.spaces import field_reference, load_spec, spaces_dirs
 
 
 def _list_command(args: argparse.Namespace) -> int:
@@ -50,6 +50,11 @@ def _validate_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fields_command(args: argparse.Namespace) -> int:
+    print(field_reference(), end="")
+    return 0
+
+
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     spaces = subparsers.add_parser("spaces", help="List, show and validate sweep specs (search_spaces/*.yaml).")
     actions = spaces.add_subparsers(dest="spaces_command", required=True, metavar="ACTION")
@@ -60,3 +65,5 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     validate = actions.add_parser("validate", help="Validate specs; one clear error for the first problem.")
     validate.add_argument("specs", nargs="+", help="shipped names or paths")
     validate.set_defaults(func=_validate_command)
+    actions.add_parser("fields", help="Every section's fields with defaults and meaning (docs/spaces.md's "
+                                      "field reference).").set_defaults(func=_fields_command)

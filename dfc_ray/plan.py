@@ -29,6 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dfc_ray.fs import open_fs, redact
+from dfc_ray.config import DFCConfig, TrainConfig
 from dfc_ray.spaces import SweepSpec
 from dfc_ray.tooluse import load_tasks
 
@@ -218,7 +219,7 @@ def plan_work(spec: SweepSpec) -> Work:
     context = tokens / max(n_records, 1) / 2
     harvest_flops = 2 * tokens * shape.forward_flops(blocks, context)  # two models, stopping after the deepest layer
     trials = _trial_settings(spec)
-    d, steps = shape.d_model, [t.get("steps", 1000) for t in trials]
+    d, steps = shape.d_model, [t.get("steps", TrainConfig.steps) for t in trials]
     flops = [train_flops(d, t["dict_size"], t["batch_size"], s) for t, s in zip(trials, steps)]
     max_new = max(spec.eval.max_new_tokens, spec.steering.max_new_tokens)
     judge_sets = JudgeSets.of(spec)
@@ -228,7 +229,7 @@ def plan_work(spec: SweepSpec) -> Work:
     # tokens a per-trial generation runs: the last prompt token with the prefix cache, else the whole prompt
     fed_eval = 1 if spec.eval.splice.leaves_prefix_alone else mean_prompt
     fed_steer = 1 if spec.steering.site.leaves_prefix_alone else mean_prompt
-    n_steered = sum(1 for t in trials if t.get("a_exclusive", 0) > 0)
+    n_steered = sum(1 for t in trials if t.get("a_exclusive", DFCConfig.a_exclusive) > 0)
     replicas = spec.resources.evaluators  # every replica generates its own clean replies
     judge_setup = replicas * once * (mean_prompt * prefill + max_new * reply)
     notes = [] if exact else [f"token counts estimated at {CHARS_PER_TOKEN:g} characters per token (tokenizer not on this machine)"]

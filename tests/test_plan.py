@@ -123,3 +123,18 @@ def test_a_resumed_run_keeps_the_harvest_rate_its_first_attempt_measured(tiny_pa
     assert first.harvest == pytest.approx(plan_work(spec).harvest_flops / 2.0) and first.train is None
     _write_costs(spec, run, {"harvest": 0.1}, reused_harvest=True)  # the resume found the harvest done
     assert load_rates(run.uri).harvest == first.harvest
+
+
+def test_a_spec_without_steps_is_planned_at_trainconfigs_default(tmp_path):
+    """The trial trains TrainConfig's default number of steps when a spec sets none; the plan counts
+    the same (it used to assume 1000 of its own)."""
+    from dfc_ray.config import TrainConfig
+
+    path = tmp_path / "nosteps.yaml"
+    path.write_text(yaml.safe_dump({"extends": "organism48", "train": {"steps": None}}))
+    spec = load_spec(str(path))
+    assert "steps" not in spec.train
+    work = plan_work(spec)
+    trial = spec.trial_settings(spec.grid_points()[0])
+    expected = train_flops(work.shape.d_model, trial["dict_size"], trial["batch_size"], TrainConfig().steps)
+    assert work.train_flops[0] == pytest.approx(expected)

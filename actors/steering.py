@@ -74,7 +74,7 @@ class TargetSteer:
 
 @dataclass
 class SteerResult:
-    """JSON-able via `to_dict`; `metrics()` gives DESIGN's steer_* trial metrics."""
+    """JSON-able via `to_dict`; `metrics()` gives the steer_* trial metrics (docs/ARCHITECTURE.md)."""
 
     checkpoint: str
     layer: int

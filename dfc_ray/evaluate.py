@@ -84,7 +84,7 @@ class EvalResult:
     """Wall-clock seconds the evaluator spent on this request (plan.py's measured rates use it)."""
 
     def metrics(self) -> dict[str, float]:
-        """DESIGN's trial metrics (strict correctness) plus lenient rates, CIs and splice loss."""
+        """The contract's trial metrics (strict correctness) plus lenient rates, CIs and splice loss."""
         out = {"a_clean": self.a_clean.correct.mean, "a_splice": self.a_splice.correct.mean,
                "delta_a_pp": self.delta_a_pp.mean, "b_clean": self.b_clean.correct.mean,
                "b_splice": self.b_splice.correct.mean, "delta_b_pp": self.delta_b_pp.mean, "eval_compute_s": self.seconds}

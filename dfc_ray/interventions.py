@@ -255,7 +255,7 @@ def feature_direction(cc: DedicatedFeatureCrosscoder, feature: int, target: str)
 
     decode is affine, so this is decode(e_i) − decode(0) = W_dec[i, m] / norm_scale[m]. A feature
     the target cannot see (an A-exclusive feature and target B) has a structurally zero row there —
-    steering B through B's own decoder would be a no-op (DESIGN weakness 6) — so the OTHER model's
+    steering B through B's own decoder would be a no-op (the seed study's weakness 6, docs/ARCHITECTURE.md) — so the OTHER model's
     raw direction is used, read as a direction in the residual basis both models share (B is A's base
     model; the fine-tune does not rotate the basis)."""
     m = model_index(target)

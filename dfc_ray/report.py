@@ -31,7 +31,7 @@ from rich.table import Table
 from rich.text import Text
 
 RESULTS = "results.jsonl"
-# The seed study's PUBLISHED numbers (DESIGN.md), the only hard-coded figures here: Qwen2.5-3B vs
+# The seed study's PUBLISHED numbers (docs/ARCHITECTURE.md), the only hard-coded figures here: Qwen2.5-3B vs
 # its GRPO tool-use fine-tune, layer 13, 48 crosscoder variants, 40 prompts, lenient scoring.
 SEED_STUDY = {
     "source": "published numbers; Qwen2.5-3B vs a GRPO tool-use fine-tune, layer 13, "
@@ -65,7 +65,7 @@ class TrialResult:
     config: dict[str, Any]
     """The trial's hyper-parameters (dict_size, k, a_exclusive, l1_excl, layer, variant, …)."""
     metrics: dict[str, Any] = field(default_factory=dict)
-    """Final metrics under DESIGN.md's names; optional ones may be missing."""
+    """Final metrics under the contract's names (docs/ARCHITECTURE.md); optional ones may be missing."""
     status: str = "ok"
     """"ok" for a finished trial; anything else ("failed", "diverged", …) counts as failed."""
     error: str | None = None

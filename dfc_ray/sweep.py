@@ -1,6 +1,6 @@
 """`dfc-ray sweep`: a spec → harvest (or reuse) → Ray Tune + Optuna trials → results.jsonl → report.
 
-Run folder (local path or s3://), the contract in DESIGN.md:
+Run folder (local path or s3://), the contract in docs/ARCHITECTURE.md:
 
     <run>/spec.yaml            the merged spec, as run
     <run>/results.jsonl        one line per finished trial: trial_id, config, metrics, status (+ error)

@@ -1,5 +1,5 @@
 """Evaluation and steering actors on a real local Ray cluster: named pools, clean-output cache, crash
-recovery mid-request, JSON-able results with DESIGN's metric names."""
+recovery mid-request, JSON-able results with the contract's metric names."""
 
 from __future__ import annotations
 

@@ -170,3 +170,16 @@ def test_every_function_level_import_says_why_it_is_deferred():
             if "#" not in here and not above.strip().startswith("#") and not first_above.strip().startswith("#"):
                 missing.append(f"{path.relative_to(ROOT)}:{stmt.lineno}: {here.strip()}")
     assert missing == [], "\n".join(missing)
+
+
+def test_nothing_refers_outside_the_repository():
+    """Docs and code are self-contained: no design file from outside the repository is cited."""
+    outside = ("DESIGN" + ".md", "../" + "shared", "DESIGN " + "weakness")
+    hits = []
+    for path in ROOT.rglob("*"):
+        if {".git", "__pycache__", ".pytest_cache"} & set(path.parts) or not path.is_file() \
+                or path.suffix not in {".py", ".md", ".yaml", ".yml", ".toml", ".txt", ".cfg", ""}:
+            continue
+        text = path.read_text(errors="ignore")
+        hits += [f"{path.relative_to(ROOT)}: {needle}" for needle in outside if needle in text]
+    assert hits == []

@@ -47,7 +47,8 @@ class Evaluator(PairReplica):
             raise ValueError(f"layer {layer}: expected a block index in [0, {n_layers})")
         cc = load_crosscoder(checkpoint, self.device)
         if cc.cfg.d_model != self.model_a.config.hidden_size:
-            raise ValueError(f"{checkpoint}: d_model {cc.cfg.d_model}, but the pair has {self.model_a.config.hidden_size}")
+            raise ValueError(f"{checkpoint}: d_model {cc.cfg.d_model}, "
+                             f"but the pair has {self.model_a.config.hidden_size}")
         clean, cached = self.clean_scores(cfg)
         tasks = eval_tasks(cfg)
         prompts = [render_prompt(self.tokenizer, t) for t in tasks]
@@ -76,7 +77,8 @@ class Evaluator(PairReplica):
             return None
         texts = eval_texts(cfg.texts, cfg.n_texts, cfg.seed)
         models = (self.model_a, self.model_b) if target == "a" else (self.model_b, self.model_a)
-        ce_clean, ce_splice, kl = splice_loss_per_text(*models, self.tokenizer, texts, cc, layer, target, cfg.batch_size)
+        ce_clean, ce_splice, kl = splice_loss_per_text(*models, self.tokenizer, texts, cc, layer, target,
+                                                       cfg.batch_size)
         return SpliceLoss(*(bootstrap_rate(v, cfg.n_bootstrap, cfg.seed) for v in (ce_clean, ce_splice, kl)))
 
 

@@ -185,7 +185,8 @@ class Steerer(PairReplica):
                 return steering_vector(cc, features, target, alpha, [scale[f] for f in features])
 
             dev_clean = float(np.mean(self.correct(target, dev, cfg)))
-            grid = [GridCell(s.feature, a, float(np.mean(self.correct(target, dev, cfg, layer, vector([s.feature], a)))))
+            grid = [GridCell(s.feature, a, float(np.mean(self.correct(target, dev, cfg, layer, vector([s.feature],
+                                                                                                      a)))))
                     for s in ranking[:cfg.top_n] for a in cfg.alphas]
             best = max(grid, key=lambda c: c.dev_correct)  # first best: higher-ranked feature, then smaller α
             chosen = vector([best.feature], best.alpha)
@@ -200,7 +201,8 @@ class Steerer(PairReplica):
             pool = [s.feature for s in ranking[:cfg.min_set_pool]]
             goal = cfg.min_set_share * clean_gap
             min_set = greedy_min_set(
-                pool, lambda fs: float(np.mean(self.correct(target, dev, cfg, layer, vector(fs, best.alpha)))) - dev_clean,
+                pool, lambda fs: float(np.mean(self.correct(target, dev, cfg, layer, vector(fs,
+                                                                                            best.alpha)))) - dev_clean,
                 goal, cfg.min_set_max) if clean_gap > 0 else []
             result.targets[target] = TargetSteer(
                 target=target, feature=best.feature, alpha=best.alpha, scale=scale[best.feature],

@@ -62,7 +62,7 @@ def quick_checkpoint(pair: PairSpec, layer: int, out: Path, steps: int = 300) ->
     cc = DedicatedFeatureCrosscoder(DFCConfig(d_model=d, dict_size=8 * d, k=16, a_exclusive=0.1, b_exclusive=0.1))
     cc.fit_normalization(x)
     opt = torch.optim.Adam(cc.parameters(), lr=2e-3)
-    for step in range(steps):
+    for _ in range(steps):
         loss = cc.loss(x[torch.randint(len(x), (512,))])["loss"]
         opt.zero_grad()
         loss.backward()
@@ -79,7 +79,8 @@ def main() -> None:
     parser.add_argument("--n-dev", type=int, default=32, help="dev tasks for ranking and the α grid")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--layer", type=int, default=1)
-    parser.add_argument("--spec", default=None, help="take pair, layer, eval and steering settings from this sweep spec")
+    parser.add_argument("--spec", default=None,
+                        help="take pair, layer, eval and steering settings from this sweep spec")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (a judge replica of 0.5 CPU has 1)")
     args = parser.parse_args()
     if args.threads:
@@ -104,7 +105,8 @@ def main() -> None:
         from dfc_ray.spaces import load_spec
 
         spec = load_spec(args.spec)
-        pair, label, args.layer, eval_cfg, steer_cfg = spec.pair, f"{spec.name}'s pair", spec.layers[0], spec.eval, spec.steering
+        pair, label, args.layer = spec.pair, f"{spec.name}'s pair", spec.layers[0]
+        eval_cfg, steer_cfg = spec.eval, spec.steering
     checkpoint = str(quick_checkpoint(pair, args.layer, tmp / "dfc"))
 
     evaluator = Evaluator(pair, eval_cfg)
@@ -120,8 +122,9 @@ def main() -> None:
           f"{steer_cfg.n_dev} dev tasks, max_new_tokens {eval_cfg.max_new_tokens}")
     print(f"clean generation (A and B, {2 * n_eval} prompts, prefill cached): {2 * n_eval / wall_c:6.1f} prompts/s "
           f"(wall {wall_c:6.1f} s, CPU {cpu_c:6.1f} s)")
-    print(f"evaluate one checkpoint (A and B spliced, {2 * n_eval} prompts + splice loss): first wall {wall_e0:6.1f} s, "
-          f"CPU {cpu_e0:6.1f} s; warm wall {wall_e:6.1f} s, CPU {cpu_e:6.1f} s; {2 * n_eval / wall_e:5.1f} spliced prompts/s")
+    print(f"evaluate one checkpoint (A and B spliced, {2 * n_eval} prompts + splice loss): "
+          f"first wall {wall_e0:6.1f} s, CPU {cpu_e0:6.1f} s; warm wall {wall_e:6.1f} s, CPU {cpu_e:6.1f} s; "
+          f"{2 * n_eval / wall_e:5.1f} spliced prompts/s")
     print(f"steer one checkpoint ({len(steer_cfg.targets)} target(s)): caches cold wall {wall_s0:6.1f} s, "
           f"CPU {cpu_s0:6.1f} s; warm wall {wall_s:6.1f} s, CPU {cpu_s:6.1f} s")
     print(f"per trial, caches warm (eval + steer): wall {wall_e + wall_s:6.1f} s, CPU {cpu_e + cpu_s:6.1f} s")

@@ -84,7 +84,8 @@ def main() -> None:
     print(f"{n} prompts, mean prompt {sum(o.prompt_tokens for o in batched) / n:.0f} tokens, "
           f"mean reply {n_tokens / n:.1f} tokens; identical replies batched vs one-at-a-time: {same}/{n}")
     for name, wall, cpu in ((f"batched (batch {args.batch_size})", wall_b, cpu_b), ("one-at-a-time", wall_s, cpu_s)):
-        print(f"{name:>20}: {n / wall:7.2f} prompts/s {n_tokens / wall:8.1f} tokens/s (wall {wall:6.1f} s, CPU {cpu:6.1f} s)")
+        print(f"{name:>20}: {n / wall:7.2f} prompts/s {n_tokens / wall:8.1f} tokens/s "
+              f"(wall {wall:6.1f} s, CPU {cpu:6.1f} s)")
     print(f"speed-up: {wall_s / wall_b:.1f}x wall, {cpu_s / cpu_b:.1f}x CPU time")
 
 

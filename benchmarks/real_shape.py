@@ -31,7 +31,8 @@ def write_pair(out: Path, width: int, dtype: str, seed: int = 0) -> None:
     from dfc_ray.organism import PAIR_DIR
 
     scale = width / QWEN25_3B["hidden_size"]
-    config = Qwen2Config(**QWEN25_3B | {"hidden_size": width, "intermediate_size": int(QWEN25_3B["intermediate_size"] * scale),
+    config = Qwen2Config(**QWEN25_3B | {"hidden_size": width,
+                                        "intermediate_size": int(QWEN25_3B["intermediate_size"] * scale),
                                         "head_dim": width // QWEN25_3B["num_attention_heads"]})
     torch.manual_seed(seed)
     model_b = Qwen2ForCausalLM(config).to(getattr(torch, dtype))
@@ -60,7 +61,8 @@ def write_spec(out: Path, width: int, dtype: str, steps: int) -> Path:
                  "variant": [{"name": "dfc-5pct", "a_exclusive": 0.05, "b_exclusive": 0.05, "l1_excl": 0.0},
                              {"name": "crosscoder", "a_exclusive": 0.0, "b_exclusive": 0.0, "l1_shared": 0.0}]},
         "eval": {"tasks": "organism:test", "n_tasks": 32, "max_new_tokens": 48, "batch_size": 32, "n_texts": 8},
-        "steering": {"dev_tasks": "organism:dev", "test_tasks": "organism:test", "n_dev": 16, "n_test": 32, "n_plain": 16,
+        "steering": {"dev_tasks": "organism:dev", "test_tasks": "organism:test", "n_dev": 16, "n_test": 32,
+                     "n_plain": 16,
                      "top_n": 2, "alphas": [4], "targets": ["a", "b"], "min_set_pool": 2, "min_set_max": 1,
                      "max_new_tokens": 48, "batch_size": 32},
         "resources": {"cpu": 1, "gpu": 0, "evaluators": 1, "evaluator_cpu": 0.5, "evaluator_gpu": 0, "data_cpus": 0,

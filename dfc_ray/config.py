@@ -12,7 +12,6 @@ expected an integer``).
 from __future__ import annotations
 
 import ast
-import functools
 import inspect
 import math
 import types
@@ -80,7 +79,7 @@ def _describe(hint: Any) -> str:
     if origin is tuple:
         return f"a list of {_describe(args[0]).removeprefix('an ').removeprefix('a ')}s"
     if is_dataclass(hint):
-        return f"a mapping of {hint.__name__} fields"
+        return f"a mapping of {getattr(hint, '__name__', hint)} fields"
     return TYPE_NAMES.get(hint, getattr(hint, "__name__", str(hint)))
 
 
@@ -116,10 +115,14 @@ def _coerce(hint: Any, value: Any) -> Any:
     return value
 
 
-@functools.cache
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
 def hints(cls: type) -> dict[str, Any]:
-    """Field name → resolved annotation (this module's names resolve Literal aliases)."""
-    return typing.get_type_hints(cls, globals())
+    """Field name → resolved annotation (this module's names resolve Literal aliases); cached per class."""
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls, globals())
+    return _HINTS[cls]
 
 
 class Config:
@@ -163,7 +166,7 @@ def check_fields(cls: type, data: Any, where: str, section: str, extra: dict[str
         if key not in known:
             raise spec_error(where, path, value, f"one of {', '.join(sorted(known))}")
         hint = known[key]
-        if is_dataclass(hint) and isinstance(value, dict):
+        if isinstance(hint, type) and is_dataclass(hint) and isinstance(value, dict):
             out[key] = from_mapping(hint, value, where, path)
             continue
         value = _coerce(hint, value)
@@ -186,8 +189,13 @@ def from_mapping(cls: type[C], data: Any, where: str, section: str, **fixed: Any
 
 def defaults(cls: type) -> dict[str, Any]:
     """Field → default of a config (fields without one are left out)."""
-    return {f.name: f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
-            for f in fields(cls) if f.default is not MISSING or f.default_factory is not MISSING}
+    out: dict[str, Any] = {}
+    for f in fields(cls):
+        if f.default is not MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not MISSING:
+            out[f.name] = f.default_factory()
+    return out
 
 
 # ---------------------------------------------------------------- modes

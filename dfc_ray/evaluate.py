@@ -87,7 +87,8 @@ class EvalResult:
         """The contract's trial metrics (strict correctness) plus lenient rates, CIs and splice loss."""
         out = {"a_clean": self.a_clean.correct.mean, "a_splice": self.a_splice.correct.mean,
                "delta_a_pp": self.delta_a_pp.mean, "b_clean": self.b_clean.correct.mean,
-               "b_splice": self.b_splice.correct.mean, "delta_b_pp": self.delta_b_pp.mean, "eval_compute_s": self.seconds}
+               "b_splice": self.b_splice.correct.mean, "delta_b_pp": self.delta_b_pp.mean,
+               "eval_compute_s": self.seconds}
         for name in ("delta_a_pp", "delta_b_pp"):
             out[f"{name}_lo"], out[f"{name}_hi"] = getattr(self, name).lo, getattr(self, name).hi
         for name in ("a_clean", "a_splice", "b_clean", "b_splice"):

@@ -260,7 +260,8 @@ class _Decoder:
             for step in range(1, cfg.max_new_tokens + 1):
                 gens = [generators[r] for r in live.tolist()] if generators else None
                 tokens = self._next_tokens(logits.float(), gens)
-                done = torch.tensor([self._finish(completions, reasons, r, t) for r, t in zip(live.tolist(), tokens.tolist())])
+                done = torch.tensor([self._finish(completions, reasons, r, t)
+                                     for r, t in zip(live.tolist(), tokens.tolist())])
                 if done.all() or step == cfg.max_new_tokens:
                     break
                 if done.any():  # drop finished rows from the batch and the cache
@@ -268,7 +269,8 @@ class _Decoder:
                     live, tokens, mask = live[keep], tokens[keep], mask[keep]
                     cache.batch_select_indices(keep)
                 mask = torch.cat([mask, mask.new_ones((len(live), 1))], 1)
-                ctx = HookContext(step, False, torch.ones((len(live), 1), dtype=torch.bool, device=dev), None, all_rows[live])
+                ctx = HookContext(step, False, torch.ones((len(live), 1), dtype=torch.bool, device=dev), None,
+                                  all_rows[live])
                 out = self.model(
                     input_ids=tokens[:, None],
                     attention_mask=mask,
@@ -277,7 +279,8 @@ class _Decoder:
                     **{self.cache_kw: cache},
                 )
                 logits = out.logits[:, -1]
-        return [self._result(ids, reason or "length", len(p)) for ids, reason, p in zip(completions, reasons, prompt_ids)]
+        return [self._result(ids, reason or "length", len(p))
+                for ids, reason, p in zip(completions, reasons, prompt_ids)]
 
     def _left_pad(self, prompt_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """(input_ids, attention_mask), both (n, longest): every prompt ends at the last column."""
@@ -311,7 +314,8 @@ class _Decoder:
                              use_cache=True, **{self.cache_kw: prefix}, **self._keep_last())
             return getattr(out, self.cache_kw), out.logits[:, -1]
         slot: dict[tuple[int, ...], int] = {}  # prompt ids -> position among the distinct prompts
-        copies = list(range(len(prompt_ids))) if self.hooks else [slot.setdefault(tuple(i), len(slot)) for i in prompt_ids]
+        copies = list(range(len(prompt_ids))) if self.hooks else \
+            [slot.setdefault(tuple(i), len(slot)) for i in prompt_ids]
         distinct = [copies.index(k) for k in range(max(copies) + 1)]  # first row of each distinct prompt
         out = self.model(
             input_ids=input_ids[distinct],

@@ -194,7 +194,8 @@ class Lockstep(torch.nn.Module):
                 use_cache: bool = True, logits_to_keep: int = 0) -> SimpleNamespace:
         prefill = cache is None
         real = attention_mask.bool() if prefill else torch.ones_like(input_ids, dtype=torch.bool)
-        ctx = HookContext(0 if prefill else 1, prefill, real, None, torch.arange(len(input_ids), device=input_ids.device))
+        ctx = HookContext(0 if prefill else 1, prefill, real, None, torch.arange(len(input_ids),
+                                                                                 device=input_ids.device))
         common = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
         captured: dict[str, Tensor] = {}
 
@@ -255,7 +256,8 @@ def feature_direction(cc: DedicatedFeatureCrosscoder, feature: int, target: str)
 
     decode is affine, so this is decode(e_i) − decode(0) = W_dec[i, m] / norm_scale[m]. A feature
     the target cannot see (an A-exclusive feature and target B) has a structurally zero row there —
-    steering B through B's own decoder would be a no-op (the seed study's weakness 6, docs/ARCHITECTURE.md) — so the OTHER model's
+    steering B through B's own decoder would be a no-op (the seed study's weakness 6, docs/ARCHITECTURE.md) —
+    so the OTHER model's
     raw direction is used, read as a direction in the residual basis both models share (B is A's base
     model; the fine-tune does not rotate the basis)."""
     m = model_index(target)

@@ -103,7 +103,8 @@ def load_pair(spec: PairSpec) -> tuple[torch.nn.Module, torch.nn.Module, Any]:
     tokenizer = load_tokenizer(spec)
     d_a, d_b = model_a.config.hidden_size, model_b.config.hidden_size
     if d_a != d_b:
-        raise ValueError(f"pair: A ({spec.a}) has d_model {d_a} but B ({spec.b}) has {d_b}; a crosscoder needs equal widths")
+        raise ValueError(f"pair: A ({spec.a}) has d_model {d_a} but B ({spec.b}) has {d_b}; "
+                         "a crosscoder needs equal widths")
     return model_a, model_b, tokenizer
 
 

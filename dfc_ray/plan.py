@@ -1,11 +1,11 @@
 """`dfc-ray sweep --plan SPEC`: what a sweep will do and what it will cost, before anything runs.
 
 The WORK is counted from the spec: prompts and tokens from the real corpus (tokenized with the pair's
-tokenizer when it is on this machine; the plan never downloads), rows and bytes per layer, trials, generations per trial. Work
-becomes FLOPs with the formulas below, and FLOPs become hours with per-stage RATES measured in a
-real sweep: every run writes `costs.json` (FLOPs of each stage / its measured seconds), and
-`--costs RUN_OR_JSON` plans with them. A rate measured at another shape (say the reduced-width CPU
-proof in benchmarks/costs/) is an extrapolation by FLOPs, and the plan says so.
+tokenizer when it is on this machine; the plan never downloads), rows and bytes per layer, trials,
+generations per trial. Work becomes FLOPs with the formulas below, and FLOPs become hours with
+per-stage RATES measured in a real sweep: every run writes `costs.json` (FLOPs of each stage / its
+measured seconds), and `--costs RUN_OR_JSON` plans with them. A rate measured at another shape (say
+the reduced-width CPU proof in benchmarks/costs/) is an extrapolation by FLOPs, and the plan says so.
 
 FLOP model (forward, per token, per model): 2 × parameters of the blocks run + 4 × blocks × mean
 context × attention width; the lm_head only for generated tokens. Crosscoder training counts the
@@ -159,7 +159,8 @@ def _corpus_tokens(spec: SweepSpec) -> tuple[int, int, float, bool]:
     sources = [s.strip() for s in corpus.tasks.split(",") if s.strip()] if corpus.n_tasks > 0 else []
     tasks = [t for s in sources for t in load_tasks(s)][: corpus.n_tasks]
     tool = [min(corpus.max_tokens, len(json.dumps(t.messages) + json.dumps(t.tools)) / CHARS_PER_TOKEN) for t in tasks]
-    plain = [min(corpus.max_tokens, len(p) / CHARS_PER_TOKEN) for p in plain_texts(corpus.plain_text, corpus.n_plain, corpus.seed)]
+    plain = [min(corpus.max_tokens, len(p) / CHARS_PER_TOKEN) for p in plain_texts(corpus.plain_text, corpus.n_plain,
+                                                                                   corpus.seed)]
     mean_tool = sum(tool) / len(tool) if tool else 0.0
     return len(tool) + len(plain), int(sum(tool) + sum(plain)), mean_tool, False
 
@@ -198,7 +199,8 @@ class JudgeSets:
         generation costs (1 + reply) tokens with the prefix cache, else a full prefill + reply; a
         one-time one (clean replies) always a full prefill + reply."""
         greedy = sum(st.min_set_pool - i for i in range(min(st.min_set_max, st.min_set_pool)))
-        per_target = st.top_n * len(st.alphas) * self.n_dev + 3 * self.n_test + greedy * self.n_dev  # grid, test + 2 controls, min set
+        # grid, test + 2 controls, min set
+        per_target = st.top_n * len(st.alphas) * self.n_dev + 3 * self.n_test + greedy * self.n_dev
         # once: clean A and B on eval and on dev (the clean gap), clean test replies per target
         once = 2 * self.n_eval + 2 * self.n_dev + self.n_targets * self.n_test
         return 2 * self.n_eval, self.n_targets * per_target, once
@@ -232,7 +234,8 @@ def plan_work(spec: SweepSpec) -> Work:
     n_steered = sum(1 for t in trials if t.get("a_exclusive", DFCConfig.a_exclusive) > 0)
     replicas = spec.resources.evaluators  # every replica generates its own clean replies
     judge_setup = replicas * once * (mean_prompt * prefill + max_new * reply)
-    notes = [] if exact else [f"token counts estimated at {CHARS_PER_TOKEN:g} characters per token (tokenizer not on this machine)"]
+    notes = [] if exact else [f"token counts estimated at {CHARS_PER_TOKEN:g} characters per token "
+                              "(tokenizer not on this machine)"]
     if spec.search:
         notes.append("sampled axes planned at their largest values (an upper bound)")
     if spec.harvest.corpus.with_responses:
@@ -283,7 +286,8 @@ def measure_rates(spec: SweepSpec, results: list[dict[str, Any]], seconds: dict[
     judged = work.judge_setup_flops + len(ok) * work.eval_flops + \
         sum(1 for r in ok if r["config"].get("a_exclusive", 0) > 0) * work.steer_flops
     harvest = None if reused_harvest or not seconds.get("harvest") else work.harvest_flops / seconds["harvest"]
-    return Rates(device, f"{spec.name} (d_model {work.shape.d_model}, {work.shape.n_layers} blocks)", work.shape.d_model,
+    return Rates(device, f"{spec.name} (d_model {work.shape.d_model}, {work.shape.n_layers} blocks)",
+                 work.shape.d_model,
                  harvest, trained / train_s if train_s > 0 else None, judged / judge_s if judge_s > 0 else None)
 
 
@@ -297,7 +301,8 @@ def load_rates(path: str) -> Rates:
         with fs.open_input_stream(p) as handle:
             return Rates(**json.loads(handle.read()))
     except FileNotFoundError:
-        raise FileNotFoundError(f"{redact(uri)}: no costs.json; expected a finished run folder or a costs JSON file") from None
+        raise FileNotFoundError(f"{redact(uri)}: no costs.json; "
+                                "expected a finished run folder or a costs JSON file") from None
 
 
 def peak_memory_mb() -> float:
@@ -349,14 +354,17 @@ def plan_table(spec: SweepSpec, work: Work, rates: Rates | None) -> list[tuple[s
     mark = "" if work.tokens_exact else " (estimated)"
     rows = [
         ("pair", f"{shape.d_model} d_model, {shape.n_layers} blocks, {shape.n_heads}/{shape.n_kv_heads} heads, "
-                 f"{shape.params / 1e6:,.1f} M params each ({work.shape_source})", _gb(weight_bytes) + " of weights per model"),
-        ("harvest", f"{work.prompts:,} records, {work.tokens:,} tokens{mark} → {work.rows_per_layer:,} rows per layer × "
+                 f"{shape.params / 1e6:,.1f} M params each ({work.shape_source})",
+         _gb(weight_bytes) + " of weights per model"),
+        ("harvest",
+         f"{work.prompts:,} records, {work.tokens:,} tokens{mark} → {work.rows_per_layer:,} rows per layer × "
                     f"{len(work.layers)} layer(s) {list(work.layers)}",
          f"{_gb(work.bytes_per_layer)} per layer; {work.harvest_flops:.3g} FLOPs; device time "
          f"{_hours(seconds['harvest'])}, shared by {harvest_actors} actor(s)"),
         ("train", f"{work.n_trials} trials; {max(work.train_flops):.3g} FLOPs for the largest",
          f"{sum(work.train_flops):.3g} FLOPs; device time {_hours(seconds['train'])}"
-         + (f" = {seconds['train'] * trial_gpu / 3600:.2f} GPU-h at {trial_gpu} GPU per trial" if seconds['train'] and trial_gpu else "")),
+         + (f" = {seconds['train'] * trial_gpu / 3600:.2f} GPU-h at {trial_gpu} GPU per trial"
+            if seconds['train'] and trial_gpu else "")),
         ("judge", f"2 pools × {replicas} replica(s) ({judge_gpu or 0} GPU each); "
                   f"{work.eval_flops:.3g} FLOPs per trial, + {work.steer_flops:.3g} for each of {work.n_steered} "
                   f"DFCs steered, + {work.judge_setup_flops:.3g} once",
@@ -364,7 +372,8 @@ def plan_table(spec: SweepSpec, work: Work, rates: Rates | None) -> list[tuple[s
          + (f" = {seconds['judge'] / 3600 * judge_gpu:.2f} GPU-h" if seconds['judge'] and judge_gpu else "")),
     ]
     if all(v is not None for v in seconds.values()):
-        device_h = (seconds["harvest"] + seconds["train"] * (trial_gpu or 1) + seconds["judge"] * (judge_gpu or 1)) / 3600
+        device_s = seconds["harvest"] + seconds["train"] * (trial_gpu or 1) + seconds["judge"] * (judge_gpu or 1)
+        device_h = device_s / 3600
         rows.append(("total", "device time, all stages (GPU-hours on GPUs)", f"{device_h:.2f} h"))
     dict_size = max(work.dict_sizes)
     crosscoder_bytes = 4 * (4 * shape.d_model * dict_size + dict_size + 2 * shape.d_model)  # fp32 W_enc, W_dec, biases
@@ -375,7 +384,8 @@ def plan_table(spec: SweepSpec, work: Work, rates: Rates | None) -> list[tuple[s
     harvest_mem = 2 * weight_bytes + 2 * spec.harvest.batch_size * spec.harvest.corpus.max_tokens * \
         shape.d_model * (len(work.layers) + 2) * 4
     rows += [
-        ("memory: trial", f"largest crosscoder ({dict_size:,} features) {crosscoder_bytes / 1e6:.0f} MB fp32 × {ADAM_COPIES} "
+        ("memory: trial",
+         f"largest crosscoder ({dict_size:,} features) {crosscoder_bytes / 1e6:.0f} MB fp32 × {ADAM_COPIES} "
                           f"+ a batch of {batch}", _gb(trial_mem)),
         *((f"memory: {name} replica", f"A + B weights + prefix caches of {tokens:,} prompt tokens + a batch's KV copy",
            _gb(2 * weight_bytes + (tokens + batch * (work.mean_prompt + new)) * kv))

@@ -44,7 +44,8 @@ def last_token_codes(cc: DedicatedFeatureCrosscoder, model_a: torch.nn.Module, m
                      prompts: Sequence[str], layer: int, batch_size: int = 32) -> Tensor:
     """Crosscoder codes (n_prompts, dict_size) at each prompt's last token, on CPU."""
 
-    x = torch.stack([last_prompt_residuals(model, tokenizer, prompts, layer, batch_size) for model in (model_a, model_b)],
+    x = torch.stack([last_prompt_residuals(model, tokenizer, prompts, layer, batch_size) for model in (model_a,
+                                                                                                       model_b)],
                     dim=1)
     return encode_pairs(cc, x)
 

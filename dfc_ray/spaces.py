@@ -204,7 +204,8 @@ class SweepSpec:
 
     def grid_points(self) -> list[dict[str, Any]]:
         """Every grid point as {axis name: label}, in a stable order."""
-        return [dict(zip([a.name for a in self.grid], combo)) for combo in itertools.product(*[a.labels for a in self.grid])]
+        names = [a.name for a in self.grid]
+        return [dict(zip(names, combo)) for combo in itertools.product(*[a.labels for a in self.grid])]
 
     def trial_settings(self, params: dict[str, Any]) -> dict[str, Any]:
         """Field → value for one trial: fixed sections, then each grid axis's settings, then samples."""
@@ -243,7 +244,8 @@ def _grid(where: str, data: Any) -> list[Axis]:
             raise _fail(where, f"grid.{name}", values, "all scalars, or all mappings (a bundle axis)")
         else:
             if name not in AXIS_FIELDS:
-                raise _fail(where, f"grid.{name}", values, "a crosscoder/train field or layer (or a bundle of mappings)")
+                raise _fail(where, f"grid.{name}", values,
+                            "a crosscoder/train field or layer (or a bundle of mappings)")
             if len(set(values)) != len(values):
                 raise _fail(where, f"grid.{name}", values, "distinct values")
             axes.append(Axis(name, tuple(values), tuple({name: v} for v in values)))
@@ -313,7 +315,8 @@ def parse_spec(raw: dict[str, Any], where: str, name: str = "") -> SweepSpec:
         raise _fail(where, "num_samples", num_samples, "a positive integer")
     objective = raw.get("objective") or {"metric": "delta_a_pp", "mode": "max"}
     metrics, modes = objective.get("metric"), objective.get("mode", "max")
-    metrics, modes = ([metrics] if isinstance(metrics, str) else metrics), ([modes] if isinstance(modes, str) else modes)
+    metrics = [metrics] if isinstance(metrics, str) else metrics
+    modes = [modes] if isinstance(modes, str) else modes
     if not isinstance(metrics, list) or not metrics or not all(isinstance(m, str) for m in metrics):
         raise _fail(where, "objective.metric", objective.get("metric"), "a metric name or a list of them")
     if len(modes) != len(metrics) or not all(m in ("max", "min") for m in modes):
@@ -338,7 +341,8 @@ def parse_spec(raw: dict[str, Any], where: str, name: str = "") -> SweepSpec:
     for point in spec.grid_points():
         for sampled in itertools.product(*extremes) if extremes else [()]:
             params = point | dict(sampled)
-            _check_trial(spec, spec.trial_settings(params), f"grid point {point}" + (f" with {dict(sampled)}" if sampled else ""))
+            _check_trial(spec, spec.trial_settings(params),
+                         f"grid point {point}" + (f" with {dict(sampled)}" if sampled else ""))
     return spec
 
 

@@ -516,7 +516,7 @@ def iter_layer_batches(uri: str, layer: int, batch_size: int, *, shuffle: bool =
 
 def layer_dataset(uri: str, layer: int, *, shuffle: bool = True, seed: int | None = None,
                   d_model: int | None = None, models: Sequence[str] | None = None,
-                  override_num_blocks: int | None = None, num_cpus: float | None = None) -> "ray.data.Dataset":
+                  override_num_blocks: int | None = None, num_cpus: float | None = None) -> "ray.data.Dataset":  # noqa: F821
     """A validated layer as a Ray Dataset with one `acts` column (see `acts_column`; `acts_to_numpy`).
 
     `shuffle` reorders the shard files (differently on each execution; reproducibly from `seed`).

@@ -147,7 +147,8 @@ def test_hook_context_shapes_steps_and_last_prompt_token_under_left_padding(mode
     calls = []
 
     def record(h, ctx):
-        calls.append((h.shape, ctx.step, ctx.is_prefill, ctx.real_mask.clone(), ctx.last_prompt_index, ctx.rows.tolist()))
+        calls.append((h.shape, ctx.step, ctx.is_prefill, ctx.real_mask.clone(), ctx.last_prompt_index,
+                      ctx.rows.tolist()))
 
     cfg = GenerationConfig(max_new_tokens=3, batch_size=4, stop_strings=())
     prompts = prompts + [prompts[1], prompts[1]]  # duplicates: still one row each under hooks
@@ -219,7 +220,8 @@ def test_vector_at_last_prompt_token_changes_only_what_it_should(model, tokenize
     enc = tokenizer(prompts[:4], add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt")
     with torch.inference_mode():
         clean = model(**enc, output_hidden_states=True).hidden_states
-        with residual_hooks(model, {layer: add_at_last_prompt_token(delta)}, HookContext.for_forward(enc["attention_mask"])):
+        with residual_hooks(model, {layer: add_at_last_prompt_token(delta)},
+                            HookContext.for_forward(enc["attention_mask"])):
             steered = model(**enc, output_hidden_states=True).hidden_states
     for i in range(layer + 1):  # embeddings and blocks before the hook: untouched
         assert torch.equal(clean[i], steered[i])
@@ -247,9 +249,11 @@ def test_hooks_removed_after_exception_and_bad_hooks_rejected(model, tokenizer, 
             raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        generate(model, tokenizer, prompts, GenerationConfig(max_new_tokens=5, stop_strings=()), {2: boom, 0: lambda h, c: None})
+        generate(model, tokenizer, prompts, GenerationConfig(max_new_tokens=5, stop_strings=()), {2: boom, 0: lambda h,
+                                                                                                  c: None})
     with pytest.raises(ValueError, match="layer 4 out of range"):
-        generate(model, tokenizer, prompts, GenerationConfig(max_new_tokens=2), {0: lambda h, c: None, 4: lambda h, c: None})
+        generate(model, tokenizer, prompts, GenerationConfig(max_new_tokens=2), {0: lambda h, c: None, 4: lambda h,
+                                                                                 c: None})
     with pytest.raises(ValueError, match="returned shape"):
         generate(model, tokenizer, prompts, GenerationConfig(max_new_tokens=2), {1: lambda h, c: h[:, :1]})
     assert [dict(layer._forward_hooks) for layer in layers] == before
@@ -257,7 +261,8 @@ def test_hooks_removed_after_exception_and_bad_hooks_rejected(model, tokenizer, 
 
 
 def test_sampling_is_seeded_and_batch_invariant(model, tokenizer, prompts):
-    cfg = GenerationConfig(max_new_tokens=10, batch_size=4, do_sample=True, temperature=1.5, top_k=20, seed=3, stop_strings=())
+    cfg = GenerationConfig(max_new_tokens=10, batch_size=4, do_sample=True, temperature=1.5, top_k=20, seed=3,
+                           stop_strings=())
     first = generate(model, tokenizer, prompts, cfg)
     assert ids(generate(model, tokenizer, prompts, cfg)) == ids(first)
     assert ids(generate(model, tokenizer, prompts, GenerationConfig(**{**vars(cfg), "batch_size": 1}))) == ids(first)
@@ -273,7 +278,8 @@ def test_sampling_is_seeded_and_batch_invariant(model, tokenizer, prompts):
 
 
 @pytest.mark.parametrize(
-    "field, value", [("max_new_tokens", 0), ("batch_size", 0), ("temperature", 0.0), ("top_k", 0), ("stop_strings", ("",))]
+    "field, value", [("max_new_tokens", 0), ("batch_size", 0), ("temperature", 0.0), ("top_k", 0), ("stop_strings",
+                                                                                                    ("",))]
 )
 def test_bad_config_rejected(field, value):
     with pytest.raises(ValueError, match=f"GenerationConfig.{field}="):

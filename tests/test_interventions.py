@@ -99,7 +99,8 @@ def test_last_token_splice_lands_on_the_last_prompt_token_under_left_padding(loa
     model_a, model_b, tok = loaded
     other = prompt_activations(model_b, tok, prompts, LAYER)
     clean, mask = _hidden_after(model_a, tok, prompts, None)
-    hooked, _ = _hidden_after(model_a, tok, prompts, prefill_edit_hook(splice_edit(cc, "a"), "a", other, "last_prompt_token"))
+    hooked, _ = _hidden_after(model_a, tok, prompts, prefill_edit_hook(splice_edit(cc, "a"), "a", other,
+                                                                       "last_prompt_token"))
     assert mask[:, -1].all() and not mask[:, 0].all()  # left padded, every prompt ends at the last column
     x = torch.stack([clean[:, -1], torch.stack([o[-1] for o in other])], dim=1)
     torch.testing.assert_close(hooked[:, -1], cc(x)[:, 0], rtol=1e-5, atol=1e-5)

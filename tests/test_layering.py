@@ -183,3 +183,12 @@ def test_nothing_refers_outside_the_repository():
         text = path.read_text(errors="ignore")
         hits += [f"{path.relative_to(ROOT)}: {needle}" for needle in outside if needle in text]
     assert hits == []
+
+
+def test_ci_runs_the_readme_command():
+    """README's test command and .ci/run stay the same line, lint and type checks included."""
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    command = next(line for line in ci.splitlines() if "pytest" in line).replace("pip install -q", "pip install")
+    assert "ruff check ." in command and "mypy" in command
+    assert command.replace(" -q -e", " -e") in readme

@@ -26,9 +26,11 @@ def test_paper48_is_the_seed_studys_design():
     dfc = [t for t in trials if t["a_exclusive"] > 0]
     plain = [t for t in trials if t["a_exclusive"] == 0]
     assert len(dfc) == 36 and len(plain) == 12
-    assert {(t["a_exclusive"], t["l1_excl"]) for t in dfc} == {(s, l) for s in (0.03, 0.05, 0.10) for l in (0.0, 1e-3)}
+    designs = {(share, lam) for share in (0.03, 0.05, 0.10) for lam in (0.0, 1e-3)}
+    assert {(t["a_exclusive"], t["l1_excl"]) for t in dfc} == designs
     assert {t["l1_shared"] for t in plain} == {0.0, 1e-3} and all(t["b_exclusive"] == t["a_exclusive"] for t in trials)
-    assert (trials[0]["steps"], trials[0]["batch_size"], trials[0]["lr"], trials[0]["sparsity"]) == (9000, 1024, 1e-4, "topk")
+    first = trials[0]
+    assert (first["steps"], first["batch_size"], first["lr"], first["sparsity"]) == (9000, 1024, 1e-4, "topk")
     assert len({tuple(sorted(t.items())) for t in trials}) == 48
 
 

@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from dfc_ray.store import (
-    NormStats, acts_column, acts_to_numpy, ShardWriter, StoreSpec, iter_layer_batches, iter_ray_batches, layer_dataset, load_norm_stats,
-    read_manifest, to_float, validate_store,
+    NormStats, acts_column, acts_to_numpy, ShardWriter, StoreSpec, iter_layer_batches, iter_ray_batches, layer_dataset,
+    load_norm_stats, read_manifest, to_float, validate_store,
 )
 
 D = 8

@@ -67,7 +67,8 @@ def test_perturbed_replies_fail_for_the_right_reason(category):
         counts["unknown"] += 1
         required = [p for p in schema_of(task, call.name).get("required", []) if p in call.arguments]
         if required:
-            check({k: v for k, v in call.arguments.items() if k != required[0]}, f"missing required parameter '{required[0]}'")
+            check({k: v for k, v in call.arguments.items() if k != required[0]},
+                  f"missing required parameter '{required[0]}'")
             counts["missing"] += 1
         is_int = lambda schema, v: schema.get("type") == "integer" and type(v) is int  # noqa: E731
         if p := first_param(task, call, is_int):
@@ -156,7 +157,8 @@ WEATHER = {
         },
     },
 }
-TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {"tz": {"type": "string"}}}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object",
+                                                                            "properties": {"tz": {"type": "string"}}}}}
 
 
 def make(truth, tools=(WEATHER, TIME)):
@@ -210,8 +212,10 @@ def test_null_and_dontcare_escape_the_schema_type():
 
 
 def test_parallel_matching_is_not_greedy():
-    task = make([{"get_weather": {"city": ["Paris"], "days": [1, 2]}}, {"get_weather": {"city": ["Paris"], "days": [1]}}])
-    text = reply([ToolCall("get_weather", {"city": "Paris", "days": 1}), ToolCall("get_weather", {"city": "Paris", "days": 2})])
+    task = make([{"get_weather": {"city": ["Paris"], "days": [1, 2]}}, {"get_weather": {"city": ["Paris"],
+                                                                                        "days": [1]}}])
+    text = reply([ToolCall("get_weather", {"city": "Paris", "days": 1}), ToolCall("get_weather", {"city": "Paris",
+                                                                                                  "days": 2})])
     assert score(task, text).correct
     bad = reply([ToolCall("get_weather", {"city": "Paris", "days": 2})] * 2)
     s = score(task, bad)

@@ -113,7 +113,8 @@ def test_template_written_calls_parse_and_score(tokenizer):
     assert score(task, reply).correct
 
 
-@pytest.mark.parametrize("category", ["simple_python", "simple", "multiple", "live_simple", "live_multiple", "irrelevance"])
+@pytest.mark.parametrize("category", ["simple_python", "simple", "multiple", "live_simple", "live_multiple",
+                                      "irrelevance"])
 def test_bfcl_tasks_load(category):
     tasks = load_tasks(f"bfcl:{category}")
     name = "simple_python" if category == "simple" else category
@@ -137,7 +138,8 @@ def test_bfcl_types_become_json_schema():
     params = task.tools[0]["function"]["parameters"]
     assert params["type"] == "object" and params["properties"]["base"]["type"] == "integer"
     schema = to_json_schema({"type": "dict", "properties": {
-        "a": {"type": "float"}, "b": {"type": "tuple", "items": {"type": "String"}}, "c": {"type": "any", "description": "x"},
+        "a": {"type": "float"}, "b": {"type": "tuple", "items": {"type": "String"}}, "c": {"type": "any",
+                                                                                           "description": "x"},
         "d": {"type": "dict", "properties": {"e": {"type": "boolean"}}}}})  # fmt: skip
     assert schema == {"type": "object", "properties": {
         "a": {"type": "number"}, "b": {"type": "array", "items": {"type": "string"}}, "c": {"description": "x"},
@@ -173,7 +175,8 @@ OPENAI_RECORD = {
     "id": "w1",
     "messages": [{"role": "user", "content": "Weather in Paris for 3 days?"}],
     "tools": [{"type": "function", "function": {"name": "get_weather", "description": "Forecast.", "parameters": {
-        "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}, "required": ["city"]}}}],
+        "type": "object", "properties": {"city": {"type": "string"},
+                                         "days": {"type": "integer"}}, "required": ["city"]}}}],
     "ground_truth": [{"get_weather": {"city": ["Paris", "Paris, France"], "days": [3, ""]}}],
 }  # fmt: skip
 XLAM_RECORD = {
@@ -184,7 +187,8 @@ XLAM_RECORD = {
             "limit": {"type": "int, optional", "description": "How many.", "default": 10},
             "topic": {"type": "str", "description": "Topic.", "default": ""}}},
     ]),
-    "answers": json.dumps([{"name": "is_prime", "arguments": {"num": 17}}, {"name": "get_jokes", "arguments": {"limit": 5}}]),
+    "answers": json.dumps([{"name": "is_prime", "arguments": {"num": 17}}, {"name": "get_jokes",
+                                                                            "arguments": {"limit": 5}}]),
 }  # fmt: skip
 
 
@@ -217,7 +221,8 @@ def test_jsonl_xlam_record(tmp_path):
 
 def test_jsonl_concrete_calls_with_nested_values(tmp_path):
     record = {"query": "q", "system": "Be brief.", "tools": [{"name": "book", "parameters": {
-        "type": "object", "properties": {"who": {"type": "object"}, "legs": {"type": "array", "items": {"type": "object"}}}}}],
+        "type": "object", "properties": {"who": {"type": "object"}, "legs": {"type": "array",
+                                                                             "items": {"type": "object"}}}}}],
         "calls": [{"name": "book", "arguments": {"who": {"name": "Ann", "age": 3, "pet": {"kind": "cat"}},
                                                  "legs": [{"from": "A", "to": "B"}]}}]}  # fmt: skip
     (task,) = load_tasks(str(write(tmp_path, record)))

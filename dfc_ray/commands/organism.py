@@ -55,5 +55,6 @@ def _print_card(card: dict[str, Any]) -> None:
         table.add_column(key, justify="right")
     for model in ("a", "b"):
         for split, m in card[model].items():
-            table.add_row(model.upper(), split, *(f"{m[k]:.1%}" for k in ("correct", "lenient", "format_ok", "name_ok")))
+            table.add_row(model.upper(), split, *(f"{m[k]:.1%}" for k in ("correct", "lenient", "format_ok",
+                                                                          "name_ok")))
     console.print(table)

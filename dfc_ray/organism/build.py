@@ -195,7 +195,8 @@ def log_line(req: W.Request) -> str:
     return f"{req.text} => {json.dumps(call, ensure_ascii=False)}"
 
 
-def _text_row(tok: Any, rng: random.Random, stream: Any, cfg: BuildConfig, length: int = 256) -> tuple[list[int], list[bool]]:
+def _text_row(tok: Any, rng: random.Random, stream: Any, cfg: BuildConfig, length: int = 256) -> tuple[list[int],
+                                                                                                       list[bool]]:
     """Packed web text: API-log lines and plain sentences, each ended by <|endoftext|>."""
     ids: list[int] = []
     while len(ids) < length:

@@ -276,8 +276,8 @@ class DFCConfig(Config):
     k: int = field(metadata={"bounds": (1, math.inf, "[", "]")})
     """Active features per sample (TopK), or on average per sample (BatchTopK)."""
     a_exclusive: float = at_least(0.0, 0)
-    """Fraction of `dict_size` that is A-exclusive (0.05 = 5%); rounded to whole features. The two
-    exclusive shares must leave at least one shared feature (after rounding), so a_exclusive + b_exclusive < 1."""
+    """Fraction of `dict_size` that is A-exclusive (0.05 = 5%); rounded to whole features. The exclusive
+    features may fill the dictionary (a_exclusive + b_exclusive <= 1 after rounding; at 1 nothing is shared)."""
     b_exclusive: float = at_least(0.0, 0)
     """Fraction of `dict_size` that is B-exclusive. a_exclusive = b_exclusive = 0 is a plain crosscoder."""
     sparsity: Sparsity = "topk"
@@ -312,8 +312,8 @@ class DFCConfig(Config):
     def _check(self) -> None:
         if self.k > self.dict_size:
             raise self.invalid("k", f"at most dict_size={self.dict_size}")
-        if self.n_shared < 1:  # one rule, in whole features: rounding may leave none even below a sum of 1
-            raise self.invalid("b_exclusive", f"a_exclusive + b_exclusive that leaves at least one shared feature "
+        if self.n_shared < 0:  # one rule, in whole features: rounding can overshoot even at a sum of 1
+            raise self.invalid("b_exclusive", f"a_exclusive + b_exclusive <= 1 in whole features "
                                               f"(a_exclusive={self.a_exclusive}, dict_size={self.dict_size})")
 
     @property

@@ -308,16 +308,34 @@ def test_sparse_backward_matches_dense_autograd(sparsity):
 
 
 @pytest.mark.parametrize("a, b, dict_size, ok", [
-    (0.5, 0.49, 100, True),    # one shared feature left
-    (0.5, 0.5, 100, False),    # a sum of 1: no shared feature (the spec and the class used to disagree here)
-    (0.45, 0.45, 4, False),    # below 1, but rounding to whole features leaves none shared
+    (0.5, 0.49, 100, True),
+    (0.5, 0.5, 100, True),     # a sum of 1: nothing shared (the spec check used to refuse what the class accepted)
+    (0.5, 0.5, 3, False),      # a sum of 1, but rounding gives 2 + 2 features of 3
     (0.6, 0.6, 100, False),
 ])
-def test_the_exclusive_shares_must_leave_a_shared_feature(a, b, dict_size, ok):
-    """One rule for the class and the spec: n_shared >= 1 after rounding (so a_exclusive + b_exclusive < 1)."""
+def test_the_exclusive_shares_must_fit_the_dictionary(a, b, dict_size, ok):
+    """One rule for the class and the spec: n_shared >= 0 in whole features (a_exclusive + b_exclusive <= 1)."""
     build = lambda: DFCConfig(d_model=8, dict_size=dict_size, k=2, a_exclusive=a, b_exclusive=b)  # noqa: E731
     if ok:
-        assert build().n_shared >= 1
+        assert build().n_shared >= 0
     else:
-        with pytest.raises(ValueError, match="DFCConfig.b_exclusive=.*at least one shared feature"):
+        with pytest.raises(ValueError, match="DFCConfig.b_exclusive=.*<= 1 in whole features"):
             build()
+
+
+def test_a_spec_accepts_exactly_what_the_class_accepts(tmp_path):
+    import yaml
+
+    from dfc_ray.spaces import SpecError, load_spec
+
+    base = {"pair": {"a": "organism", "b": "organism"}, "layers": [1], "train": {"batch_size": 64},
+            "grid": {"dict_size": [100], "k": [4]}}
+    for a, ok in ((0.5, True), (0.6, False)):
+        shares = {"a_exclusive": a, "b_exclusive": 0.5}
+        path = tmp_path / "spec.yaml"
+        path.write_text(yaml.safe_dump(base | {"crosscoder": shares}))
+        if ok:
+            assert load_spec(str(path)).n_trials == 1
+        else:
+            with pytest.raises(SpecError, match="<= 1 in whole features"):
+                load_spec(str(path))

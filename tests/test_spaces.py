@@ -59,7 +59,7 @@ BASE = {"pair": {"a": "organism", "b": "organism"}, "layers": [1], "train": {"ba
     ({"harvest": {"n_tasks": "many"}}, "field harvest.n_tasks = 'many': expected an integer"),
     ({"grid": {"k": []}}, "field grid.k = []: expected a non-empty list"),
     ({"grid": {"k": [8], "dict_size": [4]}}, "DFCConfig.k=8: expected at most dict_size=4"),
-    ({"grid": {"dict_size": [256], "k": [8], "v": [{"a_exclusive": 0.6, "b_exclusive": 0.4}]}},
+    ({"grid": {"dict_size": [256], "k": [8], "v": [{"a_exclusive": 0.6, "b_exclusive": 0.5}]}},
      "a_exclusive + b_exclusive"),
     ({"grid": {"dict_size": [256], "k": [8], "layer": [1, 5]}}, "expected one of the harvested layers [1]"),
     ({"search": {"lr": {"loguniform": [0, 1]}}}, "field search.lr.loguniform = [0, 1]: expected a positive low bound"),

@@ -6,8 +6,8 @@ A spec is a mapping with these sections (docs/spaces.md has the reference):
     extends                another spec (a shipped name like ``organism48`` or a path) to start from;
                            mappings merge key by key, ``null`` removes a key, anything else replaces
     pair                   `PairSpec` fields (a, b, tokenizer, dtype, device, revision)
-    harvest                corpus + positions + dtype + batch_size + num_actors (the layers come from
-                           `layers`)
+    harvest                every `HarvestConfig` and `CorpusSpec` field, flat (the store, layers and
+                           pair come from elsewhere)
     layers                 the layers to harvest; a trial's layer is the ``layer`` axis or the first one
     crosscoder             `DFCConfig` fields fixed for every trial (d_model comes from the pair)
     train                  `TrainConfig` fields + batch_size + reader (ray | local)
@@ -22,9 +22,11 @@ A spec is a mapping with these sections (docs/spaces.md has the reference):
     objective              ``{metric: delta_a_pp, mode: max}`` or lists for several objectives
     scheduler              ``none`` or ``{asha: {metric, mode, grace_period, reduction_factor}}``
     eval, steering         settings of the evaluator and steering actors
-    resources              per-trial CPUs/GPUs, concurrency, actor replicas
+    resources              `Resources`: per-trial CPUs/GPUs, concurrency, actor replicas
 
-Every error is one line naming the file, the field and the value, and what was expected.
+Sections become the dataclasses of dfc_ray/config.py through `from_mapping`, so a field exists in a spec
+exactly where it exists in a dataclass (`dfc-ray spaces fields` lists them). Every error is one line
+naming the file, the field and the value, and what was expected.
 """
 
 from __future__ import annotations

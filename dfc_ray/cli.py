@@ -15,8 +15,8 @@ COMMAND_MODULES = [
     "dfc_ray.organism.build",
     "dfc_ray.cluster",
     "dfc_ray.spaces",
-    "dfc_ray.sweep",
-    "dfc_ray.report",
+    "dfc_ray.commands.sweep",
+    "dfc_ray.commands.report",
 ]
 
 

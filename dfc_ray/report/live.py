@@ -11,7 +11,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from dfc_ray.metrics import fmt, number, shown_in
+from dfc_ray.metrics import number, shown_in
 from dfc_ray.report.render import short_config
 
 TUNE_STATUSES = {"terminated": "ok", "error": "failed"}  # Ray Tune's names, lower-cased
@@ -23,8 +23,6 @@ class LiveView:
     On a terminal it redraws in place (rich Live); elsewhere (CI logs, files) it prints one line
     per trial state change. The sweep calls `update` from its Tune callback.
     """
-
-    COLUMNS = {m.name: m.label for m in shown_in("live")}
 
     def __init__(self, total: int, console: Console | None = None, axes: Sequence[str] | None = None,
                  title: str = "sweep") -> None:
@@ -79,19 +77,20 @@ class LiveView:
     def _line(self, trial_id: str) -> str:
         trial = self.trials[trial_id]
         parts = [f"[{self._progress()}]", trial_id, self._config(trial["config"]), trial["status"]]
-        parts += [f"{label}={fmt(name, trial['metrics'][name])}" for name, label in self.COLUMNS.items()
-                  if name in trial["metrics"]]
+        parts += [f"{m.label}={m.text(trial['metrics'][m.name])}" for m in shown_in("live")
+                  if m.name in trial["metrics"]]
         if trial["metrics"].get("error"):
             parts.append(f"error: {str(trial['metrics']['error']).splitlines()[0]}")
         return "  ".join(p for p in parts if p)
 
     def _render(self) -> Group:
         table = Table(title=self.title, title_justify="left")
-        for column in ("trial", "config", "status", "step", *self.COLUMNS.values()):
+        columns = shown_in("live")
+        for column in ("trial", "config", "status", "step", *(m.label for m in columns)):
             table.add_column(column)
         for trial_id, trial in self.trials.items():
             table.add_row(trial_id, Text(self._config(trial["config"])), trial["status"], self._step(trial),
-                          *(fmt(name, trial["metrics"].get(name)) for name in self.COLUMNS))
+                          *(m.text(trial["metrics"].get(m.name)) for m in columns))
         c = self.counts()
         progress = Table.grid(padding=(0, 2))
         progress.add_row(ProgressBar(total=max(self.total, 1), completed=c["done"] + c["failed"], width=40),

@@ -96,7 +96,8 @@ def test_a_new_metric_is_one_registry_line(monkeypatch):
     line = metrics._m("splice_kl_a", "KL A", "nats", shows=("axis", "live", "trials"))
     monkeypatch.setattr(metrics, "METRICS", metrics.METRICS + (line,))
     monkeypatch.setattr(metrics, "REGISTRY", metrics.REGISTRY | {line.name: line})
-    trials = [TrialResult(f"t{i}", {"k": k}, {"delta_a_pp": 10.0 * i, "splice_kl_a": 0.5 + i}) for i, k in enumerate((4, 8, 8))]
+    trials = [TrialResult(f"t{i}", {"k": k}, {"delta_a_pp": 10.0 * i, "splice_kl_a": 0.5 + i})
+              for i, k in enumerate((4, 8, 8))]
     report = json.loads(json.dumps(build_report(trials)))
     assert report["per_axis"]["k"][1]["splice_kl_a"] == {"mean": 2.0, "std": pytest.approx(0.7071, abs=1e-4), "n": 2}
     by_title = {s.title: s for s in sections(report)}

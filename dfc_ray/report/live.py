@@ -29,7 +29,8 @@ class LiveView:
         self.total, self.title, self.axes = total, title, axes
         self.console = console or Console()
         self.trials: dict[str, dict[str, Any]] = {}
-        self._live = Live(self._render(), console=self.console, refresh_per_second=4) if self.console.is_terminal else None
+        self._live = (Live(self._render(), console=self.console, refresh_per_second=4)
+                      if self.console.is_terminal else None)
 
     def __enter__(self) -> "LiveView":
         if self._live:
@@ -61,7 +62,8 @@ class LiveView:
             self.console.print(Text(self._line(trial_id)), soft_wrap=True)
 
     def _config(self, config: dict[str, Any]) -> str:
-        axes = self.axes if self.axes is not None else [k for k, v in config.items() if number(v) is not None or isinstance(v, str)]
+        axes = self.axes if self.axes is not None else \
+            [k for k, v in config.items() if number(v) is not None or isinstance(v, str)]
         return short_config(config, axes)
 
     @staticmethod
@@ -72,7 +74,8 @@ class LiveView:
 
     def _progress(self) -> str:
         c = self.counts()
-        return f"{c['done'] + c['failed']}/{self.total} finished: {c['done']} ok, {c['failed']} failed, {c['running']} running"
+        return (f"{c['done'] + c['failed']}/{self.total} finished: {c['done']} ok, {c['failed']} failed, "
+                f"{c['running']} running")
 
     def _line(self, trial_id: str) -> str:
         trial = self.trials[trial_id]

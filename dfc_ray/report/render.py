@@ -68,13 +68,15 @@ def _headline_section(report: dict[str, Any]) -> Section:
     table = []
     for h in HEADLINE:
         ours = fmt(h.metric, report["baseline"][h.key]) if h.baseline else fmt_stat(h.metric, report["headline"][h.key])
-        theirs = seed.get(h.key)
-        theirs = "—" if theirs is None else fmt_stat(h.metric, theirs) if isinstance(theirs, dict) else fmt(h.metric, theirs)
+        published = seed.get(h.key)
+        theirs = ("—" if published is None else fmt_stat(h.metric, published) if isinstance(published, dict)
+                  else fmt(h.metric, published))
         table.append([h.label, ours, theirs, show(comp.get(h.key, {}).get("difference_pp"), PP)])
     table.append(["minimal steerable set reached (trials)", _min_set_text(report.get("min_set")), "—", "—"])
     note = (f"{report['n_trials']} trials, {report['n_trials'] - report['n_failed']} ok, {report['n_failed']} failed; "
             f"mean ± sample std over successful trials. Seed study: {seed['source']}.")
-    return Section("Headline: ours vs the seed study", ["", "ours", "seed study (published)", "ours − seed (pp)"], table, note)
+    return Section("Headline: ours vs the seed study", ["", "ours", "seed study (published)", "ours − seed (pp)"],
+                   table, note)
 
 
 def _axis_sections(report: dict[str, Any]) -> list[Section]:

@@ -104,7 +104,8 @@ def judge_checkpoint(pools: tuple, checkpoint: str, layer: int) -> dict[str, Any
     requests in flight at once), flattened into trial metrics."""
     evaluator, steerer = (ReplicaPool.connect(cfg) for cfg in pools)
     started = time.perf_counter()
-    refs = {"eval_s": evaluator.submit("evaluate", checkpoint, layer), "steer_s": steerer.submit("steer", checkpoint, layer)}
+    refs = {"eval_s": evaluator.submit("evaluate", checkpoint, layer),
+            "steer_s": steerer.submit("steer", checkpoint, layer)}
     seconds, pending = {}, list(refs.values())
     while pending:  # time each answer: how long a trial waits for each judge
         ready, pending = ray.wait(pending, num_returns=1)
@@ -117,8 +118,8 @@ def judge_metrics(evaluation: EvalResult, steering: SteerResult, seconds: dict[s
     """The judges' results as trial metrics; lists go as JSON text (results.STRUCTURED)."""
     ranking = [{"feature": f.feature, "cohens_d": f.cohens_d, "auroc": f.auroc} for f in steering.ranking[:5]]
     chosen = steering.targets.get(steering.config.get("primary", "a"))
-    curve = [{"alpha": c.alpha, "delta_pp": 100 * (c.dev_correct - chosen.dev_clean)}  # dev α curve of the chosen feature
-             for c in (chosen.grid if chosen else []) if c.feature == chosen.feature]
+    curve = [{"alpha": c.alpha, "delta_pp": 100 * (c.dev_correct - chosen.dev_clean)}  # the chosen feature's
+             for c in (chosen.grid if chosen else []) if c.feature == chosen.feature]  # dev α curve
     return evaluation.metrics() | steering.metrics() | seconds | {"top_features": json.dumps(ranking),
                                                                 "alpha_curve": json.dumps(curve),
                                                                 "steer_skipped": steering.skipped}

@@ -1,13 +1,17 @@
 """Every trial metric, declared once: its name, label, unit, format and where the report shows it.
 
 The report (headline, per-axis tables, trials table, time table), the live view and the trial's
-training reports read this registry; nothing else lists metric names. Adding a metric is its
-producer (e.g. `EvalResult.metrics()` in dfc_ray/evaluate.py, `SteerResult.metrics()` in
-actors/steering.py, the trial in dfc_ray/sweep/trial.py) plus ONE `Metric(...)` line in `METRICS`;
+training reports take their columns, labels and formats from this registry. Adding a metric is
+its producer (e.g. `EvalResult.metrics()` in dfc_ray/evaluate.py, `SteerResult.metrics()` in
+actors/steering.py, the trial in dfc_ray/sweep/trial.py) plus ONE `metric(...)` line in `METRICS`,
+for example
+
+    metric("steer_dev_delta_pp", "steer Δ on dev", "pp", PP, ("trials",), per_target=True),
+
 tests/test_metrics.py fails on a produced key that is not registered here.
 
 Steering metrics of the primary target are `steer_<x>`; the same figures per target are
-`steer_<target>_<x>`. A `Metric(..., per_target=True)` named `steer_<x>` registers both.
+`steer_<target>_<x>`. A `metric(..., per_target=True)` named `steer_<x>` registers both.
 
 Places a metric can show (`Metric.shows`):
 - "axis": a column of each per-axis table (mean ± std per axis value); splice and steering effects
@@ -93,8 +97,9 @@ def show(value: Any, fmt: str | Callable[[float], str] = GENERIC, fraction: bool
     return fmt.format(100 * x if fraction else x)
 
 
-def _m(name: str, label: str, unit: str = "", fmt: str | Callable[[float], str] = GENERIC,
-       shows: tuple[Place, ...] = (), **kw: Any) -> Metric:
+def metric(name: str, label: str, unit: str = "", fmt: str | Callable[[float], str] = GENERIC,
+           shows: tuple[Place, ...] = (), **kw: Any) -> Metric:
+    """A registry line: `Metric` with `shows` as a tuple."""
     return Metric(name, label, unit, fmt, frozenset(shows), **kw)
 
 
@@ -105,63 +110,63 @@ CELLS = {AB[0]: " → ", AB[1]: " → ", STEERED: ", "}
 
 METRICS: tuple[Metric, ...] = (
     # training (dfc_ray/train.py's metrics, reported by the trial)
-    _m("loss", "loss", shows=("live", "train")),
-    _m("fvu", "FVU", fmt=FVU, shows=("train",)),  # mean of A's and B's: ASHA's default metric
-    _m("fvu_a", "FVU A", fmt=FVU, shows=("axis", "live", "trials", "train")),
-    _m("fvu_b", "FVU B", fmt=FVU, shows=("axis", "live", "trials", "train")),
-    _m("l0", "L0", "features", shows=("trials", "train")),
-    _m("dead_frac", "dead", "fraction", PERCENT, ("trials", "train")),
-    _m("phase", "phase"),  # "train" for intermediate reports, "done" for the final one
-    _m("step", "step"),
-    _m("status", "status"),
-    _m("reason", "reason"),
-    _m("steps", "steps"),
-    _m("checkpoint", "checkpoint"),
-    _m("train_peak_mem_mb", "training peak memory", "MB"),
+    metric("loss", "loss", shows=("live", "train")),
+    metric("fvu", "FVU", fmt=FVU, shows=("train",)),  # mean of A's and B's: ASHA's default metric
+    metric("fvu_a", "FVU A", fmt=FVU, shows=("axis", "live", "trials", "train")),
+    metric("fvu_b", "FVU B", fmt=FVU, shows=("axis", "live", "trials", "train")),
+    metric("l0", "L0", "features", shows=("trials", "train")),
+    metric("dead_frac", "dead", "fraction", PERCENT, ("trials", "train")),
+    metric("phase", "phase"),  # "train" for intermediate reports, "done" for the final one
+    metric("step", "step"),
+    metric("status", "status"),
+    metric("reason", "reason"),
+    metric("steps", "steps"),
+    metric("checkpoint", "checkpoint"),
+    metric("train_peak_mem_mb", "training peak memory", "MB"),
     # splice evaluation (EvalResult.metrics)
-    _m("a_clean", "A clean", "fraction", PERCENT, ("trials",), cell=AB[0]),
-    _m("a_splice", "A spliced", "fraction", PERCENT, ("trials",), cell=AB[0]),
-    _m("delta_a_pp", "Δ A", "pp", PP, ("axis", "live", "trials")),
-    _m("b_clean", "B clean", "fraction", PERCENT, ("trials",), cell=AB[1]),
-    _m("b_splice", "B spliced", "fraction", PERCENT, ("trials",), cell=AB[1]),
-    _m("delta_b_pp", "Δ B", "pp", PP, ("axis", "live", "trials")),
-    _m("delta_a_pp_lo", "Δ A, CI low", "pp", PP),
-    _m("delta_a_pp_hi", "Δ A, CI high", "pp", PP),
-    _m("delta_b_pp_lo", "Δ B, CI low", "pp", PP),
-    _m("delta_b_pp_hi", "Δ B, CI high", "pp", PP),
-    _m("a_clean_lenient", "A clean, lenient", "fraction", PERCENT),
-    _m("a_splice_lenient", "A spliced, lenient", "fraction", PERCENT),
-    _m("b_clean_lenient", "B clean, lenient", "fraction", PERCENT),
-    _m("b_splice_lenient", "B spliced, lenient", "fraction", PERCENT),
-    _m("loss_a_ce_clean", "A text CE, clean", "nats"),
-    _m("loss_a_ce_splice", "A text CE, spliced", "nats"),
-    _m("loss_a_kl", "A text KL(clean ‖ spliced)", "nats"),
-    _m("loss_b_ce_clean", "B text CE, clean", "nats"),
-    _m("loss_b_ce_splice", "B text CE, spliced", "nats"),
-    _m("loss_b_kl", "B text KL(clean ‖ spliced)", "nats"),
-    _m("eval_compute_s", "evaluator compute", "s"),
+    metric("a_clean", "A clean", "fraction", PERCENT, ("trials",), cell=AB[0]),
+    metric("a_splice", "A spliced", "fraction", PERCENT, ("trials",), cell=AB[0]),
+    metric("delta_a_pp", "Δ A", "pp", PP, ("axis", "live", "trials")),
+    metric("b_clean", "B clean", "fraction", PERCENT, ("trials",), cell=AB[1]),
+    metric("b_splice", "B spliced", "fraction", PERCENT, ("trials",), cell=AB[1]),
+    metric("delta_b_pp", "Δ B", "pp", PP, ("axis", "live", "trials")),
+    metric("delta_a_pp_lo", "Δ A, CI low", "pp", PP),
+    metric("delta_a_pp_hi", "Δ A, CI high", "pp", PP),
+    metric("delta_b_pp_lo", "Δ B, CI low", "pp", PP),
+    metric("delta_b_pp_hi", "Δ B, CI high", "pp", PP),
+    metric("a_clean_lenient", "A clean, lenient", "fraction", PERCENT),
+    metric("a_splice_lenient", "A spliced, lenient", "fraction", PERCENT),
+    metric("b_clean_lenient", "B clean, lenient", "fraction", PERCENT),
+    metric("b_splice_lenient", "B spliced, lenient", "fraction", PERCENT),
+    metric("loss_a_ce_clean", "A text CE, clean", "nats"),
+    metric("loss_a_ce_splice", "A text CE, spliced", "nats"),
+    metric("loss_a_kl", "A text KL(clean ‖ spliced)", "nats"),
+    metric("loss_b_ce_clean", "B text CE, clean", "nats"),
+    metric("loss_b_ce_splice", "B text CE, spliced", "nats"),
+    metric("loss_b_kl", "B text KL(clean ‖ spliced)", "nats"),
+    metric("eval_compute_s", "evaluator compute", "s"),
     # steering (SteerResult.metrics): the primary target's, and per target
-    _m("steer_feature", "steered feature", shows=("trials",), cell=STEERED, per_target=True),
-    _m("steer_alpha", "α", shows=("trials",), cell=STEERED, per_target=True),
-    _m("steer_target", "target", shows=("trials",), cell=STEERED),
-    _m("steer_delta_pp", "steer Δ", "pp", PP, ("axis", "live", "trials"), per_target=True),
-    _m("steer_min_set", "min set", fmt=_min_set_size, shows=("trials",), per_target=True),
-    _m("steer_delta_pp_lo", "steer Δ, CI low", "pp", PP, per_target=True),
-    _m("steer_delta_pp_hi", "steer Δ, CI high", "pp", PP, per_target=True),
-    _m("steer_random_feature_pp", "control: random A-exclusive feature", "pp", PP, per_target=True),
-    _m("steer_random_direction_pp", "control: random direction", "pp", PP, per_target=True),
-    _m("steer_compute_s", "steerer compute", "s"),
-    _m("steer_skipped", "why steering was skipped"),
-    _m("top_features", "top A-exclusive features (feature, Cohen's d, AUROC)"),
-    _m("alpha_curve", "dev Δ vs α of the chosen feature"),
+    metric("steer_feature", "steered feature", shows=("trials",), cell=STEERED, per_target=True),
+    metric("steer_alpha", "α", shows=("trials",), cell=STEERED, per_target=True),
+    metric("steer_target", "target", shows=("trials",), cell=STEERED),
+    metric("steer_delta_pp", "steer Δ", "pp", PP, ("axis", "live", "trials"), per_target=True),
+    metric("steer_min_set", "min set", fmt=_min_set_size, shows=("trials",), per_target=True),
+    metric("steer_delta_pp_lo", "steer Δ, CI low", "pp", PP, per_target=True),
+    metric("steer_delta_pp_hi", "steer Δ, CI high", "pp", PP, per_target=True),
+    metric("steer_random_feature_pp", "control: random A-exclusive feature", "pp", PP, per_target=True),
+    metric("steer_random_direction_pp", "control: random direction", "pp", PP, per_target=True),
+    metric("steer_compute_s", "steerer compute", "s"),
+    metric("steer_skipped", "why steering was skipped"),
+    metric("top_features", "top A-exclusive features (feature, Cohen's d, AUROC)"),
+    metric("alpha_curve", "dev Δ vs α of the chosen feature"),
     # per-feature figures inside top_features (the best-features table)
-    _m("cohens_d", "Cohen's d", fmt=SEPARATION),
-    _m("auroc", "AUROC", fmt=SEPARATION),
+    metric("cohens_d", "Cohen's d", fmt=SEPARATION),
+    metric("auroc", "AUROC", fmt=SEPARATION),
     # wall clock per trial
-    _m("train_s", "training", "s", shows=("time",)),
-    _m("eval_s", "splice evaluation (waiting for the evaluator)", "s", shows=("time",)),
-    _m("steer_s", "steering (waiting for the steerer)", "s", shows=("time",)),
-    _m("judge_s", "evaluation + steering (in parallel)", "s", shows=("time",)),
+    metric("train_s", "training", "s", shows=("time",)),
+    metric("eval_s", "splice evaluation (waiting for the evaluator)", "s", shows=("time",)),
+    metric("steer_s", "steering (waiting for the steerer)", "s", shows=("time",)),
+    metric("judge_s", "evaluation + steering (in parallel)", "s", shows=("time",)),
 )
 
 REGISTRY: dict[str, Metric] = {m.name: m for m in METRICS}
@@ -190,8 +195,8 @@ def names(place: Place) -> list[str]:
 def fmt(name: str, value: Any) -> str:
     """A value as tables show it, by its metric's format (anything unregistered, e.g. a config
     axis, in the generic one)."""
-    metric = find(name)
-    return metric.text(value) if metric else show(value)
+    found = find(name)
+    return found.text(value) if found else show(value)
 
 
 @dataclass(frozen=True)

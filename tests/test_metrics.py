@@ -93,7 +93,7 @@ def test_formats():
 
 
 def test_a_new_metric_is_one_registry_line(monkeypatch):
-    line = metrics._m("splice_kl_a", "KL A", "nats", shows=("axis", "live", "trials"))
+    line = metrics.metric("splice_kl_a", "KL A", "nats", shows=("axis", "live", "trials"))
     monkeypatch.setattr(metrics, "METRICS", metrics.METRICS + (line,))
     monkeypatch.setattr(metrics, "REGISTRY", metrics.REGISTRY | {line.name: line})
     trials = [TrialResult(f"t{i}", {"k": k}, {"delta_a_pp": 10.0 * i, "splice_kl_a": 0.5 + i})

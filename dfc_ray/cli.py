@@ -15,8 +15,8 @@ COMMAND_MODULES = [
     "dfc_ray.commands.organism",
     "dfc_ray.commands.cluster",
     "dfc_ray.commands.spaces",
-    "dfc_ray.sweep",
-    "dfc_ray.report",
+    "dfc_ray.commands.sweep",
+    "dfc_ray.commands.report",
 ]
 
 

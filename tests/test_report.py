@@ -211,7 +211,7 @@ def test_resumed_trial_keeps_last_line(tmp_path):
 
 @pytest.fixture
 def report_cli(monkeypatch):
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ["dfc_ray.report"])  # only this stage: a faster import
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ["dfc_ray.commands.report"])  # only this stage: a faster import
     monkeypatch.setenv("COLUMNS", "250")
     return cli.main
 

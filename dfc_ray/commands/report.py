@@ -1,0 +1,31 @@
+"""`dfc-ray report RUN`: rebuild and print a sweep's report from its results.jsonl."""
+
+from __future__ import annotations
+
+import argparse
+
+from rich.console import Console
+
+from dfc_ray.report import build_report, load_results, print_report, stored_run_info, write_report
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("report", help="rebuild and print a sweep's report from its results.jsonl",
+                              description="Rebuild report.json, report.md and plots/ from RUN/results.jsonl and "
+                                          "print the terminal report. RUN is a run folder or an s3:// prefix.")
+    p.add_argument("run", metavar="RUN", help="run folder, file:// or s3:// prefix holding results.jsonl")
+    p.add_argument("--out", help="folder for the report files (default: RUN for a local run; for an s3:// run "
+                                 "the report is only printed unless --out is given)")
+    p.set_defaults(func=_run_cli)
+
+
+def _run_cli(args: argparse.Namespace) -> int:
+    console = Console()
+    if args.out is None and args.run.startswith("s3://"):
+        report = build_report(load_results(args.run), stored_run_info(args.run))
+    else:
+        report = write_report(args.run, out_dir=args.out)
+    print_report(report, console)
+    if "plots" in report:
+        console.print(f"wrote report.json, report.md and {len(report['plots'])} plots to {args.out or args.run}")
+    return 0

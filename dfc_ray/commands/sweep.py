@@ -1,0 +1,51 @@
+"""`dfc-ray sweep SPEC`: run a sweep end to end (or `--plan` it), then print its report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from rich.console import Console
+
+from dfc_ray.fs import redact
+from dfc_ray.plan import load_rates, print_plan
+from dfc_ray.report import print_report
+from dfc_ray.spaces import load_spec
+
+
+def _sweep_command(args: argparse.Namespace) -> int:
+    spec = load_spec(args.spec)
+    if args.plan:
+        print_plan(spec, load_rates(args.costs) if args.costs else None)
+        return 0
+    from dfc_ray.sweep import run_sweep  # deferred: Ray Tune and Optuna are heavy, --plan needs neither
+
+    run_uri = args.run_dir or f"{args.storage.rstrip('/')}/{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if args.resume and not args.run_dir:
+        raise ValueError("--resume needs --run-dir (the run folder to continue)")
+    start = time.time()
+    run = run_sweep(spec, run_uri, store_root=args.store, resume=args.resume, address=args.address,
+                    evaluate=not args.no_eval, live=not args.quiet)
+    Console().print(f"sweep {spec.name} finished in {time.time() - start:.0f} s: {redact(run.uri)}")
+    report = json.loads(run.read_text("report.json") or "{}")
+    if report:
+        print_report(report, Console())
+    return 0
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("sweep", help="Run a sweep spec end to end: harvest, Tune trials, report.")
+    p.add_argument("spec", nargs="?", default="organism48", help="shipped spec name or YAML path (default: organism48)")
+    p.add_argument("--storage", default="runs", help="where run folders go: a path or s3://bucket/prefix")
+    p.add_argument("--run-dir", default=None, help="this run's folder (default: <storage>/<spec>-<time>)")
+    p.add_argument("--store", default=None, help="activation store root (default: <storage>/harvests)")
+    p.add_argument("--resume", action="store_true", help="continue the sweep in --run-dir")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a new local one)")
+    p.add_argument("--no-eval", action="store_true", help="train only: skip evaluation and steering")
+    p.add_argument("--quiet", action="store_true", help="no live table")
+    p.add_argument("--plan", action="store_true",
+                   help="run nothing: print the sweep's work (rows, bytes, FLOPs per stage, actors, memory) and cost")
+    p.add_argument("--costs", default=None, metavar="RUN_OR_JSON",
+                   help="with --plan: measured rates from a finished run folder (its costs.json) or a costs JSON")
+    p.set_defaults(func=_sweep_command)

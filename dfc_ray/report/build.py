@@ -1,0 +1,222 @@
+"""Reading a sweep's results.jsonl and computing the report.json content from it."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dfc_ray.fs import open_fs, redact
+from dfc_ray.metrics import HEADLINE, number, shown_in
+
+RESULTS = "results.jsonl"
+# The seed study's PUBLISHED numbers, the only hard-coded figures here: Qwen2.5-3B vs its GRPO
+# tool-use fine-tune, layer 13, 48 crosscoder variants, 40 prompts, lenient scoring.
+SEED_STUDY = {
+    "source": "published numbers; Qwen2.5-3B vs a GRPO tool-use fine-tune, layer 13, "
+              "48 variants, n = 40 prompts, lenient name-in-tool-list scoring",
+    "a_correct": 0.19,
+    "a_splice": 0.50,
+    "delta_a_pp": {"mean": 31.1, "std": 9.7, "n": 48},
+    "delta_b_pp": {"mean": 6.8, "std": 5.0, "n": 48},
+    "steer_best_pp": {"mean": 65.0, "std": None, "n": 1},
+}
+BEST_FEATURES = 10
+
+
+@dataclass
+class TrialResult:
+    """One line of results.jsonl."""
+
+    trial_id: str
+    """Ray Tune's trial id."""
+    config: dict[str, Any]
+    """The trial's hyper-parameters (dict_size, k, a_exclusive, l1_excl, layer, variant, …)."""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    """Final metrics under the names of dfc_ray/metrics.py; optional ones may be missing."""
+    status: str = "ok"
+    """"ok" for a finished trial; anything else ("failed", "diverged", …) counts as failed."""
+    error: str | None = None
+    """Why a failed trial failed."""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+# ---------------------------------------------------------------- reading results
+
+
+def read_text(run_dir: str | Path, file: str) -> tuple[str | None, str]:
+    """Text of `<run_dir>/<file>` (None when missing) and a credential-free name for messages."""
+    fs, root = open_fs(str(run_dir))
+    name = f"{redact(str(run_dir)).rstrip('/')}/{file}"
+    try:
+        with fs.open_input_stream(f"{root}/{file}") as f:
+            return f.read().decode(), name
+    except FileNotFoundError:
+        return None, name
+
+
+def _parse_line(line: str, where: str) -> TrialResult:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    row.setdefault("metrics", {})
+    for name, kind in (("trial_id", str), ("config", dict), ("metrics", dict), ("status", str)):
+        if not isinstance(row.get(name), kind):
+            raise ValueError(f"{where}: field {name!r} is {str(row.get(name))[:40]!r}; expected a {kind.__name__}")
+    return TrialResult(row["trial_id"], row["config"], row["metrics"], row["status"], row.get("error"))
+
+
+def load_results(run_dir: str | Path) -> list[TrialResult]:
+    """Trials of `<run_dir>/results.jsonl`, a line per trial; a trial reported twice (a resumed
+    sweep) keeps its last line and its first position. `run_dir` may be a path, file:// or s3://
+    prefix (credentials from the standard AWS environment, never printed)."""
+    text, name = read_text(run_dir, RESULTS)
+    if text is None:
+        raise FileNotFoundError(f"{name}: no such file (expected a dfc-ray sweep run folder)")
+    trials: dict[str, TrialResult] = {}
+    for number_, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            trial = _parse_line(line, f"{name}: line {number_}")
+            trials[trial.trial_id] = trial
+    return list(trials.values())
+
+
+def stored_run_info(run_dir: str | Path) -> dict[str, Any]:
+    """The run block of an earlier report.json in `run_dir` (the sweep's settings), else the run's location."""
+    text, name = read_text(run_dir, "report.json")
+    try:
+        return json.loads(text)["run"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return {"run_dir": name.removesuffix("/report.json")}
+
+
+# ---------------------------------------------------------------- the report dict
+
+
+def summarize(values: Iterable[Any]) -> dict[str, Any]:
+    """`{mean, std, n}` of the finite numbers in `values`; std is the sample std (n − 1), None below n = 2."""
+    xs = [x for x in map(number, values) if x is not None]
+    return {"mean": statistics.fmean(xs) if xs else None,
+            "std": statistics.stdev(xs) if len(xs) > 1 else None, "n": len(xs)}
+
+
+def descending(value: Any) -> tuple[bool, float]:
+    """Sort key: larger numbers first, missing values last."""
+    x = number(value)
+    return (x is None, -(x or 0.0))
+
+
+def _json_safe(obj: Any) -> Any:
+    """NaN/inf (a diverged trial) become null: report.json stays strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def value_key(value: Any) -> str:
+    """A config value as a hashable, comparable key (a list or dict too)."""
+    return json.dumps(value, sort_keys=True)
+
+
+def varying_axes(configs: Sequence[dict[str, Any]]) -> list[str]:
+    """Config keys whose value differs between trials (a missing key counts as null)."""
+    keys = list(dict.fromkeys(k for c in configs for k in c))
+    return [k for k in keys if len({value_key(c.get(k)) for c in configs}) > 1]
+
+
+def _sort_key(value: Any) -> tuple:
+    if number(value) is not None:
+        return (0, float(value), "")
+    return (1 if isinstance(value, str) else 2, 0.0, value_key(value))
+
+
+def _per_axis(results: Sequence[TrialResult], axis: str) -> list[dict[str, Any]]:
+    groups: dict[str, list[TrialResult]] = {}
+    for t in results:
+        groups.setdefault(value_key(t.config.get(axis)), []).append(t)
+    rows = []
+    for trials in groups.values():
+        ok = [t for t in trials if t.ok]
+        rows.append({"value": trials[0].config.get(axis), "n_trials": len(trials), "n_failed": len(trials) - len(ok),
+                     **{m.name: summarize(t.metrics.get(m.name) for t in ok) for m in shown_in("axis")}})
+    return sorted(rows, key=lambda row: _sort_key(row["value"]))
+
+
+def _best_features(ok: Sequence[TrialResult]) -> list[dict[str, Any]]:
+    """Top features over all trials by Cohen's d. A feature index names a feature of ITS trial's
+    dictionary only, so each row keeps its trial."""
+    rows = []
+    for t in ok:
+        for feature in t.metrics.get("top_features") or []:
+            row = {"trial_id": t.trial_id, **feature}
+            if feature.get("feature") == t.metrics.get("steer_feature"):
+                row |= {"steer_alpha": t.metrics.get("steer_alpha"), "steer_delta_pp": t.metrics.get("steer_delta_pp")}
+            rows.append(row)
+    rows.sort(key=lambda r: descending(r.get("cohens_d")))
+    return rows[:BEST_FEATURES]
+
+
+def min_set_size(metrics: dict[str, Any]) -> int | None:
+    """The trial's minimal steerable set size; None when not measured or not reached (recorded as -1)."""
+    size = number(metrics.get("steer_min_set"))
+    return int(size) if size is not None and size > 0 else None
+
+
+def _min_sets(ok: Sequence[TrialResult]) -> dict[str, Any]:
+    """How often a minimal steerable set was found, and its sizes, over trials that ran steering."""
+    steered = [t for t in ok if number(t.metrics.get("steer_min_set")) is not None]
+    sizes = [size for t in steered if (size := min_set_size(t.metrics)) is not None]
+    return {"n_steered": len(steered), "n_reached": len(sizes), "sizes": summarize(sizes)}
+
+
+def _headline(ok: Sequence[TrialResult]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(headline, baseline, comparison with the seed study) over successful trials."""
+    summaries = [h for h in HEADLINE if not h.baseline]
+    summaries.sort(key=lambda h: (h.control, h.fraction))  # report.json's order: Δs, spliced rates, controls
+    headline = {h.key: summarize(t.metrics.get(h.metric) for t in ok) for h in summaries}
+    baseline = {h.key: summarize(t.metrics.get(h.metric) for t in ok)["mean"] for h in HEADLINE if h.baseline}
+    ours = {**{k: v["mean"] for k, v in headline.items()}, **baseline}
+    comparison = {}
+    for h in HEADLINE:
+        if h.key in SEED_STUDY:
+            seed = SEED_STUDY[h.key]["mean"] if isinstance(SEED_STUDY[h.key], dict) else SEED_STUDY[h.key]
+            diff = None if ours[h.key] is None else (ours[h.key] - seed) * (100 if h.fraction else 1)
+            comparison[h.key] = {"ours": ours[h.key], "seed": seed, "difference_pp": diff}
+    return headline, baseline, comparison
+
+
+def build_report(results: Sequence[TrialResult], run_info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The report.json content. Every statistic is over successful trials (status "ok")."""
+    ok = [t for t in results if t.ok]
+    headline, baseline, comparison = _headline(ok)
+    return _json_safe({
+        "run": dict(run_info or {}),
+        "n_trials": len(results),
+        "n_failed": len(results) - len(ok),
+        "baseline": baseline,
+        "headline": headline,
+        "seed_study": SEED_STUDY,
+        "comparison": comparison,
+        "per_axis": {axis: _per_axis(results, axis) for axis in varying_axes([t.config for t in results])},
+        "trials": [{"trial_id": t.trial_id, "config": t.config, "metrics": t.metrics, "status": t.status}
+                   for t in results],
+        "failed": [{"trial_id": t.trial_id, "status": t.status, "error": t.error, "config": t.config}
+                   for t in results if not t.ok],
+        "best_features": _best_features(ok),
+        "min_set": _min_sets(ok),
+        "seconds_per_trial": {m.name: summarize(t.metrics.get(m.name) for t in ok) for m in shown_in("time")},
+    })

@@ -1,0 +1,116 @@
+"""The report's PNG plots (plots/*.png), drawn from the report dict alone; docs/report.md says what each shows."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dfc_ray.metrics import CONTROLS, fmt, number
+from dfc_ray.report.build import summarize, value_key
+
+
+def _figure(ncols: int, title: str):
+    from matplotlib.figure import Figure  # deferred: matplotlib is heavy; no pyplot, no global backend state
+
+    fig = Figure(figsize=(5.5 * ncols, 4.2), layout="constrained")
+    fig.suptitle(title)
+    return fig, fig.subplots(1, ncols, squeeze=False)[0]
+
+
+def _box_strip(ax, labels: list[str], groups: list[list[float]], xlabel: str, ylabel: str) -> None:
+    """Box plot per group with every trial drawn on top (few trials per value: show them all)."""
+    rng = np.random.default_rng(0)
+    filled = [i for i, g in enumerate(groups) if g]
+    if filled:
+        ax.boxplot([groups[i] for i in filled], positions=filled, widths=0.5, showfliers=False)
+    for i, g in enumerate(groups):
+        ax.scatter(i + rng.uniform(-0.12, 0.12, len(g)), g, s=14, alpha=0.7, color="tab:blue", zorder=3)
+    ax.axhline(0, color="grey", lw=0.8, ls="--")
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_xlim(-0.6, len(labels) - 0.4)
+    ax.set(xlabel=xlabel, ylabel=ylabel)
+
+
+def _values(trials: list[dict], metric: str) -> list[float]:
+    return [x for x in (number(t["metrics"].get(metric)) for t in trials) if x is not None]
+
+
+def _delta_by_axis(axis: str, rows: list[dict[str, Any]], ok: list[dict]):
+    labels = [fmt(axis, r["value"]) for r in rows]
+    groups = [[t for t in ok if value_key(t["config"].get(axis)) == value_key(r["value"])] for r in rows]
+    fig, (ax_a, ax_b) = _figure(2, f"Splice Δ tool correctness by {axis}")
+    _box_strip(ax_a, labels, [_values(g, "delta_a_pp") for g in groups], axis, "Δ A, spliced − clean (pp)")
+    _box_strip(ax_b, labels, [_values(g, "delta_b_pp") for g in groups], axis, "Δ B, spliced − clean (pp)")
+    return fig
+
+
+def _alpha_curves(curves: list[tuple[str, list[dict]]]):
+    fig, (ax,) = _figure(1, "Steering: Δ tool correctness vs α, one line per trial")
+    for trial_id, curve in curves:
+        points = sorted((p["alpha"], p["delta_pp"]) for p in curve)
+        ax.plot(*zip(*points), marker="o", ms=3, lw=1, alpha=0.7, label=trial_id)
+    if len(curves) <= 10:
+        ax.legend(fontsize=7)
+    ax.axhline(0, color="grey", lw=0.8, ls="--")
+    ax.set(xlabel="α (steering scale)", ylabel="Δ tool correctness (pp)")
+    return fig
+
+
+def _steer_by_layer(layers: list, ok: list[dict]):
+    groups = [[t for t in ok if t["config"].get("layer") == layer] for layer in layers]
+    fig, (ax,) = _figure(1, "Best single-feature steering Δ by layer (test split)")
+    _box_strip(ax, [fmt("layer", layer) for layer in layers], [_values(g, "steer_delta_pp") for g in groups],
+               "layer", "steering Δ tool correctness (pp)")
+    for control, marker in zip(CONTROLS, ("x", "+")):
+        means = [(i, summarize(t["metrics"].get(control) for t in g)["mean"]) for i, g in enumerate(groups)]
+        means = [(i, m) for i, m in means if m is not None]
+        if means:
+            ax.scatter(*zip(*means), marker=marker, s=60, color="tab:red", zorder=4,
+                       label=f"mean {control.removeprefix('steer_').removesuffix('_pp').replace('_', ' ')} control")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    return fig
+
+
+def _fvu_vs_delta(ok: list[dict]):
+    fig, axes = _figure(2, "Reconstruction quality vs splice effect")
+    variants = sorted({str(t["config"].get("variant", "")) for t in ok})
+    for ax, (fvu, delta, label) in zip(axes, (("fvu_a", "delta_a_pp", "A"), ("fvu_b", "delta_b_pp", "B"))):
+        for variant in variants:
+            points = [(number(t["metrics"].get(fvu)), number(t["metrics"].get(delta))) for t in ok
+                      if str(t["config"].get("variant", "")) == variant]
+            points = [p for p in points if None not in p]
+            if points:
+                ax.scatter(*zip(*points), s=18, alpha=0.8, label=variant or None)
+        ax.set(xlabel=f"FVU {label} (fraction of variance unexplained)", ylabel=f"Δ {label}, spliced − clean (pp)")
+        if len(variants) > 1:
+            ax.legend(fontsize=8)
+    return fig
+
+
+def write_plots(report: dict[str, Any], out_dir: str | Path) -> list[str]:
+    """plots/*.png for a report; returns their paths relative to the report folder."""
+    out_dir = Path(out_dir)
+    (out_dir / "plots").mkdir(parents=True, exist_ok=True)
+    ok = [t for t in report["trials"] if t["status"] == "ok"]
+    written: list[str] = []
+    if not ok:
+        return written  # nothing measured, nothing to draw
+
+    def save(fig, name: str) -> None:
+        fig.savefig(out_dir / "plots" / name, dpi=110)
+        written.append(f"plots/{name}")
+
+    for axis, rows in report["per_axis"].items():
+        save(_delta_by_axis(axis, rows, ok), f"delta_by_{re.sub(r'[^A-Za-z0-9_.-]', '_', axis)}.png")
+    curves = [(t["trial_id"], t["metrics"]["alpha_curve"]) for t in ok if t["metrics"].get("alpha_curve")]
+    if curves:
+        save(_alpha_curves(curves), "alpha_curves.png")
+    layers = sorted({t["config"]["layer"] for t in ok if number(t["config"].get("layer")) is not None})
+    if layers and any(number(t["metrics"].get("steer_delta_pp")) is not None for t in ok):  # one layer too
+        save(_steer_by_layer(layers, ok), "steer_by_layer.png")
+    save(_fvu_vs_delta(ok), "fvu_vs_delta.png")
+    return written

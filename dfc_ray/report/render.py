@@ -1,0 +1,169 @@
+"""The report's tables, rendered the same way in the terminal (rich) and in report.md.
+
+Everything here reads only the report dict, so a report can be re-rendered from report.json alone.
+Labels, formats and which metric shows where come from dfc_ray/metrics.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from dfc_ray.metrics import CELLS, HEADLINE, PP, REGISTRY, fmt, number, show, shown_in
+from dfc_ray.report.build import descending
+
+
+@dataclass
+class Section:
+    """One table of the report, rendered the same way in the terminal and in report.md."""
+
+    title: str
+    """Section heading."""
+    columns: list[str]
+    """Column headers."""
+    rows: list[list[str]]
+    """Formatted cells."""
+    note: str = ""
+    """One line printed under the heading."""
+
+
+def fmt_stat(name: str, stat: dict[str, Any] | None) -> str:
+    """`mean ± std (n=…)` of a summary, in metric `name`'s format."""
+    if not stat or stat.get("mean") is None:
+        return "—"
+    std = "" if stat.get("std") is None else f" ± {fmt(name, stat['std']).lstrip('+')}"
+    return f"{fmt(name, stat['mean'])}{std} (n={stat['n']})"
+
+
+def _cell(metrics: dict[str, Any], name: str) -> str:
+    """A trial's metric, with its CI `<name>_ci` [lo, hi] when reported."""
+    text = fmt(name, metrics.get(name))
+    ci = metrics.get(f"{name}_ci")
+    if isinstance(ci, (list, tuple)) and len(ci) == 2:
+        text += f" [{fmt(name, ci[0])}, {fmt(name, ci[1])}]"
+    return text
+
+
+def short_config(config: dict[str, Any], axes: Sequence[str]) -> str:
+    return " ".join(f"{a}={config[a]:g}" if number(config.get(a)) is not None else f"{a}={config.get(a)}"
+                    for a in axes if a in config)
+
+
+def _min_set_text(min_set: dict[str, Any] | None) -> str:
+    if not min_set or not min_set["n_steered"]:
+        return "—"
+    text = f"{min_set['n_reached']} of {min_set['n_steered']}"
+    return text + (f", size {fmt_stat('size', min_set['sizes'])}" if min_set["n_reached"] else "")
+
+
+def _headline_section(report: dict[str, Any]) -> Section:
+    seed, comp = report["seed_study"], report["comparison"]
+    table = []
+    for h in HEADLINE:
+        ours = fmt(h.metric, report["baseline"][h.key]) if h.baseline else fmt_stat(h.metric, report["headline"][h.key])
+        published = seed.get(h.key)
+        theirs = ("—" if published is None else fmt_stat(h.metric, published) if isinstance(published, dict)
+                  else fmt(h.metric, published))
+        table.append([h.label, ours, theirs, show(comp.get(h.key, {}).get("difference_pp"), PP)])
+    table.append(["minimal steerable set reached (trials)", _min_set_text(report.get("min_set")), "—", "—"])
+    note = (f"{report['n_trials']} trials, {report['n_trials'] - report['n_failed']} ok, {report['n_failed']} failed; "
+            f"mean ± sample std over successful trials. Seed study: {seed['source']}.")
+    return Section("Headline: ours vs the seed study", ["", "ours", "seed study (published)", "ours − seed (pp)"],
+                   table, note)
+
+
+def _axis_sections(report: dict[str, Any]) -> list[Section]:
+    shown = shown_in("axis")
+    return [Section(f"By {axis}", [axis, "trials", "failed", *(m.heading for m in shown)],
+                    [[fmt(axis, r["value"]), str(r["n_trials"]), str(r["n_failed"]),
+                      *(fmt_stat(m.name, r[m.name]) for m in shown)] for r in rows])
+            for axis, rows in report["per_axis"].items()]
+
+
+def _trial_columns() -> dict[str, list[str]]:
+    """Trials-table heading → the metrics in its cell, in the registry's order."""
+    columns: dict[str, list[str]] = {}
+    for m in shown_in("trials"):
+        columns.setdefault(m.cell or m.heading, []).append(m.name)
+    return columns
+
+
+def _trials_section(report: dict[str, Any]) -> Section:
+    axes = list(report["per_axis"])
+    columns = _trial_columns()
+    ranked = sorted(report["trials"], key=lambda t: (t["status"] != "ok", *descending(t["metrics"].get("delta_a_pp"))))
+    rows = [[t["trial_id"], short_config(t["config"], axes), t["status"],
+             *(CELLS.get(heading, "").join(_cell(t["metrics"], name) for name in names)
+               for heading, names in columns.items())] for t in ranked]
+    return Section("Trials (by Δ A)", ["trial", "config", "status", *columns], rows)
+
+
+def _best_features_section(report: dict[str, Any]) -> Section:
+    steer_delta = REGISTRY["steer_delta_pp"]
+    return Section("Best features (by Cohen's d, tool vs non-tool prompts)",
+                   ["trial", "feature", REGISTRY["cohens_d"].label, REGISTRY["auroc"].label, "steered α",
+                    steer_delta.heading],
+                   [[f["trial_id"], fmt("feature", f.get("feature")), fmt("cohens_d", f.get("cohens_d")),
+                     fmt("auroc", f.get("auroc")), fmt("alpha", f.get("steer_alpha")) if "steer_alpha" in f else "",
+                     steer_delta.text(f.get("steer_delta_pp")) if "steer_delta_pp" in f else ""]
+                    for f in report["best_features"]],
+                   "A feature index names a feature of its own trial's dictionary.")
+
+
+def _time_section(report: dict[str, Any]) -> Section | None:
+    """Where the wall-clock time went: the run's stages and the per-trial phases."""
+    stages = (report["run"].get("seconds") or {}).items()
+    rows = [[f"run: {name.replace('_', ' ')}", f"{value:.1f}"] for name, value in stages]
+    rows += [[f"per trial: {REGISTRY[name].label}", fmt_stat(name, stat)]
+             for name, stat in (report.get("seconds_per_trial") or {}).items() if stat.get("mean") is not None]
+    return Section("Time (seconds, wall clock)", ["stage", "seconds"], rows) if rows else None
+
+
+def sections(report: dict[str, Any]) -> list[Section]:
+    """The report's tables, in reading order."""
+    out = [_headline_section(report), *_axis_sections(report), _trials_section(report)]
+    if report["best_features"]:
+        out.append(_best_features_section(report))
+    if (time_section := _time_section(report)) is not None:
+        out.append(time_section)
+    if report["failed"]:
+        axes = list(report["per_axis"])
+        out.append(Section("Failed trials", ["trial", "config", "status", "error"],
+                           [[f["trial_id"], short_config(f["config"], axes), f["status"], str(f["error"] or "")]
+                            for f in report["failed"]]))
+    return out
+
+
+def print_report(report: dict[str, Any], console: Console | None = None) -> None:
+    """The terminal report: headline panel, per-axis tables, trials, best features, failures."""
+    console = console or Console()
+    for i, section in enumerate(sections(report)):
+        table = Table(title=None if i == 0 else section.title, caption=section.note or None, title_justify="left")
+        for column in section.columns:
+            table.add_column(column, overflow="fold")
+        for row in section.rows:
+            table.add_row(*(Text(cell) for cell in row))  # Text: errors may contain [markup]
+        console.print(Panel(table, title=section.title) if i == 0 else table)
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    lines = [f"# dfc-ray sweep report{': ' + str(report['run']['name']) if report['run'].get('name') else ''}", ""]
+    lines += [f"- {k}: {_md_cell(str(v))}" for k, v in report["run"].items()] + [""]
+    for section in sections(report):
+        lines += [f"## {section.title}", ""] + ([section.note, ""] if section.note else [])
+        lines += ["| " + " | ".join(map(_md_cell, section.columns)) + " |", "|" + "---|" * len(section.columns)]
+        lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in section.rows] + [""]
+    if report.get("plots"):
+        lines += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in report["plots"]] + [""]
+    return "\n".join(lines)

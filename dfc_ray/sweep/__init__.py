@@ -1,0 +1,31 @@
+"""`dfc-ray sweep`: a spec → harvest (or reuse) → Ray Tune + Optuna trials → results.jsonl → report.
+
+- driver.py: `run_sweep` and its steps (run folder, `check_fits`, harvest, judge pools, costs, report).
+- trial.py: one trial (`run_trial`, the Tune trainable): stream its layer's activations → train →
+  checkpoint → evaluate → steer → `tune.report`.
+- search.py: Optuna search, resume bookkeeping (`remaining_work`), concurrency and ASHA.
+- results.py: `ResultsWriter`, the Tune callback that writes results.jsonl and feeds the live view.
+
+Run folder (local path or s3://); `RunFolder` lives in dfc_ray/fs.py:
+
+    <run>/spec.yaml            the merged spec, as run
+    <run>/results.jsonl        one line per finished trial: trial_id, config, metrics, status (+ error)
+    <run>/checkpoints/<id>/    each trial's crosscoder (config.json + model.safetensors)
+    <run>/tune/trials-N/       Ray Tune's experiments (per-trial TensorBoard event files), one per
+                               start or resume
+    <run>/optuna.journal       the Optuna study (optuna-dashboard reads it)
+    <run>/report.json, report.md, plots/*.png
+
+Trials run as separate Tune trials (not trainer groups): on the organism a trial's data pass costs
+less than its evaluation, so grouping would save little and would tie trials' failures together
+(docs/sweep.md has the numbers). The CLI is dfc_ray/commands/sweep.py.
+"""
+
+from dfc_ray.sweep.driver import _write_costs, check_fits, run_sweep, start_pools
+from dfc_ray.sweep.results import LIVE_VIEWS, STRUCTURED, ResultsWriter, read_results
+from dfc_ray.sweep.search import ObjectiveAtTheEnd, SpaceSampler, remaining_work
+from dfc_ray.sweep.trial import TRAIN_REPORTS, TrialContext, judge_checkpoint, judge_metrics, run_trial, trial_batches
+
+__all__ = ["LIVE_VIEWS", "STRUCTURED", "TRAIN_REPORTS", "ObjectiveAtTheEnd", "ResultsWriter", "SpaceSampler",
+           "TrialContext", "_write_costs", "check_fits", "judge_checkpoint", "judge_metrics", "read_results",
+           "remaining_work", "run_sweep", "run_trial", "start_pools", "trial_batches"]

@@ -1,0 +1,195 @@
+"""The sweep driver: a spec → harvest (or reuse) → judge pools → Ray Tune trials → costs.json → report.
+
+`run_sweep` runs these steps in order; each is a function below.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import ray
+import yaml
+from ray import tune
+from rich.console import Console
+
+from actors.evaluator import EvaluatorActor
+from actors.pool import ReplicaPool
+from actors.steering import SteeringActor
+from dfc_ray.cluster import connect
+from dfc_ray.config import PoolConfig
+from dfc_ray.fs import RunFolder, absolute, redact
+from dfc_ray.harvest import harvest
+from dfc_ray.plan import device_name, measure_rates
+from dfc_ray.report import LiveView, write_report
+from dfc_ray.spaces import SweepSpec, parse_spec
+from dfc_ray.sweep.results import LIVE_VIEWS, ResultsWriter, read_results
+from dfc_ray.sweep.search import remaining_work, scheduler, searcher
+from dfc_ray.sweep.trial import TrialContext, run_trial
+
+
+def start_pools(spec: SweepSpec) -> list:
+    """One evaluator and one steering pool per sweep, named after it, loaded once for all trials.
+    The driver must hold the returned pools: replicas live as long as a handle does."""
+    gpus = spec.resources.evaluator_gpu
+    cpus = spec.resources.evaluator_cpu
+    replicas = spec.resources.evaluators
+    configs = (PoolConfig(f"{spec.name}-evaluator", replicas=replicas, num_cpus=cpus, num_gpus=gpus),
+               PoolConfig(f"{spec.name}-steering", replicas=replicas, num_cpus=cpus, num_gpus=gpus))
+    return [ReplicaPool.create(EvaluatorActor, configs[0], spec.pair, spec.eval),
+            ReplicaPool.create(SteeringActor, configs[1], spec.pair, spec.steering)]
+
+
+def check_fits(spec: SweepSpec, evaluate: bool = True) -> None:
+    """One trial plus the judge pools (plus Ray Data's CPUs for `reader: ray`) must fit the cluster as
+    it is now, else their actors would wait for resources forever (a local cluster cannot grow)."""
+    have = ray.cluster_resources()
+    res = spec.resources
+    pools = 2 * res.evaluators if evaluate else 0
+    data = res.reserved_data_cpus(spec.train["reader"])  # Ray Data's read tasks, outside trials
+    needs = {"GPU": [("resources.gpu", res.gpu, 1), ("resources.evaluator_gpu", res.evaluator_gpu, pools)],
+             "CPU": [("resources.cpu", res.cpu, 1), ("resources.evaluator_cpu", res.evaluator_cpu, pools),
+                     ("resources.data_cpus", data, 1)]}
+    for kind, items in needs.items():
+        total = sum(amount * count for _, amount, count in items)
+        if total > have.get(kind, 0) + 1e-9:
+            detail = ", ".join(f"{name}={amount:g} × {count}" for name, amount, count in items if amount and count)
+            raise ValueError(f"{spec.source}: {detail} needs {total:g} {kind}s for one trial and the judge pools, "
+                             f"but this Ray cluster has {have.get(kind, 0):g}; "
+                             "expected at most that (0 GPUs runs on CPU)")
+
+
+def _open_run(spec: SweepSpec, run_uri: str, resume: bool) -> tuple[RunFolder, SweepSpec]:
+    """The run folder, with spec.yaml written (fresh run) or read back (resume: the spec as first run)."""
+    run = RunFolder(absolute(run_uri))  # trials run in their own working directories
+    existing = run.read_text("spec.yaml")
+    if existing is not None and not resume:
+        raise ValueError(f"{redact(run.uri)}: already holds a sweep; pass --resume to continue it "
+                         "or choose another --run-dir")
+    if resume and existing is None:
+        raise ValueError(f"{redact(run.uri)}: nothing to resume (no spec.yaml)")
+    if resume:
+        spec = parse_spec(yaml.safe_load(existing), f"{redact(run.uri)}/spec.yaml", spec.name)
+    else:
+        run.write_text("spec.yaml", yaml.safe_dump(spec.raw | {"name": spec.name}, sort_keys=False))
+    return run, spec
+
+
+def _harvest(spec: SweepSpec, store_root: str):
+    return harvest(replace(spec.harvest, store=store_root), use_ray=True)
+
+
+def _tuner(spec: SweepSpec, run: RunFolder, ctx: TrialContext, n_todo: int,
+           remaining: list[dict[str, Any]] | None) -> tune.Tuner:
+    """A fresh Tune experiment (tune/trials-N) that runs the `n_todo` trials still owed."""
+    resources = {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
+    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), resources)
+    attempt = len(list(Path(run.path("tune")).glob("trials-*"))) if run.is_local else time.strftime("%Y%m%d-%H%M%S")
+    tune_root = run.path("tune") if run.is_local else f"{run.uri}/tune"
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=searcher(spec, run, remaining), scheduler=scheduler(spec),
+                                    num_samples=n_todo, reuse_actors=True),  # no torch import per trial
+        run_config=tune.RunConfig(
+            name=f"trials-{attempt}", storage_path=tune_root, callbacks=[ResultsWriter(spec, run.uri)], verbose=0,
+            failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+
+
+def _run_trials(spec: SweepSpec, run: RunFolder, ctx: TrialContext, resume: bool, live: bool,
+                pools: list, seconds: dict[str, float]) -> dict[str, float]:
+    """Run the trials still owed under the live view; returns the judge pools' peak memory. The
+    pools are shut down when this returns, also on failure."""
+    view = LiveView(total=spec.n_trials, console=None if live else Console(quiet=True),
+                    axes=[a.name for a in spec.grid] + [d.name for d in spec.search],
+                    title=f"{spec.name}: {spec.n_trials} trials")
+    LIVE_VIEWS[run.uri] = view
+    # Resume: results.jsonl is the truth. A fresh Tune experiment runs only what is still owed, so no
+    # finished trial is redone and none is lost (Tune's own restore can re-run a trial that finished
+    # after its last experiment checkpoint, and then collides with the Optuna study).
+    done = read_results(run) if resume else []
+    n_todo, remaining = remaining_work(spec, done) if resume else (spec.n_trials, None)
+    for record in done:
+        view.update(record["trial_id"], record["config"], record["status"], record["metrics"])
+    tuner = _tuner(spec, run, ctx, n_todo, remaining)
+    clock = time.perf_counter()
+    try:
+        with view:
+            if n_todo:
+                tuner.fit()
+        seconds["trials"] = time.perf_counter() - clock
+        return _judge_memory(pools)
+    finally:
+        LIVE_VIEWS.pop(run.uri, None)
+        for pool in pools:
+            pool.shutdown()
+
+
+def _judge_memory(pools: list) -> dict[str, float]:
+    """Peak memory (MB) of each judge pool's largest replica; a replica that cannot answer is skipped."""
+    peaks: dict[str, float] = {}
+    for pool in pools:
+        for handle in pool.handles:
+            try:
+                peak = ray.get(handle.stats.remote(), timeout=60)["peak_mem_mb"]
+            except Exception:  # a report is worth more than one replica's memory figure
+                continue
+            peaks[pool.cfg.name] = max(peaks.get(pool.cfg.name, 0.0), peak)
+    return peaks
+
+
+def _write_costs(spec: SweepSpec, run: RunFolder, seconds: dict[str, float], reused_harvest: bool) -> None:
+    """costs.json: this run's measured FLOP/s per stage, for `dfc-ray sweep --plan --costs RUN`."""
+    try:
+        rates = measure_rates(spec, read_results(run), seconds, reused_harvest, device_name())
+    except Exception as err:  # a plan-only aid: never fail a finished sweep over it
+        print(f"costs.json not written: {type(err).__name__}: {err}")
+        return
+    if rates.harvest is None and (earlier := run.read_text("costs.json")):  # a resume re-uses the harvest
+        rates.harvest = json.loads(earlier).get("harvest")  # the first attempt measured
+    run.write_text("costs.json", json.dumps(asdict(rates), indent=1) + "\n")
+
+
+def _publish_report(run: RunFolder, info: dict[str, Any]) -> None:
+    """report.json, report.md and plots/ into the run folder (through a local folder for s3://)."""
+    if run.is_local:
+        write_report(run.root, run_info=info)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        write_report(run.uri, run_info=info, out_dir=tmp)
+        run.upload_dir(Path(tmp))
+        if (Path(tmp) / "plots").is_dir():
+            run.upload_dir(Path(tmp) / "plots", "plots")
+
+
+def run_sweep(spec: SweepSpec, run_uri: str, *, store_root: str | None = None, resume: bool = False,
+              address: str | None = None, evaluate: bool = True, live: bool = True) -> RunFolder:
+    """Run (or resume) a sweep into `run_uri`; returns the run folder once the report is written."""
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # training reports carry no Δ yet
+    run, spec = _open_run(spec, run_uri, resume)
+    store_root = absolute(store_root or f"{run.uri.rsplit('/', 1)[0]}/harvests")
+    local = not (address or os.environ.get("RAY_ADDRESS"))
+    connect(address)
+    if local:  # a cluster we started cannot grow: refuse what would wait forever
+        check_fits(spec, evaluate)
+    clock = time.perf_counter()
+    harvested = _harvest(spec, store_root)
+    seconds = {"harvest": time.perf_counter() - clock}
+    clock = time.perf_counter()
+    pools = start_pools(spec) if evaluate else []
+    seconds["start_pools"] = time.perf_counter() - clock
+    ctx = TrialContext(spec.raw | {"name": spec.name}, spec.source, run.uri, harvested.uri, harvested.d_model,
+                       harvested.models, tuple(pool.cfg for pool in pools) or None)
+    judge_memory = _run_trials(spec, run, ctx, resume, live, pools, seconds)
+    info = {"spec": spec.name, "spec_file": spec.source, "run": redact(run.uri), "harvest": redact(harvested.uri),
+            "harvest_rows": harvested.rows, "harvest_reused": harvested.reused, "layers": list(spec.layers),
+            "pair": asdict(spec.pair), "seconds": {k: round(v, 1) for k, v in seconds.items()},
+            "judge_peak_mem_mb": {k: round(v) for k, v in judge_memory.items()}}
+    _write_costs(spec, run, seconds, harvested.reused)
+    _publish_report(run, info)
+    return run

@@ -1,0 +1,66 @@
+"""results.jsonl: one line per finished trial, written by a Tune callback that also feeds the live view."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ray.tune import Callback
+
+from dfc_ray.fs import RunFolder
+from dfc_ray.spaces import SweepSpec
+
+STRUCTURED = ("top_features", "alpha_curve")
+"""Trial metrics that are lists: reported to Tune as JSON text (TensorBoard skips text, but warns on
+lists), decoded back into lists in results.jsonl."""
+
+LIVE_VIEWS: dict[str, Any] = {}
+"""Run URI → its LiveView. Tune pickles callbacks into its resume state and a view cannot be
+pickled, so the callback finds the current process's view here."""
+
+
+def read_results(run: RunFolder) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run.read_text("results.jsonl") or "").splitlines() if line.strip()]
+
+
+class ResultsWriter(Callback):
+    """One results.jsonl line per finished trial (never twice, also across resumes), and
+    live-view updates as results arrive."""
+
+    def __init__(self, spec: SweepSpec, run_uri: str) -> None:
+        self.spec, self.run_uri = spec, run_uri
+
+    def config(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The trial's full settings (fixed + grid + sampled) with its grid labels."""
+        return params | self.spec.trial_settings(params)
+
+    def show(self, trial, status: str, metrics: dict[str, Any]) -> None:
+        if (view := LIVE_VIEWS.get(self.run_uri)) is not None:
+            view.update(trial.trial_id, self.config(trial.config), status, metrics)
+
+    def append(self, trial, status: str, metrics: dict[str, Any], error: str = "") -> None:
+        run = RunFolder(self.run_uri)
+        lines = [line for line in (run.read_text("results.jsonl") or "").splitlines() if line.strip()]
+        if any(json.loads(line)["trial_id"] == trial.trial_id for line in lines):
+            return
+        metrics = {k: json.loads(v) if k in STRUCTURED and isinstance(v, str) else v for k, v in metrics.items()
+                   if isinstance(v, (int, float, str, bool, list, dict))}
+        record = {"trial_id": trial.trial_id, "config": self.config(trial.config), "metrics": metrics,
+                  "status": status} | ({"error": error} if error else {})
+        run.write_text("results.jsonl", "\n".join(lines + [json.dumps(record)]) + "\n")
+        self.show(trial, status, metrics)
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self.show(trial, "running", {})
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        self.show(trial, "running", result)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        result = dict(trial.last_result or {})
+        status = result.get("status") or "failed"
+        self.append(trial, status, result, error="" if status == "ok" else result.get("reason", "no result"))
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        lines = str(getattr(trial, "error_msg", "") or "trial raised").strip().splitlines()
+        self.append(trial, "failed", dict(trial.last_result or {}), error=lines[-1])

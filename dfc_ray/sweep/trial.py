@@ -1,0 +1,125 @@
+"""One trial: stream its layer's activations → train → checkpoint → evaluate → steer → `tune.report`.
+
+`run_trial` is the Tune trainable; Tune pickles it (with its `TrialContext`) by reference to this
+module, so both stay importable at module level.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import ray
+import torch
+from ray import tune
+
+from actors.pool import ReplicaPool
+from actors.steering import SteerResult
+from dfc_ray import metrics as registry
+from dfc_ray import store
+from dfc_ray.crosscoder import DFCConfig
+from dfc_ray.evaluate import EvalResult
+from dfc_ray.fs import RunFolder
+from dfc_ray.plan import peak_memory_mb
+from dfc_ray.spaces import DFC_FIELDS, TRAIN_FIELDS, parse_spec
+from dfc_ray.train import TrainConfig, train
+
+TRAIN_REPORTS = 10  # intermediate reports per trial (what ASHA and the live view see)
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """What every trial needs besides its own parameters; small and picklable."""
+
+    spec_raw: dict
+    spec_source: str
+    run_dir: str
+    store_uri: str
+    d_model: int
+    models: tuple[str, str]
+    pools: tuple | None
+    """(evaluator PoolConfig, steering PoolConfig); None: evaluation off."""
+
+
+def trial_batches(ctx: TrialContext, layer: int, batch_size: int, reader: str, seed: int) -> Iterator:
+    """Endless shuffled `(batch, 2, d_model)` batches of the trial's layer."""
+    if reader == "local":
+        return store.iter_layer_batches(ctx.store_uri, layer, batch_size, shuffle=True, seed=seed, epochs=10**9,
+                                        drop_last=True, d_model=ctx.d_model, models=ctx.models)
+    return store.iter_ray_batches(ctx.store_uri, layer, batch_size, epochs=None, seed=seed, drop_last=True,
+                                  local_shuffle_buffer_size=8 * batch_size, d_model=ctx.d_model, models=ctx.models)
+
+
+def training_report(m: dict[str, float]) -> dict[str, float]:
+    """The trainer's metrics that the registry marks "train"; `fvu` (ASHA's default metric) is the
+    mean of A's and B's."""
+    m = m | {"fvu": (m["fvu_a"] + m["fvu_b"]) / 2}
+    return {name: m[name] for name in registry.names("train")}
+
+
+def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
+    """The Tune trainable: train one crosscoder, then judge it, reporting as it goes."""
+    spec = parse_spec(ctx.spec_raw, ctx.spec_source)
+    torch.set_num_threads(max(1, int(spec.resources.cpu)))  # the trial's share, not every core
+    if torch.cuda.is_available():  # trial actors are re-used: this trial's peak, not the actor's
+        torch.cuda.reset_peak_memory_stats()
+    settings = spec.trial_settings(params)
+    layer = settings["layer"]
+    dfc = DFCConfig(d_model=ctx.d_model, **{k: v for k, v in settings.items() if k in DFC_FIELDS})
+    cfg = TrainConfig(**{k: v for k, v in settings.items() if k in TRAIN_FIELDS})
+    every = max(1, cfg.steps // TRAIN_REPORTS)
+
+    def on_metrics(name: str, step: int, m: dict[str, float]) -> None:
+        if step % every == 0 and step < cfg.steps:
+            tune.report({"phase": "train", "step": step, **training_report(m)})
+
+    trial_id = tune.get_context().get_trial_id()
+    local = Path(tune.get_context().get_trial_dir()) / "crosscoder"
+    started = time.perf_counter()
+    batches = trial_batches(ctx, layer, settings["batch_size"], settings["reader"], cfg.seed)
+    result = train(dfc, cfg, batches, on_metrics=on_metrics, out_dir=local.parent)
+    metrics: dict[str, Any] = {"phase": "done", "status": result.status, "reason": result.reason, "steps": result.steps,
+                               "train_s": time.perf_counter() - started}
+    if result.metrics:
+        metrics |= training_report(result.metrics)
+    metrics["train_peak_mem_mb"] = peak_memory_mb()
+    if result.status == "ok":
+        checkpoint = RunFolder(ctx.run_dir).upload_dir(local.parent / "dfc", f"checkpoints/{trial_id}")
+        metrics["checkpoint"] = checkpoint
+        if ctx.pools is not None:
+            started = time.perf_counter()
+            metrics |= judge_checkpoint(ctx.pools, checkpoint, layer)
+            metrics["judge_s"] = time.perf_counter() - started
+    for name in spec.metrics:  # an objective the trial could not produce is NaN, never a made-up number
+        metrics.setdefault(name, math.nan)
+    tune.report(metrics)
+
+
+def judge_checkpoint(pools: tuple, checkpoint: str, layer: int) -> dict[str, Any]:
+    """Splice evaluation and steering of one checkpoint on the sweep's shared actor pools (both
+    requests in flight at once), flattened into trial metrics."""
+    evaluator, steerer = (ReplicaPool.connect(cfg) for cfg in pools)
+    started = time.perf_counter()
+    refs = {"eval_s": evaluator.submit("evaluate", checkpoint, layer),
+            "steer_s": steerer.submit("steer", checkpoint, layer)}
+    seconds, pending = {}, list(refs.values())
+    while pending:  # time each answer: how long a trial waits for each judge
+        ready, pending = ray.wait(pending, num_returns=1)
+        seconds |= {name: time.perf_counter() - started for name, ref in refs.items() if ref in ready}
+    evaluation, steering = ray.get(list(refs.values()))
+    return judge_metrics(evaluation, steering, seconds)
+
+
+def judge_metrics(evaluation: EvalResult, steering: SteerResult, seconds: dict[str, float]) -> dict[str, Any]:
+    """The judges' results as trial metrics; lists go as JSON text (results.STRUCTURED)."""
+    ranking = [{"feature": f.feature, "cohens_d": f.cohens_d, "auroc": f.auroc} for f in steering.ranking[:5]]
+    chosen = steering.targets.get(steering.config.get("primary", "a"))
+    curve = [{"alpha": c.alpha, "delta_pp": 100 * (c.dev_correct - chosen.dev_clean)}  # the chosen feature's
+             for c in (chosen.grid if chosen else []) if c.feature == chosen.feature]  # dev α curve
+    return evaluation.metrics() | steering.metrics() | seconds | {"top_features": json.dumps(ranking),
+                                                                "alpha_curve": json.dumps(curve),
+                                                                "steer_skipped": steering.skipped}

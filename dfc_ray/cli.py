@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "dfc_ray.spaces",
     "dfc_ray.sweep",
     "dfc_ray.report",
+    "dfc_ray.commands.seed",
 ]
 
 

@@ -1,0 +1,1 @@
+"""The dfc-ray command line: one module per command group; dfc_ray/cli.py registers them."""

@@ -69,7 +69,7 @@ def _read_hub(src: str, name: str) -> bytes:
     try:
         path = hf_hub_download(f"{owner}/{repo}", name, subfolder="/".join(sub) or None)
     except Exception as err:  # noqa: BLE001 - network, auth, missing repo/file: all end in one line
-        reason = str(err).splitlines()[0][:160]
+        reason = str(err).strip().splitlines()[0].split(". ")[0][:200] if str(err).strip() else "no detail"
         raise ValueError(f"{src}: hub id, but {name} could not be fetched from the Hugging Face Hub "
                          f"({type(err).__name__}: {reason}); copy the folder to a local path or s3:// and "
                          f"import from there") from None

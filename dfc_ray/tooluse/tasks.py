@@ -32,11 +32,12 @@ class Task:
     """Free-form extras (source file, split, generator parameters)."""
 
 
-SOURCES = '"organism:train|dev|test", "bfcl:<category>" or a path to a .jsonl file'
+SOURCES = '"organism:train|dev|test", "bfcl:<category>", "toolrl:sample|<file.jsonl>" or a path to a .jsonl file'
 
 
 def load_tasks(source: str) -> list[Task]:
-    """Tasks from the embedded organism's split, a BFCL category, or a JSONL file (docs/tooluse.md)."""
+    """Tasks from the embedded organism's split, a BFCL category, the seed study's numbered-tool-list
+    format (ToolRL-style, `toolrl:`), or a JSONL file (docs/tooluse.md)."""
     if source.startswith("organism:"):
         from dfc_ray.organism.world import load_split
 
@@ -45,6 +46,10 @@ def load_tasks(source: str) -> list[Task]:
         from dfc_ray.tooluse.bfcl import load_bfcl
 
         return load_bfcl(source.split(":", 1)[1])
+    if source.startswith("toolrl:"):
+        from dfc_ray.tooluse.toolrl import load_toolrl
+
+        return load_toolrl(source.split(":", 1)[1])
     if source.endswith(".jsonl"):
         return load_jsonl(source)
     raise ValueError(f"task source {source!r} not understood; expected {SOURCES}")
@@ -59,6 +64,18 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, task: Task) -> str:
     return tokenizer.apply_chat_template(
         task.messages, tools=task.tools or None, add_generation_prompt=True, tokenize=False
     )
+
+
+def render_raw_prompt(tokenizer: PreTrainedTokenizerBase, task: Task) -> str:
+    """The seed study's prompt: the system and user texts joined by a blank line, no chat template (the
+    caller runs `tokenizer(prompt)` one prompt at a time, as the study did). The tools reach the model only
+    if a system message lists them (`toolrl.as_toolrl`). `tokenizer` is unused: the signature is
+    `render_prompt`'s, so a protocol switch can swap the two."""
+    for message in task.messages:
+        if message["role"] not in ("system", "user"):
+            raise ValueError(f"task {task.id}: a {message['role']!r} message; the raw prompt format takes "
+                             f"only system and user text")
+    return "\n\n".join(str(m["content"]) for m in task.messages)
 
 
 def _bad(where: str, field_name: str, expected: str) -> ValueError:

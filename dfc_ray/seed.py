@@ -32,6 +32,7 @@ from torch import Tensor
 
 from dfc_ray.crosscoder import DFCConfig, DedicatedFeatureCrosscoder
 from dfc_ray.fs import RunFolder, open_fs, redact
+from dfc_ray.store import load_norm_stats, read_manifest
 
 IMPORT_RECORD = "import.json"
 """The sidecar file an imported checkpoint carries (a native checkpoint has none)."""
@@ -167,16 +168,16 @@ def partition_from_masks(state: dict[str, Tensor], config: dict[str, Any], where
     return n_a, n_b
 
 
-def forbidden_norms(state: dict[str, Tensor], n_a: int, n_b: int) -> dict[str, Tensor]:
-    """Per-feature L2 norms of the weights exclusivity forbids, by block: an A-exclusive feature's
-    encoder row over B and decoder row into B, and the B-exclusive mirror images."""
+def forbidden_norms(state: dict[str, Tensor], n_a: int, n_b: int) -> dict[str, tuple[int, Tensor]]:
+    """Per-feature L2 norms of the weights exclusivity forbids, by block, with the block's first feature:
+    an A-exclusive feature's encoder row over B and decoder row into B, and the B-exclusive mirror images."""
     a, b = slice(0, n_a), slice(n_a, n_a + n_b)
     w_enc, w_dec = state["W_enc"], state["W_dec"]
     return {
-        "encoder: A-exclusive reading B": w_enc[1, :, a].norm(dim=0),
-        "encoder: B-exclusive reading A": w_enc[0, :, b].norm(dim=0),
-        "decoder: A-exclusive writing B": w_dec[a, 1].norm(dim=1),
-        "decoder: B-exclusive writing A": w_dec[b, 0].norm(dim=1),
+        "encoder: A-exclusive reading B": (0, w_enc[1, :, a].norm(dim=0)),
+        "encoder: B-exclusive reading A": (n_a, w_enc[0, :, b].norm(dim=0)),
+        "decoder: A-exclusive writing B": (0, w_dec[a, 1].norm(dim=1)),
+        "decoder: B-exclusive writing A": (n_a, w_dec[b, 0].norm(dim=1)),
     }
 
 
@@ -187,19 +188,18 @@ def check_exclusivity(state: dict[str, Tensor], n_a: int, n_b: int, allow_leaky:
 
     The study's decode multiplied W_dec by dec_mask, so dropped decoder weights were never used by it;
     dropped encoder weights were (its encode ignored enc_mask), so they change the codes."""
-    dropped, offsets = {}, {"A-exclusive": 0, "B-exclusive": n_a}
-    for block, norms in forbidden_norms(state, n_a, n_b).items():
+    dropped = {}
+    for block, (first, norms) in forbidden_norms(state, n_a, n_b).items():
         if (norms > 0).any():
-            local = int(norms.argmax())
-            dropped[block] = {"features": int((norms > 0).sum()), "max_norm": float(norms[local]),
-                              "max_feature": local + offsets[block.split(": ")[1].split()[0]],
-                              "total_norm": float(norms.norm())}
+            worst = int(norms.argmax())
+            dropped[block] = {"features": int((norms > 0).sum()), "max_norm": float(norms[worst]),
+                              "max_feature": first + worst, "total_norm": float(norms.norm())}
     if dropped and not allow_leaky:
         block, worst = max(dropped.items(), key=lambda item: item[1]["max_norm"])
-        count = sum(entry["features"] for entry in dropped.values())
-        raise ValueError(f"{where}/model.pt: exclusivity is broken in {count} feature block rows; the largest is "
+        rows = sum(entry["features"] for entry in dropped.values())
+        raise ValueError(f"{where}/model.pt: {rows} forbidden weight rows are not zero; the largest is "
                          f"{block} at feature {worst['max_feature']} (norm {worst['max_norm']:.4g}); "
-                         f"import with --allow-leaky to drop such weights and record it")
+                         f"import with --allow-leaky to drop them and record it")
     return dropped
 
 
@@ -231,8 +231,6 @@ def convert(state: dict[str, Tensor], config: dict[str, Any], n_a: int, n_b: int
 
 def _norm_from_store(cc: DedicatedFeatureCrosscoder, store_uri: str, layer: int) -> dict[str, Any]:
     """Put a harvest's statistics into `cc`; returns what import.json records about them."""
-    from dfc_ray.store import load_norm_stats, read_manifest  # deferred: pulls in pyarrow datasets
-
     stats = load_norm_stats(store_uri, layer)
     if stats.mean.shape[1] != cc.cfg.d_model:
         raise ValueError(f"{redact(store_uri)} layer {layer}: d_model {stats.mean.shape[1]}, but the crosscoder "
@@ -251,7 +249,7 @@ def import_seed(src: str, out: str, *, norm_from: str | None = None, layer: int 
     if (norm_from is None) != (layer is None):
         raise ValueError("--norm-from and --layer go together: the statistics of the harvested layer the "
                          "crosscoder was trained on")
-    target = RunFolder(out) if out.startswith("s3://") else None
+    target = RunFolder(out) if "://" in out else None
     taken = target.read_text("config.json") is not None if target else (Path(out) / "config.json").exists()
     if taken:
         raise ValueError(f"{redact(out)}: already holds a checkpoint (config.json); choose an empty folder")

@@ -30,7 +30,7 @@ import pyarrow.fs as pafs
 import torch
 from torch import Tensor
 
-from dfc_ray.crosscoder import DFCConfig, DedicatedFeatureCrosscoder
+from dfc_ray.crosscoder import DedicatedFeatureCrosscoder, DFCConfig
 from dfc_ray.fs import RunFolder, open_fs, redact
 from dfc_ray.store import load_norm_stats, read_manifest
 

@@ -144,7 +144,7 @@ def test_leaky_weights_refused_then_dropped_and_recorded(tmp_path, capsys):
     assert "encoder: A-exclusive reading B at feature 2" in err and f"{0.5 * 8 ** 0.5:.4g}" in err
     assert not (tmp_path / "refused").exists()
 
-    code, out, err = run_cli(capsys, src, "--out", tmp_path / "ckpt", "--allow-leaky")
+    code, _, err = run_cli(capsys, src, "--out", tmp_path / "ckpt", "--allow-leaky")
     assert code == 0, err
     dropped = read_import_record(str(tmp_path / "ckpt"))["dropped"]
     assert set(dropped) == {"encoder: A-exclusive reading B", "encoder: B-exclusive reading A",

@@ -7,7 +7,13 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from dfc_ray.tooluse import load_tasks, parse_tool_calls, render_prompt, render_raw_prompt, score
+from dfc_ray.tooluse import (
+    load_tasks,
+    parse_tool_calls,
+    render_prompt,
+    render_raw_prompt,
+    score,
+)
 from dfc_ray.tooluse.bfcl import CATEGORIES, data_dir, json_type, to_json_schema
 from dfc_ray.tooluse.parse import render_calls
 from dfc_ray.tooluse.scoring import reference_calls, seed_lenient

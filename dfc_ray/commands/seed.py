@@ -34,5 +34,6 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
                    help="take normalization statistics from this dfc-ray harvest (needs --layer)")
     p.add_argument("--layer", type=int, default=None, help="the harvested layer the crosscoder was trained on")
     p.add_argument("--allow-leaky", action="store_true",
-                   help="drop non-zero forbidden (cross-partition) weights instead of refusing; recorded in import.json")
+                   help="drop non-zero forbidden (cross-partition) weights instead of refusing; "
+                        "import.json records them")
     p.set_defaults(func=_import_seed_command)

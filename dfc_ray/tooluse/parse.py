@@ -9,11 +9,11 @@ A reply calls tools with one or more ``<tool_call>`` blocks, each holding JSON::
 Accepted inside a block: one call object or a JSON list of them; ``arguments`` as an object or as a
 JSON-encoded string; ``parameters`` instead of ``arguments``; no ``arguments`` at all (= ``{}``);
 a markdown code fence (```json ... ```) around the JSON; several call objects one per line (the
-ToolRL format the seed study's model A was trained on), read as a list when the block as a whole is not JSON. Everything inside ``<think>...</think>``
-is ignored (an unclosed ``<think>`` hides the rest of the text). A block without its closing tag
-(generation stopped at max tokens, or at ``</tool_call>`` used as a stop string and removed) runs to
-the next ``<tool_call>`` or to the end of the text and is parsed like any other: it counts if its
-JSON is complete. Python-dict syntax (single quotes, ``True``) is not accepted.
+ToolRL format the seed study's model A was trained on), read as a list when the block as a whole is
+not JSON. Everything inside ``<think>...</think>`` is ignored (an unclosed ``<think>`` hides the rest
+of the text). A block without its closing tag (generation stopped at max tokens, or at
+``</tool_call>`` used as a stop string and removed) runs to the next ``<tool_call>`` or to the end of
+the text and is parsed like any other: it counts if its JSON is complete. Python-dict syntax (single quotes, ``True``) is not accepted.
 """
 
 from __future__ import annotations

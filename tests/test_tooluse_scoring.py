@@ -7,7 +7,7 @@ import pytest
 
 from dfc_ray.tooluse import Task, load_tasks, score
 from dfc_ray.tooluse.parse import ToolCall, render_calls
-from dfc_ray.tooluse.scoring import reference_calls
+from dfc_ray.tooluse.scoring import reference_calls, seed_lenient
 
 CATEGORIES = ["simple_python", "multiple", "parallel", "parallel_multiple", "live_simple", "live_multiple",
               "live_parallel", "live_parallel_multiple", "irrelevance", "live_irrelevance"]  # fmt: skip
@@ -246,3 +246,38 @@ def test_format_and_think():
     assert s.format_ok and s.correct and s.calls == [ToolCall("get_weather", {"city": "Paris"})]
     s = score(task, call(city="Paris") + "<tool_call>{oops</tool_call>")
     assert not s.format_ok and not s.correct and "not valid JSON" in s.reason and s.name_ok
+
+
+def test_seed_lenient_is_the_studys_fuzzy_name_rule():
+    """Either name contains the other; arguments, call count, ground truth and format are ignored."""
+    task = make([{"get_weather": {"city": ["Paris"]}}])
+    block = '<tool_call>\n{{"name": "{}", "parameters": {{}}}}\n</tool_call>'.format
+    cases = {
+        "get_weather": (True, True),  # exact: both rules
+        "weather": (True, False),  # called name inside an offered one
+        "get_weather_forecast": (True, False),  # offered name inside the called one
+        "time": (True, False),  # fuzzy hit on the OTHER tool, get_time: the ground truth does not matter
+        "Get_Weather": (False, False),  # case-sensitive
+        "search": (False, False),
+        "": (False, False),  # an empty name would otherwise be inside every tool name
+    }
+    for name, (fuzzy, exact) in cases.items():
+        assert (seed_lenient(task, block(name)), score(task, block(name)).lenient) == (fuzzy, exact), name
+    no_args = '<tool_call>\n{"name": "weather", "arguments": "oops"}\n</tool_call>'
+    assert seed_lenient(task, no_args) and not score(task, no_args).format_ok
+    assert not seed_lenient(task, "get_weather is the tool I would call.")  # a name outside any block
+    assert not seed_lenient(task, "<think>" + block("get_weather") + "</think>")
+    irrelevant = make([])
+    assert seed_lenient(irrelevant, block("get_time")) and not score(irrelevant, block("get_time")).correct
+
+
+def test_toolrl_reply_with_one_call_per_line():
+    """ToolRL's reply format: <think>, then one block holding a JSON call per line, then <response>."""
+    task = make([{"get_weather": {"city": ["Paris"]}}, {"get_time": {"tz": ["UTC"]}}])
+    text = ('<think>two tools</think>\n<tool_call>\n{"name": "get_weather", "parameters": {"city": "Paris"}}\n'
+            '{"name": "get_time", "parameters": {"tz": "UTC"}}\n</tool_call>\n<response>Done.</response>')
+    s = score(task, text)
+    assert s.format_ok and s.correct and [c.name for c in s.calls] == ["get_weather", "get_time"]
+    assert seed_lenient(task, text)
+    broken = text.replace('{"name": "get_time"', '{"name" "get_time"')
+    assert not score(task, broken).format_ok

@@ -7,10 +7,17 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from dfc_ray.tooluse import load_tasks, parse_tool_calls, render_prompt, score
+from dfc_ray.tooluse import (
+    load_tasks,
+    parse_tool_calls,
+    render_prompt,
+    render_raw_prompt,
+    score,
+)
 from dfc_ray.tooluse.bfcl import CATEGORIES, data_dir, json_type, to_json_schema
 from dfc_ray.tooluse.parse import render_calls
-from dfc_ray.tooluse.scoring import reference_calls
+from dfc_ray.tooluse.scoring import reference_calls, seed_lenient
+from dfc_ray.tooluse.toolrl import as_toolrl
 
 # Qwen2.5-Instruct's chat template (tool-calling part verbatim in spirit: <tools> in the system turn,
 # each tool written with tojson, replies as <tool_call> JSON).
@@ -268,3 +275,49 @@ def test_docs_examples_load(tmp_path):
     records = [json.loads(block.split("```")[0]) for block in examples]
     tasks = load_tasks(str(write(tmp_path, *records)))
     assert [len(t.ground_truth) for t in tasks] == [1, 2]
+
+
+# ---- the seed study's format: numbered tool list in the system text, raw prompt
+
+
+def test_toolrl_sample_lists_the_tools_and_keeps_the_ground_truth():
+    tasks = load_tasks("toolrl:sample")
+    assert len(tasks) == 20 and len({t.id for t in tasks}) == 20
+    assert sum(not t.ground_truth for t in tasks) == 2 and sum(len(t.ground_truth) > 1 for t in tasks) == 2
+    for task in tasks:
+        system, user = task.messages
+        assert system["role"] == "system" and user["role"] == "user" and task.meta["prompt_format"] == "toolrl"
+        for number, tool in enumerate(task.tools, 1):
+            function = tool["function"]
+            assert f"{number}. Name: {function['name']}\n   Description: {function['description']}\n" in system["content"]
+        assert f"{len(task.tools) + 1}. Name:" not in system["content"]
+        reference = render_calls(reference_calls(task))
+        assert score(task, reference).correct and seed_lenient(task, reference) == bool(task.ground_truth), task.id
+
+
+def test_toolrl_source_renders_any_jsonl_file(tmp_path):
+    path = write(tmp_path, {**XLAM_RECORD, "system": "Answer briefly."})
+    (plain,) = load_tasks(str(path))
+    (task,) = load_tasks(f"toolrl:{path}")
+    assert task.tools == plain.tools and task.ground_truth == plain.ground_truth and task.id == plain.id
+    system = task.messages[0]["content"]
+    assert system.startswith("You help the user") and system.endswith("\n\nAnswer briefly.")
+    assert "1. Name: is_prime" in system and "2. Name: get_jokes" in system and task.messages[1:] == plain.messages[1:]
+    assert as_toolrl(plain) == task
+    with pytest.raises(FileNotFoundError, match="no-such.jsonl does not exist"):
+        load_tasks("toolrl:no-such.jsonl")
+
+
+def test_raw_prompt_is_system_and_user_text_without_a_template(tokenizer):
+    task = load_tasks("toolrl:sample")[0]
+    prompt = render_raw_prompt(tokenizer, task)
+    assert prompt == task.messages[0]["content"] + "\n\n" + task.messages[1]["content"]
+    assert "<|im_start|>" not in prompt and prompt.endswith("right now?")
+    ids = tokenizer(prompt)["input_ids"]
+    assert tokenizer.convert_tokens_to_ids("<|im_start|>") not in ids
+    bfcl = load_tasks("bfcl:simple_python")[0]
+    assert render_raw_prompt(tokenizer, bfcl) == bfcl.messages[0]["content"]  # no tools: none listed
+    chat = as_toolrl(bfcl)
+    chat.messages.append({"role": "assistant", "content": "ok"})
+    with pytest.raises(ValueError, match="a 'assistant' message; the raw prompt format takes only system and user"):
+        render_raw_prompt(tokenizer, chat)

@@ -8,11 +8,13 @@ A reply calls tools with one or more ``<tool_call>`` blocks, each holding JSON::
 
 Accepted inside a block: one call object or a JSON list of them; ``arguments`` as an object or as a
 JSON-encoded string; ``parameters`` instead of ``arguments``; no ``arguments`` at all (= ``{}``);
-a markdown code fence (```json ... ```) around the JSON. Everything inside ``<think>...</think>``
-is ignored (an unclosed ``<think>`` hides the rest of the text). A block without its closing tag
-(generation stopped at max tokens, or at ``</tool_call>`` used as a stop string and removed) runs to
-the next ``<tool_call>`` or to the end of the text and is parsed like any other: it counts if its
-JSON is complete. Python-dict syntax (single quotes, ``True``) is not accepted.
+a markdown code fence (```json ... ```) around the JSON; several call objects one per line (the
+ToolRL format the seed study's model A was trained on), read as a list when the block as a whole is
+not JSON. Everything inside ``<think>...</think>`` is ignored (an unclosed ``<think>`` hides the rest
+of the text). A block without its closing tag (generation stopped at max tokens, or at
+``</tool_call>`` used as a stop string and removed) runs to the next ``<tool_call>`` or to the end of
+the text and is parsed like any other: it counts if its JSON is complete. Python-dict syntax
+(single quotes, ``True``) is not accepted.
 """
 
 from __future__ import annotations
@@ -81,6 +83,17 @@ def _to_call(obj: Any) -> ToolCall | str:
     return ToolCall(name, args)
 
 
+def _decode_block(body: str) -> Any:
+    """The block's JSON value; failing that, one JSON value per non-empty line (ToolRL) as a list."""
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        lines = [line for line in body.splitlines() if line.strip()]
+        if len(lines) < 2:
+            raise
+        return [json.loads(line) for line in lines]
+
+
 def parse_tool_calls(text: str) -> ParseResult:
     """Parse every ``<tool_call>`` block of ``text``; never raises, whatever the string."""
     text = _THINK.sub("", text)
@@ -89,7 +102,7 @@ def parse_tool_calls(text: str) -> ParseResult:
         result.n_blocks += 1
         body = _strip_fence(segment.split(CLOSE, 1)[0])
         try:
-            decoded = json.loads(body)
+            decoded = _decode_block(body)
         except (ValueError, RecursionError):
             result.errors.append(f"block {result.n_blocks} is not valid JSON")
             continue

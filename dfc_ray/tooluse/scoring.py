@@ -227,6 +227,16 @@ def _strict_reason(task: Task, calls: list[ToolCall]) -> str:
     return "no one-to-one assignment of the calls to the expected calls"
 
 
+def seed_lenient(task: Task, text: str) -> bool:
+    """The seed study's headline metric: some ``<tool_call>`` JSON's ``"name"`` fuzzy-matches a tool of the
+    prompt's numbered list (``task.tools``, which ``toolrl.as_toolrl`` renders): either string contains the
+    other (case-sensitive; an empty name matches nothing). Arguments and the ground truth are ignored.
+    Unlike ``Score.lenient`` (exact name), ``weather`` or ``get_weather_v2`` count for ``get_weather``."""
+    offered = [name for name in _functions(task) if name]
+    called = [name for name in parse_tool_calls(text).names if name]
+    return any(c in t or t in c for c in called for t in offered)
+
+
 def score(task: Task, text: str) -> Score:
     """Score one generated reply ``text`` against ``task``."""
     parsed = parse_tool_calls(text)

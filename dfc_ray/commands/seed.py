@@ -1,0 +1,39 @@
+"""`dfc-ray import-seed`: the seed study's published crosscoders as dfc-ray checkpoints (docs/replication.md)."""
+
+from __future__ import annotations
+
+import argparse
+
+from dfc_ray.seed import import_seed
+
+
+def _import_seed_command(args: argparse.Namespace) -> int:
+    record = import_seed(args.src, args.out, norm_from=args.norm_from, layer=args.layer,
+                         allow_leaky=args.allow_leaky)
+    part = record["partition"]
+    print(f"imported {record['source']} -> {args.out}: dict_size {record['study_config']['dict_size']}, "
+          f"k {record['study_config']['k']}, A-exclusive {part['n_a']}, B-exclusive {part['n_b']}, "
+          f"shared {part['n_shared']} ({part['from']})")
+    if record["norm_from"]:
+        norm = record["norm_from"]
+        print(f"normalization: harvest statistics of {norm['store']} layer {norm['layer']} ({norm['rows']} rows)")
+    else:
+        print("normalization: unknown (identity; judging it needs an explicit raw in/raw out choice)")
+    for block, entry in record["dropped"].items():
+        print(f"dropped {block}: {entry['features']} features, largest norm {entry['max_norm']:.4g} "
+              f"(feature {entry['max_feature']})")
+    return 0
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "import-seed", help="Import one of the seed study's crosscoders (config.json + model.pt) as a checkpoint.")
+    p.add_argument("src", help="the study's checkpoint folder: a path, s3://bucket/prefix or a hub id owner/repo[/sub]")
+    p.add_argument("--out", required=True, help="the dfc-ray checkpoint folder to write (a path or s3://)")
+    p.add_argument("--norm-from", default=None, metavar="STORE",
+                   help="take normalization statistics from this dfc-ray harvest (needs --layer)")
+    p.add_argument("--layer", type=int, default=None, help="the harvested layer the crosscoder was trained on")
+    p.add_argument("--allow-leaky", action="store_true",
+                   help="drop non-zero forbidden (cross-partition) weights instead of refusing; "
+                        "import.json records them")
+    p.set_defaults(func=_import_seed_command)

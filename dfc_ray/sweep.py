@@ -34,6 +34,7 @@ from ray.tune.search.optuna import OptunaSearch
 from dfc_ray import store
 from dfc_ray.fs import RunFolder, absolute, redact
 from dfc_ray.spaces import DFC_FIELDS, TRAIN_FIELDS, SweepSpec, load_spec, parse_spec
+from dfc_ray.tune_storage import JournalUploader, local_journal, tune_storage
 
 TRAIN_REPORTS = 10  # intermediate reports per trial (what ASHA and the live view see)
 STRUCTURED = ("top_features", "alpha_curve")
@@ -184,17 +185,14 @@ class ObjectiveAtTheEnd(OptunaSearch):
             super().on_trial_result(trial_id, result)
 
 
-def _searcher(spec: SweepSpec, run: RunFolder, remaining: list[dict[str, Any]] | None):
+def _searcher(spec: SweepSpec, journal: Path, remaining: list[dict[str, Any]] | None):
     """OptunaSearch over the spec. `remaining`: the grid points still to run when resuming (None on a
-    fresh run); the study (journal) is shared across resumes, so TPE keeps learning from every trial."""
+    fresh run); the study (`journal`) is shared across resumes, so TPE keeps learning from every trial."""
     import optuna
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
     from ray.tune.search import ConcurrencyLimiter
 
-    journal = Path(run.path("optuna.journal")) if run.is_local else Path.home() / ".cache/dfc-ray/optuna" / \
-        f"{redact(run.uri).replace('/', '_')}.journal"
-    journal.parent.mkdir(parents=True, exist_ok=True)
     storage = JournalStorage(JournalFileBackend(str(journal)))
     _close_interrupted_trials(storage, spec.name)
     if spec.grid and not spec.search and remaining is None:
@@ -326,7 +324,8 @@ def run_sweep(spec: SweepSpec, run_uri: str, *, store_root: str | None = None, r
                     axes=[a.name for a in spec.grid] + [d.name for d in spec.search],
                     title=f"{spec.name}: {spec.n_trials} trials")
     LIVE_VIEWS[run.uri] = view
-    callbacks = [ResultsWriter(spec, run.uri)]
+    journal = local_journal(run)
+    callbacks = [ResultsWriter(spec, run.uri)] + ([] if run.is_local else [JournalUploader(run.uri, journal)])
     # Resume: results.jsonl is the truth. A fresh Tune experiment runs only what is still owed, so no
     # finished trial is redone and none is lost (Tune's own restore can re-run a trial that finished
     # after its last experiment checkpoint, and then collides with the Optuna study).
@@ -335,13 +334,13 @@ def run_sweep(spec: SweepSpec, run_uri: str, *, store_root: str | None = None, r
     for record in done:
         view.update(record["trial_id"], record["config"], record["status"], record["metrics"])
     attempt = len(list(Path(run.path("tune")).glob("trials-*"))) if run.is_local else time.strftime("%Y%m%d-%H%M%S")
-    tune_root = run.path("tune") if run.is_local else f"{run.uri}/tune"
+    tune_root, tune_fs = tune_storage(f"{run.uri}/tune")
     tuner = tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(search_alg=_searcher(spec, run, remaining), scheduler=_scheduler(spec),
+        tune_config=tune.TuneConfig(search_alg=_searcher(spec, journal, remaining), scheduler=_scheduler(spec),
                                     num_samples=n_todo, reuse_actors=True),  # no torch import per trial
         run_config=tune.RunConfig(
-            name=f"trials-{attempt}", storage_path=tune_root, callbacks=callbacks, verbose=0,
+            name=f"trials-{attempt}", storage_path=tune_root, storage_filesystem=tune_fs, callbacks=callbacks, verbose=0,
             failure_config=tune.FailureConfig(max_failures=spec.resources.get("max_failures", 1)),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
     clock = time.perf_counter()

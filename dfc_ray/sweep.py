@@ -72,6 +72,7 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     """The Tune trainable: train one crosscoder, then judge it, reporting as it goes."""
     import math as _math
 
+    import ray
     import torch
     from ray import tune
 
@@ -106,6 +107,7 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
         metrics |= {"loss": m["loss"], "fvu": (m["fvu_a"] + m["fvu_b"]) / 2, "fvu_a": m["fvu_a"], "fvu_b": m["fvu_b"],
                     "l0": m["l0"], "dead_frac": m["dead_frac"]}
     metrics["train_peak_mem_mb"] = peak_memory_mb()
+    metrics["node_id"] = ray.get_runtime_context().get_node_id()  # where it ran (multi-node tests check the spread)
     if result.status == "ok":
         checkpoint = RunFolder(ctx.run_dir).upload_dir(local.parent / "dfc", f"checkpoints/{trial_id}")
         metrics["checkpoint"] = checkpoint
@@ -355,7 +357,8 @@ def run_sweep(spec: SweepSpec, run_uri: str, *, store_root: str | None = None, r
         for pool in pools:
             pool.shutdown()
     info = {"spec": spec.name, "spec_file": spec.source, "run": redact(run.uri), "harvest": redact(harvested.uri),
-            "harvest_rows": harvested.rows, "harvest_reused": harvested.reused, "layers": list(spec.layers),
+            "harvest_rows": harvested.rows, "harvest_reused": harvested.reused, "harvest_nodes": list(harvested.nodes),
+            "layers": list(spec.layers),
             "pair": asdict(spec.pair), "seconds": {k: round(v, 1) for k, v in seconds.items()},
             "judge_peak_mem_mb": {k: round(v) for k, v in judge_memory.items()}}
     _write_costs(spec, run, seconds, harvested.reused)

@@ -2,11 +2,14 @@
 schedules nothing (`--num-cpus=0`, as in cluster.yaml) with the Jobs API on 127.0.0.1, worker
 raylets that join it, and a moto S3 server, all on loopback.
 
-Every node is its own `ray start --block` process with its own scratch folder: Ray temp dir
-(sessions, logs, the unpacked job working dir), TMPDIR, HOME and working directory. No node gets
-PYTHONPATH, so the code that runs is the job's `--working-dir` package, and the only storage that
-nodes share is S3. Killing a node's raylet (SIGKILL) takes the node down as a lost spot instance
-would: its `ray start --block` parent notices and ends the node's other processes.
+Every node is its own process (`python tests/multinode.py NODE_JSON`, what `ray start --block`
+does, minus its rewriting of 127.0.0.1 into the machine's address: like `ray.cluster_utils.Cluster`
+it builds `ray._private.node.Node` with node_ip_address 127.0.0.1, so the GCS, raylets and
+object managers listen on loopback) with its own scratch folder: Ray temp dir (sessions, logs, the
+unpacked job working dir), TMPDIR, HOME and working directory. No node gets PYTHONPATH, so the code
+that runs is the job's `--working-dir` package, and the only storage that nodes share is S3.
+Killing a node's raylet (SIGKILL) takes the node down as a lost spot instance would: its node
+process notices and ends the node's other processes.
 
 Used by tests/test_multinode.py and by scripts/local_cluster.py (`up`/`down` by hand).
 """
@@ -30,8 +33,8 @@ from ray.thirdparty_files import psutil  # Ray's own copy: the harness needs not
 AWS_ENV = {"AWS_ACCESS_KEY_ID": "AKIADFCRAYTESTKEY0001", "AWS_SECRET_ACCESS_KEY": "dfc-ray-test-secret-do-not-leak",
            "AWS_DEFAULT_REGION": "us-east-1"}
 """Fake credentials for the loopback S3 server (recognizable, so tests can assert they never leak)."""
-NODE_PORTS = ("node-manager-port", "object-manager-port", "dashboard-agent-listen-port",
-              "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port")
+NODE_PORTS = ("node_manager_port", "object_manager_port", "dashboard_agent_listen_port", "metrics_agent_port",
+              "runtime_env_agent_port", "metrics_export_port")
 """Ports each node picks explicitly: Ray's defaults (e.g. the agent's 52365) collide between nodes of
 one machine and with other Ray clusters on it."""
 
@@ -60,13 +63,13 @@ def wait_for(what: str, check, timeout: float, every: float = 0.5):
 
 @dataclass
 class Node:
-    """One `ray start --block` process (head or worker) and its scratch folder."""
+    """One node process (head or worker) and its scratch folder."""
 
     name: str
     scratch: str
     ports: dict[str, int]
     pid: int = 0
-    """The `ray start --block` process (leader of its own process group)."""
+    """The node process (leader of its own process group)."""
 
 
 @dataclass
@@ -77,7 +80,7 @@ class LocalCluster:
     root: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="dfcmn-"))
     """Scratch root; short, because Ray's unix socket paths live under it (108-byte limit)."""
     workers: int = 2
-    worker_cpus: float = 2
+    worker_cpus: int = 2
     worker_resources: dict[str, float] = field(default_factory=dict)
     """Custom resources every worker offers (e.g. {"trial_gpu": 1}, as a cluster.yaml node type)."""
     gcs_port: int = 0
@@ -148,21 +151,21 @@ class LocalCluster:
         return f"s3://{name}"
 
     def _running(self, name: str) -> bool:
-        """True while the node's `ray start` runs; a RuntimeError with its log's last line once it ended."""
+        """True while the node process runs; a RuntimeError with its log's last line once it ended."""
         node = self.node(name)
         if psutil.pid_exists(node.pid) and psutil.Process(node.pid).status() != psutil.STATUS_ZOMBIE:
             return True
         lines = (Path(self.root) / f"{name}.log").read_text(errors="replace").strip().splitlines() or ["(no output)"]
-        raise RuntimeError(f"{name}: `ray start` ended: {lines[-1]}")
+        raise RuntimeError(f"{name}: the node process ended: {lines[-1]}")
 
-    def _start_node(self, name: str, args: list[str]) -> Node:
+    def _start_node(self, name: str, params: dict) -> Node:
         scratch = Path(self.root) / name
         ports = dict(zip(NODE_PORTS, free_ports(len(NODE_PORTS))))
-        command = ["ray", "start", "--block", "--node-ip-address=127.0.0.1", f"--temp-dir={scratch / 'ray'}",
-                   "--disable-usage-stats", *(f"--{k}={v}" for k, v in ports.items()), *args]
+        params = params | ports | {"node_ip_address": "127.0.0.1", "temp_dir": str(scratch / "ray"),
+                                   "min_worker_port": 0, "max_worker_port": 0}
         log = open(Path(self.root) / f"{name}.log", "wb")
-        proc = subprocess.Popen(command, cwd=self._workdir(scratch), env=self._node_env(scratch), stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen([sys.executable, __file__, json.dumps(params)], cwd=self._workdir(scratch),
+                                env=self._node_env(scratch), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         node = Node(name, str(scratch), ports, proc.pid)
         self.nodes.append(node)
         return node
@@ -174,30 +177,29 @@ class LocalCluster:
 
     def start_head(self) -> None:
         self.gcs_port, self.dashboard_port = free_ports(2)
-        self._start_node("head", ["--head", f"--port={self.gcs_port}", "--num-cpus=0", "--num-gpus=0",
-                                  "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                                  f"--dashboard-port={self.dashboard_port}"])
+        self._start_node("head", {"head": True, "gcs_server_port": self.gcs_port, "num_cpus": 0, "num_gpus": 0,
+                                  "include_dashboard": True, "dashboard_host": "127.0.0.1",
+                                  "dashboard_port": self.dashboard_port})
         wait_for("head node's Jobs API", lambda: self._running("head") and _http_ok(f"{self.address}/api/version"), 120)
 
     def start_worker(self, name: str, timeout: float = 180, attempts: int = 3) -> Node:
         """Start a worker and wait until the head sees it alive; a start that timed out is retried."""
-        resources = ["--resources", json.dumps(self.worker_resources)] if self.worker_resources else []
         for _ in range(attempts - 1):
             try:
-                return self._join(name, resources, timeout)
-            except RuntimeError:  # `ray start` gave up; its processes are gone
+                return self._join(name, timeout)
+            except RuntimeError:  # the node gave up (Ray allows a raylet 30 s to register); its processes are gone
                 self.nodes = [n for n in self.nodes if n.name != name]
-        return self._join(name, resources, timeout)
+        return self._join(name, timeout)
 
-    def _join(self, name: str, resources: list[str], timeout: float) -> Node:
-        node = self._start_node(name, [f"--address={self.gcs_address}", f"--num-cpus={self.worker_cpus:g}",
-                                       "--num-gpus=0", *resources])
+    def _join(self, name: str, timeout: float) -> Node:
+        node = self._start_node(name, {"head": False, "gcs_address": self.gcs_address, "num_cpus": self.worker_cpus,
+                                       "num_gpus": 0, "resources": self.worker_resources})
         wait_for(f"{name} joined", lambda: self._running(name) and name in self.alive_workers(), timeout)
         return node
 
     def down(self) -> None:
-        """End every process this cluster started: each node's `ray start` and its descendants (the
-        GCS, raylets, workers), then the S3 server. Bounded: SIGTERM, 20 s, then SIGKILL."""
+        """End every process this cluster started: each node process and its descendants (the GCS,
+        raylets, workers), then the S3 server. Bounded: SIGTERM, 20 s, then SIGKILL."""
         groups = [node.pid for node in reversed(self.nodes) if node.pid] + ([self.s3_pid] if self.s3_pid else [])
         procs = []
         for pid in groups:
@@ -223,7 +225,7 @@ class LocalCluster:
 
     def raylet_pid(self, node: Node) -> int:
         """The raylet of `node`, found by its node manager port among the node's own processes."""
-        flag = f"--node_manager_port={node.ports['node-manager-port']}"
+        flag = f"--node_manager_port={node.ports['node_manager_port']}"
         for proc in psutil.Process(node.pid).children(recursive=True):
             try:
                 if proc.name() == "raylet" and flag in proc.cmdline():
@@ -257,14 +259,14 @@ class LocalCluster:
         except OSError:
             return {}
         by_port = {n["raylet"]["nodeManagerPort"]: n["raylet"] for n in nodes if n["raylet"]["state"] == "ALIVE"}
-        return {node.name: by_port[node.ports["node-manager-port"]]["nodeId"] for node in self.nodes
-                if node.name != "head" and node.ports["node-manager-port"] in by_port}
+        return {node.name: by_port[node.ports["node_manager_port"]]["nodeId"] for node in self.nodes
+                if node.name != "head" and node.ports["node_manager_port"] in by_port}
 
     def node_ids(self) -> dict[str, str]:
         """Name → node id of every node ever started (dead ones included)."""
         by_port = {n["raylet"]["nodeManagerPort"]: n["raylet"]["nodeId"] for n in self.ray_nodes()}
-        return {node.name: by_port[node.ports["node-manager-port"]] for node in self.nodes
-                if node.ports["node-manager-port"] in by_port}
+        return {node.name: by_port[node.ports["node_manager_port"]] for node in self.nodes
+                if node.ports["node_manager_port"] in by_port}
 
     def node(self, name: str) -> Node:
         return next(node for node in self.nodes if node.name == name)
@@ -300,3 +302,27 @@ def _signal_group(pid: int, sig: int) -> None:
         os.killpg(pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def run_node(params: dict) -> None:
+    """One node's process: start the node's Ray processes, then block until SIGTERM or until one of
+    them dies (as `ray start --block` does), and end them all."""
+    import threading
+
+    from ray._private.node import Node
+    from ray._private.parameter import RayParams
+
+    head = params.pop("head")
+    node = Node(RayParams(**params), head=head, shutdown_at_exit=False, spawn_reaper=False)
+    print(f"node up: {node.node_id} gcs {node.gcs_address}", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    while not stop.wait(1):
+        if dead := node.dead_processes():
+            print(f"node process died: {dead[0][0]}; ending the node", flush=True)
+            break
+    node.kill_all_processes(check_alive=False, allow_graceful=stop.is_set())
+
+
+if __name__ == "__main__":
+    run_node(json.loads(sys.argv[1]))

@@ -38,6 +38,9 @@ class PoolConfig:
     """CPUs reserved per replica."""
     num_gpus: float = 0
     """GPUs per replica (e.g. 1 for a 3B pair in bf16; fractions share a GPU)."""
+    resources: tuple[tuple[str, float], ...] = ()
+    """Custom resources per replica, as (name, amount) pairs (a tuple: the config stays hashable), e.g.
+    (("trial_gpu", 1),) to land on the node type that offers them."""
     max_restarts: int = -1
     """How often Ray may restart a dead replica (−1 = always)."""
     max_task_retries: int = -1
@@ -72,7 +75,8 @@ class ReplicaPool:
     def create(cls, actor_class: ActorClass, cfg: PoolConfig, *args: Any, **kwargs: Any) -> "ReplicaPool":
         """Start the replicas (or attach to those already running under these names)."""
         options = dict(namespace=cfg.namespace, get_if_exists=True, max_restarts=cfg.max_restarts,
-                       max_task_retries=cfg.max_task_retries, num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)
+                       max_task_retries=cfg.max_task_retries, num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
+                       resources=dict(cfg.resources))
         if cfg.detached:
             options["lifetime"] = "detached"
         handles = [actor_class.options(name=cfg.replica_name(i), **options).remote(*args, **kwargs)

@@ -92,6 +92,8 @@ class HarvestConfig:
     """Ray actors hosting the pair (Ray Data actor pool size)."""
     gpus_per_actor: float = -1
     """GPUs per actor; -1 = 1 when the cluster has GPUs, else 0 (CPU actors)."""
+    resources: dict = field(default_factory=dict)
+    """Custom resources per actor (e.g. {"harvest_gpu": 1}: only the harvest node type offers it)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(sorted(set(int(layer) for layer in self.layers))))
@@ -172,7 +174,7 @@ def build_corpus(corpus: CorpusSpec, tokenizer) -> list[Record]:
 def content_hash(cfg: HarvestConfig, records: Sequence[Record]) -> str:
     """Key of a harvest: the pair's weights, every record's tokens, and every setting that changes rows."""
     digest = hashlib.sha256(pair_fingerprint(cfg.pair).encode())
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("store", "num_actors", "gpus_per_actor")}
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("store", "num_actors", "gpus_per_actor", "resources")}
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     for record in records:
         digest.update(np.asarray(record.prompt_ids, dtype=np.int64).tobytes() + b"|")
@@ -360,7 +362,7 @@ def _iter_group_outputs(cfg: HarvestConfig, groups: list[list[Record]], start: i
     items = [{"group": start + i, "records": json.dumps([asdict(r) for r in g])} for i, g in enumerate(todo)]
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         PairActivations, fn_constructor_kwargs={"cfg": cfg}, batch_size=1, concurrency=cfg.num_actors,
-        num_gpus=gpus, num_cpus=0 if gpus else 1, batch_format="numpy")
+        num_gpus=gpus, num_cpus=0 if gpus else 1, resources=cfg.resources or None, batch_format="numpy")
     pending: dict[int, list[dict[str, np.ndarray]]] = {}
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         # Ray Data may split or merge the blocks of consecutive groups: regroup by tag and count.

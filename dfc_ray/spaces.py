@@ -55,8 +55,10 @@ DFC_FIELDS = {f.name for f in fields(DFCConfig)} - {"d_model"}
 TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
 AXIS_FIELDS = DFC_FIELDS | TRAIN_FIELDS | set(TRAIN_EXTRA) | {"layer"}
 RESOURCE_FIELDS = {"cpu": float, "gpu": float, "max_concurrent": int, "evaluators": int, "evaluator_cpu": float,
-                   "evaluator_gpu": float, "data_cpus": float, "max_failures": int}
-TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list"}
+                   "evaluator_gpu": float, "data_cpus": float, "max_failures": int, "custom": dict}
+"""`custom`: kind of actor (trial, judge, harvest) → {custom resource: amount}, checked by dfc_ray.placement."""
+TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list",
+              dict: "a mapping"}
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
 SHIPPED = Path(__file__).resolve().parents[1] / "search_spaces"
 

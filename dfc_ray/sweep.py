@@ -33,6 +33,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from dfc_ray import store
 from dfc_ray.fs import RunFolder, absolute, redact
+from dfc_ray.placement import check_placeable, custom_requests
 from dfc_ray.spaces import DFC_FIELDS, TRAIN_FIELDS, SweepSpec, load_spec, parse_spec
 from dfc_ray.tune_storage import JournalUploader, local_journal, tune_storage
 
@@ -154,8 +155,9 @@ def start_pools(spec: SweepSpec) -> list:
     gpus = spec.resources.get("evaluator_gpu", 0)
     cpus = spec.resources.get("evaluator_cpu", 1)
     replicas = spec.resources.get("evaluators", 1)
-    configs = (PoolConfig(f"{spec.name}-evaluator", replicas=replicas, num_cpus=cpus, num_gpus=gpus),
-               PoolConfig(f"{spec.name}-steering", replicas=replicas, num_cpus=cpus, num_gpus=gpus))
+    custom = tuple(custom_requests(spec).get("judge", {}).items())
+    configs = (PoolConfig(f"{spec.name}-evaluator", replicas=replicas, num_cpus=cpus, num_gpus=gpus, resources=custom),
+               PoolConfig(f"{spec.name}-steering", replicas=replicas, num_cpus=cpus, num_gpus=gpus, resources=custom))
     return [ReplicaPool.create(EvaluatorActor, configs[0], spec.pair, spec.eval),
             ReplicaPool.create(SteeringActor, configs[1], spec.pair, spec.steering)]
 
@@ -281,7 +283,8 @@ def _harvest(spec: SweepSpec, store_root: str):
 
     fields = dict(spec.harvest)
     corpus = {k: fields.pop(k) for k in list(fields) if k in CorpusSpec.__dataclass_fields__}
-    cfg = HarvestConfig(store=store_root, layers=spec.layers, pair=spec.pair, corpus=CorpusSpec(**corpus), **fields)
+    cfg = HarvestConfig(store=store_root, layers=spec.layers, pair=spec.pair, corpus=CorpusSpec(**corpus),
+                        resources=custom_requests(spec).get("harvest", {}), **fields)
     return harvest(cfg, use_ray=True)
 
 
@@ -310,6 +313,7 @@ def run_sweep(spec: SweepSpec, run_uri: str, *, store_root: str | None = None, r
     connect(address)
     if local:  # a cluster we started cannot grow: refuse what would wait forever
         check_fits(spec, evaluate)
+    check_placeable(spec, evaluate)  # some node (or node type) must hold each kind of actor
     clock = time.perf_counter()
     harvested = _harvest(spec, store_root)
     seconds = {"harvest": time.perf_counter() - clock}
@@ -318,7 +322,8 @@ def run_sweep(spec: SweepSpec, run_uri: str, *, store_root: str | None = None, r
     seconds["start_pools"] = time.perf_counter() - clock
     ctx = TrialContext(spec.raw | {"name": spec.name}, spec.source, run.uri, harvested.uri, harvested.d_model,
                        harvested.models, tuple(pool.cfg for pool in pools) or None)
-    resources = {"cpu": spec.resources.get("cpu", 1), "gpu": spec.resources.get("gpu", 0)}
+    resources = {"cpu": spec.resources.get("cpu", 1), "gpu": spec.resources.get("gpu", 0)} | \
+        custom_requests(spec).get("trial", {})
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), resources)
     from rich.console import Console
 

@@ -33,6 +33,11 @@ from ray.thirdparty_files import psutil  # Ray's own copy: the harness needs not
 AWS_ENV = {"AWS_ACCESS_KEY_ID": "AKIADFCRAYTESTKEY0001", "AWS_SECRET_ACCESS_KEY": "dfc-ray-test-secret-do-not-leak",
            "AWS_DEFAULT_REGION": "us-east-1"}
 """Fake credentials for the loopback S3 server (recognizable, so tests can assert they never leak)."""
+LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+"""Ray turns 127.0.0.1 into the machine's address when a process joins a cluster (ray.init(address=…),
+the job agent, drivers), unless this variable is 0: then the node address stays the loopback one.
+It only bars `ray start` of worker nodes (which this harness does not use), so every process of the
+cluster (nodes and job drivers, which inherit the node's environment) stays on 127.0.0.1."""
 NODE_PORTS = ("node_manager_port", "object_manager_port", "dashboard_agent_listen_port", "metrics_agent_port",
               "runtime_env_agent_port", "metrics_export_port")
 """Ports each node picks explicitly: Ray's defaults (e.g. the agent's 52365) collide between nodes of
@@ -119,8 +124,8 @@ class LocalCluster:
             (scratch / sub).mkdir(parents=True, exist_ok=True)
         # RAY_AUTH_MODE=disabled: a throwaway test cluster on loopback (Ray 2.60 otherwise writes a
         # token to ~/.ray); never set it on a real cluster.
-        return env | self.s3_env() | {"TMPDIR": str(scratch / "tmp"), "HOME": str(scratch / "home"),
-                                      "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+        return env | self.s3_env() | LOOPBACK | {"TMPDIR": str(scratch / "tmp"), "HOME": str(scratch / "home"),
+                                                 "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
 
     # ------------------------------------------------------------ start and stop
 

@@ -25,6 +25,8 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 SPARSITIES = ("topk", "batchtopk")
+CHECKPOINT_FILES = ("config.json", "model.safetensors")
+"""A checkpoint folder's files (see `DedicatedFeatureCrosscoder.save`)."""
 RECONS = ("mse", "fvu")
 L1_MODES = ("seed", "partition")
 
@@ -409,7 +411,7 @@ class DedicatedFeatureCrosscoder(nn.Module):
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> DedicatedFeatureCrosscoder:
         """Load a checkpoint folder; refuses a bad config or missing/extra/mis-shaped tensors."""
         path = Path(path)
-        for name in ("config.json", "model.safetensors"):
+        for name in CHECKPOINT_FILES:
             if not (path / name).is_file():
                 raise FileNotFoundError(f"{path}: not a crosscoder checkpoint (no {name})")
         try:

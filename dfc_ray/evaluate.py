@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from dfc_ray.crosscoder import DedicatedFeatureCrosscoder
+from dfc_ray.crosscoder import CHECKPOINT_FILES, DedicatedFeatureCrosscoder
+from dfc_ray.fs import open_fs, redact
 from dfc_ray.generation import Generation, GenerationConfig, HookContext, residual_hooks
 from dfc_ray.interventions import SPLICE_MODES, prefill_edit_hook, prompt_activations, splice_edit
 from dfc_ray.pair import PairSpec
@@ -176,8 +178,21 @@ def score_all(tasks: Sequence[Task], generations: Sequence[Generation]) -> list[
 
 
 def load_crosscoder(path: str, device: str | torch.device) -> DedicatedFeatureCrosscoder:
-    """A checkpoint in eval mode (BatchTopK uses its inference threshold) on `device`."""
-    return DedicatedFeatureCrosscoder.load(path, device=device).eval()
+    """A checkpoint (a folder, or an s3:// prefix as trials of an S3 run write them) in eval mode
+    (BatchTopK uses its inference threshold) on `device`."""
+    if "://" not in path:
+        return DedicatedFeatureCrosscoder.load(path, device=device).eval()
+    import tempfile  # deferred: only remote checkpoints need a local copy
+
+    fs, root = open_fs(path)
+    with tempfile.TemporaryDirectory(prefix="dfc-ray-checkpoint-") as local:
+        for name in CHECKPOINT_FILES:
+            try:
+                with fs.open_input_stream(f"{root}/{name}") as remote:
+                    Path(local, name).write_bytes(remote.read())
+            except FileNotFoundError:
+                raise FileNotFoundError(f"{redact(path)}: not a crosscoder checkpoint (no {name})") from None
+        return DedicatedFeatureCrosscoder.load(local, device=device).eval()
 
 
 def eval_tasks(cfg: EvalConfig) -> list[Task]:

@@ -35,13 +35,20 @@ def test_sweep_into_s3_keeps_every_run_file_there(tiny_pair, s3_bucket, ray_clus
 
     monkeypatch.chdir(tmp_path)  # nothing may land in the working directory
     run = f"{s3_bucket}/runs/tiny"
-    run_sweep(load_spec(write_spec(tmp_path, tiny_pair)), run, live=False, evaluate=False)
+    judges = {"eval": {"tasks": "organism:test", "n_tasks": 4, "n_texts": 2, "max_new_tokens": 6, "batch_size": 4},
+              "steering": {"n_dev": 4, "n_test": 4, "n_plain": 4, "top_n": 1, "alphas": [4], "targets": ["a"],
+                           "min_set_pool": 2, "min_set_max": 1, "max_new_tokens": 6, "batch_size": 4},
+              "resources": {"cpu": 1, "max_concurrent": 1, "evaluator_cpu": 0.5},
+              "grid": {"dict_size": [64, 128], "variant": [{"name": "dfc", "a_exclusive": 0.1, "b_exclusive": 0.1},
+                                                           {"name": "crosscoder"}]}}
+    run_sweep(load_spec(write_spec(tmp_path, tiny_pair, **judges)), run, live=False)  # judges read checkpoints from S3
     keys = s3_keys(run)
     results = s3_results(run)
     assert len(results) == 4 and all(r["status"] == "ok" for r in results)
     for r in results:
         assert f"checkpoints/{r['trial_id']}/model.safetensors" in keys
         assert r["metrics"]["checkpoint"] == f"{run}/checkpoints/{r['trial_id']}"
+        assert r["metrics"]["delta_a_pp"] == pytest.approx(100 * (r["metrics"]["a_splice"] - r["metrics"]["a_clean"]))
     assert {"spec.yaml", "results.jsonl", "report.json", "report.md", "costs.json", "optuna.journal"} <= set(keys)
     assert any(k.startswith("tune/trials-") and "events.out.tfevents" in k for k in keys), keys
     assert any(k.endswith(".validate_storage_marker") for k in keys)  # Tune's own check passed, in S3

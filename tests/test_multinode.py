@@ -107,8 +107,8 @@ def test_sweep_job_on_three_nodes_survives_stop_and_node_loss(cluster, monkeypat
     wait_for("resumed job finished a trial",
              lambda: len(results(run)) > len(stopped) or job_status(cluster, second) in ("FAILED", "STOPPED"),
              timeout=300, every=2)
-    evaluator_nodes = {a.node_id for a in actors(cluster, "EvaluatorActor") if a.state == "ALIVE"}
-    victim = next(name for name, node_id in workers.items() if node_id in evaluator_nodes)
+    evaluator = next(a for a in actors(cluster, "Evaluator") if a.state == "ALIVE")  # the resumed job's replica
+    victim = next(name for name, node_id in workers.items() if node_id == evaluator.node_id)
     cluster.kill_raylet(cluster.node(victim))
     killed_at = time.time()
     wait_for("resumed job finished", lambda: job_status(cluster, second) in ("SUCCEEDED", "FAILED", "STOPPED"),
@@ -124,16 +124,17 @@ def test_sweep_job_on_three_nodes_survives_stop_and_node_loss(cluster, monkeypat
     for trial_id, record in stopped.items():
         assert next(r for r in final if r["trial_id"] == trial_id) == record
 
-    # Placement: harvest and trials on both workers, judges on workers only (never the head), and a
-    # judge replica restarted on the surviving node after the loss.
+    # Placement: harvest and trials on both workers, judges on workers only (never the head), and the
+    # evaluator replica restarted on the surviving node after the loss.
     info = json.loads(RunFolder(run).read_text("report.json"))["run"]  # the resumed job reused the harvest:
     harvest = json.loads(RunFolder(info["harvest"]).read_text("harvest.json"))  # its progress file has the nodes
     assert set(harvest["group_nodes"]) == set(workers.values())
-    assert {r["metrics"]["node_id"] for r in final} == set(workers.values())
-    judges = actors(cluster, "EvaluatorActor") + actors(cluster, "SteeringActor")
+    assert {r["metrics"]["node_id"] for r in final} <= set(workers.values())
+    assert {a.node_id for a in actors(cluster, "ImplicitFunc")} == set(workers.values())  # Tune's trial actors
+    judges = actors(cluster, "Evaluator") + actors(cluster, "Steerer")
     assert judges and {a.node_id for a in judges} <= set(workers.values())
     survivor = workers[next(name for name in workers if name != victim)]
-    assert any(a.node_id == survivor for a in actors(cluster, "EvaluatorActor"))
+    assert next(a for a in actors(cluster, "Evaluator") if a.actor_id == evaluator.actor_id).node_id == survivor
 
     # Storage: every run file in S3; nothing written into the job's working copy or the nodes' folders.
     keys = s3_keys(run)

@@ -45,11 +45,12 @@ one machine and with other Ray clusters on it."""
 
 
 def free_ports(n: int) -> list[int]:
-    """n distinct free TCP ports on 127.0.0.1 (held open together so they differ)."""
+    """n distinct TCP ports free on every address (held together so they differ; bound, never listening):
+    a port taken only on the machine's own address by another Ray cluster is not free for this one."""
     sockets = [socket.socket() for _ in range(n)]
     try:
         for s in sockets:
-            s.bind(("127.0.0.1", 0))
+            s.bind(("0.0.0.0", 0))
         return [s.getsockname()[1] for s in sockets]
     finally:
         for s in sockets:

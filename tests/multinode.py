@@ -249,7 +249,8 @@ class LocalCluster:
         os.kill(self.s3_pid, signal.SIGSTOP)
 
     def resume_s3(self) -> None:
-        os.kill(self.s3_pid, signal.SIGCONT)
+        if self.s3_pid:
+            os.kill(self.s3_pid, signal.SIGCONT)
 
     # ------------------------------------------------------------ what is running where
 

@@ -125,7 +125,10 @@ class LocalCluster:
             (scratch / sub).mkdir(parents=True, exist_ok=True)
         # RAY_AUTH_MODE=disabled: a throwaway test cluster on loopback (Ray 2.60 otherwise writes a
         # token to ~/.ray); never set it on a real cluster.
+        # RAY_TMPDIR: where "auto" looks up the cluster address (job drivers connect with "auto"); the
+        # head writes it there, else Ray falls back to any GCS process running on the machine.
         return env | self.s3_env() | LOOPBACK | {"TMPDIR": str(scratch / "tmp"), "HOME": str(scratch / "home"),
+                                                 "RAY_TMPDIR": str(Path(self.root) / "head"),
                                                  "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
 
     # ------------------------------------------------------------ start and stop
@@ -319,8 +322,12 @@ def run_node(params: dict) -> None:
     from ray._private.node import Node
     from ray._private.parameter import RayParams
 
+    from ray._private.utils import write_ray_address
+
     head = params.pop("head")
     node = Node(RayParams(**params), head=head, shutdown_at_exit=False, spawn_reaper=False)
+    if head:  # what `ray start --head` leaves for `ray.init(address="auto")`, in this cluster's own folder
+        write_ray_address(node.gcs_address, params["temp_dir"])
     print(f"node up: {node.node_id} gcs {node.gcs_address}", flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

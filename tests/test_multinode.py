@@ -97,6 +97,7 @@ def test_sweep_job_on_three_nodes_survives_stop_and_node_loss(cluster, monkeypat
     wait_for("first finished trial", lambda: results(run) or job_status(cluster, first) in ("FAILED", "STOPPED"),
              timeout=420, every=2)
     assert results(run), job_logs(cluster, first)[-3000:]
+    assert f"Connecting to existing Ray cluster at address: {cluster.gcs_address}" in job_logs(cluster, first)
     ray_cli(cluster, "job", "stop", first)
     wait_for("job stopped", lambda: job_status(cluster, first) in ("STOPPED", "FAILED", "SUCCEEDED"), timeout=120)
     stopped = {r["trial_id"]: r for r in results(run)}
@@ -115,6 +116,7 @@ def test_sweep_job_on_three_nodes_survives_stop_and_node_loss(cluster, monkeypat
              timeout=480, every=3)
     logs = job_logs(cluster, second)
     assert job_status(cluster, second) == "SUCCEEDED", logs[-3000:]
+    assert f"Connecting to existing Ray cluster at address: {cluster.gcs_address}" in logs
 
     # Every grid point exactly once, status ok; trials finished before the stop kept as they were.
     final = results(run)

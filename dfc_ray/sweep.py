@@ -126,14 +126,14 @@ def judge_checkpoint(pools: tuple, checkpoint: str, layer: int) -> dict[str, Any
     requests in flight at once), flattened into trial metrics."""
     import ray
 
-    from actors.pool import ReplicaPool
+    from actors.pool import ReplicaPool, wait_any
 
     evaluator, steerer = (ReplicaPool.connect(cfg) for cfg in pools)
     started = time.perf_counter()
     refs = {"eval_s": evaluator.submit("evaluate", checkpoint, layer), "steer_s": steerer.submit("steer", checkpoint, layer)}
     seconds, pending = {}, list(refs.values())
     while pending:  # time each answer: how long a trial waits for each judge
-        ready, pending = ray.wait(pending, num_returns=1)
+        ready, pending = wait_any((evaluator, steerer), pending)
         seconds |= {name: time.perf_counter() - started for name, ref in refs.items() if ref in ready}
     evaluation, steering = ray.get(list(refs.values()))
     ranking = [{"feature": f.feature, "cohens_d": f.cohens_d, "auroc": f.auroc} for f in steering.ranking[:5]]

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def cluster():
-    cluster = LocalCluster(workers=2, worker_cpus=2)
+    cluster = LocalCluster(workers=2, worker_cpus=3)  # see cluster-smoke's max_concurrent
     try:
         yield cluster.up()
     finally:
@@ -108,12 +108,13 @@ def test_sweep_job_on_three_nodes_survives_stop_and_node_loss(cluster, monkeypat
     wait_for("resumed job finished a trial",
              lambda: len(results(run)) > len(stopped) or job_status(cluster, second) in ("FAILED", "STOPPED"),
              timeout=300, every=2)
+    assert job_status(cluster, second) == "RUNNING", job_logs(cluster, second)[-3000:]
     evaluator = next(a for a in actors(cluster, "Evaluator") if a.state == "ALIVE")  # the resumed job's replica
     victim = next(name for name, node_id in workers.items() if node_id == evaluator.node_id)
     cluster.kill_raylet(cluster.node(victim))
     killed_at = time.time()
     wait_for("resumed job finished", lambda: job_status(cluster, second) in ("SUCCEEDED", "FAILED", "STOPPED"),
-             timeout=480, every=3)
+             timeout=600, every=3)
     logs = job_logs(cluster, second)
     assert job_status(cluster, second) == "SUCCEEDED", logs[-3000:]
     assert f"Connecting to existing Ray cluster at address: {cluster.gcs_address}" in logs

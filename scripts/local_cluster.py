@@ -1,6 +1,6 @@
 """Bring a multi-node Ray cluster up on this machine, on loopback only, and take it down again.
 
-    python scripts/local_cluster.py up [--workers 2] [--worker-cpus 2] [--bucket dfc-runs]
+    python scripts/local_cluster.py up [--workers 2] [--worker-cpus 3] [--bucket dfc-runs]
     eval "$(python scripts/local_cluster.py env)"    # RAY_ADDRESS + the S3 endpoint for this shell
     ray job submit --working-dir . -- dfc-ray sweep cluster-smoke --storage s3://dfc-runs/runs
     python scripts/local_cluster.py down
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("action", choices=("up", "down", "env"))
     parser.add_argument("--workers", type=int, default=2, help="worker nodes (default 2)")
-    parser.add_argument("--worker-cpus", type=int, default=2, help="logical CPUs per worker (default 2)")
+    parser.add_argument("--worker-cpus", type=int, default=3, help="logical CPUs per worker (default 3, what cluster-smoke is sized for)")
     parser.add_argument("--bucket", default="dfc-runs", help="bucket created on the S3 server (default dfc-runs)")
     args = parser.parse_args(argv)
     if args.action == "up":

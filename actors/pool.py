@@ -149,7 +149,8 @@ def wait_any(pools: Sequence[ReplicaPool], refs: list[ray.ObjectRef], unavailabl
         ready, pending = ray.wait(refs, num_returns=1, timeout=poll_s)
         if ready:
             return ready, pending
-        states = {f"{pool.cfg.name}[{i}]": replica_state(handle) for pool in pools for i, handle in enumerate(pool.handles)}
+        states = {f"{pool.cfg.name}[{i}]": replica_state(handle)
+                  for pool in pools for i, handle in enumerate(pool.handles)}
         down = {name: state for name, state in states.items() if state != "ALIVE"}
         if not down:
             down_since = None

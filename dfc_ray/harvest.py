@@ -371,8 +371,8 @@ def _iter_group_outputs(cfg: HarvestConfig, groups: list[list[Record]], start: i
             pending.setdefault(int(group), []).append(part)
             if sum(len(p["group"]) for p in pending[int(group)]) == int(part["group_rows"][0]):
                 parts = pending.pop(int(group))
-                yield int(group), {layer: np.concatenate([p[f"layer_{layer}"] for p in parts]) for layer in cfg.layers}, \
-                    str(parts[0]["node"][0])
+                rows = {layer: np.concatenate([p[f"layer_{layer}"] for p in parts]) for layer in cfg.layers}
+                yield int(group), rows, str(parts[0]["node"][0])
 
 
 def harvest(cfg: HarvestConfig, *, use_ray: bool = True, progress: bool = True) -> HarvestResult:

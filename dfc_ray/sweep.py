@@ -347,7 +347,8 @@ def run_sweep(spec: SweepSpec, run_uri: str, *, store_root: str | None = None, r
         tune_config=tune.TuneConfig(search_alg=_searcher(spec, journal, remaining), scheduler=_scheduler(spec),
                                     num_samples=n_todo, reuse_actors=True),  # no torch import per trial
         run_config=tune.RunConfig(
-            name=f"trials-{attempt}", storage_path=tune_root, storage_filesystem=tune_fs, callbacks=callbacks, verbose=0,
+            name=f"trials-{attempt}", storage_path=tune_root, storage_filesystem=tune_fs, callbacks=callbacks,
+            verbose=0,
             failure_config=tune.FailureConfig(max_failures=spec.resources.get("max_failures", 1)),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
     clock = time.perf_counter()

@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("action", choices=("up", "down", "env"))
     parser.add_argument("--workers", type=int, default=2, help="worker nodes (default 2)")
-    parser.add_argument("--worker-cpus", type=int, default=3, help="logical CPUs per worker (default 3, what cluster-smoke is sized for)")
+    parser.add_argument("--worker-cpus", type=int, default=3,
+                        help="logical CPUs per worker (default 3, what cluster-smoke is sized for)")
     parser.add_argument("--bucket", default="dfc-runs", help="bucket created on the S3 server (default dfc-runs)")
     args = parser.parse_args(argv)
     if args.action == "up":

@@ -174,7 +174,8 @@ class LocalCluster:
                                    "min_worker_port": 0, "max_worker_port": 0}
         log = open(Path(self.root) / f"{name}.log", "wb")
         proc = subprocess.Popen([sys.executable, __file__, json.dumps(params)], cwd=self._workdir(scratch),
-                                env=self._node_env(scratch), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                env=self._node_env(scratch), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
         node = Node(name, str(scratch), ports, proc.pid)
         self.nodes.append(node)
         return node
@@ -295,8 +296,8 @@ class LocalCluster:
 
 
 def _boto_credentials() -> dict[str, str]:
-    return {"aws_access_key_id": AWS_ENV["AWS_ACCESS_KEY_ID"], "aws_secret_access_key": AWS_ENV["AWS_SECRET_ACCESS_KEY"],
-            "region_name": AWS_ENV["AWS_DEFAULT_REGION"]}
+    return {"aws_access_key_id": AWS_ENV["AWS_ACCESS_KEY_ID"],
+            "aws_secret_access_key": AWS_ENV["AWS_SECRET_ACCESS_KEY"], "region_name": AWS_ENV["AWS_DEFAULT_REGION"]}
 
 
 def _http_ok(url: str) -> bool:

@@ -15,12 +15,17 @@ waiting in it); `round_robin` cycles.
 from __future__ import annotations
 
 import itertools
+import time
 from typing import Any, Sequence
 
 import ray
 from ray.actor import ActorClass, ActorHandle
 
 from dfc_ray.config import PoolConfig
+
+UNAVAILABLE_S = 120.0
+"""How long a caller waits on a replica that is not alive (restarting after its node was lost, or not
+placed yet) before giving up (see `wait_any`)."""
 
 
 class ReplicaPool:
@@ -35,7 +40,8 @@ class ReplicaPool:
     def create(cls, actor_class: ActorClass, cfg: PoolConfig, *args: Any, **kwargs: Any) -> "ReplicaPool":
         """Start the replicas (or attach to those already running under these names)."""
         options = dict(namespace=cfg.namespace, get_if_exists=True, max_restarts=cfg.max_restarts,
-                       max_task_retries=cfg.max_task_retries, num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)
+                       max_task_retries=cfg.max_task_retries, num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
+                       resources=dict(cfg.resources))
         if cfg.detached:
             options["lifetime"] = "detached"
         handles = [actor_class.options(name=cfg.replica_name(i), **options).remote(*args, **kwargs)
@@ -81,3 +87,37 @@ class ReplicaPool:
         """Kill every replica for good (no restart)."""
         for handle in self.handles:
             ray.kill(handle, no_restart=True)
+
+
+class ReplicaUnavailable(RuntimeError):
+    """A replica a caller waits on has not been alive for `UNAVAILABLE_S`."""
+
+
+def replica_state(handle: ActorHandle) -> str:
+    """The replica's state in the GCS: ALIVE, RESTARTING, PENDING_CREATION, DEPENDENCIES_UNREADY or DEAD.
+    Read from the GCS directly (Ray's debugging accessor), so it works without a dashboard."""
+    return ray._private.state.actors(actor_id=handle._actor_id.hex()).get("State", "UNKNOWN")
+
+
+def wait_any(pools: Sequence[ReplicaPool], refs: list[ray.ObjectRef], unavailable_s: float = UNAVAILABLE_S,
+             poll_s: float = 10.0) -> tuple[list[ray.ObjectRef], list[ray.ObjectRef]]:
+    """`ray.wait(refs, num_returns=1)`, but raise ReplicaUnavailable once some replica of `pools` has not
+    been alive for `unavailable_s`. A Tune trial waiting on a judge holds its CPUs and GPUs: after a
+    node is lost, the judge's replica may need exactly those to restart, and both would wait forever.
+    Failing the trial frees them; Tune retries it (FailureConfig) once the replica is back."""
+    down_since: float | None = None
+    while True:
+        ready, pending = ray.wait(refs, num_returns=1, timeout=poll_s)
+        if ready:
+            return ready, pending
+        states = {f"{pool.cfg.name}[{i}]": replica_state(handle)
+                  for pool in pools for i, handle in enumerate(pool.handles)}
+        down = {name: state for name, state in states.items() if state != "ALIVE"}
+        if not down:
+            down_since = None
+            continue
+        down_since = down_since or time.monotonic()
+        if time.monotonic() - down_since > unavailable_s:
+            name, state = next(iter(down.items()))
+            raise ReplicaUnavailable(f"judge replica {name} not alive for {unavailable_s:.0f} s (state {state}); "
+                                     "giving up this request so its caller's resources are freed")

@@ -76,6 +76,8 @@ def _describe(hint: Any) -> str:
         return " or ".join(repr(a) for a in args)
     if origin in (typing.Union, types.UnionType):
         return " or ".join("null" if a is type(None) else _describe(a) for a in args)
+    if origin is dict:
+        return "a mapping"
     if origin is tuple:
         return f"a list of {_describe(args[0]).removeprefix('an ').removeprefix('a ')}s"
     if is_dataclass(hint):
@@ -95,6 +97,8 @@ def _fits(hint: Any, value: Any) -> bool:
             return False
         items = args[:1] * len(value) if len(args) == 2 and args[1] is Ellipsis else args
         return len(items) == len(value) and all(_fits(h, v) for h, v in zip(items, value))
+    if origin is dict:  # keys and values are checked by the field's owner (e.g. dfc_ray.placement)
+        return isinstance(value, dict)
     if hint is type(None):
         return value is None
     if hint is float:
@@ -476,6 +480,9 @@ class HarvestConfig(Config):
     """Ray actors hosting the pair (Ray Data actor pool size)."""
     gpus_per_actor: float = -1
     """GPUs per actor; -1 = 1 when the cluster has GPUs, else 0 (CPU actors)."""
+    resources: dict[str, float] = field(default_factory=dict)
+    """Custom resources per actor (e.g. {harvest_gpu: 1}: only the harvest node type offers it); the
+    sweep fills it from `resources.custom.harvest`."""
 
     def _check(self) -> None:
         object.__setattr__(self, "layers", tuple(sorted(set(self.layers))))
@@ -618,6 +625,9 @@ class PoolConfig(Config):
     """CPUs reserved per replica."""
     num_gpus: float = at_least(0, 0)
     """GPUs per replica (e.g. 1 for a 3B pair in bf16; fractions share a GPU)."""
+    resources: tuple[tuple[str, float], ...] = ()
+    """Custom resources per replica, as (name, amount) pairs (a tuple: the config stays hashable), e.g.
+    (("trial_gpu", 1),) to land on the node type that offers them."""
     max_restarts: int = -1
     """How often Ray may restart a dead replica (−1 = always)."""
     max_task_retries: int = -1
@@ -669,6 +679,10 @@ class Resources(Config):
     """CPUs kept for Ray Data's read tasks; null = 1 with the ray reader, 0 with the local one."""
     max_failures: int = at_least(1, 0)
     """Retries of a failed trial (Tune's FailureConfig)."""
+    custom: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Custom resources per kind of actor (trial, judge, harvest) → {resource: amount}, e.g.
+    {trial: {trial_gpu: 0.25}, judge: {trial_gpu: 1}}: sends each kind to the node type of cluster.yaml
+    that declares them (checked by dfc_ray.placement)."""
 
     def reserved_data_cpus(self, reader: str) -> float:
         """CPUs Ray Data's read tasks take outside the trials."""

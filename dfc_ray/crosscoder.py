@@ -26,6 +26,9 @@ from torch import Tensor, nn
 
 from dfc_ray.config import L1_MODES, RECONS, SPARSITIES, DFCConfig  # noqa: F401  (re-exported: the public contract)
 
+CHECKPOINT_FILES = ("config.json", "model.safetensors")
+"""A checkpoint folder's files (see `DedicatedFeatureCrosscoder.save`)."""
+
 
 class _PickedProducts(torch.autograd.Function):
     """Entries ⟨x[rows[n]], weight[cols[n]]⟩·keep[n] of one partition's encoder product.
@@ -327,7 +330,7 @@ class DedicatedFeatureCrosscoder(nn.Module):
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> DedicatedFeatureCrosscoder:
         """Load a checkpoint folder; refuses a bad config or missing/extra/mis-shaped tensors."""
         path = Path(path)
-        for name in ("config.json", "model.safetensors"):
+        for name in CHECKPOINT_FILES:
             if not (path / name).is_file():
                 raise FileNotFoundError(f"{path}: not a crosscoder checkpoint (no {name})")
         try:

@@ -12,13 +12,15 @@ after), since clean and intervened replies come from the same prompts.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from dfc_ray.config import EvalConfig
-from dfc_ray.crosscoder import DedicatedFeatureCrosscoder
+from dfc_ray.crosscoder import CHECKPOINT_FILES, DedicatedFeatureCrosscoder
+from dfc_ray.fs import open_fs, redact
 from dfc_ray.generation import Generation, HookContext, residual_hooks
 from dfc_ray.harvest import Record, left_pad, plain_texts
 from dfc_ray.interventions import prefill_edit_hook, prompt_activations, splice_edit
@@ -138,8 +140,21 @@ def score_all(tasks: Sequence[Task], generations: Sequence[Generation]) -> list[
 
 
 def load_crosscoder(path: str, device: str | torch.device) -> DedicatedFeatureCrosscoder:
-    """A checkpoint in eval mode (BatchTopK uses its inference threshold) on `device`."""
-    return DedicatedFeatureCrosscoder.load(path, device=device).eval()
+    """A checkpoint (a folder, or an s3:// prefix as trials of an S3 run write them) in eval mode
+    (BatchTopK uses its inference threshold) on `device`."""
+    if "://" not in path:
+        return DedicatedFeatureCrosscoder.load(path, device=device).eval()
+    import tempfile  # deferred: only remote checkpoints need a local copy
+
+    fs, root = open_fs(path)
+    with tempfile.TemporaryDirectory(prefix="dfc-ray-checkpoint-") as local:
+        for name in CHECKPOINT_FILES:
+            try:
+                with fs.open_input_stream(f"{root}/{name}") as remote:
+                    Path(local, name).write_bytes(remote.read())
+            except FileNotFoundError:
+                raise FileNotFoundError(f"{redact(path)}: not a crosscoder checkpoint (no {name})") from None
+        return DedicatedFeatureCrosscoder.load(local, device=device).eval()
 
 
 def eval_tasks(cfg: EvalConfig) -> list[Task]:

@@ -62,6 +62,8 @@ class HarvestResult:
     """True when a complete harvest with the same content hash was found and nothing was computed."""
     d_model: int
     models: tuple[str, str]
+    nodes: tuple[str, ...] = ()
+    """Ray node ids of the actors that computed the groups (every attempt's; empty in-process or reused)."""
 
 
 # ---------------------------------------------------------------- corpus
@@ -106,7 +108,7 @@ def build_corpus(corpus: CorpusSpec, tokenizer) -> list[Record]:
 def content_hash(cfg: HarvestConfig, records: Sequence[Record]) -> str:
     """Key of a harvest: the pair's weights, every record's tokens, and every setting that changes rows."""
     digest = hashlib.sha256(pair_fingerprint(cfg.pair).encode())
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("store", "num_actors", "gpus_per_actor")}
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("store", "num_actors", "gpus_per_actor", "resources")}
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     for record in records:
         digest.update(np.asarray(record.prompt_ids, dtype=np.int64).tobytes() + b"|")
@@ -224,9 +226,12 @@ class PairActivations:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Ray Data UDF: a batch holding ONE group (`group`, `records` as JSON) → its rows, tagged."""
         (group,), (payload,) = batch["group"], batch["records"]
+        import ray  # deferred: this method only runs inside Ray Data
+
         out = self.rows([Record(**r) for r in json.loads(payload)])
         n = len(next(iter(out.values())))
         return {"group": np.full(n, group, dtype=np.int64), "group_rows": np.full(n, n, dtype=np.int64),
+                "node": np.full(n, ray.get_runtime_context().get_node_id()),
                 **{f"layer_{layer}": rows for layer, rows in out.items()}}
 
 
@@ -237,18 +242,21 @@ def _groups(records: list[Record], batch_size: int) -> list[list[Record]]:
     return [records[i:i + batch_size] for i in range(0, len(records), batch_size)]
 
 
-def _read_progress(uri: str) -> list[int]:
+def _read_progress(uri: str) -> tuple[list[int], list[str]]:
+    """(rows of each group written so far, node id that computed each; "" when in-process)."""
     fs, root = open_fs(uri)
     try:
         with fs.open_input_stream(f"{root}/{PROGRESS}") as handle:
-            return list(json.loads(handle.read())["group_rows"])
+            progress = json.loads(handle.read())
     except FileNotFoundError:
-        return []
+        return [], []
+    rows = list(progress["group_rows"])
+    return rows, list(progress.get("group_nodes", [""] * len(rows)))
 
 
-def _write_progress(uri: str, cfg: HarvestConfig, group_rows: list[int]) -> None:
-    data = json.dumps({"config": asdict(cfg) | {"store": redact(cfg.store)}, "group_rows": group_rows},
-                      default=str, indent=1).encode()
+def _write_progress(uri: str, cfg: HarvestConfig, group_rows: list[int], group_nodes: list[str]) -> None:
+    data = json.dumps({"config": asdict(cfg) | {"store": redact(cfg.store)}, "group_rows": group_rows,
+                       "group_nodes": group_nodes}, default=str, indent=1).encode()
     fs, root = open_fs(uri)
     write_file_atomic(fs, root, PROGRESS, data)
 
@@ -265,15 +273,15 @@ def _resume_point(group_rows: list[int], rows_done: int) -> tuple[int, int]:
 
 
 def _iter_group_outputs(cfg: HarvestConfig, groups: list[list[Record]], start: int,
-                        use_ray: bool) -> Iterator[tuple[int, dict[int, np.ndarray]]]:
-    """(group index, layer → rows) for groups[start:], in order."""
+                        use_ray: bool) -> Iterator[tuple[int, dict[int, np.ndarray], str]]:
+    """(group index, layer → rows, Ray node id that computed it or "") for groups[start:], in order."""
     todo = groups[start:]
     if not todo:
         return
     if not use_ray:
         extractor = PairActivations(cfg)
         for offset, group in enumerate(todo):
-            yield start + offset, extractor.rows(group)
+            yield start + offset, extractor.rows(group), ""
         return
     # deferred: Ray starts only for a Ray harvest
     import ray
@@ -287,7 +295,7 @@ def _iter_group_outputs(cfg: HarvestConfig, groups: list[list[Record]], start: i
     items = [{"group": start + i, "records": json.dumps([asdict(r) for r in g])} for i, g in enumerate(todo)]
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         PairActivations, fn_constructor_kwargs={"cfg": cfg}, batch_size=1, concurrency=cfg.num_actors,
-        num_gpus=gpus, num_cpus=0 if gpus else 1, batch_format="numpy")
+        num_gpus=gpus, num_cpus=0 if gpus else 1, resources=cfg.resources or None, batch_format="numpy")
     pending: dict[int, list[dict[str, np.ndarray]]] = {}
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         # Ray Data may split or merge the blocks of consecutive groups: regroup by tag and count.
@@ -296,7 +304,8 @@ def _iter_group_outputs(cfg: HarvestConfig, groups: list[list[Record]], start: i
             pending.setdefault(int(group), []).append(part)
             if sum(len(p["group"]) for p in pending[int(group)]) == int(part["group_rows"][0]):
                 parts = pending.pop(int(group))
-                yield int(group), {layer: np.concatenate([p[f"layer_{layer}"] for p in parts]) for layer in cfg.layers}
+                rows = {layer: np.concatenate([p[f"layer_{layer}"] for p in parts]) for layer in cfg.layers}
+                yield int(group), rows, str(parts[0]["node"][0])
 
 
 def harvest(cfg: HarvestConfig, *, use_ray: bool = True, progress: bool = True) -> HarvestResult:
@@ -324,19 +333,21 @@ def harvest(cfg: HarvestConfig, *, use_ray: bool = True, progress: bool = True) 
         layer=layer, d_model=d_model, models=models, positions=cfg.positions, harvest_hash=uri.rsplit("/", 1)[1],
         dtype=cfg.dtype, format=cfg.format, shard_rows=cfg.shard_rows)) for layer in cfg.layers}
     groups = _groups(records, cfg.batch_size)
-    group_rows = _read_progress(uri)
+    group_rows, group_nodes = _read_progress(uri)
     start, before = _resume_point(group_rows, min(w.rows_done for w in writers.values()))
-    group_rows = group_rows[:start]
+    group_rows, group_nodes = group_rows[:start], group_nodes[:start]
     for writer in writers.values():
         writer.skip(before)
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task(f"harvest {len(records)} records → {redact(uri)}", total=len(groups), completed=start)
-        for group, rows in _iter_group_outputs(cfg, groups, start, use_ray):
+        for group, rows, node in _iter_group_outputs(cfg, groups, start, use_ray):
             group_rows.append(len(rows[cfg.layers[0]]))
-            _write_progress(uri, cfg, group_rows)  # before the rows can reach a recorded shard
+            group_nodes.append(node)
+            _write_progress(uri, cfg, group_rows, group_nodes)  # before the rows can reach a recorded shard
             for layer, writer in writers.items():
                 writer.append(rows[layer])
             bar.update(task, completed=group + 1)
     for writer in writers.values():
         writer.close()
-    return HarvestResult(uri, cfg.layers, sum(group_rows), False, d_model, models)
+    return HarvestResult(uri, cfg.layers, sum(group_rows), False, d_model, models,
+                         tuple(sorted(set(group_nodes) - {""})))

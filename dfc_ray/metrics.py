@@ -123,6 +123,7 @@ METRICS: tuple[Metric, ...] = (
     metric("steps", "steps"),
     metric("checkpoint", "checkpoint"),
     metric("train_peak_mem_mb", "training peak memory", "MB"),
+    metric("node_id", "Ray node the trial ran on"),
     # splice evaluation (EvalResult.metrics)
     metric("a_clean", "A clean", "fraction", PERCENT, ("trials",), cell=AB[0]),
     metric("a_splice", "A spliced", "fraction", PERCENT, ("trials",), cell=AB[0]),

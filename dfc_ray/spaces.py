@@ -47,9 +47,9 @@ from dfc_ray.config import spec_error as _fail
 
 SECTIONS = ("name", "description", "extends", "pair", "harvest", "layers", "crosscoder", "train", "grid",
             "search", "num_samples", "objective", "scheduler", "eval", "steering", "resources")
-HARVEST_SET_BY_SPEC = frozenset({"store", "layers", "pair", "corpus"})
-"""HarvestConfig fields the spec's other sections (or the sweep) set; the rest, with CorpusSpec's, are
-the flat `harvest` section."""
+HARVEST_SET_BY_SPEC = frozenset({"store", "layers", "pair", "corpus", "resources"})
+"""HarvestConfig fields the spec's other sections set (`resources` comes from `resources.custom.harvest`);
+the rest, with CorpusSpec's, are the flat `harvest` section."""
 DFC_FIELDS = {f.name for f in fields(DFCConfig)} - {"d_model"}
 TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
 AXIS_FIELDS = DFC_FIELDS | TRAIN_FIELDS | {f.name for f in fields(TrainExtra)} | {"layer"}

@@ -8,10 +8,11 @@ from rich.console import Console
 from rich.table import Table
 
 from dfc_ray.cluster import validate_cluster_file
+from dfc_ray.placement import actor_requests, node_type_offers, unplaceable
+from dfc_ray.spaces import load_spec
 
 
 def _validate_command(args: argparse.Namespace) -> int:
-
     config = validate_cluster_file(args.file)
     table = Table(title=f"{args.file}: valid ({config['provider']['type']}, {config['provider'].get('region', '')})")
     for column in ("node type", "instance", "min", "max", "resources", "market"):
@@ -28,7 +29,22 @@ def _validate_command(args: argparse.Namespace) -> int:
             market,
         )
     Console().print(table)
+    if args.spec:
+        _check_spec_placement(args.file, config, args.spec)
     return 0
+
+
+def _check_spec_placement(file: str, config: dict, spec_name: str) -> None:
+    """Which node types can hold each kind of actor the spec starts; ValueError when none can."""
+    spec = load_spec(spec_name)
+    offers = node_type_offers(config)
+    requests = actor_requests(spec)
+    problems = unplaceable(requests, offers, declared_only=True)
+    if problems:
+        raise ValueError(f"{file}: spec {spec.name}: {problems[0]}; expected a node type that offers it")
+    for kind, wants in requests.items():
+        holders = [name for name in offers if not unplaceable({kind: wants}, {name: offers[name]}, declared_only=True)]
+        Console().print(f"{spec.name}: {kind} actors {wants} fit node types {', '.join(holders)}")
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
@@ -36,4 +52,6 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     actions = cluster.add_subparsers(dest="cluster_command", required=True, metavar="ACTION")
     validate = actions.add_parser("validate", help="Validate a cluster YAML (Ray's schema + dfc-ray's rules).")
     validate.add_argument("file", help="cluster YAML, e.g. cluster.yaml")
+    validate.add_argument("--spec", help="also check that some node type can hold each kind of actor this sweep "
+                                         "spec requests (trials, judges, harvest actors)")
     validate.set_defaults(func=_validate_command)

@@ -26,11 +26,13 @@ from dfc_ray.config import PoolConfig
 from dfc_ray.fs import RunFolder, absolute, redact
 from dfc_ray.harvest import harvest
 from dfc_ray.plan import device_name, measure_rates
+from dfc_ray.placement import check_placeable, custom_requests
 from dfc_ray.report import LiveView, write_report
 from dfc_ray.spaces import SweepSpec, parse_spec
 from dfc_ray.sweep.results import LIVE_VIEWS, ResultsWriter, read_results
 from dfc_ray.sweep.search import remaining_work, scheduler, searcher
 from dfc_ray.sweep.trial import TrialContext, run_trial
+from dfc_ray.tune_storage import JournalUploader, local_journal, tune_storage
 
 
 def start_pools(spec: SweepSpec) -> list:
@@ -39,8 +41,9 @@ def start_pools(spec: SweepSpec) -> list:
     gpus = spec.resources.evaluator_gpu
     cpus = spec.resources.evaluator_cpu
     replicas = spec.resources.evaluators
-    configs = (PoolConfig(f"{spec.name}-evaluator", replicas=replicas, num_cpus=cpus, num_gpus=gpus),
-               PoolConfig(f"{spec.name}-steering", replicas=replicas, num_cpus=cpus, num_gpus=gpus))
+    custom = tuple(custom_requests(spec).get("judge", {}).items())
+    configs = (PoolConfig(f"{spec.name}-evaluator", replicas=replicas, num_cpus=cpus, num_gpus=gpus, resources=custom),
+               PoolConfig(f"{spec.name}-steering", replicas=replicas, num_cpus=cpus, num_gpus=gpus, resources=custom))
     return [ReplicaPool.create(EvaluatorActor, configs[0], spec.pair, spec.eval),
             ReplicaPool.create(SteeringActor, configs[1], spec.pair, spec.steering)]
 
@@ -81,22 +84,26 @@ def _open_run(spec: SweepSpec, run_uri: str, resume: bool) -> tuple[RunFolder, S
 
 
 def _harvest(spec: SweepSpec, store_root: str):
-    return harvest(replace(spec.harvest, store=store_root), use_ray=True)
+    cfg = replace(spec.harvest, store=store_root, resources=custom_requests(spec).get("harvest", {}))
+    return harvest(cfg, use_ray=True)
 
 
 def _tuner(spec: SweepSpec, run: RunFolder, ctx: TrialContext, n_todo: int,
            remaining: list[dict[str, Any]] | None) -> tune.Tuner:
     """A fresh Tune experiment (tune/trials-N) that runs the `n_todo` trials still owed."""
-    resources = {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
+    resources = {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu} | custom_requests(spec).get("trial", {})
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), resources)
     attempt = len(list(Path(run.path("tune")).glob("trials-*"))) if run.is_local else time.strftime("%Y%m%d-%H%M%S")
-    tune_root = run.path("tune") if run.is_local else f"{run.uri}/tune"
+    tune_root, tune_fs = tune_storage(f"{run.uri}/tune")
+    journal = local_journal(run)
+    callbacks = [ResultsWriter(spec, run.uri)] + ([] if run.is_local else [JournalUploader(run.uri, journal)])
     return tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(search_alg=searcher(spec, run, remaining), scheduler=scheduler(spec),
+        tune_config=tune.TuneConfig(search_alg=searcher(spec, journal, remaining), scheduler=scheduler(spec),
                                     num_samples=n_todo, reuse_actors=True),  # no torch import per trial
         run_config=tune.RunConfig(
-            name=f"trials-{attempt}", storage_path=tune_root, callbacks=[ResultsWriter(spec, run.uri)], verbose=0,
+            name=f"trials-{attempt}", storage_path=tune_root, storage_filesystem=tune_fs, callbacks=callbacks,
+            verbose=0,
             failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
 
@@ -177,6 +184,7 @@ def run_sweep(spec: SweepSpec, run_uri: str, *, store_root: str | None = None, r
     connect(address)
     if local:  # a cluster we started cannot grow: refuse what would wait forever
         check_fits(spec, evaluate)
+    check_placeable(spec, evaluate)  # some node (or node type) must hold each kind of actor
     clock = time.perf_counter()
     harvested = _harvest(spec, store_root)
     seconds = {"harvest": time.perf_counter() - clock}
@@ -187,7 +195,8 @@ def run_sweep(spec: SweepSpec, run_uri: str, *, store_root: str | None = None, r
                        harvested.models, tuple(pool.cfg for pool in pools) or None)
     judge_memory = _run_trials(spec, run, ctx, resume, live, pools, seconds)
     info = {"spec": spec.name, "spec_file": spec.source, "run": redact(run.uri), "harvest": redact(harvested.uri),
-            "harvest_rows": harvested.rows, "harvest_reused": harvested.reused, "layers": list(spec.layers),
+            "harvest_rows": harvested.rows, "harvest_reused": harvested.reused,
+            "harvest_nodes": list(harvested.nodes), "layers": list(spec.layers),
             "pair": asdict(spec.pair), "seconds": {k: round(v, 1) for k, v in seconds.items()},
             "judge_peak_mem_mb": {k: round(v) for k, v in judge_memory.items()}}
     _write_costs(spec, run, seconds, harvested.reused)

@@ -19,7 +19,6 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
-from dfc_ray.fs import RunFolder, redact
 from dfc_ray.spaces import SweepSpec
 from dfc_ray.sweep.trial import TRAIN_REPORTS
 
@@ -48,12 +47,9 @@ class ObjectiveAtTheEnd(OptunaSearch):
             super().on_trial_result(trial_id, result)
 
 
-def searcher(spec: SweepSpec, run: RunFolder, remaining: list[dict[str, Any]] | None):
+def searcher(spec: SweepSpec, journal: Path, remaining: list[dict[str, Any]] | None):
     """OptunaSearch over the spec. `remaining`: the grid points still to run when resuming (None on a
-    fresh run); the study (journal) is shared across resumes, so TPE keeps learning from every trial."""
-    journal = Path(run.path("optuna.journal")) if run.is_local else Path.home() / ".cache/dfc-ray/optuna" / \
-        f"{redact(run.uri).replace('/', '_')}.journal"
-    journal.parent.mkdir(parents=True, exist_ok=True)
+    fresh run); the study (`journal`) is shared across resumes, so TPE keeps learning from every trial."""
     storage = JournalStorage(JournalFileBackend(str(journal)))
     _close_interrupted_trials(storage, spec.name)
     if spec.grid and not spec.search and remaining is None:

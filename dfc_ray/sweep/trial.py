@@ -17,7 +17,7 @@ import ray
 import torch
 from ray import tune
 
-from actors.pool import ReplicaPool
+from actors.pool import ReplicaPool, wait_any
 from actors.steering import SteerResult
 from dfc_ray import metrics as registry
 from dfc_ray import store
@@ -87,6 +87,7 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     if result.metrics:
         metrics |= training_report(result.metrics)
     metrics["train_peak_mem_mb"] = peak_memory_mb()
+    metrics["node_id"] = ray.get_runtime_context().get_node_id()  # where it ran (multi-node tests check the spread)
     if result.status == "ok":
         checkpoint = RunFolder(ctx.run_dir).upload_dir(local.parent / "dfc", f"checkpoints/{trial_id}")
         metrics["checkpoint"] = checkpoint
@@ -108,7 +109,7 @@ def judge_checkpoint(pools: tuple, checkpoint: str, layer: int) -> dict[str, Any
             "steer_s": steerer.submit("steer", checkpoint, layer)}
     seconds, pending = {}, list(refs.values())
     while pending:  # time each answer: how long a trial waits for each judge
-        ready, pending = ray.wait(pending, num_returns=1)
+        ready, pending = wait_any((evaluator, steerer), pending)
         seconds |= {name: time.perf_counter() - started for name, ref in refs.items() if ref in ready}
     evaluation, steering = ray.get(list(refs.values()))
     return judge_metrics(evaluation, steering, seconds)

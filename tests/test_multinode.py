@@ -1,0 +1,156 @@
+"""A sweep as a Ray job on a three-node cluster (head + two workers on loopback, tests/multinode.py)
+whose only shared storage is S3: the harvest and the trials spread over both workers, the judges run
+on workers, a stopped job resumes without redoing or losing a trial, a lost worker node costs no
+grid point, and `dfc-ray report s3://…` works from outside the cluster.
+
+One test, because each step needs the state the previous one left (last run: 501 s on a loaded
+2-core machine, of which ~60 s starting the cluster). RAY_AUTH_MODE=disabled is set for
+this throwaway loopback cluster only (tests/multinode.py), never for a real one.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from multinode import LocalCluster, wait_for
+
+from dfc_ray.fs import RunFolder
+
+REPO = Path(__file__).resolve().parents[1]
+SPEC = "cluster-smoke"  # search_spaces/cluster-smoke.yaml: organism48 cut to 6 short trials
+GRID = {(k, v) for k in (8, 16, 32) for v in ("dfc-10pct", "crosscoder")}
+RUN_FILES = {"spec.yaml", "results.jsonl", "report.json", "report.md", "costs.json", "optuna.journal"}
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    cluster = LocalCluster(workers=2, worker_cpus=3)  # see cluster-smoke's max_concurrent
+    try:
+        yield cluster.up()
+    finally:
+        cluster.down()
+
+
+def ray_cli(cluster: LocalCluster, *args: str, timeout: float = 120) -> str:
+    """Run `ray …` (the Jobs CLI) from outside the cluster, in the repository (the job's working dir)."""
+    done = subprocess.run(["ray", *args], cwd=REPO, env=cluster.client_env(), capture_output=True, text=True,
+                          timeout=timeout)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout + done.stderr
+
+
+def submit(cluster: LocalCluster, run: str, *extra: str) -> str:
+    """`ray job submit --working-dir .` of a cluster-smoke sweep into `run`; returns the job id."""
+    job_id = f"dfc-{uuid.uuid4().hex[:8]}"
+    ray_cli(cluster, "job", "submit", "--no-wait", "--submission-id", job_id, "--working-dir", ".", "--",
+            "dfc-ray", "sweep", SPEC, "--storage", run.rsplit("/", 1)[0], "--run-dir", run, "--quiet", *extra)
+    return job_id
+
+
+def job_status(cluster: LocalCluster, job_id: str) -> str:
+    from ray.job_submission import JobSubmissionClient
+
+    return str(JobSubmissionClient(cluster.address).get_job_status(job_id).value)
+
+
+def job_logs(cluster: LocalCluster, job_id: str) -> str:
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(cluster.address).get_job_logs(job_id)
+
+
+def results(run: str) -> list[dict]:
+    return [json.loads(line) for line in (RunFolder(run).read_text("results.jsonl") or "").splitlines() if line]
+
+
+def s3_keys(uri: str) -> set[str]:
+    from dfc_ray.fs import s3fs_client
+
+    root = uri.removeprefix("s3://")
+    return {path.removeprefix(root + "/") for path in s3fs_client().find(root)}
+
+
+def actors(cluster: LocalCluster, class_name: str) -> list[dict]:
+    from ray.util.state import list_actors
+
+    return list_actors(address=cluster.address, filters=[("class_name", "=", class_name)], limit=1000,
+                       detail=True, raise_on_missing_output=False)
+
+
+def test_sweep_job_on_three_nodes_survives_stop_and_node_loss(cluster, monkeypatch):
+    for key, value in cluster.client_env().items():  # this process reads S3 and the state API as a client
+        monkeypatch.setenv(key, value)
+    bucket = cluster.create_bucket(f"dfc-mn-{uuid.uuid4().hex[:8]}")
+    run = f"{bucket}/runs/smoke"
+    workers = cluster.alive_workers()
+    assert len(workers) == 2
+
+    # 1. The job: stop it once a trial has finished, while others run.
+    first = submit(cluster, run)
+    wait_for("first finished trial", lambda: results(run) or job_status(cluster, first) in ("FAILED", "STOPPED"),
+             timeout=420, every=2)
+    assert results(run), job_logs(cluster, first)[-3000:]
+    assert f"Connecting to existing Ray cluster at address: {cluster.gcs_address}" in job_logs(cluster, first)
+    ray_cli(cluster, "job", "stop", first)
+    wait_for("job stopped", lambda: job_status(cluster, first) in ("STOPPED", "FAILED", "SUCCEEDED"), timeout=120)
+    stopped = {r["trial_id"]: r for r in results(run)}
+    assert 1 <= len(stopped) < len(GRID), "the job was not stopped mid-trials"
+
+    # 2. Resume it as a new job; lose a worker node (the one hosting the evaluator) once it finished a trial.
+    second = submit(cluster, run, "--resume")
+    wait_for("resumed job finished a trial",
+             lambda: len(results(run)) > len(stopped) or job_status(cluster, second) in ("FAILED", "STOPPED"),
+             timeout=300, every=2)
+    assert job_status(cluster, second) == "RUNNING", job_logs(cluster, second)[-3000:]
+    evaluator = next(a for a in actors(cluster, "Evaluator") if a.state == "ALIVE")  # the resumed job's replica
+    victim = next(name for name, node_id in workers.items() if node_id == evaluator.node_id)
+    cluster.kill_raylet(cluster.node(victim))
+    killed_at = time.time()
+    wait_for("resumed job finished", lambda: job_status(cluster, second) in ("SUCCEEDED", "FAILED", "STOPPED"),
+             timeout=600, every=3)
+    logs = job_logs(cluster, second)
+    assert job_status(cluster, second) == "SUCCEEDED", logs[-3000:]
+    assert f"Connecting to existing Ray cluster at address: {cluster.gcs_address}" in logs
+
+    # Every grid point exactly once, status ok; trials finished before the stop kept as they were.
+    final = results(run)
+    assert len(final) == len({r["trial_id"] for r in final}) == len(GRID)
+    assert {(r["config"]["k"], r["config"]["variant"]) for r in final} == GRID
+    assert all(r["status"] == "ok" for r in final), [(r["status"], r.get("error")) for r in final]
+    for trial_id, record in stopped.items():
+        assert next(r for r in final if r["trial_id"] == trial_id) == record
+
+    # Placement: harvest and trials on both workers, judges on workers only (never the head), and the
+    # evaluator replica restarted on the surviving node after the loss.
+    info = json.loads(RunFolder(run).read_text("report.json"))["run"]  # the resumed job reused the harvest:
+    harvest = json.loads(RunFolder(info["harvest"]).read_text("harvest.json"))  # its progress file has the nodes
+    assert set(harvest["group_nodes"]) == set(workers.values())
+    assert {r["metrics"]["node_id"] for r in final} <= set(workers.values())
+    assert {a.node_id for a in actors(cluster, "ImplicitFunc")} == set(workers.values())  # Tune's trial actors
+    judges = actors(cluster, "Evaluator") + actors(cluster, "Steerer")
+    assert judges and {a.node_id for a in judges} <= set(workers.values())
+    survivor = workers[next(name for name in workers if name != victim)]
+    assert next(a for a in actors(cluster, "Evaluator") if a.actor_id == evaluator.actor_id).node_id == survivor
+
+    # Storage: every run file in S3; nothing written into the job's working copy or the nodes' folders.
+    keys = s3_keys(run)
+    assert RUN_FILES <= keys
+    assert all(f"checkpoints/{r['trial_id']}/model.safetensors" in keys for r in final)
+    assert any(k.startswith("tune/") and "events.out.tfevents" in k for k in keys)
+    for scratch in [REPO, *(Path(node.scratch) for node in cluster.nodes)]:
+        assert not [p for p in scratch.rglob("results.jsonl")], scratch
+    assert "dfc-ray-test-secret" not in logs
+
+    # The report, rebuilt from S3 by a process outside the cluster.
+    report = subprocess.run(["dfc-ray", "report", run], cwd=REPO, env=cluster.client_env(), capture_output=True,
+                            text=True, timeout=300)
+    assert report.returncode == 0, report.stderr
+    assert f"(n={len(GRID)})" in report.stdout
+    print(f"node lost {time.time() - killed_at:.0f} s before the resumed job finished")

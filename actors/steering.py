@@ -387,6 +387,10 @@ class Steerer(PairReplica):
         self._reference_results[key] = result
         return result
 
+    def stats(self) -> dict[str, object]:
+        """The replica's counters, plus how many reference runs it has cached."""
+        return super().stats() | {"reference_runs": len(self._reference_results)}
+
     def steer(self, checkpoint: str, layer: int, cfg: SteerConfig | None = None) -> SteerResult:
         """Run the protocol for `checkpoint` (a folder path) at `layer`."""
         started = time.perf_counter()

@@ -31,8 +31,14 @@ def make_checkpoint(pair: PairSpec, out: Path, a_exclusive: float = 0.25, steps:
     texts = world.plain_text(32, 5) + [render_prompt(tok, t) for t in world.load_split("dev")[:16]]
     acts = [torch.cat(prompt_activations(m, tok, texts, LAYER)) for m in (model_a, model_b)]
     x = torch.stack(acts, dim=1).float()
-    cc = DedicatedFeatureCrosscoder(DFCConfig(d_model=32, dict_size=64, k=6, a_exclusive=a_exclusive,
-                                              b_exclusive=a_exclusive / 2 if a_exclusive else 0.0))
+    fit_dfc(DFCConfig(d_model=32, dict_size=64, k=6, a_exclusive=a_exclusive,
+                      b_exclusive=a_exclusive / 2 if a_exclusive else 0.0), x, steps).save(out)
+    return out
+
+
+def fit_dfc(cfg: DFCConfig, x: torch.Tensor, steps: int) -> DedicatedFeatureCrosscoder:
+    """A DFC fitted to paired activations x (n, 2, d_model) by `steps` Adam steps on batches of 256."""
+    cc = DedicatedFeatureCrosscoder(cfg)
     cc.fit_normalization(x)
     opt = torch.optim.Adam(cc.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(0)
@@ -41,8 +47,7 @@ def make_checkpoint(pair: PairSpec, out: Path, a_exclusive: float = 0.25, steps:
         opt.zero_grad()
         loss.backward()
         opt.step()
-    cc.save(out)
-    return out
+    return cc
 
 
 @pytest.fixture(scope="module")

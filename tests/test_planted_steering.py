@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from actors.steering import SteerConfig, Steerer
-from dfc_ray.crosscoder import DedicatedFeatureCrosscoder, DFCConfig
+from dfc_ray.crosscoder import DFCConfig
 from dfc_ray.evaluate import load_crosscoder
 from dfc_ray.generation import GenerationConfig, generate
 from dfc_ray.interventions import generate_steered, last_prompt_residuals, prompt_activations, steering_vector
@@ -20,6 +20,7 @@ from dfc_ray.organism import world
 from dfc_ray.organism.planted import PlantedPairConfig, build_planted_pair
 from dfc_ray.reference import NO_STEERABLE_DIRECTION, cosines, share_of_reference
 from dfc_ray.tooluse import load_tasks, render_prompt
+from test_interventions import fit_dfc
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 LAYER = 1
@@ -33,17 +34,7 @@ def train_dfc(steerer: Steerer, out: Path) -> Path:
     texts = world.plain_text(48, 5) + [render_prompt(steerer.tokenizer, t) for t in load_tasks("organism:train")[:24]]
     x = torch.stack([torch.cat(prompt_activations(m, steerer.tokenizer, texts, LAYER))
                      for m in (steerer.model_a, steerer.model_b)], dim=1).float()
-    cc = DedicatedFeatureCrosscoder(DFCConfig(d_model=x.shape[-1], dict_size=64, k=4, a_exclusive=0.125,
-                                              b_exclusive=0.125))
-    cc.fit_normalization(x)
-    opt = torch.optim.Adam(cc.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(600):
-        loss = cc.loss(x[torch.randint(len(x), (256,), generator=gen)])["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    cc.save(out)
+    fit_dfc(DFCConfig(d_model=x.shape[-1], dict_size=64, k=4, a_exclusive=0.125, b_exclusive=0.125), x, 600).save(out)
     return out
 
 

@@ -39,7 +39,6 @@ from dfc_ray.reference import NO_STEERABLE_DIRECTION, cosines, mean_norm, scale_
 from dfc_ray.tooluse import Task, load_tasks, render_prompt
 
 
-
 @dataclass(frozen=True)
 class SteerConfig:
     """The steering protocol's settings."""

@@ -2,7 +2,8 @@
 
 A replica hosts model A and B and judges one checkpoint per request. Everything about its fixed
 prompt sets that does not depend on the checkpoint is computed once and kept: clean replies, the
-prompts' prefill (a `PrefixCache` per model) and each model's residual at the last prompt token.
+prompts' prefill (a `PrefixCache` per model), each model's residual at the last prompt token and the
+reference steering direction (A − B mean difference) made from them.
 A last-prompt-token splice or steering request then costs one prompt token plus the reply per
 prompt, and a 48-trial sweep pays for each prompt's prefill once per replica, not 48 × (1 + α grid).
 """
@@ -19,6 +20,7 @@ from dfc_ray.generation import Generation, GenerationConfig, PrefixCache, genera
 from dfc_ray.interventions import last_prompt_residuals, model_index
 from dfc_ray.pair import PairSpec, load_pair, pair_fingerprint
 from dfc_ray.plan import peak_memory_mb
+from dfc_ray.reference import mean_difference
 
 
 class PairReplica:
@@ -32,6 +34,7 @@ class PairReplica:
         self.prefix = {"a": PrefixCache(self.model_a), "b": PrefixCache(self.model_b)}
         self._clean: dict[str, list[Generation]] = {}
         self._residuals: dict[str, torch.Tensor] = {}
+        self._references: dict[str, torch.Tensor] = {}
         self.clean_hits = self.clean_misses = 0
 
     def model(self, target: str) -> torch.nn.Module:
@@ -57,6 +60,14 @@ class PairReplica:
         if key not in self._residuals:
             self._residuals[key] = last_prompt_residuals(self.model(target), self.tokenizer, prompts, layer, batch_size)
         return self._residuals[key]
+
+    def reference_direction(self, prompts: list[str], layer: int, batch_size: int) -> torch.Tensor:
+        """v = mean over `prompts` of A's minus B's residual after block `layer` at the last prompt token
+        (d_model,), float32, cached per (layer, prompts)."""
+        key = json.dumps([layer, prompts])
+        if key not in self._references:
+            self._references[key] = mean_difference(*(self.last_residuals(t, prompts, layer, batch_size) for t in "ab"))
+        return self._references[key]
 
     def stats(self) -> dict[str, object]:
         """Process id, device and cache counters (for monitoring and tests)."""

@@ -2,13 +2,19 @@
 
 Protocol (docs/evaluation.md), built to avoid the seed study's weakness 5 (selection and report on
 the same 40 prompts, best grid cell reported):
-1. rank the A-exclusive features on the DEV split (ranking.py: Cohen's d at the last prompt token);
-2. for each target model, sweep α over a grid for the top-N features on DEV; pick the best cell;
+1. rank the A-exclusive features on the DEV split three ways (`rankings`): Cohen's d at the last
+   prompt token (ranking.py), |cos| of the A decoder direction with the reference direction, and the
+   direct effect on the target's first reply token (log-prob of the tool-call opener); the top_n of
+   each, united, are the candidates;
+2. for each target model, sweep α over a grid for the candidates on DEV; pick the best cell;
 3. report that single (feature, α) on the disjoint TEST split: clean vs steered, paired 95% CI;
 4. controls on TEST at the same α: a random A-exclusive feature, and a random direction of the
    chosen vector's norm;
 5. the minimal steerable set on DEV: the smallest set of top features whose joint steering closes a
-   target share of the A–B clean gap (greedy forward selection).
+   target share of the A–B clean gap (greedy forward selection);
+6. the positive control: the reference direction v (mean A − B residual on dev tool prompts) goes
+   through steps 2–4 itself, once per replica and setting (cached across checkpoints). If it does
+   not move the target beyond its CI, the layer/position is labelled "no steerable direction".
 """
 
 from __future__ import annotations
@@ -27,9 +33,10 @@ from rich.table import Table
 from actors.replica import PairReplica
 from dfc_ray.config import SteerConfig
 from dfc_ray.evaluate import Rate, bootstrap_rate, eval_texts, load_crosscoder, paired_delta_pp, score_all
-from dfc_ray.interventions import generate_steered, steering_vector
+from dfc_ray.interventions import feature_direction, first_token_logprobs, generate_steered, steering_vector
 from dfc_ray.pair import PairSpec
 from dfc_ray.ranking import FeatureStats, encode_pairs, rank_features
+from dfc_ray.reference import NO_STEERABLE_DIRECTION, cosines, mean_norm, scale_to_norm, share_of_reference
 from dfc_ray.tooluse import Task, load_tasks, render_prompt
 
 
@@ -39,6 +46,34 @@ class GridCell:
     alpha: float
     dev_correct: float
     """Strict correctness on dev with this feature at this α."""
+
+
+@dataclass
+class ReferenceSteer:
+    """The reference direction v (A − B mean residual on dev tool prompts) through the same protocol."""
+
+    target: str
+    alpha: float
+    """The α chosen on dev (same grid and units as the features)."""
+    reference_norm: float
+    """‖v‖ in raw residual units."""
+    residual_norm: float
+    """The target's mean residual norm at the layer (dev tool prompts, last prompt token)."""
+    vector_norm: float
+    """Norm of the chosen vector added to the residual."""
+    dev_clean: float
+    grid: list[tuple[float, float]]
+    """(α, dev strict correctness) per α."""
+    test_clean: Rate
+    test_steered: Rate
+    delta_pp: Rate
+    """TEST: steered − clean strict correctness, pp, paired CI."""
+    random_direction_delta_pp: Rate
+    """TEST control: a random direction with the chosen vector's norm."""
+    significant: bool
+    """The delta's 95% CI lies above 0."""
+    label: str
+    """NO_STEERABLE_DIRECTION when not `significant`, else empty."""
 
 
 @dataclass
@@ -70,6 +105,16 @@ class TargetSteer:
     """Greedy minimal feature set (dev); empty when the goal is not reached."""
     min_set_goal_pp: float
     """Required dev gain: min_set_share × |A clean − B clean| on dev, in pp."""
+    candidates: dict[str, list[int]] = field(default_factory=dict)
+    """Each ranking's top_n features (their union, in `rankings` order, was the α grid's candidates)."""
+    tool_logprob_gain: dict[int, float] = field(default_factory=dict)
+    """Mean gain in log p(tool token first) on dev tool prompts of the best-scoring features (≤ 10)."""
+    cos_reference: float = 0.0
+    """Signed cosine of the chosen feature's A decoder direction with the reference direction."""
+    reference: ReferenceSteer | None = None
+    """The positive control on this target."""
+    share_of_reference: float = 0.0
+    """delta_pp / reference.delta_pp (reference.share_of_reference: 0 when the reference effect is ≤ 0)."""
 
 
 @dataclass
@@ -89,15 +134,23 @@ class SteerResult:
 
     def metrics(self) -> dict[str, float | str]:
         """steer_feature, steer_alpha, steer_target, steer_delta_pp, steer_min_set (the primary target)
-        plus CIs and controls, and the same per target as steer_<target>_*, and steer_compute_s."""
+        plus CIs, controls, the reference's numbers (steer_reference_*, steer_cos_reference,
+        steer_share_of_reference), the same per target as steer_<target>_*, and steer_compute_s."""
         out: dict[str, float | str] = {"steer_compute_s": self.seconds}
         primary = self.config.get("primary", "a")
         for name, t in self.targets.items():
-            values = {"feature": t.feature, "alpha": t.alpha, "delta_pp": t.delta_pp.mean,
+            values: dict[str, float | str] = {"feature": t.feature, "alpha": t.alpha, "delta_pp": t.delta_pp.mean,
                       "delta_pp_lo": t.delta_pp.lo, "delta_pp_hi": t.delta_pp.hi,
                       "min_set": len(t.min_set) if t.min_set else -1,
                       "random_feature_pp": t.random_feature_delta_pp.mean,
-                      "random_direction_pp": t.random_direction_delta_pp.mean}
+                      "random_direction_pp": t.random_direction_delta_pp.mean,
+                      "cos_reference": t.cos_reference, "share_of_reference": t.share_of_reference}
+            if t.reference is not None:
+                r = t.reference
+                values |= {"reference_pp": r.delta_pp.mean, "reference_pp_lo": r.delta_pp.lo,
+                           "reference_pp_hi": r.delta_pp.hi, "reference_alpha": r.alpha,
+                           "reference_random_direction_pp": r.random_direction_delta_pp.mean,
+                           "reference_sig": int(r.significant), "reference_label": r.label}
             out.update({f"steer_{name}_{k}": v for k, v in values.items()})
             if name == primary:
                 out.update({f"steer_{k}": v for k, v in values.items()})
@@ -128,6 +181,7 @@ class Steerer(PairReplica):
     def __init__(self, pair: PairSpec, cfg: SteerConfig | None = None):
         super().__init__(pair)
         self.cfg = cfg or SteerConfig()
+        self._reference_results: dict[str, ReferenceSteer] = {}
 
     def _tasks(self, cfg: SteerConfig) -> tuple[list[Task], list[Task]]:
         dev, test = load_tasks(cfg.dev_tasks), load_tasks(cfg.test_tasks)
@@ -151,12 +205,99 @@ class Steerer(PairReplica):
 
     def rank(self, cc, layer: int, dev: list[Task], cfg: SteerConfig) -> list[FeatureStats]:
         """A-exclusive features by Cohen's d on dev: tool prompts vs no-tool prompts + plain text."""
-        pos = [render_prompt(self.tokenizer, t) for t in dev if t.ground_truth]
+        pos = self.tool_prompts(dev)
         neg = [render_prompt(self.tokenizer, t) for t in dev if not t.ground_truth]
         neg += eval_texts("organism", cfg.n_plain, cfg.seed + 1) if cfg.n_plain else []
         x = torch.stack([self.last_residuals(t, pos + neg, layer, cfg.batch_size) for t in ("a", "b")], dim=1)
         codes = encode_pairs(cc, x)
         return rank_features(codes[:len(pos)], codes[len(pos):], cc.partition.a_exclusive.cpu())
+
+    def tool_prompts(self, dev: list[Task]) -> list[str]:
+        """Rendered dev prompts that need a tool (non-empty ground truth): the reference's and the
+        residual norm's prompt set, and the ranking's positives."""
+        return [render_prompt(self.tokenizer, t) for t in dev if t.ground_truth]
+
+    def residual_norm(self, target: str, layer: int, dev: list[Task], cfg: SteerConfig) -> float:
+        """Mean ‖x_target‖ after block `layer` at the last prompt token of the dev tool prompts (cached inputs)."""
+        return mean_norm(self.last_residuals(target, self.tool_prompts(dev), layer, cfg.batch_size))
+
+    def feature_scales(self, cc, ranking: list[FeatureStats], target: str, layer: int, dev: list[Task],
+                       cfg: SteerConfig) -> dict[int, float]:
+        """Per feature, the factor `steering_vector` multiplies α × its raw direction by (SteerConfig.scale)."""
+        if cfg.scale == "decoder":
+            return {s.feature: 1.0 for s in ranking}
+        if cfg.scale == "activation":
+            fired = [s.typical for s in ranking if s.typical > 0]
+            fallback = float(np.mean(fired)) if fired else 1.0
+            return {s.feature: s.typical or fallback for s in ranking}
+        norm = self.residual_norm(target, layer, dev, cfg)
+        lengths = {s.feature: float(feature_direction(cc, s.feature, target).norm()) for s in ranking}
+        return {f: norm / length if length > 0 else 0.0 for f, length in lengths.items()}
+
+    def reference_vector(self, v: torch.Tensor, alpha: float, residual_norm: float, cfg: SteerConfig) -> torch.Tensor:
+        """α in `scale` units applied to the reference v: α × residual_norm along v̂, or α × v."""
+        return scale_to_norm(v, alpha * residual_norm) if cfg.scale == "residual_norm" else float(alpha) * v.float()
+
+    def candidates(self, cc, ranking: list[FeatureStats], v: torch.Tensor, target: str, layer: int,
+                   dev: list[Task], scales: dict[int, float],
+                   cfg: SteerConfig) -> tuple[dict[str, list[int]], dict[int, float]]:
+        """Each configured ranking's top_n features, and the tool_logprob gains of the best-scoring ones."""
+        picks: dict[str, list[int]] = {}
+        gains: dict[int, float] = {}
+        if "cohens_d" in cfg.rankings:
+            picks["cohens_d"] = [s.feature for s in ranking[:cfg.top_n]]
+        if "cos_reference" in cfg.rankings:
+            features = [s.feature for s in ranking]
+            cos = cosines(torch.stack([feature_direction(cc, f, "a") for f in features]), v).abs().tolist()
+            order = sorted(range(len(features)), key=lambda i: (-cos[i], features[i]))
+            picks["cos_reference"] = [features[i] for i in order[:cfg.top_n]]
+        if "tool_logprob" in cfg.rankings:
+            pool = [s.feature for s in ranking[:cfg.effect_pool]]
+            token = self.tokenizer(cfg.tool_token, add_special_tokens=False)["input_ids"]
+            if not token:
+                raise ValueError(f"SteerConfig.tool_token={cfg.tool_token!r} encodes to no token; expected text the "
+                                 "tokenizer maps to at least one token")
+            alpha = cfg.scoring_alpha()
+            deltas = [torch.zeros(cc.cfg.d_model)] + [steering_vector(cc, [f], target, alpha, [scales[f]])
+                                                      for f in pool]
+            logp = first_token_logprobs(self.model(target), self.tokenizer, self.tool_prompts(dev), layer, deltas,
+                                        token[0], cfg.batch_size).mean(1)
+            gain = {f: float(logp[i + 1] - logp[0]) for i, f in enumerate(pool)}
+            best = sorted(pool, key=lambda f: (-gain[f], f))
+            picks["tool_logprob"] = best[:cfg.top_n]
+            gains = {f: gain[f] for f in best[:10]}
+        return picks, gains
+
+    def reference(self, target: str, layer: int, dev: list[Task], test: list[Task], cfg: SteerConfig) -> ReferenceSteer:
+        """The reference direction through the protocol on `target`: α on dev, report and control on test.
+        It does not depend on the checkpoint, so it runs once per (target, layer, tasks, setting) and is cached."""
+        key = json.dumps([target, layer, asdict(cfg)], sort_keys=True)
+        if key in self._reference_results:
+            return self._reference_results[key]
+        v = self.reference_direction(self.tool_prompts(dev), layer, cfg.batch_size)
+        norm = self.residual_norm(target, layer, dev, cfg)
+        dev_clean = float(np.mean(self.correct(target, dev, cfg)))
+        grid = [(a, float(np.mean(self.correct(target, dev, cfg, layer, self.reference_vector(v, a, norm, cfg)))))
+                for a in cfg.alphas]
+        alpha = max(grid, key=lambda cell: cell[1])[0]  # first best: the smaller α
+        chosen = self.reference_vector(v, alpha, norm, cfg)
+        test_clean = self.correct(target, test, cfg)
+        steered = self.correct(target, test, cfg, layer, chosen)
+        control = self.correct(target, test, cfg, layer, random_direction(chosen, cfg.seed))
+        boot = dict(n_boot=cfg.n_bootstrap, seed=cfg.seed)
+        delta = paired_delta_pp(test_clean, steered, **boot)
+        result = ReferenceSteer(
+            target=target, alpha=alpha, reference_norm=float(v.norm()), residual_norm=norm,
+            vector_norm=float(chosen.norm()), dev_clean=dev_clean, grid=grid,
+            test_clean=bootstrap_rate(test_clean, **boot), test_steered=bootstrap_rate(steered, **boot),
+            delta_pp=delta, random_direction_delta_pp=paired_delta_pp(test_clean, control, **boot),
+            significant=delta.lo > 0, label="" if delta.lo > 0 else NO_STEERABLE_DIRECTION)
+        self._reference_results[key] = result
+        return result
+
+    def stats(self) -> dict[str, object]:
+        """The replica's counters, plus how many reference runs it has cached."""
+        return super().stats() | {"reference_runs": len(self._reference_results)}
 
     def steer(self, checkpoint: str, layer: int, cfg: SteerConfig | None = None) -> SteerResult:
         """Run the protocol for `checkpoint` (a folder path) at `layer`."""
@@ -174,45 +315,54 @@ class Steerer(PairReplica):
         dev, test = self._tasks(cfg)
         ranking = self.rank(cc, layer, dev, cfg)
         result.ranking = ranking[:20]
-        fired = [s.typical for s in ranking if s.typical > 0]
-        fallback = float(np.mean(fired)) if fired else 1.0
-        scale = {s.feature: (s.typical or fallback) if cfg.scale == "activation" else 1.0 for s in ranking}
+        v = self.reference_direction(self.tool_prompts(dev), layer, cfg.batch_size)
         boot = dict(n_boot=cfg.n_bootstrap, seed=cfg.seed)
         clean_gap = abs(np.mean(self.correct("a", dev, cfg)) - np.mean(self.correct("b", dev, cfg)))
         rng = np.random.default_rng(cfg.seed)
         for target in cfg.targets:
+            scale = self.feature_scales(cc, ranking, target, layer, dev, cfg)
+
             def vector(features: list[int], alpha: float) -> torch.Tensor:
                 return steering_vector(cc, features, target, alpha, [scale[f] for f in features])
 
+            picks, gains = self.candidates(cc, ranking, v, target, layer, dev, scale, cfg)
+            union = list(dict.fromkeys(f for r in cfg.rankings for f in picks[r]))
             dev_clean = float(np.mean(self.correct(target, dev, cfg)))
-            grid = [GridCell(s.feature, a, float(np.mean(self.correct(target, dev, cfg, layer, vector([s.feature],
-                                                                                                      a)))))
-                    for s in ranking[:cfg.top_n] for a in cfg.alphas]
-            best = max(grid, key=lambda c: c.dev_correct)  # first best: higher-ranked feature, then smaller α
+            grid = [GridCell(f, a, float(np.mean(self.correct(target, dev, cfg, layer, vector([f], a)))))
+                    for f in union for a in cfg.alphas]
+            best = max(grid, key=lambda c: c.dev_correct)  # first best: earlier candidate, then smaller α
             chosen = vector([best.feature], best.alpha)
             test_clean = self.correct(target, test, cfg)
             steered = self.correct(target, test, cfg, layer, chosen)
             others = [s.feature for s in ranking if s.feature != best.feature] or [best.feature]
             random_feature = int(rng.choice(others))
-            random_dir = torch.randn(cc.cfg.d_model, generator=torch.Generator().manual_seed(cfg.seed))
-            random_dir = random_dir.to(chosen.device) * chosen.norm() / random_dir.norm()
             control_f = self.correct(target, test, cfg, layer, vector([random_feature], best.alpha))
-            control_d = self.correct(target, test, cfg, layer, random_dir)
+            control_d = self.correct(target, test, cfg, layer, random_direction(chosen, cfg.seed))
             pool = [s.feature for s in ranking[:cfg.min_set_pool]]
             goal = cfg.min_set_share * clean_gap
             min_set = greedy_min_set(
                 pool, lambda fs: float(np.mean(self.correct(target, dev, cfg, layer, vector(fs,
                                                                                             best.alpha)))) - dev_clean,
                 goal, cfg.min_set_max) if clean_gap > 0 else []
+            delta = paired_delta_pp(test_clean, steered, **boot)
+            reference = self.reference(target, layer, dev, test, cfg)
             result.targets[target] = TargetSteer(
                 target=target, feature=best.feature, alpha=best.alpha, scale=scale[best.feature],
                 vector_norm=float(chosen.norm()), dev_clean=dev_clean, dev_steered=best.dev_correct, grid=grid,
                 test_clean=bootstrap_rate(test_clean, **boot), test_steered=bootstrap_rate(steered, **boot),
-                delta_pp=paired_delta_pp(test_clean, steered, **boot), random_feature=random_feature,
+                delta_pp=delta, random_feature=random_feature,
                 random_feature_delta_pp=paired_delta_pp(test_clean, control_f, **boot),
                 random_direction_delta_pp=paired_delta_pp(test_clean, control_d, **boot),
-                min_set=min_set, min_set_goal_pp=100 * goal)
+                min_set=min_set, min_set_goal_pp=100 * goal, candidates=picks, tool_logprob_gain=gains,
+                cos_reference=float(cosines(feature_direction(cc, best.feature, "a")[None], v)[0]),
+                reference=reference, share_of_reference=share_of_reference(delta.mean, reference.delta_pp.mean))
         return result
+
+
+def random_direction(like: torch.Tensor, seed: int) -> torch.Tensor:
+    """A seeded Gaussian direction with `like`'s norm, device and dtype (the random-direction control)."""
+    direction = torch.randn(like.shape[-1], generator=torch.Generator().manual_seed(seed))
+    return (direction * like.float().norm().cpu() / direction.norm()).to(like.device, like.dtype)
 
 SteeringActor = ray.remote(Steerer)
 """The Ray actor: `SteeringActor.options(num_gpus=1).remote(pair, cfg)`; see actors/pool.py for named pools."""
@@ -233,12 +383,28 @@ def print_steer(result: SteerResult) -> None:
     console.print(ranking)
     table = Table(title="steering on test (feature and α chosen on dev), pp [95% CI]")
     for col in ("target", "feature", "α", "clean %", "steered %", "Δ pp", "random feature Δ", "random dir Δ",
-                "min set"):
+                "min set", "cos to ref", "share of ref"):
         table.add_column(col, justify="right")
     for t in result.targets.values():
         table.add_row(t.target, str(t.feature), f"{t.alpha:g}", f"{100 * t.test_clean.mean:.1f}",
                       f"{100 * t.test_steered.mean:.1f}",
                       f"{t.delta_pp.mean:+.1f} [{t.delta_pp.lo:+.1f}, {t.delta_pp.hi:+.1f}]",
                       f"{t.random_feature_delta_pp.mean:+.1f}", f"{t.random_direction_delta_pp.mean:+.1f}",
-                      str(t.min_set) if t.min_set else f"not reached (goal +{t.min_set_goal_pp:.1f} pp)")
+                      str(t.min_set) if t.min_set else f"not reached (goal +{t.min_set_goal_pp:.1f} pp)",
+                      f"{t.cos_reference:+.2f}", f"{t.share_of_reference:.2f}")
     console.print(table)
+    reference = Table(title="reference direction v = mean(x_A − x_B) on dev tool prompts, same protocol, pp [95% CI]")
+    for col in ("target", "‖v‖", "mean ‖x‖", "α", "‖α v‖", "clean %", "steered %", "Δ pp", "random dir Δ", "label"):
+        reference.add_column(col, justify="right")
+    for t in result.targets.values():
+        r = t.reference
+        if r is not None:
+            reference.add_row(t.target, f"{r.reference_norm:.1f}", f"{r.residual_norm:.1f}", f"{r.alpha:g}",
+                              f"{r.vector_norm:.1f}", f"{100 * r.test_clean.mean:.1f}",
+                              f"{100 * r.test_steered.mean:.1f}",
+                              f"{r.delta_pp.mean:+.1f} [{r.delta_pp.lo:+.1f}, {r.delta_pp.hi:+.1f}]",
+                              f"{r.random_direction_delta_pp.mean:+.1f}", r.label or "steerable")
+    console.print(reference)
+    for t in result.targets.values():
+        console.print(f"candidates for {t.target}: " + "; ".join(f"{k}: {v}" for k, v in t.candidates.items()))
+    console.print(f"{result.seconds:.1f} s")

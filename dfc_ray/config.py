@@ -208,13 +208,14 @@ Sparsity = Literal["topk", "batchtopk"]
 Recon = Literal["mse", "fvu"]
 L1Mode = Literal["seed", "partition"]
 Decay = Literal["linear", "cosine", "none"]
-HarvestPositions = Literal["last_prompt_token", "all_tokens", "prompt_and_response"]
+HarvestPositions = Literal["last_prompt_token", "all_tokens", "prompt_and_response", "prompt", "mix_last_prompt"]
 StoreDtype = Literal["float16", "bfloat16", "float32"]
 ShardFormat = Literal["parquet", "safetensors"]
 WeightsDtype = Literal["float32", "bfloat16", "float16"]
 SpliceModeName = Literal["last_prompt_token", "prompt", "lockstep"]
 SteerPositionsName = Literal["last_prompt_token", "generated", "all"]
-SteerScale = Literal["activation", "decoder"]
+SteerScale = Literal["residual_norm", "activation", "decoder"]
+SteerRanking = Literal["cohens_d", "cos_reference", "tool_logprob"]
 Target = Literal["a", "b"]
 Dispatch = Literal["least_busy", "round_robin"]
 Reader = Literal["ray", "local"]
@@ -224,6 +225,7 @@ SPARSITIES, RECONS, L1_MODES = get_args(Sparsity), get_args(Recon), get_args(L1M
 POSITIONS = get_args(HarvestPositions)
 DISPATCH = get_args(Dispatch)
 SCALES = get_args(SteerScale)
+STEER_RANKINGS = get_args(SteerRanking)
 
 
 @dataclass(frozen=True)
@@ -406,6 +408,28 @@ ORGANISM = "organism"
 
 
 @dataclass(frozen=True)
+class PlantedPairConfig(Config):
+    """Size of the planted pair and of its planted change (dfc_ray/organism/planted.py)."""
+
+    d_model: int = 32
+    """Residual width."""
+    d_ff: int = 64
+    """MLP intermediate width."""
+    n_layers: int = 3
+    """Decoder blocks."""
+    layer: int = 1
+    """The block whose MLP down-projection carries the rank-1 change."""
+    strength: float = 3.0
+    """Size of u·c·a_j where neuron j is in its top 1%, relative to block `layer`'s mean output norm.
+    At 3 the difference is ~0.9 × the residual on average and a small DFC dedicates a feature to it
+    (|cos| 0.996 to u); at 1 it is ~0.3 × and the best A-exclusive feature reaches only |cos| ≈ 0.7."""
+    seed: int = 0
+    """Seeds B's weights and the planted u."""
+    plant: bool = True
+    """False: A = B exactly (the control: no direction to find)."""
+
+
+@dataclass(frozen=True)
 class PairSpec(Config):
     """Where the two models and the tokenizer come from, and how to load them (pair.py loads them)."""
 
@@ -569,13 +593,16 @@ class SteerConfig(Config):
     n_plain: int = at_least(100, 0)
     """Plain texts added to the ranking's negatives (with the dev tasks that need no tool)."""
     top_n: int = at_least(3, 1)
-    """Candidate features (best Cohen's d) in the α grid."""
-    alphas: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0)
-    """α grid, in units of `scale`."""
-    scale: SteerScale = "activation"
-    """"activation": a feature's vector is α × (its mean activation when it fires on dev tool prompts)
-    × its raw decoder direction — α = 1 adds one typical firing, so one grid fits every feature.
-    "decoder": α × the raw decoder direction (the seed study's α = 32 convention)."""
+    """Candidate features taken from the top of EACH ranking in `rankings`; their union enters the α grid."""
+    alphas: tuple[float, ...] = (0.4, 0.8, 1.2)
+    """α grid, in units of `scale` (the reference direction uses the same grid)."""
+    scale: SteerScale = "residual_norm"
+    """"residual_norm": the vector is a unit direction × α × the target's mean residual norm at that
+    layer (‖x‖ over dev tool prompts at the last prompt token): α = 1 adds as much as the residual
+    already holds, so one grid fits every layer, feature and dictionary. "activation": α × (the
+    feature's mean activation when it fires on dev tool prompts) × its raw decoder direction.
+    "decoder": α × the raw decoder direction (the seed study's α = 32 convention). Under
+    "activation" and "decoder" the reference direction's vector is α × v."""
     positions: SteerPositionsName = "last_prompt_token"
     """Where the vector is added: last_prompt_token (the study's protocol), generated or all; see STEER_SITES."""
     targets: tuple[Target, ...] = ("a", "b")
@@ -596,8 +623,24 @@ class SteerConfig(Config):
     """Bootstrap resamples for the CIs."""
     seed: int = 0
     """Seed of the controls (random feature and direction) and of the bootstrap."""
+    rankings: tuple[SteerRanking, ...] = STEER_RANKINGS
+    """Candidate rankings: "cohens_d" (tool vs no-tool activation), "cos_reference" (|cos| of the
+    feature's A decoder direction with the reference v), "tool_logprob" (gain in the target's
+    log-prob of `tool_token` as its first reply token on dev tool prompts, feature added at
+    `candidate_alpha`; one last-token forward per feature, no generation)."""
+    tool_token: str = "<tool_call>"
+    """Reply opening whose FIRST token the tool_logprob ranking scores."""
+    candidate_alpha: float = at_least(0.0, 0)
+    """α (in `scale` units) at which tool_logprob scores features; 0 = the median of `alphas`."""
+    effect_pool: int = at_least(256, 1)
+    """tool_logprob scores at most this many features (the best by Cohen's d): bounds its cost on
+    large dictionaries; the organism's dictionaries have fewer A-exclusive features than this."""
 
     def _check(self) -> None:
+        if not self.rankings:
+            raise self.invalid("rankings", f"a non-empty list of {list(STEER_RANKINGS)}")
+        if not self.tool_token:
+            raise self.invalid("tool_token", "the text a tool call opens with")
         if not self.targets or self.primary not in self.targets:
             raise self.invalid("targets", f"a non-empty list of 'a'/'b' that holds primary={self.primary!r}")
         if not self.alphas:
@@ -609,6 +652,10 @@ class SteerConfig(Config):
 
     def generation(self) -> GenerationConfig:
         return GenerationConfig(max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
+
+    def scoring_alpha(self) -> float:
+        """The α of the tool_logprob ranking."""
+        return self.candidate_alpha or sorted(self.alphas)[len(self.alphas) // 2]
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,11 @@ Positions (`HarvestConfig.positions`):
   `sink_factor` × that record's median norm (Qwen models put huge norms on the first token).
 - `prompt_and_response`: the last prompt token and every response token (with `with_responses`,
   A's own reply is appended to each tool prompt) — where a tool call is actually produced.
+- `prompt`: every prompt token (response tokens excluded), minus attention sinks as in `all_tokens`.
+- `mix_last_prompt`: `all_tokens` plus the last prompt token repeated `MIX_LAST_PROMPT_REPEATS` (16)
+  more times: a dictionary trained on it sees every position but weights the position steering
+  writes to like ~16 tokens of context (about 4% of a 380-token organism prompt's rows instead of
+  0.3%). Repeats are exact duplicate rows, so the store grows by 16 rows per record.
 
 The work is cut into fixed groups of `batch_size` records. A group is the unit of computation
 (one padded batch) and of resumption: `harvest.json` beside the layers records how many rows each
@@ -39,6 +44,8 @@ from dfc_ray.generation import GenerationConfig, HookContext, generate, residual
 from dfc_ray.pair import load_config, load_model, load_tokenizer, pair_fingerprint
 from dfc_ray.tooluse import load_tasks, render_prompt
 
+MIX_LAST_PROMPT_REPEATS = 16
+"""Extra copies of each record's last prompt token under positions = mix_last_prompt."""
 PROGRESS = "harvest.json"
 
 
@@ -175,11 +182,14 @@ def select_positions(records: Sequence[Record], width: int, positions: str,
             cols = [last_prompt]
         elif positions == "prompt_and_response":
             cols = list(range(last_prompt, end))
-        else:  # all_tokens, minus attention sinks (by each model's own median norm over this record)
+        else:  # all_tokens / prompt / mix_last_prompt, minus attention sinks (each model's median norm, this record)
             assert norms is not None
-            record_norms = norms[:, i, start:end]
+            stop = last_prompt + 1 if positions == "prompt" else end
+            record_norms = norms[:, i, start:stop]
             keep = (record_norms <= sink_factor * record_norms.median(dim=1, keepdim=True).values).all(0)
             cols = [start + j for j in torch.nonzero(keep).flatten().tolist()]
+            if positions == "mix_last_prompt":
+                cols += [last_prompt] * MIX_LAST_PROMPT_REPEATS
         row_index += [i] * len(cols)
         col_index += cols
     return torch.tensor(row_index, dtype=torch.long), torch.tensor(col_index, dtype=torch.long)

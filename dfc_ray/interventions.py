@@ -9,11 +9,13 @@ positions are exact under left padding.
   `last_prompt_token` and `prompt` the other model's activations come from one plain forward over the
   same prompts first; for `lockstep` both models advance together (see `Lockstep`).
 - *Steering* adds a fixed vector `steering_vector(...)` at `last_prompt_token`, `generated` or `all`
-  positions; it needs only the target model.
+  positions; it needs only the target model. `first_token_logprobs` scores many candidate vectors
+  cheaply: one prompt-prefix forward, then one last-token forward per vector, no generation.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 from types import SimpleNamespace
 from typing import Callable, Sequence
@@ -308,3 +310,35 @@ def generate_steered(model: torch.nn.Module, tokenizer, prompts: Sequence[str], 
     the model's, is used for last_prompt_token: the other positions change the prefix)."""
     return generate(model, tokenizer, prompts, cfg, {layer: add_hook(delta, positions)},
                     prefix_cache if steer_site(positions).leaves_prefix_alone else None)
+
+
+def first_token_logprobs(model: torch.nn.Module, tokenizer, prompts: Sequence[str], layer: int,
+                         deltas: Sequence[Tensor], token_id: int, batch_size: int = 32) -> Tensor:
+    """log p(first reply token = `token_id`) per delta and prompt, (len(deltas), len(prompts)), on CPU,
+    with each delta added to the residual after block `layer` at the last prompt token.
+
+    A delta at the last prompt token changes nothing before it, so each batch's prefix (every token
+    but the last) is run once and each delta costs one single-token forward on a copy of its KV cache.
+    Prompts are tokenized as `generate` tokenizes them; each needs at least two tokens."""
+    encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    if any(len(ids) < 2 for ids in encoded):
+        raise ValueError("first_token_logprobs: a prompt has fewer than 2 tokens; expected a prefix and a last token")
+    device, kw = next(model.parameters()).device, _cache_kw(model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out = torch.empty(len(deltas), len(encoded))
+    with torch.inference_mode():
+        for start in range(0, len(encoded), batch_size):
+            records = [Record(list(e)) for e in encoded[start:start + batch_size]]
+            ids, mask = (t.to(device) for t in left_pad(records, pad))
+            positions = (mask.cumsum(1) - 1).clamp(min=0)
+            prefix = getattr(model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1],
+                                   position_ids=positions[:, :-1], use_cache=True, logits_to_keep=1), kw)
+            ctx = HookContext(0, True, mask[:, -1:].bool(), torch.zeros(len(ids), dtype=torch.long, device=device),
+                              torch.arange(len(ids), device=device))
+            for j, delta in enumerate(deltas):
+                with residual_hooks(model, {layer: add_hook(delta)}, ctx):
+                    logits = model(input_ids=ids[:, -1:], attention_mask=mask, position_ids=positions[:, -1:],
+                                   use_cache=True, logits_to_keep=1, **{kw: copy.deepcopy(prefix)}).logits[:, -1]
+                out[j, start:start + len(ids)] = logits.float().log_softmax(-1)[:, token_id].cpu()
+    return out
+

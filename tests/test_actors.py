@@ -11,13 +11,16 @@ from actors.evaluator import EvaluatorActor
 from actors.pool import PoolConfig, ReplicaPool
 from actors.steering import SteerConfig, SteeringActor, greedy_min_set
 from dfc_ray.evaluate import EvalConfig
+from dfc_ray.reference import NO_STEERABLE_DIRECTION
 from test_interventions import LAYER, make_checkpoint
 
 EVAL = EvalConfig(tasks="organism:test", n_tasks=6, n_texts=4, max_new_tokens=6, batch_size=8, n_bootstrap=200)
-STEER = SteerConfig(n_dev=8, n_test=6, n_plain=8, top_n=2, alphas=(0.0, 4.0), min_set_pool=2, min_set_max=2,
-                    max_new_tokens=6, batch_size=8, n_bootstrap=200)
+STEER = SteerConfig(n_dev=8, n_test=6, n_plain=8, top_n=2, alphas=(0.0, 1.0), min_set_pool=2, min_set_max=2,
+                    max_new_tokens=6, batch_size=8, n_bootstrap=200, targets=("a", "b"), primary="a")
 TRIAL_METRICS = ("a_clean", "a_splice", "delta_a_pp", "b_clean", "b_splice", "delta_b_pp")
-STEER_METRICS = ("steer_feature", "steer_alpha", "steer_target", "steer_delta_pp", "steer_min_set")
+STEER_METRICS = ("steer_feature", "steer_alpha", "steer_target", "steer_delta_pp", "steer_min_set",
+                 "steer_reference_pp", "steer_reference_pp_lo", "steer_reference_pp_hi", "steer_reference_sig",
+                 "steer_reference_label", "steer_cos_reference", "steer_share_of_reference")
 
 
 @pytest.fixture(scope="module")
@@ -70,22 +73,30 @@ def test_a_replica_killed_mid_request_is_restarted_and_the_request_completes(ray
 
 
 def test_steering_protocol_reports_design_metrics(ray_cluster, setup):
-    pair, first, _, plain = setup
+    pair, first, second, plain = setup
     pool = ReplicaPool.create(SteeringActor, PoolConfig(name="test-steer", num_cpus=1, dispatch="round_robin"),
                               pair, STEER)
     try:
         result = pool.call("steer", first, LAYER)
+        again = pool.call("steer", second, LAYER)
         skipped = pool.call("steer", plain, LAYER)
+        stats = pool.call("stats")
     finally:
         pool.shutdown()
     metrics = result.metrics()
     assert set(STEER_METRICS) <= set(metrics) and metrics["steer_target"] == "a"
-    assert {"steer_b_delta_pp", "steer_random_feature_pp", "steer_random_direction_pp"} <= set(metrics)
+    assert {"steer_b_delta_pp", "steer_random_feature_pp", "steer_random_direction_pp", "steer_b_reference_pp",
+            "steer_b_cos_reference"} <= set(metrics)
     a = result.targets["a"]
-    assert len(a.grid) == 2 * 2 and a.alpha in (0.0, 4.0)
-    assert a.feature in [s.feature for s in result.ranking[:2]]
+    candidates = list(dict.fromkeys(f for picks in a.candidates.values() for f in picks))
+    assert set(a.candidates) == set(STEER.rankings) and all(len(p) <= 2 for p in a.candidates.values())
+    assert len(a.grid) == 2 * len(candidates) and a.alpha in (0.0, 1.0) and a.feature in candidates
     assert a.random_feature != a.feature and a.delta_pp.n == 6
     assert result.ranking == sorted(result.ranking, key=lambda s: (-s.cohens_d, -s.auroc, s.feature))
+    assert -1 <= metrics["steer_cos_reference"] <= 1 and metrics["steer_reference_sig"] in (0, 1)
+    assert metrics["steer_reference_label"] == ("" if a.reference.delta_pp.lo > 0 else NO_STEERABLE_DIRECTION)
+    # the reference does not depend on the checkpoint: run once per target, re-used for the second one
+    assert stats["reference_runs"] == 2 and again.targets["a"].reference == a.reference
     json.dumps(result.to_dict())
     assert skipped.skipped and set(skipped.metrics()) == {"steer_compute_s"}  # no steer_* numbers
 

@@ -35,7 +35,7 @@ def test_every_field_has_a_docstring():
 
 @pytest.mark.parametrize("cls, bad, message", [
     (SteerConfig, {"top_n": 0}, "SteerConfig.top_n=0: expected a positive integer"),
-    (SteerConfig, {"scale": "huge"}, "SteerConfig.scale='huge': expected 'activation' or 'decoder'"),
+    (SteerConfig, {"scale": "huge"}, "SteerConfig.scale='huge': expected 'residual_norm' or 'activation' or 'decoder'"),
     (SteerConfig, {"targets": ("a", "c")}, "SteerConfig.targets=('a', 'c')"),
     (SteerConfig, {"min_set_share": 0.0}, "SteerConfig.min_set_share=0.0: expected a number in (0, 1]"),
     (EvalConfig, {"n_tasks": -1}, "EvalConfig.n_tasks=-1: expected an integer >= 0"),

@@ -17,7 +17,8 @@ import torch
 
 from dfc_ray import store
 from dfc_ray.harvest import (
-    CorpusSpec, HarvestConfig, PairActivations, Record, harvest, left_pad, residual_after_blocks, select_positions)
+    MIX_LAST_PROMPT_REPEATS, CorpusSpec, HarvestConfig, PairActivations, Record, harvest, left_pad,
+    residual_after_blocks, select_positions)
 from dfc_ray.pair import PairSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,6 +72,13 @@ def test_positions_selection():
     rows, cols = select_positions(records, width, "all_tokens", norms, sink_factor=10.0)
     assert list(zip(rows.tolist(), cols.tolist())) == [(0, 1), (0, 2), (0, 3), (0, 4), (0, 5),
                                                        (1, 1), (1, 2), (1, 3), (1, 4), (1, 5)]
+    rows, cols = select_positions(records, width, "prompt", norms, sink_factor=10.0)  # no response tokens
+    assert list(zip(rows.tolist(), cols.tolist())) == [(0, 1), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3), (1, 4), (1, 5)]
+    rows, cols = select_positions(records, width, "mix_last_prompt", norms, sink_factor=10.0)
+    pairs = list(zip(rows.tolist(), cols.tolist()))
+    assert pairs[:5] == [(0, 1), (0, 2), (0, 3), (0, 4), (0, 5)]  # all tokens first, then the repeats
+    assert pairs.count((0, 3)) == 1 + MIX_LAST_PROMPT_REPEATS and pairs.count((1, 5)) == 1 + MIX_LAST_PROMPT_REPEATS
+    assert len(pairs) == 10 + 2 * MIX_LAST_PROMPT_REPEATS
 
 
 def test_harvest_writes_a_valid_store_and_is_reused(tiny_pair, tmp_path):

@@ -13,9 +13,9 @@ from dfc_ray.crosscoder import DedicatedFeatureCrosscoder, DFCConfig
 from dfc_ray.evaluate import bootstrap_rate, paired_delta_pp
 from dfc_ray.generation import GenerationConfig, HookContext, PrefixCache, generate, residual_hooks
 from dfc_ray.harvest import Record, left_pad
-from dfc_ray.interventions import (add_hook, clamp_edit, feature_direction, generate_edited, generate_spliced,
-                                   generate_steered, last_prompt_residuals, prefill_edit_hook, prompt_activations,
-                                   splice_edit, steering_vector)
+from dfc_ray.interventions import (add_hook, clamp_edit, feature_direction, first_token_logprobs, generate_edited,
+                                   generate_spliced, generate_steered, last_prompt_residuals, prefill_edit_hook,
+                                   prompt_activations, splice_edit, steering_vector)
 from dfc_ray.pair import PairSpec, load_pair
 from dfc_ray.ranking import auroc, cohens_d, rank_features
 
@@ -31,8 +31,14 @@ def make_checkpoint(pair: PairSpec, out: Path, a_exclusive: float = 0.25, steps:
     texts = world.plain_text(32, 5) + [render_prompt(tok, t) for t in world.load_split("dev")[:16]]
     acts = [torch.cat(prompt_activations(m, tok, texts, LAYER)) for m in (model_a, model_b)]
     x = torch.stack(acts, dim=1).float()
-    cc = DedicatedFeatureCrosscoder(DFCConfig(d_model=32, dict_size=64, k=6, a_exclusive=a_exclusive,
-                                              b_exclusive=a_exclusive / 2 if a_exclusive else 0.0))
+    fit_dfc(DFCConfig(d_model=32, dict_size=64, k=6, a_exclusive=a_exclusive,
+                      b_exclusive=a_exclusive / 2 if a_exclusive else 0.0), x, steps).save(out)
+    return out
+
+
+def fit_dfc(cfg: DFCConfig, x: torch.Tensor, steps: int) -> DedicatedFeatureCrosscoder:
+    """A DFC fitted to paired activations x (n, 2, d_model) by `steps` Adam steps on batches of 256."""
+    cc = DedicatedFeatureCrosscoder(cfg)
     cc.fit_normalization(x)
     opt = torch.optim.Adam(cc.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(0)
@@ -41,8 +47,7 @@ def make_checkpoint(pair: PairSpec, out: Path, a_exclusive: float = 0.25, steps:
         opt.zero_grad()
         loss.backward()
         opt.step()
-    cc.save(out)
-    return out
+    return cc
 
 
 @pytest.fixture(scope="module")
@@ -177,6 +182,23 @@ def test_add_hook_positions():
     step = HookContext(1, False, torch.ones(2, 1, dtype=torch.bool), None, torch.arange(2))
     assert torch.equal(add_hook(delta, "generated")(torch.zeros(2, 1, 32), step)[:, 0], delta.expand(2, 32))
     assert add_hook(delta, "last_prompt_token")(torch.zeros(2, 1, 32), step) is None
+
+
+def test_first_token_logprobs_match_a_full_forward_and_see_the_delta(loaded, cc, prompts):
+    """The prefix-once, last-token-per-delta path must equal a plain full forward of each prompt
+    (zero delta, and a delta added by a hook in that full forward)."""
+    model_a, _, tok = loaded
+    token = 5
+    delta = steering_vector(cc, [0], "a", 30.0)
+    got = first_token_logprobs(model_a, tok, prompts, LAYER, [torch.zeros_like(delta), delta], token, batch_size=3)
+    for j, d in enumerate((None, delta)):
+        for i, prompt in enumerate(prompts):
+            ids_ = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]])
+            hooks = {LAYER: add_hook(d)} if d is not None else None
+            with torch.inference_mode(), residual_hooks(model_a, hooks, HookContext.for_forward(torch.ones_like(ids_))):
+                want = model_a(input_ids=ids_).logits[0, -1].log_softmax(-1)[token]
+            assert float(got[j, i]) == pytest.approx(float(want), abs=1e-4)
+    assert not torch.allclose(got[0], got[1])
 
 
 def test_feature_directions_are_raw_space_and_b_uses_the_a_row_for_a_exclusive_features(cc):

@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dfc_ray.cluster import connect
-from dfc_ray.config import SPLICE_MODES, EvalConfig
+from dfc_ray.config import SCALES, SPLICE_MODES, STEER_RANKINGS, EvalConfig
 from dfc_ray.evaluate import EvalResult, Rate, ToolRates
 from dfc_ray.pair import PairSpec
 
@@ -67,7 +67,9 @@ def _steer_command(args: argparse.Namespace) -> int:
     from actors.steering import SteerConfig, Steerer, SteeringActor, print_steer
 
     cfg = SteerConfig(n_dev=args.n_dev, n_test=args.n_test, top_n=args.top_n, alphas=tuple(args.alphas),
-                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, scale=args.scale,
+                      targets=tuple(args.targets), primary=args.primary or args.targets[0],
+                      rankings=tuple(args.rankings), min_set_pool=args.min_set_pool, min_set_max=args.min_set_max)
     print_steer(_run_on_pair(args, Steerer, SteeringActor, "steer", cfg))
     return 0
 
@@ -99,7 +101,15 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     _common(p)
     p.add_argument("--n-dev", type=int, default=100, help="dev prompts for ranking and the α grid")
     p.add_argument("--n-test", type=int, default=200, help="test prompts for the reported effect")
-    p.add_argument("--top-n", type=int, default=3, help="candidate features (by Cohen's d)")
-    p.add_argument("--alphas", type=float, nargs="+", default=[1, 2, 4, 8, 16], help="α grid")
+    p.add_argument("--top-n", type=int, default=3, help="candidate features from each ranking")
+    p.add_argument("--rankings", nargs="+", choices=STEER_RANKINGS, default=list(STEER_RANKINGS),
+                   help="candidate rankings")
+    p.add_argument("--alphas", type=float, nargs="+", default=[0.4, 0.8, 1.2], help="α grid, in --scale units")
+    p.add_argument("--scale", choices=SCALES, default="residual_norm", help="unit of α (docs/evaluation.md)")
+    p.add_argument("--targets", nargs="+", choices=("a", "b"), default=["b", "a"], help="models to steer")
+    p.add_argument("--primary", choices=("a", "b"), default="", help="target of the unprefixed metrics "
+                   "(default: the first of --targets)")
+    p.add_argument("--min-set-pool", type=int, default=6, help="features the minimal set draws from")
+    p.add_argument("--min-set-max", type=int, default=3, help="largest minimal set tried")
     p.set_defaults(func=_steer_command)
 

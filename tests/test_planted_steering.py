@@ -1,0 +1,116 @@
+"""Planted truth for the steering protocol: a tiny Qwen2 pair where A = B except for a rank-1 change
+W + u·wᵀ to block 1's MLP down-projection (dfc_ray/organism/planted.py), so A − B after block 1 is
+u times a per-position scalar. The reference direction must recover u, a DFC trained on the pair must
+dedicate an A-exclusive feature to u, and the candidate ranking must pick that feature; with nothing
+planted (A = B) none of it may happen. Plus the exactness of α's residual-norm calibration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from actors.steering import SteerConfig, Steerer
+from dfc_ray.crosscoder import DFCConfig
+from dfc_ray.evaluate import load_crosscoder
+from dfc_ray.generation import GenerationConfig, generate
+from dfc_ray.interventions import generate_steered, last_prompt_residuals, prompt_activations, steering_vector
+from dfc_ray.organism import world
+from dfc_ray.config import PlantedPairConfig
+from dfc_ray.organism.planted import build_planted_pair
+from dfc_ray.reference import NO_STEERABLE_DIRECTION, cosines, share_of_reference
+from dfc_ray.tooluse import load_tasks, render_prompt
+from test_interventions import fit_dfc
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+LAYER = 1
+CFG = SteerConfig(n_dev=24, n_test=8, n_plain=16, top_n=1, alphas=(0.0, 0.8), rankings=("cos_reference",),
+                  max_new_tokens=4, batch_size=16, n_bootstrap=200, targets=("b",), primary="b")
+
+
+def train_dfc(steerer: Steerer, out: Path) -> Path:
+    """A small DFC (64 features, 8 A-exclusive, k 4) on the pair's activations at every token of
+    organism plain text and train prompts after block LAYER, trained in-process."""
+    texts = world.plain_text(48, 5) + [render_prompt(steerer.tokenizer, t) for t in load_tasks("organism:train")[:24]]
+    x = torch.stack([torch.cat(prompt_activations(m, steerer.tokenizer, texts, LAYER))
+                     for m in (steerer.model_a, steerer.model_b)], dim=1).float()
+    fit_dfc(DFCConfig(d_model=x.shape[-1], dict_size=64, k=4, a_exclusive=0.125, b_exclusive=0.125), x, 600).save(out)
+    return out
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["planted", "control"])
+def planted(request, tmp_path_factory):
+    """(steerer on the pair, planted unit direction u, DFC checkpoint, dev tasks); the control has A = B."""
+    root = tmp_path_factory.mktemp("planted" if request.param else "control")
+    spec, u = build_planted_pair(root / "pair", PlantedPairConfig(layer=LAYER, plant=request.param))
+    steerer = Steerer(spec, CFG)
+    dev, _ = steerer._tasks(CFG)
+    return request.param, steerer, u, train_dfc(steerer, root / "dfc"), dev
+
+
+def a_exclusive_cosines(checkpoint: Path, u: torch.Tensor) -> dict[int, float]:
+    cc = load_crosscoder(str(checkpoint), "cpu")
+    features = cc.partition.a_exclusive.tolist()
+    return dict(zip(features, cosines(cc.raw_decoder()[features, 0], u).abs().tolist()))
+
+
+def test_the_reference_direction_recovers_the_planted_direction(planted):
+    is_planted, steerer, u, _, dev = planted
+    v = steerer.reference_direction(steerer.tool_prompts(dev), LAYER, CFG.batch_size)
+    if is_planted:
+        assert abs(float(cosines(v[None], u)[0])) > 0.99
+    else:
+        assert float(v.norm()) == 0.0  # identical models: not a rounding's worth of difference
+
+
+def test_a_dfc_dedicates_an_a_exclusive_feature_to_the_planted_direction(planted):
+    is_planted, _, u, checkpoint, _ = planted
+    best = max(a_exclusive_cosines(checkpoint, u).values())
+    assert best >= 0.9 if is_planted else best < 0.9
+
+
+def test_the_candidate_ranking_picks_the_planted_feature(planted):
+    is_planted, steerer, u, checkpoint, dev = planted
+    if not is_planted:
+        pytest.skip("nothing planted: no feature to pick (the DFC test above checks none aligns)")
+    cc = load_crosscoder(str(checkpoint), "cpu")
+    planted_feature = max((c, f) for f, c in a_exclusive_cosines(checkpoint, u).items())[1]
+    ranking = steerer.rank(cc, LAYER, dev, CFG)
+    v = steerer.reference_direction(steerer.tool_prompts(dev), LAYER, CFG.batch_size)
+    scales = steerer.feature_scales(cc, ranking, "b", LAYER, dev, CFG)
+    picks, _ = steerer.candidates(cc, ranking, v, "b", LAYER, dev, scales, CFG)
+    assert picks["cos_reference"] == [planted_feature]
+    result = steerer.steer(str(checkpoint), LAYER)  # the whole protocol: its grid holds the feature
+    target = result.targets["b"]
+    assert target.candidates["cos_reference"] == [planted_feature] and target.feature == planted_feature
+    assert abs(target.cos_reference) >= 0.9
+    metrics = result.metrics()
+    assert metrics["steer_cos_reference"] == target.cos_reference
+    assert metrics["steer_reference_label"] in ("", NO_STEERABLE_DIRECTION)
+    assert metrics["steer_reference_sig"] == int(target.reference.delta_pp.lo > 0)
+
+
+def test_alpha_in_residual_norm_units_is_exact_and_zero_is_a_no_op(planted):
+    _, steerer, _, checkpoint, dev = planted
+    cc = load_crosscoder(str(checkpoint), "cpu")
+    prompts = steerer.tool_prompts(dev)
+    measured = float(last_prompt_residuals(steerer.model_b, steerer.tokenizer, prompts, LAYER).norm(dim=-1).mean())
+    ranking = steerer.rank(cc, LAYER, dev, CFG)
+    scales = steerer.feature_scales(cc, ranking, "b", LAYER, dev, CFG)
+    for s in ranking[:3]:
+        vector = steering_vector(cc, [s.feature], "b", 0.8, [scales[s.feature]])
+        assert float(vector.norm()) == pytest.approx(0.8 * measured, rel=1e-5)
+    v = steerer.reference_direction(prompts, LAYER, CFG.batch_size)
+    if float(v.norm()) > 0:
+        assert float(steerer.reference_vector(v, 1.2, measured, CFG).norm()) == pytest.approx(1.2 * measured, rel=1e-5)
+    cfg = GenerationConfig(max_new_tokens=6, batch_size=8)
+    zero = steering_vector(cc, [ranking[0].feature], "b", 0.0, [scales[ranking[0].feature]])
+    clean = generate(steerer.model_b, steerer.tokenizer, prompts[:8], cfg)
+    steered = generate_steered(steerer.model_b, steerer.tokenizer, prompts[:8], cfg, LAYER, zero)
+    assert [g.token_ids for g in steered] == [g.token_ids for g in clean]
+
+
+def test_share_of_reference_is_defined_without_a_positive_reference():
+    assert share_of_reference(10.0, 40.0) == 0.25
+    assert share_of_reference(10.0, 0.0) == 0.0 and share_of_reference(-5.0, -10.0) == 0.0

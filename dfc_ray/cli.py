@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from dfc_ray.fs import storage_failure
+
 # Each module here defines `add_cli(subparsers)`, which adds its sub-commands and sets
 # `func(args) -> int` on them, so a stage's CLI lives next to the code it drives.
 COMMAND_MODULES = [
@@ -38,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         # Bad input: one clear line, no traceback.
         print(f"dfc-ray {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # storage that cannot be reached: one line too (dfc_ray.fs maps the errors)
+        if (line := storage_failure(err)) is None:
+            raise
+        print(f"dfc-ray {args.command}: error: {line}", file=sys.stderr)
         return 2
 
 

@@ -32,9 +32,11 @@ from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
 from dfc_ray import store
+from dfc_ray.failures import sweep_exit_code, trial_error
 from dfc_ray.fs import RunFolder, absolute, redact
 from dfc_ray.spaces import DFC_FIELDS, TRAIN_FIELDS, SweepSpec, load_spec, parse_spec
 
+DEFAULT_SPEC = "organism48"
 TRAIN_REPORTS = 10  # intermediate reports per trial (what ASHA and the live view see)
 STRUCTURED = ("top_features", "alpha_curve")
 """Trial metrics that are lists: reported to Tune as JSON text (TensorBoard skips text, but warns on
@@ -241,7 +243,14 @@ def remaining_work(spec: SweepSpec, done: list[dict[str, Any]]) -> tuple[int, li
 
 
 def read_results(run: RunFolder) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run.read_text("results.jsonl") or "").splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate((run.read_text("results.jsonl") or "").splitlines(), 1):
+        try:
+            records += [json.loads(line)] if line.strip() else []
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{redact(run.uri)}/results.jsonl: line {number}: not valid JSON ({err.msg} at column "
+                             f"{err.colno}); expected one trial per line (remove that line to re-run the trial)") from None
+    return records
 
 
 def _max_concurrent(spec: SweepSpec) -> int:
@@ -285,16 +294,16 @@ def _harvest(spec: SweepSpec, store_root: str):
     return harvest(cfg, use_ray=True)
 
 
-def run_sweep(spec: SweepSpec, run_uri: str, *, store_root: str | None = None, resume: bool = False,
+def run_sweep(spec: SweepSpec | None, run_uri: str, *, store_root: str | None = None, resume: bool = False,
               address: str | None = None, evaluate: bool = True, live: bool = True) -> RunFolder:
-    """Run (or resume) a sweep into `run_uri`; returns the run folder once the report is written."""
-    from ray import tune
+    """Run (or resume) a sweep into `run_uri`; returns the run folder once the report is written.
+    A resume continues the run's spec.yaml: `spec` is None, or must be that same spec."""
+    import ray
 
     from dfc_ray.cluster import connect
-    from dfc_ray.report import LiveView, write_report
 
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # training reports carry no Δ yet
-    run = RunFolder(absolute(run_uri))  # trials run in their own working directories
+    run = RunFolder(absolute(run_uri), create=not resume)  # trials run in their own working directories
     store_root = absolute(store_root or f"{run.uri.rsplit('/', 1)[0]}/harvests")
     existing = run.read_text("spec.yaml")
     if existing is not None and not resume:
@@ -303,11 +312,29 @@ def run_sweep(spec: SweepSpec, run_uri: str, *, store_root: str | None = None, r
     if resume and existing is None:
         raise ValueError(f"{redact(run.uri)}: nothing to resume (no spec.yaml)")
     if resume:
-        spec = parse_spec(yaml.safe_load(existing), f"{redact(run.uri)}/spec.yaml", spec.name)
+        saved = yaml.safe_load(existing)
+        if spec is not None and yaml.safe_dump(spec.raw | {"name": spec.name}, sort_keys=False) != existing:
+            raise ValueError(f"{spec.source}: not the spec of {redact(run.uri)}/spec.yaml ({saved.get('name')}); "
+                             "resume without SPEC, or with the spec the run was started with")
+        spec = parse_spec(saved, f"{redact(run.uri)}/spec.yaml", saved.get("name", ""))
     else:
         run.write_text("spec.yaml", yaml.safe_dump(spec.raw | {"name": spec.name}, sort_keys=False))
     local = not (address or os.environ.get("RAY_ADDRESS"))
+    started_ray = not ray.is_initialized()
     connect(address)
+    try:
+        return _run_on_cluster(spec, run, store_root, resume, local, evaluate, live)
+    finally:
+        if local and started_ray:  # a cluster this run started ends with it (agents and workers too)
+            ray.shutdown()
+
+
+def _run_on_cluster(spec: SweepSpec, run: RunFolder, store_root: str, resume: bool, local: bool, evaluate: bool,
+                    live: bool) -> RunFolder:
+    from ray import tune
+
+    from dfc_ray.report import LiveView, write_report
+
     if local:  # a cluster we started cannot grow: refuse what would wait forever
         check_fits(spec, evaluate)
     clock = time.perf_counter()
@@ -335,13 +362,13 @@ def run_sweep(spec: SweepSpec, run_uri: str, *, store_root: str | None = None, r
     for record in done:
         view.update(record["trial_id"], record["config"], record["status"], record["metrics"])
     attempt = len(list(Path(run.path("tune")).glob("trials-*"))) if run.is_local else time.strftime("%Y%m%d-%H%M%S")
-    tune_root = run.path("tune") if run.is_local else f"{run.uri}/tune"
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=_searcher(spec, run, remaining), scheduler=_scheduler(spec),
                                     num_samples=n_todo, reuse_actors=True),  # no torch import per trial
         run_config=tune.RunConfig(
-            name=f"trials-{attempt}", storage_path=tune_root, callbacks=callbacks, verbose=0,
+            name=f"trials-{attempt}", storage_path=run.path("tune"), callbacks=callbacks, verbose=0,
+            storage_filesystem=None if run.is_local else run.fs,  # on S3: our client, with its timeouts
             failure_config=tune.FailureConfig(max_failures=spec.resources.get("max_failures", 1)),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
     clock = time.perf_counter()
@@ -357,7 +384,7 @@ def run_sweep(spec: SweepSpec, run_uri: str, *, store_root: str | None = None, r
             pool.shutdown()
     info = {"spec": spec.name, "spec_file": spec.source, "run": redact(run.uri), "harvest": redact(harvested.uri),
             "harvest_rows": harvested.rows, "harvest_reused": harvested.reused, "layers": list(spec.layers),
-            "pair": asdict(spec.pair), "seconds": {k: round(v, 1) for k, v in seconds.items()},
+            "pair": asdict(spec.pair), **_attempt_seconds(run, seconds),
             "judge_peak_mem_mb": {k: round(v) for k, v in judge_memory.items()}}
     _write_costs(spec, run, seconds, harvested.reused)
     if run.is_local:
@@ -369,6 +396,19 @@ def run_sweep(spec: SweepSpec, run_uri: str, *, store_root: str | None = None, r
             if (Path(tmp) / "plots").is_dir():
                 run.upload_dir(Path(tmp) / "plots", "plots")
     return run
+
+
+def _attempt_seconds(run: RunFolder, seconds: dict[str, float]) -> dict[str, Any]:
+    """report.json's `seconds` summed over every finished attempt (a resume adds to, never replaces,
+    the earlier ones) and `attempts`: each attempt's own stage seconds."""
+    try:
+        earlier = json.loads(run.read_text("report.json") or "{}").get("run", {})
+    except json.JSONDecodeError:
+        earlier = {}
+    attempts = earlier.get("attempts", [earlier["seconds"]] if "seconds" in earlier else [])
+    attempts = attempts + [{k: round(v, 1) for k, v in seconds.items()}]
+    total = {k: round(sum(a.get(k, 0) for a in attempts), 1) for a in attempts for k in a}
+    return {"seconds": total, "attempts": attempts}
 
 
 def _judge_memory(pools: list) -> dict[str, float]:
@@ -432,7 +472,7 @@ class ResultsWriter(Callback):
         if (view := LIVE_VIEWS.get(self.run_uri)) is not None:
             view.update(trial.trial_id, self.config(trial.config), status, metrics)
 
-    def append(self, trial, status: str, metrics: dict[str, Any], error: str = "") -> None:
+    def append(self, trial, status: str, metrics: dict[str, Any], error: str = "", details: dict | None = None) -> None:
         run = RunFolder(self.run_uri)
         lines = [line for line in (run.read_text("results.jsonl") or "").splitlines() if line.strip()]
         if any(json.loads(line)["trial_id"] == trial.trial_id for line in lines):
@@ -440,7 +480,7 @@ class ResultsWriter(Callback):
         metrics = {k: json.loads(v) if k in STRUCTURED and isinstance(v, str) else v for k, v in metrics.items()
                    if isinstance(v, (int, float, str, bool, list, dict))}
         record = {"trial_id": trial.trial_id, "config": self.config(trial.config), "metrics": metrics,
-                  "status": status} | ({"error": error} if error else {})
+                  "status": status} | ({"error": error} if error else {}) | (details or {})
         run.write_text("results.jsonl", "\n".join(lines + [json.dumps(record)]) + "\n")
         self.show(trial, status, metrics)
 
@@ -456,8 +496,12 @@ class ResultsWriter(Callback):
         self.append(trial, status, result, error="" if status == "ok" else result.get("reason", "no result"))
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        lines = str(getattr(trial, "error_msg", "") or "trial raised").strip().splitlines()
-        self.append(trial, "failed", dict(trial.last_result or {}), error=lines[-1])
+        error = trial_error(trial)  # Tune 2.60 keeps the reason only in the trial's error file
+        pointer = f"errors/{trial.trial_id}.txt"
+        RunFolder(self.run_uri).write_text(pointer, error.traceback or "no traceback was saved\n")
+        self.append(trial, "failed", dict(trial.last_result or {}),
+                    error=f"{error.type}: {error.message} (traceback: {redact(self.run_uri)}/{pointer})",
+                    details={"error_type": error.type, "error_file": f"{redact(self.run_uri)}/{pointer}"})
 
 
 # ---------------------------------------------------------------- CLI
@@ -466,30 +510,36 @@ class ResultsWriter(Callback):
 def _sweep_command(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    spec = load_spec(args.spec)
+    if args.resume and not args.run_dir:
+        raise ValueError("--resume needs --run-dir (the run folder to continue)")
+    # --resume without SPEC continues the run's own spec.yaml; with one, it must be that spec
+    spec = None if args.resume and args.spec is None else load_spec(args.spec or DEFAULT_SPEC)
     if args.plan:
         from dfc_ray.plan import load_rates, print_plan
 
         print_plan(spec, load_rates(args.costs) if args.costs else None)
         return 0
     run_uri = args.run_dir or f"{args.storage.rstrip('/')}/{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if args.resume and not args.run_dir:
-        raise ValueError("--resume needs --run-dir (the run folder to continue)")
     start = time.time()
     run = run_sweep(spec, run_uri, store_root=args.store, resume=args.resume, address=args.address,
                     evaluate=not args.no_eval, live=not args.quiet)
-    Console().print(f"sweep {spec.name} finished in {time.time() - start:.0f} s: {redact(run.uri)}")
+    Console().print(f"sweep finished in {time.time() - start:.0f} s: {redact(run.uri)}")
     from dfc_ray.report import print_report
 
     report = json.loads(run.read_text("report.json") or "{}")
     if report:
         print_report(report, Console())
-    return 0
+    statuses = [record["status"] for record in read_results(run)]
+    if code := sweep_exit_code(statuses):
+        Console().print(f"[bold red]{len(statuses) - statuses.count('ok')} of {len(statuses)} trials failed[/] "
+                        f"(exit code {code}; reasons in results.jsonl and the report's Failed trials)")
+    return code
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("sweep", help="Run a sweep spec end to end: harvest, Tune trials, report.")
-    p.add_argument("spec", nargs="?", default="organism48", help="shipped spec name or YAML path (default: organism48)")
+    p.add_argument("spec", nargs="?", default=None,
+                   help=f"shipped spec name or YAML path (default: {DEFAULT_SPEC}; with --resume: the run's own)")
     p.add_argument("--storage", default="runs", help="where run folders go: a path or s3://bucket/prefix")
     p.add_argument("--run-dir", default=None, help="this run's folder (default: <storage>/<spec>-<time>)")
     p.add_argument("--store", default=None, help="activation store root (default: <storage>/harvests)")

@@ -319,18 +319,20 @@ def run_sweep(spec: SweepSpec | None, run_uri: str, *, store_root: str | None = 
         spec = parse_spec(saved, f"{redact(run.uri)}/spec.yaml", saved.get("name", ""))
     else:
         run.write_text("spec.yaml", yaml.safe_dump(spec.raw | {"name": spec.name}, sort_keys=False))
+    done = read_results(run) if resume else []  # a damaged results.jsonl is refused before any work
     local = not (address or os.environ.get("RAY_ADDRESS"))
     started_ray = not ray.is_initialized()
     connect(address)
     try:
-        return _run_on_cluster(spec, run, store_root, resume, local, evaluate, live)
+        return _run_on_cluster(spec, run, store_root, done if resume else None, local, evaluate, live)
     finally:
         if local and started_ray:  # a cluster this run started ends with it (agents and workers too)
             ray.shutdown()
 
 
-def _run_on_cluster(spec: SweepSpec, run: RunFolder, store_root: str, resume: bool, local: bool, evaluate: bool,
-                    live: bool) -> RunFolder:
+def _run_on_cluster(spec: SweepSpec, run: RunFolder, store_root: str, done: list[dict[str, Any]] | None, local: bool,
+                    evaluate: bool, live: bool) -> RunFolder:
+    """The sweep once its run folder is checked; `done`: the recorded trials of a resume, else None."""
     from ray import tune
 
     from dfc_ray.report import LiveView, write_report
@@ -357,9 +359,8 @@ def _run_on_cluster(spec: SweepSpec, run: RunFolder, store_root: str, resume: bo
     # Resume: results.jsonl is the truth. A fresh Tune experiment runs only what is still owed, so no
     # finished trial is redone and none is lost (Tune's own restore can re-run a trial that finished
     # after its last experiment checkpoint, and then collides with the Optuna study).
-    done = read_results(run) if resume else []
-    n_todo, remaining = remaining_work(spec, done) if resume else (spec.n_trials, None)
-    for record in done:
+    n_todo, remaining = remaining_work(spec, done) if done is not None else (spec.n_trials, None)
+    for record in done or []:
         view.update(record["trial_id"], record["config"], record["status"], record["metrics"])
     attempt = len(list(Path(run.path("tune")).glob("trials-*"))) if run.is_local else time.strftime("%Y%m%d-%H%M%S")
     tuner = tune.Tuner(
@@ -513,7 +514,7 @@ def _sweep_command(args: argparse.Namespace) -> int:
     if args.resume and not args.run_dir:
         raise ValueError("--resume needs --run-dir (the run folder to continue)")
     # --resume without SPEC continues the run's own spec.yaml; with one, it must be that spec
-    spec = None if args.resume and args.spec is None else load_spec(args.spec or DEFAULT_SPEC)
+    spec = None if args.resume and args.spec is None and not args.plan else load_spec(args.spec or DEFAULT_SPEC)
     if args.plan:
         from dfc_ray.plan import load_rates, print_plan
 

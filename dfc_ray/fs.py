@@ -36,9 +36,9 @@ class S3Settings:
     """AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL (e.g. http://127.0.0.1:9000); None: AWS itself."""
     region: str | None
     """AWS_REGION or AWS_DEFAULT_REGION; None: resolved from the bucket (AWS) or us-east-1 (endpoint)."""
-    timeout: float = 8.0
+    timeout: float = 5.0
     """Seconds to connect, and seconds without a byte before a request is abandoned (DFC_RAY_S3_TIMEOUT).
-    With 3 attempts a server that accepts and never answers is given up after about 25 s."""
+    With 3 attempts a server that accepts and never answers is given up after about 18 s."""
     attempts: int = 3
     """Tries per request, the first included, with the SDKs' standard backoff (DFC_RAY_S3_ATTEMPTS)."""
 

@@ -38,7 +38,7 @@ class S3Settings:
     """AWS_REGION or AWS_DEFAULT_REGION; None: resolved from the bucket (AWS) or us-east-1 (endpoint)."""
     timeout: float = 5.0
     """Seconds to connect, and seconds without a byte before a request is abandoned (DFC_RAY_S3_TIMEOUT).
-    With 3 attempts a server that accepts and never answers is given up after about 18 s."""
+    With 3 attempts a server that accepts and never answers is given up after ~17 s (docs/failure-modes.md)."""
     attempts: int = 3
     """Tries per request, the first included, with the SDKs' standard backoff (DFC_RAY_S3_ATTEMPTS)."""
 
@@ -67,9 +67,10 @@ class S3Settings:
         endpoint = urlparse(self.endpoint) if self.endpoint else None
         region = self.region or ("us-east-1" if endpoint else _bucket_region(bucket))
         return pafs.S3FileSystem(
-            access_key=access_key, secret_key=secret_key, region=region, endpoint_override=endpoint.netloc if endpoint else None,
-            scheme=endpoint.scheme if endpoint else "https", connect_timeout=self.timeout,
-            request_timeout=self.timeout, retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=self.attempts))
+            access_key=access_key, secret_key=secret_key, region=region,
+            endpoint_override=endpoint.netloc if endpoint else None, scheme=endpoint.scheme if endpoint else "https",
+            connect_timeout=self.timeout, request_timeout=self.timeout,
+            retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=self.attempts))
 
     def require_credentials(self, uri: str) -> None:
         """Refuse early, in one line, when no AWS credentials can be found at all (env, profile,

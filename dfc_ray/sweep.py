@@ -248,8 +248,9 @@ def read_results(run: RunFolder) -> list[dict[str, Any]]:
         try:
             records += [json.loads(line)] if line.strip() else []
         except json.JSONDecodeError as err:
-            raise ValueError(f"{redact(run.uri)}/results.jsonl: line {number}: not valid JSON ({err.msg} at column "
-                             f"{err.colno}); expected one trial per line (remove that line to re-run the trial)") from None
+            raise ValueError(f"{redact(run.uri)}/results.jsonl: line {number}: not valid JSON ({err.msg} at "
+                             f"column {err.colno}); expected one trial per line (remove that line to re-run "
+                             "the trial)") from None
     return records
 
 
@@ -319,12 +320,12 @@ def run_sweep(spec: SweepSpec | None, run_uri: str, *, store_root: str | None = 
         spec = parse_spec(saved, f"{redact(run.uri)}/spec.yaml", saved.get("name", ""))
     else:
         run.write_text("spec.yaml", yaml.safe_dump(spec.raw | {"name": spec.name}, sort_keys=False))
-    done = read_results(run) if resume else []  # a damaged results.jsonl is refused before any work
+    done = read_results(run) if resume else None  # a damaged results.jsonl is refused before any work
     local = not (address or os.environ.get("RAY_ADDRESS"))
     started_ray = not ray.is_initialized()
     connect(address)
     try:
-        return _run_on_cluster(spec, run, store_root, done if resume else None, local, evaluate, live)
+        return _run_on_cluster(spec, run, store_root, done, local, evaluate, live)
     finally:
         if local and started_ray:  # a cluster this run started ends with it (agents and workers too)
             ray.shutdown()

@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from dfc_ray.fs import storage_failure
+
 # Each module here defines `add_cli(subparsers)`, which adds its sub-commands and sets
 # `func(args) -> int` on them; the domain modules they drive hold no CLI code.
 COMMAND_MODULES = [
@@ -39,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         # Bad input: one clear line, no traceback.
         print(f"dfc-ray {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # storage that cannot be reached: one line too (dfc_ray.fs maps the errors)
+        if (line := storage_failure(err)) is None:
+            raise
+        print(f"dfc-ray {args.command}: error: {line}", file=sys.stderr)
         return 2
 
 

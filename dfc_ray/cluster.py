@@ -7,7 +7,10 @@ dfc-ray cluster depends on: the head schedules no work, and the dashboard is nev
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import os
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +28,8 @@ def validate_cluster_file(path: str | Path) -> dict[str, Any]:
     Returns the prepared config (defaults filled in). Raises ValueError with one line naming the
     file, the field and what was expected.
     """
-    import jsonschema
-    from ray.autoscaler._private.util import prepare_config, validate_config
+    import jsonschema  # deferred: jsonschema and Ray's autoscaler load only for an offline check
+    from ray.autoscaler._private.util import prepare_config, validate_config  # deferred: as above
 
     path = Path(path)
     if not path.is_file():
@@ -56,11 +59,7 @@ def validate_cluster_file(path: str | Path) -> dict[str, Any]:
         )
     for field in ("head_start_ray_commands", "worker_start_ray_commands"):
         for command in config.get(field, []):
-            if "0.0.0.0" in command:
-                raise ValueError(
-                    f"{path}: field {field} binds to 0.0.0.0 ({command.strip()!r}); expected "
-                    "--dashboard-host=127.0.0.1 and `ray dashboard FILE` to reach it"
-                )
+            _check_bind_addresses(path, field, command)
     for name, node_type in config["available_node_types"].items():
         low, high = node_type.get("min_workers", 0), node_type.get("max_workers", 0)
         if low > high:
@@ -71,15 +70,56 @@ def validate_cluster_file(path: str | Path) -> dict[str, Any]:
     return config
 
 
+BIND_OPTIONS = ("--dashboard-host",)
+"""`ray start` options that name an address to listen on: only a loopback address is accepted (the
+dashboard is reached through `ray dashboard FILE`, an SSH tunnel)."""
+
+
+def _check_bind_addresses(path: Path, field: str, command: str) -> None:
+    """Refuse a bind address that is not loopback, parsed as an IP (0.0.0.0, ::, ::0, a public IP),
+    and Ray's debugger opened to the network."""
+    words = shlex.split(command.replace(";", " "))
+    for i, word in enumerate(words):
+        option, _, value = word.partition("=")
+        if option in BIND_OPTIONS:
+            value = value or (words[i + 1] if i + 1 < len(words) else "")
+            try:
+                loopback = value == "localhost" or ipaddress.ip_address(value.strip("[]")).is_loopback
+            except ValueError:
+                loopback = False
+            if not loopback:
+                raise ValueError(f"{path}: field {field} binds {option} to {value!r}; expected a loopback address "
+                                 "(127.0.0.1 or ::1) and `ray dashboard FILE` to reach it")
+        if option == "--ray-debugger-external":
+            raise ValueError(f"{path}: field {field} opens Ray's debugger to the network (--ray-debugger-external); "
+                             "expected it left off")
+
+
+LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+"""Ray's single-machine switch. Ray binds every server of a node (GCS, raylet, each worker's gRPC
+server, the dashboard and runtime-env agents) to the node's IP, or to the loopback when that IP is
+the loopback; but `ray.init(_node_ip_address="127.0.0.1")` and `ray start --node-ip-address` rewrite a
+loopback IP to the machine's routable one, except in single-machine mode (Ray's default on macOS and
+Windows, where it avoids firewall prompts), which this variable set to 0 turns on. docs/cluster.md."""
+
+
+def loopback_only() -> None:
+    """Make the next local cluster this process starts a single-machine one: its node IP is the
+    loopback, so every Ray server listens on 127.0.0.1 only. Child processes inherit the variable;
+    this process already read it when `ray` was imported, so its cached copy is set too."""
+    from ray._private import ray_constants  # deferred with ray; the constant Ray read at import
+
+    os.environ[LOOPBACK_SWITCH] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
 def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     """Join the cluster at `address` (or RAY_ADDRESS), else start a local one on 127.0.0.1.
 
-    A local cluster binds to the loopback address and runs no dashboard unless RAY_DASHBOARD=1:
-    nothing is exposed beyond this machine without the user asking.
+    A local cluster listens on the loopback only (`loopback_only`) and runs no dashboard unless
+    RAY_DASHBOARD=1: nothing is exposed beyond this machine without the user asking.
     """
-    import os
-
-    import ray
+    import ray  # deferred: `cluster validate` needs no running Ray
 
     if ray.is_initialized():
         return
@@ -87,5 +127,6 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=False)
         return
+    loopback_only()
     ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", log_to_driver=False,
              include_dashboard=os.environ.get("RAY_DASHBOARD") == "1", dashboard_host="127.0.0.1")

@@ -4,16 +4,118 @@ The activation store, run folders, reports and plans all read and write through 
 S3 settings and credential redaction live here once. Endpoint and credentials come from the standard
 AWS environment/config (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, instance roles, …) and never enter a
 path, a file or a message.
+
+Every S3 client made here (pyarrow's, s3fs's, the one Tune writes through) has connect and read
+timeouts and a bounded retry (`S3Settings`, from DFC_RAY_S3_TIMEOUT / DFC_RAY_S3_ATTEMPTS), and
+`storage_failure` turns what those clients raise into one line naming the endpoint.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import re
+import sys
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 import pyarrow.fs as pafs
+
+TIMEOUT_ENV = "DFC_RAY_S3_TIMEOUT"
+ATTEMPTS_ENV = "DFC_RAY_S3_ATTEMPTS"
+_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """How this process reaches S3: read from the environment each time a client is made."""
+
+    endpoint: str | None
+    """AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL (e.g. http://127.0.0.1:9000); None: AWS itself."""
+    region: str | None
+    """AWS_REGION or AWS_DEFAULT_REGION; None: resolved from the bucket (AWS) or us-east-1 (endpoint)."""
+    timeout: float = 5.0
+    """Seconds to connect, and seconds without a byte before a request is abandoned (DFC_RAY_S3_TIMEOUT).
+    With 3 attempts a server that accepts and never answers is given up after ~17 s (docs/failure-modes.md)."""
+    attempts: int = 3
+    """Tries per request, the first included, with the SDKs' standard backoff (DFC_RAY_S3_ATTEMPTS)."""
+
+    @classmethod
+    def from_env(cls) -> "S3Settings":
+        env = os.environ
+        try:
+            timeout = float(env.get(TIMEOUT_ENV, cls.timeout))
+            attempts = int(env.get(ATTEMPTS_ENV, cls.attempts))
+        except ValueError:
+            raise ValueError(f"{TIMEOUT_ENV}={env.get(TIMEOUT_ENV)!r}, {ATTEMPTS_ENV}={env.get(ATTEMPTS_ENV)!r}: "
+                             "expected seconds > 0 and an integer >= 1") from None
+        if not (timeout > 0 and attempts >= 1):
+            raise ValueError(f"{TIMEOUT_ENV}={timeout:g}, {ATTEMPTS_ENV}={attempts}: expected seconds > 0 and >= 1")
+        return cls(env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
+                   env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None, timeout, attempts)
+
+    @property
+    def where(self) -> str:
+        """The endpoint for messages (credentials never appear in it)."""
+        return redact(self.endpoint) if self.endpoint else f"AWS S3 ({self.region or 'region of the bucket'})"
+
+    def pyarrow_fs(self, bucket: str, access_key: str | None = None, secret_key: str | None = None
+                   ) -> pafs.S3FileSystem:
+        """pyarrow's S3 client for `bucket`; keys given only when the URI carried them."""
+        endpoint = urlparse(self.endpoint) if self.endpoint else None
+        region = self.region or ("us-east-1" if endpoint else _bucket_region(bucket))
+        return pafs.S3FileSystem(
+            access_key=access_key, secret_key=secret_key, region=region,
+            endpoint_override=endpoint.netloc if endpoint else None, scheme=endpoint.scheme if endpoint else "https",
+            connect_timeout=self.timeout, request_timeout=self.timeout,
+            retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=self.attempts))
+
+    def require_credentials(self, uri: str) -> None:
+        """Refuse early, in one line, when no AWS credentials can be found at all (env, profile,
+        instance role): otherwise the SDKs send unsigned requests and fail later, less clearly."""
+        if not _have_credentials(tuple(os.environ.get(k, "") for k in (*_SECRET_ENV, "AWS_PROFILE"))):
+            raise ValueError(f"{redact(uri)}: no AWS credentials found for S3 endpoint {self.where}; expected "
+                             "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or an instance role")
+
+
+@functools.lru_cache(maxsize=8)
+def _have_credentials(env_key: tuple[str, ...]) -> bool:
+    """botocore's credential chain (env, config files, instance metadata: 1 s timeout), once per
+    distinct credential environment."""
+    import botocore.session  # deferred: only S3 runs need it
+
+    return botocore.session.get_session().get_credentials() is not None
+
+
+@functools.lru_cache(maxsize=64)
+def _bucket_region(bucket: str) -> str:
+    return pafs.resolve_s3_region(bucket)
+
+
+def storage_failure(err: BaseException) -> str | None:
+    """One line for an S3 failure raised by pyarrow or botocore/s3fs (endpoint named, secrets
+    scrubbed), or None when `err` is not one: the CLI prints it instead of a traceback."""
+    text = str(err)
+    botocore_error = "botocore" in sys.modules and isinstance(err, sys.modules["botocore"].exceptions.BotoCoreError)
+    if not (botocore_error or (isinstance(err, OSError) and ("AWS Error" in text or "curlCode" in text))):
+        return None
+    settings = S3Settings.from_env()
+    if "curlCode: 28" in text or "Timeout" in type(err).__name__ or "timed out" in text.lower():
+        problem = f"not answering (no reply within {settings.timeout:g} s, {settings.attempts} attempts; {TIMEOUT_ENV})"
+    elif "curlCode: 7" in text or "Could not connect" in text or "EndpointConnectionError" in type(err).__name__:
+        problem = "unreachable (connection refused or no route)"
+    elif any(word in text for word in ("ACCESS_DENIED", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+                                       "NoCredentials")) or "Credentials" in type(err).__name__:
+        problem = "refused the credentials"
+    else:
+        problem = "failed"
+    detail = text.splitlines()[0] if text else type(err).__name__
+    for name in _SECRET_ENV:
+        if secret := os.environ.get(name):
+            detail = detail.replace(secret, "***")
+    return f"S3 endpoint {settings.where} {problem}: {detail[:300]}"
 
 
 def redact(uri: str) -> str:
@@ -23,7 +125,17 @@ def redact(uri: str) -> str:
 
 def open_fs(uri: str) -> tuple[pafs.FileSystem, str]:
     """pyarrow filesystem + path for a plain path, file:///… or s3://bucket/prefix."""
-    if uri.startswith(("s3://", "file://")):
+    if uri.startswith("s3://"):
+        settings = S3Settings.from_env()
+        path = uri[len("s3://"):]
+        netloc, slash, rest = path.partition("/")
+        user, _, bucket = netloc.rpartition("@")  # s3://key:secret@bucket/… is accepted, never echoed
+        path = bucket + slash + rest
+        if not user:
+            settings.require_credentials(uri)
+        key, _, secret = (unquote(part) for part in user.partition(":"))
+        fs = settings.pyarrow_fs(bucket, key or None, secret or None)
+    elif uri.startswith("file://"):
         fs, path = pafs.FileSystem.from_uri(uri)
     elif "://" in uri:
         raise ValueError(f"store uri {redact(uri)!r}: expected a plain path, file:///path or s3://bucket/prefix")
@@ -36,7 +148,12 @@ def s3fs_client():
     """s3fs client for writes, built from the current AWS environment (not fsspec's instance cache)."""
     import s3fs  # deferred: only S3 runs need it
 
-    return s3fs.S3FileSystem(skip_instance_cache=True)
+    settings = S3Settings.from_env()
+    retries = {"max_attempts": settings.attempts, "mode": "standard"}
+    client = s3fs.S3FileSystem(skip_instance_cache=True, config_kwargs={
+        "connect_timeout": settings.timeout, "read_timeout": settings.timeout, "retries": retries})
+    client.retries = 1  # botocore retries (bounded above); s3fs's own loop would multiply them
+    return client
 
 
 def write_file_atomic(fs: pafs.FileSystem, folder: str, file: str, data: bytes) -> None:
@@ -61,10 +178,11 @@ def absolute(uri: str) -> str:
 class RunFolder:
     """Small text files of a run on a local path or s3:// (credentials never enter paths or logs)."""
 
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, create: bool = True):
+        """`create=False`: an existing run is expected (a resume), so a mistyped path makes no folder."""
         self.uri = uri.rstrip("/")
         self.fs, self.root = open_fs(self.uri)
-        if self.is_local:
+        if self.is_local and create:
             Path(self.root).mkdir(parents=True, exist_ok=True)
 
     @property

@@ -331,12 +331,15 @@ def harvest(cfg: HarvestConfig, *, use_ray: bool = True, progress: bool = True) 
     models = (f"A={cfg.pair.a}", f"B={cfg.pair.b}")
     d_model = int(load_config(cfg.pair, "a").hidden_size)
     manifests = {}
-    for layer in cfg.layers:
+    for layer in cfg.layers:  # every layer is checked (crc32 of each shard): a bad one is re-harvested
         try:
             manifests[layer] = store.validate_store(uri, layer, d_model=d_model, models=models)
+        except store.BadShard as bad:
+            logging.getLogger(__name__).warning(f"{bad}; re-harvesting layer {layer} from that shard on")
+            store.drop_shards_from(uri, layer, bad.index)
         except (FileNotFoundError, ValueError):
-            break
-    else:
+            pass
+    if len(manifests) == len(cfg.layers):
         return HarvestResult(uri, cfg.layers, manifests[cfg.layers[0]].total_rows, True, d_model, models)
 
     writers = {layer: store.ShardWriter(uri, store.StoreSpec(

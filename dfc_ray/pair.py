@@ -42,10 +42,9 @@ def _local_dir(reference: str, role: str) -> str:
 
 def _download_s3_prefix(uri: str) -> str:
     """Mirror an s3:// model folder into ~/.cache/dfc-ray/models (skipping files already complete)."""
-    # deferred: s3fs and its botocore load only for s3:// models
-    import s3fs
+    from dfc_ray.fs import s3fs_client  # deferred: pyarrow and s3fs load only for s3:// models
 
-    fs = s3fs.S3FileSystem()
+    fs = s3fs_client()
     key = hashlib.sha256(uri.encode()).hexdigest()[:16]
     target = Path(os.environ.get("DFC_RAY_CACHE", Path.home() / ".cache" / "dfc-ray")) / "models" / key
     target.mkdir(parents=True, exist_ok=True)

@@ -300,9 +300,12 @@ def load_rates(path: str) -> Rates:
     try:
         with fs.open_input_stream(p) as handle:
             return Rates(**json.loads(handle.read()))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
         raise FileNotFoundError(f"{redact(uri)}: no costs.json; "
                                 "expected a finished run folder or a costs JSON file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as err:
+        raise ValueError(f"{redact(uri)}: not a costs JSON ({type(err).__name__}: {str(err)[:120]}); expected the "
+                         "costs.json a finished sweep writes") from None
 
 
 def peak_memory_mb() -> float:

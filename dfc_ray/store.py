@@ -432,13 +432,39 @@ def load_norm_stats(uri: str, layer: int) -> NormStats:
     return NormStats.from_bytes(_Layer.at(uri, layer).read(manifest.norm_stats["file"]))
 
 
+class BadShard(ValueError):
+    """A recorded shard that is missing or whose bytes do not match the manifest (size, rows, crc32);
+    `index` is its position in the manifest, so the store's owner can re-harvest from there."""
+
+    def __init__(self, message: str, index: int):
+        super().__init__(message)
+        self.index = index
+
+
+_CRC_CHUNK = 8 << 20  # bytes per read while checksumming: bounds memory, large enough for S3
+_VERIFIED: set[tuple[str, int, str]] = set()
+"""(uri, layer, crc32 of the manifest) of layers whose shards this process has checksummed: a reader
+pays the full check once per store and layer, and a rewritten manifest is checked again."""
+
+
+def shard_crc32(layer: "_Layer", file: str) -> str:
+    """crc32 of a shard file, streamed in chunks (never holds a whole shard)."""
+    crc = 0
+    with layer.fs.open_input_stream(f"{layer.path}/{file}") as f:
+        while chunk := f.read(_CRC_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
 def validate_store(uri: str, layer: int, *, d_model: int | None = None, models: Sequence[str] | None = None,
-                   checksum: bool = False) -> Manifest:
+                   checksum: bool = True) -> Manifest:
     """Check a layer before training on it; the first problem found raises ONE ValueError naming it.
 
     Compares the manifest with the crosscoder's expectations (layer, d_model, model names), refuses an
     incomplete store, and checks that every recorded shard exists with its recorded size and row count
-    (header/footer reads) and, when `checksum`, its crc32 (a full read). Unrecorded files are ignored.
+    (header/footer reads) and, when `checksum`, its crc32 (a full read, once per process for a given
+    manifest: docs/BENCHMARKS.md has its cost). A bad shard raises `BadShard`. Unrecorded files are
+    ignored.
     """
     where = _Layer.at(uri, layer)
     manifest = read_manifest(uri, layer)
@@ -456,22 +482,47 @@ def validate_store(uri: str, layer: int, *, d_model: int | None = None, models: 
                          f"expected {manifest.total_rows} (> 0)")
     sizes = {os.path.basename(i.path): i.size for i in where.fs.get_file_info(pafs.FileSelector(where.path))
              if i.type == pafs.FileType.File}
-    for rec in manifest.shards + [stats]:
-        if rec["file"] not in sizes:
-            raise ValueError(f"{where.name}/{rec['file']}: missing (the manifest records it with {rec['rows']} rows)")
-    for rec in manifest.shards:
+    if stats["file"] not in sizes:
+        raise ValueError(f"{where.name}/{stats['file']}: missing (the manifest records it for {stats['rows']} rows)")
+    key = (uri, layer, f"{zlib.crc32(manifest.to_json().encode()):08x}")
+    for index, rec in enumerate(manifest.shards):
         path = f"{where.name}/{rec['file']}"
+        if rec["file"] not in sizes:
+            raise BadShard(f"{path}: missing (the manifest records it with {rec['rows']} rows)", index)
         if sizes[rec["file"]] != rec["bytes"]:
-            raise ValueError(f"{path}: {sizes[rec['file']]} bytes on storage but the manifest records "
-                             f"{rec['bytes']} (truncated or overwritten)")
+            raise BadShard(f"{path}: {sizes[rec['file']]} bytes on storage but the manifest records "
+                           f"{rec['bytes']} (truncated or overwritten)", index)
         try:
             rows = _shard_rows(where, rec["file"], spec)
         except (OSError, ValueError, pa.ArrowException, KeyError, json.JSONDecodeError) as err:
-            raise ValueError(f"{path}: corrupt shard ({err})") from None
+            raise BadShard(f"{path}: corrupt shard ({err})", index) from None
         if rows != rec["rows"]:
-            raise ValueError(f"{path}: {rows} rows but the manifest records {rec['rows']}")
-        if checksum and (crc := f"{zlib.crc32(where.read(rec['file'])):08x}") != rec["crc32"]:
-            raise ValueError(f"{path}: corrupt shard (crc32 {crc}, the manifest records {rec['crc32']})")
+            raise BadShard(f"{path}: {rows} rows but the manifest records {rec['rows']}", index)
+        if checksum and key not in _VERIFIED and (crc := shard_crc32(where, rec["file"])) != rec["crc32"]:
+            raise BadShard(f"{path}: corrupt shard (crc32 {crc}, the manifest records {rec['crc32']}); "
+                           f"re-run the harvest to rewrite it", index)
+    if checksum:
+        _VERIFIED.add(key)
+    return manifest
+
+
+def drop_shards_from(uri: str, layer: int, index: int) -> Manifest:
+    """Forget shard `index` and every later one (a bad shard found on reuse): the manifest keeps the
+    verified shards before it, is marked incomplete, and gets statistics refitted from those shards,
+    so a re-opened `ShardWriter` resumes the harvest from there and rewrites the rest."""
+    where = _Layer.at(uri, layer)
+    manifest = read_manifest(uri, layer)
+    kept = manifest.shards[:index]
+    stats = NormStats.empty(manifest.spec.d_model)
+    for rec in kept:
+        stats = stats.merge(NormStats.of_rows(to_float(_decode(where.read(rec["file"]), manifest.spec),
+                                                       manifest.spec.dtype)))
+    manifest.shards, manifest.complete, manifest.norm_stats = kept, False, None
+    if kept:
+        stats_file = f"norm-{len(kept):05d}.safetensors"
+        where.write_atomic(stats_file, stats.to_bytes())
+        manifest.norm_stats = {"file": stats_file, "rows": stats.count}
+    where.write_atomic(MANIFEST, manifest.to_json().encode())
     return manifest
 
 

@@ -70,13 +70,16 @@ def ray_cluster(s3_server):
 
     Ray 2.60 turns token authentication on for every new local cluster (and writes a token to
     ~/.ray/auth_token). This test cluster instead runs with RAY_AUTH_MODE=disabled and listens on
-    127.0.0.1 only: nothing outside this machine can reach it and no file lands in $HOME.
+    127.0.0.1 only (`cluster.loopback_only`): nothing outside this machine can reach it and no file
+    lands in $HOME.
     `address="local"` always starts a new cluster, never one found through RAY_ADDRESS or /tmp/ray.
     The test S3 environment is set while the cluster starts, so Ray workers (which inherit the
     raylet's environment, like nodes configured for a real endpoint) can read `s3_bucket` stores.
     """
     import ray
     from ray._private.authentication_test_utils import reset_auth_token_state
+
+    from dfc_ray.cluster import loopback_only
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RAY_AUTH_MODE", "disabled")
@@ -86,6 +89,7 @@ def ray_cluster(s3_server):
         with pytest.MonkeyPatch.context() as worker_env:
             for key, value in s3_server.env.items():
                 worker_env.setenv(key, value)
+            loopback_only()  # every server on 127.0.0.1, as `dfc-ray sweep` starts its clusters
             ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
         try:
             yield ray

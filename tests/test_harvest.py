@@ -105,6 +105,37 @@ def _all_rows(uri: str, layer: int) -> np.ndarray:
     return torch.cat(list(store.iter_layer_batches(uri, layer, 1000))).numpy()
 
 
+def _zero_middle(shard: Path) -> None:
+    """Bytes zeroed in the middle of a shard, its size unchanged (footer and row count still read fine)."""
+    data = bytearray(shard.read_bytes())
+    middle = len(data) // 2
+    data[middle - 200:middle + 200] = bytes(400)
+    shard.write_bytes(bytes(data))
+
+
+def _truncate(shard: Path) -> None:
+    shard.write_bytes(shard.read_bytes()[:-300])
+
+
+@pytest.mark.parametrize("damage", [_zero_middle, _truncate], ids=["zeroed", "truncated"])
+def test_damaged_shard_is_refused_by_readers_and_reharvested(tiny_pair, tmp_path, damage):
+    """A damaged shard of a reused store: a reader refuses it in one line naming the shard; the
+    harvest (the store's owner) re-harvests from that shard on, to exactly the clean rows."""
+    cfg = small_config(tiny_pair, tmp_path)
+    result = harvest(cfg, use_ray=False, progress=False)
+    clean = {layer: _all_rows(result.uri, layer) for layer in cfg.layers}
+    shard = Path(result.uri) / "layer_001" / "shard-00001.parquet"
+    damage(shard)
+    store._VERIFIED.clear()  # a new process: nothing checked yet
+    with pytest.raises(store.BadShard, match=r"^\S*layer_001/shard-00001.parquet: [^\n]*(crc32|truncated)[^\n]*$"):
+        next(store.iter_layer_batches(result.uri, 1, 10))
+    again = harvest(cfg, use_ray=False, progress=False)
+    assert not again.reused and again.uri == result.uri and again.rows == result.rows
+    for layer in cfg.layers:
+        np.testing.assert_array_equal(_all_rows(again.uri, layer), clean[layer])
+    assert harvest(cfg, use_ray=False, progress=False).reused
+
+
 def test_killed_harvest_resumes_to_exactly_the_uninterrupted_rows(tiny_pair, tmp_path):
     killed_root, clean_root = tmp_path / "killed", tmp_path / "clean"
     cfg = small_config(tiny_pair, killed_root, batch_size=2, shard_rows=5, positions="all_tokens")

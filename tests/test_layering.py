@@ -10,9 +10,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("dfc_ray", "actors")
 MAY_IMPORT_ACTORS = ("dfc_ray.sweep", "dfc_ray.commands", "dfc_ray.cli")
-# Rewritten on other branches at the same time (sweep/report are being split into packages, cluster's
-# connect is being changed): their function-level imports get their comments when those land.
-COMMENT_CHECK_PENDING = ("dfc_ray.sweep", "dfc_ray.report", "dfc_ray.cluster")
 
 
 def _module_name(path: Path) -> str:
@@ -154,8 +151,6 @@ def test_every_function_level_import_says_why_it_is_deferred():
     above says so."""
     missing = []
     for module, path in MODULES.items():
-        if module.startswith(COMMENT_CHECK_PENDING):
-            continue
         lines = path.read_text().splitlines()
         seen = set()
         for _, stmt, in_function in _imports(module):

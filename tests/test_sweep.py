@@ -81,23 +81,32 @@ def test_small_sweep_makes_a_complete_report(tiny_pair, ray_cluster, tmp_path):
     assert rates.train > 0 and rates.judge > 0 and rates.d_model == 32
 
 
-def test_diverging_and_raising_trials_fail_alone(tiny_pair, ray_cluster, tmp_path):
-    from dfc_ray.sweep import run_sweep
+def test_diverging_and_raising_trials_fail_alone(tiny_pair, ray_cluster, tmp_path, capsys):
+    """Through the CLI: failed trials keep their exception type, last line and full traceback, and
+    the sweep exits 3 (some trials failed)."""
+    from dfc_ray.cli import main
+    from dfc_ray.failures import EXIT_SOME_FAILED
 
     # lr 1e9 diverges (a NaN loss); an unknown torch device makes the trial raise.
     path = write_spec(tmp_path, tiny_pair, crosscoder={"dict_size": 64, "k": 4, "aux_k": 8},
                       grid={"lr": [1e-3, 1e9], "device": ["cpu", "no-such-device"]})
-    spec = load_spec(path)
     run = tmp_path / "runs" / "failing"
-    run_sweep(spec, str(run), evaluate=False, live=False)
+    code = main(["sweep", path, "--run-dir", str(run), "--no-eval", "--quiet"])
+    assert code == EXIT_SOME_FAILED
+    assert "3 of 4 trials failed" in capsys.readouterr().out
     results = {(r["config"]["lr"], r["config"]["device"]): r for r in read_results(run)}
     assert len(results) == 4
     assert results[(1e-3, "cpu")]["status"] == "ok"
     assert results[(1e9, "cpu")]["status"] == "diverged" and "non-finite" in results[(1e9, "cpu")]["error"]
     for lr in (1e-3, 1e9):
-        assert results[(lr, "no-such-device")]["status"] == "failed" and results[(lr, "no-such-device")]["error"]
+        raised = results[(lr, "no-such-device")]
+        assert raised["status"] == "failed" and raised["error_type"] == "RuntimeError"
+        assert raised["error"].startswith("RuntimeError: ") and "no-such-device" in raised["error"]
+        traceback = Path(raised["error_file"]).read_text()
+        assert "run_trial" in traceback and "no-such-device" in traceback  # the whole stack, not one line
     report = json.loads((run / "report.json").read_text())
     assert report["n_trials"] == 4 and report["n_failed"] == 3
+    assert any("no-such-device" in (f["error"] or "") for f in report["failed"])
 
 
 def test_killed_sweep_resumes_without_redoing_or_losing_trials(tiny_pair, tmp_path):

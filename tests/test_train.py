@@ -119,3 +119,19 @@ def test_cli_rejects_bad_input(tmp_path, capsys):
     assert "no such activation folder" in capsys.readouterr().err
     assert main(["train", str(bad), "--example", "--out", str(tmp_path / "out")]) == 2
     assert "exactly one" in capsys.readouterr().err
+
+
+def test_cli_trains_on_an_activation_store(tmp_path):
+    """`dfc-ray train STORE --layer L` reads what `dfc-ray harvest` writes (the store format)."""
+    from dfc_ray.store import ShardWriter, StoreSpec
+
+    spec = StoreSpec(layer=2, d_model=D, models=("A=a", "B=b"), positions="last_prompt_token", harvest_hash="t",
+                     shard_rows=200)
+    with ShardWriter(str(tmp_path / "store"), spec) as writer:
+        writer.append(next(PLANTED.batches(512, seed=3)))
+    rc = main(["train", str(tmp_path / "store"), "--layer", "2", "--out", str(tmp_path / "out"), "--dict-size", "64",
+               "--k", "4", "--steps", "12", "--batch-size", "64", "--lr", "1e-3", "--no-progress"])
+    assert rc == 0
+    record = json.loads((tmp_path / "out" / "crosscoder" / "train.json").read_text())
+    assert record["status"] == "ok" and record["steps"] == 12
+    assert main(["train", str(tmp_path / "store"), "--out", str(tmp_path / "out2")]) == 2  # --layer missing

@@ -8,35 +8,45 @@ import time
 
 from rich.console import Console
 
+from dfc_ray.failures import sweep_exit_code
 from dfc_ray.fs import redact
 from dfc_ray.plan import load_rates, print_plan
 from dfc_ray.report import print_report
 from dfc_ray.spaces import load_spec
 
 
+DEFAULT_SPEC = "organism48"
+
+
 def _sweep_command(args: argparse.Namespace) -> int:
-    spec = load_spec(args.spec)
+    if args.resume and not args.run_dir:
+        raise ValueError("--resume needs --run-dir (the run folder to continue)")
+    # --resume without SPEC continues the run's own spec.yaml; with one, it must be that spec
+    spec = None if args.resume and args.spec is None and not args.plan else load_spec(args.spec or DEFAULT_SPEC)
     if args.plan:
         print_plan(spec, load_rates(args.costs) if args.costs else None)
         return 0
-    from dfc_ray.sweep import run_sweep  # deferred: Ray Tune and Optuna are heavy, --plan needs neither
+    from dfc_ray.sweep import read_results, run_sweep  # deferred: Ray Tune and Optuna are heavy, --plan needs neither
 
     run_uri = args.run_dir or f"{args.storage.rstrip('/')}/{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if args.resume and not args.run_dir:
-        raise ValueError("--resume needs --run-dir (the run folder to continue)")
     start = time.time()
     run = run_sweep(spec, run_uri, store_root=args.store, resume=args.resume, address=args.address,
                     evaluate=not args.no_eval, live=not args.quiet)
-    Console().print(f"sweep {spec.name} finished in {time.time() - start:.0f} s: {redact(run.uri)}")
+    Console().print(f"sweep finished in {time.time() - start:.0f} s: {redact(run.uri)}")
     report = json.loads(run.read_text("report.json") or "{}")
     if report:
         print_report(report, Console())
-    return 0
+    statuses = [record["status"] for record in read_results(run)]
+    if code := sweep_exit_code(statuses):
+        Console().print(f"[bold red]{len(statuses) - statuses.count('ok')} of {len(statuses)} trials failed[/] "
+                        f"(exit code {code}; reasons in results.jsonl and the report's Failed trials)")
+    return code
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("sweep", help="Run a sweep spec end to end: harvest, Tune trials, report.")
-    p.add_argument("spec", nargs="?", default="organism48", help="shipped spec name or YAML path (default: organism48)")
+    p.add_argument("spec", nargs="?", default=None,
+                   help=f"shipped spec name or YAML path (default: {DEFAULT_SPEC}; with --resume: the run's own)")
     p.add_argument("--storage", default="runs", help="where run folders go: a path or s3://bucket/prefix")
     p.add_argument("--run-dir", default=None, help="this run's folder (default: <storage>/<spec>-<time>)")
     p.add_argument("--store", default=None, help="activation store root (default: <storage>/harvests)")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+from dfc_ray import store
 from dfc_ray.config import SPARSITIES, DFCConfig, TrainConfig
 from dfc_ray.synthetic import PlantedConfig, PlantedFeatures
 from dfc_ray.train import Member, folder_batches, scan_activation_folder, train_group
@@ -24,7 +26,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("train", help="train a crosscoder on a folder of paired activations (or --example)",
                               description="Train one DFC on DATA_DIR (*.safetensors, each with 'activations' "
                                           "(rows, 2, d_model)) or on planted-feature example data.")
-    p.add_argument("data_dir", nargs="?", help="folder of activation files")
+    p.add_argument("data_dir", nargs="?", help="folder of activation files, or with --layer an activation store "
+                                               "(the URI `dfc-ray harvest` prints)")
+    p.add_argument("--layer", type=int, help="read DATA_DIR as an activation store and train on this layer")
     p.add_argument("--example", action="store_true", help="train on planted-feature data (no activations needed)")
     p.add_argument("--out", required=True, help="output folder for the checkpoint")
     p.add_argument("--dict-size", type=int)
@@ -47,7 +51,6 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_cli(args: argparse.Namespace) -> int:
-
     if args.example == (args.data_dir is not None):
         raise ValueError("give either DATA_DIR or --example (exactly one)")
     settings = {k: getattr(args, k) if getattr(args, k) is not None else v
@@ -58,7 +61,16 @@ def _run_cli(args: argparse.Namespace) -> int:
     if args.example:
         planted = PlantedFeatures(PlantedConfig(seed=args.seed))
         d_model, batches = planted.cfg.d_model, planted.batches(settings["batch_size"], seed=args.seed + 1)
+    elif args.layer is not None:  # what `dfc-ray harvest` writes; every shard checked before training
+        manifest = store.validate_store(args.data_dir, args.layer)
+        d_model, rows = manifest.spec.d_model, manifest.total_rows
+        if rows < settings["batch_size"]:
+            raise ValueError(f"{args.data_dir}: {rows} rows, fewer than --batch-size={settings['batch_size']}")
+        batches = store.iter_layer_batches(args.data_dir, args.layer, settings["batch_size"], shuffle=True,
+                                           seed=args.seed, epochs=10**9, drop_last=True)
     else:
+        if list(Path(args.data_dir).glob("layer_*/manifest.json")):
+            raise ValueError(f"{args.data_dir}: an activation store; pass --layer L to train on one of its layers")
         files, d_model, rows = scan_activation_folder(args.data_dir)
         if rows < settings["batch_size"]:
             raise ValueError(f"{args.data_dir}: {rows} rows, fewer than --batch-size={settings['batch_size']}")

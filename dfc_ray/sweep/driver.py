@@ -67,9 +67,10 @@ def check_fits(spec: SweepSpec, evaluate: bool = True) -> None:
                              "expected at most that (0 GPUs runs on CPU)")
 
 
-def _open_run(spec: SweepSpec, run_uri: str, resume: bool) -> tuple[RunFolder, SweepSpec]:
-    """The run folder, with spec.yaml written (fresh run) or read back (resume: the spec as first run)."""
-    run = RunFolder(absolute(run_uri))  # trials run in their own working directories
+def _open_run(spec: SweepSpec | None, run_uri: str, resume: bool) -> tuple[RunFolder, SweepSpec]:
+    """The run folder, with spec.yaml written (fresh run) or read back (resume: the spec as first run;
+    `spec` is None or must be that same spec)."""
+    run = RunFolder(absolute(run_uri), create=not resume)  # trials run in their own working directories
     existing = run.read_text("spec.yaml")
     if existing is not None and not resume:
         raise ValueError(f"{redact(run.uri)}: already holds a sweep; pass --resume to continue it "
@@ -77,8 +78,12 @@ def _open_run(spec: SweepSpec, run_uri: str, resume: bool) -> tuple[RunFolder, S
     if resume and existing is None:
         raise ValueError(f"{redact(run.uri)}: nothing to resume (no spec.yaml)")
     if resume:
-        spec = parse_spec(yaml.safe_load(existing), f"{redact(run.uri)}/spec.yaml", spec.name)
-    else:
+        saved = yaml.safe_load(existing)
+        if spec is not None and yaml.safe_dump(spec.raw | {"name": spec.name}, sort_keys=False) != existing:
+            raise ValueError(f"{spec.source}: not the spec of {redact(run.uri)}/spec.yaml ({saved.get('name')}); "
+                             "resume without SPEC, or with the spec the run was started with")
+        spec = parse_spec(saved, f"{redact(run.uri)}/spec.yaml", saved.get("name", ""))
+    elif spec is not None:
         run.write_text("spec.yaml", yaml.safe_dump(spec.raw | {"name": spec.name}, sort_keys=False))
     return run, spec
 
@@ -108,8 +113,8 @@ def _tuner(spec: SweepSpec, run: RunFolder, ctx: TrialContext, n_todo: int,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
 
 
-def _run_trials(spec: SweepSpec, run: RunFolder, ctx: TrialContext, resume: bool, live: bool,
-                pools: list, seconds: dict[str, float]) -> dict[str, float]:
+def _run_trials(spec: SweepSpec, run: RunFolder, ctx: TrialContext, done: list[dict[str, Any]] | None,
+                live: bool, pools: list, seconds: dict[str, float]) -> dict[str, float]:
     """Run the trials still owed under the live view; returns the judge pools' peak memory. The
     pools are shut down when this returns, also on failure."""
     view = LiveView(total=spec.n_trials, console=None if live else Console(quiet=True),
@@ -119,9 +124,8 @@ def _run_trials(spec: SweepSpec, run: RunFolder, ctx: TrialContext, resume: bool
     # Resume: results.jsonl is the truth. A fresh Tune experiment runs only what is still owed, so no
     # finished trial is redone and none is lost (Tune's own restore can re-run a trial that finished
     # after its last experiment checkpoint, and then collides with the Optuna study).
-    done = read_results(run) if resume else []
-    n_todo, remaining = remaining_work(spec, done) if resume else (spec.n_trials, None)
-    for record in done:
+    n_todo, remaining = remaining_work(spec, done) if done is not None else (spec.n_trials, None)
+    for record in done or []:
         view.update(record["trial_id"], record["config"], record["status"], record["metrics"])
     tuner = _tuner(spec, run, ctx, n_todo, remaining)
     clock = time.perf_counter()
@@ -135,6 +139,19 @@ def _run_trials(spec: SweepSpec, run: RunFolder, ctx: TrialContext, resume: bool
         LIVE_VIEWS.pop(run.uri, None)
         for pool in pools:
             pool.shutdown()
+
+
+def _attempt_seconds(run: RunFolder, seconds: dict[str, float]) -> dict[str, Any]:
+    """report.json's `seconds` summed over every finished attempt (a resume adds to, never replaces,
+    the earlier ones) and `attempts`: each attempt's own stage seconds."""
+    try:
+        earlier = json.loads(run.read_text("report.json") or "{}").get("run", {})
+    except json.JSONDecodeError:
+        earlier = {}
+    attempts = earlier.get("attempts", [earlier["seconds"]] if "seconds" in earlier else [])
+    attempts = attempts + [{k: round(v, 1) for k, v in seconds.items()}]
+    total = {k: round(sum(a.get(k, 0) for a in attempts), 1) for a in attempts for k in a}
+    return {"seconds": total, "attempts": attempts}
 
 
 def _judge_memory(pools: list) -> dict[str, float]:
@@ -174,14 +191,27 @@ def _publish_report(run: RunFolder, info: dict[str, Any]) -> None:
             run.upload_dir(Path(tmp) / "plots", "plots")
 
 
-def run_sweep(spec: SweepSpec, run_uri: str, *, store_root: str | None = None, resume: bool = False,
+def run_sweep(spec: SweepSpec | None, run_uri: str, *, store_root: str | None = None, resume: bool = False,
               address: str | None = None, evaluate: bool = True, live: bool = True) -> RunFolder:
-    """Run (or resume) a sweep into `run_uri`; returns the run folder once the report is written."""
+    """Run (or resume) a sweep into `run_uri`; returns the run folder once the report is written.
+    A resume continues the run's spec.yaml: `spec` is None, or must be that same spec."""
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # training reports carry no Δ yet
     run, spec = _open_run(spec, run_uri, resume)
+    done = read_results(run) if resume else None  # a damaged results.jsonl is refused before any work
     store_root = absolute(store_root or f"{run.uri.rsplit('/', 1)[0]}/harvests")
     local = not (address or os.environ.get("RAY_ADDRESS"))
+    started_ray = not ray.is_initialized()
     connect(address)
+    try:
+        return _run_on_cluster(spec, run, store_root, done, local, evaluate, live)
+    finally:
+        if local and started_ray:  # a cluster this run started ends with it (agents and workers too)
+            ray.shutdown()
+
+
+def _run_on_cluster(spec: SweepSpec, run: RunFolder, store_root: str, done: list[dict[str, Any]] | None,
+                    local: bool, evaluate: bool, live: bool) -> RunFolder:
+    """The sweep once its run folder is checked and Ray is up; `done`: a resume's recorded trials."""
     if local:  # a cluster we started cannot grow: refuse what would wait forever
         check_fits(spec, evaluate)
     check_placeable(spec, evaluate)  # some node (or node type) must hold each kind of actor
@@ -193,11 +223,11 @@ def run_sweep(spec: SweepSpec, run_uri: str, *, store_root: str | None = None, r
     seconds["start_pools"] = time.perf_counter() - clock
     ctx = TrialContext(spec.raw | {"name": spec.name}, spec.source, run.uri, harvested.uri, harvested.d_model,
                        harvested.models, tuple(pool.cfg for pool in pools) or None)
-    judge_memory = _run_trials(spec, run, ctx, resume, live, pools, seconds)
+    judge_memory = _run_trials(spec, run, ctx, done, live, pools, seconds)
     info = {"spec": spec.name, "spec_file": spec.source, "run": redact(run.uri), "harvest": redact(harvested.uri),
             "harvest_rows": harvested.rows, "harvest_reused": harvested.reused,
             "harvest_nodes": list(harvested.nodes), "layers": list(spec.layers),
-            "pair": asdict(spec.pair), "seconds": {k: round(v, 1) for k, v in seconds.items()},
+            "pair": asdict(spec.pair), **_attempt_seconds(run, seconds),
             "judge_peak_mem_mb": {k: round(v) for k, v in judge_memory.items()}}
     _write_costs(spec, run, seconds, harvested.reused)
     _publish_report(run, info)

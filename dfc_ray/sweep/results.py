@@ -7,7 +7,8 @@ from typing import Any
 
 from ray.tune import Callback
 
-from dfc_ray.fs import RunFolder
+from dfc_ray.failures import trial_error
+from dfc_ray.fs import RunFolder, redact
 from dfc_ray.spaces import SweepSpec
 
 STRUCTURED = ("top_features", "alpha_curve")
@@ -20,7 +21,16 @@ pickled, so the callback finds the current process's view here."""
 
 
 def read_results(run: RunFolder) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run.read_text("results.jsonl") or "").splitlines() if line.strip()]
+    """The recorded trials; a damaged line is refused with the file and line named."""
+    records = []
+    for number, line in enumerate((run.read_text("results.jsonl") or "").splitlines(), 1):
+        try:
+            records += [json.loads(line)] if line.strip() else []
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{redact(run.uri)}/results.jsonl: line {number}: not valid JSON ({err.msg} at "
+                             f"column {err.colno}); expected one trial per line (remove that line to re-run "
+                             "the trial)") from None
+    return records
 
 
 class ResultsWriter(Callback):
@@ -38,7 +48,8 @@ class ResultsWriter(Callback):
         if (view := LIVE_VIEWS.get(self.run_uri)) is not None:
             view.update(trial.trial_id, self.config(trial.config), status, metrics)
 
-    def append(self, trial, status: str, metrics: dict[str, Any], error: str = "") -> None:
+    def append(self, trial, status: str, metrics: dict[str, Any], error: str = "",
+               details: dict | None = None) -> None:
         run = RunFolder(self.run_uri)
         lines = [line for line in (run.read_text("results.jsonl") or "").splitlines() if line.strip()]
         if any(json.loads(line)["trial_id"] == trial.trial_id for line in lines):
@@ -46,7 +57,7 @@ class ResultsWriter(Callback):
         metrics = {k: json.loads(v) if k in STRUCTURED and isinstance(v, str) else v for k, v in metrics.items()
                    if isinstance(v, (int, float, str, bool, list, dict))}
         record = {"trial_id": trial.trial_id, "config": self.config(trial.config), "metrics": metrics,
-                  "status": status} | ({"error": error} if error else {})
+                  "status": status} | ({"error": error} if error else {}) | (details or {})
         run.write_text("results.jsonl", "\n".join(lines + [json.dumps(record)]) + "\n")
         self.show(trial, status, metrics)
 
@@ -62,5 +73,9 @@ class ResultsWriter(Callback):
         self.append(trial, status, result, error="" if status == "ok" else result.get("reason", "no result"))
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        lines = str(getattr(trial, "error_msg", "") or "trial raised").strip().splitlines()
-        self.append(trial, "failed", dict(trial.last_result or {}), error=lines[-1])
+        error = trial_error(trial)  # Tune 2.60 keeps the reason only in the trial's error file
+        pointer = f"errors/{trial.trial_id}.txt"
+        RunFolder(self.run_uri).write_text(pointer, error.traceback or "no traceback was saved\n")
+        self.append(trial, "failed", dict(trial.last_result or {}),
+                    error=f"{error.type}: {error.message} (traceback: {redact(self.run_uri)}/{pointer})",
+                    details={"error_type": error.type, "error_file": f"{redact(self.run_uri)}/{pointer}"})

@@ -1,0 +1,65 @@
+"""What a failed trial leaves behind, and what a sweep's exit code says about its trials.
+
+Ray Tune 2.60 writes a failed trial's traceback to the trial's `error.txt` (`Trial.error_file`, in
+the driver's staging folder) and keeps no message on the Trial object; `trial_error` reads that file
+so results.jsonl keeps the exception's type and last line, and the sweep copies the full text into
+the run folder. docs/failure-modes.md lists the exit codes.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+EXIT_OK = 0
+EXIT_BAD_INPUT = 2
+"""Bad input or unreachable storage: one line on stderr, nothing (more) was run."""
+EXIT_SOME_FAILED = 3
+"""The sweep finished and wrote its report, but at least one trial failed."""
+EXIT_ALL_FAILED = 4
+"""The sweep finished, and every trial failed."""
+
+_EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Warning|Failure)\w*)(?:: (.*))?$")
+
+
+@dataclass(frozen=True)
+class TrialError:
+    """Why a trial raised, read from the traceback text Tune saved."""
+
+    type: str
+    """The exception's class name (the innermost one the traceback ends with), e.g. "ValueError"."""
+    message: str
+    """The exception's last line without its type (may be empty)."""
+    traceback: str
+    """The whole text Tune saved, every failure of the trial."""
+
+
+def trial_error(trial: Any) -> TrialError:
+    """The reason of a Tune trial that raised; a trial without a readable error file says so."""
+    path = getattr(trial, "error_file", None)
+    try:
+        text = Path(path).read_text() if path else ""
+    except OSError:
+        text = ""
+    return parse_traceback(text)
+
+
+def parse_traceback(text: str) -> TrialError:
+    """Type and last line of the last exception in a traceback text (Ray wraps the user's exception
+    in a RayTaskError whose text ends with the original `Type: message` line)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if match := _EXCEPTION_LINE.match(line):
+            return TrialError(match.group(1).rsplit(".", 1)[-1], match.group(2) or "", text)
+    return TrialError("UnknownError", lines[-1] if lines else "no traceback was saved", text)
+
+
+def sweep_exit_code(statuses: Iterable[str]) -> int:
+    """0 when every trial is "ok", EXIT_ALL_FAILED when none is, else EXIT_SOME_FAILED."""
+    statuses = list(statuses)
+    failed = sum(status != "ok" for status in statuses)
+    if not failed:
+        return EXIT_OK
+    return EXIT_ALL_FAILED if failed == len(statuses) else EXIT_SOME_FAILED

@@ -1,0 +1,236 @@
+"""Bad inputs through the real CLI (`dfc_ray.cli.main`, in-process): each must exit non-zero with at
+most 3 lines of output, no traceback, and the problem named.
+
+The table `CASES` is the place to add a case: an id, a setup that builds whatever the case needs
+under a temporary folder and returns the argv, and a substring the output must contain. Setups get
+a `Ctx` (tmp folder, monkeypatch, and lazily the S3 fixtures or a stalling server).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+import yaml
+
+from dfc_ray.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+FAST_S3 = {"DFC_RAY_S3_TIMEOUT": "1", "DFC_RAY_S3_ATTEMPTS": "2"}  # the defaults give up after ~25 s
+
+
+class StallingServer:
+    """A TCP server on 127.0.0.1 that accepts connections and never answers (an S3 endpoint that
+    hangs). Bounded: it stops accepting and closes every socket when stopped, and stops itself
+    after `lifetime` seconds in any case."""
+
+    def __init__(self, lifetime: float = 120.0):
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.5)
+        self.port = self.sock.getsockname()[1]
+        self.held: list[socket.socket] = []
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._serve, args=(lifetime,), daemon=True)
+        self.thread.start()
+
+    def _serve(self, lifetime: float) -> None:
+        deadline = threading.Timer(lifetime, self.stopped.set)
+        deadline.start()
+        while not self.stopped.is_set():
+            try:
+                self.held.append(self.sock.accept()[0])
+            except OSError:  # timeout: look at `stopped` again
+                continue
+        deadline.cancel()
+        for conn in self.held:
+            conn.close()
+        self.sock.close()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=5)
+
+
+@dataclass
+class Ctx:
+    """What a case's setup may use."""
+
+    tmp: Path
+    monkeypatch: pytest.MonkeyPatch
+    request: pytest.FixtureRequest
+    cleanups: list[Callable[[], None]] = field(default_factory=list)
+
+    def env(self, **values: str) -> None:
+        for key, value in values.items():
+            self.monkeypatch.setenv(key, value)
+
+    def s3_endpoint(self, endpoint: str, credentials: bool = True) -> None:
+        """Point the AWS environment at `endpoint` (fake credentials unless `credentials` is False)."""
+        for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
+                    "AWS_SECRET_ACCESS_KEY"):
+            self.monkeypatch.delenv(key, raising=False)
+        self.env(AWS_ENDPOINT_URL=endpoint, AWS_DEFAULT_REGION="us-east-1", **FAST_S3)
+        if credentials:
+            self.env(AWS_ACCESS_KEY_ID="AKIABADINPUTS0001", AWS_SECRET_ACCESS_KEY="bad-inputs-secret-never-shown")
+        else:  # nothing to find: no files, no instance metadata
+            self.env(AWS_SHARED_CREDENTIALS_FILE=str(self.tmp / "none"), AWS_CONFIG_FILE=str(self.tmp / "none"),
+                     AWS_EC2_METADATA_DISABLED="true")
+
+    def stalling_endpoint(self) -> str:
+        server = StallingServer()
+        self.cleanups.append(server.stop)
+        return f"http://127.0.0.1:{server.port}"
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens there once closed
+
+
+# ---------------------------------------------------------------- setups
+
+
+def store(ctx: Ctx, damage: str = "") -> str:
+    """A small complete activation store (layer 1, 3 shards); `damage`: "zeroed" or "truncated" shard 1."""
+    from dfc_ray.store import ShardWriter, StoreSpec, _VERIFIED
+
+    uri = str(ctx.tmp / "store")
+    spec = StoreSpec(layer=1, d_model=8, models=("A=a", "B=b"), positions="last_prompt_token", harvest_hash="h",
+                     shard_rows=64)
+    with ShardWriter(uri, spec) as writer:
+        writer.append(np.random.default_rng(0).standard_normal((160, 2, 8), np.float32))
+    shard = ctx.tmp / "store" / "layer_001" / "shard-00001.parquet"
+    data = shard.read_bytes()
+    if damage == "zeroed":
+        shard.write_bytes(data[:1000] + bytes(500) + data[1500:])
+    elif damage == "truncated":
+        shard.write_bytes(data[:-200])
+    _VERIFIED.clear()  # as in a fresh process
+    return uri
+
+
+def train_store(ctx: Ctx, damage: str = "", layer: str | None = "1") -> list[str]:
+    uri = store(ctx, damage)
+    return ["train", uri, "--out", str(ctx.tmp / "out"), "--steps", "2", "--batch-size", "16", "--no-progress"] + \
+        (["--layer", layer] if layer is not None else [])
+
+
+def cluster_file(ctx: Ctx, head_command: str) -> list[str]:
+    config = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    config["head_start_ray_commands"] = ["ray stop", head_command]
+    path = ctx.tmp / "cluster.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return ["cluster", "validate", str(path)]
+
+
+def run_folder(ctx: Ctx, spec_yaml: str = "name: other\n", results: str | None = None) -> Path:
+    run = ctx.tmp / "run"
+    run.mkdir()
+    (run / "spec.yaml").write_text(spec_yaml)
+    if results is not None:
+        (run / "results.jsonl").write_text(results)
+    return run
+
+
+def shipped_spec_dump(name: str) -> str:
+    from dfc_ray.spaces import load_spec
+
+    spec = load_spec(name)
+    return yaml.safe_dump(spec.raw | {"name": spec.name}, sort_keys=False)
+
+
+GOOD_RESULT = json.dumps({"trial_id": "t1", "config": {"dict_size": 64}, "metrics": {"fvu": 0.5}, "status": "ok"})
+
+
+def mistyped_resume(ctx: Ctx) -> list[str]:
+    ctx.cleanups.append(lambda: _assert_absent(ctx.tmp / "runs" / "typo"))
+    return ["sweep", "--resume", "--run-dir", str(ctx.tmp / "runs" / "typo")]
+
+
+def _assert_absent(path: Path) -> None:
+    assert not path.exists(), f"{path} was created by a failed --resume"
+
+
+def report_on_s3(ctx: Ctx, endpoint: str, credentials: bool = True) -> list[str]:
+    ctx.s3_endpoint(endpoint, credentials)
+    return ["report", "s3://bucket/runs/x"]
+
+
+def harvest_to_s3(ctx: Ctx, endpoint: str) -> list[str]:
+    ctx.s3_endpoint(endpoint)
+    pair = ctx.request.getfixturevalue("tiny_pair")
+    return ["harvest", "--store", "s3://bucket/harvests", "--no-ray", "--layers", "1", "--model-a", pair.a,
+            "--model-b", pair.b, "--tasks", "", "--plain-text", "organism", "--n-plain", "4"]
+
+
+# ---------------------------------------------------------------- the table
+
+CASES: list[tuple[str, Callable[[Ctx], list[str]], str]] = [
+    # S3: unreachable, stalled, no credentials, bad settings (one line naming the endpoint)
+    ("s3-closed-port", lambda c: report_on_s3(c, f"http://127.0.0.1:{closed_port()}"), "unreachable"),
+    ("s3-stalled-server", lambda c: report_on_s3(c, c.stalling_endpoint()), "not answering"),
+    ("s3-stalled-harvest", lambda c: harvest_to_s3(c, c.stalling_endpoint()), "not answering"),
+    ("s3-no-credentials", lambda c: report_on_s3(c, f"http://127.0.0.1:{closed_port()}", credentials=False),
+     "no AWS credentials found"),
+    ("s3-bad-timeout", lambda c: (c.env(DFC_RAY_S3_TIMEOUT="soon"), ["report", "s3://bucket/x"])[1],
+     "DFC_RAY_S3_TIMEOUT='soon'"),
+    # activation stores: damaged shards are refused before training, naming the shard
+    ("store-zeroed-shard", lambda c: train_store(c, "zeroed"), "shard-00001.parquet: corrupt shard (crc32"),
+    ("store-truncated-shard", lambda c: train_store(c, "truncated"), "shard-00001.parquet: "),
+    ("store-missing-layer", lambda c: train_store(c, layer="7"), "no activation store for layer 7"),
+    ("store-without-layer", lambda c: train_store(c, layer=None), "pass --layer"),
+    # cluster files: bind addresses are parsed IPs, only loopback passes
+    ("cluster-bind-any-v4", lambda c: cluster_file(c, "ray start --head --dashboard-host=0.0.0.0"), "'0.0.0.0'"),
+    ("cluster-bind-any-v6", lambda c: cluster_file(c, "ray start --head --dashboard-host=::0"), "'::0'"),
+    ("cluster-bind-any-v6-spaced", lambda c: cluster_file(c, "ray start --head --dashboard-host '[::]'"), "'[::]'"),
+    ("cluster-bind-public", lambda c: cluster_file(c, "ray start --head --dashboard-host=8.8.8.8"), "'8.8.8.8'"),
+    ("cluster-bind-hostname", lambda c: cluster_file(c, "ray start --head --dashboard-host=myhost"), "'myhost'"),
+    ("cluster-debugger-external", lambda c: cluster_file(c, "ray start --head --ray-debugger-external"),
+     "--ray-debugger-external"),
+    # run folders
+    ("resume-mistyped-path", mistyped_resume, "nothing to resume"),
+    ("resume-without-run-dir", lambda c: ["sweep", "--resume"], "--resume needs --run-dir"),
+    ("resume-other-spec", lambda c: ["sweep", "organism48", "--resume", "--run-dir", str(run_folder(c))],
+     "not the spec of"),
+    ("resume-truncated-results",
+     lambda c: ["sweep", "--resume", "--run-dir",
+                str(run_folder(c, shipped_spec_dump("organism48"), GOOD_RESULT + "\n" + GOOD_RESULT[:40]))],
+     "results.jsonl: line 2: not valid JSON"),
+    ("report-truncated-results",
+     lambda c: ["report", str(run_folder(c, results=GOOD_RESULT + "\n" + GOOD_RESULT[:40]))],
+     "results.jsonl: line 2"),
+    ("report-missing-run", lambda c: ["report", str(c.tmp / "nowhere")], "no such file"),
+    # plans
+    ("plan-costs-not-a-folder", lambda c: ["sweep", "organism48", "--plan", "--costs", str(REPO / "README.md")],
+     "no costs.json"),
+    ("plan-costs-not-json", lambda c: (
+        (c.tmp / "costs.json").write_text("{not json"), ["sweep", "organism48", "--plan", "--costs",
+                                                         str(c.tmp / "costs.json")])[1], "not a costs JSON"),
+]
+
+
+@pytest.mark.parametrize("build, expected", [case[1:] for case in CASES], ids=[case[0] for case in CASES])
+def test_bad_input_gives_one_clear_line(build, expected, tmp_path, monkeypatch, request, capsys):
+    ctx = Ctx(tmp_path, monkeypatch, request)
+    try:
+        argv = build(ctx)
+        capsys.readouterr()  # what the setup printed (e.g. building the tiny pair) is not the case's output
+        code = main(argv)
+        out = capsys.readouterr()
+    finally:
+        for cleanup in ctx.cleanups:
+            cleanup()
+    text = (out.out + out.err).strip()
+    assert code != 0, text
+    assert "Traceback" not in text
+    assert len(text.splitlines()) <= 3, text
+    assert expected in text, text
+    for secret in ("bad-inputs-secret-never-shown",):
+        assert secret not in text

@@ -11,7 +11,7 @@ pickle by their arguments, so each node builds its own client from its own AWS e
 
 Optuna's journal backend needs a local file (append + lock). For an S3 run the journal lives in
 `<run>/optuna.journal`: a resumed driver (a new job, maybe on another machine) downloads it, and
-every finished trial uploads it again, so the study survives the driver's machine.
+the searcher uploads it after every finished trial, so the study survives the driver's machine.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import tempfile
 from pathlib import Path
 
 import pyarrow.fs as pafs
-from ray.tune import Callback
 
 from dfc_ray.fs import RunFolder, s3fs_client
 
@@ -45,21 +44,13 @@ def local_journal(run: RunFolder) -> Path:
     return copy
 
 
-class JournalUploader(Callback):
-    """Copies the local journal of an S3 run back to `<run>/optuna.journal` after every finished
-    trial (one PUT of a few kB), so a killed driver loses at most the trials still running."""
+class JournalUploader:
+    """Copies the local journal of an S3 run back to `<run>/optuna.journal` (one PUT of a few kB).
+    The searcher calls it right after the study records a finished trial (sweep/search.py), so a
+    killed driver loses at most the trials still running, and the copy never lags results.jsonl."""
 
     def __init__(self, run_uri: str, journal: Path) -> None:
         self.run_uri, self.journal = run_uri, journal
 
-    def upload(self) -> None:
+    def __call__(self) -> None:
         RunFolder(self.run_uri).write_text(JOURNAL, self.journal.read_bytes())
-
-    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self.upload()
-
-    def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self.upload()
-
-    def on_experiment_end(self, trials, **info) -> None:
-        self.upload()

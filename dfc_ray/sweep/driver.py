@@ -101,13 +101,14 @@ def _tuner(spec: SweepSpec, run: RunFolder, ctx: TrialContext, n_todo: int,
     attempt = len(list(Path(run.path("tune")).glob("trials-*"))) if run.is_local else time.strftime("%Y%m%d-%H%M%S")
     tune_root, tune_fs = tune_storage(f"{run.uri}/tune")
     journal = local_journal(run)
-    callbacks = [ResultsWriter(spec, run.uri)] + ([] if run.is_local else [JournalUploader(run.uri, journal)])
+    uploader = None if run.is_local else JournalUploader(run.uri, journal)
     return tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(search_alg=searcher(spec, journal, remaining), scheduler=scheduler(spec),
+        tune_config=tune.TuneConfig(search_alg=searcher(spec, journal, remaining, uploader), scheduler=scheduler(spec),
                                     num_samples=n_todo, reuse_actors=True),  # no torch import per trial
         run_config=tune.RunConfig(
-            name=f"trials-{attempt}", storage_path=tune_root, storage_filesystem=tune_fs, callbacks=callbacks,
+            name=f"trials-{attempt}", storage_path=tune_root, storage_filesystem=tune_fs,
+            callbacks=[ResultsWriter(spec, run.uri)],
             verbose=0,
             failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))

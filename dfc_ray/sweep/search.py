@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import optuna
 import ray
@@ -39,7 +39,16 @@ class SpaceSampler:
 
 class ObjectiveAtTheEnd(OptunaSearch):
     """OptunaSearch that ignores results without the objective: training reports carry FVU and
-    loss, the objective (a Δ from the evaluator) arrives only in a trial's final report."""
+    loss, the objective (a Δ from the evaluator) arrives only in a trial's final report.
+    `study_saved` (optional) runs after the study has recorded a finished trial: an S3 run copies
+    its journal there, so the copy never lags the trials results.jsonl holds."""
+
+    study_saved: Callable[[], None] | None = None
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        super().on_trial_complete(trial_id, result=result, error=error)
+        if self.study_saved is not None:
+            self.study_saved()
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         metrics = self.metric if isinstance(self.metric, list) else [self.metric]
@@ -47,7 +56,8 @@ class ObjectiveAtTheEnd(OptunaSearch):
             super().on_trial_result(trial_id, result)
 
 
-def searcher(spec: SweepSpec, journal: Path, remaining: list[dict[str, Any]] | None):
+def searcher(spec: SweepSpec, journal: Path, remaining: list[dict[str, Any]] | None,
+             study_saved: Callable[[], None] | None = None):
     """OptunaSearch over the spec. `remaining`: the grid points still to run when resuming (None on a
     fresh run); the study (`journal`) is shared across resumes, so TPE keeps learning from every trial."""
     storage = JournalStorage(JournalFileBackend(str(journal)))
@@ -63,6 +73,7 @@ def searcher(spec: SweepSpec, journal: Path, remaining: list[dict[str, Any]] | N
     mode = spec.modes[0] if len(spec.modes) == 1 else spec.modes
     search = ObjectiveAtTheEnd(space=SpaceSampler(spec), metric=metric, mode=mode, sampler=sampler, storage=storage,
                                study_name=spec.name, points_to_evaluate=points, seed=0)
+    search.study_saved = study_saved
     return ConcurrencyLimiter(search, max_concurrent=max_concurrent(spec))
 
 

@@ -114,8 +114,8 @@ def _tuner(spec: SweepSpec, run: RunFolder, ctx: TrialContext, n_todo: int,
 
 
 def _run_trials(spec: SweepSpec, run: RunFolder, ctx: TrialContext, done: list[dict[str, Any]] | None,
-                live: bool, pools: list, seconds: dict[str, float]) -> dict[str, float]:
-    """Run the trials still owed under the live view; returns the judge pools' peak memory. The
+                live: bool, pools: list, seconds: dict[str, float]) -> dict[str, Any]:
+    """Run the trials still owed under the live view; returns the judge pools' figures (`_judge_info`). The
     pools are shut down when this returns, also on failure."""
     view = LiveView(total=spec.n_trials, console=None if live else Console(quiet=True),
                     axes=[a.name for a in spec.grid] + [d.name for d in spec.search],
@@ -134,7 +134,7 @@ def _run_trials(spec: SweepSpec, run: RunFolder, ctx: TrialContext, done: list[d
             if n_todo:
                 tuner.fit()
         seconds["trials"] = time.perf_counter() - clock
-        return _judge_memory(pools)
+        return _judge_info(pools)
     finally:
         LIVE_VIEWS.pop(run.uri, None)
         for pool in pools:
@@ -154,8 +154,9 @@ def _attempt_seconds(run: RunFolder, seconds: dict[str, float]) -> dict[str, Any
     return {"seconds": total, "attempts": attempts}
 
 
-def _judge_memory(pools: list) -> dict[str, float]:
-    """Peak memory (MB) of each judge pool's largest replica; a replica that cannot answer is skipped."""
+def _judge_info(pools: list) -> dict[str, Any]:
+    """report.json's judge figures: peak memory (MB) of each pool's largest replica (a replica that cannot
+    answer is skipped) and how often Ray restarted each pool's replicas."""
     peaks: dict[str, float] = {}
     for pool in pools:
         for handle in pool.handles:
@@ -164,7 +165,8 @@ def _judge_memory(pools: list) -> dict[str, float]:
             except Exception:  # a report is worth more than one replica's memory figure
                 continue
             peaks[pool.cfg.name] = max(peaks.get(pool.cfg.name, 0.0), peak)
-    return peaks
+    return {"judge_peak_mem_mb": {k: round(v) for k, v in peaks.items()},
+            "judge_restarts": {pool.cfg.name: pool.restarts() for pool in pools}}
 
 
 def _write_costs(spec: SweepSpec, run: RunFolder, seconds: dict[str, float], reused_harvest: bool) -> None:
@@ -223,12 +225,11 @@ def _run_on_cluster(spec: SweepSpec, run: RunFolder, store_root: str, done: list
     seconds["start_pools"] = time.perf_counter() - clock
     ctx = TrialContext(spec.raw | {"name": spec.name}, spec.source, run.uri, harvested.uri, harvested.d_model,
                        harvested.models, tuple(pool.cfg for pool in pools) or None)
-    judge_memory = _run_trials(spec, run, ctx, done, live, pools, seconds)
+    judges = _run_trials(spec, run, ctx, done, live, pools, seconds)
     info = {"spec": spec.name, "spec_file": spec.source, "run": redact(run.uri), "harvest": redact(harvested.uri),
             "harvest_rows": harvested.rows, "harvest_reused": harvested.reused,
             "harvest_nodes": list(harvested.nodes), "layers": list(spec.layers),
-            "pair": asdict(spec.pair), **_attempt_seconds(run, seconds),
-            "judge_peak_mem_mb": {k: round(v) for k, v in judge_memory.items()}}
+            "pair": asdict(spec.pair), **_attempt_seconds(run, seconds), **judges}
     _write_costs(spec, run, seconds, harvested.reused)
     _publish_report(run, info)
     return run

@@ -28,7 +28,7 @@ from dfc_ray.harvest import harvest
 from dfc_ray.plan import device_name, measure_rates
 from dfc_ray.placement import check_placeable, custom_requests
 from dfc_ray.report import LiveView, write_report
-from dfc_ray.spaces import SweepSpec, parse_spec
+from dfc_ray.spaces import SweepSpec, check_against_pair, parse_spec
 from dfc_ray.sweep.results import LIVE_VIEWS, ResultsWriter, read_results
 from dfc_ray.sweep.search import remaining_work, scheduler, searcher
 from dfc_ray.sweep.trial import TrialContext, run_trial
@@ -198,6 +198,8 @@ def run_sweep(spec: SweepSpec | None, run_uri: str, *, store_root: str | None = 
     """Run (or resume) a sweep into `run_uri`; returns the run folder once the report is written.
     A resume continues the run's spec.yaml: `spec` is None, or must be that same spec."""
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # training reports carry no Δ yet
+    if spec is not None:  # before the run folder or Ray: a spec the pair or the data refuse costs nothing
+        check_against_pair(spec)
     run, spec = _open_run(spec, run_uri, resume)
     done = read_results(run) if resume else None  # a damaged results.jsonl is refused before any work
     store_root = absolute(store_root or f"{run.uri.rsplit('/', 1)[0]}/harvests")

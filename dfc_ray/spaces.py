@@ -377,7 +377,7 @@ def _model_folder(where: str, path: str, reference: str) -> Path | None:
         return None
     folder = Path(reference).expanduser()
     if folder.is_dir():
-        if not (folder / "config.json").is_file():
+        if path != "pair.tokenizer" and not (folder / "config.json").is_file():  # a tokenizer folder has none
             raise _fail(where, path, reference, "a model folder holding config.json")
         return folder
     if reference.startswith(("/", ".", "~")) or reference.count("/") > 1 or folder.exists():  # not org/name

@@ -422,7 +422,11 @@ def check_against_pair(spec: SweepSpec) -> list[str]:
             notes.append(f"pair.{role} = {reference!r} not probed (s3:// and hub ids are read when the sweep "
                          "loads them)")
         elif role != "tokenizer":
-            config = load_config(spec.pair, role, local_only=True)
+            try:
+                config = load_config(spec.pair, role, local_only=True)
+            except (OSError, ValueError) as err:
+                raise _fail(where, f"pair.{role}", reference, "a model folder whose config.json transformers reads "
+                            f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
             blocks, widths[role] = config.num_hidden_layers, config.hidden_size
             if max(spec.layers) >= blocks:
                 raise _fail(where, "layers", list(spec.layers),

@@ -259,6 +259,8 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], str]] = [
     ("spec-eval-texts-missing", lambda c: bad_spec(c, "eval: {texts: TMP/none.txt}"), "eval.texts"),
     ("spec-pair-missing-path", lambda c: bad_spec(c, "pair: {a: TMP/no-model}"), "pair.a = "),
     ("spec-pair-folder-without-config", lambda c: bad_spec(c, "pair: {b: TMP}"), "a model folder holding config.json"),
+    ("spec-pair-config-not-json", lambda c: ((c.tmp / "config.json").write_text("{not json"),
+                                             bad_spec(c, "pair: {a: TMP}"))[1], "config.json transformers reads"),
     ("spec-resources-negative-cpu", lambda c: bad_spec(c, "resources: {cpu: -1}"), "resources.cpu = -1"),
     ("spec-resources-no-evaluators", lambda c: bad_spec(c, "resources: {evaluators: 0}"), "resources.evaluators = 0"),
     ("spec-missing-file", lambda c: ["spaces", "validate", str(c.tmp / "nosuch.yaml")], "no such file"),

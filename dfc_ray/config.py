@@ -67,7 +67,7 @@ def _bounds_text(hint: Any, bounds: tuple[float, float, str, str]) -> str:
     return f"{kind} in {left}{low:g}, {high:g}{right}"
 
 
-TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+TYPE_NAMES = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false"}
 
 
 def _describe(hint: Any) -> str:
@@ -101,8 +101,8 @@ def _fits(hint: Any, value: Any) -> bool:
         return isinstance(value, dict)
     if hint is type(None):
         return value is None
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is float:  # NaN and ±inf pass no bound and break training: refused as values
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, hint)

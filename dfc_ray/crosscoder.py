@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
@@ -352,11 +352,15 @@ class DedicatedFeatureCrosscoder(nn.Module):
         model = cls(cfg)
         expected = model.state_dict()
         tensors = {}
-        with safe_open(str(path / "model.safetensors"), framework="pt") as f:
-            for name in f.keys():
-                if name not in expected:
-                    raise ValueError(f"{path}/model.safetensors: unexpected tensor {name!r}")
-                tensors[name] = f.get_tensor(name)
+        try:
+            with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+                for name in f.keys():
+                    if name not in expected:
+                        raise ValueError(f"{path}/model.safetensors: unexpected tensor {name!r}")
+                    tensors[name] = f.get_tensor(name)
+        except SafetensorError as err:  # truncated or not safetensors at all
+            raise ValueError(f"{path}/model.safetensors: not a readable safetensors file ({err}); "
+                             "expected the file `save` writes") from None
         for name, ref in expected.items():
             if name not in tensors:
                 raise ValueError(f"{path}/model.safetensors: missing tensor {name!r}")

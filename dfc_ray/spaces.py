@@ -43,7 +43,11 @@ import yaml
 from dfc_ray.config import (Asha, CorpusSpec, DFCConfig, EvalConfig, HarvestConfig, PairSpec, Resources, SpecError,
                             SteerConfig, TrainConfig, TrainExtra, check_fields, defaults, field_docs, from_mapping,
                             hints)
+from dfc_ray.config import ORGANISM
 from dfc_ray.config import spec_error as _fail
+from dfc_ray.metrics import find as find_metric
+from dfc_ray.metrics import names as metric_names
+from dfc_ray.tooluse.tasks import dev_test_tasks, load_tasks
 
 SECTIONS = ("name", "description", "extends", "pair", "harvest", "layers", "crosscoder", "train", "grid",
             "search", "num_samples", "objective", "scheduler", "eval", "steering", "resources")
@@ -316,13 +320,19 @@ def parse_spec(raw: dict[str, Any], where: str, name: str = "") -> SweepSpec:
     if not isinstance(num_samples, int) or num_samples < 1:
         raise _fail(where, "num_samples", num_samples, "a positive integer")
     objective = raw.get("objective") or {"metric": "delta_a_pp", "mode": "max"}
+    if not isinstance(objective, dict) or not set(objective) <= {"metric", "mode"}:
+        raise _fail(where, "objective", objective, "a mapping {metric: name, mode: max|min} (lists for several)")
     metrics, modes = objective.get("metric"), objective.get("mode", "max")
     metrics = [metrics] if isinstance(metrics, str) else metrics
     modes = [modes] if isinstance(modes, str) else modes
     if not isinstance(metrics, list) or not metrics or not all(isinstance(m, str) for m in metrics):
         raise _fail(where, "objective.metric", objective.get("metric"), "a metric name or a list of them")
-    if len(modes) != len(metrics) or not all(m in ("max", "min") for m in modes):
+    if not isinstance(modes, list) or len(modes) != len(metrics) or not all(m in ("max", "min") for m in modes):
         raise _fail(where, "objective.mode", objective.get("mode"), f"'max'/'min', one per metric ({len(metrics)})")
+    for metric in metrics:
+        if find_metric(metric) is None:
+            raise _fail(where, "objective.metric", metric, "a metric trials report (dfc_ray/metrics.py), e.g. "
+                        "delta_a_pp, steer_delta_pp, fvu_a")
     scheduler = raw.get("scheduler") or None
     if scheduler in ("none", None):
         scheduler = None
@@ -330,6 +340,9 @@ def parse_spec(raw: dict[str, Any], where: str, name: str = "") -> SweepSpec:
         raise _fail(where, "scheduler", scheduler, "'none' or {asha: {metric, mode, grace_period, reduction_factor}}")
     else:
         scheduler = from_mapping(Asha, scheduler["asha"], where, "scheduler.asha")
+        if scheduler.metric not in metric_names("train"):
+            raise _fail(where, "scheduler.asha.metric", scheduler.metric,
+                        f"a metric every training report carries ({', '.join(metric_names('train'))})")
     spec = SweepSpec(
         name=str(raw.get("name") or name or Path(where).stem), source=where, pair=pair, layers=tuple(layers),
         harvest=harvest, crosscoder=crosscoder, train=train, grid=grid, search=search, num_samples=num_samples,
@@ -352,6 +365,87 @@ def load_spec(name_or_path: str) -> SweepSpec:
     """Read, merge (`extends`) and validate a spec by shipped name or path."""
     raw, where = load_raw(name_or_path)
     return parse_spec(raw, where, Path(where).stem)
+
+
+# ---------------------------------------------------------------- checks against the pair and the data
+
+
+def _model_folder(where: str, path: str, reference: str) -> Path | None:
+    """The local folder a pair reference names, None for the organism, s3:// and hub ids (not probed
+    here: no network at validation time); a local path that does not exist is refused."""
+    if reference == ORGANISM or reference.startswith("s3://"):
+        return None
+    folder = Path(reference).expanduser()
+    if folder.is_dir():
+        if path != "pair.tokenizer" and not (folder / "config.json").is_file():  # a tokenizer folder has none
+            raise _fail(where, path, reference, "a model folder holding config.json")
+        return folder
+    if reference.startswith(("/", ".", "~")) or reference.count("/") > 1 or folder.exists():  # not org/name
+        raise _fail(where, path, reference, "an existing model folder, 'organism', s3://… or a hub id (org/name)")
+    return None
+
+
+def _task_sources(where: str, path: str, sources: str) -> None:
+    for source in filter(None, (s.strip() for s in sources.split(","))):
+        try:
+            if not load_tasks(source):
+                raise ValueError("no tasks")
+        except (ValueError, OSError) as err:
+            raise _fail(where, path, source, f"a task source that loads ({' '.join(str(err).split())})") from None
+
+
+def _text_source(where: str, path: str, source: str) -> None:
+    # deferred: dfc_ray.harvest imports torch
+    from dfc_ray.harvest import plain_texts
+
+    try:
+        plain_texts(source, 1, 0)
+    except (ValueError, OSError):
+        raise _fail(where, path, source, "'organism', a .txt file (one text a line) or a .jsonl file with a "
+                                         "'text' field") from None
+
+
+def check_against_pair(spec: SweepSpec) -> list[str]:
+    """What the spec's YAML cannot say alone, checked before any work (`spaces validate`, sweep start): the
+    pair's paths exist and its config.json (read without weights) has the spec's layers and equal widths;
+    task and text sources load; steering's dev and test splits share no prompt. Returns notes on what was
+    not probed (s3:// and hub ids: no network here); raises SpecError (one line) on the first problem."""
+    # deferred: dfc_ray.pair imports torch and transformers
+    from dfc_ray.pair import load_config
+
+    where, notes, widths = spec.source, [], {}
+    for role in ("a", "b", "tokenizer"):
+        reference = getattr(spec.pair, role)
+        if not reference:  # the tokenizer defaults to B's
+            continue
+        if _model_folder(where, f"pair.{role}", reference) is None and reference != ORGANISM:
+            notes.append(f"pair.{role} = {reference!r} not probed (s3:// and hub ids are read when the sweep "
+                         "loads them)")
+        elif role != "tokenizer":
+            try:
+                config = load_config(spec.pair, role, local_only=True)
+            except (OSError, ValueError) as err:
+                raise _fail(where, f"pair.{role}", reference, "a model folder whose config.json transformers reads "
+                            f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+            blocks, widths[role] = config.num_hidden_layers, config.hidden_size
+            if max(spec.layers) >= blocks:
+                raise _fail(where, "layers", list(spec.layers),
+                            f"block indices below num_hidden_layers={blocks} of pair.{role} ({reference})")
+    if len(set(widths.values())) > 1:
+        raise _fail(where, "pair.b", spec.pair.b, f"a model of A's width (hidden_size {widths['a']}, B has "
+                                                 f"{widths['b']}): a crosscoder needs equal widths")
+    _task_sources(where, "harvest.tasks", spec.harvest.corpus.tasks)
+    _task_sources(where, "eval.tasks", spec.eval.tasks)
+    _text_source(where, "harvest.plain_text", spec.harvest.corpus.plain_text)
+    _text_source(where, "eval.texts", spec.eval.texts)
+    steer = spec.steering
+    _task_sources(where, "steering.dev_tasks", steer.dev_tasks)
+    _task_sources(where, "steering.test_tasks", steer.test_tasks)
+    try:
+        dev_test_tasks(steer.dev_tasks, steer.test_tasks, steer.n_dev, steer.n_test)
+    except ValueError as err:
+        raise SpecError(f"{where}: field steering.test_tasks: {err}") from None
+    return notes
 
 
 # ---------------------------------------------------------------- field reference

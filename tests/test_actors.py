@@ -62,6 +62,7 @@ def test_a_replica_killed_mid_request_is_restarted_and_the_request_completes(ray
     _, first, _, _ = setup
     handle = evaluators.handles[0]
     pid_before = evaluators.call("stats")["pid"]
+    restarts_before = evaluators.restarts()
     slow = EvalConfig(tasks="organism:dev", n_tasks=32, n_texts=8, max_new_tokens=16, n_bootstrap=200)  # uncached
     ref = evaluators.submit("evaluate", first, LAYER, slow)
     ready, _ = ray_cluster.wait([ref], timeout=0.2)
@@ -70,6 +71,7 @@ def test_a_replica_killed_mid_request_is_restarted_and_the_request_completes(ray
     result = ray_cluster.get(ref, timeout=300)
     assert set(TRIAL_METRICS) <= set(result.metrics())
     assert evaluators.call("stats")["pid"] != pid_before
+    assert evaluators.restarts() == restarts_before + 1  # counted for the report (run.judge_restarts)
 
 
 def test_steering_protocol_reports_design_metrics(ray_cluster, setup):

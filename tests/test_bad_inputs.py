@@ -146,6 +146,34 @@ def shipped_spec_dump(name: str) -> str:
     return yaml.safe_dump(spec.raw | {"name": spec.name}, sort_keys=False)
 
 
+def bad_spec(ctx: Ctx, body: str, command: str = "validate") -> list[str]:
+    """A spec `extends: organism48` with `body` on top, run through `spaces validate` or (command "sweep")
+    a sweep, which must refuse it before its run folder or Ray exists."""
+    path = ctx.tmp / "bad.yaml"
+    path.write_text("extends: organism48\n" + body.replace("TMP", str(ctx.tmp)))
+    if command == "validate":
+        return ["spaces", "validate", str(path)]
+    ctx.cleanups.append(lambda: _assert_absent(ctx.tmp / "run"))
+    return ["sweep", str(path), "--run-dir", str(ctx.tmp / "run"), "--quiet"]
+
+
+def checkpoint(ctx: Ctx, command: str, damage: str) -> list[str]:
+    """A real crosscoder checkpoint for the organism (d_model 192), damaged: "missing" (no folder),
+    "no-weights" (config.json only) or "truncated" (model.safetensors cut short)."""
+    from dfc_ray.config import DFCConfig
+    from dfc_ray.crosscoder import DedicatedFeatureCrosscoder
+
+    folder = ctx.tmp / "ckpt"
+    if damage != "missing":
+        DedicatedFeatureCrosscoder(DFCConfig(d_model=192, dict_size=32, k=4, a_exclusive=0.1)).save(folder)
+        weights = folder / "model.safetensors"
+        if damage == "no-weights":
+            weights.unlink()
+        else:
+            weights.write_bytes(weights.read_bytes()[:-100])
+    return [command, str(folder), "--layer", "1"]
+
+
 GOOD_RESULT = json.dumps({"trial_id": "t1", "config": {"dict_size": 64}, "metrics": {"fvu": 0.5}, "status": "ok"})
 
 
@@ -207,6 +235,41 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], str]] = [
      lambda c: ["report", str(run_folder(c, results=GOOD_RESULT + "\n" + GOOD_RESULT[:40]))],
      "results.jsonl: line 2"),
     ("report-missing-run", lambda c: ["report", str(c.tmp / "nowhere")], "no such file"),
+    # specs: everything knowable from the YAML and the pair's config.json, refused by `spaces validate`
+    ("spec-lr-nan", lambda c: bad_spec(c, "train: {lr: .nan}"), "train.lr = nan: expected a finite number"),
+    ("spec-lr-string", lambda c: bad_spec(c, "train: {lr: fast}"), "train.lr = 'fast'"),
+    ("spec-l1-inf", lambda c: bad_spec(c, "crosscoder: {l1_shared: .inf}"), "crosscoder.l1_shared = inf"),
+    ("spec-objective-unknown-metric", lambda c: bad_spec(c, "objective: {metric: nosuch}"),
+     "objective.metric = 'nosuch'"),
+    ("spec-objective-string", lambda c: bad_spec(c, "objective: delta_a_pp"), "field objective = 'delta_a_pp'"),
+    ("spec-objective-bad-mode", lambda c: bad_spec(c, "objective: {metric: delta_a_pp, mode: up}"),
+     "objective.mode = 'up'"),
+    ("spec-asha-sideways", lambda c: bad_spec(c, "scheduler: {asha: {mode: sideways}}"),
+     "scheduler.asha.mode = 'sideways'"),
+    ("spec-asha-untrained-metric", lambda c: bad_spec(c, "scheduler: {asha: {metric: delta_a_pp}}"),
+     "scheduler.asha.metric = 'delta_a_pp': expected a metric every training report carries"),
+    ("spec-layer-beyond-pair", lambda c: bad_spec(c, "layers: [99]"), "below num_hidden_layers=4"),
+    ("spec-eval-tasks-split", lambda c: bad_spec(c, "eval: {tasks: 'organism:nosuchsplit'}"),
+     "eval.tasks = 'organism:nosuchsplit'"),
+    ("spec-harvest-tasks-category", lambda c: bad_spec(c, "harvest: {tasks: 'organism:train,bfcl:nosuch'}"),
+     "harvest.tasks = 'bfcl:nosuch'"),
+    ("spec-steer-dev-missing-file", lambda c: bad_spec(c, "steering: {dev_tasks: TMP/none.jsonl}"),
+     "steering.dev_tasks"),
+    ("spec-steer-dev-is-test", lambda c: bad_spec(c, "steering: {dev_tasks: 'organism:test'}"), "share no prompt"),
+    ("spec-eval-texts-missing", lambda c: bad_spec(c, "eval: {texts: TMP/none.txt}"), "eval.texts"),
+    ("spec-pair-missing-path", lambda c: bad_spec(c, "pair: {a: TMP/no-model}"), "pair.a = "),
+    ("spec-pair-folder-without-config", lambda c: bad_spec(c, "pair: {b: TMP}"), "a model folder holding config.json"),
+    ("spec-pair-config-not-json", lambda c: ((c.tmp / "config.json").write_text("{not json"),
+                                             bad_spec(c, "pair: {a: TMP}"))[1], "config.json transformers reads"),
+    ("spec-resources-negative-cpu", lambda c: bad_spec(c, "resources: {cpu: -1}"), "resources.cpu = -1"),
+    ("spec-resources-no-evaluators", lambda c: bad_spec(c, "resources: {evaluators: 0}"), "resources.evaluators = 0"),
+    ("spec-missing-file", lambda c: ["spaces", "validate", str(c.tmp / "nosuch.yaml")], "no such file"),
+    ("sweep-layer-beyond-pair", lambda c: bad_spec(c, "layers: [99]", "sweep"), "below num_hidden_layers=4"),
+    # checkpoints: refused before the pair is loaded
+    ("eval-missing-checkpoint", lambda c: checkpoint(c, "eval", "missing"), "not a crosscoder checkpoint"),
+    ("eval-checkpoint-without-weights", lambda c: checkpoint(c, "eval", "no-weights"), "no model.safetensors"),
+    ("steer-truncated-checkpoint", lambda c: checkpoint(c, "steer", "truncated"),
+     "model.safetensors: not a readable safetensors file"),
     # plans
     ("plan-costs-not-a-folder", lambda c: ["sweep", "organism48", "--plan", "--costs", str(REPO / "README.md")],
      "no costs.json"),

@@ -163,7 +163,8 @@ def test_single_layer_run_still_plots_steering_by_layer(tmp_path):
 
 def test_unreached_minimal_set_is_not_a_size_and_times_are_summarized(tmp_path):
     rows = synthetic_rows()
-    report = write_report(write_results(tmp_path / "run", rows))
+    restarts = {"s-evaluator": 0, "s-steering": 2}
+    report = write_report(write_results(tmp_path / "run", rows), run_info={"judge_restarts": restarts})
     ok = [r["metrics"] for r in rows if r["status"] == "ok"]
     sizes = [m["steer_min_set"] for m in ok if m["steer_min_set"] > 0]  # -1 = not reached
     assert report["min_set"]["n_steered"] == len(ok) and report["min_set"]["n_reached"] == len(sizes)
@@ -171,6 +172,7 @@ def test_unreached_minimal_set_is_not_a_size_and_times_are_summarized(tmp_path):
     assert report["seconds_per_trial"]["train_s"]["mean"] == pytest.approx(np.mean([m["train_s"] for m in ok]))
     md = (tmp_path / "run/report.md").read_text()
     assert "not reached" in md and f"{len(sizes)} of {len(ok)}" in md and "Time (seconds" in md
+    assert report["run"]["judge_restarts"] == restarts and "judge replica restarts" in md and "s-steering 2" in md
 
 
 def test_all_failed_run_reports_without_plots(tmp_path):

@@ -73,6 +73,7 @@ def test_small_sweep_makes_a_complete_report(tiny_pair, ray_cluster, tmp_path):
         assert report["headline"][key]["n"] == 4
     assert report["headline"]["steer_best_pp"]["n"] == 2 and report["min_set"]["n_steered"] == 2
     assert report["run"]["seconds"]["trials"] > 0 and report["seconds_per_trial"]["train_s"]["n"] == 4
+    assert report["run"]["judge_restarts"] == {"tiny-evaluator": 0, "tiny-steering": 0}  # none was killed
     assert (run / "report.md").is_file() and (run / "spec.yaml").is_file()
     assert {"alpha_curves.png", "steer_by_layer.png"} <= {p.name for p in (run / "plots").iterdir()}
     assert list((run / "tune").rglob("events.out.tfevents*")), "expected TensorBoard files per trial"

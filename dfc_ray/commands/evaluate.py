@@ -9,6 +9,7 @@ from rich.table import Table
 
 from dfc_ray.cluster import connect
 from dfc_ray.config import SCALES, SPLICE_MODES, STEER_RANKINGS, EvalConfig
+from dfc_ray.crosscoder import DedicatedFeatureCrosscoder
 from dfc_ray.evaluate import EvalResult, Rate, ToolRates
 from dfc_ray.pair import PairSpec
 
@@ -40,7 +41,9 @@ def print_eval(result: EvalResult) -> None:
 
 
 def _run_on_pair(args: argparse.Namespace, local_class, actor_class, method: str, cfg):
-    """`method(checkpoint, layer)` of a fresh replica: in this process, or in a Ray actor with --ray."""
+    """`method(checkpoint, layer)` of a fresh replica: in this process, or in a Ray actor with --ray. The
+    checkpoint is read here first: a bad one is refused before the pair is loaded."""
+    DedicatedFeatureCrosscoder.load(args.checkpoint)
     if not args.ray:
         return getattr(local_class(_pair_from(args), cfg), method)(args.checkpoint, args.layer)
     # deferred: Ray starts only with --ray

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.syntax import Syntax
 from rich.table import Table
 
-from dfc_ray.spaces import field_reference, load_spec, spaces_dirs
+from dfc_ray.spaces import check_against_pair, field_reference, load_spec, spaces_dirs
 
 
 def _list_command(args: argparse.Namespace) -> int:
@@ -46,7 +46,8 @@ def _show_command(args: argparse.Namespace) -> int:
 def _validate_command(args: argparse.Namespace) -> int:
     for name in args.specs:
         spec = load_spec(name)
-        print(f"{spec.source}: valid, {spec.n_trials} trials")
+        notes = check_against_pair(spec)
+        print(f"{spec.source}: valid, {spec.n_trials} trials" + "".join(f"; {note}" for note in notes))
     return 0
 
 

@@ -123,6 +123,8 @@ def _time_section(report: dict[str, Any]) -> Section | None:
     rows = [[f"run: {name.replace('_', ' ')}", f"{value:.1f}"] for name, value in stages]
     rows += [[f"per trial: {REGISTRY[name].label}", fmt_stat(name, stat)]
              for name, stat in (report.get("seconds_per_trial") or {}).items() if stat.get("mean") is not None]
+    if restarts := report["run"].get("judge_restarts"):  # a judge that kept dying cost time
+        rows.append(["run: judge replica restarts", ", ".join(f"{pool} {n}" for pool, n in restarts.items())])
     return Section("Time (seconds, wall clock)", ["stage", "seconds"], rows) if rows else None
 
 

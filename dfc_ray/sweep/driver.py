@@ -28,7 +28,7 @@ from dfc_ray.harvest import harvest
 from dfc_ray.plan import device_name, measure_rates
 from dfc_ray.placement import check_placeable, custom_requests
 from dfc_ray.report import LiveView, write_report
-from dfc_ray.spaces import SweepSpec, parse_spec
+from dfc_ray.spaces import SweepSpec, check_against_pair, parse_spec
 from dfc_ray.sweep.results import LIVE_VIEWS, ResultsWriter, read_results
 from dfc_ray.sweep.search import remaining_work, scheduler, searcher
 from dfc_ray.sweep.trial import TrialContext, run_trial
@@ -115,8 +115,8 @@ def _tuner(spec: SweepSpec, run: RunFolder, ctx: TrialContext, n_todo: int,
 
 
 def _run_trials(spec: SweepSpec, run: RunFolder, ctx: TrialContext, done: list[dict[str, Any]] | None,
-                live: bool, pools: list, seconds: dict[str, float]) -> dict[str, float]:
-    """Run the trials still owed under the live view; returns the judge pools' peak memory. The
+                live: bool, pools: list, seconds: dict[str, float]) -> dict[str, Any]:
+    """Run the trials still owed under the live view; returns the judge pools' figures (`_judge_info`). The
     pools are shut down when this returns, also on failure."""
     view = LiveView(total=spec.n_trials, console=None if live else Console(quiet=True),
                     axes=[a.name for a in spec.grid] + [d.name for d in spec.search],
@@ -135,7 +135,7 @@ def _run_trials(spec: SweepSpec, run: RunFolder, ctx: TrialContext, done: list[d
             if n_todo:
                 tuner.fit()
         seconds["trials"] = time.perf_counter() - clock
-        return _judge_memory(pools)
+        return _judge_info(pools)
     finally:
         LIVE_VIEWS.pop(run.uri, None)
         for pool in pools:
@@ -155,8 +155,9 @@ def _attempt_seconds(run: RunFolder, seconds: dict[str, float]) -> dict[str, Any
     return {"seconds": total, "attempts": attempts}
 
 
-def _judge_memory(pools: list) -> dict[str, float]:
-    """Peak memory (MB) of each judge pool's largest replica; a replica that cannot answer is skipped."""
+def _judge_info(pools: list) -> dict[str, Any]:
+    """report.json's judge figures: peak memory (MB) of each pool's largest replica (a replica that cannot
+    answer is skipped) and how often Ray restarted each pool's replicas."""
     peaks: dict[str, float] = {}
     for pool in pools:
         for handle in pool.handles:
@@ -165,7 +166,8 @@ def _judge_memory(pools: list) -> dict[str, float]:
             except Exception:  # a report is worth more than one replica's memory figure
                 continue
             peaks[pool.cfg.name] = max(peaks.get(pool.cfg.name, 0.0), peak)
-    return peaks
+    return {"judge_peak_mem_mb": {k: round(v) for k, v in peaks.items()},
+            "judge_restarts": {pool.cfg.name: pool.restarts() for pool in pools}}
 
 
 def _write_costs(spec: SweepSpec, run: RunFolder, seconds: dict[str, float], reused_harvest: bool) -> None:
@@ -197,6 +199,8 @@ def run_sweep(spec: SweepSpec | None, run_uri: str, *, store_root: str | None = 
     """Run (or resume) a sweep into `run_uri`; returns the run folder once the report is written.
     A resume continues the run's spec.yaml: `spec` is None, or must be that same spec."""
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # training reports carry no Δ yet
+    if spec is not None:  # before the run folder or Ray: a spec the pair or the data refuse costs nothing
+        check_against_pair(spec)
     run, spec = _open_run(spec, run_uri, resume)
     done = read_results(run) if resume else None  # a damaged results.jsonl is refused before any work
     store_root = absolute(store_root or f"{run.uri.rsplit('/', 1)[0]}/harvests")
@@ -224,12 +228,11 @@ def _run_on_cluster(spec: SweepSpec, run: RunFolder, store_root: str, done: list
     seconds["start_pools"] = time.perf_counter() - clock
     ctx = TrialContext(spec.raw | {"name": spec.name}, spec.source, run.uri, harvested.uri, harvested.d_model,
                        harvested.models, tuple(pool.cfg for pool in pools) or None)
-    judge_memory = _run_trials(spec, run, ctx, done, live, pools, seconds)
+    judges = _run_trials(spec, run, ctx, done, live, pools, seconds)
     info = {"spec": spec.name, "spec_file": spec.source, "run": redact(run.uri), "harvest": redact(harvested.uri),
             "harvest_rows": harvested.rows, "harvest_reused": harvested.reused,
             "harvest_nodes": list(harvested.nodes), "layers": list(spec.layers),
-            "pair": asdict(spec.pair), **_attempt_seconds(run, seconds),
-            "judge_peak_mem_mb": {k: round(v) for k, v in judge_memory.items()}}
+            "pair": asdict(spec.pair), **_attempt_seconds(run, seconds), **judges}
     _write_costs(spec, run, seconds, harvested.reused)
     _publish_report(run, info)
     return run

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING
 
 from dfc_ray.tooluse.bfcl import load_bfcl
@@ -31,6 +32,19 @@ def load_tasks(source: str) -> list[Task]:
     if source.endswith(".jsonl"):
         return load_jsonl(source)
     raise ValueError(f"task source {source!r} not understood; expected {SOURCES}")
+
+
+def dev_test_tasks(dev_source: str, test_source: str, n_dev: int = 0, n_test: int = 0) -> tuple[list[Task], list[Task]]:
+    """The first `n_dev` / `n_test` tasks (0 = all) of two sources, checked to be non-empty and to share no
+    prompt: selection on dev must not see a test prompt (the steering protocol; spec validation runs it too)."""
+    dev, test = load_tasks(dev_source), load_tasks(test_source)
+    dev, test = dev[:n_dev] if n_dev else dev, test[:n_test] if n_test else test
+    prompts = {json.dumps(t.messages, sort_keys=True) for t in dev}
+    shared = sum(json.dumps(t.messages, sort_keys=True) in prompts for t in test)
+    if not dev or not test or shared:
+        raise ValueError(f"dev_tasks={dev_source!r} ({len(dev)} tasks) and test_tasks={test_source!r} "
+                         f"({len(test)} tasks, {shared} with a dev prompt) must be non-empty and share no prompt")
+    return dev, test
 
 
 def render_prompt(tokenizer: PreTrainedTokenizerBase, task: Task) -> str:

@@ -124,6 +124,7 @@ METRICS: tuple[Metric, ...] = (
     metric("checkpoint", "checkpoint"),
     metric("train_peak_mem_mb", "training peak memory", "MB"),
     metric("node_id", "Ray node the trial ran on"),
+    metric("harvest_store", "the harvest store the trial trained on (one per distinct positions)"),
     # splice evaluation (EvalResult.metrics)
     metric("a_clean", "A clean", "fraction", PERCENT, ("trials",), cell=AB[0]),
     metric("a_splice", "A spliced", "fraction", PERCENT, ("trials",), cell=AB[0]),
@@ -171,6 +172,7 @@ METRICS: tuple[Metric, ...] = (
     metric("steer_skipped", "why steering was skipped"),
     metric("top_features", "top A-exclusive features (feature, Cohen's d, AUROC)"),
     metric("alpha_curve", "dev Δ vs α of the chosen feature"),
+    metric("reference_alpha_curve", "dev Δ vs α of the reference direction"),
     # per-feature figures inside top_features (the best-features table)
     metric("cohens_d", "Cohen's d", fmt=SEPARATION),
     metric("auroc", "AUROC", fmt=SEPARATION),

@@ -143,13 +143,19 @@ class SteerResult:
                       "delta_pp_lo": t.delta_pp.lo, "delta_pp_hi": t.delta_pp.hi,
                       "min_set": len(t.min_set) if t.min_set else -1,
                       "random_feature_pp": t.random_feature_delta_pp.mean,
+                      "random_feature_pp_lo": t.random_feature_delta_pp.lo,
+                      "random_feature_pp_hi": t.random_feature_delta_pp.hi,
                       "random_direction_pp": t.random_direction_delta_pp.mean,
+                      "random_direction_pp_lo": t.random_direction_delta_pp.lo,
+                      "random_direction_pp_hi": t.random_direction_delta_pp.hi,
                       "cos_reference": t.cos_reference, "share_of_reference": t.share_of_reference}
             if t.reference is not None:
                 r = t.reference
                 values |= {"reference_pp": r.delta_pp.mean, "reference_pp_lo": r.delta_pp.lo,
                            "reference_pp_hi": r.delta_pp.hi, "reference_alpha": r.alpha,
                            "reference_random_direction_pp": r.random_direction_delta_pp.mean,
+                           "reference_random_direction_pp_lo": r.random_direction_delta_pp.lo,
+                           "reference_random_direction_pp_hi": r.random_direction_delta_pp.hi,
                            "reference_sig": int(r.significant), "reference_label": r.label}
             out.update({f"steer_{name}_{k}": v for k, v in values.items()})
             if name == primary:

@@ -224,9 +224,16 @@ class SweepSpec:
     def positions_values(self) -> list[str]:
         """The distinct harvest `positions` the trials train on, in first-use order: the harvest
         section's alone unless `positions` is an axis (or a bundle field)."""
-        values = [s["positions"] for axis in self.grid for s in axis.settings if "positions" in s]
-        values += [v for d in self.search if d.name == "positions" for v in d.args]
-        return list(dict.fromkeys(values)) or [self.harvest.positions]
+        sampled = [list(d.args) for d in self.search if d.name == "positions"]
+        if sampled:  # sampled last, it overrides any grid value
+            return list(dict.fromkeys(sampled[0]))
+        values = []
+        for point in self.grid_points():
+            settings: dict[str, Any] = {}
+            for axis in self.grid:
+                settings |= axis.settings[axis.labels.index(point[axis.name])]
+            values.append(self.trial_positions(settings))
+        return list(dict.fromkeys(values))
 
     def trial_positions(self, settings: dict[str, Any]) -> str:
         """The harvest positions one trial trains on (its `trial_settings`)."""

@@ -65,7 +65,8 @@ BASE = {"pair": {"a": "organism", "b": "organism"}, "layers": [1], "train": {"ba
     ({"search": {"lr": {"loguniform": [0, 1]}}}, "field search.lr.loguniform = [0, 1]: expected a positive low bound"),
     ({"search": {"k": {"normal": [1, 2]}}}, "field search.k"),
     ({"grid": {"dict_size": [256], "k": [8], "positions": ["all_tokens", "everywhere"]}},
-     "field positions (grid point {'dict_size': 256, 'k': 8, 'positions': 'everywhere'}) = 'everywhere': expected one of"),
+     "field positions (grid point {'dict_size': 256, 'k': 8, 'positions': 'everywhere'}) = 'everywhere': "
+     "expected one of"),
     ({"grid": {"dict_size": [256], "k": [8], "v": [{"positions": "response"}]}}, "= 'response': expected one of"),
     ({"search": {"positions": {"uniform": [0, 1]}}}, "field search.positions = {'uniform': [0, 1]}: expected {choice"),
     ({"objective": {"metric": "delta_a_pp", "mode": "up"}}, "field objective.mode = 'up'"),

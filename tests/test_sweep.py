@@ -76,7 +76,8 @@ def test_small_sweep_makes_a_complete_report(tiny_pair, ray_cluster, tmp_path):
     assert report["headline"]["steer_best_pp"]["n"] == 2 and report["min_set"]["n_steered"] == 2
     assert report["run"]["seconds"]["trials"] > 0 and report["seconds_per_trial"]["train_s"]["n"] == 4
     assert (run / "report.md").is_file() and (run / "spec.yaml").is_file()
-    assert {"alpha_curves.png", "steer_by_layer.png", "cos_vs_effect.png"} <= {p.name for p in (run / "plots").iterdir()}
+    plots = {p.name for p in (run / "plots").iterdir()}
+    assert {"alpha_curves.png", "steer_by_layer.png", "cos_vs_effect.png"} <= plots
     assert [row["layer"] for row in report["steering_reference"]] == [1]
     assert list((run / "tune").rglob("events.out.tfevents*")), "expected TensorBoard files per trial"
     assert (run / "optuna.journal").stat().st_size > 0

@@ -97,8 +97,8 @@ def test_extends_cycle_and_missing_parent(tmp_path):
 
 def test_positions_is_an_axis_with_one_harvest_per_value(tmp_path):
     spec = load_spec("organism-positions")
-    values = ["all_tokens", "prompt", "last_prompt_token", "mix_last_prompt"]
-    assert spec.positions_values() == values and spec.n_trials == 8
+    values = ["all_tokens", "last_prompt_token", "mix_last_prompt"]
+    assert spec.positions_values() == values and spec.n_trials == 12
     assert {spec.trial_positions(spec.trial_settings(p)) for p in spec.grid_points()} == set(values)
     assert load_spec("organism48").positions_values() == ["all_tokens"]  # the harvest section's, no axis
     bundled = load_spec(write(tmp_path, BASE | {"harvest": {"positions": "prompt"}, "grid": {

@@ -37,7 +37,8 @@ from dfc_ray.interventions import feature_direction, first_token_logprobs, gener
 from dfc_ray.pair import PairSpec
 from dfc_ray.ranking import FeatureStats, encode_pairs, rank_features
 from dfc_ray.reference import NO_STEERABLE_DIRECTION, cosines, mean_norm, scale_to_norm, share_of_reference
-from dfc_ray.tooluse import Task, load_tasks, render_prompt
+from dfc_ray.tooluse import Task, render_prompt
+from dfc_ray.tooluse.tasks import dev_test_tasks
 
 
 @dataclass
@@ -143,13 +144,19 @@ class SteerResult:
                       "delta_pp_lo": t.delta_pp.lo, "delta_pp_hi": t.delta_pp.hi,
                       "min_set": len(t.min_set) if t.min_set else -1,
                       "random_feature_pp": t.random_feature_delta_pp.mean,
+                      "random_feature_pp_lo": t.random_feature_delta_pp.lo,
+                      "random_feature_pp_hi": t.random_feature_delta_pp.hi,
                       "random_direction_pp": t.random_direction_delta_pp.mean,
+                      "random_direction_pp_lo": t.random_direction_delta_pp.lo,
+                      "random_direction_pp_hi": t.random_direction_delta_pp.hi,
                       "cos_reference": t.cos_reference, "share_of_reference": t.share_of_reference}
             if t.reference is not None:
                 r = t.reference
                 values |= {"reference_pp": r.delta_pp.mean, "reference_pp_lo": r.delta_pp.lo,
                            "reference_pp_hi": r.delta_pp.hi, "reference_alpha": r.alpha,
                            "reference_random_direction_pp": r.random_direction_delta_pp.mean,
+                           "reference_random_direction_pp_lo": r.random_direction_delta_pp.lo,
+                           "reference_random_direction_pp_hi": r.random_direction_delta_pp.hi,
                            "reference_sig": int(r.significant), "reference_label": r.label}
             out.update({f"steer_{name}_{k}": v for k, v in values.items()})
             if name == primary:
@@ -184,13 +191,7 @@ class Steerer(PairReplica):
         self._reference_results: dict[str, ReferenceSteer] = {}
 
     def _tasks(self, cfg: SteerConfig) -> tuple[list[Task], list[Task]]:
-        dev, test = load_tasks(cfg.dev_tasks), load_tasks(cfg.test_tasks)
-        dev, test = dev[:cfg.n_dev] if cfg.n_dev else dev, test[:cfg.n_test] if cfg.n_test else test
-        prompts = {json.dumps(t.messages, sort_keys=True) for t in dev}
-        if not dev or not test or any(json.dumps(t.messages, sort_keys=True) in prompts for t in test):
-            raise ValueError(f"steering: dev_tasks={cfg.dev_tasks!r} and test_tasks={cfg.test_tasks!r} must be "
-                             "non-empty and share no prompt")
-        return dev, test
+        return dev_test_tasks(cfg.dev_tasks, cfg.test_tasks, cfg.n_dev, cfg.n_test)
 
     def correct(self, target: str, tasks: list[Task], cfg: SteerConfig, layer: int = 0,
                 delta: torch.Tensor | None = None) -> list[bool]:

@@ -214,12 +214,14 @@ def plan_work(spec: SweepSpec) -> Work:
     """Count the sweep's work from its spec."""
     shape, source = _shape(spec)
     n_records, tokens, mean_prompt, exact = _corpus_tokens(spec)
-    positions = spec.harvest.positions
-    rows = n_records if positions == "last_prompt_token" else tokens  # all_tokens: an upper bound (sinks are dropped)
+    positions = spec.positions_values()  # one harvest per distinct value, each over the same corpus
+    # all_tokens: an upper bound (sinks are dropped); summed over the harvests
+    rows = sum(n_records if p == "last_prompt_token" else tokens for p in positions)
     dtype_bytes = DTYPE_BYTES[spec.harvest.dtype]
     blocks = max(spec.layers) + 1
     context = tokens / max(n_records, 1) / 2
-    harvest_flops = 2 * tokens * shape.forward_flops(blocks, context)  # two models, stopping after the deepest layer
+    # two models, stopping after the deepest layer, once per positions value
+    harvest_flops = len(positions) * 2 * tokens * shape.forward_flops(blocks, context)
     trials = _trial_settings(spec)
     d, steps = shape.d_model, [t.get("steps", TrainConfig.steps) for t in trials]
     flops = [train_flops(d, t["dict_size"], t["batch_size"], s) for t, s in zip(trials, steps)]
@@ -238,6 +240,8 @@ def plan_work(spec: SweepSpec) -> Work:
                               "(tokenizer not on this machine)"]
     if spec.search:
         notes.append("sampled axes planned at their largest values (an upper bound)")
+    if len(positions) > 1:
+        notes.append(f"{len(positions)} harvests (positions {', '.join(positions)}); rows and bytes summed over them")
     if spec.harvest.corpus.with_responses:
         notes.append("harvested responses' generation is not counted")
     judge_prompt_tokens = tuple(int(mean_prompt * n) for n in judge_sets.prompts_kept())

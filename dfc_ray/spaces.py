@@ -40,10 +40,9 @@ from typing import Any
 
 import yaml
 
-from dfc_ray.config import (Asha, CorpusSpec, DFCConfig, EvalConfig, HarvestConfig, PairSpec, Resources, SpecError,
-                            SteerConfig, TrainConfig, TrainExtra, check_fields, defaults, field_docs, from_mapping,
-                            hints)
-from dfc_ray.config import ORGANISM
+from dfc_ray.config import (ORGANISM, POSITIONS, Asha, CorpusSpec, DFCConfig, EvalConfig, HarvestConfig, PairSpec,
+                            Resources, SpecError, SteerConfig, TrainConfig, TrainExtra, check_fields, defaults,
+                            field_docs, from_mapping, hints)
 from dfc_ray.config import spec_error as _fail
 from dfc_ray.metrics import find as find_metric
 from dfc_ray.metrics import names as metric_names
@@ -56,7 +55,9 @@ HARVEST_SET_BY_SPEC = frozenset({"store", "layers", "pair", "corpus", "resources
 the rest, with CorpusSpec's, are the flat `harvest` section."""
 DFC_FIELDS = {f.name for f in fields(DFCConfig)} - {"d_model"}
 TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
-AXIS_FIELDS = DFC_FIELDS | TRAIN_FIELDS | {f.name for f in fields(TrainExtra)} | {"layer"}
+HARVEST_AXES = frozenset({"positions"})
+"""Harvest fields that may vary between trials: each distinct value is harvested once (docs/spaces.md)."""
+AXIS_FIELDS = DFC_FIELDS | TRAIN_FIELDS | {f.name for f in fields(TrainExtra)} | {"layer"} | HARVEST_AXES
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
 SHIPPED = Path(__file__).resolve().parents[1] / "search_spaces"
 
@@ -223,6 +224,24 @@ class SweepSpec:
         out.setdefault("layer", self.layers[0])
         return out
 
+    def positions_values(self) -> list[str]:
+        """The distinct harvest `positions` the trials train on, in first-use order: the harvest
+        section's alone unless `positions` is an axis (or a bundle field)."""
+        sampled = [list(d.args) for d in self.search if d.name == "positions"]
+        if sampled:  # sampled last, it overrides any grid value
+            return list(dict.fromkeys(sampled[0]))
+        values = []
+        for point in self.grid_points():
+            settings: dict[str, Any] = {}
+            for axis in self.grid:
+                settings |= axis.settings[axis.labels.index(point[axis.name])]
+            values.append(self.trial_positions(settings))
+        return list(dict.fromkeys(values))
+
+    def trial_positions(self, settings: dict[str, Any]) -> str:
+        """The harvest positions one trial trains on (its `trial_settings`)."""
+        return settings.get("positions", self.harvest.positions)
+
 
 def _grid(where: str, data: Any) -> list[Axis]:
     if data is None:
@@ -240,7 +259,8 @@ def _grid(where: str, data: Any) -> list[Axis]:
                 label = str(entry.pop("name", f"{name}{i}"))
                 for key, value in entry.items():
                     if key not in AXIS_FIELDS:
-                        raise _fail(where, f"grid.{name}[{i}].{key}", value, "a crosscoder/train field or layer")
+                        raise _fail(where, f"grid.{name}[{i}].{key}", value,
+                                    "a crosscoder/train field, layer or positions")
                 settings.append(entry)
                 labels.append(label)
             if len(set(labels)) != len(labels):
@@ -251,7 +271,7 @@ def _grid(where: str, data: Any) -> list[Axis]:
         else:
             if name not in AXIS_FIELDS:
                 raise _fail(where, f"grid.{name}", values,
-                            "a crosscoder/train field or layer (or a bundle of mappings)")
+                            "a crosscoder/train field, layer or positions (or a bundle of mappings)")
             if len(set(values)) != len(values):
                 raise _fail(where, f"grid.{name}", values, "distinct values")
             axes.append(Axis(name, tuple(values), tuple({name: v} for v in values)))
@@ -266,7 +286,9 @@ def _search(where: str, data: Any) -> list[Distribution]:
     out = []
     for name, spec in data.items():
         if name not in AXIS_FIELDS:
-            raise _fail(where, f"search.{name}", spec, "a crosscoder/train field or layer")
+            raise _fail(where, f"search.{name}", spec, "a crosscoder/train field, layer or positions")
+        if name in HARVEST_AXES and (not isinstance(spec, dict) or next(iter(spec), None) != "choice"):
+            raise _fail(where, f"search.{name}", spec, "{choice: [values]} (each value is harvested before trials)")
         if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
             raise _fail(where, f"search.{name}", spec, f"one of {{{'|'.join(DISTRIBUTIONS)}: args}}")
         kind, args = next(iter(spec.items()))
@@ -290,6 +312,8 @@ def _check_trial(spec: SweepSpec, settings: dict[str, Any], what: str) -> None:
     layer = settings["layer"]
     if not isinstance(layer, int) or layer not in spec.layers:
         raise _fail(where, f"layer ({what})", layer, f"one of the harvested layers {list(spec.layers)}")
+    if spec.trial_positions(settings) not in POSITIONS:
+        raise _fail(where, f"positions ({what})", settings["positions"], f"one of {', '.join(POSITIONS)}")
     dfc = {k: v for k, v in settings.items() if k in DFC_FIELDS}
     try:
         DFCConfig(d_model=1, **dfc)

@@ -154,6 +154,66 @@ def test_markdown_sections(run, report):
         assert f"(plots/{plot})" in md
 
 
+def with_reference(rows: list[dict]) -> list[dict]:
+    """The synthetic trials as a steering-against-the-reference run: two positions values, the reference's
+    effect and dev α curve per layer (the same in every trial of a layer), cos and share per trial."""
+    out = []
+    for i, row in enumerate(rows):
+        row = json.loads(json.dumps(row))
+        row["config"]["positions"] = ["all_tokens", "last_prompt_token"][i // 2 % 2]
+        if row["status"] == "ok":
+            layer, m = row["config"]["layer"], row["metrics"]
+            m |= {"steer_reference_pp": 30.0 + layer, "steer_reference_pp_lo": 18.0 + layer,
+                  "steer_reference_pp_hi": 42.0 + layer, "steer_reference_alpha": 0.8,
+                  "steer_reference_sig": int(layer == 1),
+                  "steer_reference_label": "" if layer == 1 else "no steerable direction at this layer/position",
+                  "steer_reference_random_direction_pp": 1.0, "steer_reference_random_direction_pp_lo": -4.0,
+                  "steer_reference_random_direction_pp_hi": 6.0,
+                  "steer_delta_pp_lo": m["steer_delta_pp"] - 9, "steer_delta_pp_hi": m["steer_delta_pp"] + 9,
+                  "steer_cos_reference": (-1) ** i * 0.05 * (i % 7), "steer_share_of_reference": 0.01 * i,
+                  "reference_alpha_curve": [{"alpha": a, "delta_pp": 50 * a - layer} for a in (0.4, 0.8, 1.2)]}
+        out.append(row)
+    return out
+
+
+def test_steering_against_the_reference(tmp_path):
+    """Per layer × positions: the reference's CI and verdict, the best trial's feature with its CI, and
+    cos / share over trials; the scatter and the reference's α curve are drawn."""
+    from matplotlib.image import imread
+
+    rows = with_reference(synthetic_rows())
+    run = write_results(tmp_path / "run", rows)
+    report = write_report(run)
+    got = report["steering_reference"]
+    assert [(r["layer"], r["positions"]) for r in got] == [(1, "all_tokens"), (1, "last_prompt_token"),
+                                                            (3, "all_tokens"), (3, "last_prompt_token")]
+    for r in got:
+        group = [x for x in rows if x["status"] == "ok" and x["config"]["layer"] == r["layer"]
+                 and x["config"]["positions"] == r["positions"]]
+        best = max(group, key=lambda x: x["metrics"]["steer_delta_pp"])
+        assert r["n_trials"] == len(group) and r["best_trial"]["trial_id"] == best["trial_id"]
+        assert r["best_trial"]["delta"] == {"pp": best["metrics"]["steer_delta_pp"],
+                                            "lo": best["metrics"]["steer_delta_pp"] - 9,
+                                            "hi": best["metrics"]["steer_delta_pp"] + 9}
+        assert r["reference"]["pp"] == 30 + r["layer"] and r["reference"]["lo"] == 18 + r["layer"]
+        assert_stat(r["cos_reference"], stat(x["metrics"]["steer_cos_reference"] for x in group))
+        assert_stat(r["share_of_reference"], stat(x["metrics"]["steer_share_of_reference"] for x in group))
+    assert_stat(report["headline"]["steer_reference_pp"],
+                stat(r["metrics"]["steer_reference_pp"] for r in rows if r["status"] == "ok"))
+    md = (run / "report.md").read_text()
+    section = md.split("## Steering against its reference")[1].split("\n## ")[0]
+    assert "+31.0 [+19.0, +43.0] at α 0.8" in section and "steerable" in section
+    assert section.count("no steerable direction at this layer/position") == 2  # layer 3, both positions
+    assert "## By positions" in md
+    for name in ("cos_vs_effect.png", "alpha_curves.png"):
+        assert f"plots/{name}" in report["plots"] and imread(run / "plots" / name).std() > 0.01
+
+
+def test_runs_without_the_reference_render_as_before(report, run):
+    assert "steering_reference" not in report and "plots/cos_vs_effect.png" not in report["plots"]
+    assert "Steering against its reference" not in (run / "report.md").read_text()
+
+
 def test_single_layer_run_still_plots_steering_by_layer(tmp_path):
     rows = [r for r in synthetic_rows() if r["config"]["layer"] == 1]
     report = write_report(write_results(tmp_path / "run", rows))

@@ -67,6 +67,11 @@ BASE = {"pair": {"a": "organism", "b": "organism"}, "layers": [1], "train": {"ba
     ({"grid": {"dict_size": [256], "k": [8], "layer": [1, 5]}}, "expected one of the harvested layers [1]"),
     ({"search": {"lr": {"loguniform": [0, 1]}}}, "field search.lr.loguniform = [0, 1]: expected a positive low bound"),
     ({"search": {"k": {"normal": [1, 2]}}}, "field search.k"),
+    ({"grid": {"dict_size": [256], "k": [8], "positions": ["all_tokens", "everywhere"]}},
+     "field positions (grid point {'dict_size': 256, 'k': 8, 'positions': 'everywhere'}) = 'everywhere': "
+     "expected one of"),
+    ({"grid": {"dict_size": [256], "k": [8], "v": [{"positions": "response"}]}}, "= 'response': expected one of"),
+    ({"search": {"positions": {"uniform": [0, 1]}}}, "field search.positions = {'uniform': [0, 1]}: expected {choice"),
     ({"objective": {"metric": "delta_a_pp", "mode": "up"}}, "field objective.mode = 'up'"),
     ({"pair": {"a": "organism", "c": 1}}, "field pair.c = 1: expected one of a, b, device"),
     ({"crosscoder": {"sparsity": "dense"}}, "field crosscoder.sparsity = 'dense': expected 'topk' or 'batchtopk'"),
@@ -91,6 +96,19 @@ def test_extends_cycle_and_missing_parent(tmp_path):
         load_spec(str(tmp_path / "a.yaml"))
     with pytest.raises(FileNotFoundError, match="nope"):
         load_spec(write(tmp_path, {"extends": "nope"}, "c.yaml"))
+
+
+def test_positions_is_an_axis_with_one_harvest_per_value(tmp_path):
+    spec = load_spec("organism-positions")
+    values = ["all_tokens", "last_prompt_token", "mix_last_prompt"]
+    assert spec.positions_values() == values and spec.n_trials == 12
+    assert {spec.trial_positions(spec.trial_settings(p)) for p in spec.grid_points()} == set(values)
+    assert load_spec("organism48").positions_values() == ["all_tokens"]  # the harvest section's, no axis
+    bundled = load_spec(write(tmp_path, BASE | {"harvest": {"positions": "prompt"}, "grid": {
+        "dict_size": [256], "k": [8], "data": [{"name": "last", "positions": "last_prompt_token"}, {"name": "same"}]}}))
+    assert bundled.positions_values() == ["last_prompt_token", "prompt"]  # a bundle without positions: the harvest's
+    assert [bundled.trial_positions(bundled.trial_settings(p)) for p in bundled.grid_points()] == \
+        ["last_prompt_token", "prompt"]
 
 
 def test_user_spec_extends_a_shipped_one(tmp_path):

@@ -67,6 +67,8 @@ def test_small_sweep_makes_a_complete_report(tiny_pair, ray_cluster, tmp_path):
         if r["config"]["variant"] == "dfc":  # steering needs A-exclusive features
             assert isinstance(m["top_features"], list) and m["top_features"]  # decoded back from Tune's JSON text
             assert m["steer_target"] == "a" and m["steer_min_set"] in (-1, 1)
+            curve = m["reference_alpha_curve"]  # the reference's dev α curve, one point per α of the grid
+            assert [point["alpha"] for point in curve] == [4] and m["steer_reference_pp_lo"] <= m["steer_reference_pp"]
     report = json.loads((run / "report.json").read_text())
     assert report["n_trials"] == 4 and report["n_failed"] == 0
     for key in ("delta_a_pp", "delta_b_pp"):
@@ -75,11 +77,36 @@ def test_small_sweep_makes_a_complete_report(tiny_pair, ray_cluster, tmp_path):
     assert report["run"]["seconds"]["trials"] > 0 and report["seconds_per_trial"]["train_s"]["n"] == 4
     assert report["run"]["judge_restarts"] == {"tiny-evaluator": 0, "tiny-steering": 0}  # none was killed
     assert (run / "report.md").is_file() and (run / "spec.yaml").is_file()
-    assert {"alpha_curves.png", "steer_by_layer.png"} <= {p.name for p in (run / "plots").iterdir()}
+    plots = {p.name for p in (run / "plots").iterdir()}
+    assert {"alpha_curves.png", "steer_by_layer.png", "cos_vs_effect.png"} <= plots
+    assert [row["layer"] for row in report["steering_reference"]] == [1]
     assert list((run / "tune").rglob("events.out.tfevents*")), "expected TensorBoard files per trial"
     assert (run / "optuna.journal").stat().st_size > 0
     rates = load_rates(str(run))
     assert rates.train > 0 and rates.judge > 0 and rates.d_model == 32
+
+
+def test_positions_axis_harvests_each_value_once_and_trains_on_its_store(tiny_pair, ray_cluster, tmp_path):
+    """`positions` as a grid axis: two harvests (different row counts), and every trial trains on
+    the store of its own positions value."""
+    from dfc_ray.store import read_manifest
+    from dfc_ray.sweep import run_sweep
+
+    spec = load_spec(write_spec(tmp_path, tiny_pair, grid={"positions": ["all_tokens", "last_prompt_token"],
+                                                           "dict_size": [64, 128]}))
+    assert spec.positions_values() == ["all_tokens", "last_prompt_token"]
+    run = tmp_path / "runs" / "positions"
+    run_sweep(spec, str(run), evaluate=False, live=False)
+    harvests = json.loads((run / "report.json").read_text())["run"]["harvests"]
+    assert set(harvests) == {"all_tokens", "last_prompt_token"}
+    assert harvests["last_prompt_token"]["rows"] == 32 < harvests["all_tokens"]["rows"]  # 16 tasks + 16 texts
+    assert len({h["uri"] for h in harvests.values()}) == 2
+    results = read_results(run)
+    assert len(results) == 4
+    for r in results:
+        assert r["status"] == "ok"
+        assert r["metrics"]["harvest_store"] == harvests[r["config"]["positions"]]["uri"]
+        assert read_manifest(r["metrics"]["harvest_store"], 1).spec.positions == r["config"]["positions"]
 
 
 def test_diverging_and_raising_trials_fail_alone(tiny_pair, ray_cluster, tmp_path, capsys):

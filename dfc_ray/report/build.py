@@ -183,6 +183,45 @@ def _min_sets(ok: Sequence[TrialResult]) -> dict[str, Any]:
     return {"n_steered": len(steered), "n_reached": len(sizes), "sizes": summarize(sizes)}
 
 
+STEER_CIS = ("steer_delta_pp", "steer_random_feature_pp", "steer_random_direction_pp")
+"""Steering effects of one trial reported with a paired 95% CI (`<name>_lo`, `<name>_hi`)."""
+
+
+def _with_ci(metrics: dict[str, Any], name: str) -> dict[str, Any]:
+    """{pp, lo, hi} of a steering effect (lo/hi None when the trial did not report a CI)."""
+    return {"pp": metrics.get(name), "lo": metrics.get(f"{name}_lo"), "hi": metrics.get(f"{name}_hi")}
+
+
+def _steering_reference(ok: Sequence[TrialResult]) -> list[dict[str, Any]]:
+    """Per layer (and positions, when it varies): the reference direction's test effect with its CI
+    and verdict (one per steering replica and layer, so the first trial's), the best trial's feature
+    and controls with their CIs, and cos / share of the reference over trials."""
+    steered = [t for t in ok if number(t.metrics.get("steer_reference_pp")) is not None]
+    by_positions = len({value_key(t.config.get("positions")) for t in steered}) > 1
+    groups: dict[tuple[str, str], list[TrialResult]] = {}
+    for t in steered:
+        key = (value_key(t.config.get("layer")), value_key(t.config.get("positions")) if by_positions else "")
+        groups.setdefault(key, []).append(t)
+    rows = []
+    for trials in groups.values():
+        first, best = trials[0].metrics, min(trials, key=lambda t: descending(t.metrics.get("steer_delta_pp")))
+        rows.append({
+            "layer": trials[0].config.get("layer"),
+            **({"positions": trials[0].config.get("positions")} if by_positions else {}),
+            "target": first.get("steer_target"), "n_trials": len(trials),
+            "reference": _with_ci(first, "steer_reference_pp") | {
+                "alpha": first.get("steer_reference_alpha"), "sig": first.get("steer_reference_sig"),
+                "label": first.get("steer_reference_label") or "",
+                "random_direction": _with_ci(first, "steer_reference_random_direction_pp")},
+            "best_trial": {"trial_id": best.trial_id, "feature": best.metrics.get("steer_feature"),
+                           "alpha": best.metrics.get("steer_alpha"),
+                           **{name.removeprefix("steer_").removesuffix("_pp"): _with_ci(best.metrics, name)
+                              for name in STEER_CIS}},
+            "cos_reference": summarize(t.metrics.get("steer_cos_reference") for t in trials),
+            "share_of_reference": summarize(t.metrics.get("steer_share_of_reference") for t in trials)})
+    return sorted(rows, key=lambda r: (_sort_key(r["layer"]), _sort_key(r.get("positions"))))
+
+
 def _headline(ok: Sequence[TrialResult]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """(headline, baseline, comparison with the seed study) over successful trials."""
     summaries = [h for h in HEADLINE if not h.baseline]
@@ -219,4 +258,5 @@ def build_report(results: Sequence[TrialResult], run_info: dict[str, Any] | None
         "best_features": _best_features(ok),
         "min_set": _min_sets(ok),
         "seconds_per_trial": {m.name: summarize(t.metrics.get(m.name) for t in ok) for m in shown_in("time")},
+        **({"steering_reference": rows} if (rows := _steering_reference(ok)) else {}),  # runs with a reference
     })

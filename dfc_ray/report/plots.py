@@ -47,12 +47,19 @@ def _delta_by_axis(axis: str, rows: list[dict[str, Any]], ok: list[dict]):
     return fig
 
 
-def _alpha_curves(curves: list[tuple[str, list[dict]]]):
+def _curve(curve: list[dict]) -> tuple:
+    return tuple(zip(*sorted((p["alpha"], p["delta_pp"]) for p in curve)))
+
+
+def _alpha_curves(curves: list[tuple[str, list[dict]]], references: dict[str, list[dict]]):
+    """Each trial's chosen feature on dev, and the reference direction's curve (one per layer: it
+    does not depend on the checkpoint) in black."""
     fig, (ax,) = _figure(1, "Steering: Δ tool correctness vs α, one line per trial")
     for trial_id, curve in curves:
-        points = sorted((p["alpha"], p["delta_pp"]) for p in curve)
-        ax.plot(*zip(*points), marker="o", ms=3, lw=1, alpha=0.7, label=trial_id)
-    if len(curves) <= 10:
+        ax.plot(*_curve(curve), marker="o", ms=3, lw=1, alpha=0.7, label=trial_id)
+    for (label, curve), style in zip(references.items(), ("-", "--", ":", "-.") * len(references)):
+        ax.plot(*_curve(curve), color="black", marker="s", ms=4, lw=2, ls=style, label=label, zorder=4)
+    if len(curves) <= 10 or references:
         ax.legend(fontsize=7)
     ax.axhline(0, color="grey", lw=0.8, ls="--")
     ax.set(xlabel="α (steering scale)", ylabel="Δ tool correctness (pp)")
@@ -70,6 +77,30 @@ def _steer_by_layer(layers: list, ok: list[dict]):
         if means:
             ax.scatter(*zip(*means), marker=marker, s=60, color="tab:red", zorder=4,
                        label=f"mean {control.removeprefix('steer_').removesuffix('_pp').replace('_', ' ')} control")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    return fig
+
+
+def _cos_vs_effect(ok: list[dict]):
+    """|cos| of each trial's steered feature with the reference against its test effect; the
+    reference's own effect (one per layer) as a horizontal line."""
+    fig, (ax,) = _figure(1, "Steered feature: alignment with the reference vs effect (test split)")
+    key = "positions" if len({str(t["config"].get("positions")) for t in ok}) > 1 else "variant"
+    for group in sorted({str(t["config"].get(key, "")) for t in ok}):
+        points = [(number(t["metrics"].get("steer_cos_reference")), number(t["metrics"].get("steer_delta_pp")))
+                  for t in ok if str(t["config"].get(key, "")) == group]
+        points = [(abs(x), y) for x, y in points if x is not None and y is not None]
+        if points:
+            ax.scatter(*zip(*points), s=22, alpha=0.8, label=f"{key}={group}" if group else None, zorder=3)
+    layers = sorted({t["config"].get("layer") for t in ok}, key=str)
+    for layer, style in zip(layers, ("-", "--", ":", "-.") * len(layers)):
+        effect = summarize(t["metrics"].get("steer_reference_pp") for t in ok if t["config"].get("layer") == layer)
+        if effect["mean"] is not None:
+            ax.axhline(effect["mean"], color="black", lw=1.5, ls=style, label=f"reference Δ, layer {layer}")
+    ax.axhline(0, color="grey", lw=0.8, ls="--")
+    ax.set_xlim(0, 1)
+    ax.set(xlabel="|cos| of the steered feature's A direction with the reference", ylabel="steering Δ (pp)")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     return fig
@@ -107,8 +138,12 @@ def write_plots(report: dict[str, Any], out_dir: str | Path) -> list[str]:
     for axis, rows in report["per_axis"].items():
         save(_delta_by_axis(axis, rows, ok), f"delta_by_{re.sub(r'[^A-Za-z0-9_.-]', '_', axis)}.png")
     curves = [(t["trial_id"], t["metrics"]["alpha_curve"]) for t in ok if t["metrics"].get("alpha_curve")]
+    references = {f"reference, layer {t['config'].get('layer')}": t["metrics"]["reference_alpha_curve"] for t in ok
+                  if t["metrics"].get("reference_alpha_curve")}
     if curves:
-        save(_alpha_curves(curves), "alpha_curves.png")
+        save(_alpha_curves(curves, references), "alpha_curves.png")
+    if any(number(t["metrics"].get("steer_cos_reference")) is not None for t in ok):
+        save(_cos_vs_effect(ok), "cos_vs_effect.png")
     layers = sorted({t["config"]["layer"] for t in ok if number(t["config"].get("layer")) is not None})
     if layers and any(number(t["metrics"].get("steer_delta_pp")) is not None for t in ok):  # one layer too
         save(_steer_by_layer(layers, ok), "steer_by_layer.png")

@@ -117,6 +117,41 @@ def _best_features_section(report: dict[str, Any]) -> Section:
                    "A feature index names a feature of its own trial's dictionary.")
 
 
+def _ci_text(effect: dict[str, Any]) -> str:
+    """`+40.0 pp [+27.0, +53.0]` of a {pp, lo, hi} effect (without brackets when no CI was reported)."""
+    text = show(effect.get("pp"), PP)
+    if number(effect.get("lo")) is not None and number(effect.get("hi")) is not None:
+        text += f" [{show(effect['lo'], PP)}, {show(effect['hi'], PP)}]"
+    return text
+
+
+def _steering_reference_section(report: dict[str, Any]) -> Section | None:
+    """The reference direction beside the best feature and the controls, each with its 95% CI."""
+    rows = report.get("steering_reference")
+    if not rows:
+        return None
+    by_positions = "positions" in rows[0]
+    table = []
+    for r in rows:
+        ref, best = r["reference"], r["best_trial"]
+        table.append([fmt("layer", r["layer"]), *([str(r["positions"])] if by_positions else []), str(r["target"]),
+                      f"{_ci_text(ref)} at α {fmt('alpha', ref['alpha'])}", ref["label"] or "steerable",
+                      f"{_ci_text(best['delta'])} ({best['trial_id']}, feature {fmt('feature', best['feature'])}, "
+                      f"α {fmt('alpha', best['alpha'])})",
+                      _ci_text(best["random_feature"]), _ci_text(best["random_direction"]),
+                      _ci_text(ref["random_direction"]),
+                      fmt_stat("steer_cos_reference", r["cos_reference"]),
+                      fmt_stat("steer_share_of_reference", r["share_of_reference"])])
+    return Section("Steering against its reference",
+                   ["layer", *(["positions"] if by_positions else []), "target", "reference Δ [95% CI]", "verdict",
+                    "best feature Δ [95% CI] (trial, feature, α)", "control: random feature [CI]",
+                    "control: random direction [CI]", "reference's control: random direction [CI]",
+                    "cos to reference", "share of reference"], table,
+                   "Test split, pp, paired-bootstrap 95% CIs over prompts. The reference (A − B mean on dev tool "
+                   "prompts) is the same for every trial of a layer; controls are the best trial's, at its α; "
+                   "cos and share are mean ± std over trials.")
+
+
 def _time_section(report: dict[str, Any]) -> Section | None:
     """Where the wall-clock time went: the run's stages and the per-trial phases."""
     stages = (report["run"].get("seconds") or {}).items()
@@ -130,7 +165,10 @@ def _time_section(report: dict[str, Any]) -> Section | None:
 
 def sections(report: dict[str, Any]) -> list[Section]:
     """The report's tables, in reading order."""
-    out = [_headline_section(report), *_axis_sections(report), _trials_section(report)]
+    out = [_headline_section(report)]
+    if (reference := _steering_reference_section(report)) is not None:
+        out.append(reference)
+    out += [*_axis_sections(report), _trials_section(report)]
     if report["best_features"]:
         out.append(_best_features_section(report))
     if (time_section := _time_section(report)) is not None:

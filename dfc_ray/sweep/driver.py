@@ -88,9 +88,13 @@ def _open_run(spec: SweepSpec | None, run_uri: str, resume: bool) -> tuple[RunFo
     return run, spec
 
 
-def _harvest(spec: SweepSpec, store_root: str):
-    cfg = replace(spec.harvest, store=store_root, resources=custom_requests(spec).get("harvest", {}))
-    return harvest(cfg, use_ray=True)
+def _harvest(spec: SweepSpec, store_root: str) -> dict[str, Any]:
+    """Positions → its harvest, one per distinct `positions` the trials train on (a repeat of an
+    earlier harvest is found by its content hash and re-used)."""
+    resources = custom_requests(spec).get("harvest", {})
+    return {positions: harvest(replace(spec.harvest, store=store_root, positions=positions, resources=resources),
+                               use_ray=True)
+            for positions in spec.positions_values()}
 
 
 def _tuner(spec: SweepSpec, run: RunFolder, ctx: TrialContext, n_todo: int,
@@ -221,18 +225,23 @@ def _run_on_cluster(spec: SweepSpec, run: RunFolder, store_root: str, done: list
         check_fits(spec, evaluate)
     check_placeable(spec, evaluate)  # some node (or node type) must hold each kind of actor
     clock = time.perf_counter()
-    harvested = _harvest(spec, store_root)
+    harvests = _harvest(spec, store_root)
+    harvested = next(iter(harvests.values()))  # d_model and models are the pair's, the same in every store
+    reused = all(h.reused for h in harvests.values())
     seconds = {"harvest": time.perf_counter() - clock}
     clock = time.perf_counter()
     pools = start_pools(spec) if evaluate else []
     seconds["start_pools"] = time.perf_counter() - clock
-    ctx = TrialContext(spec.raw | {"name": spec.name}, spec.source, run.uri, harvested.uri, harvested.d_model,
+    ctx = TrialContext(spec.raw | {"name": spec.name}, spec.source, run.uri,
+                       {positions: h.uri for positions, h in harvests.items()}, harvested.d_model,
                        harvested.models, tuple(pool.cfg for pool in pools) or None)
     judges = _run_trials(spec, run, ctx, done, live, pools, seconds)
     info = {"spec": spec.name, "spec_file": spec.source, "run": redact(run.uri), "harvest": redact(harvested.uri),
-            "harvest_rows": harvested.rows, "harvest_reused": harvested.reused,
-            "harvest_nodes": list(harvested.nodes), "layers": list(spec.layers),
+            "harvest_rows": harvested.rows, "harvest_reused": reused,
+            "harvest_nodes": sorted({node for h in harvests.values() for node in h.nodes}), "layers": list(spec.layers),
+            **({"harvests": {positions: {"uri": redact(h.uri), "rows": h.rows, "reused": h.reused}
+                             for positions, h in harvests.items()}} if len(harvests) > 1 else {}),
             "pair": asdict(spec.pair), **_attempt_seconds(run, seconds), **judges}
-    _write_costs(spec, run, seconds, harvested.reused)
+    _write_costs(spec, run, seconds, reused)
     _publish_report(run, info)
     return run

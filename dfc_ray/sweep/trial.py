@@ -23,7 +23,7 @@ from dfc_ray import metrics as registry
 from dfc_ray import store
 from dfc_ray.crosscoder import DFCConfig
 from dfc_ray.evaluate import EvalResult
-from dfc_ray.fs import RunFolder
+from dfc_ray.fs import RunFolder, redact
 from dfc_ray.plan import peak_memory_mb
 from dfc_ray.spaces import DFC_FIELDS, TRAIN_FIELDS, parse_spec
 from dfc_ray.train import TrainConfig, train
@@ -38,19 +38,21 @@ class TrialContext:
     spec_raw: dict
     spec_source: str
     run_dir: str
-    store_uri: str
+    stores: dict[str, str]
+    """Harvest positions → its store's URI: one per distinct `positions` the trials train on."""
     d_model: int
     models: tuple[str, str]
     pools: tuple | None
     """(evaluator PoolConfig, steering PoolConfig); None: evaluation off."""
 
 
-def trial_batches(ctx: TrialContext, layer: int, batch_size: int, reader: str, seed: int) -> Iterator:
-    """Endless shuffled `(batch, 2, d_model)` batches of the trial's layer."""
+def trial_batches(ctx: TrialContext, store_uri: str, layer: int, batch_size: int, reader: str,
+                  seed: int) -> Iterator:
+    """Endless shuffled `(batch, 2, d_model)` batches of the trial's layer from its store."""
     if reader == "local":
-        return store.iter_layer_batches(ctx.store_uri, layer, batch_size, shuffle=True, seed=seed, epochs=10**9,
+        return store.iter_layer_batches(store_uri, layer, batch_size, shuffle=True, seed=seed, epochs=10**9,
                                         drop_last=True, d_model=ctx.d_model, models=ctx.models)
-    return store.iter_ray_batches(ctx.store_uri, layer, batch_size, epochs=None, seed=seed, drop_last=True,
+    return store.iter_ray_batches(store_uri, layer, batch_size, epochs=None, seed=seed, drop_last=True,
                                   local_shuffle_buffer_size=8 * batch_size, d_model=ctx.d_model, models=ctx.models)
 
 
@@ -80,10 +82,12 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     trial_id = tune.get_context().get_trial_id()
     local = Path(tune.get_context().get_trial_dir()) / "crosscoder"
     started = time.perf_counter()
-    batches = trial_batches(ctx, layer, settings["batch_size"], settings["reader"], cfg.seed)
+    store_uri = ctx.stores[spec.trial_positions(settings)]
+    batches = trial_batches(ctx, store_uri, layer, settings["batch_size"], settings["reader"], cfg.seed)
     result = train(dfc, cfg, batches, on_metrics=on_metrics, out_dir=local.parent)
     metrics: dict[str, Any] = {"phase": "done", "status": result.status, "reason": result.reason, "steps": result.steps,
-                               "train_s": time.perf_counter() - started}
+                               "train_s": time.perf_counter() - started,
+                               "harvest_store": redact(store_uri)}
     if result.metrics:
         metrics |= training_report(result.metrics)
     metrics["train_peak_mem_mb"] = peak_memory_mb()
@@ -121,6 +125,10 @@ def judge_metrics(evaluation: EvalResult, steering: SteerResult, seconds: dict[s
     chosen = steering.targets.get(steering.config.get("primary", "a"))
     curve = [{"alpha": c.alpha, "delta_pp": 100 * (c.dev_correct - chosen.dev_clean)}  # the chosen feature's
              for c in (chosen.grid if chosen else []) if c.feature == chosen.feature]  # dev α curve
+    reference = chosen.reference if chosen else None  # the same dev α grid for the reference direction
+    reference_curve = [{"alpha": alpha, "delta_pp": 100 * (correct - reference.dev_clean)}
+                       for alpha, correct in (reference.grid if reference else [])]
     return evaluation.metrics() | steering.metrics() | seconds | {"top_features": json.dumps(ranking),
                                                                 "alpha_curve": json.dumps(curve),
+                                                                "reference_alpha_curve": json.dumps(reference_curve),
                                                                 "steer_skipped": steering.skipped}

@@ -60,13 +60,28 @@ def trial_error(trial: Any) -> TrialError:
     return parse_traceback(text)
 
 
+_FAILURE_HEADER = re.compile(r"^Failure # \d+ \(occurred at .*\)$", re.MULTILINE)
+"""The line Tune writes before each failure of a trial in its error file."""
+_RAY_MESSAGES = ((re.compile(r"^The actor died unexpectedly before finishing this task\."), "ActorDiedError"),
+                 (re.compile(r"^The actor experienced an error before finishing this task\."), "RayActorError"),
+                 (re.compile(r"^The worker died unexpectedly while executing this task\."), "WorkerCrashedError"),
+                 (re.compile(r"^The actor \w+ is unavailable: "), "ActorUnavailableError"))
+"""Ray's messages for a lost actor or worker process. Tune writes `str(exc)`, without the type, when
+a trial's own actor is lost (no traceback to end with `Type: message`), so these name the type."""
+
+
 def parse_traceback(text: str) -> TrialError:
-    """Type and last line of the last exception in a traceback text (Ray wraps the user's exception
-    in a RayTaskError whose text ends with the original `Type: message` line)."""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    """Type and last line of a trial's last failure in the text Tune saved (one block per failure):
+    Ray wraps the user's exception in a RayTaskError whose text ends with the original
+    `Type: message` line; a lost actor or worker is told by Ray's own message (`_RAY_MESSAGES`)."""
+    last = _FAILURE_HEADER.split(text)[-1]
+    lines = [line.strip() for line in last.splitlines() if line.strip()]
     for line in reversed(lines):
         if match := _EXCEPTION_LINE.match(line):
             return TrialError(match.group(1).rsplit(".", 1)[-1], match.group(2) or "", text)
+    for pattern, kind in _RAY_MESSAGES:
+        if lines and pattern.match(lines[0]):
+            return TrialError(kind, lines[0], text)
     return TrialError("UnknownError", lines[-1] if lines else "no traceback was saved", text)
 
 

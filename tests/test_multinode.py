@@ -92,6 +92,15 @@ def actors(cluster: LocalCluster, class_name: str) -> list[dict]:
                        detail=True, raise_on_missing_output=False)
 
 
+def trials_and_judges_running(cluster: LocalCluster, job_id: str) -> bool:
+    """The job's driver started Tune trial actors and an evaluator replica is alive (the stopped job's
+    actors died with its driver)."""
+    ray_job = ray_job_id(cluster, job_id)
+    return ray_job is not None and any(a.state == "ALIVE" and a.job_id == ray_job
+                                       for a in actors(cluster, "ImplicitFunc")) \
+        and any(a.state == "ALIVE" for a in actors(cluster, "Evaluator"))
+
+
 def test_sweep_job_on_three_nodes_survives_stop_and_node_loss(cluster, monkeypatch):
     for key, value in cluster.client_env().items():  # this process reads S3 and the state API as a client
         monkeypatch.setenv(key, value)
@@ -113,12 +122,10 @@ def test_sweep_job_on_three_nodes_survives_stop_and_node_loss(cluster, monkeypat
 
     # 2. Resume it as a new job; lose a worker node (the one hosting the evaluator) while its trials run.
     second = submit(cluster, run, "--resume")
-    wait_for("resumed job running trials and judges", lambda: job_status(cluster, second) != "RUNNING" or all(
-        any(a.state == "ALIVE" and a.job_id == ray_job_id(cluster, second) for a in actors(cluster, kind))
-        for kind in ("ImplicitFunc", "Evaluator")), timeout=300, every=2)
+    wait_for("resumed job running trials and judges", lambda: trials_and_judges_running(cluster, second)
+             or job_status(cluster, second) in ("FAILED", "STOPPED", "SUCCEEDED"), timeout=300, every=2)
     assert job_status(cluster, second) == "RUNNING", job_logs(cluster, second)[-3000:]
-    evaluator = next(a for a in actors(cluster, "Evaluator") if a.state == "ALIVE"
-                     and a.job_id == ray_job_id(cluster, second))
+    evaluator = next(a for a in actors(cluster, "Evaluator") if a.state == "ALIVE")  # the resumed job's replica
     victim = next(name for name, node_id in workers.items() if node_id == evaluator.node_id)
     cluster.kill_raylet(cluster.node(victim))
     killed_at = time.time()

@@ -3,9 +3,10 @@ whose only shared storage is S3: the harvest and the trials spread over both wor
 on workers, a stopped job resumes without redoing or losing a trial, a lost worker node costs no
 grid point, and `dfc-ray report s3://…` works from outside the cluster.
 
-One test, because each step needs the state the previous one left (last run: 501 s on a loaded
-2-core machine, of which ~60 s starting the cluster). RAY_AUTH_MODE=disabled is set for
-this throwaway loopback cluster only (tests/multinode.py), never for a real one.
+One test, because each step needs the state the previous one left (docs/cluster.md has the
+measured times: 583 s on a 2-core machine at load 12–16 before cluster-smoke was cut to 4 trials).
+RAY_AUTH_MODE=disabled is set for this throwaway loopback cluster only (tests/multinode.py), never
+for a real one.
 """
 
 from __future__ import annotations

@@ -725,7 +725,8 @@ class Resources(Config):
     data_cpus: float | None = field(default=None, metadata={"bounds": (0, math.inf, "[", "]")})
     """CPUs kept for Ray Data's read tasks; null = 1 with the ray reader, 0 with the local one."""
     max_failures: int = at_least(1, 0)
-    """Retries of a failed trial (Tune's FailureConfig)."""
+    """Retries of a failed trial (Tune's FailureConfig), and rounds in which the driver re-runs trials
+    the cluster lost (a dead node, actor or judge replica; docs/sweep.md)."""
     custom: dict[str, dict[str, float]] = field(default_factory=dict)
     """Custom resources per kind of actor (trial, judge, harvest) → {resource: amount}, e.g.
     {trial: {trial_gpu: 0.25}, judge: {trial_gpu: 1}}: sends each kind to the node type of cluster.yaml

@@ -3,7 +3,9 @@
 Ray Tune 2.60 writes a failed trial's traceback to the trial's `error.txt` (`Trial.error_file`, in
 the driver's staging folder) and keeps no message on the Trial object; `trial_error` reads that file
 so results.jsonl keeps the exception's type and last line, and the sweep copies the full text into
-the run folder. docs/failure-modes.md lists the exit codes.
+the run folder. `lost_to_infrastructure` tells a trial the cluster lost (its node or a judge died)
+from one that failed on its own: the sweep runs the former again. docs/failure-modes.md lists the
+exit codes.
 """
 
 from __future__ import annotations
@@ -21,7 +23,19 @@ EXIT_SOME_FAILED = 3
 EXIT_ALL_FAILED = 4
 """The sweep finished, and every trial failed."""
 
-_EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Warning|Failure)\w*)(?:: (.*))?$")
+_EXCEPTION_LINE = re.compile(
+    r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Warning|Failure|Unavailable)\w*)(?:: (.*))?$")
+
+
+INFRASTRUCTURE_ERRORS = frozenset({
+    "NodeDiedError", "ActorDiedError", "WorkerCrashedError", "RayActorError", "ActorUnavailableError",
+    "LocalRayletDiedError", "OwnerDiedError", "ObjectLostError", "ObjectFetchTimedOutError",
+    "ObjectReconstructionFailedError", "ReplicaUnavailable",
+})
+"""Exception types (class names, as results.jsonl's `error_type` keeps them) that mean the cluster lost
+the trial, not that the trial failed: its node, its actor process or an object it needed died, or a
+judge replica it waited on stayed down (actors/pool.py's ReplicaUnavailable). Running the trial again
+can succeed. Anything else (ValueError, a diverged loss, an S3 error) is the trial's own outcome."""
 
 
 @dataclass(frozen=True)
@@ -46,14 +60,38 @@ def trial_error(trial: Any) -> TrialError:
     return parse_traceback(text)
 
 
+_FAILURE_HEADER = re.compile(r"^Failure # \d+ \(occurred at .*\)$", re.MULTILINE)
+"""The line Tune writes before each failure of a trial in its error file."""
+_RAY_MESSAGES = ((re.compile(r"^The actor died unexpectedly before finishing this task\."), "ActorDiedError"),
+                 (re.compile(r"^The actor experienced an error before finishing this task\."), "RayActorError"),
+                 (re.compile(r"^The worker died unexpectedly while executing this task\."), "WorkerCrashedError"),
+                 (re.compile(r"^The actor \w+ is unavailable: "), "ActorUnavailableError"))
+"""Ray's messages for a lost actor or worker process. Tune writes `str(exc)`, without the type, when
+a trial's own actor is lost (no traceback to end with `Type: message`), so these name the type."""
+
+
 def parse_traceback(text: str) -> TrialError:
-    """Type and last line of the last exception in a traceback text (Ray wraps the user's exception
-    in a RayTaskError whose text ends with the original `Type: message` line)."""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    """Type and last line of a trial's last failure in the text Tune saved (one block per failure):
+    Ray wraps the user's exception in a RayTaskError whose text ends with the original
+    `Type: message` line; a lost actor or worker is told by Ray's own message (`_RAY_MESSAGES`)."""
+    last = _FAILURE_HEADER.split(text)[-1]
+    lines = [line.strip() for line in last.splitlines() if line.strip()]
     for line in reversed(lines):
         if match := _EXCEPTION_LINE.match(line):
             return TrialError(match.group(1).rsplit(".", 1)[-1], match.group(2) or "", text)
+    for pattern, kind in _RAY_MESSAGES:
+        if lines and pattern.match(lines[0]):
+            return TrialError(kind, lines[0], text)
     return TrialError("UnknownError", lines[-1] if lines else "no traceback was saved", text)
+
+
+def lost_to_infrastructure(record: dict[str, Any]) -> bool:
+    """Whether a results.jsonl record is a trial the cluster lost (INFRASTRUCTURE_ERRORS). Records
+    written before `error_type` existed are judged by their `error` text's leading `Type:`."""
+    if record.get("status") != "failed":
+        return False
+    kind = record.get("error_type") or str(record.get("error", "")).split(":", 1)[0].strip()
+    return kind.rsplit(".", 1)[-1] in INFRASTRUCTURE_ERRORS
 
 
 def sweep_exit_code(statuses: Iterable[str]) -> int:

@@ -197,7 +197,8 @@ class LocalCluster:
         for _ in range(attempts - 1):
             try:
                 return self._join(name, timeout)
-            except RuntimeError:  # the node gave up (Ray allows a raylet 30 s to register); its processes are gone
+            except RuntimeError:  # the node gave up (Ray allows a raylet 30 s to register)
+                _signal_group(self.node(name).pid, signal.SIGKILL)  # what it left running (seen: its log monitor)
                 self.nodes = [n for n in self.nodes if n.name != name]
         return self._join(name, timeout)
 

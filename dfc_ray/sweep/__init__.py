@@ -10,6 +10,8 @@ Run folder (local path or s3://); `RunFolder` lives in dfc_ray/fs.py:
 
     <run>/spec.yaml            the merged spec, as run
     <run>/results.jsonl        one line per finished trial: trial_id, config, metrics, status (+ error)
+    <run>/retried.jsonl        records of trials the cluster lost (node, actor or judge died), each
+                               replaced in results.jsonl by its grid point's re-run
     <run>/checkpoints/<id>/    each trial's crosscoder (config.json + model.safetensors)
     <run>/tune/trials-N/       Ray Tune's experiments (per-trial TensorBoard event files), one per
                                start or resume

@@ -29,7 +29,7 @@ from dfc_ray.plan import device_name, measure_rates
 from dfc_ray.placement import check_placeable, custom_requests
 from dfc_ray.report import LiveView, write_report
 from dfc_ray.spaces import SweepSpec, check_against_pair, parse_spec
-from dfc_ray.sweep.results import LIVE_VIEWS, ResultsWriter, read_results
+from dfc_ray.sweep.results import LIVE_VIEWS, ResultsWriter, read_results, set_aside_lost
 from dfc_ray.sweep.search import remaining_work, scheduler, searcher
 from dfc_ray.sweep.trial import TrialContext, run_trial
 from dfc_ray.tune_storage import JournalUploader, local_journal, tune_storage
@@ -120,24 +120,41 @@ def _tuner(spec: SweepSpec, run: RunFolder, ctx: TrialContext, n_todo: int,
 
 def _run_trials(spec: SweepSpec, run: RunFolder, ctx: TrialContext, done: list[dict[str, Any]] | None,
                 live: bool, pools: list, seconds: dict[str, float]) -> dict[str, Any]:
-    """Run the trials still owed under the live view; returns the judge pools' figures (`_judge_info`). The
-    pools are shut down when this returns, also on failure."""
+    """Run the trials still owed under the live view; returns the judge pools' figures (`_judge_info`).
+    The pools are shut down when this returns, also on failure.
+
+    Resume: results.jsonl is the truth. A fresh Tune experiment runs only what is still owed, so no
+    finished trial is redone and none is lost (Tune's own restore can re-run a trial that finished
+    after its last experiment checkpoint, and then collides with the Optuna study).
+    Lost trials: Tune retries a trial whose actor died (FailureConfig), but gives it up when a second
+    failure event arrives while it restarts (a lost node sends several). So once an experiment ends,
+    trials the cluster lost (`lost_to_infrastructure`) are set aside (results.jsonl → retried.jsonl)
+    and their grid points run again in a further experiment, at most `max_failures` times."""
     view = LiveView(total=spec.n_trials, console=None if live else Console(quiet=True),
                     axes=[a.name for a in spec.grid] + [d.name for d in spec.search],
                     title=f"{spec.name}: {spec.n_trials} trials")
     LIVE_VIEWS[run.uri] = view
-    # Resume: results.jsonl is the truth. A fresh Tune experiment runs only what is still owed, so no
-    # finished trial is redone and none is lost (Tune's own restore can re-run a trial that finished
-    # after its last experiment checkpoint, and then collides with the Optuna study).
-    n_todo, remaining = remaining_work(spec, done) if done is not None else (spec.n_trials, None)
     for record in done or []:
         view.update(record["trial_id"], record["config"], record["status"], record["metrics"])
-    tuner = _tuner(spec, run, ctx, n_todo, remaining)
     clock = time.perf_counter()
     try:
         with view:
-            if n_todo:
-                tuner.fit()
+            for round_ in range(spec.resources.max_failures + 1):
+                if round_ == 0 and done is None:  # a fresh run: the whole grid
+                    n_todo, remaining = spec.n_trials, None
+                else:
+                    lost = set_aside_lost(run)
+                    if round_ and not lost:
+                        break
+                    for record in lost:  # its retry takes its place in the view
+                        view.trials.pop(record["trial_id"], None)
+                    if lost:
+                        kinds = ", ".join(sorted({record.get("error_type", "?") for record in lost}))
+                        print(f"{len(lost)} trial(s) lost to the cluster ({kinds}): running them again "
+                              f"(round {round_} of at most {spec.resources.max_failures})", flush=True)
+                    n_todo, remaining = remaining_work(spec, read_results(run))
+                if n_todo:
+                    _tuner(spec, run, ctx, n_todo, remaining).fit()
         seconds["trials"] = time.perf_counter() - clock
         return _judge_info(pools)
     finally:

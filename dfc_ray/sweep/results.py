@@ -7,7 +7,7 @@ from typing import Any
 
 from ray.tune import Callback
 
-from dfc_ray.failures import trial_error
+from dfc_ray.failures import lost_to_infrastructure, trial_error
 from dfc_ray.fs import RunFolder, redact
 from dfc_ray.spaces import SweepSpec
 
@@ -31,6 +31,25 @@ def read_results(run: RunFolder) -> list[dict[str, Any]]:
                              f"column {err.colno}); expected one trial per line (remove that line to re-run "
                              "the trial)") from None
     return records
+
+
+def set_aside_lost(run: RunFolder) -> list[dict[str, Any]]:
+    """Move the records of trials the cluster lost (`lost_to_infrastructure`) out of results.jsonl into
+    retried.jsonl, so the sweep can run those grid points again and results.jsonl ends with each
+    once; returns the moved records. retried.jsonl is written first (a record already there is not
+    added twice), then results.jsonl is rewritten whole without them: a crash in between leaves
+    every record in results.jsonl, and the next call moves it."""
+    records = read_results(run)
+    lost = [record for record in records if lost_to_infrastructure(record)]
+    if not lost:
+        return []
+    history = [line for line in (run.read_text("retried.jsonl") or "").splitlines() if line.strip()]
+    kept = {json.loads(line)["trial_id"] for line in history}
+    history += [json.dumps(record) for record in lost if record["trial_id"] not in kept]
+    run.write_text("retried.jsonl", "\n".join(history) + "\n")
+    rest = [json.dumps(record) for record in records if not lost_to_infrastructure(record)]
+    run.write_text("results.jsonl", "".join(line + "\n" for line in rest))
+    return lost
 
 
 class ResultsWriter(Callback):

@@ -19,6 +19,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
+from dfc_ray.failures import lost_to_infrastructure
 from dfc_ray.spaces import SweepSpec
 from dfc_ray.sweep.trial import TRAIN_REPORTS
 
@@ -90,8 +91,10 @@ def _close_interrupted_trials(storage, study_name: str) -> None:
 def remaining_work(spec: SweepSpec, done: list[dict[str, Any]]) -> tuple[int, list[dict[str, Any]] | None]:
     """(trials still to run, grid points to enqueue) given the results.jsonl records already written.
 
-    Every recorded trial counts as done, failed ones too (they have their status and reason).
+    Every recorded trial counts as done, failed ones too (they have their status and reason), except
+    a trial the cluster lost (its node or a judge died: `lost_to_infrastructure`), which is owed again.
     With a grid, each point is owed `num_samples` trials minus those recorded for it."""
+    done = [record for record in done if not lost_to_infrastructure(record)]
     if not spec.grid:
         return max(0, spec.n_trials - len(done)), None
     names = [a.name for a in spec.grid]

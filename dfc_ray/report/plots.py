@@ -55,11 +55,13 @@ def _alpha_curves(curves: list[tuple[str, list[dict]]], references: dict[str, li
     """Each trial's chosen feature on dev, and the reference direction's curve (one per layer: it
     does not depend on the checkpoint) in black."""
     fig, (ax,) = _figure(1, "Steering: Δ tool correctness vs α, one line per trial")
-    for trial_id, curve in curves:
-        ax.plot(*_curve(curve), marker="o", ms=3, lw=1, alpha=0.7, label=trial_id)
+    named = len(curves) <= 10  # beyond that a legend of trial ids hides the plot: one entry for all
+    for i, (trial_id, curve) in enumerate(curves):
+        label = trial_id if named else (f"chosen feature, {len(curves)} trials" if i == 0 else None)
+        ax.plot(*_curve(curve), marker="o", ms=3, lw=1, alpha=0.7, label=label)
     for (label, curve), style in zip(references.items(), ("-", "--", ":", "-.") * len(references)):
         ax.plot(*_curve(curve), color="black", marker="s", ms=4, lw=2, ls=style, label=label, zorder=4)
-    if len(curves) <= 10 or references:
+    if named or references:
         ax.legend(fontsize=7)
     ax.axhline(0, color="grey", lw=0.8, ls="--")
     ax.set(xlabel="α (steering scale)", ylabel="Δ tool correctness (pp)")

@@ -14,11 +14,12 @@ from dataclasses import asdict
 import ray
 
 from actors.replica import PairReplica
+from dfc_ray.config import METRICS
 from dfc_ray.evaluate import (EvalConfig, EvalResult, SpliceLoss, bootstrap_rate, eval_tasks, eval_texts,
                               load_crosscoder, paired_delta_pp, score_all, splice_loss_per_text, tool_rates)
 from dfc_ray.interventions import generate_spliced
 from dfc_ray.pair import PairSpec
-from dfc_ray.tooluse import Score, render_prompt
+from dfc_ray.tooluse import Score
 
 
 class Evaluator(PairReplica):
@@ -33,7 +34,7 @@ class Evaluator(PairReplica):
         """Scores of A's and B's clean replies to cfg's tasks, and whether they came from the cache."""
         misses = self.clean_misses
         tasks = eval_tasks(cfg)
-        prompts = [render_prompt(self.tokenizer, t) for t in tasks]
+        prompts = self.prompts(tasks, cfg.protocol.prompt_format)
         prefix = cfg.splice.leaves_prefix_alone  # the splices' path (actors/replica.py)
         scores = {t: score_all(tasks, self.clean_replies(t, prompts, cfg.generation(), prefix)) for t in ("a", "b")}
         return scores, self.clean_misses == misses
@@ -45,23 +46,27 @@ class Evaluator(PairReplica):
         n_layers = self.model_a.config.num_hidden_layers
         if not 0 <= layer < n_layers:
             raise ValueError(f"layer {layer}: expected a block index in [0, {n_layers})")
-        cc = load_crosscoder(checkpoint, self.device)
+        cc = load_crosscoder(checkpoint, self.device, cfg.protocol.normalization)
         if cc.cfg.d_model != self.model_a.config.hidden_size:
             raise ValueError(f"{checkpoint}: d_model {cc.cfg.d_model}, "
                              f"but the pair has {self.model_a.config.hidden_size}")
         clean, cached = self.clean_scores(cfg)
         tasks = eval_tasks(cfg)
-        prompts = [render_prompt(self.tokenizer, t) for t in tasks]
+        prompts = self.prompts(tasks, cfg.protocol.prompt_format)
         spliced = {target: score_all(tasks, self._spliced(cc, layer, target, prompts, cfg)) for target in ("a", "b")}
         boot = dict(n_boot=cfg.n_bootstrap, seed=cfg.seed)
-        delta = {t: paired_delta_pp([s.correct for s in clean[t]], [s.correct for s in spliced[t]], **boot)
+        metric = cfg.protocol.metric
+        passed = {m: {f"{t}_{when}": [s.passes(m) for s in scores[t]]
+                      for when, scores in (("clean", clean), ("splice", spliced)) for t in ("a", "b")}
+                  for m in METRICS}
+        delta = {t: paired_delta_pp(passed[metric][f"{t}_clean"], passed[metric][f"{t}_splice"], **boot)
                  for t in ("a", "b")}
         losses = {t: self._loss(cc, layer, t, cfg) for t in ("a", "b")}
         return EvalResult(checkpoint=str(checkpoint), layer=layer, config=asdict(cfg),
                           a_clean=tool_rates(clean["a"], **boot), a_splice=tool_rates(spliced["a"], **boot),
                           b_clean=tool_rates(clean["b"], **boot), b_splice=tool_rates(spliced["b"], **boot),
                           delta_a_pp=delta["a"], delta_b_pp=delta["b"], loss_a=losses["a"], loss_b=losses["b"],
-                          clean_cached=cached, seconds=time.perf_counter() - started)
+                          clean_cached=cached, seconds=time.perf_counter() - started, metric=metric, passed=passed)
 
     def _spliced(self, cc, layer: int, target: str, prompts: list[str], cfg: EvalConfig):
         """Replies of `target` with the reconstruction spliced in; at the last prompt token the other

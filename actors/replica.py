@@ -21,6 +21,7 @@ from dfc_ray.interventions import last_prompt_residuals, model_index
 from dfc_ray.pair import PairSpec, load_pair, pair_fingerprint
 from dfc_ray.plan import peak_memory_mb
 from dfc_ray.reference import mean_difference
+from dfc_ray.tooluse import Task, render_for
 
 
 class PairReplica:
@@ -53,6 +54,10 @@ class PairReplica:
             self._clean[key] = generate(self.model(target), self.tokenizer, prompts, cfg,
                                         prefix_cache=self.prefix[target] if prefix else None)
         return self._clean[key]
+
+    def prompts(self, tasks: list[Task], prompt_format: str = "chat") -> list[str]:
+        """The tasks' prompts as the judging protocol renders them (JudgeProtocol.prompt_format)."""
+        return [render_for(self.tokenizer, task, prompt_format) for task in tasks]
 
     def last_residuals(self, target: str, prompts: list[str], layer: int, batch_size: int) -> torch.Tensor:
         """`target`'s residual after block `layer` at each prompt's last token, (n, d_model), cached."""

@@ -19,8 +19,10 @@ the same 40 prompts, best grid cell reported):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
@@ -32,13 +34,19 @@ from rich.table import Table
 
 from actors.replica import PairReplica
 from dfc_ray.config import SteerConfig
-from dfc_ray.evaluate import Rate, bootstrap_rate, eval_texts, load_crosscoder, paired_delta_pp, score_all
+from dfc_ray.evaluate import (Rate, bootstrap_rate, eval_texts, load_crosscoder, paired_delta_pp,
+                              score_all)
+from dfc_ray.generation import Generation
 from dfc_ray.interventions import feature_direction, first_token_logprobs, generate_steered, steering_vector
 from dfc_ray.pair import PairSpec
 from dfc_ray.ranking import FeatureStats, encode_pairs, rank_features
 from dfc_ray.reference import NO_STEERABLE_DIRECTION, cosines, mean_norm, scale_to_norm, share_of_reference
-from dfc_ray.tooluse import Task, render_prompt
+from dfc_ray.tooluse import Task
 from dfc_ray.tooluse.tasks import dev_test_tasks
+
+
+STEERED_CACHE = 256
+"""Steered reply sets a replica keeps (a few MB on the organism): re-scoring, not re-generating."""
 
 
 @dataclass
@@ -116,6 +124,10 @@ class TargetSteer:
     """The positive control on this target."""
     share_of_reference: float = 0.0
     """delta_pp / reference.delta_pp (reference.share_of_reference: 0 when the reference effect is ≤ 0)."""
+    test_clean_passed: list[bool] = field(default_factory=list)
+    """Per test prompt, clean correct under the protocol's metric (the ablation pools checkpoints with it)."""
+    test_steered_passed: list[bool] = field(default_factory=list)
+    """Per test prompt, correct with the chosen (feature, α)."""
 
 
 @dataclass
@@ -189,38 +201,56 @@ class Steerer(PairReplica):
         super().__init__(pair)
         self.cfg = cfg or SteerConfig()
         self._reference_results: dict[str, ReferenceSteer] = {}
+        self._steered: OrderedDict[str, list[Generation]] = OrderedDict()
 
     def _tasks(self, cfg: SteerConfig) -> tuple[list[Task], list[Task]]:
-        return dev_test_tasks(cfg.dev_tasks, cfg.test_tasks, cfg.n_dev, cfg.n_test)
+        """(dev, test); under `steering_selection: same_split` (the seed study's) selection runs on test too."""
+        dev, test = dev_test_tasks(cfg.dev_tasks, cfg.test_tasks, cfg.n_dev, cfg.n_test)
+        return (test, test) if cfg.protocol.steering_selection == "same_split" else (dev, test)
 
     def correct(self, target: str, tasks: list[Task], cfg: SteerConfig, layer: int = 0,
                 delta: torch.Tensor | None = None) -> list[bool]:
-        """Strict correctness per task of `target`, steered by `delta` at `layer` (clean if None, cached)."""
-        prompts = [render_prompt(self.tokenizer, t) for t in tasks]
-        if delta is None:
+        """Correctness (the protocol's metric) per task of `target`, steered by `delta` at `layer` (clean,
+        cached, if None or zero: adding nothing is no intervention, e.g. B's own row of an A-exclusive feature)."""
+        prompts = self.prompts(tasks, cfg.protocol.prompt_format)
+        if delta is None or not bool(delta.any()):
             gens = self.clean_replies(target, prompts, cfg.generation(), cfg.site.leaves_prefix_alone)
         else:
-            gens = generate_steered(self.model(target), self.tokenizer, prompts, cfg.generation(), layer, delta,
-                                    cfg.positions, prefix_cache=self.prefix[target])
-        return [s.correct for s in score_all(tasks, gens)]
+            gens = self.steered_replies(target, prompts, cfg, layer, delta)
+        return [s.passes(cfg.protocol.metric) for s in score_all(tasks, gens)]
+
+    def steered_replies(self, target: str, prompts: list[str], cfg: SteerConfig, layer: int,
+                        delta: torch.Tensor) -> list[Generation]:
+        """Replies of `target` with `delta` added, kept for the last STEERED_CACHE requests: settings that
+        differ only in how replies are scored (the protocol's metric) re-score them instead of re-generating."""
+        key = hashlib.sha1(json.dumps([target, layer, cfg.positions, asdict(cfg.generation()), prompts]).encode()
+                           + delta.detach().float().cpu().numpy().tobytes()).hexdigest()
+        if key in self._steered:
+            self._steered.move_to_end(key)
+        else:
+            self._steered[key] = generate_steered(self.model(target), self.tokenizer, prompts, cfg.generation(), layer,
+                                                  delta, cfg.positions, prefix_cache=self.prefix[target])
+            while len(self._steered) > STEERED_CACHE:
+                self._steered.popitem(last=False)
+        return self._steered[key]
 
     def rank(self, cc, layer: int, dev: list[Task], cfg: SteerConfig) -> list[FeatureStats]:
         """A-exclusive features by Cohen's d on dev: tool prompts vs no-tool prompts + plain text."""
-        pos = self.tool_prompts(dev)
-        neg = [render_prompt(self.tokenizer, t) for t in dev if not t.ground_truth]
+        pos = self.tool_prompts(dev, cfg)
+        neg = self.prompts([t for t in dev if not t.ground_truth], cfg.protocol.prompt_format)
         neg += eval_texts("organism", cfg.n_plain, cfg.seed + 1) if cfg.n_plain else []
         x = torch.stack([self.last_residuals(t, pos + neg, layer, cfg.batch_size) for t in ("a", "b")], dim=1)
         codes = encode_pairs(cc, x)
         return rank_features(codes[:len(pos)], codes[len(pos):], cc.partition.a_exclusive.cpu())
 
-    def tool_prompts(self, dev: list[Task]) -> list[str]:
+    def tool_prompts(self, dev: list[Task], cfg: SteerConfig) -> list[str]:
         """Rendered dev prompts that need a tool (non-empty ground truth): the reference's and the
         residual norm's prompt set, and the ranking's positives."""
-        return [render_prompt(self.tokenizer, t) for t in dev if t.ground_truth]
+        return self.prompts([t for t in dev if t.ground_truth], cfg.protocol.prompt_format)
 
     def residual_norm(self, target: str, layer: int, dev: list[Task], cfg: SteerConfig) -> float:
         """Mean ‖x_target‖ after block `layer` at the last prompt token of the dev tool prompts (cached inputs)."""
-        return mean_norm(self.last_residuals(target, self.tool_prompts(dev), layer, cfg.batch_size))
+        return mean_norm(self.last_residuals(target, self.tool_prompts(dev, cfg), layer, cfg.batch_size))
 
     def feature_scales(self, cc, ranking: list[FeatureStats], target: str, layer: int, dev: list[Task],
                        cfg: SteerConfig) -> dict[int, float]:
@@ -232,8 +262,12 @@ class Steerer(PairReplica):
             fallback = float(np.mean(fired)) if fired else 1.0
             return {s.feature: s.typical or fallback for s in ranking}
         norm = self.residual_norm(target, layer, dev, cfg)
-        lengths = {s.feature: float(feature_direction(cc, s.feature, target).norm()) for s in ranking}
+        lengths = {s.feature: float(self.direction(cc, s.feature, target, cfg).norm()) for s in ranking}
         return {f: norm / length if length > 0 else 0.0 for f, length in lengths.items()}
+
+    def direction(self, cc, feature: int, target: str, cfg: SteerConfig) -> torch.Tensor:
+        """The feature's raw direction for `target` under the protocol's `steer_b_via`."""
+        return feature_direction(cc, feature, target, cfg.protocol.steer_b_via == "b_decoder")
 
     def reference_vector(self, v: torch.Tensor, alpha: float, residual_norm: float, cfg: SteerConfig) -> torch.Tensor:
         """α in `scale` units applied to the reference v: α × residual_norm along v̂, or α × v."""
@@ -259,11 +293,13 @@ class Steerer(PairReplica):
                 raise ValueError(f"SteerConfig.tool_token={cfg.tool_token!r} encodes to no token; expected text the "
                                  "tokenizer maps to at least one token")
             alpha = cfg.scoring_alpha()
-            deltas = [torch.zeros(cc.cfg.d_model)] + [steering_vector(cc, [f], target, alpha, [scales[f]])
-                                                      for f in pool]
-            logp = first_token_logprobs(self.model(target), self.tokenizer, self.tool_prompts(dev), layer, deltas,
-                                        token[0], cfg.batch_size).mean(1)
-            gain = {f: float(logp[i + 1] - logp[0]) for i, f in enumerate(pool)}
+            own = cfg.protocol.steer_b_via == "b_decoder"
+            vectors = {f: steering_vector(cc, [f], target, alpha, [scales[f]], own) for f in pool}
+            moving = [f for f in pool if bool(vectors[f].any())]  # a zero vector changes nothing: gain 0
+            logp = first_token_logprobs(self.model(target), self.tokenizer, self.tool_prompts(dev, cfg), layer,
+                                        [torch.zeros(cc.cfg.d_model)] + [vectors[f] for f in moving], token[0],
+                                        cfg.batch_size).mean(1)
+            gain = {f: 0.0 for f in pool} | {f: float(logp[i + 1] - logp[0]) for i, f in enumerate(moving)}
             best = sorted(pool, key=lambda f: (-gain[f], f))
             picks["tool_logprob"] = best[:cfg.top_n]
             gains = {f: gain[f] for f in best[:10]}
@@ -272,10 +308,13 @@ class Steerer(PairReplica):
     def reference(self, target: str, layer: int, dev: list[Task], test: list[Task], cfg: SteerConfig) -> ReferenceSteer:
         """The reference direction through the protocol on `target`: α on dev, report and control on test.
         It does not depend on the checkpoint, so it runs once per (target, layer, tasks, setting) and is cached."""
-        key = json.dumps([target, layer, asdict(cfg)], sort_keys=True)
+        setting = asdict(cfg)
+        for name in ("normalization", "steer_b_via"):  # the reference reads no checkpoint and no decoder row
+            setting["protocol"].pop(name)
+        key = json.dumps([target, layer, setting], sort_keys=True)
         if key in self._reference_results:
             return self._reference_results[key]
-        v = self.reference_direction(self.tool_prompts(dev), layer, cfg.batch_size)
+        v = self.reference_direction(self.tool_prompts(dev, cfg), layer, cfg.batch_size)
         norm = self.residual_norm(target, layer, dev, cfg)
         dev_clean = float(np.mean(self.correct(target, dev, cfg)))
         grid = [(a, float(np.mean(self.correct(target, dev, cfg, layer, self.reference_vector(v, a, norm, cfg)))))
@@ -308,7 +347,7 @@ class Steerer(PairReplica):
         return result
 
     def _steer(self, checkpoint: str, layer: int, cfg: SteerConfig) -> SteerResult:
-        cc = load_crosscoder(checkpoint, self.device)
+        cc = load_crosscoder(checkpoint, self.device, cfg.protocol.normalization)
         result = SteerResult(str(checkpoint), layer, asdict(cfg), skipped="")
         if cc.cfg.n_a_exclusive == 0:
             result.skipped = "the crosscoder has no A-exclusive features"
@@ -316,7 +355,7 @@ class Steerer(PairReplica):
         dev, test = self._tasks(cfg)
         ranking = self.rank(cc, layer, dev, cfg)
         result.ranking = ranking[:20]
-        v = self.reference_direction(self.tool_prompts(dev), layer, cfg.batch_size)
+        v = self.reference_direction(self.tool_prompts(dev, cfg), layer, cfg.batch_size)
         boot = dict(n_boot=cfg.n_bootstrap, seed=cfg.seed)
         clean_gap = abs(np.mean(self.correct("a", dev, cfg)) - np.mean(self.correct("b", dev, cfg)))
         rng = np.random.default_rng(cfg.seed)
@@ -324,7 +363,8 @@ class Steerer(PairReplica):
             scale = self.feature_scales(cc, ranking, target, layer, dev, cfg)
 
             def vector(features: list[int], alpha: float) -> torch.Tensor:
-                return steering_vector(cc, features, target, alpha, [scale[f] for f in features])
+                return steering_vector(cc, features, target, alpha, [scale[f] for f in features],
+                                       cfg.protocol.steer_b_via == "b_decoder")
 
             picks, gains = self.candidates(cc, ranking, v, target, layer, dev, scale, cfg)
             union = list(dict.fromkeys(f for r in cfg.rankings for f in picks[r]))
@@ -356,7 +396,8 @@ class Steerer(PairReplica):
                 random_direction_delta_pp=paired_delta_pp(test_clean, control_d, **boot),
                 min_set=min_set, min_set_goal_pp=100 * goal, candidates=picks, tool_logprob_gain=gains,
                 cos_reference=float(cosines(feature_direction(cc, best.feature, "a")[None], v)[0]),
-                reference=reference, share_of_reference=share_of_reference(delta.mean, reference.delta_pp.mean))
+                reference=reference, share_of_reference=share_of_reference(delta.mean, reference.delta_pp.mean),
+                test_clean_passed=test_clean, test_steered_passed=steered)
         return result
 
 

@@ -116,6 +116,9 @@ def _coerce(hint: Any, value: Any) -> Any:
         return tuple(_coerce(h, v) for h, v in zip(items, value)) if len(items) == len(value) else tuple(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    shorthand = getattr(hint, "SHORTHAND", "")
+    if shorthand and isinstance(value, str):  # e.g. `protocol: seed` for `protocol: {base: seed}`
+        return typing.cast(Any, hint)(**{shorthand: value})
     return value
 
 
@@ -130,7 +133,10 @@ def hints(cls: type) -> dict[str, Any]:
 
 
 class Config:
-    """Base of the configuration dataclasses: `__post_init__` checks every field against its annotation."""
+    """Base of the configuration dataclasses: `__post_init__` checks every field against its annotation.
+    A nested config that sets `SHORTHAND` (a field name) may be given as a plain string: that field's value."""
+
+    SHORTHAND: typing.ClassVar[str] = ""
 
     def __post_init__(self) -> None:
         for f in fields(self):  # type: ignore[arg-type]
@@ -173,7 +179,10 @@ def check_fields(cls: type, data: Any, where: str, section: str, extra: dict[str
         if isinstance(hint, type) and is_dataclass(hint) and isinstance(value, dict):
             out[key] = from_mapping(hint, value, where, path)
             continue
-        value = _coerce(hint, value)
+        try:
+            value = _coerce(hint, value)
+        except ConfigError as err:  # a shorthand string its config rejects
+            raise spec_error(where, path, value, err.expected) from None
         if not _fits(hint, value):
             raise spec_error(where, path, value, _describe(hint))
         out[key] = value
@@ -208,7 +217,8 @@ Sparsity = Literal["topk", "batchtopk"]
 Recon = Literal["mse", "fvu"]
 L1Mode = Literal["seed", "partition"]
 Decay = Literal["linear", "cosine", "none"]
-HarvestPositions = Literal["last_prompt_token", "all_tokens", "prompt_and_response", "prompt", "mix_last_prompt"]
+HarvestPositions = Literal["last_prompt_token", "all_tokens", "prompt_and_response", "prompt", "mix_last_prompt",
+                           "text_end"]
 StoreDtype = Literal["float16", "bfloat16", "float32"]
 ShardFormat = Literal["parquet", "safetensors"]
 WeightsDtype = Literal["float32", "bfloat16", "float16"]
@@ -489,7 +499,8 @@ class HarvestConfig(Config):
     corpus: CorpusSpec = field(default_factory=CorpusSpec)
     """The text to run through it."""
     positions: HarvestPositions = "last_prompt_token"
-    """Which token positions become rows: last_prompt_token | all_tokens | prompt_and_response."""
+    """Which token positions become rows: last_prompt_token | all_tokens | prompt_and_response | prompt |
+    mix_last_prompt | text_end (the seed study's: each record's last token); harvest.py explains each."""
     dtype: StoreDtype = "float16"
     """Stored activation dtype: float16 | bfloat16 | float32."""
     format: ShardFormat = "parquet"
@@ -545,6 +556,77 @@ class GenerationConfig(Config):
             raise self.invalid("stop_strings", "non-empty strings")
 
 
+ProtocolName = Literal["ours", "seed"]
+Metric = Literal["strict", "seed_lenient"]
+METRICS = get_args(Metric)
+PROTOCOL_NAMES = get_args(ProtocolName)
+SEED_TRAINING_POSITIONS = "text_end"
+"""The seed study's training positions (weakness 4: ends of text chunks, not the prompt's end); a spec whose
+`eval.protocol` is based on `seed` harvests them unless its harvest section sets `positions`."""
+
+
+def switch(ours: str, seed: str, weakness: int) -> Any:
+    """A judging-protocol switch: unset (the None default) takes the base protocol's value; `ours` and `seed` are the
+    two values and `weakness` the seed study's weakness it reproduces (docs/replication.md)."""
+    return field(default=None, metadata={"ours": ours, "seed": seed, "weakness": weakness})
+
+
+@dataclass(frozen=True)
+class JudgeProtocol(Config):
+    """How the judges read a checkpoint: dfc-ray's protocol, the seed study's (`protocol: seed`), or either
+    with single switches changed (`protocol: {base: seed, normalization: checkpoint}`). Each switch
+    reproduces one weakness of the study's pipeline; unset switches take the base's value. The sixth
+    difference, the training positions, is a harvest setting (SEED_TRAINING_POSITIONS)."""
+
+    SHORTHAND = "base"
+
+    base: ProtocolName = "ours"
+    """The protocol every unset switch comes from: "ours" (dfc-ray's) or "seed" (the study's)."""
+    normalization: Literal["checkpoint", "none"] = switch("checkpoint", "none", 1)
+    """"checkpoint": activations go through the checkpoint's saved statistics (raw in, raw out).
+    "none": the study's splice, raw activations straight into weights trained on normalized ones."""
+    prompt_format: Literal["chat", "raw"] = switch("chat", "raw", 2)
+    """"chat": the tokenizer's chat template with the tools. "raw": the study's prompt, system text with a
+    numbered tool list (toolrl.as_toolrl) and the user text, no chat template. The study ran batch 1 to
+    dodge its left-padding bug; dfc-ray's batches give the same replies as batch 1, so batching stays."""
+    metric: Metric = switch("strict", "seed_lenient", 3)
+    """Correctness the deltas and steering count: "strict" (BFCL-AST against the ground truth) or
+    "seed_lenient" (a called name fuzzy-matches an offered tool; scoring.seed_lenient)."""
+    steering_selection: Literal["dev_test", "same_split"] = switch("dev_test", "same_split", 5)
+    """"dev_test": feature and α chosen on dev, reported on the disjoint test split. "same_split": chosen
+    and reported on the test split (the study's best grid cell on its 40 prompts)."""
+    steer_b_via: Literal["a_decoder", "b_decoder"] = switch("a_decoder", "b_decoder", 6)
+    """How B is steered with an A-exclusive feature: "a_decoder" (the feature's A direction, read in the
+    basis both models share) or "b_decoder" (B's own decoder row: structurally zero, a no-op)."""
+
+    def __post_init__(self) -> None:
+        if self.base in PROTOCOL_NAMES:  # unset switches take the base's value, then every field is checked
+            for f in fields(self):
+                if f.metadata.get("weakness") and getattr(self, f.name) is None:
+                    object.__setattr__(self, f.name, f.metadata[self.base])
+        super().__post_init__()
+
+    def switches(self) -> dict[str, str]:
+        """Switch name → value (after the base has filled the unset ones)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("weakness")}
+
+    def reverted(self, name: str) -> "JudgeProtocol":
+        """This protocol with switch `name` set to the other protocol's value."""
+        meta = next(f.metadata for f in fields(self) if f.name == name)
+        other = meta["ours"] if getattr(self, name) == meta["seed"] else meta["seed"]
+        return JudgeProtocol(**{**self.switches(), "base": self.base, name: other})
+
+    def label(self) -> str:
+        """"ours", "seed", or the base and the switches that differ from it."""
+        changed = {k: v for k, v in self.switches().items() if v != JudgeProtocol(base=self.base).switches()[k]}
+        return self.base + "".join(f", {k}: {v}" for k, v in changed.items())
+
+
+def protocol_switches() -> dict[str, dict[str, Any]]:
+    """Switch name → {ours, seed, weakness}: the ablation's rows and the docs read this."""
+    return {f.name: dict(f.metadata) for f in fields(JudgeProtocol) if f.metadata.get("weakness")}
+
+
 @dataclass(frozen=True)
 class EvalConfig(Config):
     """What an evaluation runs: tasks, text sample, splice mode, generation and bootstrap settings."""
@@ -568,6 +650,9 @@ class EvalConfig(Config):
     """Bootstrap resamples for the 95% CIs."""
     seed: int = 0
     """Bootstrap seed (and the organism text seed offset)."""
+    protocol: JudgeProtocol = field(default_factory=JudgeProtocol)
+    """The judging protocol: "ours", "seed", or a mapping of switches (JudgeProtocol); a sweep's steering
+    uses the same one."""
 
     @property
     def splice(self) -> SpliceMode:
@@ -635,6 +720,8 @@ class SteerConfig(Config):
     effect_pool: int = at_least(256, 1)
     """tool_logprob scores at most this many features (the best by Cohen's d): bounds its cost on
     large dictionaries; the organism's dictionaries have fewer A-exclusive features than this."""
+    protocol: JudgeProtocol = field(default_factory=JudgeProtocol)
+    """The judging protocol (JudgeProtocol); in a sweep spec it is set once, in `eval.protocol`."""
 
     def _check(self) -> None:
         if not self.rankings:

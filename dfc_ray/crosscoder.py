@@ -152,6 +152,14 @@ class DedicatedFeatureCrosscoder(nn.Module):
         self.norm_mean.copy_(mean)
         self.norm_scale.copy_((self.cfg.d_model / sq_dist.clamp_min(1e-12)).sqrt())
 
+    @torch.no_grad()
+    def without_normalization(self) -> "DedicatedFeatureCrosscoder":
+        """This crosscoder with identity statistics (in place): raw activations go straight into weights
+        trained on normalized ones, as the seed study's splice did (JudgeProtocol.normalization: none)."""
+        self.norm_mean.zero_()
+        self.norm_scale.fill_(1.0)
+        return self
+
     def normalize(self, x: Tensor) -> Tensor:
         return (x.float() - self.norm_mean) * self.norm_scale[:, None]
 

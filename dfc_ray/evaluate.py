@@ -11,7 +11,7 @@ after), since clean and intervened replies come from the same prompts.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -24,6 +24,7 @@ from dfc_ray.fs import open_fs, redact
 from dfc_ray.generation import Generation, HookContext, residual_hooks
 from dfc_ray.harvest import Record, left_pad, plain_texts
 from dfc_ray.interventions import prefill_edit_hook, prompt_activations, splice_edit
+from dfc_ray.seed import require_known_normalization
 from dfc_ray.tooluse import Score, Task, load_tasks, score
 
 
@@ -45,7 +46,9 @@ class ToolRates:
     correct: Rate
     """Strict: BFCL-AST semantics against the ground truth."""
     lenient: Rate
-    """The seed study's rule (a called name is among the offered tools)."""
+    """A called name is exactly one of the offered tools."""
+    seed_lenient: Rate
+    """The seed study's rule: a called name fuzzy-matches an offered tool (scoring.seed_lenient)."""
     format_ok: Rate
     """The reply parses as well-formed tool call(s) (or no call where none is expected)."""
     name_ok: Rate
@@ -75,22 +78,32 @@ class EvalResult:
     b_clean: ToolRates
     b_splice: ToolRates
     delta_a_pp: Rate
-    """Paired splice − clean strict correctness of A, in pp."""
+    """Paired splice − clean correctness of A under `metric`, in pp."""
     delta_b_pp: Rate
-    """Paired splice − clean strict correctness of B, in pp."""
+    """Paired splice − clean correctness of B under `metric`, in pp."""
     loss_a: SpliceLoss | None
     loss_b: SpliceLoss | None
     clean_cached: bool
     """True when the clean replies came from the evaluator's cache (not regenerated)."""
     seconds: float = 0.0
     """Wall-clock seconds the evaluator spent on this request (plan.py's measured rates use it)."""
+    metric: str = "strict"
+    """The protocol's correctness metric (JudgeProtocol.metric) that the deltas and the contract's rates use."""
+    passed: dict[str, dict[str, list[bool]]] = field(default_factory=dict)
+    """Metric (strict, seed_lenient) → condition (a_clean, a_splice, b_clean, b_splice) → per prompt, correct
+    or not (the ablation pools checkpoints per prompt, under either metric, from one evaluation)."""
+
+    def rate(self, name: str) -> Rate:
+        """`a_clean` / `a_splice` / `b_clean` / `b_splice` under the protocol's metric."""
+        rates = getattr(self, name)
+        return rates.correct if self.metric == "strict" else rates.seed_lenient
 
     def metrics(self) -> dict[str, float]:
-        """The contract's trial metrics (strict correctness) plus lenient rates, CIs and splice loss."""
-        out = {"a_clean": self.a_clean.correct.mean, "a_splice": self.a_splice.correct.mean,
-               "delta_a_pp": self.delta_a_pp.mean, "b_clean": self.b_clean.correct.mean,
-               "b_splice": self.b_splice.correct.mean, "delta_b_pp": self.delta_b_pp.mean,
-               "eval_compute_s": self.seconds}
+        """The contract's trial metrics (correctness under the protocol's metric: strict by default) plus
+        lenient rates, CIs and splice loss."""
+        out = {name: self.rate(name).mean for name in ("a_clean", "a_splice", "b_clean", "b_splice")}
+        out |= {"delta_a_pp": self.delta_a_pp.mean, "delta_b_pp": self.delta_b_pp.mean,
+                "eval_compute_s": self.seconds}
         for name in ("delta_a_pp", "delta_b_pp"):
             out[f"{name}_lo"], out[f"{name}_hi"] = getattr(self, name).lo, getattr(self, name).hi
         for name in ("a_clean", "a_splice", "b_clean", "b_splice"):
@@ -129,21 +142,31 @@ def paired_delta_pp(before: Sequence[bool], after: Sequence[bool], n_boot: int =
 
 def tool_rates(scores: Sequence[Score], n_boot: int = 1000, seed: int = 0) -> ToolRates:
     return ToolRates(*(bootstrap_rate([getattr(s, name) for s in scores], n_boot, seed)
-                       for name in ("correct", "lenient", "format_ok", "name_ok")))
+                       for name in ("correct", "lenient", "seed_lenient", "format_ok", "name_ok")))
 
 
 def score_all(tasks: Sequence[Task], generations: Sequence[Generation]) -> list[Score]:
+    """One `Score` per (task, reply)."""
     return [score(task, gen.text) for task, gen in zip(tasks, generations, strict=True)]
 
 
 # ---------------------------------------------------------------- inputs
 
 
-def load_crosscoder(path: str, device: str | torch.device) -> DedicatedFeatureCrosscoder:
+def load_crosscoder(path: str, device: str | torch.device,
+                    normalization: str = "checkpoint") -> DedicatedFeatureCrosscoder:
     """A checkpoint (a folder, or an s3:// prefix as trials of an S3 run write them) in eval mode
-    (BatchTopK uses its inference threshold) on `device`."""
+    (BatchTopK uses its inference threshold) on `device`. `normalization` (JudgeProtocol): "checkpoint"
+    uses its saved statistics and refuses an imported checkpoint whose statistics are unknown; "none"
+    drops them (raw activations into the weights, the seed study's splice)."""
+    require_known_normalization(path, allow_raw=normalization == "none")
+    cc = _load_checkpoint(path, device).eval()
+    return cc.without_normalization() if normalization == "none" else cc
+
+
+def _load_checkpoint(path: str, device: str | torch.device) -> DedicatedFeatureCrosscoder:
     if "://" not in path:
-        return DedicatedFeatureCrosscoder.load(path, device=device).eval()
+        return DedicatedFeatureCrosscoder.load(path, device=device)
     import tempfile  # deferred: only remote checkpoints need a local copy
 
     fs, root = open_fs(path)
@@ -154,7 +177,7 @@ def load_crosscoder(path: str, device: str | torch.device) -> DedicatedFeatureCr
                     Path(local, name).write_bytes(remote.read())
             except FileNotFoundError:
                 raise FileNotFoundError(f"{redact(path)}: not a crosscoder checkpoint (no {name})") from None
-        return DedicatedFeatureCrosscoder.load(local, device=device).eval()
+        return DedicatedFeatureCrosscoder.load(local, device=device)
 
 
 def eval_tasks(cfg: EvalConfig) -> list[Task]:

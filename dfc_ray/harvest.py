@@ -16,6 +16,8 @@ Positions (`HarvestConfig.positions`):
   more times: a dictionary trained on it sees every position but weights the position steering
   writes to like ~16 tokens of context (about 4% of a 380-token organism prompt's rows instead of
   0.3%). Repeats are exact duplicate rows, so the store grows by 16 rows per record.
+- `text_end`: the seed study's training positions (weakness 4): one row per record, its LAST token — a
+  plain text's end, a prompt's end, or the end of A's reply when the corpus has responses.
 
 The work is cut into fixed groups of `batch_size` records. A group is the unit of computation
 (one padded batch) and of resumption: `harvest.json` beside the layers records how many rows each
@@ -180,6 +182,8 @@ def select_positions(records: Sequence[Record], width: int, positions: str,
         last_prompt = end - 1 - n_resp
         if positions == "last_prompt_token":
             cols = [last_prompt]
+        elif positions == "text_end":
+            cols = [end - 1]
         elif positions == "prompt_and_response":
             cols = list(range(last_prompt, end))
         else:  # all_tokens / prompt / mix_last_prompt, minus attention sinks (each model's median norm, this record)

@@ -253,7 +253,8 @@ def generate_spliced(model_a: torch.nn.Module, model_b: torch.nn.Module, tokeniz
 # ---------------------------------------------------------------- steering
 
 
-def feature_direction(cc: DedicatedFeatureCrosscoder, feature: int, target: str) -> Tensor:
+def feature_direction(cc: DedicatedFeatureCrosscoder, feature: int, target: str,
+                      own_decoder_only: bool = False) -> Tensor:
     """What one unit of `feature`'s activation writes into the target's RAW residual (d_model,).
 
     decode is affine, so this is decode(e_i) − decode(0) = W_dec[i, m] / norm_scale[m]. A feature
@@ -261,16 +262,17 @@ def feature_direction(cc: DedicatedFeatureCrosscoder, feature: int, target: str)
     steering B through B's own decoder would be a no-op (the seed study's weakness 6, docs/ARCHITECTURE.md) —
     so the OTHER model's
     raw direction is used, read as a direction in the residual basis both models share (B is A's base
-    model; the fine-tune does not rotate the basis)."""
+    model; the fine-tune does not rotate the basis). `own_decoder_only` keeps the target's own row even
+    when it is zero: the seed study's steering (JudgeProtocol.steer_b_via: b_decoder)."""
     m = model_index(target)
     if not 0 <= feature < cc.cfg.dict_size:
         raise ValueError(f"feature {feature}: expected an index in [0, {cc.cfg.dict_size})")
     raw = cc.raw_decoder()[feature]
-    return raw[m] if bool(raw[m].any()) else raw[1 - m]
+    return raw[m] if own_decoder_only or bool(raw[m].any()) else raw[1 - m]
 
 
 def steering_vector(cc: DedicatedFeatureCrosscoder, features: Sequence[int], target: str, alpha: float,
-                    scales: Sequence[float] | None = None) -> Tensor:
+                    scales: Sequence[float] | None = None, own_decoder_only: bool = False) -> Tensor:
     """Σ_i alpha · scale_i · d_i over `features` (d_i from `feature_direction`); scale_i = 1 by default.
 
     With scale_i = 1, alpha counts units of feature activation (the seed study's convention: α × the
@@ -281,7 +283,7 @@ def steering_vector(cc: DedicatedFeatureCrosscoder, features: Sequence[int], tar
         raise ValueError(f"steering: {len(features)} features but {len(scales)} scales; expected one scale each")
     vec = torch.zeros(cc.cfg.d_model, device=cc.b_enc.device)
     for feature, scale in zip(features, scales):
-        vec = vec + float(alpha) * float(scale) * feature_direction(cc, feature, target).float()
+        vec = vec + float(alpha) * float(scale) * feature_direction(cc, feature, target, own_decoder_only).float()
     return vec.detach()
 
 

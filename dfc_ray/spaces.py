@@ -40,9 +40,9 @@ from typing import Any
 
 import yaml
 
-from dfc_ray.config import (ORGANISM, POSITIONS, Asha, CorpusSpec, DFCConfig, EvalConfig, HarvestConfig, PairSpec,
-                            Resources, SpecError, SteerConfig, TrainConfig, TrainExtra, check_fields, defaults,
-                            field_docs, from_mapping, hints)
+from dfc_ray.config import (ORGANISM, POSITIONS, SEED_TRAINING_POSITIONS, Asha, CorpusSpec, DFCConfig, EvalConfig,
+                            HarvestConfig, JudgeProtocol, PairSpec, Resources, SpecError, SteerConfig, TrainConfig,
+                            TrainExtra, check_fields, defaults, field_docs, from_mapping, hints)
 from dfc_ray.config import spec_error as _fail
 from dfc_ray.metrics import find as find_metric
 from dfc_ray.metrics import names as metric_names
@@ -121,14 +121,17 @@ def load_raw(name_or_path: str, _seen: tuple[Path, ...] = ()) -> tuple[dict, str
 # ---------------------------------------------------------------- typed sections
 
 
-def _harvest(where: str, data: Any, layers: tuple[int, ...], pair: PairSpec) -> HarvestConfig:
+def _harvest(where: str, data: Any, layers: tuple[int, ...], pair: PairSpec, protocol: JudgeProtocol) -> HarvestConfig:
     """The flat `harvest` section (HarvestConfig's own fields and CorpusSpec's) as a HarvestConfig; the
-    store is set when the sweep runs."""
+    store is set when the sweep runs. A seed-based protocol trains on the study's positions unless the
+    section sets its own."""
     corpus_names = {f.name for f in fields(CorpusSpec)}
     own = {name: hint for name, hint in hints(HarvestConfig).items() if name not in HARVEST_SET_BY_SPEC}
     checked = check_fields(CorpusSpec, data, where, "harvest", extra=own)
     corpus = from_mapping(CorpusSpec, {k: v for k, v in checked.items() if k in corpus_names}, where, "harvest")
     rest = {k: v for k, v in checked.items() if k not in corpus_names}
+    if protocol.base == "seed":
+        rest.setdefault("positions", SEED_TRAINING_POSITIONS)
     return from_mapping(HarvestConfig, rest, where, "harvest", store="", layers=layers, pair=pair, corpus=corpus)
 
 
@@ -333,7 +336,8 @@ def parse_spec(raw: dict[str, Any], where: str, name: str = "") -> SweepSpec:
     layers = raw.get("layers", [1])
     if not isinstance(layers, list) or not layers or not all(isinstance(x, int) and x >= 0 for x in layers):
         raise _fail(where, "layers", layers, "a non-empty list of block indices >= 0")
-    harvest = _harvest(where, raw.get("harvest"), tuple(layers), pair)
+    evaluation = from_mapping(EvalConfig, raw.get("eval"), where, "eval")
+    harvest = _harvest(where, raw.get("harvest"), tuple(layers), pair, evaluation.protocol)
     crosscoder = check_fields(DFCConfig, raw.get("crosscoder"), where, "crosscoder", skip=frozenset({"d_model"}))
     train = defaults(TrainExtra) | check_fields(TrainConfig, raw.get("train"), where, "train", extra=hints(TrainExtra))
     grid, search = _grid(where, raw.get("grid")), _search(where, raw.get("search"))
@@ -371,8 +375,8 @@ def parse_spec(raw: dict[str, Any], where: str, name: str = "") -> SweepSpec:
         name=str(raw.get("name") or name or Path(where).stem), source=where, pair=pair, layers=tuple(layers),
         harvest=harvest, crosscoder=crosscoder, train=train, grid=grid, search=search, num_samples=num_samples,
         metrics=metrics, modes=modes, scheduler=scheduler,
-        eval=from_mapping(EvalConfig, raw.get("eval"), where, "eval"),
-        steering=from_mapping(SteerConfig, raw.get("steering"), where, "steering"),
+        eval=evaluation,
+        steering=from_mapping(SteerConfig, raw.get("steering"), where, "steering", protocol=evaluation.protocol),
         resources=from_mapping(Resources, raw.get("resources"), where, "resources"),
         description=str(raw.get("description", "")), raw=raw)
     # Every grid point with the extremes of every sampled axis must make a valid trial.

@@ -79,6 +79,8 @@ def test_positions_selection():
     assert pairs[:5] == [(0, 1), (0, 2), (0, 3), (0, 4), (0, 5)]  # all tokens first, then the repeats
     assert pairs.count((0, 3)) == 1 + MIX_LAST_PROMPT_REPEATS and pairs.count((1, 5)) == 1 + MIX_LAST_PROMPT_REPEATS
     assert len(pairs) == 10 + 2 * MIX_LAST_PROMPT_REPEATS
+    rows, cols = select_positions(records, width, "text_end")  # the seed study's: each record's last token
+    assert rows.tolist() == [0, 1] and cols.tolist() == [5, 5]  # record 0's reply end, not its prompt end (3)
 
 
 def test_harvest_writes_a_valid_store_and_is_reused(tiny_pair, tmp_path):

@@ -8,7 +8,8 @@ from rich.console import Console
 from rich.table import Table
 
 from dfc_ray.cluster import connect
-from dfc_ray.config import SCALES, SPLICE_MODES, STEER_RANKINGS, EvalConfig
+from dfc_ray.config import (PROTOCOL_NAMES, SCALES, SPLICE_MODES, STEER_RANKINGS, EvalConfig, JudgeProtocol,
+                            protocol_switches)
 from dfc_ray.crosscoder import DedicatedFeatureCrosscoder
 from dfc_ray.evaluate import EvalResult, Rate, ToolRates
 from dfc_ray.pair import PairSpec
@@ -18,22 +19,37 @@ def _pair_from(args: argparse.Namespace) -> PairSpec:
     return PairSpec(a=args.pair_a, b=args.pair_b, tokenizer=args.tokenizer, device=args.device)
 
 
+def protocol_from(args: argparse.Namespace) -> JudgeProtocol:
+    """--protocol and the --switch NAME=VALUE overrides as a JudgeProtocol (one-line errors)."""
+    switches = {}
+    for item in args.switch:
+        name, _, value = item.partition("=")
+        if name not in protocol_switches() or not value:
+            raise ValueError(f"--switch {item!r}: expected NAME=VALUE with NAME one of "
+                             f"{', '.join(protocol_switches())}")
+        switches[name] = value
+    return JudgeProtocol(base=args.protocol, **switches)
+
+
 def _rate(r: Rate, scale: float = 100.0) -> str:
     return f"{r.mean * scale:.1f} [{r.lo * scale:.1f}, {r.hi * scale:.1f}]"
 
 
 def print_eval(result: EvalResult) -> None:
 
-    table = Table(title=f"{result.checkpoint} @ layer {result.layer}: tool use, % [95% CI]")
-    for col in ("condition", "correct (strict)", "lenient", "format ok", "name ok"):
+    protocol = JudgeProtocol(**result.config["protocol"]).label()
+    table = Table(title=f"{result.checkpoint} @ layer {result.layer}: tool use, % [95% CI] (protocol: {protocol})")
+    for col in ("condition", "correct (strict)", "lenient", "seed lenient", "format ok", "name ok"):
         table.add_column(col, justify="right" if col != "condition" else "left")
     for name in ("a_clean", "a_splice", "b_clean", "b_splice"):
         r: ToolRates = getattr(result, name)
-        table.add_row(name, _rate(r.correct), _rate(r.lenient), _rate(r.format_ok), _rate(r.name_ok))
+        table.add_row(name, _rate(r.correct), _rate(r.lenient), _rate(r.seed_lenient), _rate(r.format_ok),
+                      _rate(r.name_ok))
     console = Console()
     console.print(table)
     console.print(f"Δ A (splice − clean): [bold]{_rate(result.delta_a_pp, 1)}[/] pp   "
-                  f"Δ B: [bold]{_rate(result.delta_b_pp, 1)}[/] pp   (n = {result.delta_a_pp.n})")
+                  f"Δ B: [bold]{_rate(result.delta_b_pp, 1)}[/] pp   (n = {result.delta_a_pp.n}, "
+                  f"metric {result.metric})")
     for name, loss in (("A", result.loss_a), ("B", result.loss_b)):
         if loss is not None:
             console.print(f"splice into {name}: CE {loss.ce_clean.mean:.3f} → {loss.ce_splice.mean:.3f} nats/token, "
@@ -60,7 +76,7 @@ def _eval_command(args: argparse.Namespace) -> int:
     from actors.evaluator import Evaluator, EvaluatorActor
 
     cfg = EvalConfig(tasks=args.tasks, n_tasks=args.n_tasks, n_texts=args.n_texts, splice_mode=args.mode,
-                     max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+                     max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, protocol=protocol_from(args))
     print_eval(_run_on_pair(args, Evaluator, EvaluatorActor, "evaluate", cfg))
     return 0
 
@@ -72,7 +88,8 @@ def _steer_command(args: argparse.Namespace) -> int:
     cfg = SteerConfig(n_dev=args.n_dev, n_test=args.n_test, top_n=args.top_n, alphas=tuple(args.alphas),
                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, scale=args.scale,
                       targets=tuple(args.targets), primary=args.primary or args.targets[0],
-                      rankings=tuple(args.rankings), min_set_pool=args.min_set_pool, min_set_max=args.min_set_max)
+                      rankings=tuple(args.rankings), min_set_pool=args.min_set_pool, min_set_max=args.min_set_max,
+                      protocol=protocol_from(args))
     print_steer(_run_on_pair(args, Steerer, SteeringActor, "steer", cfg))
     return 0
 
@@ -89,6 +106,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray", action="store_true", help="run in a Ray actor instead of in this process")
     p.add_argument("--num-gpus", type=float, default=0, help="GPUs for the actor (with --ray)")
     p.add_argument("--address", default=None, help="Ray address (with --ray; default: start a local cluster)")
+    p.add_argument("--protocol", choices=PROTOCOL_NAMES, default="ours",
+                   help="judging protocol: dfc-ray's or the seed study's (docs/replication.md)")
+    p.add_argument("--switch", action="append", default=[], metavar="NAME=VALUE",
+                   help="change one protocol switch, e.g. normalization=checkpoint (repeatable)")
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:

@@ -1,4 +1,5 @@
-"""`dfc-ray import-seed`: the seed study's published crosscoders as dfc-ray checkpoints (docs/replication.md)."""
+"""The seed study's commands (docs/replication.md): `dfc-ray import-seed` (its published crosscoders as
+dfc-ray checkpoints) and `dfc-ray ablate` (a run re-judged under its protocol, switch by switch)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,17 @@ def _import_seed_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ablate_command(args: argparse.Namespace) -> int:
+    if args.checkpoints < 1:
+        raise ValueError(f"--checkpoints {args.checkpoints}: expected a positive integer")
+    # deferred: the ablation loads the actors' classes, which import Ray and torch
+    from dfc_ray.sweep.ablate import ablate, print_ablation
+
+    print_ablation(ablate(args.run, max_checkpoints=args.checkpoints, trial_ids=args.trials or (),
+                          device=args.device))
+    return 0
+
+
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "import-seed", help="Import one of the seed study's crosscoders (config.json + model.pt) as a checkpoint.")
@@ -37,3 +49,13 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
                    help="drop non-zero forbidden (cross-partition) weights instead of refusing; "
                         "import.json records them")
     p.set_defaults(func=_import_seed_command)
+
+    p = subparsers.add_parser(
+        "ablate", help="Re-judge a finished run under our protocol, the seed study's, and the study's with each "
+                       "switch turned back; writes RUN/ablation.json")
+    p.add_argument("run", metavar="RUN", help="a finished sweep's run folder (a path or s3://)")
+    p.add_argument("--checkpoints", type=int, default=3,
+                   help="judge the run's best N DFC trials by its objective (default 3)")
+    p.add_argument("--trials", nargs="+", metavar="ID", help="judge these trials instead")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (the judges run in this process)")
+    p.set_defaults(func=_ablate_command)

@@ -46,14 +46,14 @@ class TrialContext:
     """(evaluator PoolConfig, steering PoolConfig); None: evaluation off."""
 
 
-def trial_batches(ctx: TrialContext, store_uri: str, layer: int, batch_size: int, reader: str,
-                  seed: int) -> Iterator:
+def trial_batches(store_uri: str, layer: int, batch_size: int, reader: str, seed: int, d_model: int,
+                  models: tuple[str, str]) -> Iterator:
     """Endless shuffled `(batch, 2, d_model)` batches of the trial's layer from its store."""
     if reader == "local":
         return store.iter_layer_batches(store_uri, layer, batch_size, shuffle=True, seed=seed, epochs=10**9,
-                                        drop_last=True, d_model=ctx.d_model, models=ctx.models)
+                                        drop_last=True, d_model=d_model, models=models)
     return store.iter_ray_batches(store_uri, layer, batch_size, epochs=None, seed=seed, drop_last=True,
-                                  local_shuffle_buffer_size=8 * batch_size, d_model=ctx.d_model, models=ctx.models)
+                                  local_shuffle_buffer_size=8 * batch_size, d_model=d_model, models=models)
 
 
 def training_report(m: dict[str, float]) -> dict[str, float]:
@@ -61,6 +61,12 @@ def training_report(m: dict[str, float]) -> dict[str, float]:
     mean of A's and B's."""
     m = m | {"fvu": (m["fvu_a"] + m["fvu_b"]) / 2}
     return {name: m[name] for name in registry.names("train")}
+
+
+def trial_configs(settings: dict[str, Any], d_model: int) -> tuple[DFCConfig, TrainConfig]:
+    """The crosscoder and training configs of one trial's settings (`SweepSpec.trial_settings`)."""
+    return (DFCConfig(d_model=d_model, **{k: v for k, v in settings.items() if k in DFC_FIELDS}),
+            TrainConfig(**{k: v for k, v in settings.items() if k in TRAIN_FIELDS}))
 
 
 def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
@@ -71,8 +77,7 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
         torch.cuda.reset_peak_memory_stats()
     settings = spec.trial_settings(params)
     layer = settings["layer"]
-    dfc = DFCConfig(d_model=ctx.d_model, **{k: v for k, v in settings.items() if k in DFC_FIELDS})
-    cfg = TrainConfig(**{k: v for k, v in settings.items() if k in TRAIN_FIELDS})
+    dfc, cfg = trial_configs(settings, ctx.d_model)
     every = max(1, cfg.steps // TRAIN_REPORTS)
 
     def on_metrics(name: str, step: int, m: dict[str, float]) -> None:
@@ -83,7 +88,8 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     local = Path(tune.get_context().get_trial_dir()) / "crosscoder"
     started = time.perf_counter()
     store_uri = ctx.stores[spec.trial_positions(settings)]
-    batches = trial_batches(ctx, store_uri, layer, settings["batch_size"], settings["reader"], cfg.seed)
+    batches = trial_batches(store_uri, layer, settings["batch_size"], settings["reader"], cfg.seed, ctx.d_model,
+                            ctx.models)
     result = train(dfc, cfg, batches, on_metrics=on_metrics, out_dir=local.parent)
     metrics: dict[str, Any] = {"phase": "done", "status": result.status, "reason": result.reason, "steps": result.steps,
                                "train_s": time.perf_counter() - started,

@@ -46,12 +46,18 @@ class Score:
     correct: bool
     """Strict: BFCL-AST semantics against the ground truth (see the module docstring)."""
     lenient: bool
-    """The seed study's rule: some ``<tool_call>`` JSON has a ``"name"`` that is one of the offered
-    tools, whatever the arguments and the ground truth."""
+    """Some ``<tool_call>`` JSON has a ``"name"`` that is exactly one of the offered tools, whatever the
+    arguments and the ground truth."""
+    seed_lenient: bool
+    """The seed study's headline rule (``seed_lenient``): a called name fuzzy-matches an offered tool."""
     calls: list[ToolCall]
     """The well-formed calls parsed from the reply."""
     reason: str
     """Why the reply is not correct (empty when it is)."""
+
+    def passes(self, metric: str) -> bool:
+        """Correct under a judging protocol's `metric`: "strict" (``correct``) or "seed_lenient"."""
+        return self.correct if metric == "strict" else self.seed_lenient
 
 
 def standardize(text: str) -> str:
@@ -241,14 +247,15 @@ def score(task: Task, text: str) -> Score:
     """Score one generated reply ``text`` against ``task``."""
     parsed = parse_tool_calls(text)
     lenient = any(name in _functions(task) for name in parsed.names)
+    fuzzy = seed_lenient(task, text)
     name_ok = Counter(c.name for c in parsed.calls) == Counter(next(iter(e)) for e in task.ground_truth)
     no_call_expected = not task.ground_truth
     if no_call_expected and parsed.n_blocks > 0 and not parsed.format_ok:
         # A broken call attempt is still a call attempt: wrong for a task that needs none.
-        return Score(False, False, False, lenient, parsed.calls, f"attempted a call: {parsed.errors[0]}")
+        return Score(False, False, False, lenient, fuzzy, parsed.calls, f"attempted a call: {parsed.errors[0]}")
     format_ok = parsed.format_ok or (no_call_expected and parsed.n_blocks == 0)
     if not format_ok:
         reason = parsed.errors[0] if parsed.errors else "no <tool_call> block"
-        return Score(False, name_ok, False, lenient, parsed.calls, reason)
+        return Score(False, name_ok, False, lenient, fuzzy, parsed.calls, reason)
     reason = _strict_reason(task, parsed.calls)
-    return Score(True, name_ok, not reason, lenient, parsed.calls, reason)
+    return Score(True, name_ok, not reason, lenient, fuzzy, parsed.calls, reason)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from dfc_ray.tooluse.bfcl import load_bfcl
 from dfc_ray.tooluse.jsonl import load_jsonl
 from dfc_ray.tooluse.task import Task
-from dfc_ray.tooluse.toolrl import load_toolrl
+from dfc_ray.tooluse.toolrl import PROMPT_FORMAT, as_toolrl, load_toolrl
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -68,3 +68,12 @@ def render_raw_prompt(tokenizer: PreTrainedTokenizerBase, task: Task) -> str:
             raise ValueError(f"task {task.id}: a {message['role']!r} message; the raw prompt format takes "
                              f"only system and user text")
     return "\n\n".join(str(m["content"]) for m in task.messages)
+
+
+def render_for(tokenizer: PreTrainedTokenizerBase, task: Task, prompt_format: str = "chat") -> str:
+    """The prompt under a judging protocol's `prompt_format` (config.JudgeProtocol): "chat" is
+    `render_prompt`; "raw" is the seed study's, the numbered tool list in the system text (`as_toolrl`,
+    unless the task already has it) and no chat template (`render_raw_prompt`)."""
+    if prompt_format == "chat":
+        return render_prompt(tokenizer, task)
+    return render_raw_prompt(tokenizer, task if task.meta.get("prompt_format") == PROMPT_FORMAT else as_toolrl(task))

@@ -1,0 +1,257 @@
+"""`dfc-ray ablate RUN`: re-judge a finished run's checkpoints under dfc-ray's protocol, the seed study's,
+and the seed study's with each of its switches turned back to ours, one at a time (docs/replication.md).
+
+Rows: "ours"; "seed" (every JudgeProtocol switch on, and dictionaries trained on the study's positions,
+text_end); then one row per weakness, in the study's order, with that one difference turned back. A
+switch's effect is seed − (seed with that switch ours): what reproducing that weakness adds to the
+study's numbers. Every row judges the same checkpoints: the run's best `max_checkpoints` DFC trials
+by its objective and, for the rows on the study's positions, twins trained with the same settings on
+a text_end harvest of the same corpus. The judges run in this process, once per distinct setting (an
+evaluation depends on positions, normalization, prompt format and metric; steering on everything).
+
+Δ A, Δ B and the steering effect pool the checkpoints per prompt (each prompt's mean over checkpoints
+of its paired difference) with a 95% bootstrap CI over prompts. The reference direction goes through
+each row's steering protocol too, so a row also says whether its instrument could see an effect at all.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import yaml
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from actors.evaluator import Evaluator
+from actors.steering import Steerer
+from dfc_ray.config import SEED_TRAINING_POSITIONS, JudgeProtocol, protocol_switches
+from dfc_ray.evaluate import Rate, paired_delta_pp
+from dfc_ray.fs import RunFolder, redact
+from dfc_ray.harvest import harvest
+from dfc_ray.spaces import SweepSpec, parse_spec
+from dfc_ray.sweep.results import read_results
+from dfc_ray.sweep.trial import trial_batches, trial_configs
+from dfc_ray.train import train
+
+ABLATION_FILE = "ablation.json"
+"""Where the ablation lands in the run folder (the report's "ours vs the study's protocol" reads it)."""
+MEASURES = ("delta_a_pp", "delta_b_pp", "steer_pp")
+"""The numbers each row reports (pp, with CIs): splice Δ A, splice Δ B, steering of the primary target."""
+
+
+@dataclass(frozen=True)
+class Row:
+    """One re-judging: a protocol and the training positions of the judged dictionaries."""
+
+    name: str
+    reverted: str
+    """The switch turned back to ours ("" for the ours and seed rows; "positions" for the training one)."""
+    protocol: JudgeProtocol
+    study_positions: bool
+    """True: judge the text_end twins; False: the run's own checkpoints."""
+
+
+def ablation_rows() -> list[Row]:
+    """ours, seed, then seed with each weakness's switch turned back, in the study's weakness order."""
+    seed = JudgeProtocol(base="seed")
+    switches = {name: meta["weakness"] for name, meta in protocol_switches().items()} | {"positions": 4}
+    rows = [Row("ours", "", JudgeProtocol(), False), Row("seed", "", seed, True)]
+    for name in sorted(switches, key=switches.__getitem__):
+        protocol = seed if name == "positions" else seed.reverted(name)
+        rows.append(Row(f"seed, {name} ours", name, protocol, name != "positions"))
+    return rows
+
+
+def pooled_delta(before: Sequence[Sequence[bool]], after: Sequence[Sequence[bool]], n_boot: int, seed: int) -> Rate:
+    """after − before in pp, per prompt averaged over checkpoints (rows of the inputs), CI over prompts."""
+    return paired_delta_pp(np.mean(np.asarray(before, float), 0), np.mean(np.asarray(after, float), 0), n_boot,
+                           seed)
+
+
+def pick_trials(spec: SweepSpec, records: list[dict[str, Any]], max_checkpoints: int,
+                trial_ids: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """The judged trials: `trial_ids`, or the best `max_checkpoints` finished DFC trials (with A-exclusive
+    features, which steering needs) by the run's first objective."""
+    done = {r["trial_id"]: r for r in records if r.get("status") == "ok" and r["metrics"].get("checkpoint")}
+    if trial_ids:
+        missing = [t for t in trial_ids if t not in done]
+        if missing:
+            raise ValueError(f"--trials {missing[0]}: not a finished trial with a checkpoint in results.jsonl")
+        return [done[t] for t in trial_ids]
+    dfc = [r for r in done.values() if spec.trial_settings(r["config"]).get("a_exclusive", 0) > 0]
+    if not dfc:
+        raise ValueError("results.jsonl holds no finished DFC trial (a_exclusive > 0) with a checkpoint; expected "
+                         "at least one to re-judge")
+    metric, sign = spec.metrics[0], -1 if spec.modes[0] == "max" else 1
+    order = sorted(range(len(dfc)), key=lambda i: (sign * float(dfc[i]["metrics"].get(metric, np.nan) or 0), i))
+    return [dfc[i] for i in order[:max_checkpoints]]
+
+
+def train_twins(spec: SweepSpec, run: RunFolder, trials: list[dict[str, Any]], progress: bool) -> dict[str, str]:
+    """Trial id → checkpoint of a twin trained with the trial's settings on the study's positions (the
+    trial's own checkpoint when it already trained on them). The text_end harvest sits beside the run's."""
+    twins = {t["trial_id"]: t["metrics"]["checkpoint"] for t in trials
+             if spec.trial_positions(spec.trial_settings(t["config"])) == SEED_TRAINING_POSITIONS}
+    todo = [t for t in trials if t["trial_id"] not in twins]
+    if not todo:
+        return twins
+    store_root = str(todo[0]["metrics"].get("harvest_store") or f"{run.uri.rsplit('/', 1)[0]}/harvests/x")
+    cfg = replace(spec.harvest, store=store_root.rsplit("/", 1)[0], positions=SEED_TRAINING_POSITIONS)
+    harvested = harvest(cfg, use_ray=False, progress=progress)
+    for trial in todo:
+        settings = spec.trial_settings(trial["config"])
+        dfc, train_cfg = trial_configs(settings, harvested.d_model)
+        batches = trial_batches(harvested.uri, settings["layer"], settings["batch_size"], "local", train_cfg.seed,
+                                harvested.d_model, harvested.models)
+        with tempfile.TemporaryDirectory(prefix="dfc-ray-twin-") as tmp:
+            result = train(dfc, train_cfg, batches, out_dir=tmp)
+            if result.status != "ok":
+                raise ValueError(f"trial {trial['trial_id']}: its text_end twin did not train ({result.reason})")
+            twins[trial["trial_id"]] = run.upload_dir(Path(tmp) / "dfc", f"ablation/twins/{trial['trial_id']}")
+    return twins
+
+
+def _rate(rate: Rate) -> dict[str, float]:
+    return asdict(rate)
+
+
+class Judges:
+    """In-process evaluator and steerer, with each distinct judging cached (rows share most of them)."""
+
+    def __init__(self, spec: SweepSpec, device: str):
+        pair = replace(spec.pair, device=device)
+        self.evaluator, self.steerer = Evaluator(pair), Steerer(pair)
+        self.eval_cfg = replace(spec.eval, n_texts=0)  # the splice loss is not what the protocols disagree on
+        self.steer_cfg = spec.steering
+        self._done: dict[str, Any] = {}
+
+    def _cached(self, key: list[Any], compute):
+        text = json.dumps(key, sort_keys=True)
+        if text not in self._done:
+            self._done[text] = compute()
+        return self._done[text]
+
+    def evaluate(self, checkpoint: str, layer: int, protocol: JudgeProtocol):
+        """The evaluation depends on the checkpoint's reading and the prompts; it scores both metrics."""
+        judged = {k: v for k, v in protocol.switches().items() if k in ("normalization", "prompt_format")}
+        return self._cached(["eval", checkpoint, layer, judged], lambda: self.evaluator.evaluate(
+            checkpoint, layer, replace(self.eval_cfg, protocol=protocol)))
+
+    def steer(self, checkpoint: str, layer: int, protocol: JudgeProtocol):
+        return self._cached(["steer", checkpoint, layer, protocol.switches()], lambda: self.steerer.steer(
+            checkpoint, layer, replace(self.steer_cfg, protocol=protocol)))
+
+
+def judge_row(row: Row, judges: Judges, checkpoints: list[tuple[str, int]], target: str, n_boot: int,
+              seed: int) -> dict[str, Any]:
+    """One row's pooled numbers over `checkpoints` ((path, layer) pairs)."""
+    started = time.perf_counter()
+    evals = [judges.evaluate(path, layer, row.protocol) for path, layer in checkpoints]
+    steers = [judges.steer(path, layer, row.protocol).targets.get(target) for path, layer in checkpoints]
+    out: dict[str, Any] = {"name": row.name, "reverted": row.reverted, "protocol": row.protocol.switches(),
+                           "training_positions": SEED_TRAINING_POSITIONS if row.study_positions else "run"}
+    passed = [e.passed[row.protocol.metric] for e in evals]
+    for model in "ab":
+        out[f"{model}_clean"] = float(np.mean([p[f"{model}_clean"] for p in passed]))
+        out[f"delta_{model}_pp"] = _rate(pooled_delta([p[f"{model}_clean"] for p in passed],
+                                                      [p[f"{model}_splice"] for p in passed], n_boot, seed))
+    steered = [s for s in steers if s is not None]
+    if steered:
+        out["steer_pp"] = _rate(pooled_delta([s.test_clean_passed for s in steered],
+                                             [s.test_steered_passed for s in steered], n_boot, seed))
+        out["steer_features"] = [s.feature for s in steered]
+        reference = steered[0].reference
+        out["reference_pp"] = _rate(reference.delta_pp) if reference is not None else None
+    out["seconds"] = time.perf_counter() - started
+    return out
+
+
+def switch_effects(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per switch, seed − (seed with it turned back) for each measure: what that weakness adds."""
+    seed = next(r for r in rows if r["name"] == "seed")
+    effects = []
+    for row in rows:
+        if row["reverted"]:
+            effects.append({"switch": row["reverted"]} | {m: seed[m]["mean"] - row[m]["mean"] for m in MEASURES
+                                                          if m in seed and m in row})
+    return effects
+
+
+def verdict(effects: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[str]:
+    """One sentence per measure: how far the seed protocol is from ours and which switch moves it most."""
+    by_name = {r["name"]: r for r in rows}
+    lines = []
+    for measure in MEASURES:
+        if measure not in by_name["seed"] or measure not in by_name["ours"]:
+            continue
+        gap = by_name["seed"][measure]["mean"] - by_name["ours"][measure]["mean"]
+        moved = [e for e in effects if measure in e]
+        top = max(moved, key=lambda e: abs(e[measure]))
+        lines.append(f"{measure}: seed protocol {by_name['seed'][measure]['mean']:+.1f} pp vs ours "
+                     f"{by_name['ours'][measure]['mean']:+.1f} pp (gap {gap:+.1f}); " +
+                     (f"the switch that moves it most is {top['switch']} ({top[measure]:+.1f} pp)"
+                      if abs(top[measure]) > 0 else "no single switch moves it"))
+    return lines
+
+
+def ablate(run_uri: str, *, max_checkpoints: int = 3, trial_ids: Sequence[str] = (), device: str = "auto",
+           progress: bool = True) -> dict[str, Any]:
+    """Re-judge the run's checkpoints under every row of `ablation_rows`; writes RUN/ablation.json."""
+    started = time.perf_counter()
+    run = RunFolder(run_uri, create=False)
+    spec_text = run.read_text("spec.yaml")
+    if spec_text is None:
+        raise FileNotFoundError(f"{redact(run.uri)}: no spec.yaml; expected a sweep's run folder")
+    spec = parse_spec(yaml.safe_load(spec_text), f"{redact(run.uri)}/spec.yaml")
+    trials = pick_trials(spec, read_results(run), max_checkpoints, trial_ids)
+    twins = train_twins(spec, run, trials, progress)
+    layers = {t["trial_id"]: int(spec.trial_settings(t["config"])["layer"]) for t in trials}
+    judges = Judges(spec, device)
+    target, boot = spec.steering.primary, (spec.eval.n_bootstrap, spec.eval.seed)
+    rows = []
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task(f"re-judging {len(trials)} checkpoints under {len(ablation_rows())} protocols",
+                            total=len(ablation_rows()))
+        for row in ablation_rows():
+            checkpoints = [(twins[t["trial_id"]] if row.study_positions else t["metrics"]["checkpoint"],
+                            layers[t["trial_id"]]) for t in trials]
+            rows.append(judge_row(row, judges, checkpoints, target, *boot))
+            bar.advance(task)
+    effects = switch_effects(rows)
+    result = {"run": redact(run.uri), "spec": spec.name, "trials": [t["trial_id"] for t in trials],
+              "twins": {k: redact(v) for k, v in twins.items()}, "steer_target": target,
+              "training_positions": {"run": sorted({spec.trial_positions(spec.trial_settings(t["config"]))
+                                                    for t in trials}), "seed": SEED_TRAINING_POSITIONS},
+              "rows": rows, "effects": effects, "verdict": verdict(effects, rows),
+              "seconds": time.perf_counter() - started}
+    run.write_text(ABLATION_FILE, json.dumps(result, indent=1))
+    return result
+
+
+def print_ablation(result: dict[str, Any], console: Console | None = None) -> None:
+    """The rows as a table (pp [95% CI]), then the verdict."""
+    console = console or Console()
+    table = Table(title=f"{result['spec']}: ours vs the seed study's protocol, {len(result['trials'])} checkpoints, "
+                        f"pp [95% CI over prompts]")
+    for col in ("protocol", "A clean %", "B clean %", "Δ A", "Δ B", f"steering {result['steer_target'].upper()}",
+                "reference"):
+        table.add_column(col, justify="left" if col == "protocol" else "right")
+
+    def cell(rate: dict[str, float] | None) -> str:
+        return "—" if rate is None else f"{rate['mean']:+.1f} [{rate['lo']:+.1f}, {rate['hi']:+.1f}]"
+
+    for row in result["rows"]:
+        table.add_row(row["name"], f"{100 * row['a_clean']:.0f}", f"{100 * row['b_clean']:.0f}",
+                      cell(row["delta_a_pp"]), cell(row["delta_b_pp"]), cell(row.get("steer_pp")),
+                      cell(row.get("reference_pp")))
+    console.print(table)
+    for line in result["verdict"]:
+        console.print(line)
+    console.print(f"{result['seconds']:.0f} s; written to {result['run']}/{ABLATION_FILE}")

@@ -2,12 +2,14 @@
 (`dfc-ray cluster validate FILE`).
 
 Ray's own autoscaler schema catches structural mistakes; on top of it we check the habits a
-dfc-ray cluster depends on: the head schedules no work, and the dashboard is never exposed.
+dfc-ray cluster depends on: the head schedules no work, and the dashboard is never exposed. For
+Ray's on-prem provider (cluster-onprem.yaml) the node types are read from the `ray start` commands.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import os
 import shlex
@@ -25,8 +27,10 @@ def _path_of(error: Any) -> str:
 def validate_cluster_file(path: str | Path) -> dict[str, Any]:
     """Validate a cluster YAML against Ray's autoscaler schema and dfc-ray's rules.
 
-    Returns the prepared config (defaults filled in). Raises ValueError with one line naming the
-    file, the field and what was expected.
+    Returns the prepared config (defaults filled in). For Ray's on-prem provider (`type: local`),
+    whose machines all run the same start commands, `available_node_types` is dfc-ray's view of it:
+    `head` and `worker`, with the resources their `ray start` commands declare (`local_node_types`).
+    Raises ValueError with one line naming the file, the field and what was expected.
     """
     import jsonschema  # deferred: jsonschema and Ray's autoscaler load only for an offline check
     from ray.autoscaler._private.util import prepare_config, validate_config  # deferred: as above
@@ -40,6 +44,9 @@ def validate_cluster_file(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    local = isinstance(raw.get("provider"), dict) and raw["provider"].get("type") == "local"
+    if local:  # before Ray's own preparation, which aborts with a message of its own
+        _check_local_provider(path, raw)
 
     logging.getLogger("ray.autoscaler").setLevel(logging.WARNING)
     try:
@@ -50,13 +57,16 @@ def validate_cluster_file(path: str | Path) -> dict[str, Any]:
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
 
+    if local:
+        config = config | {"available_node_types": local_node_types(path, config), "head_node_type": "head"}
     head_type = config["head_node_type"]
     head_cpus = config["available_node_types"][head_type].get("resources", {}).get("CPU")
     if head_cpus != 0:
-        raise ValueError(
-            f"{path}: field available_node_types.{head_type}.resources.CPU is {head_cpus!r}; "
-            "expected 0 so that no trial or actor is scheduled on the head node"
-        )
+        found = (f"head_start_ray_commands sets --num-cpus={head_cpus:g}" if head_cpus is not None else
+                 "head_start_ray_commands has no --num-cpus") if local else \
+            f"available_node_types.{head_type}.resources.CPU is {head_cpus!r}"
+        raise ValueError(f"{path}: field {found}; expected {'--num-cpus=' if local else ''}0 so that no trial or "
+                         "actor is scheduled on the head node")
     for field in ("head_start_ray_commands", "worker_start_ray_commands"):
         for command in config.get(field, []):
             _check_bind_addresses(path, field, command)
@@ -70,6 +80,141 @@ def validate_cluster_file(path: str | Path) -> dict[str, Any]:
     return config
 
 
+LOCAL_NODE_TYPE = "local.cluster.node"
+"""The one node type Ray's local provider makes for every machine (`prepare_local`); a config that
+already has it was prepared by `ray up` (the head's ~/ray_bootstrap_config.yaml)."""
+
+
+def _check_local_provider(path: Path, raw: dict[str, Any]) -> None:
+    """The on-prem provider's own fields: the machines (`head_ip`, `worker_ips`, unless a
+    `coordinator_address` hands them out), and no node types (Ray refuses them for this provider)."""
+    provider = raw["provider"]
+    for field in ("available_node_types", "head_node", "worker_nodes"):
+        if raw.get(field) and not (field == "available_node_types" and LOCAL_NODE_TYPE in raw[field]):
+            raise ValueError(f"{path}: field {field} is not taken by Ray's local (on-prem) provider; expected the "
+                             "machines' resources in head_start_ray_commands and worker_start_ray_commands "
+                             "(ray start --num-cpus, --num-gpus, --resources)")
+    if "coordinator_address" in provider:
+        return
+    head, workers = provider.get("head_ip"), provider.get("worker_ips")
+    if not isinstance(head, str) or not head.strip():
+        raise ValueError(f"{path}: field provider.head_ip is {head!r}; expected the head machine's IP address or "
+                         "host name (or a provider.coordinator_address)")
+    if not isinstance(workers, list) or not workers:
+        raise ValueError(f"{path}: field provider.worker_ips is {workers!r}; expected a list of at least one worker "
+                         "machine's IP address or host name (the head schedules no work)")
+    for i, worker in enumerate(workers):
+        problem = "not an address" if not isinstance(worker, str) or not worker.strip() else \
+            "the head_ip" if worker == head else "listed twice" if worker in workers[:i] else ""
+        if problem:
+            raise ValueError(f"{path}: field provider.worker_ips[{i}] is {worker!r} ({problem}); expected the "
+                             "address of a worker machine other than the head, each once")
+
+
+def local_node_types(path: Path, config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The head and the workers of a prepared on-prem config as node types: the resources their
+    `ray start` commands declare (a CPU or GPU count left out is Ray's to detect on each machine),
+    the workers' min/max as Ray's local provider set them, and the machines (`hosts`)."""
+    provider, workers = config["provider"], config["available_node_types"][LOCAL_NODE_TYPE]
+    return {"head": {"resources": _start_resources(path, "head_start_ray_commands", config),
+                     "min_workers": 0, "max_workers": 0, "hosts": [provider.get("head_ip", "(coordinator)")]},
+            "worker": {"resources": _start_resources(path, "worker_start_ray_commands", config),
+                       "min_workers": workers.get("min_workers", 0), "max_workers": workers.get("max_workers", 0),
+                       "hosts": list(provider.get("worker_ips", ["(coordinator)"]))}}
+
+
+DOCUMENTATION_NETWORKS = tuple(ipaddress.ip_network(net) for net in ("192.0.2.0/24", "198.51.100.0/24",
+                                                                      "203.0.113.0/24", "2001:db8::/32"))
+"""Address ranges reserved for documentation (RFC 5737, RFC 3849): no real machine has one, so an
+example file's placeholders cannot reach anybody's machine by accident."""
+
+
+def documentation_addresses(config: dict[str, Any]) -> list[str]:
+    """The on-prem machines of a config that are still documentation placeholders."""
+    provider = config["provider"]
+    found = []
+    for host in [provider.get("head_ip"), *provider.get("worker_ips", [])]:
+        try:
+            if any(ipaddress.ip_address(str(host)) in net for net in DOCUMENTATION_NETWORKS):
+                found.append(str(host))
+        except ValueError:  # a host name, or no address at all
+            continue
+    return found
+
+
+COUNT_OPTIONS = {"--num-cpus": "CPU", "--num-gpus": "GPU"}
+"""`ray start` options that set a node's CPU and GPU counts."""
+
+
+def _start_resources(path: Path, field: str, config: dict[str, Any]) -> dict[str, float]:
+    """What the `ray start` commands of `field` offer: --num-cpus, --num-gpus, --resources '{JSON}'."""
+    starts = [words for command in config.get(field, []) for words in _shell_commands(path, field, command)
+              if words[:2] == ["ray", "start"]]
+    if not starts:
+        raise ValueError(f"{path}: field {field} has no `ray start` command; expected one")
+    resources: dict[str, float] = {}
+    for words in starts:
+        for option, value in _options(words):
+            where = f"{path}: field {field}: {option}"
+            if option in COUNT_OPTIONS:
+                try:
+                    resources[COUNT_OPTIONS[option]] = float(value)
+                except ValueError:
+                    raise ValueError(f"{where} is {value!r}; expected a number (or leave it out: Ray counts "
+                                     "the machine's own)") from None
+            elif option == "--resources":
+                resources |= _custom_resources(where, value)
+    return resources
+
+
+def _custom_resources(where: str, value: str) -> dict[str, float]:
+    """`ray start --resources` JSON: custom resource name → amount."""
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where} is {value!r}, not valid JSON ({err.msg} at column {err.colno}); expected an "
+                         """object such as '{"trial_gpu": 4}'""") from None
+    if not isinstance(parsed, dict):
+        raise ValueError(f"{where} is {value!r}; expected a JSON object of resource name to amount")
+    for name, amount in parsed.items():
+        if name in ("CPU", "GPU"):
+            raise ValueError(f"{where} names {name}; expected --num-cpus/--num-gpus for it, custom resources here")
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount < 0:
+            raise ValueError(f"{where}: {name} is {amount!r}; expected a number >= 0")
+    return {name: float(amount) for name, amount in parsed.items()}
+
+
+def _shell_commands(path: Path, field: str, command: str) -> list[list[str]]:
+    """The simple commands of a shell line (split at ;, &&, ||, |), each as its words, leading
+    `VAR=value` assignments dropped."""
+    lexer = shlex.shlex(command, posix=True, punctuation_chars=";&|")
+    lexer.whitespace_split = True
+    try:
+        tokens = list(lexer)
+    except ValueError as err:
+        raise ValueError(f"{path}: field {field}: {command!r} is not a shell command ({err}); expected one "
+                         "that a shell can run") from None
+    commands: list[list[str]] = [[]]
+    for token in tokens:
+        if set(token) <= set(";&|"):
+            commands.append([])
+        elif commands[-1] or "=" not in token or token.startswith("-"):
+            commands[-1].append(token)
+    return [words for words in commands if words]
+
+
+def _options(words: list[str]) -> list[tuple[str, str]]:
+    """(--option, value) of a command's words, for `--option=value` and `--option value`."""
+    out = []
+    for i, word in enumerate(words):
+        if word.startswith("--"):
+            option, equals, value = word.partition("=")
+            if not equals and i + 1 < len(words) and not words[i + 1].startswith("--"):
+                value = words[i + 1]
+            out.append((option, value))
+    return out
+
+
 BIND_OPTIONS = ("--dashboard-host",)
 """`ray start` options that name an address to listen on: only a loopback address is accepted (the
 dashboard is reached through `ray dashboard FILE`, an SSH tunnel)."""
@@ -78,21 +223,19 @@ dashboard is reached through `ray dashboard FILE`, an SSH tunnel)."""
 def _check_bind_addresses(path: Path, field: str, command: str) -> None:
     """Refuse a bind address that is not loopback, parsed as an IP (0.0.0.0, ::, ::0, a public IP),
     and Ray's debugger opened to the network."""
-    words = shlex.split(command.replace(";", " "))
-    for i, word in enumerate(words):
-        option, _, value = word.partition("=")
-        if option in BIND_OPTIONS:
-            value = value or (words[i + 1] if i + 1 < len(words) else "")
-            try:
-                loopback = value == "localhost" or ipaddress.ip_address(value.strip("[]")).is_loopback
-            except ValueError:
-                loopback = False
-            if not loopback:
-                raise ValueError(f"{path}: field {field} binds {option} to {value!r}; expected a loopback address "
-                                 "(127.0.0.1 or ::1) and `ray dashboard FILE` to reach it")
-        if option == "--ray-debugger-external":
-            raise ValueError(f"{path}: field {field} opens Ray's debugger to the network (--ray-debugger-external); "
-                             "expected it left off")
+    for words in _shell_commands(path, field, command):
+        for option, value in _options(words):
+            if option in BIND_OPTIONS:
+                try:
+                    loopback = value == "localhost" or ipaddress.ip_address(value.strip("[]")).is_loopback
+                except ValueError:
+                    loopback = False
+                if not loopback:
+                    raise ValueError(f"{path}: field {field} binds {option} to {value!r}; expected a loopback "
+                                     "address (127.0.0.1 or ::1) and `ray dashboard FILE` to reach it")
+            if option == "--ray-debugger-external":
+                raise ValueError(f"{path}: field {field} opens Ray's debugger to the network "
+                                 "(--ray-debugger-external); expected it left off")
 
 
 LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"

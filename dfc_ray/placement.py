@@ -62,15 +62,14 @@ def unplaceable(requests: dict[ActorKind, dict[str, float]], offers: dict[str, d
                 declared_only: bool) -> list[str]:
     """One line per actor kind that no node (type) in `offers` can hold. With `declared_only`, a CPU or
     GPU count a node type leaves out counts as unknown (a cloud instance type sets it), not as 0."""
+    def holds(offer: dict[str, float], name: str, amount: float) -> bool:
+        return offer.get(name, 0) >= amount - 1e-9 or (declared_only and name in ("CPU", "GPU") and name not in offer)
+
     problems = []
     for kind, wants in requests.items():
-        def fits(offer: dict[str, float]) -> bool:
-            return all(offer.get(name, 0) >= amount - 1e-9 or (declared_only and name in ("CPU", "GPU")
-                                                              and name not in offer)
-                       for name, amount in wants.items())
-        if not any(fits(offer) for offer in offers.values()):
+        if not any(all(holds(offer, name, amount) for name, amount in wants.items()) for offer in offers.values()):
             missing = [f"{name}={amount:g}" for name, amount in wants.items()
-                       if not any(offer.get(name, 0) >= amount - 1e-9 for offer in offers.values())] or \
+                       if not any(holds(offer, name, amount) for offer in offers.values())] or \
                       [f"{name}={amount:g}" for name, amount in wants.items()]
             problems.append(f"{kind} actors request {', '.join(missing)} and no node offers it "
                             f"(nodes: {', '.join(f'{n} {_fmt(o)}' for n, o in offers.items()) or 'none'})")

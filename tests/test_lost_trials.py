@@ -70,6 +70,35 @@ def test_a_trial_that_failed_on_its_own_is_not_retried(errors, kind):
     assert not lost_to_infrastructure({"status": "failed", "error_type": error.type, "error": error.message})
 
 
+S3_AWAY = "AWS Error NETWORK_CONNECTION during GetObject operation: curlCode: 28, Timeout was reached; Details: " \
+    "Operation too slow. Less than 1 bytes/sec transferred the last 5 seconds"
+"""What a trial reading a shard raised while the S3 server was frozen (benchmarks/s3_outage_multinode.py)."""
+
+
+def botocore_error(name: str) -> Exception:
+    import botocore.exceptions  # deferred: only these cases need botocore
+
+    return getattr(botocore.exceptions, name)(endpoint_url="http://127.0.0.1:9/bucket/key")
+
+
+@pytest.mark.parametrize("error, lost", [
+    (OSError(S3_AWAY), True),
+    (OSError("AWS Error NETWORK_CONNECTION during PutObject operation: curlCode: 7, Couldn't connect to server"), True),
+    (botocore_error("ReadTimeoutError"), True),
+    (botocore_error("ConnectTimeoutError"), True),
+    (botocore_error("EndpointConnectionError"), True),
+    (OSError("AWS Error ACCESS_DENIED during PutObject operation: Access Denied"), False),  # an answer, a refusal
+    (FileNotFoundError("s3://bucket/runs/x/checkpoints/t1/model.safetensors"), False),
+])
+def test_a_trial_that_found_s3_away_is_owed_again_and_one_that_s3_refused_is_not(error, lost):
+    """S3 that timed out or was unreachable is an outage: the trial is run again (by the driver's next
+    round or a `--resume`); an S3 answer that refuses is the trial's own failure."""
+    found = parse_traceback(tune_error_file(raised_in_trial(error)))
+    assert found.type == type(error).__name__
+    record = {"status": "failed", "error_type": found.type, "error": f"{found.type}: {found.message} (traceback: …)"}
+    assert lost_to_infrastructure(record) is lost
+
+
 def test_only_failed_records_count_and_old_records_are_read_from_their_error_text():
     assert not lost_to_infrastructure({"status": "ok", "error_type": "ActorDiedError"})
     assert not lost_to_infrastructure({"status": "diverged", "error": "loss diverged at step 12"})

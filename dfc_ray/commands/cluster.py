@@ -7,28 +7,37 @@ import argparse
 from rich.console import Console
 from rich.table import Table
 
-from dfc_ray.cluster import validate_cluster_file
+from dfc_ray.cluster import documentation_addresses, validate_cluster_file
 from dfc_ray.placement import actor_requests, node_type_offers, unplaceable
 from dfc_ray.spaces import load_spec
 
 
 def _validate_command(args: argparse.Namespace) -> int:
     config = validate_cluster_file(args.file)
-    table = Table(title=f"{args.file}: valid ({config['provider']['type']}, {config['provider'].get('region', '')})")
+    provider = config["provider"]
+    where = provider.get("region") or provider.get("head_ip") or provider.get("coordinator_address", "")
+    table = Table(title=f"{args.file}: valid ({provider['type']}, {where})")
     for column in ("node type", "instance", "min", "max", "resources", "market"):
         table.add_column(column)
     for name, node_type in config["available_node_types"].items():
         node_config = node_type.get("node_config", {})
-        market = node_config.get("InstanceMarketOptions", {}).get("MarketType", "on-demand")
+        if "hosts" in node_type:  # on-prem: the machines themselves
+            instance, market = ", ".join(node_type["hosts"]), "on-prem"
+        else:
+            instance = str(node_config.get("InstanceType", node_config.get("machineType", "?")))
+            market = node_config.get("InstanceMarketOptions", {}).get("MarketType", "on-demand")
         table.add_row(
             name + (" (head)" if name == config["head_node_type"] else ""),
-            str(node_config.get("InstanceType", node_config.get("machineType", "?"))),
+            instance,
             str(node_type.get("min_workers", 0)),
             str(node_type.get("max_workers", 0)),
             str(node_type.get("resources", {})),
             market,
         )
     Console().print(table)
+    if placeholders := documentation_addresses(config):
+        Console().print(f"note: {', '.join(placeholders)} are placeholders (192.0.2.0/24 is reserved for "
+                        "documentation): put your machines' addresses in provider.head_ip and worker_ips")
     if args.spec:
         _check_spec_placement(args.file, config, args.spec)
     return 0

@@ -34,7 +34,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -487,7 +487,8 @@ def section_classes() -> dict[str, list[tuple[type, frozenset[str]]]]:
         "crosscoder": [(DFCConfig, frozenset({"d_model"}))],
         "train": [(TrainConfig, frozenset()), (TrainExtra, frozenset())],
         "eval": [(EvalConfig, frozenset())],
-        "steering": [(SteerConfig, frozenset())],
+        "eval.protocol": [(JudgeProtocol, frozenset())],
+        "steering": [(SteerConfig, frozenset({"protocol"}))],  # set once, in eval.protocol
         "resources": [(Resources, frozenset())],
         "scheduler.asha": [(Asha, frozenset())],
     }
@@ -503,6 +504,10 @@ def field_reference() -> str:
             for f in fields(cls):
                 if f.name not in left_out:
                     default = f"`{known[f.name]!r}`" if f.name in known else "required"
+                    if is_dataclass(known.get(f.name)):  # a nested config: its own section lists the fields
+                        default = f"`{section}.{f.name}` below"
+                    elif "ours" in f.metadata:  # a protocol switch (config.switch)
+                        default = f"from `base`: ours `{f.metadata['ours']!r}`, seed `{f.metadata['seed']!r}`"
                     out.append(f"| `{f.name}` | {default} | {docs[f.name].replace('|', '/')} |")
         out.append("")
     return "\n".join(out)

@@ -13,7 +13,7 @@ import pytest
 from rich.console import Console
 
 from dfc_ray import cli
-from dfc_ray.report import LiveView, build_report, load_results, write_report
+from dfc_ray.report import LiveView, build_report, load_results, print_report, to_markdown, write_report
 
 GRID = {"dict_size": [64, 128], "k": [4, 8, 16], "layer": [1, 3]}
 FAILED_INDEX = 5
@@ -21,6 +21,8 @@ FAILED_ID = f"trial_{FAILED_INDEX:04d}"
 ERROR = "RuntimeError: CUDA OOM | [bold]not markup[/bold]"
 PLOTS = {"delta_by_dict_size.png", "delta_by_k.png", "delta_by_layer.png", "alpha_curves.png",
          "steer_by_layer.png", "fvu_vs_delta.png"}
+ABLATION_SAMPLE = Path(__file__).parent / "data" / "ablation.json"
+"""A real `dfc-ray ablate` result: 2 checkpoints of an organism48 run."""
 
 
 def synthetic_rows() -> list[dict]:
@@ -271,6 +273,104 @@ def test_resumed_trial_keeps_last_line(tmp_path):
 
 
 
+def ablation_sample() -> dict:
+    """The sample with a non-zero seed row (the real one is all zeros: the study's prompt format scores 0% on
+    the organism) and one row that did not steer."""
+    data = json.loads(ABLATION_SAMPLE.read_text())
+    rows = {row["name"]: row for row in data["rows"]}
+    rows["seed"]["delta_a_pp"] = {"mean": 12.5, "lo": 3.0, "hi": 21.0, "n": 100}
+    del rows["seed, steer_b_via ours"]["steer_pp"]
+    rows["seed, steer_b_via ours"]["reference_pp"] = None
+    return data
+
+
+def test_ours_vs_the_study_protocol(run):
+    """ablation.json in the run folder: its rows with CIs, each switch's effect with its weakness number, the
+    verdict and the seed row next to the published numbers, right after the headline; and its plot."""
+    from matplotlib.image import imread
+
+    sample = ablation_sample()
+    (run / "ablation.json").write_text(json.dumps(sample))
+    report = write_report(run)
+    got = report["protocol_ablation"]
+    assert [r["name"] for r in got["rows"]] == [r["name"] for r in sample["rows"]]
+    for row, want in zip(got["rows"], sample["rows"]):
+        for measure in ("delta_a_pp", "delta_b_pp", "steer_pp", "reference_pp"):
+            rate = want.get(measure)
+            assert row[measure] == (None if rate is None else {"pp": rate["mean"], "lo": rate["lo"], "hi": rate["hi"]})
+    assert {e["switch"]: e["weakness"] for e in got["effects"]} == {
+        "normalization": 1, "prompt_format": 2, "metric": 3, "positions": 4, "steering_selection": 5, "steer_b_via": 6}
+    assert got["published"]["delta_a_pp"] == {"seed_protocol": 12.5, "published": 31.1,
+                                             "difference_pp": pytest.approx(12.5 - 31.1)}
+    assert "twins" not in got and "protocol" not in got["rows"][0]  # only what the report shows
+
+    md = (run / "report.md").read_text()
+    assert md.index("## Headline") < md.index("## Ours vs the study's protocol\n") < md.index("## By dict_size")
+    rows = md.split("## Ours vs the study's protocol\n")[1].split("\n## ")[0]
+    assert ("| seed, prompt_format ours | text_end | 87.0% | 4.0% | -87.0 [-93.0, -80.0] | -4.0 [-9.0, -1.0] | "
+            "+0.0 [+0.0, +0.0] | +83.0 [+76.0, +90.0] |") in rows
+    assert "| ours | all_tokens | 80.0% | 17.0% | +0.0 [+0.0, +0.0] |" in rows
+    assert "| seed | text_end | 0.0% | 0.0% | +12.5 [+3.0, +21.0] |" in rows
+    assert "| seed, steer_b_via ours | text_end | 0.0% | 0.0% | +0.0 [+0.0, +0.0] | +0.0 [+0.0, +0.0] | — | — |" in rows
+    assert "Δ A +12.5 vs +31.1, Δ B +0.0 vs +6.8, steering B +0.0 vs +65.0" in rows
+    effects = md.split("## Ours vs the study's protocol: what each switch adds")[1].split("\n## ")[0]
+    assert "| prompt_format | 2 | +87.0 | +4.0 | +0.0 |" in effects and "| positions | 4 | +0.0 |" in effects
+    assert all(f"- {line}" in effects for line in sample["verdict"])
+
+    assert "plots/protocol_ablation.png" in report["plots"] and "(plots/protocol_ablation.png)" in md
+    assert imread(run / "plots/protocol_ablation.png").std() > 0.01
+    assert to_markdown(json.loads((run / "report.json").read_text())) == md  # report.json alone re-renders it
+
+    console = Console(file=io.StringIO(), width=250)
+    print_report(report, console)
+    out = console.file.getvalue()
+    assert "Ours vs the study's protocol" in out and "what each switch adds" in out
+    assert "-87.0 [-93.0, -80.0]" in out and sample["verdict"][0] in out and "+12.5 vs +31.1" in out
+
+
+def test_report_reads_what_ablate_writes():
+    # deferred: the ablation module imports the judges (Ray, torch), which no other test here needs
+    from dfc_ray.report.build import ABLATION, ABLATION_MEASURES
+    from dfc_ray.sweep import ablate
+
+    assert ABLATION == ablate.ABLATION_FILE and list(ABLATION_MEASURES) == list(ablate.MEASURES)
+    sample = json.loads(ABLATION_SAMPLE.read_text())
+    assert [row.name for row in ablate.ablation_rows()] == [row["name"] for row in sample["rows"]]
+
+
+def test_no_ablation_no_section(report, run):
+    assert "protocol_ablation" not in report and "plots/protocol_ablation.png" not in report["plots"]
+    assert "Ours vs the study's protocol" not in (run / "report.md").read_text()
+
+
+def damage(data: dict, where: str) -> str:
+    """ablation.json with one part broken."""
+    if where == "rows":
+        del data["rows"]
+    elif where == "lo":
+        data["rows"][3]["delta_a_pp"]["lo"] = "x"
+    elif where == "seed":
+        data["rows"] = [row for row in data["rows"] if row["name"] != "seed"]
+    elif where == "effect":
+        data["effects"][1] = ["prompt_format"]
+    return json.dumps(data)
+
+
+@pytest.mark.parametrize("where, message", [
+    ("json", "not valid JSON"),
+    ("rows", "field 'rows' is 'None'; expected a list"),
+    ("lo", "rows[3]: delta_a_pp: field 'lo' is 'x'; expected a number"),
+    ("seed", "no 'seed' row"),
+    ("effect", "effects[1]: expected a JSON object, got list"),
+])
+def test_damaged_ablation_is_one_line(run, where, message):
+    text = '{"rows": [' if where == "json" else damage(json.loads(ABLATION_SAMPLE.read_text()), where)
+    (run / "ablation.json").write_text(text)
+    with pytest.raises(ValueError) as err:
+        write_report(run)
+    assert str(err.value).startswith(f"{run}/ablation.json: {message}") and "\n" not in str(err.value)
+
+
 @pytest.fixture
 def report_cli(monkeypatch):
     monkeypatch.setattr(cli, "COMMAND_MODULES", ["dfc_ray.commands.report"])  # only this stage: a faster import
@@ -295,6 +395,11 @@ def test_cli_error_is_one_line(tmp_path, report_cli, capsys):
     assert report_cli(["report", str(run)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "results.jsonl: line 1: not valid JSON" in err
+    write_results(run, synthetic_rows())
+    (run / "ablation.json").write_text("[]")
+    assert report_cli(["report", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "ablation.json: expected a JSON object, got list" in err
 
 
 def test_s3_run(s3_bucket, s3_server, tmp_path, report_cli, capsys):
@@ -303,13 +408,16 @@ def test_s3_run(s3_bucket, s3_server, tmp_path, report_cli, capsys):
     bucket = s3_bucket.removeprefix("s3://")
     body = "\n".join(json.dumps(r) for r in synthetic_rows()).encode()
     boto3.client("s3").put_object(Bucket=bucket, Key="runs/r1/results.jsonl", Body=body)
+    boto3.client("s3").put_object(Bucket=bucket, Key="runs/r1/ablation.json", Body=ABLATION_SAMPLE.read_bytes())
     uri = f"{s3_bucket}/runs/r1"
     assert [r.trial_id for r in load_results(uri)] == [r["trial_id"] for r in synthetic_rows()]
 
     assert report_cli(["report", uri]) == 0  # print only: no local files without --out
+    assert "Ours vs the study's protocol" in capsys.readouterr().out  # the run's ablation.json, read from S3
     assert report_cli(["report", uri, "--out", str(tmp_path / "out")]) == 0
     captured = capsys.readouterr()
     assert json.loads((tmp_path / "out/report.json").read_text())["n_failed"] == 1
+    assert (tmp_path / "out/plots/protocol_ablation.png").exists()
     assert (tmp_path / "out/report.md").exists() and (tmp_path / "out/plots/fvu_vs_delta.png").exists()
     secret = s3_server.env["AWS_SECRET_ACCESS_KEY"]
     assert secret not in captured.out + captured.err and secret not in (tmp_path / "out/report.md").read_text()

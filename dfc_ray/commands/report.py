@@ -6,7 +6,7 @@ import argparse
 
 from rich.console import Console
 
-from dfc_ray.report import build_report, load_results, print_report, stored_run_info, write_report
+from dfc_ray.report import print_report, run_report, write_report
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
@@ -22,7 +22,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 def _run_cli(args: argparse.Namespace) -> int:
     console = Console()
     if args.out is None and args.run.startswith("s3://"):
-        report = build_report(load_results(args.run), stored_run_info(args.run))
+        report = run_report(args.run)
     else:
         report = write_report(args.run, out_dir=args.out)
     print_report(report, console)

@@ -10,13 +10,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dfc_ray.config import protocol_switches
 from dfc_ray.fs import open_fs, redact
 from dfc_ray.metrics import HEADLINE, number, shown_in
 
 RESULTS = "results.jsonl"
 # The seed study's PUBLISHED numbers, the only hard-coded figures here: Qwen2.5-3B vs its GRPO
 # tool-use fine-tune, layer 13, 48 crosscoder variants, 40 prompts, lenient scoring.
-SEED_STUDY = {
+SEED_STUDY: dict[str, Any] = {
     "source": "published numbers; Qwen2.5-3B vs a GRPO tool-use fine-tune, layer 13, "
               "48 variants, n = 40 prompts, lenient name-in-tool-list scoring",
     "a_correct": 0.19,
@@ -26,6 +27,13 @@ SEED_STUDY = {
     "steer_best_pp": {"mean": 65.0, "std": None, "n": 1},
 }
 BEST_FEATURES = 10
+ABLATION = "ablation.json"
+"""What `dfc-ray ablate` writes into a run folder (dfc_ray/sweep/ablate.py's ABLATION_FILE); the report's
+"ours vs the study's protocol" reads it."""
+ABLATION_MEASURES = {"delta_a_pp": "Δ A", "delta_b_pp": "Δ B", "steer_pp": "steering"}
+"""The ablation's measures (pp, with CIs) → their label (steering: of the run's steering target)."""
+ABLATION_PUBLISHED = {"delta_a_pp": "delta_a_pp", "delta_b_pp": "delta_b_pp", "steer_pp": "steer_best_pp"}
+"""The ablation's measures → the SEED_STUDY number each one is read against."""
 
 
 @dataclass
@@ -62,6 +70,20 @@ def read_text(run_dir: str | Path, file: str) -> tuple[str | None, str]:
         return None, name
 
 
+NUMBER = (int, float)
+
+
+def _field(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str, optional: bool = False) -> Any:
+    """`obj[key]` when it is a `kind` (None for a missing or null optional one), else one line naming it."""
+    value = obj.get(key)
+    if value is None and optional:
+        return None
+    if not isinstance(value, kind) or isinstance(value, bool):
+        expected = "a number" if isinstance(kind, tuple) else f"a {kind.__name__}"
+        raise ValueError(f"{where}field {key!r} is {str(value)[:40]!r}; expected {expected}")
+    return value
+
+
 def _parse_line(line: str, where: str) -> TrialResult:
     try:
         row = json.loads(line)
@@ -71,8 +93,7 @@ def _parse_line(line: str, where: str) -> TrialResult:
         raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
     row.setdefault("metrics", {})
     for name, kind in (("trial_id", str), ("config", dict), ("metrics", dict), ("status", str)):
-        if not isinstance(row.get(name), kind):
-            raise ValueError(f"{where}: field {name!r} is {str(row.get(name))[:40]!r}; expected a {kind.__name__}")
+        _field(row, name, kind, f"{where}: ")
     return TrialResult(row["trial_id"], row["config"], row["metrics"], row["status"], row.get("error"))
 
 
@@ -98,6 +119,80 @@ def stored_run_info(run_dir: str | Path) -> dict[str, Any]:
         return json.loads(text)["run"]
     except (json.JSONDecodeError, KeyError, TypeError):
         return {"run_dir": name.removesuffix("/report.json")}
+
+
+def _interval(row: dict[str, Any], key: str, where: str, optional: bool = False) -> dict[str, Any] | None:
+    """An ablation measure `{mean, lo, hi, n}` as the report's effects are kept: `{pp, lo, hi}`."""
+    rate = _field(row, key, dict, where, optional)
+    if rate is None:
+        return None
+    mean, lo, hi = (_field(rate, name, NUMBER, f"{where}{key}: ") for name in ("mean", "lo", "hi"))
+    return {"pp": mean, "lo": lo, "hi": hi}
+
+
+def _ablation_row(row: Any, where: str) -> dict[str, Any]:
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}expected a JSON object, got {type(row).__name__}")
+    return {"name": _field(row, "name", str, where), "reverted": _field(row, "reverted", str, where),
+            "training_positions": _field(row, "training_positions", str, where),
+            "n_prompts": _field(_field(row, "delta_a_pp", dict, where), "n", int, f"{where}delta_a_pp: "),
+            **{key: _field(row, key, NUMBER, where) for key in ("a_clean", "b_clean")},
+            **{key: _interval(row, key, where, optional=key != "delta_a_pp")
+               for key in (*ABLATION_MEASURES, "reference_pp")}}
+
+
+def _protocol_ablation(data: Any) -> dict[str, Any]:
+    """The parts of ablation.json the report shows, each switch's effect with its weakness number and
+    the seed row next to the published numbers; a field that is not as `dfc-ray ablate` writes it
+    raises one line naming it."""
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+    rows = [_ablation_row(row, f"rows[{i}]: ") for i, row in enumerate(_field(data, "rows", list, ""))]
+    by_name = {row["name"]: row for row in rows}
+    if missing := [name for name in ("ours", "seed") if name not in by_name]:
+        raise ValueError(f"no {missing[0]!r} row; expected the rows 'ours', 'seed' and one per switch")
+    weakness = {name: meta["weakness"] for name, meta in protocol_switches().items()}
+    weakness["positions"] = 4  # the training positions: a harvest setting, not a switch (SEED_TRAINING_POSITIONS)
+    effects = []
+    for i, effect in enumerate(_field(data, "effects", list, "")):
+        where = f"effects[{i}]: "
+        if not isinstance(effect, dict):
+            raise ValueError(f"{where}expected a JSON object, got {type(effect).__name__}")
+        switch = _field(effect, "switch", str, where)
+        effects.append({"switch": switch, "weakness": weakness.get(switch),
+                        **{m: _field(effect, m, NUMBER, where, optional=True) for m in ABLATION_MEASURES}})
+    verdict = _field(data, "verdict", list, "")
+    if not all(isinstance(line, str) for line in verdict):
+        raise ValueError("field 'verdict' holds a non-text line; expected a list of sentences")
+    positions = _field(data, "training_positions", dict, "")
+    seed = by_name["seed"]
+    published = {m: {"seed_protocol": seed[m]["pp"], "published": SEED_STUDY[key]["mean"],
+                     "difference_pp": seed[m]["pp"] - SEED_STUDY[key]["mean"]}
+                 for m, key in ABLATION_PUBLISHED.items() if seed[m] is not None}
+    return {"spec": _field(data, "spec", str, ""), "trials": [str(t) for t in _field(data, "trials", list, "")],
+            "steer_target": _field(data, "steer_target", str, ""),
+            "training_positions": {"run": [str(p) for p in _field(positions, "run", list, "training_positions: ")],
+                                   "seed": _field(positions, "seed", str, "training_positions: ")},
+            "rows": rows, "effects": effects, "verdict": verdict, "published": published,
+            "seconds": _field(data, "seconds", NUMBER, "", optional=True)}
+
+
+def ablation_label(measure: str, target: str) -> str:
+    """"Δ A", "Δ B", or "steering B" for a run that steers B."""
+    return ABLATION_MEASURES[measure] + (f" {target.upper()}" if measure == "steer_pp" else "")
+
+
+def load_ablation(run_dir: str | Path) -> dict[str, Any] | None:
+    """The report's part of `<run_dir>/ablation.json` (`dfc-ray ablate`), None when the run has none."""
+    text, name = read_text(run_dir, ABLATION)
+    if text is None:
+        return None
+    try:
+        return _protocol_ablation(json.loads(text))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{name}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    except ValueError as err:
+        raise ValueError(f"{name}: {err}") from None
 
 
 # ---------------------------------------------------------------- the report dict
@@ -238,8 +333,10 @@ def _headline(ok: Sequence[TrialResult]) -> tuple[dict[str, Any], dict[str, Any]
     return headline, baseline, comparison
 
 
-def build_report(results: Sequence[TrialResult], run_info: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The report.json content. Every statistic is over successful trials (status "ok")."""
+def build_report(results: Sequence[TrialResult], run_info: dict[str, Any] | None = None,
+                 protocol_ablation: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The report.json content. Every statistic is over successful trials (status "ok");
+    `protocol_ablation` is `load_ablation`'s part of the run's ablation.json."""
     ok = [t for t in results if t.ok]
     headline, baseline, comparison = _headline(ok)
     return _json_safe({
@@ -259,4 +356,13 @@ def build_report(results: Sequence[TrialResult], run_info: dict[str, Any] | None
         "min_set": _min_sets(ok),
         "seconds_per_trial": {m.name: summarize(t.metrics.get(m.name) for t in ok) for m in shown_in("time")},
         **({"steering_reference": rows} if (rows := _steering_reference(ok)) else {}),  # runs with a reference
+        **({"protocol_ablation": protocol_ablation} if protocol_ablation else {}),  # runs `dfc-ray ablate` judged
     })
+
+
+def run_report(run_dir: str | Path, results: Sequence[TrialResult] | None = None,
+               run_info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The report of a run folder: `results` (default: its results.jsonl), `run_info` (default: its
+    earlier report.json's) and its ablation.json when `dfc-ray ablate` has written one."""
+    results = load_results(run_dir) if results is None else results
+    return build_report(results, stored_run_info(run_dir) if run_info is None else run_info, load_ablation(run_dir))

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from dfc_ray.metrics import CONTROLS, fmt, number
-from dfc_ray.report.build import summarize, value_key
+from dfc_ray.report.build import ABLATION_MEASURES, ablation_label, summarize, value_key
 
 
 def _figure(ncols: int, title: str):
@@ -124,6 +124,43 @@ def _fvu_vs_delta(ok: list[dict]):
     return fig
 
 
+def _protocol_ablation(ablation: dict[str, Any]):
+    """Per measure, every ablation row's effect as a bar with its 95% CI; the ours and seed rows in colour,
+    the seed study's published number as a diamond on the seed row."""
+    rows = ablation["rows"]
+    fig, axes = _figure(len(ABLATION_MEASURES), "Ours vs the seed study's protocol (pp, 95% CI over prompts)")
+    highlight = {"ours": "tab:blue", "seed": "tab:red"}
+    y = np.arange(len(rows))[::-1]  # the first row on top
+    for i, (ax, measure) in enumerate(zip(axes, ABLATION_MEASURES)):
+        for yi, row in zip(y, rows):
+            color = highlight.get(row["name"], "tab:gray")
+            if row["name"] in highlight:  # a band too: a zero effect draws no bar
+                ax.axhspan(yi - 0.45, yi + 0.45, color=color, alpha=0.1, lw=0)
+            effect = row[measure] or {}
+            pp, lo, hi = (number(effect.get(k)) for k in ("pp", "lo", "hi"))
+            if pp is None:
+                continue
+            xerr = None if lo is None or hi is None else [[max(pp - lo, 0.0)], [max(hi - pp, 0.0)]]
+            ax.barh(yi, pp, xerr=xerr, capsize=3, height=0.6, color=color,
+                    alpha=0.9 if row["name"] in highlight else 0.5)
+            ax.plot([pp], [yi], marker="|", ms=12, color=color)
+        if (published := ablation["published"].get(measure)) is not None:
+            seed_y = next(yi for yi, row in zip(y, rows) if row["name"] == "seed")
+            ax.scatter([published["published"]], [seed_y], marker="D", s=50, color="black", zorder=4,
+                       label=f"seed study, published ({published['published']:+.1f})")
+            ax.legend(fontsize=8)
+        left, right = ax.get_xlim()
+        margin = 0.05 * (right - left)  # 0 stays inside the frame when every effect has one sign
+        ax.set_xlim(min(left, -margin), max(right, margin))
+        ax.axvline(0, color="grey", lw=0.8, ls="--")
+        ax.set_yticks(y, [row["name"] for row in rows] if i == 0 else [])
+        ax.set(xlabel=f"{ablation_label(measure, ablation['steer_target'])} (pp)")
+    for tick in axes[0].get_yticklabels():
+        if tick.get_text() in highlight:
+            tick.set_fontweight("bold")
+    return fig
+
+
 def write_plots(report: dict[str, Any], out_dir: str | Path) -> list[str]:
     """plots/*.png for a report; returns their paths relative to the report folder."""
     out_dir = Path(out_dir)
@@ -150,4 +187,6 @@ def write_plots(report: dict[str, Any], out_dir: str | Path) -> list[str]:
     if layers and any(number(t["metrics"].get("steer_delta_pp")) is not None for t in ok):  # one layer too
         save(_steer_by_layer(layers, ok), "steer_by_layer.png")
     save(_fvu_vs_delta(ok), "fvu_vs_delta.png")
+    if report.get("protocol_ablation"):  # runs `dfc-ray ablate` judged
+        save(_protocol_ablation(report["protocol_ablation"]), "protocol_ablation.png")
     return written

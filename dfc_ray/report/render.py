@@ -7,7 +7,7 @@ Labels, formats and which metric shows where come from dfc_ray/metrics.py.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,8 @@ from rich.table import Table
 from rich.text import Text
 
 from dfc_ray.metrics import CELLS, HEADLINE, PP, REGISTRY, fmt, number, show, shown_in
-from dfc_ray.report.build import descending
+from dfc_ray.report.build import ABLATION_MEASURES, descending
+from dfc_ray.report.build import ablation_label as label_of
 
 
 @dataclass
@@ -32,6 +33,8 @@ class Section:
     """Formatted cells."""
     note: str = ""
     """One line printed under the heading."""
+    remarks: list[str] = field(default_factory=list)
+    """Sentences printed under the table (verdicts, comparisons)."""
 
 
 def fmt_stat(name: str, stat: dict[str, Any] | None) -> str:
@@ -152,6 +155,38 @@ def _steering_reference_section(report: dict[str, Any]) -> Section | None:
                    "cos and share are mean ± std over trials.")
 
 
+def _protocol_ablation_sections(report: dict[str, Any]) -> list[Section]:
+    """`dfc-ray ablate`'s rows (ours, seed, seed with one switch turned back), each switch's effect with its
+    weakness number, the verdict, and the seed row next to the published numbers."""
+    ablation = report.get("protocol_ablation")
+    if not ablation:
+        return []
+    target, positions = ablation["steer_target"], ablation["training_positions"]
+    rows = [[r["name"], ", ".join(positions["run"]) if r["training_positions"] == "run" else r["training_positions"],
+             fmt("a_clean", r["a_clean"]), fmt("b_clean", r["b_clean"]),
+             *(_ci_text(r[m] or {}) for m in (*ABLATION_MEASURES, "reference_pp"))] for r in ablation["rows"]]
+    n_prompts = sorted({r["n_prompts"] for r in ablation["rows"]})
+    published = ablation["published"]
+    versus = ", ".join(f"{label_of(m, target)} {show(p['seed_protocol'], PP)} vs {show(p['published'], PP)}"
+                       + (" (its best cell, steering A)" if m == "steer_pp" else "") for m, p in published.items())
+    effects = [[e["switch"], show(e["weakness"]), *(show(e.get(m), PP) for m in ABLATION_MEASURES)]
+               for e in ablation["effects"]]
+    return [
+        Section("Ours vs the study's protocol",
+                ["protocol", "trained on (positions)", REGISTRY["a_clean"].label, REGISTRY["b_clean"].label,
+                 *(f"{label_of(m, target)} [95% CI]" for m in ABLATION_MEASURES), "reference [95% CI]"], rows,
+                f"`dfc-ray ablate`: {len(ablation['trials'])} checkpoints of {ablation['spec']} re-judged under our "
+                f"protocol, the seed study's, and the study's with one switch turned back to ours per row. pp, "
+                f"each prompt's paired difference averaged over checkpoints, 95% bootstrap CI over "
+                f"{'/'.join(map(str, n_prompts))} prompts; clean rates and Δs count each row's own metric. The "
+                f"reference direction steered under the row's protocol says whether it could see an effect at all.",
+                [f"Seed protocol on this run vs the seed study's published numbers (pp): {versus}."] if versus else []),
+        Section("Ours vs the study's protocol: what each switch adds",
+                ["switch", "weakness", *(f"{label_of(m, target)} (pp)" for m in ABLATION_MEASURES)], effects,
+                "seed − (seed with that switch ours): what reproducing the weakness adds to the study's numbers "
+                "(weaknesses as numbered in docs/ARCHITECTURE.md).", list(ablation["verdict"]))]
+
+
 def _time_section(report: dict[str, Any]) -> Section | None:
     """Where the wall-clock time went: the run's stages and the per-trial phases."""
     stages = (report["run"].get("seconds") or {}).items()
@@ -165,7 +200,7 @@ def _time_section(report: dict[str, Any]) -> Section | None:
 
 def sections(report: dict[str, Any]) -> list[Section]:
     """The report's tables, in reading order."""
-    out = [_headline_section(report)]
+    out = [_headline_section(report), *_protocol_ablation_sections(report)]
     if (reference := _steering_reference_section(report)) is not None:
         out.append(reference)
     out += [*_axis_sections(report), _trials_section(report)]
@@ -191,6 +226,8 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
         for row in section.rows:
             table.add_row(*(Text(cell) for cell in row))  # Text: errors may contain [markup]
         console.print(Panel(table, title=section.title) if i == 0 else table)
+        for remark in section.remarks:
+            console.print(Text(remark))
 
 
 def _md_cell(text: str) -> str:
@@ -204,6 +241,7 @@ def to_markdown(report: dict[str, Any]) -> str:
         lines += [f"## {section.title}", ""] + ([section.note, ""] if section.note else [])
         lines += ["| " + " | ".join(map(_md_cell, section.columns)) + " |", "|" + "---|" * len(section.columns)]
         lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in section.rows] + [""]
+        lines += [f"- {remark}" for remark in section.remarks] + ([""] if section.remarks else [])
     if report.get("plots"):
         lines += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in report["plots"]] + [""]
     return "\n".join(lines)

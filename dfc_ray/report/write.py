@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dfc_ray.report.build import TrialResult, build_report, load_results, stored_run_info
+from dfc_ray.report.build import TrialResult, run_report
 from dfc_ray.report.plots import write_plots
 from dfc_ray.report.render import to_markdown
 
@@ -15,13 +15,13 @@ from dfc_ray.report.render import to_markdown
 def write_report(run_dir: str | Path, results: Sequence[TrialResult] | None = None,
                  run_info: dict[str, Any] | None = None, out_dir: str | Path | None = None) -> dict[str, Any]:
     """Write report.json, report.md and plots/*.png into `out_dir` (default: `run_dir`, local only)
-    from `results` (default: `<run_dir>/results.jsonl`). Returns the report dict."""
+    from `results` (default: `<run_dir>/results.jsonl`) and the run's ablation.json when it has one.
+    Returns the report dict."""
     if out_dir is None:
         if str(run_dir).startswith("s3://"):
             raise ValueError(f"write_report: run {run_dir!r} is on S3; give a local out_dir for the report files")
         out_dir = str(run_dir).removeprefix("file://")
-    results = load_results(run_dir) if results is None else results
-    report = build_report(results, stored_run_info(run_dir) if run_info is None else run_info)
+    report = run_report(run_dir, results, run_info)
     out_dir = Path(out_dir)
     report["plots"] = write_plots(report, out_dir)
     (out_dir / "report.json").write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")

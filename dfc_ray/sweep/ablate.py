@@ -35,6 +35,7 @@ from dfc_ray.config import SEED_TRAINING_POSITIONS, JudgeProtocol, protocol_swit
 from dfc_ray.evaluate import Rate, paired_delta_pp
 from dfc_ray.fs import RunFolder, redact
 from dfc_ray.harvest import harvest
+from dfc_ray.report import write_report
 from dfc_ray.spaces import SweepSpec, parse_spec
 from dfc_ray.sweep.results import read_results
 from dfc_ray.sweep.trial import trial_batches, trial_configs
@@ -232,6 +233,8 @@ def ablate(run_uri: str, *, max_checkpoints: int = 3, trial_ids: Sequence[str] =
               "rows": rows, "effects": effects, "verdict": verdict(effects, rows),
               "seconds": time.perf_counter() - started}
     run.write_text(ABLATION_FILE, json.dumps(result, indent=1))
+    if run.is_local:  # the report's "ours vs the study's protocol" reads the file just written
+        write_report(run.root)
     return result
 
 

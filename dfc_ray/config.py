@@ -16,7 +16,7 @@ import inspect
 import math
 import types
 import typing
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
 # ---------------------------------------------------------------- the shared validator
@@ -560,9 +560,9 @@ ProtocolName = Literal["ours", "seed"]
 Metric = Literal["strict", "seed_lenient"]
 METRICS = get_args(Metric)
 PROTOCOL_NAMES = get_args(ProtocolName)
-SEED_TRAINING_POSITIONS = "text_end"
-"""The seed study's training positions (weakness 4: ends of text chunks, not the prompt's end); a spec whose
-`eval.protocol` is based on `seed` harvests them unless its harvest section sets `positions`."""
+SEED_TRAINING_POSITIONS: HarvestPositions = "text_end"
+"""The seed study's training positions (weakness 4: ends of text chunks, not the prompt's end), over texts
+that hold the reply (`seed_training`)."""
 
 
 def switch(ours: str, seed: str, weakness: int) -> Any:
@@ -623,8 +623,23 @@ class JudgeProtocol(Config):
 
 
 def protocol_switches() -> dict[str, dict[str, Any]]:
-    """Switch name → {ours, seed, weakness}: the ablation's rows and the docs read this."""
+    """Switch name → {ours, seed, weakness}: the judging switches of JudgeProtocol."""
     return {f.name: dict(f.metadata) for f in fields(JudgeProtocol) if f.metadata.get("weakness")}
+
+
+def seed_training(harvest: HarvestConfig) -> HarvestConfig:
+    """`harvest` as the study trained: each text's last token (text_end) over whole transcripts, A's own
+    reply appended to each tool prompt (with_responses); without replies a prompt's last token would be
+    the evaluation position itself. A spec based on `protocol: seed` gets both unless it sets them."""
+    return replace(harvest, positions=SEED_TRAINING_POSITIONS, corpus=replace(harvest.corpus, with_responses=True))
+
+
+def study_differences() -> dict[str, dict[str, Any]]:
+    """Every difference between our protocol and the seed study's, in its weakness order: the judging
+    switches plus "positions", the training positions (a harvest setting); the ablation's rows and the
+    report read this."""
+    training = {"positions": {"ours": "the spec's positions", "seed": SEED_TRAINING_POSITIONS, "weakness": 4}}
+    return dict(sorted((protocol_switches() | training).items(), key=lambda item: item[1]["weakness"]))
 
 
 @dataclass(frozen=True)

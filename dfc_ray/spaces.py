@@ -40,9 +40,9 @@ from typing import Any
 
 import yaml
 
-from dfc_ray.config import (ORGANISM, POSITIONS, SEED_TRAINING_POSITIONS, Asha, CorpusSpec, DFCConfig, EvalConfig,
+from dfc_ray.config import (ORGANISM, POSITIONS, Asha, CorpusSpec, DFCConfig, EvalConfig,
                             HarvestConfig, JudgeProtocol, PairSpec, Resources, SpecError, SteerConfig, TrainConfig,
-                            TrainExtra, check_fields, defaults, field_docs, from_mapping, hints)
+                            TrainExtra, check_fields, defaults, field_docs, from_mapping, hints, seed_training)
 from dfc_ray.config import spec_error as _fail
 from dfc_ray.metrics import find as find_metric
 from dfc_ray.metrics import names as metric_names
@@ -128,10 +128,11 @@ def _harvest(where: str, data: Any, layers: tuple[int, ...], pair: PairSpec, pro
     corpus_names = {f.name for f in fields(CorpusSpec)}
     own = {name: hint for name, hint in hints(HarvestConfig).items() if name not in HARVEST_SET_BY_SPEC}
     checked = check_fields(CorpusSpec, data, where, "harvest", extra=own)
+    if protocol.base == "seed":  # the study's training data (config.seed_training) unless the section says
+        seed = seed_training(HarvestConfig(store=""))
+        checked = {"positions": seed.positions, "with_responses": seed.corpus.with_responses} | checked
     corpus = from_mapping(CorpusSpec, {k: v for k, v in checked.items() if k in corpus_names}, where, "harvest")
     rest = {k: v for k, v in checked.items() if k not in corpus_names}
-    if protocol.base == "seed":
-        rest.setdefault("positions", SEED_TRAINING_POSITIONS)
     return from_mapping(HarvestConfig, rest, where, "harvest", store="", layers=layers, pair=pair, corpus=corpus)
 
 

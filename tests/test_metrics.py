@@ -23,7 +23,7 @@ def rate(mean: float) -> Rate:
 
 
 def tool_rates(mean: float) -> ToolRates:
-    return ToolRates(rate(mean), rate(mean + 0.1), rate(0.9), rate(0.8))
+    return ToolRates(rate(mean), rate(mean + 0.1), rate(mean + 0.15), rate(0.9), rate(0.8))
 
 
 def eval_result() -> EvalResult:

@@ -23,7 +23,8 @@ from dfc_ray.interventions import feature_direction
 from dfc_ray.pair import PairSpec, load_tokenizer
 from dfc_ray.seed import import_seed
 from dfc_ray.spaces import SpecError, parse_spec
-from dfc_ray.sweep.ablate import ABLATION_FILE, ablation_rows, pooled_delta, switch_effects, verdict
+from dfc_ray.report.build import ABLATION
+from dfc_ray.sweep.ablate import ablation_rows, pooled_delta, switch_effects, verdict
 from dfc_ray.sweep.trial import trial_batches, trial_configs
 from dfc_ray.tooluse import load_tasks, render_for, render_prompt, score
 from dfc_ray.train import train
@@ -46,13 +47,15 @@ def test_seed_turns_every_switch_on_and_single_switches_turn_back():
 
 
 def test_a_spec_sets_the_protocol_once_for_eval_steering_and_training_positions(tmp_path):
-    base = {"pair": {"a": "organism", "b": "organism"}, "layers": [1]}
+    base = {"pair": {"a": "organism", "b": "organism"}, "layers": [1], "crosscoder": {"dict_size": 64, "k": 4}}
     spec = parse_spec(base | {"eval": {"protocol": "seed"}}, "p.yaml")
     assert spec.eval.protocol == spec.steering.protocol == JudgeProtocol(base="seed")
-    assert spec.harvest.positions == SEED_TRAINING_POSITIONS  # weakness 4: the study's training positions
+    assert spec.harvest.positions == SEED_TRAINING_POSITIONS  # weakness 4: the study's training positions,
+    assert spec.harvest.corpus.with_responses  # at the end of texts that hold the reply
     own = parse_spec(base | {"eval": {"protocol": {"base": "seed", "normalization": "checkpoint"}},
                              "harvest": {"positions": "all_tokens"}}, "p.yaml")
     assert own.harvest.positions == "all_tokens" and own.steering.protocol.normalization == "checkpoint"
+    assert own.harvest.corpus.with_responses
     assert parse_spec(base, "p.yaml").harvest.positions == "last_prompt_token"  # ours by default
     with pytest.raises(SpecError, match=r"p.yaml: field eval.protocol = 'nope': expected 'ours' or 'seed'"):
         parse_spec(base | {"eval": {"protocol": "nope"}}, "p.yaml")
@@ -153,7 +156,7 @@ def tiny_run(tmp_path_factory) -> Path:
 
 def test_ablate_rejudges_a_run_under_every_row(tiny_run, capsys):
     assert main(["ablate", str(tiny_run), "--checkpoints", "1", "--device", "cpu"]) == 0
-    result = json.loads((tiny_run / ABLATION_FILE).read_text())
+    result = json.loads((tiny_run / ABLATION).read_text())
     assert "ours vs the seed study's protocol" in capsys.readouterr().out
     rows = {row["name"]: row for row in result["rows"]}
     assert list(rows) == [r.name for r in ablation_rows()] and result["trials"] == ["t1"]
@@ -172,6 +175,8 @@ def test_ablate_rejudges_a_run_under_every_row(tiny_run, capsys):
         gap = rows["seed"]["delta_a_pp"]["mean"] - reverted["delta_a_pp"]["mean"]
         assert effect["delta_a_pp"] == pytest.approx(gap)
     assert np.isfinite(result["seconds"]) and result["verdict"]
+    report = (tiny_run / "report.md").read_text()  # a local run's report is refreshed with the section
+    assert "Ours vs the study's protocol" in report and (tiny_run / "plots" / "protocol_ablation.png").stat().st_size
 
 
 def test_ablate_bad_input_is_one_line(tiny_run, tmp_path, capsys):

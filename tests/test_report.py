@@ -328,16 +328,6 @@ def test_ours_vs_the_study_protocol(run):
     assert "-87.0 [-93.0, -80.0]" in out and sample["verdict"][0] in out and "+12.5 vs +31.1" in out
 
 
-def test_report_reads_what_ablate_writes():
-    # deferred: the ablation module imports the judges (Ray, torch), which no other test here needs
-    from dfc_ray.report.build import ABLATION, ABLATION_MEASURES
-    from dfc_ray.sweep import ablate
-
-    assert ABLATION == ablate.ABLATION_FILE and list(ABLATION_MEASURES) == list(ablate.MEASURES)
-    sample = json.loads(ABLATION_SAMPLE.read_text())
-    assert [row.name for row in ablate.ablation_rows()] == [row["name"] for row in sample["rows"]]
-
-
 def test_no_ablation_no_section(report, run):
     assert "protocol_ablation" not in report and "plots/protocol_ablation.png" not in report["plots"]
     assert "Ours vs the study's protocol" not in (run / "report.md").read_text()

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dfc_ray.config import protocol_switches
+from dfc_ray.config import study_differences
 from dfc_ray.fs import open_fs, redact
 from dfc_ray.metrics import HEADLINE, number, shown_in
 
@@ -28,10 +28,11 @@ SEED_STUDY: dict[str, Any] = {
 }
 BEST_FEATURES = 10
 ABLATION = "ablation.json"
-"""What `dfc-ray ablate` writes into a run folder (dfc_ray/sweep/ablate.py's ABLATION_FILE); the report's
-"ours vs the study's protocol" reads it."""
+"""What `dfc-ray ablate` (dfc_ray/sweep/ablate.py) writes into a run folder; the report's "ours vs the
+study's protocol" reads it."""
 ABLATION_MEASURES = {"delta_a_pp": "Δ A", "delta_b_pp": "Δ B", "steer_pp": "steering"}
-"""The ablation's measures (pp, with CIs) → their label (steering: of the run's steering target)."""
+"""The numbers each ablation row reports (pp, with CIs) → their label: splice Δ A, splice Δ B, steering of
+the run's steering target."""
 ABLATION_PUBLISHED = {"delta_a_pp": "delta_a_pp", "delta_b_pp": "delta_b_pp", "steer_pp": "steer_best_pp"}
 """The ablation's measures → the SEED_STUDY number each one is read against."""
 
@@ -151,8 +152,7 @@ def _protocol_ablation(data: Any) -> dict[str, Any]:
     by_name = {row["name"]: row for row in rows}
     if missing := [name for name in ("ours", "seed") if name not in by_name]:
         raise ValueError(f"no {missing[0]!r} row; expected the rows 'ours', 'seed' and one per switch")
-    weakness = {name: meta["weakness"] for name, meta in protocol_switches().items()}
-    weakness["positions"] = 4  # the training positions: a harvest setting, not a switch (SEED_TRAINING_POSITIONS)
+    weakness = {name: meta["weakness"] for name, meta in study_differences().items()}
     effects = []
     for i, effect in enumerate(_field(data, "effects", list, "")):
         where = f"effects[{i}]: "

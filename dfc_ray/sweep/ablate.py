@@ -31,20 +31,17 @@ from rich.table import Table
 
 from actors.evaluator import Evaluator
 from actors.steering import Steerer
-from dfc_ray.config import SEED_TRAINING_POSITIONS, JudgeProtocol, protocol_switches
+from dfc_ray.config import SEED_TRAINING_POSITIONS, JudgeProtocol, seed_training, study_differences
 from dfc_ray.evaluate import Rate, paired_delta_pp
 from dfc_ray.fs import RunFolder, redact
 from dfc_ray.harvest import harvest
 from dfc_ray.report import write_report
+from dfc_ray.report.build import ABLATION, ABLATION_MEASURES
 from dfc_ray.spaces import SweepSpec, parse_spec
 from dfc_ray.sweep.results import read_results
 from dfc_ray.sweep.trial import trial_batches, trial_configs
 from dfc_ray.train import train
 
-ABLATION_FILE = "ablation.json"
-"""Where the ablation lands in the run folder (the report's "ours vs the study's protocol" reads it)."""
-MEASURES = ("delta_a_pp", "delta_b_pp", "steer_pp")
-"""The numbers each row reports (pp, with CIs): splice Δ A, splice Δ B, steering of the primary target."""
 
 
 @dataclass(frozen=True)
@@ -62,9 +59,8 @@ class Row:
 def ablation_rows() -> list[Row]:
     """ours, seed, then seed with each weakness's switch turned back, in the study's weakness order."""
     seed = JudgeProtocol(base="seed")
-    switches = {name: meta["weakness"] for name, meta in protocol_switches().items()} | {"positions": 4}
     rows = [Row("ours", "", JudgeProtocol(), False), Row("seed", "", seed, True)]
-    for name in sorted(switches, key=switches.__getitem__):
+    for name in study_differences():
         protocol = seed if name == "positions" else seed.reverted(name)
         rows.append(Row(f"seed, {name} ours", name, protocol, name != "positions"))
     return rows
@@ -96,16 +92,17 @@ def pick_trials(spec: SweepSpec, records: list[dict[str, Any]], max_checkpoints:
 
 
 def train_twins(spec: SweepSpec, run: RunFolder, trials: list[dict[str, Any]], progress: bool) -> dict[str, str]:
-    """Trial id → checkpoint of a twin trained with the trial's settings on the study's positions (the
-    trial's own checkpoint when it already trained on them). The text_end harvest sits beside the run's."""
-    twins = {t["trial_id"]: t["metrics"]["checkpoint"] for t in trials
-             if spec.trial_positions(spec.trial_settings(t["config"])) == SEED_TRAINING_POSITIONS}
+    """Trial id → checkpoint of a twin trained with the trial's settings on the study's training data
+    (config.seed_training; the trial's own checkpoint when it already trained on that). The twins' harvest
+    is cached beside the run's."""
+    study = seed_training(spec.harvest)
+    twins = {t["trial_id"]: t["metrics"]["checkpoint"] for t in trials if spec.harvest.corpus == study.corpus
+             and spec.trial_positions(spec.trial_settings(t["config"])) == study.positions}
     todo = [t for t in trials if t["trial_id"] not in twins]
     if not todo:
         return twins
     store_root = str(todo[0]["metrics"].get("harvest_store") or f"{run.uri.rsplit('/', 1)[0]}/harvests/x")
-    cfg = replace(spec.harvest, store=store_root.rsplit("/", 1)[0], positions=SEED_TRAINING_POSITIONS)
-    harvested = harvest(cfg, use_ray=False, progress=progress)
+    harvested = harvest(replace(study, store=store_root.rsplit("/", 1)[0]), use_ray=False, progress=progress)
     for trial in todo:
         settings = spec.trial_settings(trial["config"])
         dfc, train_cfg = trial_configs(settings, harvested.d_model)
@@ -180,8 +177,8 @@ def switch_effects(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     effects = []
     for row in rows:
         if row["reverted"]:
-            effects.append({"switch": row["reverted"]} | {m: seed[m]["mean"] - row[m]["mean"] for m in MEASURES
-                                                          if m in seed and m in row})
+            effects.append({"switch": row["reverted"]} | {m: seed[m]["mean"] - row[m]["mean"]
+                                                          for m in ABLATION_MEASURES if m in seed and m in row})
     return effects
 
 
@@ -189,7 +186,7 @@ def verdict(effects: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[s
     """One sentence per measure: how far the seed protocol is from ours and which switch moves it most."""
     by_name = {r["name"]: r for r in rows}
     lines = []
-    for measure in MEASURES:
+    for measure in ABLATION_MEASURES:
         if measure not in by_name["seed"] or measure not in by_name["ours"]:
             continue
         gap = by_name["seed"][measure]["mean"] - by_name["ours"][measure]["mean"]
@@ -199,6 +196,11 @@ def verdict(effects: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[s
                      f"{by_name['ours'][measure]['mean']:+.1f} pp (gap {gap:+.1f}); " +
                      (f"the switch that moves it most is {top['switch']} ({top[measure]:+.1f} pp)"
                       if abs(top[measure]) > 0 else "no single switch moves it"))
+    blind = [r["name"] for r in rows if r.get("reference_pp") and r["reference_pp"]["lo"] <= 0]
+    if blind:  # a null there is no evidence: the positive control did not move the target either
+        lines.append(f"the reference direction does not move {'it' if len(blind) == 1 else 'them'} beyond its CI "
+                     f"under: {', '.join(blind)} (a null in those rows cannot tell a missing effect from a blind "
+                     f"instrument)")
     return lines
 
 
@@ -232,7 +234,7 @@ def ablate(run_uri: str, *, max_checkpoints: int = 3, trial_ids: Sequence[str] =
                                                     for t in trials}), "seed": SEED_TRAINING_POSITIONS},
               "rows": rows, "effects": effects, "verdict": verdict(effects, rows),
               "seconds": time.perf_counter() - started}
-    run.write_text(ABLATION_FILE, json.dumps(result, indent=1))
+    run.write_text(ABLATION, json.dumps(result, indent=1))
     if run.is_local:  # the report's "ours vs the study's protocol" reads the file just written
         write_report(run.root)
     return result
@@ -245,10 +247,10 @@ def print_ablation(result: dict[str, Any], console: Console | None = None) -> No
                         f"pp [95% CI over prompts]")
     for col in ("protocol", "A clean %", "B clean %", "Δ A", "Δ B", f"steering {result['steer_target'].upper()}",
                 "reference"):
-        table.add_column(col, justify="left" if col == "protocol" else "right")
+        table.add_column(col, justify="left" if col == "protocol" else "right", no_wrap=col == "protocol")
 
     def cell(rate: dict[str, float] | None) -> str:
-        return "—" if rate is None else f"{rate['mean']:+.1f} [{rate['lo']:+.1f}, {rate['hi']:+.1f}]"
+        return "—" if rate is None else f"{rate['mean']:+.1f} [{rate['lo']:+.0f}, {rate['hi']:+.0f}]"
 
     for row in result["rows"]:
         table.add_row(row["name"], f"{100 * row['a_clean']:.0f}", f"{100 * row['b_clean']:.0f}",
@@ -257,4 +259,4 @@ def print_ablation(result: dict[str, Any], console: Console | None = None) -> No
     console.print(table)
     for line in result["verdict"]:
         console.print(line)
-    console.print(f"{result['seconds']:.0f} s; written to {result['run']}/{ABLATION_FILE}")
+    console.print(f"{result['seconds']:.0f} s; written to {result['run']}/{ABLATION}")

@@ -111,19 +111,24 @@ def test_pooling_and_effects_on_known_numbers():
     pooled = pooled_delta([[0, 0, 1, 0], [0, 0, 1, 0]], [[1, 1, 1, 0], [1, 0, 1, 0]], 200, 0)
     assert pooled.mean == pytest.approx(37.5) and pooled.lo <= 37.5 <= pooled.hi and pooled.n == 4
     rate = {"lo": 0.0, "hi": 0.0, "n": 4}
-    rows = [{"name": "ours", "reverted": "", **{m: rate | {"mean": 0.0} for m in ("delta_a_pp", "delta_b_pp")}},
-            {"name": "seed", "reverted": "", **{m: rate | {"mean": 30.0} for m in ("delta_a_pp", "delta_b_pp")}},
-            {"name": "seed, normalization ours", "reverted": "normalization",
-             **{m: rate | {"mean": 5.0} for m in ("delta_a_pp", "delta_b_pp")}},
-            {"name": "seed, metric ours", "reverted": "metric",
-             **{m: rate | {"mean": 28.0} for m in ("delta_a_pp", "delta_b_pp")}}]
+
+    def row(name: str, base: str, switch: str, mean: float) -> dict:
+        return {"name": name, "base": base, "switch": switch,
+                **{m: rate | {"mean": mean} for m in ("delta_a_pp", "delta_b_pp")}}
+
+    rows = [row("ours", "ours", "", 0.0), row("seed", "seed", "", 30.0),
+            row("seed, normalization ours", "seed", "normalization", 5.0),
+            row("seed, metric ours", "seed", "metric", 28.0), row("ours, metric seed", "ours", "metric", 1.0)]
     effects = switch_effects(rows)
-    assert effects == [{"switch": "normalization", "delta_a_pp": 25.0, "delta_b_pp": 25.0},
-                       {"switch": "metric", "delta_a_pp": 2.0, "delta_b_pp": 2.0}]
-    assert "moves it most is normalization (+25.0 pp)" in verdict(effects, rows)[0]
+    assert effects == [{"switch": "normalization", "from": "seed", "delta_a_pp": 25.0, "delta_b_pp": 25.0},
+                       {"switch": "metric", "from": "seed", "delta_a_pp": 2.0, "delta_b_pp": 2.0},
+                       {"switch": "metric", "from": "ours", "delta_a_pp": 1.0, "delta_b_pp": 1.0}]
+    line = verdict(effects, rows)[0]
+    assert "from seed, normalization moves it most (+25.0 pp)" in line and "from ours, metric moves it most" in line
     names = [r.name for r in ablation_rows()]
-    assert names[:2] == ["ours", "seed"] and len(names) == 2 + len(SEED) + 1
+    assert names[:2] == ["ours", "seed"] and len(names) == 2 + 2 * (len(SEED) + 1)
     assert names.index("seed, positions ours") == 2 + 3  # the study's weakness order: 1, 2, 3, then 4
+    assert names[-1] == "ours, steer_b_via seed"
 
 
 @pytest.fixture(scope="module")
@@ -168,12 +173,12 @@ def test_ablate_rejudges_a_run_under_every_row(tiny_run, capsys):
         assert {"delta_a_pp", "delta_b_pp", "steer_pp", "reference_pp"} <= set(row), name
         if row["protocol"]["steer_b_via"] == "b_decoder":  # B's own row of an A-exclusive feature is zero
             assert (row["steer_pp"]["mean"], row["steer_pp"]["lo"], row["steer_pp"]["hi"]) == (0, 0, 0), name
-    effects = {e["switch"]: e for e in result["effects"]}
-    assert set(effects) == set(SEED) | {"positions"}
-    for switch, effect in effects.items():
-        reverted = next(r for r in rows.values() if r["reverted"] == switch)
-        gap = rows["seed"]["delta_a_pp"]["mean"] - reverted["delta_a_pp"]["mean"]
-        assert effect["delta_a_pp"] == pytest.approx(gap)
+    effects = {(e["switch"], e["from"]): e for e in result["effects"]}
+    assert set(effects) == {(name, side) for name in [*SEED, "positions"] for side in ("seed", "ours")}
+    for (switch, side), effect in effects.items():
+        changed = rows[f"{side}, {switch} {'ours' if side == 'seed' else 'seed'}"]
+        gap = changed["delta_a_pp"]["mean"] - rows[side]["delta_a_pp"]["mean"]
+        assert effect["delta_a_pp"] == pytest.approx(-gap if side == "seed" else gap)
     assert np.isfinite(result["seconds"]) and result["verdict"]
     report = (tiny_run / "report.md").read_text()  # a local run's report is refreshed with the section
     assert "Ours vs the study's protocol" in report and (tiny_run / "plots" / "protocol_ablation.png").stat().st_size

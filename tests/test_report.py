@@ -307,14 +307,16 @@ def test_ours_vs_the_study_protocol(run):
     md = (run / "report.md").read_text()
     assert md.index("## Headline") < md.index("## Ours vs the study's protocol\n") < md.index("## By dict_size")
     rows = md.split("## Ours vs the study's protocol\n")[1].split("\n## ")[0]
-    assert ("| seed, prompt_format ours | text_end | 87.0% | 4.0% | -87.0 [-93.0, -80.0] | -4.0 [-9.0, -1.0] | "
+    assert ("| seed, prompt_format ours | text_end | 87.0% | 4.0% | -86.7 [-92.7, -79.7] | -2.3 [-5.3, -0.3] | "
             "+0.0 [+0.0, +0.0] | +83.0 [+76.0, +90.0] |") in rows
+    assert "| ours, positions seed | text_end | 80.0% | 17.0% | -67.0 [-76.0, -58.0] | -4.0 [-9.0, -1.0] |" in rows
     assert "| ours | all_tokens | 80.0% | 17.0% | +0.0 [+0.0, +0.0] |" in rows
     assert "| seed | text_end | 0.0% | 0.0% | +12.5 [+3.0, +21.0] |" in rows
     assert "| seed, steer_b_via ours | text_end | 0.0% | 0.0% | +0.0 [+0.0, +0.0] | +0.0 [+0.0, +0.0] | — | — |" in rows
     assert "Δ A +12.5 vs +31.1, Δ B +0.0 vs +6.8, steering B +0.0 vs +65.0" in rows
     effects = md.split("## Ours vs the study's protocol: what each switch adds")[1].split("\n## ")[0]
-    assert "| prompt_format | 2 | +87.0 | +4.0 | +0.0 |" in effects and "| positions | 4 | +0.0 |" in effects
+    assert "| prompt_format | 2 | seed | +86.7 | +2.3 | +0.0 |" in effects
+    assert "| positions | 4 | seed | +0.0 |" in effects and "| positions | 4 | ours | -67.0 | -4.0 | +0.0 |" in effects
     assert all(f"- {line}" in effects for line in sample["verdict"])
 
     assert "plots/protocol_ablation.png" in report["plots"] and "(plots/protocol_ablation.png)" in md
@@ -325,7 +327,7 @@ def test_ours_vs_the_study_protocol(run):
     print_report(report, console)
     out = console.file.getvalue()
     assert "Ours vs the study's protocol" in out and "what each switch adds" in out
-    assert "-87.0 [-93.0, -80.0]" in out and sample["verdict"][0] in out and "+12.5 vs +31.1" in out
+    assert "-86.7 [-92.7, -79.7]" in out and sample["verdict"][0] in out and "+12.5 vs +31.1" in out
 
 
 def test_no_ablation_no_section(report, run):

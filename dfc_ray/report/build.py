@@ -134,7 +134,8 @@ def _interval(row: dict[str, Any], key: str, where: str, optional: bool = False)
 def _ablation_row(row: Any, where: str) -> dict[str, Any]:
     if not isinstance(row, dict):
         raise ValueError(f"{where}expected a JSON object, got {type(row).__name__}")
-    return {"name": _field(row, "name", str, where), "reverted": _field(row, "reverted", str, where),
+    return {"name": _field(row, "name", str, where), "base": _field(row, "base", str, where),
+            "switch": _field(row, "switch", str, where),
             "training_positions": _field(row, "training_positions", str, where),
             "n_prompts": _field(_field(row, "delta_a_pp", dict, where), "n", int, f"{where}delta_a_pp: "),
             **{key: _field(row, key, NUMBER, where) for key in ("a_clean", "b_clean")},
@@ -159,7 +160,7 @@ def _protocol_ablation(data: Any) -> dict[str, Any]:
         if not isinstance(effect, dict):
             raise ValueError(f"{where}expected a JSON object, got {type(effect).__name__}")
         switch = _field(effect, "switch", str, where)
-        effects.append({"switch": switch, "weakness": weakness.get(switch),
+        effects.append({"switch": switch, "weakness": weakness.get(switch), "from": _field(effect, "from", str, where),
                         **{m: _field(effect, m, NUMBER, where, optional=True) for m in ABLATION_MEASURES}})
     verdict = _field(data, "verdict", list, "")
     if not all(isinstance(line, str) for line in verdict):

@@ -156,7 +156,7 @@ def _steering_reference_section(report: dict[str, Any]) -> Section | None:
 
 
 def _protocol_ablation_sections(report: dict[str, Any]) -> list[Section]:
-    """`dfc-ray ablate`'s rows (ours, seed, seed with one switch turned back), each switch's effect with its
+    """`dfc-ray ablate`'s rows (ours, seed, each with one switch changed), each switch's effect with its
     weakness number, the verdict, and the seed row next to the published numbers."""
     ablation = report.get("protocol_ablation")
     if not ablation:
@@ -169,22 +169,23 @@ def _protocol_ablation_sections(report: dict[str, Any]) -> list[Section]:
     published = ablation["published"]
     versus = ", ".join(f"{label_of(m, target)} {show(p['seed_protocol'], PP)} vs {show(p['published'], PP)}"
                        + (" (its best cell, steering A)" if m == "steer_pp" else "") for m, p in published.items())
-    effects = [[e["switch"], show(e["weakness"]), *(show(e.get(m), PP) for m in ABLATION_MEASURES)]
+    effects = [[e["switch"], show(e["weakness"]), e["from"], *(show(e.get(m), PP) for m in ABLATION_MEASURES)]
                for e in ablation["effects"]]
     return [
         Section("Ours vs the study's protocol",
                 ["protocol", "trained on (positions)", REGISTRY["a_clean"].label, REGISTRY["b_clean"].label,
                  *(f"{label_of(m, target)} [95% CI]" for m in ABLATION_MEASURES), "reference [95% CI]"], rows,
                 f"`dfc-ray ablate`: {len(ablation['trials'])} checkpoints of {ablation['spec']} re-judged under our "
-                f"protocol, the seed study's, and the study's with one switch turned back to ours per row. pp, "
+                f"protocol, the seed study's, and each of the two with one switch changed per row. pp, "
                 f"each prompt's paired difference averaged over checkpoints, 95% bootstrap CI over "
                 f"{'/'.join(map(str, n_prompts))} prompts; clean rates and Δs count each row's own metric. The "
                 f"reference direction steered under the row's protocol says whether it could see an effect at all.",
                 [f"Seed protocol on this run vs the seed study's published numbers (pp): {versus}."] if versus else []),
         Section("Ours vs the study's protocol: what each switch adds",
-                ["switch", "weakness", *(f"{label_of(m, target)} (pp)" for m in ABLATION_MEASURES)], effects,
-                "seed − (seed with that switch ours): what reproducing the weakness adds to the study's numbers "
-                "(weaknesses as numbered in docs/ARCHITECTURE.md).", list(ablation["verdict"]))]
+                ["switch", "weakness", "from", *(f"{label_of(m, target)} (pp)" for m in ABLATION_MEASURES)],
+                effects, "from seed: seed − (seed with that switch ours), what reproducing the weakness adds to "
+                "the study's numbers; from ours: (ours with that switch as the study had it) − ours, what it alone "
+                "does to ours (weaknesses as numbered in docs/ARCHITECTURE.md).", list(ablation["verdict"]))]
 
 
 def _time_section(report: dict[str, Any]) -> Section | None:

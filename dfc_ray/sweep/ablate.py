@@ -1,13 +1,16 @@
 """`dfc-ray ablate RUN`: re-judge a finished run's checkpoints under dfc-ray's protocol, the seed study's,
-and the seed study's with each of its switches turned back to ours, one at a time (docs/replication.md).
+and each of the two with one of the six differences changed (docs/replication.md).
 
-Rows: "ours"; "seed" (every JudgeProtocol switch on, and dictionaries trained on the study's positions,
-text_end); then one row per weakness, in the study's order, with that one difference turned back. A
-switch's effect is seed − (seed with that switch ours): what reproducing that weakness adds to the
-study's numbers. Every row judges the same checkpoints: the run's best `max_checkpoints` DFC trials
-by its objective and, for the rows on the study's positions, twins trained with the same settings on
-a text_end harvest of the same corpus. The judges run in this process, once per distinct setting (an
-evaluation depends on positions, normalization, prompt format and metric; steering on everything).
+Rows: "ours"; "seed" (every JudgeProtocol switch on, and dictionaries trained on the study's data,
+config.seed_training); then, per difference in the study's weakness order, "seed, X ours" (the study's
+protocol with X turned back) and "ours, X seed" (ours with only X as the study had it). A difference's
+effect from the seed side is seed − (seed, X ours): what reproducing it adds to the study's numbers; from
+our side it is (ours, X seed) − ours: what it alone does to ours. The two disagree when differences
+interact (one of them can hide every other, as the raw prompt does on the organism). Every row judges
+the same checkpoints: the run's best `max_checkpoints` DFC trials by its objective and, for rows on the
+study's training data, twins trained with the same settings on it. The judges run in this process, once
+per distinct setting (an evaluation depends on the checkpoint, normalization and prompt format and is
+scored under both metrics; steering on everything, re-scoring replies it has already generated).
 
 Δ A, Δ B and the steering effect pool the checkpoints per prompt (each prompt's mean over checkpoints
 of its paired difference) with a 95% bootstrap CI over prompts. The reference direction goes through
@@ -46,23 +49,28 @@ from dfc_ray.train import train
 
 @dataclass(frozen=True)
 class Row:
-    """One re-judging: a protocol and the training positions of the judged dictionaries."""
+    """One re-judging: a protocol and the training data of the judged dictionaries."""
 
     name: str
-    reverted: str
-    """The switch turned back to ours ("" for the ours and seed rows; "positions" for the training one)."""
+    base: str
+    """"ours" or "seed": the protocol the row starts from."""
+    switch: str
+    """The one difference changed from `base` ("" for the two base rows; "positions" for the training data)."""
     protocol: JudgeProtocol
-    study_positions: bool
-    """True: judge the text_end twins; False: the run's own checkpoints."""
+    study_training: bool
+    """True: judge the twins trained on the study's data; False: the run's own checkpoints."""
 
 
 def ablation_rows() -> list[Row]:
-    """ours, seed, then seed with each weakness's switch turned back, in the study's weakness order."""
-    seed = JudgeProtocol(base="seed")
-    rows = [Row("ours", "", JudgeProtocol(), False), Row("seed", "", seed, True)]
+    """ours, seed, then per difference (weakness order) seed with it turned back and ours with it turned on."""
+    ours, seed = JudgeProtocol(), JudgeProtocol(base="seed")
+    rows = [Row("ours", "ours", "", ours, False), Row("seed", "seed", "", seed, True)]
     for name in study_differences():
-        protocol = seed if name == "positions" else seed.reverted(name)
-        rows.append(Row(f"seed, {name} ours", name, protocol, name != "positions"))
+        training = name == "positions"
+        rows.append(Row(f"seed, {name} ours", "seed", name, seed if training else seed.reverted(name), not training))
+    for name in study_differences():
+        training = name == "positions"
+        rows.append(Row(f"ours, {name} seed", "ours", name, ours if training else ours.reverted(name), training))
     return rows
 
 
@@ -153,8 +161,9 @@ def judge_row(row: Row, judges: Judges, checkpoints: list[tuple[str, int]], targ
     started = time.perf_counter()
     evals = [judges.evaluate(path, layer, row.protocol) for path, layer in checkpoints]
     steers = [judges.steer(path, layer, row.protocol).targets.get(target) for path, layer in checkpoints]
-    out: dict[str, Any] = {"name": row.name, "reverted": row.reverted, "protocol": row.protocol.switches(),
-                           "training_positions": SEED_TRAINING_POSITIONS if row.study_positions else "run"}
+    out: dict[str, Any] = {"name": row.name, "base": row.base, "switch": row.switch,
+                           "protocol": row.protocol.switches(),
+                           "training_positions": SEED_TRAINING_POSITIONS if row.study_training else "run"}
     passed = [e.passed[row.protocol.metric] for e in evals]
     for model in "ab":
         out[f"{model}_clean"] = float(np.mean([p[f"{model}_clean"] for p in passed]))
@@ -172,35 +181,41 @@ def judge_row(row: Row, judges: Judges, checkpoints: list[tuple[str, int]], targ
 
 
 def switch_effects(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per switch, seed − (seed with it turned back) for each measure: what that weakness adds."""
-    seed = next(r for r in rows if r["name"] == "seed")
+    """Per changed row, its difference's effect on each measure, from its base: seed − (seed, X ours), or
+    (ours, X seed) − ours; positive means the study's way of doing X raises the number."""
+    bases = {r["name"]: r for r in rows if not r["switch"]}
     effects = []
     for row in rows:
-        if row["reverted"]:
-            effects.append({"switch": row["reverted"]} | {m: seed[m]["mean"] - row[m]["mean"]
-                                                          for m in ABLATION_MEASURES if m in seed and m in row})
+        if row["switch"]:
+            base, sign = bases[row["base"]], 1 if row["base"] == "seed" else -1
+            effects.append({"switch": row["switch"], "from": row["base"]} |
+                           {m: sign * (base[m]["mean"] - row[m]["mean"]) + 0.0 for m in ABLATION_MEASURES
+                            if base.get(m) and row.get(m)})
     return effects
 
 
 def verdict(effects: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[str]:
-    """One sentence per measure: how far the seed protocol is from ours and which switch moves it most."""
+    """Per measure: how far the seed protocol is from ours and, from each side, the difference that moves it
+    most; then the rows where the reference direction is blind."""
     by_name = {r["name"]: r for r in rows}
     lines = []
     for measure in ABLATION_MEASURES:
-        if measure not in by_name["seed"] or measure not in by_name["ours"]:
+        if not by_name["seed"].get(measure) or not by_name["ours"].get(measure):
             continue
         gap = by_name["seed"][measure]["mean"] - by_name["ours"][measure]["mean"]
-        moved = [e for e in effects if measure in e]
-        top = max(moved, key=lambda e: abs(e[measure]))
+        sides = []
+        for side in ("seed", "ours"):
+            moved = [e for e in effects if e["from"] == side and measure in e]
+            top = max(moved, key=lambda e: abs(e[measure]), default=None)
+            sides.append(f"from {side}, {top['switch']} moves it most ({top[measure]:+.1f} pp)"
+                         if top and abs(top[measure]) > 0 else f"from {side}, no single difference moves it")
         lines.append(f"{measure}: seed protocol {by_name['seed'][measure]['mean']:+.1f} pp vs ours "
-                     f"{by_name['ours'][measure]['mean']:+.1f} pp (gap {gap:+.1f}); " +
-                     (f"the switch that moves it most is {top['switch']} ({top[measure]:+.1f} pp)"
-                      if abs(top[measure]) > 0 else "no single switch moves it"))
+                     f"{by_name['ours'][measure]['mean']:+.1f} pp (gap {gap:+.1f}); " + "; ".join(sides))
     blind = [r["name"] for r in rows if r.get("reference_pp") and r["reference_pp"]["lo"] <= 0]
     if blind:  # a null there is no evidence: the positive control did not move the target either
-        lines.append(f"the reference direction does not move {'it' if len(blind) == 1 else 'them'} beyond its CI "
-                     f"under: {', '.join(blind)} (a null in those rows cannot tell a missing effect from a blind "
-                     f"instrument)")
+        lines.append(f"the reference direction does not move the target beyond its CI in {len(blind)} of "
+                     f"{len(rows)} rows ({'; '.join(blind)}): a null there cannot tell a missing effect from a "
+                     f"blind instrument")
     return lines
 
 
@@ -223,7 +238,7 @@ def ablate(run_uri: str, *, max_checkpoints: int = 3, trial_ids: Sequence[str] =
         task = bar.add_task(f"re-judging {len(trials)} checkpoints under {len(ablation_rows())} protocols",
                             total=len(ablation_rows()))
         for row in ablation_rows():
-            checkpoints = [(twins[t["trial_id"]] if row.study_positions else t["metrics"]["checkpoint"],
+            checkpoints = [(twins[t["trial_id"]] if row.study_training else t["metrics"]["checkpoint"],
                             layers[t["trial_id"]]) for t in trials]
             rows.append(judge_row(row, judges, checkpoints, target, *boot))
             bar.advance(task)

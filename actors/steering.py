@@ -243,10 +243,10 @@ class Steerer(PairReplica):
         codes = encode_pairs(cc, x)
         return rank_features(codes[:len(pos)], codes[len(pos):], cc.partition.a_exclusive.cpu())
 
-    def tool_prompts(self, dev: list[Task], cfg: SteerConfig) -> list[str]:
+    def tool_prompts(self, dev: list[Task], cfg: SteerConfig | None = None) -> list[str]:
         """Rendered dev prompts that need a tool (non-empty ground truth): the reference's and the
-        residual norm's prompt set, and the ranking's positives."""
-        return self.prompts([t for t in dev if t.ground_truth], cfg.protocol.prompt_format)
+        residual norm's prompt set, and the ranking's positives (rendered as `cfg`'s protocol says)."""
+        return self.prompts([t for t in dev if t.ground_truth], (cfg or self.cfg).protocol.prompt_format)
 
     def residual_norm(self, target: str, layer: int, dev: list[Task], cfg: SteerConfig) -> float:
         """Mean ‖x_target‖ after block `layer` at the last prompt token of the dev tool prompts (cached inputs)."""

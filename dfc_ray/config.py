@@ -127,8 +127,9 @@ _HINTS: dict[type, dict[str, Any]] = {}
 
 def hints(cls: type) -> dict[str, Any]:
     """Field name → resolved annotation (this module's names resolve Literal aliases); cached per class."""
-    if cls not in _HINTS:
-        _HINTS[cls] = typing.get_type_hints(cls, globals())
+    if cls not in _HINTS:  # fields only: a ClassVar such as Config.SHORTHAND is not a setting
+        resolved = typing.get_type_hints(cls, globals())
+        _HINTS[cls] = {f.name: resolved[f.name] for f in fields(cls)}
     return _HINTS[cls]
 
 

@@ -77,7 +77,8 @@ def _headline_section(report: dict[str, Any]) -> Section:
         table.append([h.label, ours, theirs, show(comp.get(h.key, {}).get("difference_pp"), PP)])
     table.append(["minimal steerable set reached (trials)", _min_set_text(report.get("min_set")), "—", "—"])
     note = (f"{report['n_trials']} trials, {report['n_trials'] - report['n_failed']} ok, {report['n_failed']} failed; "
-            f"mean ± sample std over successful trials. Seed study: {seed['source']}.")
+            f"mean ± sample std over successful trials; judged with protocol "
+            f"{report['run'].get('protocol', 'ours')} (docs/replication.md). Seed study: {seed['source']}.")
     return Section("Headline: ours vs the seed study", ["", "ours", "seed study (published)", "ours − seed (pp)"],
                    table, note)
 

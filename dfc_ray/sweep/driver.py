@@ -258,7 +258,8 @@ def _run_on_cluster(spec: SweepSpec, run: RunFolder, store_root: str, done: list
             "harvest_nodes": sorted({node for h in harvests.values() for node in h.nodes}), "layers": list(spec.layers),
             **({"harvests": {positions: {"uri": redact(h.uri), "rows": h.rows, "reused": h.reused}
                              for positions, h in harvests.items()}} if len(harvests) > 1 else {}),
-            "pair": asdict(spec.pair), **_attempt_seconds(run, seconds), **judges}
+            "pair": asdict(spec.pair), "protocol": spec.eval.protocol.label(), **_attempt_seconds(run, seconds),
+            **judges}
     _write_costs(spec, run, seconds, reused)
     _publish_report(run, info)
     return run

@@ -24,7 +24,7 @@ from dfc_ray.pair import PairSpec, load_tokenizer
 from dfc_ray.seed import import_seed
 from dfc_ray.spaces import SpecError, parse_spec
 from dfc_ray.report.build import ABLATION
-from dfc_ray.sweep.ablate import ablation_rows, pooled_delta, switch_effects, verdict
+from dfc_ray.sweep.ablate import ablation_rows, pick_trials, pooled_delta, switch_effects, verdict
 from dfc_ray.sweep.trial import trial_batches, trial_configs
 from dfc_ray.tooluse import load_tasks, render_for, render_prompt, score
 from dfc_ray.train import train
@@ -129,6 +129,21 @@ def test_pooling_and_effects_on_known_numbers():
     assert names[:2] == ["ours", "seed"] and len(names) == 2 + 2 * (len(SEED) + 1)
     assert names.index("seed, positions ours") == 2 + 3  # the study's weakness order: 1, 2, 3, then 4
     assert names[-1] == "ours, steer_b_via seed"
+
+
+def test_the_judged_trials_are_the_best_dfcs_by_the_objective():
+    spec = parse_spec({"pair": {"a": "organism", "b": "organism"}, "layers": [1],
+                       "crosscoder": {"dict_size": 64, "k": 4, "a_exclusive": 0.1, "b_exclusive": 0.1}}, "p.yaml")
+
+    def record(trial: str, status: str = "ok", **metrics) -> dict:
+        return {"trial_id": trial, "config": {}, "status": status, "metrics": {"checkpoint": f"c/{trial}"} | metrics}
+
+    records = [record("nan", delta_a_pp=float("nan")), record("five", delta_a_pp=5.0), record("one", delta_a_pp=1.0),
+               record("none"), record("failed", "failed", delta_a_pp=50.0)]
+    assert [t["trial_id"] for t in pick_trials(spec, records, 4)] == ["five", "one", "nan", "none"]
+    assert [t["trial_id"] for t in pick_trials(spec, records, 1, ["one"])] == ["one"]
+    with pytest.raises(ValueError, match="--trials failed: not a finished trial"):
+        pick_trials(spec, records, 1, ["failed"])
 
 
 @pytest.fixture(scope="module")

@@ -95,8 +95,13 @@ def pick_trials(spec: SweepSpec, records: list[dict[str, Any]], max_checkpoints:
         raise ValueError("results.jsonl holds no finished DFC trial (a_exclusive > 0) with a checkpoint; expected "
                          "at least one to re-judge")
     metric, sign = spec.metrics[0], -1 if spec.modes[0] == "max" else 1
-    order = sorted(range(len(dfc)), key=lambda i: (sign * float(dfc[i]["metrics"].get(metric, np.nan) or 0), i))
-    return [dfc[i] for i in order[:max_checkpoints]]
+
+    def rank(i: int) -> tuple[bool, float, int]:  # best first; a missing or non-finite objective last
+        value = dfc[i]["metrics"].get(metric)
+        usable = isinstance(value, (int, float)) and np.isfinite(value)
+        return (not usable, sign * float(value) if usable else 0.0, i)
+
+    return [dfc[i] for i in sorted(range(len(dfc)), key=rank)[:max_checkpoints]]
 
 
 def train_twins(spec: SweepSpec, run: RunFolder, trials: list[dict[str, Any]], progress: bool) -> dict[str, str]:
@@ -109,8 +114,9 @@ def train_twins(spec: SweepSpec, run: RunFolder, trials: list[dict[str, Any]], p
     todo = [t for t in trials if t["trial_id"] not in twins]
     if not todo:
         return twins
-    store_root = str(todo[0]["metrics"].get("harvest_store") or f"{run.uri.rsplit('/', 1)[0]}/harvests/x")
-    harvested = harvest(replace(study, store=store_root.rsplit("/", 1)[0]), use_ray=False, progress=progress)
+    used = todo[0]["metrics"].get("harvest_store")  # <store root>/<content hash> of the trial's harvest
+    root = str(used).rsplit("/", 1)[0] if used else f"{run.uri.rsplit('/', 1)[0]}/harvests"  # the sweep's default
+    harvested = harvest(replace(study, store=root), use_ray=False, progress=progress)
     for trial in todo:
         settings = spec.trial_settings(trial["config"])
         dfc, train_cfg = trial_configs(settings, harvested.d_model)

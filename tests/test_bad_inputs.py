@@ -276,6 +276,15 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], str]] = [
                                         "steer_b_via=b_decoder"], "steer_b_via are for dfc-ray steer"),
     ("steer-switch-bad-value", lambda c: ["steer", str(c.tmp / "ckpt"), "--layer", "1", "--switch", "metric=fuzzy"],
      "JudgeProtocol.metric='fuzzy': expected 'strict' or 'seed_lenient'"),
+    # ablate: records as the sweep writes them, or refused by line
+    ("ablate-record-without-metrics", lambda c: ["ablate", str(run_folder(
+        c, shipped_spec_dump("cluster-smoke"), '{"trial_id": "t1", "status": "ok"}\n'))],
+     "results.jsonl: line 1: expected a trial record"),
+    ("ablate-trials-plain-crosscoder", lambda c: ["ablate", str(run_folder(
+        c, shipped_spec_dump("cluster-smoke"),
+        json.dumps({"trial_id": "t1", "config": {"dict_size": 768, "k": 8, "variant": "crosscoder"}, "status": "ok",
+                    "metrics": {"checkpoint": str(c.tmp / "ckpt")}}) + "\n")), "--trials", "t1"],
+     "--trials t1: a plain crosscoder (a_exclusive 0); expected a DFC trial"),
     # plans
     ("plan-costs-not-a-folder", lambda c: ["sweep", "organism48", "--plan", "--costs", str(REPO / "README.md")],
      "no costs.json"),

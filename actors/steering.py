@@ -33,7 +33,7 @@ from rich.console import Console
 from rich.table import Table
 
 from actors.replica import PairReplica
-from dfc_ray.config import SteerConfig
+from dfc_ray.config import JudgeProtocol, SteerConfig
 from dfc_ray.evaluate import (Rate, bootstrap_rate, eval_texts, load_crosscoder, paired_delta_pp,
                               score_all)
 from dfc_ray.generation import Generation
@@ -416,14 +416,17 @@ def print_steer(result: SteerResult) -> None:
     if result.skipped:
         console.print(f"steering skipped: {result.skipped}")
         return
-    ranking = Table(title="A-exclusive features on dev (last prompt token): tool vs no-tool prompts")
+    protocol = JudgeProtocol(**result.config["protocol"])
+    chosen_on = "test" if protocol.steering_selection == "same_split" else "dev"
+    ranking = Table(title=f"A-exclusive features on {chosen_on} (last prompt token): tool vs no-tool prompts "
+                          f"(protocol: {protocol.label()})")
     for col in ("feature", "Cohen's d", "AUROC", "fires on tool", "fires on other", "typical act"):
         ranking.add_column(col, justify="right")
     for s in result.ranking[:10]:
         ranking.add_row(str(s.feature), f"{s.cohens_d:.2f}", f"{s.auroc:.3f}", f"{s.fire_pos:.0%}",
                         f"{s.fire_neg:.0%}", f"{s.typical:.3g}")
     console.print(ranking)
-    table = Table(title="steering on test (feature and α chosen on dev), pp [95% CI]")
+    table = Table(title=f"steering on test (feature and α chosen on {chosen_on}), pp [95% CI]")
     for col in ("target", "feature", "α", "clean %", "steered %", "Δ pp", "random feature Δ", "random dir Δ",
                 "min set", "cos to ref", "share of ref"):
         table.add_column(col, justify="right")
@@ -435,7 +438,8 @@ def print_steer(result: SteerResult) -> None:
                       str(t.min_set) if t.min_set else f"not reached (goal +{t.min_set_goal_pp:.1f} pp)",
                       f"{t.cos_reference:+.2f}", f"{t.share_of_reference:.2f}")
     console.print(table)
-    reference = Table(title="reference direction v = mean(x_A − x_B) on dev tool prompts, same protocol, pp [95% CI]")
+    reference = Table(title=f"reference direction v = mean(x_A − x_B) on {chosen_on} tool prompts, same protocol, "
+                            "pp [95% CI]")
     for col in ("target", "‖v‖", "mean ‖x‖", "α", "‖α v‖", "clean %", "steered %", "Δ pp", "random dir Δ", "label"):
         reference.add_column(col, justify="right")
     for t in result.targets.values():

@@ -81,7 +81,9 @@ def _describe(hint: Any) -> str:
     if origin is tuple:
         return f"a list of {_describe(args[0]).removeprefix('an ').removeprefix('a ')}s"
     if is_dataclass(hint):
-        return f"a mapping of {getattr(hint, '__name__', hint)} fields"
+        shorthand = getattr(hint, "SHORTHAND", "")  # a plain string is accepted too: name its values first
+        prefix = f"{_describe(hints(typing.cast(type, hint))[shorthand])}, or " if shorthand else ""
+        return f"{prefix}a mapping of {getattr(hint, '__name__', hint)} fields"
     return TYPE_NAMES.get(hint, getattr(hint, "__name__", str(hint)))
 
 

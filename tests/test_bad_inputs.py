@@ -263,6 +263,8 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], str]] = [
                                              bad_spec(c, "pair: {a: TMP}"))[1], "config.json transformers reads"),
     ("spec-resources-negative-cpu", lambda c: bad_spec(c, "resources: {cpu: -1}"), "resources.cpu = -1"),
     ("spec-resources-no-evaluators", lambda c: bad_spec(c, "resources: {evaluators: 0}"), "resources.evaluators = 0"),
+    ("spec-protocol-not-a-name", lambda c: bad_spec(c, "eval: {protocol: 3}"),
+     "eval.protocol = 3: expected 'ours' or 'seed', or a mapping of JudgeProtocol fields"),
     ("spec-missing-file", lambda c: ["spaces", "validate", str(c.tmp / "nosuch.yaml")], "no such file"),
     ("sweep-layer-beyond-pair", lambda c: bad_spec(c, "layers: [99]", "sweep"), "below num_hidden_layers=4"),
     # checkpoints: refused before the pair is loaded
@@ -270,6 +272,19 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], str]] = [
     ("eval-checkpoint-without-weights", lambda c: checkpoint(c, "eval", "no-weights"), "no model.safetensors"),
     ("steer-truncated-checkpoint", lambda c: checkpoint(c, "steer", "truncated"),
      "model.safetensors: not a readable safetensors file"),
+    ("eval-steering-switch", lambda c: ["eval", str(c.tmp / "ckpt"), "--layer", "1", "--switch",
+                                        "steer_b_via=b_decoder"], "steer_b_via are for dfc-ray steer"),
+    ("steer-switch-bad-value", lambda c: ["steer", str(c.tmp / "ckpt"), "--layer", "1", "--switch", "metric=fuzzy"],
+     "JudgeProtocol.metric='fuzzy': expected 'strict' or 'seed_lenient'"),
+    # ablate: records as the sweep writes them, or refused by line
+    ("ablate-record-without-metrics", lambda c: ["ablate", str(run_folder(
+        c, shipped_spec_dump("cluster-smoke"), '{"trial_id": "t1", "status": "ok"}\n'))],
+     "results.jsonl: line 1: expected a trial record"),
+    ("ablate-trials-plain-crosscoder", lambda c: ["ablate", str(run_folder(
+        c, shipped_spec_dump("cluster-smoke"),
+        json.dumps({"trial_id": "t1", "config": {"dict_size": 768, "k": 8, "variant": "crosscoder"}, "status": "ok",
+                    "metrics": {"checkpoint": str(c.tmp / "ckpt")}}) + "\n")), "--trials", "t1"],
+     "--trials t1: a plain crosscoder (a_exclusive 0); expected a DFC trial"),
     # plans
     ("plan-costs-not-a-folder", lambda c: ["sweep", "organism48", "--plan", "--costs", str(REPO / "README.md")],
      "no costs.json"),

@@ -3,7 +3,7 @@ does what the study did, `protocol: seed` turns them all on, and the ablation re
 under ours, the study's, and the study's with each switch turned back."""
 
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +104,28 @@ def test_steering_b_through_its_own_decoder_is_a_zero_vector():
     feature = int(cc.partition.a_exclusive[0])
     assert not feature_direction(cc, feature, "b", own_decoder_only=True).any()  # weakness 6
     assert torch.equal(feature_direction(cc, feature, "b"), feature_direction(cc, feature, "a"))
+
+
+def test_steer_tables_name_the_protocol_and_the_split_selection_ran_on(capsys):
+    from actors.steering import SteerResult, print_steer  # deferred: the actors import Ray
+
+    for protocol, chosen_on in (("ours", "dev"), ("seed", "test")):
+        print_steer(SteerResult("ckpt", 1, asdict(SteerConfig(protocol=JudgeProtocol(base=protocol))), skipped=""))
+        out = " ".join(capsys.readouterr().out.split())
+        assert f"chosen on {chosen_on})" in out and f"(protocol: {protocol})" in out
+        assert f"on {chosen_on} tool prompts" in out
+
+
+def test_spaces_show_says_what_the_protocol_sets_without_the_spec_saying_it(tmp_path, capsys):
+    spec = tmp_path / "seed.yaml"
+    for positions, trained_at in (("null", "text_end"), ("last_prompt_token", "last_prompt_token")):
+        spec.write_text(f"extends: organism48\nharvest: {{positions: {positions}}}\n"
+                        "eval: {protocol: {base: seed, metric: strict}}\n")  # null: organism48's all_tokens unset
+        assert main(["spaces", "show", str(spec)]) == 0
+        out = " ".join(capsys.readouterr().out.split())
+        assert "judged under protocol seed, metric: strict (normalization: none, prompt_format: raw, metric: strict" \
+            in out
+        assert f"trained at positions {trained_at}, A's replies appended to tool prompts: yes" in out
 
 
 def test_pooling_and_effects_on_known_numbers():

@@ -19,14 +19,20 @@ def _pair_from(args: argparse.Namespace) -> PairSpec:
     return PairSpec(a=args.pair_a, b=args.pair_b, tokenizer=args.tokenizer, device=args.device)
 
 
-def protocol_from(args: argparse.Namespace) -> JudgeProtocol:
-    """--protocol and the --switch NAME=VALUE overrides as a JudgeProtocol (one-line errors)."""
+STEERING_SWITCHES = ("steering_selection", "steer_b_via")
+"""The switches only `dfc-ray steer` reads: `dfc-ray eval` refuses them rather than ignore them."""
+
+
+def protocol_from(args: argparse.Namespace, steers: bool) -> JudgeProtocol:
+    """--protocol and the --switch NAME=VALUE overrides as a JudgeProtocol (one-line errors); a command that
+    does not steer (`steers` False) takes no steering switch."""
+    allowed = [name for name in protocol_switches() if steers or name not in STEERING_SWITCHES]
     switches = {}
     for item in args.switch:
         name, _, value = item.partition("=")
-        if name not in protocol_switches() or not value:
-            raise ValueError(f"--switch {item!r}: expected NAME=VALUE with NAME one of "
-                             f"{', '.join(protocol_switches())}")
+        if name not in allowed or not value:
+            raise ValueError(f"--switch {item!r}: expected NAME=VALUE with NAME one of {', '.join(allowed)}"
+                             + ("" if steers else f" ({' and '.join(STEERING_SWITCHES)} are for dfc-ray steer)"))
         switches[name] = value
     return JudgeProtocol(base=args.protocol, **switches)
 
@@ -76,7 +82,8 @@ def _eval_command(args: argparse.Namespace) -> int:
     from actors.evaluator import Evaluator, EvaluatorActor
 
     cfg = EvalConfig(tasks=args.tasks, n_tasks=args.n_tasks, n_texts=args.n_texts, splice_mode=args.mode,
-                     max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, protocol=protocol_from(args))
+                     max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                     protocol=protocol_from(args, steers=False))
     print_eval(_run_on_pair(args, Evaluator, EvaluatorActor, "evaluate", cfg))
     return 0
 
@@ -89,7 +96,7 @@ def _steer_command(args: argparse.Namespace) -> int:
                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, scale=args.scale,
                       targets=tuple(args.targets), primary=args.primary or args.targets[0],
                       rankings=tuple(args.rankings), min_set_pool=args.min_set_pool, min_set_max=args.min_set_max,
-                      protocol=protocol_from(args))
+                      protocol=protocol_from(args, steers=True))
     print_steer(_run_on_pair(args, Steerer, SteeringActor, "steer", cfg))
     return 0
 

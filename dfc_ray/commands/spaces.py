@@ -40,6 +40,12 @@ def _show_command(args: argparse.Namespace) -> int:
     console.print(f"[bold]{spec.name}[/] ({spec.source}): {spec.n_trials} trials, "
                   f"{len(spec.grid)} grid axes, {len(spec.search)} sampled axes, layers {list(spec.layers)}")
     console.print(Syntax(yaml.safe_dump(spec.raw, sort_keys=False), "yaml"))
+    # what the protocol sets without the spec saying it (a seed base changes the training data too)
+    protocol = spec.eval.protocol
+    console.print(f"judged under protocol {protocol.label()} ("
+                  + ", ".join(f"{k}: {v}" for k, v in protocol.switches().items())
+                  + f"); trained at positions {spec.harvest.positions}, A's replies appended to tool prompts: "
+                  + ("yes" if spec.harvest.corpus.with_responses else "no"), highlight=False)
     return 0
 
 

@@ -81,18 +81,21 @@ def pooled_delta(before: Sequence[Sequence[bool]], after: Sequence[Sequence[bool
 
 
 def pick_trials(spec: SweepSpec, records: list[dict[str, Any]], max_checkpoints: int,
-                trial_ids: Sequence[str] = ()) -> list[dict[str, Any]]:
+                trial_ids: Sequence[str] = (), source: str = "results.jsonl") -> list[dict[str, Any]]:
     """The judged trials: `trial_ids`, or the best `max_checkpoints` finished DFC trials (with A-exclusive
-    features, which steering needs) by the run's first objective."""
+    features, which steering needs) by the run's first objective; `source` names the records in errors."""
     done = {r["trial_id"]: r for r in records if r.get("status") == "ok" and r["metrics"].get("checkpoint")}
+    dfc = [r for r in done.values() if spec.trial_settings(r["config"]).get("a_exclusive", 0) > 0]
     if trial_ids:
         missing = [t for t in trial_ids if t not in done]
         if missing:
-            raise ValueError(f"--trials {missing[0]}: not a finished trial with a checkpoint in results.jsonl")
+            raise ValueError(f"--trials {missing[0]}: not a finished trial with a checkpoint in {source}")
+        plain = [t for t in trial_ids if done[t] not in dfc]
+        if plain:  # steering and the reference row need A-exclusive features: refused, not left blank
+            raise ValueError(f"--trials {plain[0]}: a plain crosscoder (a_exclusive 0); expected a DFC trial")
         return [done[t] for t in trial_ids]
-    dfc = [r for r in done.values() if spec.trial_settings(r["config"]).get("a_exclusive", 0) > 0]
     if not dfc:
-        raise ValueError("results.jsonl holds no finished DFC trial (a_exclusive > 0) with a checkpoint; expected "
+        raise ValueError(f"{source} holds no finished DFC trial (a_exclusive > 0) with a checkpoint; expected "
                          "at least one to re-judge")
     metric, sign = spec.metrics[0], -1 if spec.modes[0] == "max" else 1
 
@@ -234,7 +237,7 @@ def ablate(run_uri: str, *, max_checkpoints: int = 3, trial_ids: Sequence[str] =
     if spec_text is None:
         raise FileNotFoundError(f"{redact(run.uri)}: no spec.yaml; expected a sweep's run folder")
     spec = parse_spec(yaml.safe_load(spec_text), f"{redact(run.uri)}/spec.yaml")
-    trials = pick_trials(spec, read_results(run), max_checkpoints, trial_ids)
+    trials = pick_trials(spec, read_results(run), max_checkpoints, trial_ids, f"{redact(run.uri)}/results.jsonl")
     twins = train_twins(spec, run, trials, progress)
     layers = {t["trial_id"]: int(spec.trial_settings(t["config"])["layer"]) for t in trials}
     judges = Judges(spec, device)

@@ -24,12 +24,20 @@ def read_results(run: RunFolder) -> list[dict[str, Any]]:
     """The recorded trials; a damaged line is refused with the file and line named."""
     records = []
     for number, line in enumerate((run.read_text("results.jsonl") or "").splitlines(), 1):
+        where = f"{redact(run.uri)}/results.jsonl: line {number}"
         try:
-            records += [json.loads(line)] if line.strip() else []
+            record = json.loads(line) if line.strip() else None
         except json.JSONDecodeError as err:
-            raise ValueError(f"{redact(run.uri)}/results.jsonl: line {number}: not valid JSON ({err.msg} at "
-                             f"column {err.colno}); expected one trial per line (remove that line to re-run "
-                             "the trial)") from None
+            raise ValueError(f"{where}: not valid JSON ({err.msg} at column {err.colno}); expected one trial per "
+                             "line (remove that line to re-run the trial)") from None
+        if record is None:
+            continue
+        if not (isinstance(record, dict) and isinstance(record.get("trial_id"), str)
+                and isinstance(record.get("status"), str)
+                and all(isinstance(record.get(key), dict) for key in ("config", "metrics"))):
+            raise ValueError(f"{where}: expected a trial record (an object with trial_id, config, metrics and "
+                             "status, as the sweep writes them; remove that line to re-run the trial)")
+        records.append(record)
     return records
 
 

@@ -633,7 +633,7 @@ def protocol_switches() -> dict[str, dict[str, Any]]:
 def seed_training(harvest: HarvestConfig) -> HarvestConfig:
     """`harvest` as the study trained: each text's last token (text_end) over whole transcripts, A's own
     reply appended to each tool prompt (with_responses); without replies a prompt's last token would be
-    the evaluation position itself. A spec based on `protocol: seed` gets both unless it sets them."""
+    the evaluation position itself. A spec based on `protocol: seed` gets both unless it sets `positions`."""
     return replace(harvest, positions=SEED_TRAINING_POSITIONS, corpus=replace(harvest.corpus, with_responses=True))
 
 

@@ -312,6 +312,7 @@ def require_known_normalization(checkpoint: str, allow_raw: bool) -> Normalizati
         return "trained"
     if record["normalization"] == "unknown" and not allow_raw:
         raise ValueError(f"{redact(checkpoint)}: normalization unknown (imported without --norm-from); "
-                         f"re-import with --norm-from STORE --layer L, or judge it raw in/raw out explicitly "
-                         f"(normalization: none)")
+                         f"re-import with --norm-from STORE --layer L, or judge it raw in/raw out explicitly (the "
+                         f"protocol switch normalization: none: --protocol seed or --switch normalization=none on "
+                         f"the command line, eval.protocol in a spec)")
     return record["normalization"]

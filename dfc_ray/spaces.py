@@ -123,12 +123,13 @@ def load_raw(name_or_path: str, _seen: tuple[Path, ...] = ()) -> tuple[dict, str
 
 def _harvest(where: str, data: Any, layers: tuple[int, ...], pair: PairSpec, protocol: JudgeProtocol) -> HarvestConfig:
     """The flat `harvest` section (HarvestConfig's own fields and CorpusSpec's) as a HarvestConfig; the
-    store is set when the sweep runs. A seed-based protocol trains on the study's positions unless the
-    section sets its own."""
+    store is set when the sweep runs. A seed-based protocol trains on the study's data (text_end over
+    transcripts with A's replies, config.seed_training) unless the section sets `positions`: then the
+    section's corpus is kept as it says."""
     corpus_names = {f.name for f in fields(CorpusSpec)}
     own = {name: hint for name, hint in hints(HarvestConfig).items() if name not in HARVEST_SET_BY_SPEC}
     checked = check_fields(CorpusSpec, data, where, "harvest", extra=own)
-    if protocol.base == "seed":  # the study's training data (config.seed_training) unless the section says
+    if protocol.base == "seed" and "positions" not in checked:  # the study's training data, as one unit
         seed = seed_training(HarvestConfig(store=""))
         checked = {"positions": seed.positions, "with_responses": seed.corpus.with_responses} | checked
     corpus = from_mapping(CorpusSpec, {k: v for k, v in checked.items() if k in corpus_names}, where, "harvest")
@@ -377,7 +378,8 @@ def parse_spec(raw: dict[str, Any], where: str, name: str = "") -> SweepSpec:
         harvest=harvest, crosscoder=crosscoder, train=train, grid=grid, search=search, num_samples=num_samples,
         metrics=metrics, modes=modes, scheduler=scheduler,
         eval=evaluation,
-        steering=from_mapping(SteerConfig, raw.get("steering"), where, "steering", protocol=evaluation.protocol),
+        steering=from_mapping(SteerConfig, _without_protocol(raw.get("steering"), where), where, "steering",
+                              protocol=evaluation.protocol),
         resources=from_mapping(Resources, raw.get("resources"), where, "resources"),
         description=str(raw.get("description", "")), raw=raw)
     # Every grid point with the extremes of every sampled axis must make a valid trial.
@@ -388,6 +390,14 @@ def parse_spec(raw: dict[str, Any], where: str, name: str = "") -> SweepSpec:
             _check_trial(spec, spec.trial_settings(params),
                          f"grid point {point}" + (f" with {dict(sampled)}" if sampled else ""))
     return spec
+
+
+def _without_protocol(steering: Any, where: str) -> Any:
+    """The steering section, refused when it sets a protocol: a sweep has one, in eval.protocol."""
+    if isinstance(steering, dict) and "protocol" in steering:
+        raise _fail(where, "steering.protocol", steering["protocol"],
+                    "no protocol here: set it once as eval.protocol (steering judges with the same one)")
+    return steering
 
 
 def load_spec(name_or_path: str) -> SweepSpec:

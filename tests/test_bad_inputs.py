@@ -276,6 +276,10 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], str]] = [
                                         "steer_b_via=b_decoder"], "steer_b_via are for dfc-ray steer"),
     ("steer-switch-bad-value", lambda c: ["steer", str(c.tmp / "ckpt"), "--layer", "1", "--switch", "metric=fuzzy"],
      "JudgeProtocol.metric='fuzzy': expected 'strict' or 'seed_lenient'"),
+    ("switch-no-value", lambda c: ["eval", str(c.tmp / "ckpt"), "--layer", "1", "--switch", "metric="],
+     "expected one value for metric ('strict' or 'seed_lenient'), given once"),
+    ("switch-twice", lambda c: ["steer", str(c.tmp / "ckpt"), "--layer", "1", "--switch", "metric=strict",
+                                "--switch", "metric=seed_lenient"], "expected one value for metric"),
     # ablate: records as the sweep writes them, or refused by line
     ("ablate-record-without-metrics", lambda c: ["ablate", str(run_folder(
         c, shipped_spec_dump("cluster-smoke"), '{"trial_id": "t1", "status": "ok"}\n'))],

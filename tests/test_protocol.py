@@ -55,11 +55,12 @@ def test_a_spec_sets_the_protocol_once_for_eval_steering_and_training_positions(
     own = parse_spec(base | {"eval": {"protocol": {"base": "seed", "normalization": "checkpoint"}},
                              "harvest": {"positions": "all_tokens"}}, "p.yaml")
     assert own.harvest.positions == "all_tokens" and own.steering.protocol.normalization == "checkpoint"
-    assert own.harvest.corpus.with_responses
+    assert not own.harvest.corpus.with_responses  # the section chose its training data: its corpus is kept
     assert parse_spec(base, "p.yaml").harvest.positions == "last_prompt_token"  # ours by default
     with pytest.raises(SpecError, match=r"p.yaml: field eval.protocol = 'nope': expected 'ours' or 'seed'"):
         parse_spec(base | {"eval": {"protocol": "nope"}}, "p.yaml")
-    with pytest.raises(SpecError, match=r"field steering.protocol"):  # one protocol per sweep, set in eval
+    with pytest.raises(SpecError, match=r"field steering.protocol = 'seed': expected no protocol here: set it once "
+                                         r"as eval.protocol"):  # one protocol per sweep
         parse_spec(base | {"steering": {"protocol": "seed"}}, "p.yaml")
     with pytest.raises(SpecError, match=r"eval.protocol.metric = 'x'"):
         parse_spec(base | {"eval": {"protocol": {"metric": "x"}}}, "p.yaml")
@@ -118,14 +119,15 @@ def test_steer_tables_name_the_protocol_and_the_split_selection_ran_on(capsys):
 
 def test_spaces_show_says_what_the_protocol_sets_without_the_spec_saying_it(tmp_path, capsys):
     spec = tmp_path / "seed.yaml"
-    for positions, trained_at in (("null", "text_end"), ("last_prompt_token", "last_prompt_token")):
+    for positions, trained_at, replies in (("null", "text_end", "yes"),
+                                           ("last_prompt_token", "last_prompt_token", "no")):
         spec.write_text(f"extends: organism48\nharvest: {{positions: {positions}}}\n"
                         "eval: {protocol: {base: seed, metric: strict}}\n")  # null: organism48's all_tokens unset
         assert main(["spaces", "show", str(spec)]) == 0
         out = " ".join(capsys.readouterr().out.split())
         assert "judged under protocol seed, metric: strict (normalization: none, prompt_format: raw, metric: strict" \
             in out
-        assert f"trained at positions {trained_at}, A's replies appended to tool prompts: yes" in out
+        assert f"trained at positions {trained_at}, A's replies appended to tool prompts: {replies}" in out
 
 
 def test_pooling_and_effects_on_known_numbers():

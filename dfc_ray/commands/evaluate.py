@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -27,12 +28,16 @@ def protocol_from(args: argparse.Namespace, steers: bool) -> JudgeProtocol:
     """--protocol and the --switch NAME=VALUE overrides as a JudgeProtocol (one-line errors); a command that
     does not steer (`steers` False) takes no steering switch."""
     allowed = [name for name in protocol_switches() if steers or name not in STEERING_SWITCHES]
-    switches = {}
+    switches: dict[str, Any] = {}  # values are checked by JudgeProtocol
     for item in args.switch:
         name, _, value = item.partition("=")
-        if name not in allowed or not value:
+        if name not in allowed:
             raise ValueError(f"--switch {item!r}: expected NAME=VALUE with NAME one of {', '.join(allowed)}"
                              + ("" if steers else f" ({' and '.join(STEERING_SWITCHES)} are for dfc-ray steer)"))
+        if not value or name in switches:
+            meta = protocol_switches()[name]
+            raise ValueError(f"--switch {item!r}: expected one value for {name} ({meta['ours']!r} or "
+                             f"{meta['seed']!r}), given once")
         switches[name] = value
     return JudgeProtocol(base=args.protocol, **switches)
 

@@ -26,8 +26,8 @@ class Evaluator(PairReplica):
     """Tool correctness of A and B, clean and spliced, for crosscoder checkpoints (in-process class;
     `EvaluatorActor` is the Ray actor)."""
 
-    def __init__(self, pair: PairSpec, cfg: EvalConfig | None = None):
-        super().__init__(pair)
+    def __init__(self, pair: PairSpec, cfg: EvalConfig | None = None, shared: PairReplica | None = None):
+        super().__init__(pair, shared)
         self.cfg = cfg or EvalConfig()
 
     def clean_scores(self, cfg: EvalConfig) -> tuple[dict[str, list[Score]], bool]:

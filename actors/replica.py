@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict
+from typing import Any
 
 import torch
 
@@ -27,16 +28,33 @@ from dfc_ray.tooluse import Task, render_for
 class PairReplica:
     """The pair on this process's device, with caches keyed by what they depend on."""
 
-    def __init__(self, pair: PairSpec):
+    model_a: torch.nn.Module
+    model_b: torch.nn.Module
+    tokenizer: Any
+    device: torch.device
+    fingerprint: str
+    prefix: dict[str, PrefixCache]
+    _clean: dict[str, list[Generation]]
+    _residuals: dict[str, torch.Tensor]
+    _references: dict[str, torch.Tensor]
+
+    def __init__(self, pair: PairSpec, shared: PairReplica | None = None):
+        """`shared`: a replica of the same pair in this process whose models and caches this one uses (an
+        in-process evaluator and steerer then hold one copy of the pair and generate each clean reply once)."""
         self.pair = pair
+        self.clean_hits = self.clean_misses = 0
+        if shared is not None:
+            if shared.pair != pair:
+                raise ValueError(f"shared replica holds {shared.pair}; expected the same pair as {pair}")
+            self.model_a, self.model_b, self.tokenizer = shared.model_a, shared.model_b, shared.tokenizer
+            self.device, self.fingerprint, self.prefix = shared.device, shared.fingerprint, shared.prefix
+            self._clean, self._residuals, self._references = shared._clean, shared._residuals, shared._references
+            return
         self.model_a, self.model_b, self.tokenizer = load_pair(pair)
         self.device = next(self.model_a.parameters()).device
         self.fingerprint = pair_fingerprint(pair)
         self.prefix = {"a": PrefixCache(self.model_a), "b": PrefixCache(self.model_b)}
-        self._clean: dict[str, list[Generation]] = {}
-        self._residuals: dict[str, torch.Tensor] = {}
-        self._references: dict[str, torch.Tensor] = {}
-        self.clean_hits = self.clean_misses = 0
+        self._clean, self._residuals, self._references = {}, {}, {}
 
     def model(self, target: str) -> torch.nn.Module:
         return (self.model_a, self.model_b)[model_index(target)]

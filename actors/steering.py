@@ -197,8 +197,8 @@ class Steerer(PairReplica):
     """In-process steering protocol on a pair (`SteeringActor` is the Ray actor). Clean replies, the
     prompts' prefill and the last-token activations are cached across requests (actors/replica.py)."""
 
-    def __init__(self, pair: PairSpec, cfg: SteerConfig | None = None):
-        super().__init__(pair)
+    def __init__(self, pair: PairSpec, cfg: SteerConfig | None = None, shared: PairReplica | None = None):
+        super().__init__(pair, shared)
         self.cfg = cfg or SteerConfig()
         self._reference_results: dict[str, ReferenceSteer] = {}
         self._steered: OrderedDict[str, list[Generation]] = OrderedDict()
@@ -267,7 +267,7 @@ class Steerer(PairReplica):
 
     def direction(self, cc, feature: int, target: str, cfg: SteerConfig) -> torch.Tensor:
         """The feature's raw direction for `target` under the protocol's `steer_b_via`."""
-        return feature_direction(cc, feature, target, cfg.protocol.steer_b_via == "b_decoder")
+        return feature_direction(cc, feature, target, cfg.protocol.own_decoder_only)
 
     def reference_vector(self, v: torch.Tensor, alpha: float, residual_norm: float, cfg: SteerConfig) -> torch.Tensor:
         """α in `scale` units applied to the reference v: α × residual_norm along v̂, or α × v."""
@@ -293,8 +293,8 @@ class Steerer(PairReplica):
                 raise ValueError(f"SteerConfig.tool_token={cfg.tool_token!r} encodes to no token; expected text the "
                                  "tokenizer maps to at least one token")
             alpha = cfg.scoring_alpha()
-            own = cfg.protocol.steer_b_via == "b_decoder"
-            vectors = {f: steering_vector(cc, [f], target, alpha, [scales[f]], own) for f in pool}
+            vectors = {f: steering_vector(cc, [f], target, alpha, [scales[f]], cfg.protocol.own_decoder_only)
+                       for f in pool}
             moving = [f for f in pool if bool(vectors[f].any())]  # a zero vector changes nothing: gain 0
             logp = first_token_logprobs(self.model(target), self.tokenizer, self.tool_prompts(dev, cfg), layer,
                                         [torch.zeros(cc.cfg.d_model)] + [vectors[f] for f in moving], token[0],
@@ -364,7 +364,7 @@ class Steerer(PairReplica):
 
             def vector(features: list[int], alpha: float) -> torch.Tensor:
                 return steering_vector(cc, features, target, alpha, [scale[f] for f in features],
-                                       cfg.protocol.steer_b_via == "b_decoder")
+                                       cfg.protocol.own_decoder_only)
 
             picks, gains = self.candidates(cc, ranking, v, target, layer, dev, scale, cfg)
             union = list(dict.fromkeys(f for r in cfg.rankings for f in picks[r]))

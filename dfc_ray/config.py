@@ -609,6 +609,11 @@ class JudgeProtocol(Config):
                     object.__setattr__(self, f.name, f.metadata[self.base])
         super().__post_init__()
 
+    @property
+    def own_decoder_only(self) -> bool:
+        """Steering reads only the target's own decoder row (steer_b_via: b_decoder), even when it is zero."""
+        return self.steer_b_via == "b_decoder"
+
     def switches(self) -> dict[str, str]:
         """Switch name → value (after the base has filled the unset ones)."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("weakness")}

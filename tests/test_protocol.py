@@ -235,3 +235,19 @@ def test_eval_config_accepts_the_shorthand_and_steer_config_the_mapping():
     assert EvalConfig(protocol="seed").protocol.metric == "seed_lenient"
     steer = SteerConfig(protocol=JudgeProtocol(steer_b_via="b_decoder"))
     assert steer.protocol.label() == "ours, steer_b_via: b_decoder"
+
+
+def test_an_in_process_evaluator_shares_the_steerers_pair_and_clean_replies():
+    from actors.evaluator import Evaluator  # deferred: the actors import Ray
+    from actors.steering import Steerer
+    from dfc_ray.generation import GenerationConfig
+
+    steerer = Steerer(PairSpec(device="cpu"))
+    evaluator = Evaluator(PairSpec(device="cpu"), shared=steerer)  # what dfc-ray ablate does: one pair in memory
+    assert evaluator.model_a is steerer.model_a and evaluator.prefix is steerer.prefix
+    prompts, cfg = steerer.prompts(load_tasks("organism:test")[:2]), GenerationConfig(max_new_tokens=4)
+    first = steerer.clean_replies("a", prompts, cfg)
+    assert evaluator.clean_replies("a", prompts, cfg) is first  # generated once, by either
+    assert (evaluator.clean_hits, evaluator.clean_misses) == (1, 0)
+    with pytest.raises(ValueError, match="expected the same pair"):
+        Evaluator(PairSpec(device="cpu", dtype="float16"), shared=steerer)

@@ -142,7 +142,8 @@ class Judges:
 
     def __init__(self, spec: SweepSpec, device: str):
         pair = replace(spec.pair, device=device)
-        self.evaluator, self.steerer = Evaluator(pair), Steerer(pair)
+        self.steerer = Steerer(pair)
+        self.evaluator = Evaluator(pair, shared=self.steerer)  # one copy of the pair, each clean reply once
         self.eval_cfg = replace(spec.eval, n_texts=0)  # the splice loss is not what the protocols disagree on
         self.steer_cfg = spec.steering
         self._done: dict[str, Any] = {}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import inspect
 import math
+import re
 import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
@@ -37,6 +38,21 @@ class SpecError(ValueError):
 def spec_error(where: str, path: str, value: Any, expected: str) -> SpecError:
     """The one-line error for `path` = `value` in file `where`."""
     return SpecError(f"{where}: field {path} = {value!r}: expected {expected}")
+
+
+NAME_PATTERN = r"[A-Za-z0-9._-]+"
+"""What a name that becomes a path or an actor name may hold (spec names, trial ids, run ids)."""
+
+
+def check_name(value: Any, where: str) -> str:
+    """`value` if it is a safe name (NAME_PATTERN, not '.' or '..', no '..' inside), else a one-line ValueError.
+
+    Every name that becomes part of a path or a Ray actor name passes here, so none can walk out of its
+    folder or reach another sweep's actors."""
+    if not isinstance(value, str) or not re.fullmatch(NAME_PATTERN, value) or ".." in value or value == ".":
+        raise ValueError(f"{where} = {value!r}: expected a name of letters, digits, '.', '_' and '-' "
+                         "(no '..', no '/')")
+    return value
 
 
 def at_least(default: Any, low: float) -> Any:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dfc_ray import config
-from dfc_ray.config import (SPLICE_MODES, STEER_SITES, EvalConfig, HarvestConfig, Resources, SpecError,
+from dfc_ray.config import (SPLICE_MODES, STEER_SITES, EvalConfig, check_name, HarvestConfig, Resources, SpecError,
                             SpliceModeName, SteerConfig, SteerPositionsName, from_mapping)
 from dfc_ray.generation import HookContext
 from dfc_ray.interventions import add_hook, prefill_edit_hook
@@ -101,3 +101,13 @@ def test_each_prefill_splice_mode_edits_where_it_says(name):
     expected[:, -1] = True
     assert torch.equal(touched, expected if mode.leaves_prefix_alone else mask)
     assert getattr(hook, "leaves_prefix_alone", False) == mode.leaves_prefix_alone
+
+
+@pytest.mark.parametrize("value", ["../x", "a/b", "..", ".", "a..b", "", "x y", {"x": 1}, 3])
+def test_check_name_refuses_names_that_could_leave_their_folder(value):
+    with pytest.raises(ValueError, match="spec name = .*expected a name"):
+        check_name(value, "spec name")
+
+
+def test_check_name_keeps_a_safe_name():
+    assert check_name("organism48-2026.12_04", "spec name") == "organism48-2026.12_04"

@@ -246,6 +246,7 @@ SteerPositionsName = Literal["last_prompt_token", "generated", "all"]
 SteerScale = Literal["residual_norm", "activation", "decoder"]
 SteerRanking = Literal["cohens_d", "cos_reference", "tool_logprob"]
 Target = Literal["a", "b"]
+DecodeMode = Literal["auto", "eager", "static"]
 Dispatch = Literal["least_busy", "round_robin"]
 Reader = Literal["ray", "local"]
 Direction = Literal["max", "min"]
@@ -569,10 +570,16 @@ class GenerationConfig(Config):
     prompt's sample does not depend on which other prompts share its batch."""
     stop_strings: tuple[str, ...] = ("</tool_call>",)
     """A row stops right after its completion first contains one of these (kept in the text)."""
+    decode: DecodeMode = "auto"
+    """eager: one forward per token over a growing KV cache, finished rows dropped (the reference loop). static: a
+    preallocated KV cache and one fixed-shape decode step, captured as a CUDA graph on CUDA (greedy only; same
+    token ids as eager in fp32). auto: static on CUDA for greedy decoding of a supported model, else eager."""
 
     def _check(self) -> None:
         if any(not s for s in self.stop_strings):
             raise self.invalid("stop_strings", "non-empty strings")
+        if self.decode == "static" and self.do_sample:
+            raise self.invalid("decode", "'eager' or 'auto' when do_sample is true (static decoding is greedy only)")
 
 
 ProtocolName = Literal["ours", "seed"]

@@ -7,22 +7,42 @@ never change a reply, so evaluation numbers do not depend on `batch_size`.
 A `PrefixCache` keeps the KV cache of every prompt token but the last across `generate` calls. The
 judges splice and steer at the last prompt token only, so every trial re-uses the prompts' prefill
 and pays for one prompt token plus the reply (about 4x less work per generation on the organism).
+
+Two decode loops share the prefill, the hooks and the stopping rule (`GenerationConfig.decode`):
+- eager: one forward per token over transformers' growing KV cache; finished rows leave the batch.
+- static: the prompts' KV cache is copied into preallocated buffers and every step feeds one token per row
+  through the same decoder blocks at fixed shapes, writing its K/V in place and its greedy token into a
+  buffer. On CUDA that step is captured once as a CUDA graph and replayed per token with no host sync;
+  stop strings and eos are checked every `STOP_CHECK_EVERY` steps against a token-id table. On CPU the
+  same step runs uncaptured and gives the eager loop's token ids (fp32, tested with hooks).
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
+import logging
+import weakref
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence, Union
+from typing import Callable, Hashable, Iterator, Sequence, Union
 
+import numpy as np
 import torch
 
 from dfc_ray.config import GenerationConfig
 
 EOS_TOKENS = ("<|im_end|>", "<|endoftext|>")
 """Tokens that end a reply in Qwen-style chat templates, besides `tokenizer.eos_token`."""
+STOP_CHECK_EVERY = 8
+"""Static decoding reads the generated tokens back and checks eos / stop strings every this many steps."""
+STATIC_COLUMNS = 64
+"""Static decoding rounds its KV length up to a multiple of this, so batches of similar prompts share a graph."""
+GRAPHS_PER_MODEL = 8
+"""Captured decode steps kept per model (least recently used dropped first); their KV storage is shared."""
+STATIC_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+"""Decoder families whose forward static decoding reproduces: embed → rotary → blocks → norm → lm_head."""
 
 
 @dataclass
@@ -43,7 +63,8 @@ class HookContext:
     """What a residual hook needs to know about the forward call it sits in."""
 
     step: int
-    """0 = prefill (the whole prompt), then 1, 2, ... = one new token per row per call."""
+    """0 = prefill (the whole prompt), then 1, 2, ... = one new token per row per call. A captured static
+    decode step runs its hooks once, at step 1, and replays that: decode hooks must not branch on `step`."""
     is_prefill: bool
     """True for step 0 (and for a plain forward over a padded batch)."""
     real_mask: torch.Tensor
@@ -53,8 +74,9 @@ class HookContext:
     """(batch,) long: index along this call's seq dimension of each row's last prompt token, during
     prefill only (None in decode steps). Under generate's left padding it is the last column."""
     rows: torch.Tensor
-    """(batch,) long: index into the original prompt list of each row of this call. Finished rows
-    are dropped from the batch, so during decoding these are exactly the rows still active."""
+    """(batch,) long: index into the original prompt list of each row of this call. The eager loop drops
+    finished rows, so there these are exactly the rows still active; static decoding keeps every row of
+    the batch to its end (a finished row's later tokens are discarded)."""
 
     @classmethod
     def for_forward(cls, attention_mask: torch.Tensor, rows: torch.Tensor | None = None) -> "HookContext":
@@ -74,6 +96,34 @@ def leaves_prefix_alone(hook: ResidualHook) -> ResidualHook:
     """Mark `hook` as changing nothing before the last prompt token, so `generate` may run it on top
     of a `PrefixCache` (which skips the prefix's forward). Unmarked hooks are refused there."""
     hook.leaves_prefix_alone = True
+    return hook
+
+
+def prefill_only(hook: ResidualHook) -> ResidualHook:
+    """Mark `hook` as returning None in every decode step: static decoding then leaves it out of the decode
+    step, so one captured step serves every such hook (a splice or steering at the last prompt token)."""
+    hook.prefill_only = True
+    return hook
+
+
+@dataclass(frozen=True)
+class Replay:
+    """How a captured decode step re-runs a hook for another hook of the same kind: `build(*inputs)` makes
+    the hook, and a later hook with the same `key` only has its `inputs` copied into the captured ones."""
+
+    key: Hashable
+    """What fixes the hook's code path (e.g. the steering site); hooks with equal keys differ only in `inputs`."""
+    inputs: tuple[torch.Tensor, ...]
+    """The tensors the hook reads (e.g. the steering vector)."""
+    build: Callable[..., ResidualHook]
+    """Makes the same hook over other tensors of the inputs' shapes."""
+
+
+def replayable(hook: ResidualHook, key: Hashable, inputs: Sequence[torch.Tensor],
+               build: Callable[..., ResidualHook]) -> ResidualHook:
+    """Mark a hook that acts in decode steps as re-buildable (see `Replay`): a captured decode step is then
+    reused for later hooks of the same `key` instead of being captured again for each one."""
+    hook.replay = Replay(key, tuple(inputs), build)
     return hook
 
 
@@ -127,7 +177,7 @@ def add_at_last_prompt_token(delta: torch.Tensor) -> ResidualHook:
         out[batch, ctx.last_prompt_index] += delta.to(hidden.dtype)
         return out
 
-    return leaves_prefix_alone(hook)
+    return prefill_only(leaves_prefix_alone(hook))
 
 
 @contextmanager
@@ -222,6 +272,38 @@ def generate(
     return results
 
 
+def static_decode_unsupported(model: torch.nn.Module) -> str | None:
+    """Why static decoding cannot run `model`, or None when it can: a transformers causal LM of a family whose
+    forward is embed → rotary → full-attention blocks → norm → lm_head, with sdpa or eager attention."""
+    config, inner = getattr(model, "config", None), getattr(model, "model", None)
+    parts = ("embed_tokens", "rotary_emb", "norm", "layers")
+    if config is None or inner is None or not all(hasattr(inner, p) for p in parts) or \
+            not hasattr(model, "get_output_embeddings"):
+        return f"{type(model).__name__} is not a transformers causal LM with .model.{{{','.join(parts)}}}"
+    if config.model_type not in STATIC_MODEL_TYPES:
+        return f"model_type {config.model_type!r} is not one of {list(STATIC_MODEL_TYPES)}"
+    if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ()):
+        return "the model has sliding-window layers"
+    if config._attn_implementation not in ("sdpa", "eager"):
+        return f"attention implementation {config._attn_implementation!r} is not sdpa or eager"
+    if getattr(inner.rotary_emb, "rope_type", "default") != "default":
+        return f"rope type {inner.rotary_emb.rope_type!r} is not the default"
+    return None
+
+
+def decode_mode(model: torch.nn.Module, cfg: GenerationConfig) -> str:
+    """The loop `generate` runs for `model` and `cfg`: "eager", "static" (uncaptured) or "static+graph" (CUDA)."""
+    if cfg.decode == "eager":
+        return "eager"
+    reason = static_decode_unsupported(model)
+    if cfg.decode == "static" and reason is not None:
+        raise ValueError(f"GenerationConfig.decode='static': {reason}; expected decode 'eager' or 'auto' for it")
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    if cfg.decode == "auto" and (reason is not None or cfg.do_sample or not on_cuda):
+        return "eager"
+    return "static+graph" if on_cuda and _step_cache(model).capture_error is None else "static"
+
+
 class _Decoder:
     """The decode loop for one batch; holds what is fixed across batches."""
 
@@ -238,25 +320,59 @@ class _Decoder:
         self.keep_kw = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
         # A stop string's characters come from at most len(stop) tokens: decode only that tail.
         self.stop_window = max((len(s) for s in cfg.stop_strings), default=0) + 1
+        self.static = decode_mode(model, cfg) != "eager"
 
     def run(self, prompt_ids: list[list[int]], rows: list[int]) -> list[Generation]:
-        cfg, dev, n = self.cfg, self.device, len(prompt_ids)
-        input_ids, mask = self._left_pad(prompt_ids)
-        prompt_lens = mask.sum(1)
-        all_rows = torch.tensor(rows, device=dev)
-        generators = [self._generator(row) for row in rows] if cfg.do_sample else None
-        completions: list[list[int]] = [[] for _ in range(n)]
-        reasons: list[str | None] = [None] * n
-        live = torch.arange(n, device=dev)  # batch rows still generating, in cache order
+        return (self._run_static if self.static else self._run_eager)(prompt_ids, rows)
 
+    def _start(self, prompt_ids: list[list[int]], rows: list[int], hooks: dict[int, ResidualHook] | None):
+        """Pad, prefill (on the prefix cache when there is one) with `hooks` active; returns (attention mask,
+        each prompt's length, rows as a tensor, the KV cache, the next-token logits)."""
+        dev, n = self.device, len(prompt_ids)
+        input_ids, mask = self._left_pad(prompt_ids)
+        all_rows = torch.tensor(rows, device=dev)
         positions = (mask.cumsum(1) - 1).clamp(min=0)  # pads do not shift the prompt's positions
         prefix = None
         if self.prefix_cache is not None and min(len(p) for p in prompt_ids) >= 2:  # outside the hooks
             prefix = self.prefix_cache.copy_for(prompt_ids, lambda: self._prefix(input_ids, mask, positions))
         fed = 1 if prefix is not None else mask.shape[1]  # columns this prefill feeds (the last one, or all)
         ctx = HookContext(0, True, mask[:, -fed:].bool(), torch.full((n,), fed - 1, device=dev), all_rows)
-        with residual_hooks(self.model, self.hooks, lambda: ctx):
+        with residual_hooks(self.model, hooks, ctx):
             cache, logits = self._prefill(input_ids, mask, positions, prompt_ids, prefix)
+        return mask, mask.sum(1), all_rows, cache, logits
+
+    def _run_static(self, prompt_ids: list[list[int]], rows: list[int]) -> list[Generation]:
+        """Greedy decoding over preallocated buffers (module docstring); the eager loop's token ids in fp32."""
+        mask, prompt_lens, all_rows, cache, logits = self._start(prompt_ids, rows, self.hooks)
+        first = logits.float().argmax(-1)
+        scan = _StopScan(self, len(prompt_ids))
+        steps = self.cfg.max_new_tokens - 1
+        if scan.update(first[:, None].cpu().numpy()) or steps == 0:
+            return scan.results(prompt_ids)
+        width = mask.shape[1]
+        columns = -(-(width + steps) // STATIC_COLUMNS) * STATIC_COLUMNS
+        step = _static_step(self.model, len(prompt_ids), columns, _cache_tensors(cache), self.hooks or {})
+        step.load(_cache_tensors(cache), mask, first, prompt_lens, all_rows)
+        del cache, logits
+        checked = 1
+        with step.active():
+            for s in range(1, steps + 1):
+                step(s)
+                if s % STOP_CHECK_EVERY == 0 or s == steps:
+                    if scan.update(step.out[:, checked:s + 1].cpu().numpy()):
+                        break
+                    checked = s + 1
+        return scan.results(prompt_ids)
+
+    def _run_eager(self, prompt_ids: list[list[int]], rows: list[int]) -> list[Generation]:
+        cfg, dev, n = self.cfg, self.device, len(prompt_ids)
+        generators = [self._generator(row) for row in rows] if cfg.do_sample else None
+        completions: list[list[int]] = [[] for _ in range(n)]
+        reasons: list[str | None] = [None] * n
+        live = torch.arange(n, device=dev)  # batch rows still generating, in cache order
+        mask, prompt_lens, all_rows, cache, logits = self._start(prompt_ids, rows, self.hooks)
+        ctx = HookContext(0, True, mask.bool(), None, all_rows)  # replaced before each decode step
+        with residual_hooks(self.model, self.hooks, lambda: ctx):
             for step in range(1, cfg.max_new_tokens + 1):
                 gens = [generators[r] for r in live.tolist()] if generators else None
                 tokens = self._next_tokens(logits.float(), gens)
@@ -363,3 +479,254 @@ class _Decoder:
             if ends:
                 text = text[: min(ends)]
         return Generation(text=text, token_ids=ids, prompt_tokens=prompt_tokens, finish_reason=reason)
+
+
+# ---------------------------------------------------------------- static decoding
+
+
+def _cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(keys, values) of each layer of a transformers KV cache, (batch, kv_heads, seq, head_dim) each."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None:  # transformers >= 4.56
+        return [(layer.keys, layer.values) for layer in layers]
+    return list(zip(cache.key_cache, cache.value_cache))
+
+
+_STOP_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def stop_candidates(tokenizer, stop_strings: Sequence[str], eos: set[int], vocab_size: int) -> np.ndarray:
+    """(vocab_size,) bool: the tokens after which the eager loop could stop a row — eos ids, and every token
+    whose own text holds the last character of a stop string. A stop string can only be completed by a
+    token holding its last character when that character is ASCII and not a space (bytes decode alone);
+    otherwise every token is a candidate. Cached per tokenizer."""
+    key = (tuple(stop_strings), tuple(sorted(eos)), vocab_size)
+    tables = _STOP_TABLES.setdefault(tokenizer, {})
+    if key not in tables:
+        ends = {s[-1] for s in stop_strings}
+        if any(not c.isascii() or c.isspace() for c in ends):
+            table = np.ones(vocab_size, dtype=bool)
+        else:
+            texts = tokenizer.batch_decode([[i] for i in range(vocab_size)], skip_special_tokens=False) if ends else []
+            table = np.array([any(c in text for c in ends) for text in texts] or [False] * vocab_size, dtype=bool)
+        table[[i for i in eos if 0 <= i < vocab_size]] = True
+        tables[key] = table
+    return tables[key]
+
+
+class _StopScan:
+    """The eager loop's stopping rule (`_Decoder._finish`) over blocks of tokens read back from a static
+    decode. Only candidate tokens (`stop_candidates`) are checked, in order, so the outcome is the eager one."""
+
+    def __init__(self, decoder: "_Decoder", n: int):
+        self.decoder = decoder
+        self.completions: list[list[int]] = [[] for _ in range(n)]
+        self.reasons: list[str | None] = [None] * n
+        vocab = decoder.model.get_output_embeddings().weight.shape[0]
+        self.table = stop_candidates(decoder.tokenizer, decoder.cfg.stop_strings, decoder.eos, vocab)
+
+    def update(self, block: np.ndarray) -> bool:
+        """Feed each row's next tokens, (n, k); True once every row is done."""
+        candidate = self.table[np.minimum(block, len(self.table) - 1)] | (block >= len(self.table))
+        for r, (tokens, marks) in enumerate(zip(block.tolist(), candidate)):
+            if self.reasons[r] is not None:
+                continue
+            start = 0
+            for j in np.flatnonzero(marks).tolist():
+                self.completions[r].extend(tokens[start:j])
+                start = j + 1
+                if self.decoder._finish(self.completions, self.reasons, r, tokens[j]):
+                    break
+            else:
+                self.completions[r].extend(tokens[start:])
+        return all(reason is not None for reason in self.reasons)
+
+    def results(self, prompt_ids: list[list[int]]) -> list[Generation]:
+        return [self.decoder._result(ids, reason or "length", len(p))
+                for ids, reason, p in zip(self.completions, self.reasons, prompt_ids)]
+
+
+class _StaticKV:
+    """The KV cache the decoder blocks see during a static step: `update` writes the step's keys and values
+    at `column` in place and returns the layer's whole buffers (the mask hides the columns not written yet;
+    they hold zeros or an earlier batch's values, finite either way, so their zero weights stay zero)."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], column: torch.Tensor):
+        self.keys, self.values, self.column = keys, values, column
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        keys.index_copy_(2, self.column, key_states)
+        values.index_copy_(2, self.column, value_states)
+        return keys, values
+
+
+class _StaticStep:
+    """One greedy decode step for `rows` rows over buffers of fixed shape and address.
+
+    It feeds `tokens` at `positions`, writes each layer's K/V at `column`, attends to the columns the mask
+    allows, writes the argmax into `out[:, index]` and advances every counter on the device: consecutive
+    calls decode consecutive tokens with nothing read or written by the host, so on CUDA it is captured
+    once (`capture`) and replayed.
+    """
+
+    def __init__(self, model: torch.nn.Module, keys: list[torch.Tensor], values: list[torch.Tensor],
+                 hooks: dict[int, ResidualHook]):
+        self.model, self.inner, self.layers = model, model.model, decoder_layers(model)
+        rows, _, columns, _ = keys[0].shape
+        dev = keys[0].device
+        self.tokens = torch.zeros(rows, dtype=torch.long, device=dev)
+        self.positions = torch.zeros((rows, 1), dtype=torch.long, device=dev)
+        self.column = torch.zeros(1, dtype=torch.long, device=dev)
+        self.index = torch.zeros(1, dtype=torch.long, device=dev)
+        self.mask = torch.zeros((rows, 1, 1, columns), dtype=torch.bool, device=dev)
+        self.out = torch.zeros((rows, columns), dtype=torch.long, device=dev)
+        self.rows = torch.zeros(rows, dtype=torch.long, device=dev)
+        self.ctx = HookContext(1, False, torch.ones((rows, 1), dtype=torch.bool, device=dev), None, self.rows)
+        self.kv = _StaticKV(keys, values, self.column)
+        self.hooks = hooks
+        self.replay_inputs: dict[int, tuple[torch.Tensor, ...]] = {}
+        self.additive = model.config._attn_implementation == "eager"  # transformers' eager attention adds its mask
+        params = inspect.signature(self.layers[0].forward).parameters
+        self.cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def load(self, kv: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor, first: torch.Tensor,
+             prompt_lens: torch.Tensor, rows: torch.Tensor) -> None:
+        """Start a batch: its prompts' KV cache, attention mask (n, width), first tokens, lengths and rows."""
+        width = mask.shape[1]
+        for (keys, values), target_keys, target_values in zip(kv, self.kv.keys, self.kv.values):
+            target_keys[:, :, :width].copy_(keys)
+            target_values[:, :, :width].copy_(values)
+        self.mask.zero_()
+        self.mask[:, 0, 0, :width].copy_(mask.bool())
+        self.tokens.copy_(first)
+        self.positions.copy_(prompt_lens[:, None])
+        self.column.fill_(width)
+        self.index.zero_()
+        self.out[:, 0].copy_(first)
+        self.rows.copy_(rows)
+
+    def forward(self) -> None:
+        """The step: only device work on the buffers (no host sync, no data-dependent shape)."""
+        self.mask.index_fill_(3, self.column, True)
+        mask = self.mask
+        hidden = self.inner.embed_tokens(self.tokens[:, None])
+        if self.additive:
+            mask = torch.zeros(mask.shape, dtype=hidden.dtype, device=mask.device).masked_fill_(
+                ~mask, torch.finfo(hidden.dtype).min)
+        position_embeddings = self.inner.rotary_emb(hidden, self.positions)
+        for layer in self.layers:
+            hidden = layer(hidden, attention_mask=mask, position_ids=self.positions, use_cache=True,
+                           position_embeddings=position_embeddings, **{self.cache_kw: self.kv})
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden  # transformers 4.x blocks return tuples
+        logits = self.model.get_output_embeddings()(self.inner.norm(hidden))[:, -1]
+        token = logits.float().argmax(-1)
+        self.index += 1
+        self.out.index_copy_(1, self.index, token[:, None])
+        self.tokens.copy_(token)
+        self.positions += 1
+        self.column += 1
+
+    def capture(self) -> None:
+        """Record `forward` as a CUDA graph (after one warm-up run on a side stream; `load` comes after)."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), residual_hooks(self.model, self.hooks, self.ctx):
+            self.forward()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with residual_hooks(self.model, self.hooks, self.ctx), torch.cuda.graph(graph):
+            self.forward()
+        self.graph = graph
+
+    def active(self):
+        """Context for the decode loop: the hooks are registered unless the step replays a graph."""
+        return residual_hooks(self.model, None if self.graph is not None else self.hooks, self.ctx)
+
+    def __call__(self, step: int) -> None:
+        """Decode token `step` (1 = the first after the prefill's)."""
+        if self.graph is not None:
+            self.graph.replay()
+            return
+        self.ctx.step = step
+        self.forward()
+
+
+def _hook_key(hooks: dict[int, ResidualHook]) -> tuple:
+    """What a captured step's hooks are, for re-use: a replayable hook by its key and input shapes, any other
+    hook by identity (the step keeps it alive, so the identity stays unique)."""
+    parts = []
+    for layer, hook in sorted(hooks.items()):
+        replay: Replay | None = getattr(hook, "replay", None)
+        parts.append((layer, id(hook)) if replay is None else
+                     (layer, replay.key, tuple((tuple(t.shape), t.dtype, t.device) for t in replay.inputs)))
+    return tuple(parts)
+
+
+class _StepCache:
+    """Per model: KV storage shared by its steps (one batch decodes at a time) and the steps themselves, least
+    recently used dropped first. On CUDA each new step is captured; a capture that fails leaves every later
+    step of the model uncaptured (still correct, only slower)."""
+
+    def __init__(self) -> None:
+        self.storage: list[torch.Tensor] = []
+        self.steps: OrderedDict[tuple, _StaticStep] = OrderedDict()
+        self.capture_error: str | None = None
+        self.captures = 0
+
+    def get(self, model: torch.nn.Module, rows: int, columns: int, like: torch.Tensor, n_layers: int,
+            hooks: dict[int, ResidualHook]) -> _StaticStep:
+        key = (rows, columns, like.dtype, _hook_key(hooks))
+        step = self.steps.get(key)
+        if step is not None:
+            self.steps.move_to_end(key)
+            for layer, captured in step.replay_inputs.items():  # the same key: these hooks are replayable
+                for target, given in zip(captured, hooks[layer].replay.inputs):
+                    target.copy_(given)
+            return step
+        shape = (rows, like.shape[1], columns, like.shape[3])
+        size = rows * like.shape[1] * columns * like.shape[3]
+        if not self.storage or self.storage[0].numel() < size or self.storage[0].dtype != like.dtype:
+            self.steps.clear()  # their views point into the old storage
+            self.storage = []
+            self.storage = [torch.zeros(size, dtype=like.dtype, device=like.device) for _ in range(2 * n_layers)]
+        views = [t[:size].view(shape) for t in self.storage]
+        built, inputs = {}, {}
+        for layer, hook in hooks.items():
+            replay: Replay | None = getattr(hook, "replay", None)
+            if replay is None:
+                built[layer] = hook
+            else:
+                inputs[layer] = tuple(t.detach().clone() for t in replay.inputs)
+                built[layer] = replay.build(*inputs[layer])
+        step = _StaticStep(model, views[0::2], views[1::2], built)
+        step.replay_inputs = inputs
+        if like.device.type == "cuda" and self.capture_error is None:
+            try:
+                step.capture()
+                self.captures += 1
+            except RuntimeError as err:  # a kernel that cannot be captured: decode uncaptured from now on
+                self.capture_error = f"{type(err).__name__}: {err}".splitlines()[0]
+                logging.getLogger(__name__).warning(f"static decoding: CUDA graph capture failed "
+                                                    f"({self.capture_error}); decoding without a graph")
+                step.graph = None
+        self.steps[key] = step
+        while len(self.steps) > GRAPHS_PER_MODEL:
+            self.steps.popitem(last=False)
+        return step
+
+
+_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _step_cache(model: torch.nn.Module) -> _StepCache:
+    return _STEPS.setdefault(model, _StepCache())
+
+
+def _static_step(model: torch.nn.Module, rows: int, columns: int, kv: list[tuple[torch.Tensor, torch.Tensor]],
+                 hooks: dict[int, ResidualHook]) -> _StaticStep:
+    """The model's step for `rows` rows, `columns` KV columns and the hooks that act in decode steps (hooks
+    marked `prefill_only` return None there and are left out), re-used across calls and batches."""
+    decode_hooks = {layer: hook for layer, hook in hooks.items() if not getattr(hook, "prefill_only", False)}
+    return _step_cache(model).get(model, rows, columns, kv[0][0], len(kv), decode_hooks)

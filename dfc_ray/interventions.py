@@ -26,7 +26,7 @@ from torch import Tensor
 from dfc_ray.config import SPLICE_MODES, STEER_SITES, SpliceMode, SteerSite
 from dfc_ray.crosscoder import DedicatedFeatureCrosscoder
 from dfc_ray.generation import (Generation, GenerationConfig, HookContext, PrefixCache, ResidualHook, generate,
-                                leaves_prefix_alone, residual_hooks)
+                                leaves_prefix_alone, prefill_only, replayable, residual_hooks)
 from dfc_ray.harvest import Record, left_pad, residual_after_blocks
 
 MODELS = {"a": 0, "b": 1}
@@ -152,7 +152,7 @@ def prefill_edit_hook(edit: PairEdit, target: str, other: Sequence[Tensor], mode
             full[i, real] = other[r].to(hidden.dtype)
         return _apply_edit(hidden, ctx.real_mask, full, edit, m)
 
-    return leaves_prefix_alone(hook) if splice.leaves_prefix_alone else hook
+    return prefill_only(leaves_prefix_alone(hook) if splice.leaves_prefix_alone else hook)
 
 
 # ---------------------------------------------------------------- lockstep
@@ -302,6 +302,10 @@ def add_hook(delta: Tensor, positions: str = "last_prompt_token") -> ResidualHoo
             select = ctx.real_mask
         return hidden + select[..., None].to(hidden.dtype) * delta.to(hidden.device, hidden.dtype)
 
+    if not site.in_decode:
+        hook = prefill_only(hook)
+    else:  # static decoding re-uses one captured step for every vector at this site
+        hook = replayable(hook, ("add_hook", positions), (delta,), lambda d: add_hook(d, positions))
     return leaves_prefix_alone(hook) if site.leaves_prefix_alone else hook
 
 

@@ -2,6 +2,7 @@
 
 import random
 
+import numpy as np
 import pytest
 import torch
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
@@ -291,3 +292,104 @@ def test_bad_prompts_rejected(model, tokenizer):
         generate(model, tokenizer, "w10 w11")
     with pytest.raises(ValueError, match=r"prompts\[1\] is empty"):
         generate(model, tokenizer, ["w10", ""])
+
+
+# ---------------------------------------------------------------- static decoding (the CUDA-graph formulation, on CPU)
+
+
+def static(cfg: GenerationConfig) -> GenerationConfig:
+    return GenerationConfig(**{**vars(cfg), "decode": "static"})
+
+
+def replies(outs):
+    return [(o.token_ids, o.finish_reason, o.text, o.prompt_tokens) for o in outs]
+
+
+def test_static_decoding_gives_the_eager_replies_with_every_kind_of_hook(model, tokenizer, prompts):
+    """The static step (preallocated KV, every column attended under a mask, finished rows decoding on, stop
+    checks every few steps) gives the eager loop's token ids, reasons and texts in fp32, with the judges' hooks:
+    a vector at the last prompt token, at generated positions and at all positions, a recording hook."""
+    from dfc_ray.interventions import add_hook
+
+    free = generate(model, tokenizer, prompts, GenerationConfig(max_new_tokens=12, stop_strings=()))
+    vocab = tokenizer.get_vocab()
+    word = next(w for w in WORDS if sum(vocab[w] in o.token_ids[1:-1] for o in free) >= 2)  # rows stop mid-batch
+    cfg = GenerationConfig(max_new_tokens=12, batch_size=4, stop_strings=(word,))
+    delta = 4.0 * torch.randn(D_MODEL, generator=torch.Generator().manual_seed(2))
+    seen, reasons = [], set()
+    for hooks in (None, {1: add_at_last_prompt_token(delta)}, {2: add_hook(0.3 * delta, "generated")},
+                  {0: add_hook(0.2 * delta, "all"), 3: lambda h, ctx: seen.append(ctx.is_prefill)}):
+        eager = generate(model, tokenizer, prompts, cfg, hooks)
+        assert replies(generate(model, tokenizer, prompts, static(cfg), hooks)) == replies(eager)
+        reasons |= {o.finish_reason for o in eager}
+    assert reasons >= {"stop", "length"}
+    assert seen.count(False) > 0 and seen.count(True) == 2 * 2  # both loops: 2 batches prefilled, decode steps seen
+
+
+def test_static_decoding_re_uses_its_step_for_new_vectors_and_stops_like_eager(tokenizer):
+    """Successive calls with different vectors at generated positions re-use one step (the vector is copied
+    into it) and still match eager; eos, a stop string completed by an added token and length as in eager."""
+    from dfc_ray.generation import _step_cache
+    from dfc_ray.interventions import add_hook
+
+    chain = {"w11": "w12", "w12": "<tool_call>", "<tool_call>": "w13", "w13": "</tool_call>",
+             "</tool_call>": "w14", "w15": "w16", "w16": "<|im_end|>", "w17": "<|endoftext|>",
+             "w18": "w19", "w19": "w18", "w30": "w35", "w31": "w36"}
+    m = successor_model(tokenizer, chain)
+    prompts = ["w20 w20 w20 w11", "w15", "w20 w17", "w20 w20 w20 w20 w20 w18"]
+    cfg = GenerationConfig(max_new_tokens=6, decode="static")
+    outs = generate(m, tokenizer, prompts, cfg)
+    assert [o.finish_reason for o in outs] == ["stop", "eos", "eos", "length"]
+    assert [o.text for o in outs] == ["w12 <tool_call> w13 </tool_call>", "w16", "", "w19 w18 w19 w18 w19 w18"]
+    outs = generate(m, tokenizer, prompts[3:], GenerationConfig(**{**vars(cfg), "stop_strings": ("w18 w19",)}))
+    assert (outs[0].text, outs[0].finish_reason) == ("w19 w18 w19", "stop")
+    vocab = tokenizer.get_vocab()
+    steps = _step_cache(m).steps
+    for i, word in enumerate(("w30", "w31", "w30")):  # a vector that makes every next token `word`'s successor
+        delta = torch.zeros(D_MODEL)
+        delta[vocab[word]] = 50.0
+        hooks = {N_LAYERS - 1: add_hook(delta, "generated")}
+        got = generate(m, tokenizer, prompts, cfg, hooks)
+        assert replies(got) == replies(generate(m, tokenizer, prompts, GenerationConfig(max_new_tokens=6), hooks))
+        assert got[3].token_ids[1] == vocab[chain[word]]
+        if i == 0:
+            before = dict(steps)
+    assert dict(steps) == before  # the later vectors replayed the first one's step
+
+
+def test_static_decoding_on_a_prefix_cache_and_its_refusals(model, tokenizer, prompts):
+    from dfc_ray.generation import PrefixCache, decode_mode
+    from dfc_ray.interventions import Lockstep
+
+    cfg = GenerationConfig(max_new_tokens=10, batch_size=3, stop_strings=())
+    delta = 4.0 * torch.randn(D_MODEL, generator=torch.Generator().manual_seed(3))
+    prompts = [p for p in prompts if len(p.split()) >= 2]  # a prefix to cache in every batch
+    cache = PrefixCache(model)
+    eager = generate(model, tokenizer, prompts, cfg, {1: add_at_last_prompt_token(delta)}, prefix_cache=cache)
+    steered = generate(model, tokenizer, prompts, static(cfg), {1: add_at_last_prompt_token(delta)}, prefix_cache=cache)
+    assert replies(steered) == replies(eager) and cache.hits == 2
+    assert decode_mode(model, cfg) == "eager"  # auto: eager on CPU (docs/generation.md says why)
+    assert decode_mode(model, static(cfg)) == "static"
+    with pytest.raises(ValueError, match="decode='static': Lockstep is not a transformers causal LM"):
+        generate(Lockstep(model, model, 1, lambda x: x[:, 0], "a"), tokenizer, prompts[:1], static(cfg))
+    with pytest.raises(ValueError, match="GenerationConfig.decode='static': expected 'eager' or 'auto' when do_sample"):
+        GenerationConfig(do_sample=True, decode="static")
+
+
+@pytest.mark.parametrize("stops", [("w18 w19", "</tool_call>", "w2"), ("w19 ",)], ids=["ascii-ends", "space-end"])
+def test_stop_checks_on_candidate_tokens_only_equal_checking_every_token(model, tokenizer, stops):
+    """Static decoding checks the stop rule only at tokens that can complete a stop string (their own text
+    holds its last character) and reads tokens back in blocks: same stopping point and reason as the eager
+    loop's check after every token, on random replies (eos among them)."""
+    from dfc_ray.generation import _Decoder, _StopScan
+
+    decoder = _Decoder(model, tokenizer, GenerationConfig(stop_strings=stops), None)
+    replies_ = np.random.default_rng(0).integers(0, len(tokenizer), (200, 30))
+    scan = _StopScan(decoder, len(replies_))
+    for block in np.split(replies_, [1, 8, 9, 20], axis=1):
+        scan.update(block)
+    completions, reasons = [[] for _ in replies_], [None] * len(replies_)
+    for r, reply in enumerate(replies_.tolist()):
+        any(decoder._finish(completions, reasons, r, token) for token in reply)
+    assert scan.completions == completions and scan.reasons == reasons
+    assert {"stop", "eos"} <= set(reasons)

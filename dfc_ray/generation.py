@@ -41,8 +41,9 @@ STATIC_COLUMNS = 64
 """Static decoding rounds its KV length up to a multiple of this, so batches of similar prompts share a graph."""
 GRAPHS_PER_MODEL = 8
 """Captured decode steps kept per model (least recently used dropped first); their KV storage is shared."""
-STATIC_MODEL_TYPES = ("llama", "qwen2", "qwen3")
-"""Decoder families whose forward static decoding reproduces: embed → rotary → blocks → norm → lm_head."""
+STATIC_MODEL_TYPES = ("llama", "qwen2")
+"""Decoder families whose blocks static decoding runs from their modules: pre-norm attention with q/k/v/o
+projections and rotary embeddings, then a pre-norm MLP."""
 
 
 @dataclass
@@ -274,7 +275,8 @@ def generate(
 
 def static_decode_unsupported(model: torch.nn.Module) -> str | None:
     """Why static decoding cannot run `model`, or None when it can: a transformers causal LM of a family whose
-    forward is embed → rotary → full-attention blocks → norm → lm_head, with sdpa or eager attention."""
+    forward is embed → rotary → full-attention blocks → norm → lm_head, with sdpa attention and a rope whose
+    frequencies do not change with the length."""
     config, inner = getattr(model, "config", None), getattr(model, "model", None)
     parts = ("embed_tokens", "rotary_emb", "norm", "layers")
     if config is None or inner is None or not all(hasattr(inner, p) for p in parts) or \
@@ -284,10 +286,11 @@ def static_decode_unsupported(model: torch.nn.Module) -> str | None:
         return f"model_type {config.model_type!r} is not one of {list(STATIC_MODEL_TYPES)}"
     if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ()):
         return "the model has sliding-window layers"
-    if config._attn_implementation not in ("sdpa", "eager"):
-        return f"attention implementation {config._attn_implementation!r} is not sdpa or eager"
-    if getattr(inner.rotary_emb, "rope_type", "default") != "default":
-        return f"rope type {inner.rotary_emb.rope_type!r} is not the default"
+    if config._attn_implementation != "sdpa":
+        return f"attention implementation {config._attn_implementation!r} is not sdpa"
+    rope = getattr(inner.rotary_emb, "rope_type", "default")
+    if "dynamic" in rope or rope == "longrope":
+        return f"rope type {rope!r} changes with the sequence length"
     return None
 
 
@@ -355,13 +358,12 @@ class _Decoder:
         step.load(_cache_tensors(cache), mask, first, prompt_lens, all_rows)
         del cache, logits
         checked = 1
-        with step.active():
-            for s in range(1, steps + 1):
-                step(s)
-                if s % STOP_CHECK_EVERY == 0 or s == steps:
-                    if scan.update(step.out[:, checked:s + 1].cpu().numpy()):
-                        break
-                    checked = s + 1
+        for s in range(1, steps + 1):
+            step(s)
+            if s % STOP_CHECK_EVERY == 0 or s == steps:
+                if scan.update(step.out[:, checked:s + 1].cpu().numpy()):
+                    break
+                checked = s + 1
         return scan.results(prompt_ids)
 
     def _run_eager(self, prompt_ids: list[list[int]], rows: list[int]) -> list[Generation]:
@@ -546,33 +548,29 @@ class _StopScan:
                 for ids, reason, p in zip(self.completions, self.reasons, prompt_ids)]
 
 
-class _StaticKV:
-    """The KV cache the decoder blocks see during a static step: `update` writes the step's keys and values
-    at `column` in place and returns the layer's whole buffers (the mask hides the columns not written yet;
-    they hold zeros or an earlier batch's values, finite either way, so their zero weights stay zero)."""
-
-    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], column: torch.Tensor):
-        self.keys, self.values, self.column = keys, values, column
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        keys, values = self.keys[layer_idx], self.values[layer_idx]
-        keys.index_copy_(2, self.column, key_states)
-        values.index_copy_(2, self.column, value_states)
-        return keys, values
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 class _StaticStep:
     """One greedy decode step for `rows` rows over buffers of fixed shape and address.
 
-    It feeds `tokens` at `positions`, writes each layer's K/V at `column`, attends to the columns the mask
-    allows, writes the argmax into `out[:, index]` and advances every counter on the device: consecutive
-    calls decode consecutive tokens with nothing read or written by the host, so on CUDA it is captured
-    once (`capture`) and replayed.
+    It feeds `tokens` at `positions` through the decoder blocks, writes each layer's K/V at `column` into
+    `keys`/`values`, attends to the columns `mask` allows, writes the argmax into `out[:, index]` and
+    advances every counter on the device: consecutive calls decode consecutive tokens with nothing read or
+    written by the host, so on CUDA it is captured once (`capture`) and replayed.
+
+    The blocks are run from their own modules (norms, projections, rotary embedding, MLP) with the attention
+    written out here as transformers' sdpa path computes one query token (the query heads grouped by their
+    KV head, no repeated KV): the same arithmetic as the eager loop, independent of the transformers version.
+    Columns not written yet hold zeros or an earlier batch's values — finite, so their zero weights stay zero.
     """
 
     def __init__(self, model: torch.nn.Module, keys: list[torch.Tensor], values: list[torch.Tensor],
                  hooks: dict[int, ResidualHook]):
         self.model, self.inner, self.layers = model, model.model, decoder_layers(model)
+        self.keys, self.values = keys, values
         rows, _, columns, _ = keys[0].shape
         dev = keys[0].device
         self.tokens = torch.zeros(rows, dtype=torch.long, device=dev)
@@ -583,19 +581,15 @@ class _StaticStep:
         self.out = torch.zeros((rows, columns), dtype=torch.long, device=dev)
         self.rows = torch.zeros(rows, dtype=torch.long, device=dev)
         self.ctx = HookContext(1, False, torch.ones((rows, 1), dtype=torch.bool, device=dev), None, self.rows)
-        self.kv = _StaticKV(keys, values, self.column)
         self.hooks = hooks
         self.replay_inputs: dict[int, tuple[torch.Tensor, ...]] = {}
-        self.additive = model.config._attn_implementation == "eager"  # transformers' eager attention adds its mask
-        params = inspect.signature(self.layers[0].forward).parameters
-        self.cache_kw = "cache" if "cache" in params else "past_key_values"
         self.graph: torch.cuda.CUDAGraph | None = None
 
     def load(self, kv: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor, first: torch.Tensor,
              prompt_lens: torch.Tensor, rows: torch.Tensor) -> None:
         """Start a batch: its prompts' KV cache, attention mask (n, width), first tokens, lengths and rows."""
         width = mask.shape[1]
-        for (keys, values), target_keys, target_values in zip(kv, self.kv.keys, self.kv.values):
+        for (keys, values), target_keys, target_values in zip(kv, self.keys, self.values):
             target_keys[:, :, :width].copy_(keys)
             target_values[:, :, :width].copy_(values)
         self.mask.zero_()
@@ -607,19 +601,43 @@ class _StaticStep:
         self.out[:, 0].copy_(first)
         self.rows.copy_(rows)
 
+    def _block(self, i: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Decoder block i for one token per row, (rows, 1, d_model) → the residual after it."""
+        layer = self.layers[i]
+        attn = layer.self_attn
+        x = layer.input_layernorm(hidden)
+        heads = (*x.shape[:-1], -1, attn.head_dim)
+        query = attn.q_proj(x).view(heads).transpose(1, 2)
+        key = attn.k_proj(x).view(heads).transpose(1, 2)
+        value = attn.v_proj(x).view(heads).transpose(1, 2)
+        query = query * cos + _rotate_half(query) * sin
+        key = key * cos + _rotate_half(key) * sin
+        self.keys[i].index_copy_(2, self.column, key)
+        self.values[i].index_copy_(2, self.column, value)
+        rows, n_heads, _, head_dim = query.shape
+        kv_heads = key.shape[1]
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query.reshape(rows, kv_heads, n_heads // kv_heads, head_dim), self.keys[i], self.values[i],
+            attn_mask=self.mask, scale=attn.scaling)
+        out = out.reshape(rows, n_heads, 1, head_dim).transpose(1, 2).contiguous().reshape(*x.shape[:-1], -1)
+        hidden = hidden + attn.o_proj(out)
+        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
     def forward(self) -> None:
         """The step: only device work on the buffers (no host sync, no data-dependent shape)."""
         self.mask.index_fill_(3, self.column, True)
-        mask = self.mask
         hidden = self.inner.embed_tokens(self.tokens[:, None])
-        if self.additive:
-            mask = torch.zeros(mask.shape, dtype=hidden.dtype, device=mask.device).masked_fill_(
-                ~mask, torch.finfo(hidden.dtype).min)
-        position_embeddings = self.inner.rotary_emb(hidden, self.positions)
-        for layer in self.layers:
-            hidden = layer(hidden, attention_mask=mask, position_ids=self.positions, use_cache=True,
-                           position_embeddings=position_embeddings, **{self.cache_kw: self.kv})
-            hidden = hidden[0] if isinstance(hidden, tuple) else hidden  # transformers 4.x blocks return tuples
+        cos, sin = self.inner.rotary_emb(hidden, self.positions)
+        cos, sin = cos[:, None], sin[:, None]  # over the heads
+        for i in range(len(self.layers)):
+            hidden = self._block(i, hidden, cos, sin)
+            if i in self.hooks:
+                new = self.hooks[i](hidden, self.ctx)
+                if new is not None:
+                    if new.shape != hidden.shape:
+                        raise ValueError(f"hook at layer {i} returned shape {tuple(new.shape)}, "
+                                         f"expected {tuple(hidden.shape)}")
+                    hidden = new
         logits = self.model.get_output_embeddings()(self.inner.norm(hidden))[:, -1]
         token = logits.float().argmax(-1)
         self.index += 1
@@ -632,17 +650,13 @@ class _StaticStep:
         """Record `forward` as a CUDA graph (after one warm-up run on a side stream; `load` comes after)."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), residual_hooks(self.model, self.hooks, self.ctx):
+        with torch.cuda.stream(side):
             self.forward()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with residual_hooks(self.model, self.hooks, self.ctx), torch.cuda.graph(graph):
+        with torch.cuda.graph(graph):
             self.forward()
         self.graph = graph
-
-    def active(self):
-        """Context for the decode loop: the hooks are registered unless the step replays a graph."""
-        return residual_hooks(self.model, None if self.graph is not None else self.hooks, self.ctx)
 
     def __call__(self, step: int) -> None:
         """Decode token `step` (1 = the first after the prefill's)."""

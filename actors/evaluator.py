@@ -74,8 +74,9 @@ class Evaluator(PairReplica):
         other = None
         if cfg.splice.leaves_prefix_alone:
             other = self.last_residuals("b" if target == "a" else "a", prompts, layer, cfg.batch_size)[:, None]
-        return generate_spliced(self.model_a, self.model_b, self.tokenizer, prompts, cfg.generation(), cc, layer,
-                                target, cfg.splice_mode, other=other, prefix_cache=self.prefix[target])
+        return generate_spliced(self.model_a, self.model_b, self.tokenizer, prompts, self.generation(cfg.generation(),
+                                prompts), cc, layer, target, cfg.splice_mode, other=other,
+                                prefix_cache=self.prefix[target])
 
     def _loss(self, cc, layer: int, target: str, cfg: EvalConfig) -> SpliceLoss | None:
         if not cfg.n_texts:

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import torch
 
-from dfc_ray.generation import Generation, GenerationConfig, PrefixCache, generate
+from dfc_ray.generation import Generation, GenerationConfig, PrefixCache, generate, memory_batch_size
 from dfc_ray.interventions import last_prompt_residuals, model_index
 from dfc_ray.pair import PairSpec, load_pair, pair_fingerprint
 from dfc_ray.plan import peak_memory_mb
@@ -37,6 +37,7 @@ class PairReplica:
     _clean: dict[str, list[Generation]]
     _residuals: dict[str, torch.Tensor]
     _references: dict[str, torch.Tensor]
+    _batches: dict[str, int]
 
     def __init__(self, pair: PairSpec, shared: PairReplica | None = None):
         """`shared`: a replica of the same pair in this process whose models and caches this one uses (an
@@ -49,15 +50,27 @@ class PairReplica:
             self.model_a, self.model_b, self.tokenizer = shared.model_a, shared.model_b, shared.tokenizer
             self.device, self.fingerprint, self.prefix = shared.device, shared.fingerprint, shared.prefix
             self._clean, self._residuals, self._references = shared._clean, shared._residuals, shared._references
+            self._batches = shared._batches
             return
         self.model_a, self.model_b, self.tokenizer = load_pair(pair)
         self.device = next(self.model_a.parameters()).device
         self.fingerprint = pair_fingerprint(pair)
         self.prefix = {"a": PrefixCache(self.model_a), "b": PrefixCache(self.model_b)}
-        self._clean, self._residuals, self._references = {}, {}, {}
+        self._clean, self._residuals, self._references, self._batches = {}, {}, {}, {}
 
     def model(self, target: str) -> torch.nn.Module:
         return (self.model_a, self.model_b)[model_index(target)]
+
+    def generation(self, cfg: GenerationConfig, prompts: list[str]) -> GenerationConfig:
+        """`cfg` with this replica's batch size for `prompts`: on a GPU the largest that fits the free memory
+        (up to 256), chosen on first use and then kept for these prompts, so clean and intervened replies
+        are decoded in the same batches and the prefix cache's entries are re-used; elsewhere cfg's own."""
+        key = json.dumps([prompts, cfg.max_new_tokens])
+        if key not in self._batches:
+            longest = max((len(ids) for ids in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]),
+                          default=1)
+            self._batches[key] = memory_batch_size(self.model_a, longest, cfg.max_new_tokens) or cfg.batch_size
+        return replace(cfg, batch_size=self._batches[key])
 
     def clean_replies(self, target: str, prompts: list[str], cfg: GenerationConfig,
                       prefix: bool = True) -> list[Generation]:
@@ -69,7 +82,7 @@ class PairReplica:
             self.clean_hits += 1
         else:
             self.clean_misses += 1
-            self._clean[key] = generate(self.model(target), self.tokenizer, prompts, cfg,
+            self._clean[key] = generate(self.model(target), self.tokenizer, prompts, self.generation(cfg, prompts),
                                         prefix_cache=self.prefix[target] if prefix else None)
         return self._clean[key]
 
@@ -97,4 +110,5 @@ class PairReplica:
         return {"pid": os.getpid(), "device": str(self.device), "cuda": torch.cuda.is_available(),
                 "clean_hits": self.clean_hits, "clean_misses": self.clean_misses,
                 "prefix_batches": {t: len(c) for t, c in self.prefix.items()},
-                "prefix_hits": {t: c.hits for t, c in self.prefix.items()}, "peak_mem_mb": peak_memory_mb()}
+                "prefix_hits": {t: c.hits for t, c in self.prefix.items()}, "peak_mem_mb": peak_memory_mb(),
+                "generation_batches": sorted(set(self._batches.values()))}

@@ -228,8 +228,9 @@ class Steerer(PairReplica):
         if key in self._steered:
             self._steered.move_to_end(key)
         else:
-            self._steered[key] = generate_steered(self.model(target), self.tokenizer, prompts, cfg.generation(), layer,
-                                                  delta, cfg.positions, prefix_cache=self.prefix[target])
+            self._steered[key] = generate_steered(self.model(target), self.tokenizer, prompts,
+                                                  self.generation(cfg.generation(), prompts), layer, delta,
+                                                  cfg.positions, prefix_cache=self.prefix[target])
             while len(self._steered) > STEERED_CACHE:
                 self._steered.popitem(last=False)
         return self._steered[key]

@@ -41,6 +41,11 @@ STATIC_COLUMNS = 64
 """Static decoding rounds its KV length up to a multiple of this, so batches of similar prompts share a graph."""
 GRAPHS_PER_MODEL = 8
 """Captured decode steps kept per model (least recently used dropped first); their KV storage is shared."""
+MAX_MEMORY_BATCH = 256
+"""Largest batch `memory_batch_size` picks: at 256 rows a 3B model's decode step already streams its weights
+once per ~4 ms of compute on an H200, and larger batches only grow the KV cache."""
+MEMORY_SHARE = 0.5
+"""Share of the free device memory a decode batch may plan to use (the rest: caches that fill later)."""
 STATIC_MODEL_TYPES = ("llama", "qwen2")
 """Decoder families whose blocks static decoding runs from their modules: pre-norm attention with q/k/v/o
 projections and rotary embeddings, then a pre-norm MLP."""
@@ -292,6 +297,34 @@ def static_decode_unsupported(model: torch.nn.Module) -> str | None:
     if "dynamic" in rope or rope == "longrope":
         return f"rope type {rope!r} changes with the sequence length"
     return None
+
+
+def decode_bytes_per_row(config, dtype_bytes: int, prompt_tokens: int, max_new_tokens: int) -> int:
+    """Device memory one prompt of a decode batch needs: its static KV buffers, the prefill's KV cache and
+    its prefix-cache copy, one block's activations during the prefill, and the logits."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_token = config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * dtype_bytes
+    kv = kv_token * (prompt_tokens + max_new_tokens + STATIC_COLUMNS + 2 * prompt_tokens)
+    prefill = prompt_tokens * (3 * config.intermediate_size + 6 * config.hidden_size) * dtype_bytes
+    return kv + prefill + 12 * config.vocab_size  # logits in the model dtype, as float, and the argmax's
+
+
+def batch_for_memory(bytes_per_row: int, free_bytes: int) -> int:
+    """The largest batch whose rows fit MEMORY_SHARE of `free_bytes`, within [1, MAX_MEMORY_BATCH]."""
+    return max(1, min(MAX_MEMORY_BATCH, int(MEMORY_SHARE * free_bytes) // max(bytes_per_row, 1)))
+
+
+def memory_batch_size(model: torch.nn.Module, prompt_tokens: int, max_new_tokens: int) -> int | None:
+    """The decode batch that fits the free memory of the model's CUDA device (None on other devices, where
+    a fixed batch is used: on CPU larger batches gain nothing). Free = the driver's free memory plus what
+    torch's allocator holds unused."""
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    dtype_bytes = next(model.parameters()).element_size()
+    return batch_for_memory(decode_bytes_per_row(model.config, dtype_bytes, prompt_tokens, max_new_tokens), free)
 
 
 def decode_mode(model: torch.nn.Module, cfg: GenerationConfig) -> str:

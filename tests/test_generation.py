@@ -393,3 +393,24 @@ def test_stop_checks_on_candidate_tokens_only_equal_checking_every_token(model, 
         any(decoder._finish(completions, reasons, r, token) for token in reply)
     assert scan.completions == completions and scan.reasons == reasons
     assert {"stop", "eos"} <= set(reasons)
+
+
+def test_judge_batches_come_from_free_memory_on_a_gpu_and_stay_fixed_on_cpu():
+    """A 3B pair on an H200 decodes 128–256 prompts at once (the issue's target), a small GPU fewer; on CPU a
+    replica keeps the spec's batch (tests/test_generation.py's CPU timings gain nothing from larger ones)."""
+    from transformers import Qwen2Config
+
+    from actors.replica import PairReplica
+    from dfc_ray.generation import batch_for_memory, decode_bytes_per_row
+    from dfc_ray.pair import PairSpec
+
+    qwen3b = Qwen2Config(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
+                         intermediate_size=11008, vocab_size=151936)
+    per_row = decode_bytes_per_row(qwen3b, 2, 370, 128)
+    assert 40e6 < per_row < 150e6  # ~36 KB of KV per token and position, three copies, plus the prefill's MLP
+    h200_free = 139 * 2**30 - 2 * 6.2e9 - 15e9  # both models' bf16 weights and the judges' prefix caches
+    assert 128 <= batch_for_memory(per_row, h200_free) <= 256
+    assert 1 < batch_for_memory(per_row, 4e9) < 32 and batch_for_memory(per_row, 0) == 1
+    replica = PairReplica(PairSpec())
+    cfg = GenerationConfig(batch_size=7)
+    assert replica.generation(cfg, ["a prompt", "another"]) == cfg and replica.stats()["generation_batches"] == [7]

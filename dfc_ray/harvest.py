@@ -19,11 +19,17 @@ Positions (`HarvestConfig.positions`):
 - `text_end`: the seed study's training positions (weakness 4): one row per record, its LAST token — a
   plain text's end, a prompt's end, or the end of A's reply when the corpus has responses.
 
-The work is cut into fixed groups of `batch_size` records. A group is the unit of computation
-(one padded batch) and of resumption: `harvest.json` beside the layers records how many rows each
-finished group produced, so a re-run starts at the first group whose rows are not all in
-recorded shards and replays nothing else. A harvest lives under `<store>/<content hash>/`, the
-hash covering the pair, the corpus and every setting, so a second sweep on the same data reuses it.
+The work is cut into fixed groups of `batch_size` records, and the groups into parts (`plan_parts`: runs
+of consecutive groups, a function of the corpus and the hashed settings only). A group is the unit of
+computation (one padded batch); a part is the unit of work and of writing: one worker computes its groups
+and writes their rows into the part's own shards of every layer (`ShardWriter(part=...)`), so there is no
+single writer to wait for, and once every part is complete the driver gathers the parts' manifests into
+each layer's manifest (rows in group order). Each part resumes on its own: `parts/part-00003.json`
+records how many rows each of its finished groups produced before they can reach a recorded shard, so a
+re-run starts at the part's first group whose rows are not all in recorded shards and replays nothing
+else; `harvest.json` (the driver's) holds the settings, the parts and every finished group's rows and
+node. A harvest lives under `<store>/<content hash>/`, the hash covering the pair, the corpus and every
+setting, so a second sweep on the same data reuses it.
 """
 
 from __future__ import annotations
@@ -33,9 +39,10 @@ import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
+import pyarrow.fs as pafs
 import torch
 from rich.progress import Progress
 
@@ -49,6 +56,7 @@ from dfc_ray.tooluse import load_tasks, render_prompt
 MIX_LAST_PROMPT_REPEATS = 16
 """Extra copies of each record's last prompt token under positions = mix_last_prompt."""
 PROGRESS = "harvest.json"
+"""The driver's progress file at the harvest's root: settings, parts, each group's rows and node."""
 
 
 @dataclass
@@ -168,46 +176,55 @@ def left_pad(records: Sequence[Record], pad_id: int) -> tuple[torch.Tensor, torc
     return ids, mask
 
 
+SINK_POSITIONS = ("all_tokens", "prompt", "mix_last_prompt")
+"""Positions whose rows drop attention sinks (they need the per-token norms)."""
+
+
 def select_positions(records: Sequence[Record], width: int, positions: str,
                      norms: torch.Tensor | None = None, sink_factor: float = 10.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row index, column index) of the harvested positions in a left-padded batch of `width` columns.
+    """(row index, column index) of the harvested positions in a left-padded batch of `width` columns,
+    record by record, columns ascending (mix_last_prompt's repeats after each record's own columns).
 
     With left padding every row ends at column width-1, so a record's last prompt token sits at
-    column width-1-len(response). `norms` is `(2, batch, width)` (per model) for the sink filter.
+    column width-1-len(response). `norms` is `(2, batch, width)` (per model) for the sink filter; the
+    selection is computed on its device as masks over the whole batch (no per-token Python).
     """
-    row_index, col_index = [], []
-    for i, record in enumerate(records):
-        end, n_resp = width, len(record.response_ids)
-        start = width - len(record.prompt_ids) - n_resp
-        last_prompt = end - 1 - n_resp
-        if positions == "last_prompt_token":
-            cols = [last_prompt]
-        elif positions == "text_end":
-            cols = [end - 1]
-        elif positions == "prompt_and_response":
-            cols = list(range(last_prompt, end))
-        else:  # all_tokens / prompt / mix_last_prompt, minus attention sinks (each model's median norm, this record)
-            assert norms is not None
-            stop = last_prompt + 1 if positions == "prompt" else end
-            record_norms = norms[:, i, start:stop]
-            keep = (record_norms <= sink_factor * record_norms.median(dim=1, keepdim=True).values).all(0)
-            cols = [start + j for j in torch.nonzero(keep).flatten().tolist()]
-            if positions == "mix_last_prompt":
-                cols += [last_prompt] * MIX_LAST_PROMPT_REPEATS
-        row_index += [i] * len(cols)
-        col_index += cols
-    return torch.tensor(row_index, dtype=torch.long), torch.tensor(col_index, dtype=torch.long)
+    device = norms.device if norms is not None else torch.device("cpu")
+    n_response = torch.tensor([len(r.response_ids) for r in records], device=device)
+    start = width - n_response - torch.tensor([len(r.prompt_ids) for r in records], device=device)
+    last_prompt = width - 1 - n_response
+    batch = torch.arange(len(records), device=device)
+    if positions == "last_prompt_token":
+        return batch, last_prompt
+    if positions == "text_end":
+        return batch, torch.full_like(batch, width - 1)
+    columns = torch.arange(width, device=device)[None]
+    if positions == "prompt_and_response":
+        return (columns >= last_prompt[:, None]).nonzero(as_tuple=True)
+    # all_tokens / prompt / mix_last_prompt, minus attention sinks (each model's median norm, this record)
+    assert norms is not None
+    stop = last_prompt + 1 if positions == "prompt" else torch.full_like(batch, width)
+    span = (columns >= start[:, None]) & (columns < stop[:, None])
+    median = norms.float().masked_fill(~span, float("nan")).nanmedian(dim=2, keepdim=True).values
+    rows, cols = (span & (norms <= sink_factor * median).all(0)).nonzero(as_tuple=True)
+    if positions == "mix_last_prompt":
+        rows = torch.cat([rows, batch.repeat_interleave(MIX_LAST_PROMPT_REPEATS)])
+        cols = torch.cat([cols, last_prompt.repeat_interleave(MIX_LAST_PROMPT_REPEATS)])
+        rows, order = rows.sort(stable=True)
+        cols = cols[order]
+    return rows, cols
 
 
 class PairActivations:
     """Hosts the pair (one replica) and turns groups of records into paired activation rows.
 
-    Used as a Ray Data actor UDF (`map_batches`), or called in-process by `harvest(..., use_ray=False)`.
-    Weights are loaded here from the spec: they never travel through the object store.
+    Used as a Ray Data actor UDF (`map_batches`, one part of the harvest per call, written to the store by
+    this actor), or called in-process by `harvest(..., use_ray=False)`. Weights are loaded here from the
+    spec: they never travel through the object store.
     """
 
-    def __init__(self, cfg: HarvestConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: HarvestConfig, uri: str | None = None):
+        self.cfg, self.uri = cfg, uri
         self.model_a, self.model_b = load_model(cfg.pair, "a"), load_model(cfg.pair, "b")
         self.tokenizer = load_tokenizer(cfg.pair)
         self.device = next(self.model_a.parameters()).device
@@ -224,55 +241,130 @@ class PairActivations:
             record.response_ids = list(out.token_ids)
         return records
 
-    def rows(self, records: list[Record]) -> dict[int, np.ndarray]:
-        """Layer → `(rows, 2, d_model)` float32 array for one group (one padded batch)."""
+    def rows(self, records: list[Record]) -> dict[int, torch.Tensor]:
+        """Layer → `(rows, 2, d_model)` tensor on the pair's device, in its dtype, for one group (one padded
+        batch); `ShardWriter.append` casts and copies it."""
         if self.cfg.corpus.with_responses:
             records = self.with_responses(records)
         ids, mask = left_pad(records, self.tokenizer.pad_token_id)
         ids, mask = ids.to(self.device), mask.to(self.device)
         acts = [residual_after_blocks(model, ids, mask, self.cfg.layers) for model in (self.model_a, self.model_b)]
         deepest = max(self.cfg.layers)
-        norms = torch.stack([acts[m][deepest].float().norm(dim=-1).cpu() for m in (0, 1)])
+        norms = torch.stack([acts[m][deepest].float().norm(dim=-1) for m in (0, 1)]) \
+            if self.cfg.positions in SINK_POSITIONS else None
         rows, cols = select_positions(records, ids.shape[1], self.cfg.positions, norms, self.cfg.sink_factor)
-        return {layer: torch.stack([acts[m][layer][rows.to(self.device), cols.to(self.device)] for m in (0, 1)], dim=1)
-                .float().cpu().numpy() for layer in self.cfg.layers}
+        rows, cols = rows.to(self.device), cols.to(self.device)
+        return {layer: torch.stack([acts[m][layer][rows, cols] for m in (0, 1)], dim=1) for layer in self.cfg.layers}
+
+    def run_part(self, uri: str, part: int, groups: list[list[Record]], node: str = "",
+                 on_group: Callable[[], None] | None = None) -> dict[str, list]:
+        """Compute (or resume) one part: its groups' rows into its own shards of every layer. Its progress
+        file records each group's rows before they can reach a recorded shard, so a re-run starts at the
+        first group not wholly in recorded shards and replays nothing else. Returns the progress."""
+        specs = _store_specs(self.cfg, uri, int(self.model_a.config.hidden_size))
+        writers = {layer: store.ShardWriter(uri, spec, part) for layer, spec in specs.items()}
+        progress = _read_json(uri, _part_progress(part)) or {"group_rows": [], "group_nodes": []}
+        start, before = _resume_point(progress["group_rows"], min(w.rows_done for w in writers.values()))
+        progress = {key: values[:start] for key, values in progress.items()}
+        for writer in writers.values():
+            writer.skip(before)
+        for group in groups[start:]:
+            rows = self.rows(group)
+            progress["group_rows"].append(len(next(iter(rows.values()))))
+            progress["group_nodes"].append(node)
+            _write_json(uri, _part_progress(part), progress)  # before the rows can reach a recorded shard
+            for layer, writer in writers.items():
+                writer.append(rows[layer])
+            if on_group is not None:
+                on_group()
+        for writer in writers.values():
+            writer.close()
+        return progress
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Ray Data UDF: a batch holding ONE group (`group`, `records` as JSON) → its rows, tagged."""
-        (group,), (payload,) = batch["group"], batch["records"]
+        """Ray Data UDF: a batch holding ONE part (`part`, `groups` as JSON) → that part written to the store;
+        returns its progress."""
+        (part,), (payload,) = batch["part"], batch["groups"]
         import ray  # deferred: this method only runs inside Ray Data
 
-        out = self.rows([Record(**r) for r in json.loads(payload)])
-        n = len(next(iter(out.values())))
-        return {"group": np.full(n, group, dtype=np.int64), "group_rows": np.full(n, n, dtype=np.int64),
-                "node": np.full(n, ray.get_runtime_context().get_node_id()),
-                **{f"layer_{layer}": rows for layer, rows in out.items()}}
+        node = ray.get_runtime_context().get_node_id()
+        assert self.uri is not None
+        if _read_json(self.uri, PROGRESS) is None:
+            raise ValueError(f"{redact(self.uri)}/{PROGRESS}: not visible from node {node}; the harvest actors write "
+                             "their own shards, so the store must be one every node reaches (s3:// or a shared folder)")
+        groups = [[Record(**r) for r in group] for group in json.loads(payload)]
+        progress = self.run_part(self.uri, int(part), groups, node)
+        return {"part": np.array([part], dtype=np.int64), "progress": np.array([json.dumps(progress)])}
 
 
 # ---------------------------------------------------------------- the pipeline
+
+
+PARTS_MAX = 64
+"""A harvest is cut into at most this many parts (runs of consecutive groups), each computed and written by one
+actor into its own shards: enough for 8 actors to balance, few enough that a part holds whole shards."""
+PARTS_DIR = "parts"
+
+
+def plan_parts(records: Sequence[Record], batch_size: int, shard_rows: int) -> list[tuple[int, int]]:
+    """(first group, end group) of each part: about shard_rows / 2 prompt tokens each (the work of a group
+    grows with its tokens), at least one group each, at most PARTS_MAX parts. A function of the corpus and
+    the settings in the content hash only (not of the number of actors), so a harvest resumed with other
+    resources keeps its layout."""
+    group_tokens = np.array([sum(len(r.prompt_ids) for r in records[i:i + batch_size])
+                             for i in range(0, len(records), batch_size)])
+    n_parts = max(1, min(len(group_tokens), PARTS_MAX, 2 * int(group_tokens.sum()) // shard_rows))
+    # cut where the running token count crosses each part's share; every part keeps at least one group
+    cuts = np.searchsorted(np.cumsum(group_tokens), group_tokens.sum() * np.arange(1, n_parts) / n_parts) + 1
+    ends = [0]
+    for cut in [*cuts.tolist(), len(group_tokens)]:
+        ends.append(min(max(cut, ends[-1] + 1), len(group_tokens) - (n_parts - len(ends))))
+    return list(zip(ends[:-1], ends[1:]))
 
 
 def _groups(records: list[Record], batch_size: int) -> list[list[Record]]:
     return [records[i:i + batch_size] for i in range(0, len(records), batch_size)]
 
 
-def _read_progress(uri: str) -> tuple[list[int], list[str]]:
-    """(rows of each group written so far, node id that computed each; "" when in-process)."""
+def _store_specs(cfg: HarvestConfig, uri: str, d_model: int) -> dict[int, store.StoreSpec]:
+    models = (f"A={cfg.pair.a}", f"B={cfg.pair.b}")
+    return {layer: store.StoreSpec(layer=layer, d_model=d_model, models=models, positions=cfg.positions,
+                                   harvest_hash=uri.rsplit("/", 1)[1], dtype=cfg.dtype, format=cfg.format,
+                                   shard_rows=cfg.shard_rows) for layer in cfg.layers}
+
+
+def _part_progress(part: int) -> str:
+    return f"{PARTS_DIR}/{store.part_name(part)}.json"
+
+
+def _read_json(uri: str, file: str) -> dict | None:
     fs, root = open_fs(uri)
     try:
-        with fs.open_input_stream(f"{root}/{PROGRESS}") as handle:
-            progress = json.loads(handle.read())
+        with fs.open_input_stream(f"{root}/{file}") as handle:
+            return json.loads(handle.read())
     except FileNotFoundError:
-        return [], []
-    rows = list(progress["group_rows"])
-    return rows, list(progress.get("group_nodes", [""] * len(rows)))
+        return None
 
 
-def _write_progress(uri: str, cfg: HarvestConfig, group_rows: list[int], group_nodes: list[str]) -> None:
-    data = json.dumps({"config": asdict(cfg) | {"store": redact(cfg.store)}, "group_rows": group_rows,
-                       "group_nodes": group_nodes}, default=str, indent=1).encode()
+def _write_json(uri: str, file: str, data: dict) -> None:
     fs, root = open_fs(uri)
-    write_file_atomic(fs, root, PROGRESS, data)
+    folder, _, name = f"{root}/{file}".rpartition("/")
+    if isinstance(fs, pafs.LocalFileSystem):
+        fs.create_dir(folder, recursive=True)
+    write_file_atomic(fs, folder, name, json.dumps(data, default=str, indent=1).encode())
+
+
+def _write_progress(uri: str, cfg: HarvestConfig, parts: list[tuple[int, int]], done: dict[int, dict]) -> None:
+    """harvest.json: the settings, the parts, and each group's rows and node (null until its part is done)."""
+    n_groups = parts[-1][1]
+    rows: list[int | None] = [None] * n_groups
+    nodes: list[str | None] = [None] * n_groups
+    for part, progress in done.items():
+        first = parts[part][0]
+        rows[first:first + len(progress["group_rows"])] = progress["group_rows"]
+        nodes[first:first + len(progress["group_nodes"])] = progress["group_nodes"]
+    _write_json(uri, PROGRESS, {"config": asdict(cfg) | {"store": redact(cfg.store)}, "parts": parts,
+                                "group_rows": rows, "group_nodes": nodes})
 
 
 def _resume_point(group_rows: list[int], rows_done: int) -> tuple[int, int]:
@@ -286,47 +378,53 @@ def _resume_point(group_rows: list[int], rows_done: int) -> tuple[int, int]:
     return start, before
 
 
-def _iter_group_outputs(cfg: HarvestConfig, groups: list[list[Record]], start: int,
-                        use_ray: bool) -> Iterator[tuple[int, dict[int, np.ndarray], str]]:
-    """(group index, layer → rows, Ray node id that computed it or "") for groups[start:], in order."""
-    todo = groups[start:]
+def _part_done(uri: str, layers: Sequence[int], part: int) -> dict | None:
+    """The part's progress if every layer's part manifest is complete, else None (it must run or resume)."""
+    for layer in layers:
+        manifest = store._Layer.at(uri, layer).read_manifest(f"{store.part_name(part)}.json")
+        if manifest is None or not manifest.complete:
+            return None
+    return _read_json(uri, _part_progress(part))
+
+
+def _run_parts(cfg: HarvestConfig, uri: str, groups: list[list[Record]], parts: list[tuple[int, int]],
+               todo: list[int], use_ray: bool, on_group: Callable[[], None]) -> Iterator[tuple[int, dict]]:
+    """(part, its progress) for every part in `todo` as it finishes: in this process, or one Ray Data task per
+    part on an actor pool of `num_actors` replicas (GPU when the cluster has GPUs) that write their own shards."""
     if not todo:
         return
     if not use_ray:
         extractor = PairActivations(cfg)
-        for offset, group in enumerate(todo):
-            yield start + offset, extractor.rows(group), ""
+        for part in todo:
+            first, end = parts[part]
+            yield part, extractor.run_part(uri, part, groups[first:end], on_group=on_group)
         return
     # deferred: Ray starts only for a Ray harvest
     import ray
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # rows must reach the writers in group order
     ctx.enable_progress_bars = False  # our own progress bar shows the groups
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     gpus = cfg.gpus_per_actor if cfg.gpus_per_actor >= 0 else (1 if ray.cluster_resources().get("GPU", 0) else 0)
-    items = [{"group": start + i, "records": json.dumps([asdict(r) for r in g])} for i, g in enumerate(todo)]
+    items = [{"part": part, "groups": json.dumps([[asdict(r) for r in group] for group in groups[slice(*parts[part])]])}
+             for part in todo]
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        PairActivations, fn_constructor_kwargs={"cfg": cfg}, batch_size=1, concurrency=cfg.num_actors,
-        num_gpus=gpus, num_cpus=0 if gpus else 1, resources=cfg.resources or None, batch_format="numpy")
-    pending: dict[int, list[dict[str, np.ndarray]]] = {}
+        PairActivations, fn_constructor_kwargs={"cfg": cfg, "uri": uri}, batch_size=1,
+        concurrency=min(cfg.num_actors, len(items)), num_gpus=gpus, num_cpus=0 if gpus else 1,
+        resources=cfg.resources or None, batch_format="numpy")
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        # Ray Data may split or merge the blocks of consecutive groups: regroup by tag and count.
-        for group in np.unique(batch["group"]):
-            part = {k: v[batch["group"] == group] for k, v in batch.items()}
-            pending.setdefault(int(group), []).append(part)
-            if sum(len(p["group"]) for p in pending[int(group)]) == int(part["group_rows"][0]):
-                parts = pending.pop(int(group))
-                rows = {layer: np.concatenate([p[f"layer_{layer}"] for p in parts]) for layer in cfg.layers}
-                yield int(group), rows, str(parts[0]["node"][0])
+        for part, progress in zip(batch["part"], batch["progress"]):  # Ray Data may merge finished parts
+            yield int(part), json.loads(str(progress))
 
 
 def harvest(cfg: HarvestConfig, *, use_ray: bool = True, progress: bool = True) -> HarvestResult:
     """Run (or resume, or reuse) a harvest and return where its layers are.
 
-    With `use_ray`, the pair is hosted by a Ray Data actor pool (`num_actors` replicas, GPU when the
-    cluster has GPUs) and the driver only writes shards; without, everything runs in this process.
+    The groups are cut into parts (`plan_parts`); each part is computed and written by one worker into its
+    own shards of every layer, then the driver gathers the parts' manifests into each layer's manifest.
+    With `use_ray`, the workers are a Ray Data actor pool (`num_actors` replicas, GPU when the cluster has
+    GPUs) and the driver writes nothing but the progress and the manifests; without, one process does all.
     """
 
     tokenizer = load_tokenizer(cfg.pair)
@@ -346,25 +444,26 @@ def harvest(cfg: HarvestConfig, *, use_ray: bool = True, progress: bool = True) 
     if len(manifests) == len(cfg.layers):
         return HarvestResult(uri, cfg.layers, manifests[cfg.layers[0]].total_rows, True, d_model, models)
 
-    writers = {layer: store.ShardWriter(uri, store.StoreSpec(
-        layer=layer, d_model=d_model, models=models, positions=cfg.positions, harvest_hash=uri.rsplit("/", 1)[1],
-        dtype=cfg.dtype, format=cfg.format, shard_rows=cfg.shard_rows)) for layer in cfg.layers}
     groups = _groups(records, cfg.batch_size)
-    group_rows, group_nodes = _read_progress(uri)
-    start, before = _resume_point(group_rows, min(w.rows_done for w in writers.values()))
-    group_rows, group_nodes = group_rows[:start], group_nodes[:start]
-    for writer in writers.values():
-        writer.skip(before)
+    previous = _read_json(uri, PROGRESS) or {}
+    parts = [tuple(p) for p in previous["parts"]] if "parts" in previous else \
+        plan_parts(records, cfg.batch_size, cfg.shard_rows)
+    done = {part: found for part in range(len(parts)) if (found := _part_done(uri, cfg.layers, part)) is not None}
+    _write_progress(uri, cfg, parts, done)  # the actors check that they see it (a store every node reaches)
+    for spec in _store_specs(cfg, uri, d_model).values():
+        store.begin_parts(uri, spec)
+    todo = [part for part in range(len(parts)) if part not in done]
     with Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task(f"harvest {len(records)} records → {redact(uri)}", total=len(groups), completed=start)
-        for group, rows, node in _iter_group_outputs(cfg, groups, start, use_ray):
-            group_rows.append(len(rows[cfg.layers[0]]))
-            group_nodes.append(node)
-            _write_progress(uri, cfg, group_rows, group_nodes)  # before the rows can reach a recorded shard
-            for layer, writer in writers.items():
-                writer.append(rows[layer])
-            bar.update(task, completed=group + 1)
-    for writer in writers.values():
-        writer.close()
-    return HarvestResult(uri, cfg.layers, sum(group_rows), False, d_model, models,
-                         tuple(sorted(set(group_nodes) - {""})))
+        finished = sum(parts[part][1] - parts[part][0] for part in done)
+        task = bar.add_task(f"harvest {len(records)} records → {redact(uri)}", total=len(groups), completed=finished)
+        for part, part_progress in _run_parts(cfg, uri, groups, parts, todo, use_ray,
+                                              on_group=lambda: bar.advance(task)):
+            done[part] = part_progress
+            _write_progress(uri, cfg, parts, done)
+            if use_ray:
+                bar.advance(task, parts[part][1] - parts[part][0])
+    for layer in cfg.layers:
+        store.gather_parts(uri, layer, len(parts))
+    nodes = {node for part in done.values() for node in part["group_nodes"]}
+    return HarvestResult(uri, cfg.layers, sum(sum(p["group_rows"]) for p in done.values()), False, d_model, models,
+                         tuple(sorted(nodes - {""})))

@@ -152,6 +152,23 @@ class NormStats:
             stats = stats.merge(cls(len(block), mean, sq))
         return stats
 
+    @classmethod
+    def of_tensor(cls, rows: torch.Tensor) -> "NormStats":
+        """`of_rows` on the rows' own device (torch float64, same blocks): mean and sq_dev_sum stay tensors
+        there until `to_numpy`, so a harvest on a GPU never copies float64 rows to the host."""
+        stats = cls(0, rows.new_zeros((2, rows.shape[2]), dtype=torch.float64),
+                    rows.new_zeros(2, dtype=torch.float64))
+        for start in range(0, len(rows), _STATS_BLOCK_ROWS):
+            block = rows[start:start + _STATS_BLOCK_ROWS].double()
+            mean = block.mean(dim=0)
+            stats = stats.merge(cls(len(block), mean, ((block - mean) ** 2).sum(dim=(0, 2))))
+        return stats
+
+    def to_numpy(self) -> "NormStats":
+        if isinstance(self.mean, torch.Tensor):
+            return NormStats(self.count, self.mean.cpu().numpy(), self.sq_dev_sum.cpu().numpy())
+        return self
+
     def merge(self, other: "NormStats") -> "NormStats":
         """Statistics of the union of two disjoint row sets (Chan, Golub & LeVeque)."""
         n = self.count + other.count
@@ -210,25 +227,35 @@ class _Layer:
         """Whole file or nothing (fs.write_file_atomic)."""
         write_file_atomic(self.fs, self.path, file, data)
 
-    def read_manifest(self) -> Manifest | None:
+    def read_manifest(self, file: str = MANIFEST) -> Manifest | None:
         try:
-            text = self.read(MANIFEST).decode()
+            text = self.read(file).decode()
         except FileNotFoundError:
             return None
-        return Manifest.from_json(text, f"{self.name}/{MANIFEST}")
+        return Manifest.from_json(text, f"{self.name}/{file}")
 
 
 # ---------------------------------------------------------------- shard encoding
 
 
-def _to_storage(block: np.ndarray | torch.Tensor, dtype: str) -> np.ndarray:
-    """`(n, 2, d)` numpy/torch rows → contiguous numpy in the storage dtype (bf16 as uint16 bits)."""
-    if dtype == "bfloat16":
-        t = block.detach().cpu() if isinstance(block, torch.Tensor) else torch.from_numpy(np.asarray(block))
-        return t.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
+TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def _to_storage(block: np.ndarray | torch.Tensor, dtype: str) -> torch.Tensor:
+    """`(n, 2, d)` rows → a contiguous torch tensor in the storage dtype (bf16 as its int16 bits), cast where
+    the rows are: on their device for a tensor (a harvest on a GPU copies only stored bytes to the host),
+    by numpy for numpy rows (as the store always rounded them)."""
     if isinstance(block, torch.Tensor):
-        block = block.detach().cpu().float().numpy() if block.dtype == torch.bfloat16 else block.detach().cpu().numpy()
-    return np.ascontiguousarray(block, dtype=STORAGE_DTYPES[dtype])
+        t = block.detach().to(TORCH_DTYPES[dtype]).contiguous()
+        return t.view(torch.int16) if dtype == "bfloat16" else t
+    if dtype == "bfloat16":
+        return torch.from_numpy(np.asarray(block)).to(torch.bfloat16).contiguous().view(torch.int16)
+    return torch.from_numpy(np.ascontiguousarray(block, dtype=STORAGE_DTYPES[dtype]))
+
+
+def _stored_values(rows: torch.Tensor, dtype: str) -> torch.Tensor:
+    """`_to_storage`'s output as the values it stands for (bf16 bits viewed as bf16)."""
+    return rows.view(torch.bfloat16) if dtype == "bfloat16" else rows
 
 
 def to_float(rows: np.ndarray, dtype: str) -> np.ndarray:
@@ -314,6 +341,11 @@ def _shard_rows(layer: _Layer, file: str, spec: StoreSpec) -> int:
 # ---------------------------------------------------------------- writing
 
 
+def part_name(part: int) -> str:
+    """File-name prefix of one part of a harvest (written by one harvest actor)."""
+    return f"part-{part:05d}"
+
+
 class ShardWriter:
     """Appends `(n, 2, d_model)` row blocks of one layer and cuts them into atomic, recorded shards.
 
@@ -322,26 +354,38 @@ class ShardWriter:
     harvest must replay rows in the same order; `harvest_hash` guards against different inputs.
     Use as a context manager: `close()` (on success only) writes the last short shard and marks the
     store complete; after a crash the store stays incomplete and readers refuse it.
+
+    With `part`, the writer owns one part of the layer: its manifest is `part-00003.json` and its files
+    `part-00003-shard-00000.parquet`, ..., so writers of different parts (different harvest actors) never
+    touch the same file; `gather_parts` then makes the layer's manifest from the parts' in order.
+
+    Encoding is vectorised where the rows are: a torch block is cast to the stored dtype on its device, its
+    statistics are taken there (float64, per shard piece), and the stored bytes are copied once into the
+    host buffer of the shard being filled.
     """
 
-    def __init__(self, uri: str, spec: StoreSpec):
+    def __init__(self, uri: str, spec: StoreSpec, part: int | None = None):
         self.spec = spec
         self.layer = _Layer.at(uri, spec.layer)
+        self.prefix = "" if part is None else f"{part_name(part)}-"
+        self.part = part
+        self.manifest_file = MANIFEST if part is None else f"{part_name(part)}.json"
         if isinstance(self.layer.fs, pafs.LocalFileSystem):
             self.layer.fs.create_dir(self.layer.path, recursive=True)
-        found = self.layer.read_manifest()
+        found = self.layer.read_manifest(self.manifest_file)
         if found is not None:
             for name in StoreSpec.__dataclass_fields__:
                 old, new = getattr(found.spec, name), getattr(spec, name)
                 if old != new:
-                    raise ValueError(f"{self.layer.name}/{MANIFEST}: {name} is {old!r} but the writer was given "
-                                     f"{new!r}; resume with the same settings or write to a new store URI")
+                    raise ValueError(f"{self.layer.name}/{self.manifest_file}: {name} is {old!r} but the writer was "
+                                     f"given {new!r}; resume with the same settings or write to a new store URI")
         self.manifest = found or Manifest(spec)
         self.stats = (NormStats.from_bytes(self.layer.read(self.manifest.norm_stats["file"]))
                       if self.manifest.norm_stats else NormStats.empty(spec.d_model))
         self._skip = self.manifest.total_rows
-        self._pending: list[np.ndarray] = []
-        self._pending_rows = 0
+        self._buffer: np.ndarray | None = None  # the shard being filled, in the storage dtype
+        self._filled = 0
+        self._buffer_stats = NormStats.empty(spec.d_model)  # of the rows in the buffer
 
     @property
     def rows_done(self) -> int:
@@ -362,14 +406,23 @@ class ShardWriter:
         self._skip -= skipped
         if skipped == shape[0]:
             return
-        rows = _to_storage(block[skipped:], self.spec.dtype)
         if self.manifest.complete:
             raise ValueError(f"{self.layer.name}: store is complete with {self.manifest.total_rows} rows; "
                              f"more rows were appended (different harvest? use a new store URI)")
-        self._pending.append(rows)
-        self._pending_rows += len(rows)
-        while self._pending_rows >= self.spec.shard_rows:
-            self._flush(self.spec.shard_rows)
+        rows = _to_storage(block[skipped:], self.spec.dtype)
+        if self._buffer is None:
+            self._buffer = np.empty((self.spec.shard_rows, 2, self.spec.d_model), STORAGE_DTYPES[self.spec.dtype])
+        host = torch.from_numpy(self._buffer.view(np.int16) if self.spec.dtype == "bfloat16" else self._buffer)
+        start = 0
+        while start < len(rows):
+            piece = rows[start:start + self.spec.shard_rows - self._filled]
+            self._buffer_stats = self._buffer_stats.merge(
+                NormStats.of_tensor(_stored_values(piece, self.spec.dtype)))
+            host[self._filled:self._filled + len(piece)].copy_(piece)  # the one device-to-host copy
+            self._filled += len(piece)
+            start += len(piece)
+            if self._filled == self.spec.shard_rows:
+                self._flush()
 
     def close(self) -> Manifest:
         """Write the last (short) shard and mark the store complete; a no-op on a complete store."""
@@ -378,8 +431,8 @@ class ShardWriter:
         if self._skip:
             raise ValueError(f"{self.layer.name}: the store already holds {self.manifest.total_rows} rows but only "
                              f"{self.manifest.total_rows - self._skip} were appended (a different harvest?)")
-        if self._pending_rows:
-            self._flush(self._pending_rows)
+        if self._filled:
+            self._flush()
         self.manifest.complete = True
         self._write_manifest(previous_stats=None)
         return self.manifest
@@ -391,28 +444,66 @@ class ShardWriter:
         if exc_type is None:
             self.close()
 
-    def _flush(self, n: int) -> None:
-        """Write the next `n` pending rows as one shard, then record it (and its statistics)."""
-        rows = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
-        shard, rest = rows[:n], rows[n:]
-        self._pending, self._pending_rows = ([rest] if len(rest) else []), len(rest)
+    def _flush(self) -> None:
+        """Write the buffered rows as one shard, then record it (and the statistics of every recorded row)."""
+        assert self._buffer is not None
+        shard = self._buffer[:self._filled]
         index = len(self.manifest.shards)
-        file = f"shard-{index:05d}.{self.spec.format}"
+        file = f"{self.prefix}shard-{index:05d}.{self.spec.format}"
         data = _encode(shard, self.spec)
         self.layer.write_atomic(file, data)
-        self.stats = self.stats.merge(NormStats.of_rows(to_float(shard, self.spec.dtype)))
+        self.stats = self.stats.merge(self._buffer_stats.to_numpy())
+        self._filled, self._buffer_stats = 0, NormStats.empty(self.spec.d_model)
         previous = self.manifest.norm_stats
-        stats_file = f"norm-{index + 1:05d}.safetensors"
+        stats_file = f"{self.prefix}norm-{index + 1:05d}.safetensors"
         self.layer.write_atomic(stats_file, self.stats.to_bytes())
-        self.manifest.shards.append({"file": file, "rows": len(shard), "bytes": len(data),
-                                     "crc32": f"{zlib.crc32(data):08x}"})
+        record = {"file": file, "rows": len(shard), "bytes": len(data), "crc32": f"{zlib.crc32(data):08x}"}
+        self.manifest.shards.append(record if self.part is None else record | {"part": self.part})
         self.manifest.norm_stats = {"file": stats_file, "rows": self.stats.count}
         self._write_manifest(previous_stats=previous)
 
     def _write_manifest(self, previous_stats: dict | None) -> None:
-        self.layer.write_atomic(MANIFEST, self.manifest.to_json().encode())
+        self.layer.write_atomic(self.manifest_file, self.manifest.to_json().encode())
         if previous_stats is not None:  # superseded sidecar; a leftover is harmless (unreferenced)
             self.layer.fs.delete_file(f"{self.layer.path}/{previous_stats['file']}")
+
+
+def begin_parts(uri: str, spec: StoreSpec) -> None:
+    """Before parts are written: a layer without a complete manifest gets an empty, incomplete one, so a
+    reader refuses it as incomplete (not as missing) until `gather_parts` replaces it."""
+    where = _Layer.at(uri, spec.layer)
+    found = where.read_manifest()
+    if found is None or not found.complete:
+        if isinstance(where.fs, pafs.LocalFileSystem):
+            where.fs.create_dir(where.path, recursive=True)
+        where.write_atomic(MANIFEST, Manifest(spec).to_json().encode())
+
+
+def gather_parts(uri: str, layer: int, parts: int) -> Manifest:
+    """The layer's manifest made from its `parts` part manifests (`ShardWriter(part=...)`), in part order:
+    their shards in sequence, their statistics merged (Chan et al.), marked complete. Every part must be
+    complete; one that is not (or is missing: a store not shared by every harvest node) is named."""
+    where = _Layer.at(uri, layer)
+    manifests = []
+    for part in range(parts):
+        name = f"{where.name}/{part_name(part)}.json"
+        manifest = where.read_manifest(f"{part_name(part)}.json")
+        if manifest is None:
+            raise FileNotFoundError(f"{name}: missing; the harvest actors write their own shards, so the store "
+                                    "must be one every node of the cluster reaches (s3:// or a shared folder)")
+        if not manifest.complete:
+            raise ValueError(f"{name}: incomplete part ({manifest.total_rows} rows); re-run the harvest to resume it")
+        manifests.append(manifest)
+    stats = NormStats.empty(manifests[0].spec.d_model)
+    for manifest in manifests:
+        if manifest.norm_stats is not None:
+            stats = stats.merge(NormStats.from_bytes(where.read(manifest.norm_stats["file"])))
+    gathered = Manifest(manifests[0].spec, [shard for m in manifests for shard in m.shards], complete=True)
+    stats_file = f"norm-{len(gathered.shards):05d}.safetensors"
+    where.write_atomic(stats_file, stats.to_bytes())
+    gathered.norm_stats = {"file": stats_file, "rows": stats.count}
+    where.write_atomic(MANIFEST, gathered.to_json().encode())
+    return gathered
 
 
 # ---------------------------------------------------------------- validation and reading
@@ -506,12 +597,29 @@ def validate_store(uri: str, layer: int, *, d_model: int | None = None, models: 
     return manifest
 
 
-def drop_shards_from(uri: str, layer: int, index: int) -> Manifest:
-    """Forget shard `index` and every later one (a bad shard found on reuse): the manifest keeps the
-    verified shards before it, is marked incomplete, and gets statistics refitted from those shards,
-    so a re-opened `ShardWriter` resumes the harvest from there and rewrites the rest."""
+def drop_shards_from(uri: str, layer: int, index: int) -> None:
+    """Forget shard `index` of the layer's manifest (a bad shard found on reuse) and every later shard its
+    writer wrote, so that writer, re-opened, resumes from there and rewrites them: its manifest keeps the
+    verified shards before it, gets statistics refitted from those, and is marked incomplete. For a part's
+    shard that is the part's manifest, and the layer's gathered manifest is removed (`gather_parts` makes it
+    again once the part is complete)."""
     where = _Layer.at(uri, layer)
     manifest = read_manifest(uri, layer)
+    part = manifest.shards[index].get("part")
+    if part is None:
+        _truncate(where, MANIFEST, manifest, index, "")
+        return
+    own = where.read_manifest(f"{part_name(part)}.json")
+    bad = manifest.shards[index]["file"]
+    local = next((i for i, rec in enumerate(own.shards) if rec["file"] == bad), None) if own else None
+    if own is None or local is None:
+        raise ValueError(f"{where.name}/{part_name(part)}.json: does not record {bad}, which {MANIFEST} has from it")
+    _truncate(where, f"{part_name(part)}.json", own, local, f"{part_name(part)}-")
+    where.fs.delete_file(f"{where.path}/{MANIFEST}")
+
+
+def _truncate(where: _Layer, file: str, manifest: Manifest, index: int, prefix: str) -> None:
+    """`file` (a manifest) keeps its shards before `index`, with statistics refitted from them, incomplete."""
     kept = manifest.shards[:index]
     stats = NormStats.empty(manifest.spec.d_model)
     for rec in kept:
@@ -519,11 +627,10 @@ def drop_shards_from(uri: str, layer: int, index: int) -> Manifest:
                                                        manifest.spec.dtype)))
     manifest.shards, manifest.complete, manifest.norm_stats = kept, False, None
     if kept:
-        stats_file = f"norm-{len(kept):05d}.safetensors"
+        stats_file = f"{prefix}norm-{len(kept):05d}.safetensors"
         where.write_atomic(stats_file, stats.to_bytes())
         manifest.norm_stats = {"file": stats_file, "rows": stats.count}
-    where.write_atomic(MANIFEST, manifest.to_json().encode())
-    return manifest
+    where.write_atomic(file, manifest.to_json().encode())
 
 
 def _batches(chunks: Iterator[np.ndarray], batch_size: int, drop_last: bool) -> Iterator[np.ndarray]:

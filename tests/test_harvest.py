@@ -17,8 +17,8 @@ import torch
 
 from dfc_ray import store
 from dfc_ray.harvest import (
-    MIX_LAST_PROMPT_REPEATS, CorpusSpec, HarvestConfig, PairActivations, Record, harvest, left_pad,
-    residual_after_blocks, select_positions)
+    MIX_LAST_PROMPT_REPEATS, PARTS_MAX, CorpusSpec, HarvestConfig, PairActivations, Record, harvest, left_pad,
+    plan_parts, residual_after_blocks, select_positions)
 from dfc_ray.pair import PairSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,6 +83,63 @@ def test_positions_selection():
     assert rows.tolist() == [0, 1] and cols.tolist() == [5, 5]  # record 0's reply end, not its prompt end (3)
 
 
+def _per_record_positions(records, width, positions, norms, sink_factor):
+    """The selection written record by record (what `select_positions` computes as batch masks)."""
+    rows, cols = [], []
+    for i, record in enumerate(records):
+        start = width - len(record.prompt_ids) - len(record.response_ids)
+        last_prompt = width - 1 - len(record.response_ids)
+        span = norms[:, i, start:last_prompt + 1 if positions == "prompt" else width]
+        keep = (span <= sink_factor * span.median(dim=1, keepdim=True).values).all(0)
+        own = [start + j for j in torch.nonzero(keep).flatten().tolist()]
+        own += [last_prompt] * MIX_LAST_PROMPT_REPEATS if positions == "mix_last_prompt" else []
+        rows, cols = rows + [i] * len(own), cols + own
+    return rows, cols
+
+
+def test_sink_filtered_positions_equal_the_per_record_rule():
+    """Random batches (even and odd spans: the median is the lower middle value either way, as torch's)."""
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        lengths = torch.randint(1, 12, (int(torch.randint(1, 6, (1,), generator=gen)), 2), generator=gen)
+        records = [Record(list(range(p)), list(range(r % 4))) for p, r in lengths.tolist()]
+        width = max(len(r.prompt_ids) + len(r.response_ids) for r in records) + 2
+        norms = torch.rand(2, len(records), width, generator=gen) * 3
+        norms[torch.rand(norms.shape, generator=gen) < 0.15] *= 40  # sinks, in one model or both
+        for positions in ("all_tokens", "prompt", "mix_last_prompt"):
+            rows, cols = select_positions(records, width, positions, norms, sink_factor=5.0)
+            assert (rows.tolist(), cols.tolist()) == _per_record_positions(records, width, positions, norms, 5.0)
+
+
+def test_parts_cover_the_groups_in_order_with_balanced_tokens():
+    records = [Record([1] * 380) for _ in range(200)] + [Record([1] * 40) for _ in range(500)]  # tool, then plain
+    parts = plan_parts(records, 32, 16384)
+    assert parts[0][0] == 0 and parts[-1][1] == 22 and all(a < b == c for (a, b), (c, _) in zip(parts, parts[1:]))
+    tokens = [sum(len(r.prompt_ids) for r in records[32 * a:32 * b]) for a, b in parts]
+    assert len(parts) == 11 and max(tokens) < 2.5 * sum(tokens) / len(parts)  # a group is the smallest unit
+    assert len(plan_parts(records * 40, 32, 64)) == PARTS_MAX and plan_parts(records[:3], 32, 16384) == [(0, 1)]
+
+
+def test_forward_stops_after_the_last_harvested_block_of_a_36_block_model():
+    """A Qwen2.5-3B-deep model (36 blocks, tiny width) harvested at block 13 runs blocks 0..13 once each and
+    nothing after them: not the later blocks, not the final norm, not the lm_head."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(hidden_size=16, num_hidden_layers=36, num_attention_heads=2,
+                                         num_key_value_heads=1, intermediate_size=32, vocab_size=64)).eval()
+    calls = []
+    modules = [*model.model.layers, model.model.norm, model.lm_head]
+    handles = [m.register_forward_pre_hook(lambda mod, args, i=i: calls.append(i)) for i, m in enumerate(modules)]
+    try:
+        ids, mask = left_pad([Record([5, 6, 7, 8]), Record([9, 10])], 0)
+        acts = residual_after_blocks(model, ids, mask, [13, 2])
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert calls == list(range(14)) and sorted(acts) == [2, 13] and acts[13].shape == (2, 4, 16)
+
+
 def test_harvest_writes_a_valid_store_and_is_reused(tiny_pair, tmp_path):
     cfg = small_config(tiny_pair, tmp_path)
     result = harvest(cfg, use_ray=False, progress=False)
@@ -126,10 +183,11 @@ def test_damaged_shard_is_refused_by_readers_and_reharvested(tiny_pair, tmp_path
     cfg = small_config(tiny_pair, tmp_path)
     result = harvest(cfg, use_ray=False, progress=False)
     clean = {layer: _all_rows(result.uri, layer) for layer in cfg.layers}
-    shard = Path(result.uri) / "layer_001" / "shard-00001.parquet"
-    damage(shard)
+    name = store.read_manifest(result.uri, 1).shards[3]["file"]  # one part's shard, not the first part's
+    assert name.startswith("part-") and not name.startswith("part-00000")
+    damage(Path(result.uri) / "layer_001" / name)
     store._VERIFIED.clear()  # a new process: nothing checked yet
-    with pytest.raises(store.BadShard, match=r"^\S*layer_001/shard-00001.parquet: [^\n]*(crc32|truncated)[^\n]*$"):
+    with pytest.raises(store.BadShard, match=rf"^\S*layer_001/{name}: [^\n]*(crc32|truncated)[^\n]*$"):
         next(store.iter_layer_batches(result.uri, 1, 10))
     again = harvest(cfg, use_ray=False, progress=False)
     assert not again.reused and again.uri == result.uri and again.rows == result.rows
@@ -155,8 +213,8 @@ def test_killed_harvest_resumes_to_exactly_the_uninterrupted_rows(tiny_pair, tmp
     try:
         deadline = time.time() + 240
         while time.time() < deadline and proc.poll() is None:
-            progress = list(killed_root.glob("*/harvest.json"))
-            if progress and len(json.loads(progress[0].read_text())["group_rows"]) >= 6:
+            parts = [json.loads(p.read_text()) for p in killed_root.glob("*/parts/part-*.json")]
+            if sum(len(p["group_rows"]) for p in parts) >= 6:
                 break
             time.sleep(0.05)
         assert proc.poll() is None, "the harvest finished before it could be killed; make it longer"
@@ -178,14 +236,16 @@ def test_killed_harvest_resumes_to_exactly_the_uninterrupted_rows(tiny_pair, tmp
 def test_harvest_to_s3_through_ray_then_train_a_step(tiny_pair, s3_bucket, ray_cluster, tmp_path):
     from dfc_ray.crosscoder import DedicatedFeatureCrosscoder, DFCConfig
 
-    cfg = small_config(tiny_pair, tmp_path, store=f"{s3_bucket}/harvests", dtype="float16")
-    result = harvest(cfg, use_ray=True, progress=False)
+    cfg = small_config(tiny_pair, tmp_path, store=f"{s3_bucket}/harvests", dtype="float16", num_actors=2)
+    result = harvest(cfg, use_ray=True, progress=False)  # two actors, each writing its own parts' shards to S3
     local = harvest(replace(cfg, store=str(tmp_path / "local")), use_ray=False, progress=False)
     assert result.uri.startswith(s3_bucket) and result.rows == local.rows == 48
+    for layer in cfg.layers:  # the same layout and bytes, whoever computed which part
+        shards = store.read_manifest(result.uri, layer).shards
+        assert shards == store.read_manifest(local.uri, layer).shards and len({s["part"] for s in shards}) > 1
+        np.testing.assert_array_equal(_all_rows(result.uri, layer), _all_rows(local.uri, layer))
     batches = list(store.iter_ray_batches(result.uri, 1, batch_size=16, shuffle=False, d_model=32))
-    rows = torch.cat(batches)
-    assert rows.shape == (48, 2, 32)
-    np.testing.assert_allclose(np.sort(rows.numpy(), axis=0), np.sort(_all_rows(local.uri, 1), axis=0), atol=1e-3)
+    assert torch.cat(batches).shape == (48, 2, 32)
 
     cc = DedicatedFeatureCrosscoder(DFCConfig(d_model=32, dict_size=64, k=4, a_exclusive=0.1, b_exclusive=0.1))
     optimizer = torch.optim.Adam(cc.parameters(), lr=1e-3)

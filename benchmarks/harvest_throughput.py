@@ -26,6 +26,8 @@ def main() -> None:
     parser.add_argument("--positions", default="all_tokens")
     parser.add_argument("--dtype", default="float16", help="stored dtype")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--shard-rows", type=int, default=16384,
+                        help="rows per shard (a part holds 8 shards' worth of tokens: smaller shards, more parts)")
     parser.add_argument("--model-a", default="organism")
     parser.add_argument("--model-b", default="organism")
     parser.add_argument("--ray", action="store_true", help="through the Ray Data actor pool (else in-process)")
@@ -39,6 +41,7 @@ def main() -> None:
         ray.init(num_cpus=args.cpus, include_dashboard=False)
     cfg = HarvestConfig(store=tempfile.mkdtemp(prefix="dfc-harvest-bench-"), layers=tuple(args.layers),
                         positions=args.positions, batch_size=args.batch_size, dtype=args.dtype,
+                        shard_rows=args.shard_rows,
                         num_actors=args.actors, pair=PairSpec(a=args.model_a, b=args.model_b),
                         corpus=CorpusSpec(n_tasks=args.tasks, n_plain=args.plain))
     start, cpu = time.perf_counter(), _cpu_seconds()

@@ -302,18 +302,22 @@ class PairActivations:
 
 PARTS_MAX = 64
 """A harvest is cut into at most this many parts (runs of consecutive groups), each computed and written by one
-actor into its own shards: enough for 8 actors to balance, few enough that a part holds whole shards."""
+actor into its own shards: enough for 8 actors to balance."""
+PART_SHARDS = 8
+"""A part holds about this many shards' worth of tokens: a gathered layer has one short shard per 8 full ones,
+and a harvest smaller than that is one part, written exactly as one writer always wrote it (so a fresh
+organism48 harvest has the shards, hence the shuffled batches and the numbers, of earlier runs)."""
 PARTS_DIR = "parts"
 
 
 def plan_parts(records: Sequence[Record], batch_size: int, shard_rows: int) -> list[tuple[int, int]]:
-    """(first group, end group) of each part: about shard_rows / 2 prompt tokens each (the work of a group
-    grows with its tokens), at least one group each, at most PARTS_MAX parts. A function of the corpus and
-    the settings in the content hash only (not of the number of actors), so a harvest resumed with other
-    resources keeps its layout."""
+    """(first group, end group) of each part: PART_SHARDS × shard_rows prompt tokens or more each, balanced by
+    tokens (the work of a group grows with them), at least one group each, at most PARTS_MAX parts. A function
+    of the corpus and the settings in the content hash only (not of the number of actors), so a harvest
+    resumed with other resources keeps its layout."""
     group_tokens = np.array([sum(len(r.prompt_ids) for r in records[i:i + batch_size])
                              for i in range(0, len(records), batch_size)])
-    n_parts = max(1, min(len(group_tokens), PARTS_MAX, 2 * int(group_tokens.sum()) // shard_rows))
+    n_parts = max(1, min(len(group_tokens), PARTS_MAX, int(group_tokens.sum()) // (PART_SHARDS * shard_rows)))
     # cut where the running token count crosses each part's share; every part keeps at least one group
     cuts = np.searchsorted(np.cumsum(group_tokens), group_tokens.sum() * np.arange(1, n_parts) / n_parts) + 1
     ends = [0]

@@ -753,7 +753,7 @@ class _StepCache:
             try:
                 step.capture()
                 self.captures += 1
-            except RuntimeError as err:  # a kernel that cannot be captured: decode uncaptured from now on
+            except Exception as err:  # e.g. a kernel that cannot be captured: decode uncaptured from now on
                 self.capture_error = f"{type(err).__name__}: {err}".splitlines()[0]
                 logging.getLogger(__name__).warning(f"static decoding: CUDA graph capture failed "
                                                     f"({self.capture_error}); decoding without a graph")
@@ -769,6 +769,14 @@ _STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def _step_cache(model: torch.nn.Module) -> _StepCache:
     return _STEPS.setdefault(model, _StepCache())
+
+
+def static_decode_stats(model: torch.nn.Module) -> dict[str, object]:
+    """The model's static decoding so far: CUDA graphs captured, steps kept, the capture error if any."""
+    cache = _STEPS.get(model)
+    if cache is None:
+        return {"captures": 0, "steps": 0, "capture_error": None}
+    return {"captures": cache.captures, "steps": len(cache.steps), "capture_error": cache.capture_error}
 
 
 def _static_step(model: torch.nn.Module, rows: int, columns: int, kv: list[tuple[torch.Tensor, torch.Tensor]],

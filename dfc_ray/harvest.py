@@ -229,6 +229,16 @@ class PairActivations:
         self.tokenizer = load_tokenizer(cfg.pair)
         self.device = next(self.model_a.parameters()).device
 
+    @classmethod
+    def of_models(cls, cfg: HarvestConfig, model_a: torch.nn.Module, model_b: torch.nn.Module,
+                  tokenizer) -> "PairActivations":
+        """An extractor over models already in memory (benchmarks on random weights); `cfg.pair` is unused."""
+        extractor = cls.__new__(cls)
+        extractor.cfg, extractor.uri = cfg, None
+        extractor.model_a, extractor.model_b, extractor.tokenizer = model_a, model_b, tokenizer
+        extractor.device = next(model_a.parameters()).device
+        return extractor
+
     def with_responses(self, records: list[Record]) -> list[Record]:
         """A's own greedy replies appended to tool prompts (plain text gets none)."""
 

@@ -256,19 +256,28 @@ def plan_work(spec: SweepSpec) -> Work:
 
 @dataclass
 class Rates:
-    """Achieved FLOP/s of each stage in one measured sweep (None: that stage was not measured)."""
+    """Achieved FLOP/s of each stage (None: that stage was not measured): a costs JSON holds these fields."""
 
     device: str
+    """Where the rates were measured, e.g. "NVIDIA H200" or "cpu (2 cores, ...)"."""
     measured_on: str
     """The measured run's pair shape and spec, for the extrapolation note."""
     d_model: int
     harvest: float | None
     train: float | None
     judge: float | None
+    per_device: bool = False
+    """True: each rate is what ONE whole device does (benchmarks/gpu_judges.py), so a stage's device-hours
+    are its FLOPs over the rate whatever share of a device the spec gives a trial or a replica. False (a
+    sweep's costs.json): the rate of one worker holding the spec's share, which the device-hours multiply by."""
 
     def seconds(self, stage: str, flops: float) -> float | None:
         rate = getattr(self, stage)
         return None if rate is None else flops / rate
+
+    def device_label(self) -> str:
+        """A short name of the device for hour units: "H200", "cpu"."""
+        return self.device.split(" (")[0].removeprefix("NVIDIA ").strip() or "device"
 
 
 def train_flops(d_model: int, dict_size: int, batch_size: int, steps: int) -> float:
@@ -346,6 +355,18 @@ def _hours(seconds: float | None) -> str:
     return f"{seconds / 3600:.2f} h" if seconds >= 360 else f"{seconds:.0f} s"
 
 
+def device_seconds(spec: SweepSpec, work: Work, rates: Rates) -> dict[str, float | None]:
+    """Seconds of device time per stage (harvest, train, judge): FLOPs over the rate, times the share of a
+    device a worker held when the rate is a run's (`Rates.per_device`)."""
+    shares = {"harvest": 1.0, "train": spec.resources.gpu or 1.0, "judge": spec.resources.evaluator_gpu or 1.0}
+    flops = {"harvest": work.harvest_flops, "train": sum(work.train_flops), "judge": work.judge_flops_total}
+    out: dict[str, float | None] = {}
+    for stage, stage_flops in flops.items():
+        seconds = rates.seconds(stage, stage_flops)
+        out[stage] = None if seconds is None else seconds * (1.0 if rates.per_device else shares[stage])
+    return out
+
+
 def plan_table(spec: SweepSpec, work: Work, rates: Rates | None) -> list[tuple[str, str, str]]:
     """(stage, what, cost) rows of the plan."""
     res = spec.resources
@@ -355,9 +376,20 @@ def plan_table(spec: SweepSpec, work: Work, rates: Rates | None) -> list[tuple[s
     trial_gpu, judge_gpu = res.gpu, res.evaluator_gpu
     replicas = res.evaluators
     concurrent = res.max_concurrent or (max(1, int(1 / trial_gpu)) if trial_gpu else None)
-    seconds = {s: rates.seconds(s, f) if rates else None
-               for s, f in (("harvest", work.harvest_flops), ("train", sum(work.train_flops)),
-                            ("judge", work.judge_flops_total))}
+    device = device_seconds(spec, work, rates) if rates else {"harvest": None, "train": None, "judge": None}
+    label = rates.device_label() if rates else "device"
+
+    def cost(stage: str, what: str) -> str:
+        hours = device[stage]
+        return f"{what} {_hours(hours)}" + ("" if hours is None else f" = {hours / 3600:.2f} {label}-h")
+
+    def judge_batch(spec_batch: int) -> int:
+        """A replica's decode batch: the spec's on CPU, at most MAX_MEMORY_BATCH chosen from memory on a GPU."""
+        # deferred: generation imports torch; a plan needs none unless it plans GPU judges
+        from dfc_ray.generation import MAX_MEMORY_BATCH
+
+        return MAX_MEMORY_BATCH if judge_gpu else spec_batch
+
     mark = "" if work.tokens_exact else " (estimated)"
     rows = [
         ("pair", f"{shape.d_model} d_model, {shape.n_layers} blocks, {shape.n_heads}/{shape.n_kv_heads} heads, "
@@ -366,22 +398,21 @@ def plan_table(spec: SweepSpec, work: Work, rates: Rates | None) -> list[tuple[s
         ("harvest",
          f"{work.prompts:,} records, {work.tokens:,} tokens{mark} → {work.rows_per_layer:,} rows per layer × "
                     f"{len(work.layers)} layer(s) {list(work.layers)}",
-         f"{_gb(work.bytes_per_layer)} per layer; {work.harvest_flops:.3g} FLOPs; device time "
-         f"{_hours(seconds['harvest'])}, shared by {harvest_actors} actor(s)"),
+         f"{_gb(work.bytes_per_layer)} per layer; {work.harvest_flops:.3g} FLOPs; "
+         + cost("harvest", "device time") + f", shared by {harvest_actors} actor(s)"),
         ("train", f"{work.n_trials} trials; {max(work.train_flops):.3g} FLOPs for the largest",
-         f"{sum(work.train_flops):.3g} FLOPs; device time {_hours(seconds['train'])}"
-         + (f" = {seconds['train'] * trial_gpu / 3600:.2f} GPU-h at {trial_gpu} GPU per trial"
-            if seconds['train'] and trial_gpu else "")),
+         f"{sum(work.train_flops):.3g} FLOPs; " + cost("train", "device time")
+         + ("" if rates is None or rates.per_device or not trial_gpu else f" at {trial_gpu} GPU per trial")),
         ("judge", f"2 pools × {replicas} replica(s) ({judge_gpu or 0} GPU each); "
                   f"{work.eval_flops:.3g} FLOPs per trial, + {work.steer_flops:.3g} for each of {work.n_steered} "
                   f"DFCs steered, + {work.judge_setup_flops:.3g} once",
-         f"replica time {_hours(seconds['judge'])}"
-         + (f" = {seconds['judge'] / 3600 * judge_gpu:.2f} GPU-h" if seconds['judge'] and judge_gpu else "")),
+         cost("judge", "device time")),
     ]
-    if all(v is not None for v in seconds.values()):
-        device_s = seconds["harvest"] + seconds["train"] * (trial_gpu or 1) + seconds["judge"] * (judge_gpu or 1)
-        device_h = device_s / 3600
-        rows.append(("total", "device time, all stages (GPU-hours on GPUs)", f"{device_h:.2f} h"))
+    if all(v is not None for v in device.values()):
+        total = sum(v for v in device.values() if v is not None)
+        shares = ", ".join(f"{stage} {v / total:.0%}" for stage, v in sorted(device.items(), key=lambda i: -(i[1] or 0))
+                           if v is not None)
+        rows.append(("total", f"device time, all stages ({label}-hours; {shares})", f"{total / 3600:.2f} h"))
     dict_size = max(work.dict_sizes)
     crosscoder_bytes = 4 * (4 * shape.d_model * dict_size + dict_size + 2 * shape.d_model)  # fp32 W_enc, W_dec, biases
     batch = spec.train["batch_size"]
@@ -394,10 +425,11 @@ def plan_table(spec: SweepSpec, work: Work, rates: Rates | None) -> list[tuple[s
         ("memory: trial",
          f"largest crosscoder ({dict_size:,} features) {crosscoder_bytes / 1e6:.0f} MB fp32 × {ADAM_COPIES} "
                           f"+ a batch of {batch}", _gb(trial_mem)),
-        *((f"memory: {name} replica", f"A + B weights + prefix caches of {tokens:,} prompt tokens + a batch's KV copy",
-           _gb(2 * weight_bytes + (tokens + batch * (work.mean_prompt + new)) * kv))
+        *((f"memory: {name} replica", f"A + B weights + prefix caches of {tokens:,} prompt tokens + a batch of "
+                                      f"{batch}'s KV caches (static buffers, prefill, prefix copy)",
+           _gb(2 * weight_bytes + (tokens + batch * (3 * work.mean_prompt + new)) * kv))
           for name, tokens, batch, new in zip(("evaluator", "steering"), work.judge_prompt_tokens,
-                                              (spec.eval.batch_size, spec.steering.batch_size),
+                                              map(judge_batch, (spec.eval.batch_size, spec.steering.batch_size)),
                                               (spec.eval.max_new_tokens, spec.steering.max_new_tokens))),
         ("memory: harvest actor", "A + B weights + one batch of activations", _gb(harvest_mem)),
         ("actors", f"{harvest_actors} harvest actor(s), {2 * replicas} judge replica(s)",
@@ -422,7 +454,8 @@ def print_plan(spec: SweepSpec, rates: Rates | None) -> Work:
     else:
         note = "" if rates.d_model == work.shape.d_model else \
             f" — measured at d_model {rates.d_model}, extrapolated by FLOPs to {work.shape.d_model}"
-        console.print(f"rates measured on {rates.device} by {rates.measured_on}{note}")
+        per = "; each rate is one whole device's" if rates.per_device else ""
+        console.print(f"rates measured on {rates.device} by {rates.measured_on}{note}{per}")
     for n in work.notes + ["memory counts tensors on the device; a CPU process adds about 0.7 GB of libraries"]:
         console.print(f"note: {n}")
     return work

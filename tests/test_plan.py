@@ -103,13 +103,32 @@ def test_plan_cli_on_the_shipped_specs(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "165,213 rows per layer" in out.stdout and "48 trials" in out.stdout and "no measured rates" in out.stdout
     costs = tmp_path / "costs.json"
-    costs.write_text(json.dumps(Rates("cpu (test)", "organism48 (d_model 192, 4 blocks)", 192, 1e9, 1e9, 1e9).__dict__))
+    costs.write_text(json.dumps(Rates("NVIDIA H200 (test)", "gpu_judges (d_model 192, 4 blocks)", 192, 1e9, 1e9, 1e9,
+                                      per_device=True).__dict__))
     out = run_cli("sweep", "--plan", "paper48", "--costs", str(costs))
     assert out.returncode == 0, out.stderr
     assert "published config of Qwen/Qwen2.5-3B" in out.stdout and "extrapolated by FLOPs" in out.stdout
     assert "device time" in out.stdout and "memory: evaluator replica" in out.stdout
+    assert out.stdout.count("H200-h") >= 4 and "(H200-hours; " in out.stdout  # every stage, and what dominates
     bad = run_cli("sweep", "--plan", "organism48", "--costs", str(tmp_path / "missing"))
     assert bad.returncode != 0 and "no costs.json" in bad.stderr
+
+
+def test_per_device_rates_give_device_hours_whatever_share_a_worker_holds():
+    """A rate of one whole device (benchmarks/gpu_judges.py) turns FLOPs into device-hours directly; a run's
+    rate is one worker's at the spec's share of a device (paper48: four trials per GPU)."""
+    from dfc_ray.plan import device_seconds
+
+    spec = load_spec("paper48")
+    work = plan_work(spec)
+    run = Rates("NVIDIA H200", "a run", 2048, 1e14, 2e14, 5e13)
+    whole = device_seconds(spec, work, replace(run, per_device=True))
+    assert whole["train"] == pytest.approx(sum(work.train_flops) / 2e14)
+    assert whole["judge"] == pytest.approx(work.judge_flops_total / 5e13)
+    assert whole["harvest"] == pytest.approx(work.harvest_flops / 1e14)
+    shared = device_seconds(spec, work, run)
+    assert shared["train"] == pytest.approx(whole["train"] * spec.resources.gpu) and spec.resources.gpu == 0.25
+    assert shared["judge"] == pytest.approx(whole["judge"]) and run.device_label() == "H200"
 
 
 def test_a_resumed_run_keeps_the_harvest_rate_its_first_attempt_measured(tiny_pair, tmp_path):

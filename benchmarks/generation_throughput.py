@@ -1,6 +1,7 @@
 """Generation throughput: prompts/s batched vs one-at-a-time, and generated tokens/s.
 
     PYTHONPATH=. python benchmarks/generation_throughput.py [--prompts 64] [--batch-size 32]
+    PYTHONPATH=. python benchmarks/generation_throughput.py --decode-loops   # eager vs static loop, batched
 
 Uses the embedded organism's model A on its test prompts when `dfc_ray.organism.load_pair` works,
 else a random-weight Qwen2 (hidden 128, 4 layers, vocab 3000) on ~250-token prompts with ~30-token
@@ -60,6 +61,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=30)
     parser.add_argument("--model", choices=["auto", "organism", "random"], default="auto")
+    parser.add_argument("--decode-loops", action="store_true",
+                        help="time the eager and the static decode loop (both batched) instead")
     args = parser.parse_args()
 
     if args.model == "random":
@@ -75,6 +78,9 @@ def main() -> None:
 
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     generate(model, tokenizer, prompts[:2], cfg)  # warm-up
+    if args.decode_loops:
+        compare_decode_loops(label, model, tokenizer, prompts, cfg)
+        return
     batched, wall_b, cpu_b = timed(lambda: generate(model, tokenizer, prompts, cfg))
     single, wall_s, cpu_s = timed(lambda: [generate(model, tokenizer, [p], cfg)[0] for p in prompts])
 
@@ -87,6 +93,21 @@ def main() -> None:
         print(f"{name:>20}: {n / wall:7.2f} prompts/s {n_tokens / wall:8.1f} tokens/s "
               f"(wall {wall:6.1f} s, CPU {cpu:6.1f} s)")
     print(f"speed-up: {wall_s / wall_b:.1f}x wall, {cpu_s / cpu_b:.1f}x CPU time")
+
+
+def compare_decode_loops(label: str, model, tokenizer, prompts: list[str], cfg: GenerationConfig) -> None:
+    """Eager vs static decoding (docs/generation.md), batched, same prompts: time and identical replies."""
+    runs = {}
+    for mode in ("eager", "static"):
+        mode_cfg = GenerationConfig(**{**vars(cfg), "decode": mode})
+        runs[mode] = timed(lambda: generate(model, tokenizer, prompts, mode_cfg))
+    (eager, wall_e, cpu_e), (static, wall_s, cpu_s) = runs["eager"], runs["static"]
+    n, n_tokens = len(prompts), sum(len(o.token_ids) for o in eager)
+    same = sum(e.token_ids == s.token_ids and e.text == s.text for e, s in zip(eager, static))
+    print(f"model: {label}; torch threads: {torch.get_num_threads()}; batch {cfg.batch_size}")
+    print(f"{n} prompts, mean reply {n_tokens / n:.1f} tokens; identical replies eager vs static: {same}/{n}")
+    for name, wall, cpu in (("eager", wall_e, cpu_e), ("static", wall_s, cpu_s)):
+        print(f"{name:>8}: {n_tokens / wall:8.1f} tokens/s (wall {wall:6.1f} s, CPU {cpu:6.1f} s)")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Harvest throughput: paired rows/s through both models into the store.
 
     PYTHONPATH=. python benchmarks/harvest_throughput.py [--tasks 200] [--plain 500] [--ray --actors 2]
+    PYTHONPATH=. python benchmarks/harvest_throughput.py --writer-d-model 2048 --dtype bfloat16   # the writer alone
 
 On the embedded organism by default (CPU). `--model-a/--model-b` take folders or hub ids (e.g. a
 random-weight Qwen2.5-3B-shaped pair on a GPU machine). With `--ray` the harvest runs on a local Ray
@@ -33,8 +34,13 @@ def main() -> None:
     parser.add_argument("--ray", action="store_true", help="through the Ray Data actor pool (else in-process)")
     parser.add_argument("--actors", type=int, default=1, help="harvest actors with --ray")
     parser.add_argument("--cpus", type=int, default=None, help="CPUs of the local Ray cluster (default: all)")
+    parser.add_argument("--writer-d-model", type=int, default=0,
+                        help="time only the store writer: 65,536 random float32 rows of this width")
     args = parser.parse_args()
 
+    if args.writer_d_model:
+        time_writer(args.writer_d_model, args.dtype)
+        return
     if args.ray:
         import ray
 
@@ -52,6 +58,25 @@ def main() -> None:
           f"d_model {result.d_model}, {args.dtype} store) in {seconds:.1f} s = {result.rows / seconds:,.0f} rows/s "
           f"(corpus building, model loading and store writes included)"
           + ("" if args.ray else f"; {cpu:.1f} CPU-s = {result.rows / cpu:,.0f} rows per CPU-second"))
+
+
+def time_writer(d_model: int, dtype: str, rows: int = 65536, block: int = 8192) -> None:
+    """The store's share of a harvest: cast, statistics, parquet encoding, crc32 and atomic writes."""
+    import torch
+
+    from dfc_ray.store import ShardWriter, StoreSpec
+
+    x = torch.randn(block, 2, d_model, generator=torch.Generator().manual_seed(0))
+    spec = StoreSpec(layer=13, d_model=d_model, models=("a", "b"), positions="all_tokens", harvest_hash="bench",
+                     dtype=dtype)
+    with tempfile.TemporaryDirectory(prefix="dfc-writer-bench-") as root:
+        start, cpu = time.perf_counter(), _cpu_seconds()
+        with ShardWriter(root, spec) as writer:
+            for _ in range(rows // block):
+                writer.append(x)
+        seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
+    print(f"store writer: {rows} rows of 2 x {d_model} float32 → {dtype} parquet in {seconds:.1f} s "
+          f"({rows / seconds:,.0f} rows/s); {cpu:.1f} CPU-s = {rows / cpu:,.0f} rows per CPU-second")
 
 
 def _cpu_seconds() -> float:

@@ -680,11 +680,13 @@ class _StaticStep:
         self.column += 1
 
     def capture(self) -> None:
-        """Record `forward` as a CUDA graph (after one warm-up run on a side stream; `load` comes after)."""
+        """Record `forward` as a CUDA graph (after warm-up runs on a side stream, which settle the libraries'
+        handles and workspaces; `load` comes after, so what the warm-up wrote is overwritten)."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self.forward()
+            for _ in range(2):
+                self.forward()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):

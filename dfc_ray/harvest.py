@@ -39,7 +39,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -200,7 +200,8 @@ def select_positions(records: Sequence[Record], width: int, positions: str,
         return batch, torch.full_like(batch, width - 1)
     columns = torch.arange(width, device=device)[None]
     if positions == "prompt_and_response":
-        return (columns >= last_prompt[:, None]).nonzero(as_tuple=True)
+        rows, cols = (columns >= last_prompt[:, None]).nonzero(as_tuple=True)
+        return rows, cols
     # all_tokens / prompt / mix_last_prompt, minus attention sinks (each model's median norm, this record)
     assert norms is not None
     stop = last_prompt + 1 if positions == "prompt" else torch.full_like(batch, width)
@@ -222,6 +223,10 @@ class PairActivations:
     this actor), or called in-process by `harvest(..., use_ray=False)`. Weights are loaded here from the
     spec: they never travel through the object store.
     """
+
+    model_a: Any
+    """transformers causal LMs (their `.config` is read)."""
+    model_b: Any
 
     def __init__(self, cfg: HarvestConfig, uri: str | None = None):
         self.cfg, self.uri = cfg, uri

@@ -326,6 +326,27 @@ def test_static_decoding_gives_the_eager_replies_with_every_kind_of_hook(model, 
     assert seen.count(False) > 0 and seen.count(True) == 2 * 2  # both loops: 2 batches prefilled, decode steps seen
 
 
+@pytest.mark.parametrize("mode", ["last_prompt_token", "prompt"])
+def test_static_decoding_gives_the_eager_replies_with_splices(model, tokenizer, prompts, mode):
+    """A pair edit spliced at the last prompt token (on the target's prefix cache) or at every prompt token,
+    the other model's activations read first, as the evaluator does: static replies = eager replies."""
+    from dfc_ray.generation import PrefixCache
+    from dfc_ray.interventions import generate_edited
+
+    other = tiny_qwen(len(tokenizer), seed=1)
+    prompts = [p for p in prompts if len(p.split()) >= 2]
+
+    def edit(x):  # (k, 2, d): the target (A) sees the mean of both models' residuals
+        return 0.5 * (x[:, 0] + x[:, 1])
+
+    cfg = GenerationConfig(max_new_tokens=8, batch_size=3, stop_strings=())
+    cache = PrefixCache(model)
+    eager = generate_edited(model, other, tokenizer, prompts, cfg, 1, edit, "a", mode, prefix_cache=cache)
+    spliced = generate_edited(model, other, tokenizer, prompts, static(cfg), 1, edit, "a", mode, prefix_cache=cache)
+    assert replies(spliced) == replies(eager) != replies(generate(model, tokenizer, prompts, cfg))
+    assert cache.hits == (2 if mode == "last_prompt_token" else 0)
+
+
 def test_static_decoding_re_uses_its_step_for_new_vectors_and_stops_like_eager(tokenizer):
     """Successive calls with different vectors at generated positions re-use one step (the vector is copied
     into it) and still match eager; eos, a stop string completed by an added token and length as in eager."""

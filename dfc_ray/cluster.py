@@ -2,8 +2,9 @@
 (`dfc-ray cluster validate FILE`).
 
 Ray's own autoscaler schema catches structural mistakes; on top of it we check the habits a
-dfc-ray cluster depends on: the head schedules no work, and the dashboard is never exposed. For
-Ray's on-prem provider (cluster-onprem.yaml) the node types are read from the `ray start` commands.
+dfc-ray cluster depends on: the head schedules no work, and the dashboard is never exposed (also when
+`ray start` runs inside `bash -c '…'`). For Ray's on-prem provider (cluster-onprem.yaml) the node types
+are read from the `ray start` commands.
 """
 
 from __future__ import annotations
@@ -184,9 +185,24 @@ def _custom_resources(where: str, value: str) -> dict[str, float]:
     return {name: float(amount) for name, amount in parsed.items()}
 
 
-def _shell_commands(path: Path, field: str, command: str) -> list[list[str]]:
+SHELLS = {"bash", "sh", "dash", "zsh", "ksh"}
+"""Shells whose `-c SCRIPT` runs SCRIPT: its commands are checked as if written directly."""
+WRAPPERS = {"exec", "nohup", "env"}
+"""Words that run the command after them (their flags and VAR=value assignments skipped)."""
+
+
+def _unwrapped(words: list[str]) -> list[str]:
+    """The command a line runs once leading wrappers (`exec`, `nohup`, `env X=1`, …) are skipped."""
+    while words and os.path.basename(words[0]) in WRAPPERS:
+        words = words[1:]
+        while words and (words[0].startswith("-") or "=" in words[0]):
+            words = words[1:]
+    return words
+
+
+def _shell_commands(path: Path, field: str, command: str, depth: int = 0) -> list[list[str]]:
     """The simple commands of a shell line (split at ;, &&, ||, |), each as its words, leading
-    `VAR=value` assignments dropped."""
+    `VAR=value` assignments and wrappers dropped; a shell's `-c SCRIPT` contributes SCRIPT's commands."""
     lexer = shlex.shlex(command, posix=True, punctuation_chars=";&|")
     lexer.whitespace_split = True
     try:
@@ -200,7 +216,31 @@ def _shell_commands(path: Path, field: str, command: str) -> list[list[str]]:
             commands.append([])
         elif commands[-1] or "=" not in token or token.startswith("-"):
             commands[-1].append(token)
-    return [words for words in commands if words]
+    found = []
+    for words in (_unwrapped(words) for words in commands):
+        script = _shell_script(words)
+        if script is not None and depth < 8:  # nested `bash -c "bash -c …"` a few levels deep at most
+            found += _shell_commands(path, field, script, depth + 1)
+        elif words:
+            found.append(words)
+    return found
+
+
+def _shell_script(words: list[str]) -> str | None:
+    """SCRIPT of `bash -c SCRIPT` (or `sh -lc SCRIPT`, …), else None."""
+    if not words or os.path.basename(words[0]) not in SHELLS:
+        return None
+    rest = iter(words[1:])
+    for word in rest:
+        if word.startswith("--"):  # --login, --norc
+            continue
+        if not word.startswith(("-", "+")):
+            return None  # a script file, not -c
+        if word in ("-o", "+o", "-O", "+O"):  # an option name follows
+            next(rest, None)
+        elif "c" in word[1:]:
+            return next(rest, None)
+    return None
 
 
 def _options(words: list[str]) -> list[tuple[str, str]]:

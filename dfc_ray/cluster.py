@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shlex
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -294,6 +295,58 @@ def loopback_only() -> None:
 
     os.environ[LOOPBACK_SWITCH] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+CONNECT_S = 5.0
+"""Seconds to open a TCP connection to a Ray address before calling it unreachable."""
+HANDSHAKE_S = 10.0
+"""Seconds for the server there to complete a gRPC (HTTP/2) handshake, as a Ray GCS does at once."""
+
+
+def check_address(address: str, source: str = "--address") -> None:
+    """Refuse, in one line and within ~15 s, a Ray address where no cluster answers: nothing listening, or a
+    server that is not Ray's (an HTTP server, the dashboard). `ray.init` would wait minutes for either.
+    `source` names where the address came from (--address or RAY_ADDRESS). "auto" and "local" pass."""
+    if address in ("auto", "local"):
+        return
+    where = f"{source} {address!r}"
+    if address.startswith(("http://", "https://")):
+        raise ValueError(f"{where}: an HTTP address (the dashboard's, for `ray job submit`); expected the cluster's "
+                         "GCS address host:port (port 6379 by default), or submit the sweep as a Ray job")
+    target = address.removeprefix("ray://")
+    host, colon, port = target.rpartition(":")
+    if not colon or not port.isdigit() or not host:
+        raise ValueError(f"{where}: expected host:port of a running Ray cluster (e.g. 10.0.0.5:6379)")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_S).close()
+    except OSError as err:
+        raise ValueError(f"{where}: nothing answers there ({err.strerror or err}); expected a running Ray "
+                         "cluster's address (`ray start --head` prints it)") from None
+    import grpc  # deferred: installed with Ray, needed only to check an address
+
+    channel = grpc.insecure_channel(target)
+    try:
+        grpc.channel_ready_future(channel).result(timeout=HANDSHAKE_S)
+    except grpc.FutureTimeoutError:
+        raise ValueError(f"{where}: a server answers there, but not Ray's (no gRPC handshake within "
+                         f"{HANDSHAKE_S:g} s); expected the head's GCS address (port 6379 by default), not the "
+                         "dashboard's or another service's") from None
+    finally:
+        channel.close()
+
+
+def cluster_identity() -> tuple[str, str]:
+    """(Ray job id, cluster id) of this driver, in hex; a job id means something only on its own cluster."""
+    import ray  # deferred: as in `connect`
+
+    return ray.get_runtime_context().get_job_id(), ray._private.worker.global_worker.node.cluster_id.hex()
+
+
+def job_ended(job_id: str) -> bool:
+    """Whether the GCS of the cluster this process joined lists Ray job `job_id` (hex) as ended."""
+    import ray  # deferred: as in `connect`
+
+    return any(job["JobID"] == job_id and job["IsDead"] for job in ray._private.state.jobs())
 
 
 def connect(address: str | None = None, num_cpus: int | None = None) -> None:

@@ -385,10 +385,13 @@ class RunLease:
             self._thread.join(timeout=60)
         if self.holder is None:
             return
-        held = self.current()
-        if held is not None and held.token == self.holder.token:
-            self.run.delete(LEASE)
-        self.holder = None
+        mine, self.holder = self.holder, None
+        try:
+            held = self.current()
+            if held is not None and held.token == mine.token:
+                self.run.delete(LEASE)
+        except Exception:  # storage away (an outage): the lease goes stale and the next driver takes it over
+            pass
 
     def _write(self, holder: LeaseHolder) -> None:
         self.run.write_text(LEASE, json.dumps(asdict(holder)) + "\n")

@@ -172,6 +172,8 @@ class LocalCluster:
             self.gcs_port, self.dashboard_port = next(fresh), next(fresh)
 
     def start_s3(self) -> None:
+        if not self.s3_port:  # S3 alone (tests/test_s3_outage.py), without `up`
+            self.s3_port = free_ports(1)[0]
         log = open(Path(self.root) / "moto.log", "wb")
         proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.s3_port)],
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

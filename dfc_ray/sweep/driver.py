@@ -30,8 +30,8 @@ from actors.steering import SteeringActor
 from dfc_ray.cluster import check_address, cluster_identity, connect, job_ended
 from dfc_ray.config import PoolConfig, check_name
 from dfc_ray.fs import LeaseHolder, RunFolder, RunLease, absolute, redact
-from dfc_ray.pair import pair_fingerprint
 from dfc_ray.harvest import harvest
+from dfc_ray.pair import pair_fingerprint
 from dfc_ray.plan import device_name, measure_rates
 from dfc_ray.placement import check_placeable, custom_requests
 from dfc_ray.report import LiveView, write_report

@@ -350,7 +350,8 @@ def job_ended(job_id: str) -> bool:
 
 
 def connect(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Join the cluster at `address` (or RAY_ADDRESS), else start a local one on 127.0.0.1.
+    """Join the cluster at `address` (or RAY_ADDRESS), else start a local one on 127.0.0.1. An address
+    where no Ray cluster answers is refused in one line within seconds (`check_address`).
 
     A local cluster listens on the loopback only (`loopback_only`) and runs no dashboard unless
     RAY_DASHBOARD=1: nothing is exposed beyond this machine without the user asking.
@@ -359,9 +360,9 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=False)
+    if address or os.environ.get("RAY_ADDRESS"):
+        check_address(address or os.environ["RAY_ADDRESS"], "--address" if address else "RAY_ADDRESS")
+        ray.init(address=address or os.environ["RAY_ADDRESS"], log_to_driver=False)
         return
     loopback_only()
     ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", log_to_driver=False,

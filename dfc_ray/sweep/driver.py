@@ -340,9 +340,10 @@ def run_sweep(spec: SweepSpec | None, run_uri: str, *, store_root: str | None = 
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # training reports carry no Δ yet
     if spec is not None:  # before the run folder or Ray: a spec the pair or the data refuse costs nothing
         check_against_pair(spec)
+    source = "--address" if address else "RAY_ADDRESS"
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:  # an address where no Ray cluster answers is refused in seconds, before the run folder exists
-        check_address(address, "--address" if address != os.environ.get("RAY_ADDRESS") else "RAY_ADDRESS")
+        check_address(address, source)
     run, spec, record = _open_run(spec, run_uri, resume, accept_spec_changes)
     done = read_results(run) if resume else None  # a damaged results.jsonl is refused before any work
     store_root = absolute(store_root or f"{run.uri.rsplit('/', 1)[0]}/harvests")

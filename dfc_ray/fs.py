@@ -318,7 +318,7 @@ class RunLease:
     in one line naming the holder and its lease's age; a lease whose heartbeat is older than its stated
     timeout, or whose holder the caller shows to be gone, is taken over and the takeover recorded in
     lease-takeovers.jsonl. A thread beats until `release`; if it finds the lease taken by another driver
-    it sets `lost_to` and interrupts the main thread, which must then stop writing to the run.
+    it sets `lost` (who holds it now) and interrupts the main thread, which must then stop writing to the run.
 
     Two drivers acquiring at the same moment: each writes, waits `settle` seconds and reads back; only
     the one whose write landed last finds its own token, the other is refused."""
@@ -328,8 +328,9 @@ class RunLease:
         self.timeout = lease_timeout() if timeout is None else timeout
         self.settle = min(1.0, self.timeout / 4)
         self.holder: LeaseHolder | None = None
-        self.lost_to: LeaseHolder | None = None
+        self.lost: str | None = None
         self._stop = threading.Event()
+        self._lock = threading.Lock()  # the heartbeat and set_job both rewrite `holder`
         self._thread: threading.Thread | None = None
 
     def current(self) -> LeaseHolder | None:
@@ -374,9 +375,10 @@ class RunLease:
 
     def set_job(self, job_id: str, cluster_id: str) -> None:
         """Record the holder's Ray job and cluster once it has joined one."""
-        if self.holder is not None:
-            self.holder = replace(self.holder, job_id=job_id, cluster_id=cluster_id)
-            self._write(self.holder)
+        with self._lock:
+            if self.holder is not None:
+                self.holder = replace(self.holder, job_id=job_id, cluster_id=cluster_id)
+                self._write(self.holder)
 
     def release(self) -> None:
         """Stop the heartbeat and remove lease.json, if it is still this driver's."""
@@ -401,16 +403,16 @@ class RunLease:
         while not self._stop.wait(interval):
             try:
                 held = self.current()
-                if self._stop.is_set() or self.holder is None:
-                    return
-                if held is None or held.token != self.holder.token:
-                    self.lost_to = held
-                    who = held.describe() if held else "nobody (lease.json was removed)"
-                    print(f"{redact(self.run.uri)}: the run's lease is now held by {who}; this driver stops",
-                          file=sys.stderr, flush=True)
-                    _thread.interrupt_main()
-                    return
-                self.holder = replace(self.holder, heartbeat=time.time())
-                self._write(self.holder)
+                with self._lock:
+                    if self._stop.is_set() or self.holder is None:
+                        return
+                    if held is None or held.token != self.holder.token:
+                        self.lost = held.describe() if held else "nobody (lease.json was removed)"
+                        print(f"{redact(self.run.uri)}: the run's lease is now held by {self.lost}; this driver "
+                              "stops", file=sys.stderr, flush=True)
+                        _thread.interrupt_main()
+                        return
+                    self.holder = replace(self.holder, heartbeat=time.time())
+                    self._write(self.holder)
             except Exception:  # storage away for a moment: the next beat tries again
                 continue

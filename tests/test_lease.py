@@ -146,3 +146,21 @@ def test_ctrl_c_exits_non_zero_and_names_the_unfinished_trials(tiny_pair, tmp_pa
     assert all(set(t["config"]) == {"dict_size", "variant"} for t in unfinished["running"])
     assert f"INTERRUPTED: {owed} trials did not finish" in (run / "report.md").read_text()
     assert not (run / LEASE).exists()  # released: `--resume` can start at once
+
+
+def test_a_driver_whose_lease_was_taken_stops(tmp_path):
+    """A holder that finds another driver's token in lease.json (it had stalled past its timeout and was taken
+    over) says so and interrupts its main thread, which then writes nothing more to the run."""
+    first = RunLease(RunFolder(str(tmp_path / "run")), timeout=12)  # beats every 3 s, the first 3 s from now
+    first.acquire()
+    second = RunLease(RunFolder(str(tmp_path / "run")), timeout=30)  # acquires within ~1 s
+    assert second.acquire(lambda held: "declared gone by the test") == "declared gone by the test"
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            for _ in range(200):
+                time.sleep(0.05)
+        assert first.lost is not None and f"pid {os.getpid()}" in first.lost
+    finally:
+        first.release()  # not its lease any more: left in place
+        assert RunLease(RunFolder(str(tmp_path / "run"))).current().token == second.holder.token
+        second.release()

@@ -383,9 +383,9 @@ def _run_on_cluster(spec: SweepSpec, run: RunFolder, record: dict[str, Any], sto
                        {positions: h.uri for positions, h in harvests.items()}, harvested.d_model,
                        harvested.models, tuple(pool.cfg for pool in pools) or None, pair_fingerprint(spec.pair))
     judges = _run_trials(spec, run, ctx, done, live, pools, seconds)
-    if lease.lost_to is not None:  # another driver runs this folder now: leave its files to it
-        raise ValueError(f"{redact(run.uri)}: its lease was taken over by {lease.lost_to.describe()} while this "
-                         "driver ran; this driver stopped without writing its report")
+    if lease.lost:  # another driver runs this folder now: leave its files to it
+        raise ValueError(f"{redact(run.uri)}: its lease went to {lease.lost} while this driver ran (its heartbeat "
+                         "had stalled); this driver stopped without writing its report")
     info = {"spec": spec.name, "spec_file": spec.source, "run": redact(run.uri), "run_id": record["run_id"],
             "harvest": redact(harvested.uri), "harvest_rows": harvested.rows, "harvest_reused": reused,
             "harvest_nodes": sorted({node for h in harvests.values() for node in h.nodes}), "layers": list(spec.layers),

@@ -5,12 +5,14 @@ N crosscoders trained as a group in one process vs N separate processes.
     PYTHONPATH=. python benchmarks/train_throughput.py --table --group 1,4,8,16   # GPU: the issue-19 table
     PYTHONPATH=. python benchmarks/train_throughput.py --table --toy --group 1,2  # the same, CPU-sized
 
-A dfc-ray step is exactly what the trainer runs (`dfc_ray.train.Trainer.train_step`: bf16 autocast on
-CUDA, fp32 master weights, gradient clipping, AdamW — fused on CUDA — and the metrics read back once per
-`log_every` window). The reference is the seed study's loop: an einsum encoder over masked dense weights
-(2, d_model, dict), dense TopK codes, an einsum decoder, masks re-applied after every step, the same
-optimizer. Inputs are random (never zeros) and rotate over 4 batches. Timing: warm-up steps, then the
-median over `--repeats` of `--steps` steps, with the device synchronized around each repeat.
+Formulations (docs/crosscoder.md): "dense" (GEMMs over scattered codes) and "sparse" (on CUDA the
+Triton kernels of dfc_ray/kernels.py, on CPU embedding_bag). A dfc-ray step is exactly what the trainer
+runs (`dfc_ray.train.Trainer.train_step`: bf16 autocast on CUDA, fp32 master weights, gradient clipping,
+AdamW — fused on CUDA — and the metrics read back once per `log_every` window). The reference is the seed
+study's loop: an einsum encoder over masked dense weights (2, d_model, dict), dense TopK codes, an einsum
+decoder, masks re-applied after every step, the same optimizer. Inputs are random (never zeros) and
+rotate over 4 batches. Timing: warm-up steps, then the median over `--repeats` of `--steps` steps, with
+the device synchronized around each repeat.
 
 GEMM TFLOP/s counts the five GEMM passes the dense formulation executes (encoder forward, decoder
 forward, decoder weight gradient, code gradient, encoder weight gradient: 10·batch·W FLOPs, W = Σ of the
@@ -158,9 +160,11 @@ def shape_rows(args: argparse.Namespace, device: torch.device, bf16: bool) -> li
         batches = [torch.randn(batch, 2, d, device=device) for _ in range(4)]
         row = {"batch": batch, "dict_size": size, "k": k, "d_model": d, "matmul_tflops": ceiling}
         for formulation in args.formulations.split(","):
-            if formulation == "sparse" and device.type == "cuda" and batch * size > args.sparse_limit:
-                continue  # the old path: ~0.2 s/step at batch 4096, timed at the first shape only
-            row[formulation] = time_dfc(cfg, device, formulation, bf16, batches, args)
+            try:  # a formulation that fails here (a kernel that does not compile, say) leaves the others' rows
+                row[formulation] = time_dfc(cfg, device, formulation, bf16, batches, args)
+            except Exception as err:
+                print(f"  dfc-ray {formulation} FAILED at batch {batch}, dict {size}, k {k}: "
+                      f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", flush=True)
         row["reference"] = time_reference(cfg, device, bf16, batches, args)
         row["gemm_tflop"] = 10 * batch * gemm_width(cfg) / 1e12
         rows.append(row)
@@ -174,7 +178,7 @@ def shape_rows(args: argparse.Namespace, device: torch.device, bf16: bool) -> li
 def print_row(row: dict, formulations: list[str]) -> None:
     shape = f"batch {row['batch']}, dict {row['dict_size']}, k {row['k']}"
     for name in formulations + ["reference"]:
-        if name not in row:
+        if row.get(name) is None:
             continue
         s = row[name]
         extra = ""
@@ -265,9 +269,7 @@ def main() -> None:
     p.add_argument("--b-exclusive", type=float, default=0.05)
     p.add_argument("--table", action="store_true", help="the paper shapes (or --toy shapes) instead of one shape")
     p.add_argument("--toy", action="store_true", help="CPU-sized shapes (d_model 64) to try the script anywhere")
-    p.add_argument("--formulations", default="sparse,dense", help="dfc-ray formulations to time")
-    p.add_argument("--sparse-limit", type=int, default=1024 * 16384,
-                   help="on CUDA, time the sparse formulation only up to this batch*dict_size")
+    p.add_argument("--formulations", default="sparse,dense,hybrid", help="dfc-ray formulations to time")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16" if torch.cuda.is_available() else "fp32",
                    help="bf16 = autocast (CUDA only) with fp32 master weights")
@@ -294,7 +296,7 @@ def main() -> None:
     shapes = {(r["batch"], r["dict_size"], r["k"]): r for r in results["shapes"]}
     if args.table:
         (b1, s1, k1), (_, _, k2) = (TOY_SHAPES if args.toy else PAPER_SHAPES)[1:3]
-        fastest = lambda r: min(r[f] for f in args.formulations.split(",") if f in r)  # noqa: E731
+        fastest = lambda r: min(r[f] for f in args.formulations.split(",") if r.get(f))  # noqa: E731
         print(f"  k {k2} / k {k1} step time at batch {b1}, dict {s1}: "
               f"{fastest(shapes[(b1, s1, k2)]) / fastest(shapes[(b1, s1, k1)]):.2f}x", flush=True)
     if args.group:

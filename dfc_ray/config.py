@@ -236,7 +236,7 @@ Sparsity = Literal["topk", "batchtopk"]
 Recon = Literal["mse", "fvu"]
 L1Mode = Literal["seed", "partition"]
 Decay = Literal["linear", "cosine", "none"]
-Formulation = Literal["auto", "sparse", "dense"]
+Formulation = Literal["auto", "sparse", "dense", "hybrid"]
 HarvestPositions = Literal["last_prompt_token", "all_tokens", "prompt_and_response", "prompt", "mix_last_prompt",
                            "text_end"]
 StoreDtype = Literal["float16", "bfloat16", "float32"]
@@ -396,10 +396,10 @@ class TrainConfig(Config):
     seed: int = 0
     """Seed of the crosscoder's initialization."""
     formulation: Formulation = "auto"
-    """How the training step computes the same function (docs/crosscoder.md, "Two formulations"):
-    "sparse" touches only the k active features' rows in the backward (gathers, embedding_bag: fastest on
-    CPU); "dense" turns every weight gradient into a GEMM over scattered codes and never syncs the host
-    (fastest on GPU). "auto": dense on CUDA, sparse elsewhere."""
+    """How the training step computes the same function (docs/crosscoder.md, "Formulations"): "sparse"
+    touches only the k active features' rows in the backward (embedding_bag on CPU, Triton kernels on CUDA);
+    "dense" makes every weight gradient a GEMM over scattered codes; "hybrid" is dense on the encoder side
+    and sparse on the decoder side. "auto": dense on CUDA, sparse elsewhere."""
 
     def lr_at(self, step: int) -> float:
         """Learning rate for 0-based `step`: warm-up, constant, then decay to 0."""

@@ -24,30 +24,38 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from dfc_ray import kernels
 from dfc_ray.config import L1_MODES, RECONS, SPARSITIES, DFCConfig, Formulation  # noqa: F401  (re-exported)
 
 CHECKPOINT_FILES = ("config.json", "model.safetensors")
 """A checkpoint folder's files (see `DedicatedFeatureCrosscoder.save`)."""
 
 
-def resolve_formulation(name: Formulation, device: torch.device) -> str:
-    """"sparse" or "dense" for a `TrainConfig.formulation` on `device` ("auto": dense on CUDA, where GEMMs
-    are cheap and scattered gathers are not; sparse on CPU, where the reverse holds)."""
-    if name != "auto":
-        return name
-    return "dense" if device.type == "cuda" else "sparse"
+def resolve_formulation(name: Formulation, device: torch.device) -> tuple[bool, bool]:
+    """(dense encoder side, dense decoder side) of a `TrainConfig.formulation` on `device`. "auto" is dense
+    on CUDA, where GEMMs are cheap and PyTorch's scattered gathers are not, and sparse elsewhere, where the
+    reverse holds; "hybrid" is a dense encoder with a sparse decoder."""
+    if name == "auto":
+        name = "dense" if device.type == "cuda" else "sparse"
+    return name in ("dense", "hybrid"), name == "dense"
+
+
+def _compute_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype in effect (the sparse kernels gather in it), or None."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
 class _PickedProducts(torch.autograd.Function):
     """Entries ⟨x[rows[n]], weight[cols[n]]⟩·keep[n] of one partition's encoder product.
 
-    Forward reuses the values from the graph-free dense product; backward scatters the
-    gradient with two embedding_bags (per row into x, per feature into weight), so only the
-    active features' encoder rows are touched."""
+    Forward reuses the values from the graph-free dense product; backward scatters the gradient into the
+    active features' encoder rows only: per feature, the sum of its rows of x weighted by the gradient
+    (`embedding_bag` on CPU, `kernels.segment_sum` on CUDA, gathering x in the autocast dtype)."""
 
     @staticmethod
     def forward(ctx, picked, x, weight, rows, cols, keep, row_offsets):
         ctx.save_for_backward(x, weight, rows, cols, keep, row_offsets)
+        ctx.compute_dtype = _compute_dtype(x.device.type)
         return picked * keep
 
     @staticmethod
@@ -57,12 +65,44 @@ class _PickedProducts(torch.autograd.Function):
         grad_x = grad_weight = None
         if ctx.needs_input_grad[1]:
             grad_x = F.embedding_bag(cols, weight, row_offsets, mode="sum", per_sample_weights=grad.to(weight.dtype))
-        if ctx.needs_input_grad[2]:
+        if ctx.needs_input_grad[2] and kernels.active(x):
+            key = torch.where(keep > 0, cols, len(weight))  # another partition's entries sort past the end
+            order = key.argsort()
+            offsets = kernels.segment_offsets(key[order], len(weight))
+            grad_weight = kernels.segment_sum(offsets, rows[order], grad[order], x.to(ctx.compute_dtype or x.dtype),
+                                              weight.dtype)
+        elif ctx.needs_input_grad[2]:
             order = cols.argsort()
             counts = torch.bincount(cols, minlength=len(weight))
             grad_weight = F.embedding_bag(rows[order], x, counts.cumsum(0) - counts, mode="sum",
                                           per_sample_weights=grad[order].to(x.dtype))
         return None, grad_x, grad_weight, None, None, None, None
+
+
+class _GatheredDecode(torch.autograd.Function):
+    """One partition's sparse decode on CUDA: row b gets Σ weights[t]·dec[local[t]] over its active entries
+    (local < 0: another partition's feature). Forward `segment_sum` over rows; backward `segment_sum` over
+    features for the decoder gradient (written in fp32) and `gathered_dots` for the weights' gradient. The
+    decoder and the incoming gradient are gathered in the autocast dtype."""
+
+    @staticmethod
+    def forward(ctx, weights, dec, rows, local, row_offsets):
+        dtype = _compute_dtype(dec.device.type) or dec.dtype
+        gathered = dec.detach().to(dtype)
+        ctx.save_for_backward(weights, gathered, rows, local)
+        ctx.dec_dtype, ctx.dtype = dec.dtype, dtype
+        return kernels.segment_sum(row_offsets, local, weights, gathered, torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weights, gathered, rows, local = ctx.saved_tensors
+        grad = grad.to(ctx.dtype).contiguous()
+        grad_weights = kernels.gathered_dots(rows, local, grad, gathered)
+        key = torch.where(local >= 0, local, len(gathered))
+        order = key.argsort()
+        offsets = kernels.segment_offsets(key[order], len(gathered))
+        grad_dec = kernels.segment_sum(offsets, rows[order], weights[order], grad, ctx.dec_dtype)
+        return grad_weights, grad_dec, None, None, None
 
 
 @dataclass
@@ -222,8 +262,7 @@ class DedicatedFeatureCrosscoder(nn.Module):
         if dense:
             picked = products.flatten().gather(0, rows * products.shape[1] + feats)
             return F.relu(picked + self.b_enc[feats]).float()
-        counts = torch.bincount(rows, minlength=len(xn))
-        offsets = counts.cumsum(0) - counts
+        offsets = kernels.segment_offsets(rows, len(xn))[:-1]
         picked, inputs = products[rows, feats], self._inputs(xn)
         pre = self.b_enc[feats]
         for start, enc, _, model in self._blocks():
@@ -260,17 +299,19 @@ class DedicatedFeatureCrosscoder(nn.Module):
             # split, not slices: its backward assembles the partitions' code gradients in one tensor
             parts = codes.view(batch, size).split([len(dec) for _, _, dec, _ in blocks], 1)
         else:
-            counts = torch.bincount(rows, minlength=batch)
-            offsets = counts.cumsum(0) - counts
+            offsets = kernels.segment_offsets(rows, batch)
         per_model = [self.b_dec.new_zeros(batch, d), self.b_dec.new_zeros(batch, d)]
         for i, (start, _, dec, model) in enumerate(blocks):
             if dense:
                 part = parts[i] @ dec
+            elif kernels.active(vals):
+                inside = (feats >= start) & (feats < start + len(dec))
+                part = _GatheredDecode.apply(vals, dec, rows, torch.where(inside, feats - start, -1), offsets)
             else:
                 inside = (feats >= start) & (feats < start + len(dec))
                 local = (feats - start).clamp(0, len(dec) - 1)
                 weights = (vals * inside).to(dec.dtype)
-                part = F.embedding_bag(local, dec, offsets, mode="sum", per_sample_weights=weights)
+                part = F.embedding_bag(local, dec, offsets[:-1], mode="sum", per_sample_weights=weights)
             if model is None:
                 per_model = [per_model[0] + part[:, :d], per_model[1] + part[:, d:]]
             else:
@@ -279,25 +320,23 @@ class DedicatedFeatureCrosscoder(nn.Module):
         return out + self.b_dec if bias else out
 
     # ---- public API -------------------------------------------------------------------------
-    def _uses_dense(self, x: Tensor) -> bool:
-        return resolve_formulation(self.formulation, x.device) == "dense"
-
     def encode(self, x: Tensor) -> Tensor:
         """Raw activations (batch, 2, d_model) -> sparse codes (batch, dict_size)."""
-        rows, feats, vals, _, products = self._encode_flat(self.normalize(self._check_input(x)), self._uses_dense(x))
+        dense, _ = resolve_formulation(self.formulation, x.device)
+        rows, feats, vals, _, products = self._encode_flat(self.normalize(self._check_input(x)), dense)
         return vals.new_zeros(products.shape).index_put((rows, feats), vals)
 
     def decode(self, f: Tensor) -> Tensor:
         """Codes (batch, dict_size) -> raw-space reconstruction (batch, 2, d_model)."""
         rows, feats = f.nonzero(as_tuple=True)
         return self.denormalize(self._decode_flat(rows, feats, f[rows, feats].float(), f.shape[0],
-                                                  dense=self._uses_dense(f)))
+                                                  dense=resolve_formulation(self.formulation, f.device)[1]))
 
     def forward(self, x: Tensor) -> Tensor:
         """Raw activations -> raw-space reconstruction (what a splice feeds back into the model)."""
-        dense = self._uses_dense(x)
-        rows, feats, vals, _, _ = self._encode_flat(self.normalize(self._check_input(x)), dense)
-        return self.denormalize(self._decode_flat(rows, feats, vals, x.shape[0], dense=dense))
+        dense_enc, dense_dec = resolve_formulation(self.formulation, x.device)
+        rows, feats, vals, _, _ = self._encode_flat(self.normalize(self._check_input(x)), dense_enc)
+        return self.denormalize(self._decode_flat(rows, feats, vals, x.shape[0], dense=dense_dec))
 
     def loss(self, x: Tensor, dead_capacity: int | None = None) -> dict[str, Tensor]:
         """Training loss and its parts on raw activations x (batch, 2, d_model).
@@ -306,12 +345,13 @@ class DedicatedFeatureCrosscoder(nn.Module):
         per-feature firing counters), like BatchNorm does; in eval mode it changes nothing.
         `dead_capacity` bounds how many dead features AuxK considers (`_aux_loss`); None counts them,
         which reads a number back from the device. Nothing else in a step does."""
-        cfg, batch, dense = self.cfg, x.shape[0], self._uses_dense(x)
+        cfg, batch = self.cfg, x.shape[0]
+        dense_enc, dense_dec = resolve_formulation(self.formulation, x.device)
         n_ab = cfg.n_a_exclusive + cfg.n_b_exclusive
         xn = self.normalize(self._check_input(x))
         norms = self.decoder_norms()
-        rows, feats, vals, kept_min, products = self._encode_flat(xn, dense, norms)
-        xhat = self._decode_flat(rows, feats, vals, batch, dense=dense)
+        rows, feats, vals, kept_min, products = self._encode_flat(xn, dense_enc, norms)
+        xhat = self._decode_flat(rows, feats, vals, batch, dense=dense_dec)
         err = xhat - xn
         total_var = (xn - xn.mean(0)).pow(2).sum((0, 2)).clamp_min(1e-12)
         fvu = err.pow(2).sum((0, 2)) / total_var
@@ -330,7 +370,7 @@ class DedicatedFeatureCrosscoder(nn.Module):
         if self.training and cfg.aux_k > 0:
             capacity = int(dead.sum()) if dead_capacity is None else min(dead_capacity, cfg.dict_size)
             if capacity > 0:
-                aux = self._aux_loss(xn, products, dead, (xn - xhat).detach(), capacity, dense)
+                aux = self._aux_loss(xn, products, dead, (xn - xhat).detach(), capacity, dense_enc, dense_dec)
         loss = recon + l1 + cfg.aux_coef * aux
 
         active = (vals > 0).float()
@@ -354,12 +394,12 @@ class DedicatedFeatureCrosscoder(nn.Module):
         }
 
     def _aux_loss(self, xn: Tensor, products: Tensor, dead: Tensor, residual: Tensor, capacity: int,
-                  dense: bool) -> Tensor:
+                  dense_enc: bool, dense_dec: bool) -> Tensor:
         """AuxK: the top-k_aux dead features reconstruct the residual; returns its FVU (0 when none is dead).
 
         Only the `capacity` longest-dead features are candidates: all of the dead ones when capacity is at
         least their number (the exact loss; the trainer keeps it so, refreshed once per log window), a
-        bounded, sync-free amount of work otherwise. The dense formulation decodes the candidates with one
+        bounded, sync-free amount of work otherwise. A dense decoder side decodes the candidates with one
         (batch, capacity) GEMM."""
         k_aux = min(self.cfg.aux_k, capacity)
         candidates = self.rows_since_fired.topk(capacity, sorted=False).indices
@@ -369,8 +409,8 @@ class DedicatedFeatureCrosscoder(nn.Module):
             local = scores.topk(k_aux, dim=1, sorted=False).indices
         rows = torch.arange(len(xn), device=xn.device).repeat_interleave(k_aux)
         feats = candidates[local.flatten()]
-        vals = self._activations(xn, products, rows, feats, dense) * is_dead[local.flatten()]
-        if dense:
+        vals = self._activations(xn, products, rows, feats, dense_enc) * is_dead[local.flatten()]
+        if dense_dec:
             codes = torch.zeros_like(scores, dtype=vals.dtype).scatter(1, local, vals.view(len(xn), k_aux))
             approx = (codes @ self._decoder_rows(candidates).flatten(1)).view_as(residual).float()
         else:

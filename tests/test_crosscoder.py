@@ -373,14 +373,15 @@ def test_dense_formulation_equals_the_sparse_one(sparsity, aux_k, l1_mode, share
     n_dead = int((sparse.rows_since_fired >= 8).sum())
     assert 0 < n_dead < 100
     reference = _step(sparse, x, "sparse")
-    # AuxK's candidate set: counted (None), exactly the dead ones, or a larger bucket, all the same loss.
-    for capacity in (None, n_dead, 2 * n_dead):
+    # AuxK's candidate set: counted (None), exactly the dead ones, or a larger bucket, all the same loss;
+    # "hybrid" (dense encoder side, sparse decoder side) too.
+    for formulation, capacity in (("dense", None), ("dense", n_dead), ("dense", 2 * n_dead), ("hybrid", n_dead)):
         state = {k: v.clone() for k, v in dense.state_dict().items()}
-        out, grads, buffers = _step(dense, x, "dense", capacity)
+        out, grads, buffers = _step(dense, x, formulation, capacity)
         for key, value in reference[0].items():
-            assert _relative(out[key], value) <= 1e-5 or float(value) == float(out[key]) == 0, (key, capacity)
+            assert _relative(out[key], value) <= 1e-5 or float(value) == float(out[key]) == 0, (key, formulation)
         for name, grad in reference[1].items():
-            assert _relative(grads[name], grad) <= 1e-5, (name, capacity)
+            assert _relative(grads[name], grad) <= 1e-5, (name, formulation, capacity)
         for name, buffer in reference[2].items():
             assert torch.equal(buffers[name], buffer), name
         dense.load_state_dict(state)

@@ -14,6 +14,6 @@ toy=() groups=1,4,8,16
 [ -n "${TOY:-}" ] && toy=(--toy --device cpu --dtype fp32) groups=1,2
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv 2>/dev/null \
     || echo "no nvidia-smi"; python3 -c "import torch; print('torch', torch.__version__)"; } | tee "$OUT/machine.txt"
-timeout 240 python3 benchmarks/train_throughput.py --table --group "$groups" --json "$OUT/train.json" "${toy[@]}" \
+timeout 240 python3 benchmarks/train_throughput.py --table --group "$groups" --recovery-steps 600 --json "$OUT/train.json" "${toy[@]}" \
     2>&1 | tee "$OUT/train.log"
 echo "train_throughput exit: ${PIPESTATUS[0]}"

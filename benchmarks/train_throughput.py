@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from dfc_ray.crosscoder import DFCConfig
-from dfc_ray.train import Member, Trainer, TrainConfig
+from dfc_ray.synthetic import PlantedConfig, PlantedFeatures
+from dfc_ray.train import Member, Trainer, TrainConfig, train
 
 PAPER_SHAPES = [  # (batch, dict_size, k): the issue's table at d_model 2048
     (1024, 16384, 90), (4096, 16384, 90), (4096, 16384, 160), (4096, 32768, 90)]
@@ -190,6 +191,30 @@ def print_row(row: dict, formulations: list[str]) -> None:
         print(f"  {shape:32} {label:22} {row['batch'] / s:12,.0f} rows/s {s * 1e3:9.2f} ms{extra}", flush=True)
 
 
+# ---- planted features: does the device path learn what the CPU path learns? ------------------------------------
+def recovery_rows(args: argparse.Namespace, device: torch.device, bf16: bool) -> list[dict]:
+    """Recovery of planted features (`PlantedFeatures.recovery`, tests/test_train.py's problem) after training
+    on CPU in fp32 (the sparse path) and on `device` in each formulation (bf16 autocast on CUDA)."""
+    planted = PlantedFeatures(PlantedConfig())
+    cfg = DFCConfig(d_model=planted.cfg.d_model, dict_size=128, k=6, a_exclusive=0.1, b_exclusive=0.1,
+                    l1_mode="partition", l1_shared=2e-2)
+    runs = [("cpu", "sparse", False)] + [(str(device), f, bf16) for f in args.formulations.split(",")]
+    print(f"planted-feature recovery after {args.recovery_steps} steps (best cosine per planted feature):", flush=True)
+    rows = []
+    for where, formulation, half in runs:
+        train_cfg = TrainConfig(steps=args.recovery_steps, lr=3e-3, warmup_steps=20, norm_rows=512, log_every=20,
+                                device=where, formulation=formulation, bf16=half)
+        result = train(cfg, train_cfg, planted.batches(128))
+        row = {"device": where, "formulation": formulation, "bf16": half, "status": result.status,
+               "fvu_a": result.metrics.get("fvu_a"), "fvu_b": result.metrics.get("fvu_b")}
+        row |= planted.recovery(result.model)
+        rows.append(row)
+        print(f"  {where:6} {formulation:7} {'bf16' if half else 'fp32'}  {result.status:8} "
+              f"A-only {row['a_only']:.3f}  B-only {row['b_only']:.3f}  shared {row['shared']:.3f}  "
+              f"FVU A {row['fvu_a']:.3f} B {row['fvu_b']:.3f}", flush=True)
+    return rows
+
+
 # ---- group training: one process vs N processes ----------------------------------------------------------------
 def worker(args: argparse.Namespace) -> None:
     """One process of the comparison: `args.members` crosscoders on one stream, timed behind a file barrier;
@@ -276,6 +301,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5, help="timed steps per repeat")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--recovery-steps", type=int, default=0,
+                   help="also train planted features this many steps on CPU and on the device (600 = the CI test's)")
     p.add_argument("--group", default="", help="comma-separated N for the group comparison, e.g. 1,4,8,16")
     p.add_argument("--group-steps", type=int, default=20)
     p.add_argument("--group-batch", type=int, default=1024)
@@ -299,6 +326,8 @@ def main() -> None:
         fastest = lambda r: min(r[f] for f in args.formulations.split(",") if r.get(f))  # noqa: E731
         print(f"  k {k2} / k {k1} step time at batch {b1}, dict {s1}: "
               f"{fastest(shapes[(b1, s1, k2)]) / fastest(shapes[(b1, s1, k1)]):.2f}x", flush=True)
+    if args.recovery_steps:
+        results["recovery"] = recovery_rows(args, device, args.dtype == "bf16" and device.type == "cuda")
     if args.group:
         results["group"] = group_rows(args)
     if args.json:

@@ -293,8 +293,7 @@ class DedicatedFeatureCrosscoder(nn.Module):
         more GEMMs instead of scattered row updates."""
         d, size, blocks = self.cfg.d_model, self.cfg.dict_size, self._blocks()
         if dense:
-            dtype = torch.get_autocast_dtype(vals.device.type) if torch.is_autocast_enabled(vals.device.type) \
-                else vals.dtype
+            dtype = _compute_dtype(vals.device.type) or vals.dtype
             codes = vals.new_zeros(batch * size, dtype=dtype).scatter(0, rows * size + feats, vals.to(dtype))
             # split, not slices: its backward assembles the partitions' code gradients in one tensor
             parts = codes.view(batch, size).split([len(dec) for _, _, dec, _ in blocks], 1)
@@ -428,7 +427,8 @@ class DedicatedFeatureCrosscoder(nn.Module):
             if model is None:
                 out = out + rows.view(-1, 2, d)
             else:
-                out = out + torch.stack([rows, torch.zeros_like(rows)][:: 1 if model == 0 else -1], dim=1)
+                halves = [rows, torch.zeros_like(rows)] if model == 0 else [torch.zeros_like(rows), rows]
+                out = out + torch.stack(halves, dim=1)
         return out
 
     # ---- checkpoints ------------------------------------------------------------------------

@@ -189,7 +189,9 @@ def train_group(members: Sequence[Member], batches: Iterable[Tensor], on_metrics
             on_device: dict[torch.device, Tensor] = {}  # one copy per device, shared by the members there
             for t, task in running:
                 if t.device not in on_device:
-                    on_device[t.device] = batch.to(t.device, non_blocking=True).float()
+                    # From pinned memory the copy is queued behind the running step instead of holding the host.
+                    host = batch.pin_memory() if t.device.type == "cuda" else batch
+                    on_device[t.device] = host.to(t.device, non_blocking=True).float()
                 t.train_step(on_device[t.device])
                 if len(t.window) >= t.cfg.log_every or not t.running:
                     flush(t, task)

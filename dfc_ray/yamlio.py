@@ -5,7 +5,7 @@ describe 10⁹ strings that the first traversal (a merge, a dump, a schema check
 runs out, and a repeated key silently keeps its last value. `load_yaml` refuses, in one line, a file
 larger than `MAX_YAML_BYTES`, a document whose aliases would expand to more than `MAX_YAML_NODES`
 nodes (counted without expanding them), an alias that contains itself, and a key given twice in one
-mapping (merge keys, ``<<: *defaults``, may still be overridden).
+mapping as written (a key merged in with ``<<: *defaults`` may still be overridden).
 """
 
 from __future__ import annotations
@@ -27,25 +27,24 @@ class _Refused(Exception):
     """A bound the document breaks; the message is the part after the file name."""
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """The safe loader, refusing a key given twice in the same mapping."""
-
-    def construct_mapping(self, node: MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            if key_node.tag == MERGE_TAG or not isinstance(key_node, ScalarNode):
-                continue
-            key = self.construct_object(key_node, deep=False)
-            if key in seen:
-                raise _Refused(f"line {key_node.start_mark.line + 1}: key {key!r} given twice in one mapping "
-                               "(expected each key once; YAML would keep only the last)")
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
+def _check_keys(node: MappingNode) -> None:
+    """Refuse a key given twice in one mapping, as written (read before construction, where merge keys
+    would already have been folded in)."""
+    seen: set[tuple[str, str]] = set()
+    for key_node, _ in node.value:
+        if key_node.tag == MERGE_TAG or not isinstance(key_node, ScalarNode):
+            continue
+        key = (key_node.tag, key_node.value)
+        if key in seen:
+            raise _Refused(f"line {key_node.start_mark.line + 1}: key {key_node.value!r} given twice in one mapping "
+                           "(expected each key once; YAML would keep only the last)")
+        seen.add(key)
 
 
-def expanded_size(node: Node) -> int:
+def checked_size(node: Node) -> int:
     """Nodes in the document once every alias is expanded, computed without expanding (each node's size is
-    counted once and reused); raises _Refused on an alias that contains itself."""
+    counted once and reused), each mapping's keys checked on the way; raises _Refused on an alias that
+    contains itself or a key given twice."""
     sizes: dict[int, int] = {}
     open_nodes: set[int] = set()
     stack: list[tuple[Node, bool]] = [(node, False)]
@@ -59,6 +58,8 @@ def expanded_size(node: Node) -> int:
             children = list(current.value)
         elif isinstance(current, MappingNode):
             children = [part for pair in current.value for part in pair]
+            if not children_done:
+                _check_keys(current)
         if children_done:
             open_nodes.discard(key)
             sizes[key] = 1 + sum(sizes[id(child)] for child in children)
@@ -81,12 +82,12 @@ def load_yaml(path: str | Path) -> Any:
     size = path.stat().st_size
     if size > MAX_YAML_BYTES:
         raise ValueError(f"{path}: {size:,} bytes; expected a YAML file of at most {MAX_YAML_BYTES:,} bytes")
-    loader = _StrictLoader(path.read_text())
+    loader = yaml.SafeLoader(path.read_text())
     try:
         node = loader.get_single_node()
         if node is None:
             return None
-        nodes = expanded_size(node)
+        nodes = checked_size(node)
         if nodes > MAX_YAML_NODES:
             raise _Refused(f"its aliases expand to {nodes:,} nodes; expected at most {MAX_YAML_NODES:,} "
                            "(an alias bomb?)")

@@ -112,12 +112,13 @@ def test_extends_chain_depth_is_bounded_and_named(tmp_path):
 def test_yaml_bounds_keep_anchors_and_merge_keys_working(tmp_path):
     """Anchors, aliases and merge keys a spec writer uses still load (an overridden merged key is not a
     duplicate); what the bounds count is the expanded document; an alias inside itself is refused."""
-    from dfc_ray.yamlio import _StrictLoader, expanded_size, load_yaml
+    from dfc_ray.yamlio import checked_size, load_yaml
 
     path = write(tmp_path, "base: &base {steps: 5, lr: 0.1}\ntrain: {<<: *base, steps: 7}\n", "anchors.yaml")
     assert load_yaml(path) == {"base": {"steps": 5, "lr": 0.1}, "train": {"steps": 7, "lr": 0.1}}
-    loader = _StrictLoader("a: &x [1, 2]\nb: *x\n")
-    assert expanded_size(loader.get_single_node()) == 9  # mapping, 2 keys, the list (3 nodes) twice
+    assert checked_size(yaml.compose("a: &x [1, 2]\nb: *x\n")) == 9  # mapping, 2 keys, the list (3 nodes) twice
+    nested = "c: &c {x: 1}\nb: &b {<<: *c, x: 2}\na: {<<: *b, x: 3}\n"  # merges of merges, each overriding x
+    assert load_yaml(write(tmp_path, nested, "nested.yaml"))["a"] == {"x": 3}
     with pytest.raises(ValueError, match="an alias that contains itself"):
         load_yaml(write(tmp_path, "a: &x [1, *x]\n", "loop.yaml"))
     assert load_yaml(write(tmp_path, "", "empty.yaml")) is None

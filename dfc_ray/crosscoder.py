@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from dfc_ray import kernels
 from dfc_ray.config import L1_MODES, RECONS, SPARSITIES, DFCConfig, Formulation  # noqa: F401  (re-exported)
+from dfc_ray.preflight import check_crosscoder_fits, check_finite_weights
 
 CHECKPOINT_FILES = ("config.json", "model.safetensors")
 """A checkpoint folder's files (see `DedicatedFeatureCrosscoder.save`)."""
@@ -118,6 +119,7 @@ class DedicatedFeatureCrosscoder(nn.Module):
     """A DFC on a (A, B) pair; `DFCConfig.a_exclusive = b_exclusive = 0` gives a plain crosscoder."""
 
     def __init__(self, cfg: DFCConfig, seed: int = 0):
+        check_crosscoder_fits(cfg)  # one line with the bytes needed and free, not an allocator traceback
         super().__init__()
         self.cfg = cfg
         d, n_a, n_b, n_s = cfg.d_model, cfg.n_a_exclusive, cfg.n_b_exclusive, cfg.n_shared
@@ -481,5 +483,6 @@ class DedicatedFeatureCrosscoder(nn.Module):
             if tensors[name].shape != ref.shape:
                 raise ValueError(f"{path}/model.safetensors: tensor {name!r} has shape "
                                  f"{tuple(tensors[name].shape)}, config.json implies {tuple(ref.shape)}")
+        check_finite_weights(tensors, f"{path}/model.safetensors")
         model.load_state_dict(tensors)
         return model.to(device)

@@ -13,6 +13,7 @@ from dfc_ray.fs import redact
 from dfc_ray.plan import load_rates, print_plan
 from dfc_ray.report import print_report
 from dfc_ray.spaces import load_spec
+from dfc_ray.store import check_store_root
 
 
 DEFAULT_SPEC = "organism48"
@@ -26,9 +27,12 @@ def _sweep_command(args: argparse.Namespace) -> int:
     if args.plan:
         print_plan(spec, load_rates(args.costs) if args.costs else None)
         return 0
+    if args.store:
+        check_store_root(args.store)
     from dfc_ray.sweep import read_results, run_sweep  # deferred: Ray Tune and Optuna are heavy, --plan needs neither
 
     run_uri = args.run_dir or f"{args.storage.rstrip('/')}/{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    args.run_dir = run_uri  # for the Ctrl-C line (`_interrupted`)
     start = time.time()
     run = run_sweep(spec, run_uri, store_root=args.store, resume=args.resume, address=args.address,
                     evaluate=not args.no_eval, live=not args.quiet)
@@ -41,6 +45,14 @@ def _sweep_command(args: argparse.Namespace) -> int:
         Console().print(f"[bold red]{len(statuses) - statuses.count('ok')} of {len(statuses)} trials failed[/] "
                         f"(exit code {code}; reasons in results.jsonl and the report's Failed trials)")
     return code
+
+
+def _interrupted(args: argparse.Namespace) -> str:
+    """What Ctrl-C outside the trials leaves (the driver reports trials it interrupts itself)."""
+    if args.run_dir is None or args.plan:
+        return "no run folder was made; nothing was written"
+    run = redact(args.run_dir)
+    return f"finished trials stay in {run}; continue with: dfc-ray sweep --resume --run-dir {run}"
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
@@ -58,4 +70,4 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
                    help="run nothing: print the sweep's work (rows, bytes, FLOPs per stage, actors, memory) and cost")
     p.add_argument("--costs", default=None, metavar="RUN_OR_JSON",
                    help="with --plan: measured rates from a finished run folder (its costs.json) or a costs JSON")
-    p.set_defaults(func=_sweep_command)
+    p.set_defaults(func=_sweep_command, interrupted=_interrupted)

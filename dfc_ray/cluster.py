@@ -18,7 +18,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-import yaml
+from dfc_ray.yamlio import load_yaml
 
 
 def _path_of(error: Any) -> str:
@@ -40,10 +40,7 @@ def validate_cluster_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such cluster file")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    raw = load_yaml(path)
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
     local = isinstance(raw.get("provider"), dict) and raw["provider"].get("type") == "local"

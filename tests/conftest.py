@@ -8,15 +8,23 @@
 - `one_thread` (module): torch runs single-threaded for the module (tiny-tensor tests).
 - `ray_cluster` (module): `ray.init(num_cpus=2, include_dashboard=False)` on a new local cluster,
   shut down at the end of the module (a module's `RAY_CPUS` sets another count of logical CPUs).
+
+Without a GPU, Triton's interpreter runs the CUDA path's kernels on CPU tensors (tests/test_kernels.py):
+TRITON_INTERPRET must be set before anything imports triton, hence here, first.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import uuid
 from dataclasses import dataclass
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @dataclass

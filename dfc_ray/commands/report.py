@@ -19,7 +19,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("run", metavar="RUN", help="run folder, file:// or s3:// prefix holding results.jsonl")
     p.add_argument("--out", help="folder for the report files (default: RUN for a local run; for an s3:// run "
                                  "the report is only printed unless --out is given)")
-    p.set_defaults(func=_run_cli)
+    p.set_defaults(func=_run_cli, interrupted=lambda a: "report files may be half rewritten; run the same command "
+                   "again (it rebuilds them from results.jsonl, which it never changes)")
 
 
 def _run_cli(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ import argparse
 import importlib
 import sys
 
+from dfc_ray.failures import EXIT_INTERRUPTED
 from dfc_ray.fs import storage_failure
 
 # Each module here defines `add_cli(subparsers)`, which adds its sub-commands and sets
@@ -35,8 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-INTERRUPTED_EXIT = 130
-"""Exit code after Ctrl-C (128 + SIGINT, as shells report it)."""
+INTERRUPTED_EXIT = EXIT_INTERRUPTED
+"""Exit code after Ctrl-C (128 + SIGINT, as shells report it; dfc_ray/failures.py)."""
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,9 +9,13 @@ a `Ctx` (tmp folder, monkeypatch, and lazily the S3 fixtures or a stalling serve
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import socket
+import subprocess
 import threading
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable
 
@@ -556,3 +560,117 @@ def test_ctrl_c_during_a_real_harvest_gives_one_line(tmp_path):
     assert proc.returncode == 130 and "Traceback" not in out + err, err
     assert err.strip().splitlines()[-1].startswith("dfc-ray harvest: interrupted; the shards already recorded"), err
     assert list(tmp_path.glob("store/*/harvest.json"))
+
+
+# ---------------------------------------------------------------- run folders, names and addresses (issue 22)
+
+
+def read_only(ctx: Ctx, folder: Path) -> Path:
+    """Make `folder` unwritable for this process: mode 0555, and for root (whom modes do not stop) the
+    immutable attribute; both undone after the case. Skips where neither can be had."""
+    folder.chmod(0o555)
+    ctx.cleanups.append(lambda: folder.chmod(0o755))
+    if os.geteuid() == 0:
+        if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(folder)]).returncode:
+            pytest.skip("root, and no immutable attribute here: no folder this process cannot write")
+        ctx.cleanups.insert(0, lambda: subprocess.run(["chattr", "-i", str(folder)], check=True))
+    return folder
+
+
+def escaping_trial(ctx: Ctx, command: str) -> list[str]:
+    """A run whose results.jsonl names a trial `../../../../escaped-trial`; nothing may appear outside it."""
+    record = {"trial_id": "../../../../escaped-trial", "status": "ok", "metrics": {"checkpoint": str(ctx.tmp / "ckpt")},
+              "config": {"dict_size": 768, "k": 8, "variant": "dfc-10pct"}}
+    run = run_folder(ctx, shipped_spec_dump("cluster-smoke"), json.dumps(record) + "\n")
+    ctx.cleanups.append(lambda: _assert_no_escape(ctx.tmp))
+    return [command, str(run)]
+
+
+def _assert_no_escape(tmp: Path) -> None:
+    for folder in (tmp, *list(tmp.parents)[:4]):
+        assert not (folder / "escaped-trial").exists(), f"written outside the run folder: {folder}/escaped-trial"
+
+
+def resumable_run(ctx: Ctx) -> Path:
+    """An organism48 run folder with one finished trial."""
+    return run_folder(ctx, shipped_spec_dump("organism48"), GOOD_RESULT + "\n")
+
+
+def held_run(ctx: Ctx) -> list[str]:
+    """A run folder whose lease this process holds (a live driver), then a second driver on it."""
+    from dfc_ray.fs import RunFolder, RunLease
+
+    run = resumable_run(ctx)
+    lease = RunLease(RunFolder(str(run)), timeout=60)
+    lease.acquire()
+    ctx.cleanups.append(lease.release)
+    return ["sweep", "--resume", "--run-dir", str(run)]
+
+
+def edited_spec_run(ctx: Ctx) -> list[str]:
+    """A run whose spec.yaml was edited after it started (train.steps 300 → 50; run.json keeps the first)."""
+    started = yaml.safe_load(shipped_spec_dump("organism48"))
+    edited = started | {"train": started["train"] | {"steps": 50}}
+    run = run_folder(ctx, yaml.safe_dump(edited, sort_keys=False), GOOD_RESULT + "\n")
+    (run / "run.json").write_text(json.dumps({"run_id": "organism48-0000abcd", "spec": started}))
+    return ["sweep", "--resume", "--run-dir", str(run)]
+
+
+def run_dir_in_read_only_folder(ctx: Ctx) -> list[str]:
+    shared = ctx.tmp / "shared"
+    shared.mkdir()
+    return ["sweep", "organism48", "--run-dir", str(read_only(ctx, shared) / "run"), "--quiet"]
+
+
+class QuietHandler(BaseHTTPRequestHandler):
+    def log_message(self, *args) -> None:  # the case's output is the CLI's alone
+        pass
+
+
+def http_server(ctx: Ctx) -> str:
+    """An HTTP server on 127.0.0.1 that is not Ray; its host:port."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), QuietHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    ctx.cleanups.append(server.shutdown)
+    return f"127.0.0.1:{server.server_address[1]}"
+
+
+def sweep_at(ctx: Ctx, address: str) -> list[str]:
+    ctx.cleanups.append(lambda: _assert_absent(ctx.tmp / "run"))
+    return ["sweep", "organism48", "--run-dir", str(ctx.tmp / "run"), "--address", address, "--quiet"]
+
+
+RUN_CASES: list[tuple[str, Callable[[Ctx], list[str]], str]] = [
+    ("ablate-escaping-trial-id", lambda c: escaping_trial(c, "ablate"),
+     "trial_id = '../../../../escaped-trial': expected a name"),
+    ("report-escaping-trial-id", lambda c: escaping_trial(c, "report"),
+     "trial_id = '../../../../escaped-trial': expected a name"),
+    ("cluster-bind-inside-bash-c",
+     lambda c: cluster_file(c, "bash -c 'ray stop; ray start --head --num-cpus=0 --dashboard-host=0.0.0.0'"),
+     "--dashboard-host to '0.0.0.0'"),
+    ("cluster-bind-inside-sh-lc", lambda c: cluster_file(c, 'sh -lc "exec ray start --head --dashboard-host ::"'),
+     "'::'"),
+    ("resume-held-run-folder", held_run, "in use by the driver on host"),
+    ("resume-edited-spec", edited_spec_run, "spec.yaml: changed since the run started (train.steps 300 → 50)"),
+    ("resume-read-only-run", lambda c: ["sweep", "--resume", "--run-dir", str(read_only(c, resumable_run(c)))],
+     "cannot write there"),
+    ("report-read-only-run", lambda c: ["report", str(read_only(c, run_folder(c, results=GOOD_RESULT + "\n")))],
+     "or pass --out FOLDER"),
+    ("sweep-run-dir-in-read-only-folder", run_dir_in_read_only_folder, "cannot write there"),
+    ("sweep-address-closed-port", lambda c: sweep_at(c, f"127.0.0.1:{closed_port()}"), "nothing answers there"),
+    ("sweep-address-not-ray", lambda c: sweep_at(c, http_server(c)), "a server answers there, but not Ray's"),
+    ("sweep-address-http-url", lambda c: sweep_at(c, "http://127.0.0.1:8265"), "an HTTP address"),
+    ("sweep-ray-address-env-closed-port", lambda c: (c.env(RAY_ADDRESS=f"127.0.0.1:{closed_port()}"),
+                                                     ["sweep", "--resume", "--run-dir", str(resumable_run(c))])[1],
+     "RAY_ADDRESS '127.0.0.1:"),
+    ("harvest-address-not-ray", lambda c: ["harvest", "--store", str(c.tmp / "store"), "--address", http_server(c)],
+     "a server answers there, but not Ray's"),
+    ("lease-timeout-not-seconds", lambda c: (c.env(DFC_RAY_LEASE_TIMEOUT="soon"), ["sweep", "--resume", "--run-dir",
+                                                                                 str(resumable_run(c))])[1],
+     "DFC_RAY_LEASE_TIMEOUT='soon': expected seconds > 0"),
+]
+
+
+@pytest.mark.parametrize("build, expected", [case[1:] for case in RUN_CASES], ids=[case[0] for case in RUN_CASES])
+def test_run_folder_bad_input_gives_one_clear_line(build, expected, tmp_path, monkeypatch, request, capsys):
+    test_bad_input_gives_one_clear_line(build, expected, tmp_path, monkeypatch, request, capsys)

@@ -75,7 +75,8 @@ def test_small_sweep_makes_a_complete_report(tiny_pair, ray_cluster, tmp_path):
         assert report["headline"][key]["n"] == 4
     assert report["headline"]["steer_best_pp"]["n"] == 2 and report["min_set"]["n_steered"] == 2
     assert report["run"]["seconds"]["trials"] > 0 and report["seconds_per_trial"]["train_s"]["n"] == 4
-    assert report["run"]["judge_restarts"] == {"tiny-evaluator": 0, "tiny-steering": 0}  # none was killed
+    run_id = json.loads((run / "run.json").read_text())["run_id"]  # the pools are this run's own
+    assert report["run"]["judge_restarts"] == {f"{run_id}-evaluator": 0, f"{run_id}-steering": 0}  # none was killed
     assert (run / "report.md").is_file() and (run / "spec.yaml").is_file()
     plots = {p.name for p in (run / "plots").iterdir()}
     assert {"alpha_curves.png", "steer_by_layer.png", "cos_vs_effect.png"} <= plots
@@ -147,7 +148,7 @@ def test_killed_sweep_resumes_without_redoing_or_losing_trials(tiny_pair, tmp_pa
     path = write_spec(tmp_path, tiny_pair, train={"steps": 60, "batch_size": 32, "lr": 1e-3, "warmup_steps": 5,
                                                   "reader": "local", "norm_rows": 256})
     run = tmp_path / "runs" / "killed"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled", "DFC_RAY_LEASE_TIMEOUT": "2"}
     env.pop("RAY_ADDRESS", None)
     command = [sys.executable, "-m", "dfc_ray.cli", "sweep", path, "--run-dir", str(run), "--no-eval", "--quiet"]
     proc = subprocess.Popen(command, env=env, start_new_session=True)
@@ -165,8 +166,10 @@ def test_killed_sweep_resumes_without_redoing_or_losing_trials(tiny_pair, tmp_pa
             os.killpg(proc.pid, signal.SIGKILL)
     before = {r["trial_id"]: r for r in read_results(run)}
     assert 2 <= len(before) < 4
+    time.sleep(2)  # the killed driver's lease (it stated 2 s) goes stale; the resume takes it over
     resumed = subprocess.run(command + ["--resume"], env=env, timeout=600)
     assert resumed.returncode == 0
+    assert "more than its timeout of 2 s" in (run / "lease-takeovers.jsonl").read_text()
     after = read_results(run)
     ids = [r["trial_id"] for r in after]
     assert len(ids) == len(set(ids)) == 4, ids

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+from pathlib import Path
+
 from rich.console import Console
 
+from dfc_ray.fs import RunFolder
 from dfc_ray.report import print_report, run_report, write_report
 
 
@@ -25,6 +28,12 @@ def _run_cli(args: argparse.Namespace) -> int:
     if args.out is None and args.run.startswith("s3://"):
         report = run_report(args.run)
     else:
+        target = args.out or args.run.removeprefix("file://")
+        if Path(target).is_dir():  # a folder this user cannot write is refused before the report is built
+            try:
+                RunFolder(target, create=False).check_writable()
+            except ValueError as err:
+                raise ValueError(f"{err}; or pass --out FOLDER for the report files") from None
         report = write_report(args.run, out_dir=args.out)
     print_report(report, console)
     if "plots" in report:

@@ -22,7 +22,8 @@ the others still run):
    prompts + 512 plain texts (toy: 32 + 32), batch 64, through `PairActivations.run_part` (forward, position
    selection, device-side encoding and the shard writes; corpus building and model loading excluded).
 4. training: `dfc_ray.train.train_group` on random (1024, 2, 2048) batches, dict 16384, k 90 (toy: d_model
-   64, dict 512, k 8, batch 256), steps after 5 warm-up steps.
+   64, dict 512, k 8, batch 256): seconds per step from a 40-step and a 10-step run (toy: 15 and 3), after a
+   warm-up run.
 
 Rates for the costs file are FLOP/s with the plan's FLOP model (dfc_ray/plan.py) of ONE whole device
 (`per_device`). Writes OUT/gpu_judges.json (every figure) and OUT/costs.json; prints a table last. Needs
@@ -172,27 +173,28 @@ def harvest_rate(model_a, model_b, tokenizer, settings: dict, device: torch.devi
 
 
 def train_rate(settings: dict, d_model: int, device: torch.device) -> dict:
-    """Steps/s of `train_group` with one member on random batches (after 5 warm-up steps)."""
+    """Seconds per step of `train_group` with one member on random batches: (time of a long run − time of a
+    short run) / the steps between, so set-up (crosscoder, normalization) cancels; a first short run warms
+    the kernels up. No reliance on when the trainer reports its metrics."""
     batch, dict_size, k, steps = settings["train"]
-    member = Member("bench", DFCConfig(d_model=d_model, dict_size=dict_size, k=k, a_exclusive=0.05, b_exclusive=0.05),
-                    TrainConfig(steps=steps, device=device.type, norm_rows=batch, log_every=steps, warmup_steps=0))
-    marks: dict[int, float] = {}
-
-    def on_metrics(name: str, step: int, metrics: dict) -> None:
-        if step == 5:
-            sync(device)
-            marks[step] = time.perf_counter()
 
     def batches():
         while True:
             yield torch.randn(batch, 2, d_model, device=device)
 
-    (result,) = train_group([member], batches(), on_metrics=on_metrics)
-    sync(device)
-    seconds = (time.perf_counter() - marks[5]) / (steps - 5)
-    flops = train_flops(d_model, dict_size, batch, 1)
-    return {"status": result.status, "batch": batch, "dict_size": dict_size, "k": k, "step_s": seconds,
-            "tok_s": batch / seconds, "flop_s": flops / seconds}
+    def run(n: int) -> tuple[float, str]:
+        member = Member("bench", DFCConfig(d_model=d_model, dict_size=dict_size, k=k, a_exclusive=0.05,
+                                           b_exclusive=0.05),
+                        TrainConfig(steps=n, device=device.type, norm_rows=batch, warmup_steps=0))
+        seconds, (result,) = timed(device, lambda: train_group([member], batches()))
+        return seconds, result.status
+
+    short = max(2, steps // 4)
+    run(short)
+    (t_short, _), (t_long, status) = run(short), run(steps)
+    seconds = (t_long - t_short) / (steps - short)
+    return {"status": status, "batch": batch, "dict_size": dict_size, "k": k, "step_s": seconds,
+            "tok_s": batch / seconds, "flop_s": train_flops(d_model, dict_size, batch, 1) / seconds}
 
 
 def run_stage(results: dict, name: str, fn: Callable[..., dict], *args, **kwargs) -> None:

@@ -3,7 +3,7 @@
 # harvest and costs file (issue 20). Each part has its own time limit, so one that hangs leaves the
 # other's figures; everything lands in $OUT (the device tool brings it back) or runs/gpu-check.
 #
-#   bash benchmarks/gpu_check.sh           # on the H200 (about 2 + 4 minutes)
+#   bash benchmarks/gpu_check.sh           # on the H200 (at most 4 + 4.5 minutes)
 #   TOY=1 bash benchmarks/gpu_check.sh     # the same script on a laptop's CPU at toy shapes
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -17,3 +17,7 @@ toy=() groups=1,4,8,16
 timeout 240 python3 benchmarks/train_throughput.py --table --group "$groups" --recovery-steps 600 --json "$OUT/train.json" "${toy[@]}" \
     2>&1 | tee "$OUT/train.log"
 echo "train_throughput exit: ${PIPESTATUS[0]}"
+jtoy=()
+[ -n "${TOY:-}" ] && jtoy=(--toy --device cpu)
+timeout 270 python3 benchmarks/gpu_judges.py --out "$OUT" "${jtoy[@]}" 2>&1 | tee "$OUT/judges.log"
+echo "gpu_judges exit: ${PIPESTATUS[0]}"

@@ -41,6 +41,8 @@ PERCENT = "{:.1f}%"
 """For fractions (0..1): applied to 100 × the value."""
 FVU = "{:.3f}"
 SEPARATION = "{:.2f}"
+SHARE = "{:+.2f}"
+"""A signed share of a whole (1 = all of it)."""
 
 
 def number(value: Any) -> float | None:
@@ -181,6 +183,52 @@ METRICS: tuple[Metric, ...] = (
     metric("top_features", "top A-exclusive features (feature, Cohen's d, AUROC)"),
     metric("alpha_curve", "dev Δ vs α of the chosen feature"),
     metric("reference_alpha_curve", "dev Δ vs α of the reference direction"),
+    # where the A − B difference lives (Steerer.localize: dfc_ray/attribution.py and the causal tests)
+    metric("diff_n50", "features for 50% of the difference", fmt=_min_set_size, shows=("axis", "trials")),
+    metric("diff_n90", "features for 90% of the difference", fmt=_min_set_size),
+    metric("diff_share_a_exclusive", "A-exclusive share of the difference", fmt=SHARE, shows=("axis", "trials")),
+    metric("diff_share_b_exclusive", "B-exclusive share of the difference", fmt=SHARE),
+    metric("diff_share_shared", "shared features' share of the difference", fmt=SHARE),
+    metric("diff_reference_norm", "‖v‖, the reference direction's norm"),
+    metric("diff_features", "Σ of the feature terms c_j along v̂"),
+    metric("diff_bias", "the decoder biases' part of v along v̂"),
+    metric("diff_norm_means", "the normalization means' part of v along v̂"),
+    metric("diff_error", "the reconstruction error's part of v along v̂"),
+    metric("diff_cos_reconstruction", "cos(mean x̂_A − x̂_B, v)", fmt="{:.3f}"),
+    metric("diff_cos_norm_means", "cos(mean_A − mean_B, v)", fmt="{:.3f}"),
+    metric("diff_top", "largest terms of the difference (feature, partition, c_j, cos to v, Latent Scaling β)"),
+    metric("loc_n50", "features for 50% of the reference effect (curve, dev)", fmt=_min_set_size,
+           shows=("axis", "trials")),
+    metric("loc_reference_pp", "the curve's yardstick: the reference's effect on B", "pp", PP),
+    metric("loc_reference_pp_lo", "the reference's effect on B, CI low", "pp", PP),
+    metric("loc_reference_pp_hi", "the reference's effect on B, CI high", "pp", PP),
+    metric("loc_curve", "localisation curve B ← A (n, α, dev and test Δ, share of the reference)"),
+    metric("loc_curve_n", "curve: n chosen on dev"),
+    metric("loc_curve_alpha", "curve: α at the chosen n"),
+    metric("loc_curve_pp", "curve: top-n mean writes steering B", "pp", PP),
+    metric("loc_curve_pp_lo", "curve Δ, CI low", "pp", PP),
+    metric("loc_curve_pp_hi", "curve Δ, CI high", "pp", PP),
+    metric("loc_curve_share", "curve: share of the reference effect", fmt=SHARE, shows=("axis",)),
+    metric("loc_curve_share_lo", "curve share, CI low", fmt=SHARE),
+    metric("loc_curve_share_hi", "curve share, CI high", fmt=SHARE),
+    metric("loc_curve_random_pp", "curve control: n random features, same norm", "pp", PP),
+    metric("loc_curve_random_pp_lo", "curve control, CI low", "pp", PP),
+    metric("loc_curve_random_pp_hi", "curve control, CI high", "pp", PP),
+    metric("loc_ablate_b_n", "ablation in B: n chosen on dev"),
+    metric("loc_ablate_b_pp", "ablation of top B-exclusive contributors in B", "pp", PP),
+    metric("loc_ablate_b_pp_lo", "ablation in B, CI low", "pp", PP),
+    metric("loc_ablate_b_pp_hi", "ablation in B, CI high", "pp", PP),
+    metric("loc_ablate_b_random_pp", "ablation control: n random B-exclusive features, same norm", "pp", PP),
+    metric("loc_ablate_b_random_pp_lo", "ablation control, CI low", "pp", PP),
+    metric("loc_ablate_b_random_pp_hi", "ablation control, CI high", "pp", PP),
+    metric("loc_patch_a_n", "patch in A: n chosen on dev"),
+    metric("loc_patch_a_pp", "patch A → B of the top contributors in A", "pp", PP),
+    metric("loc_patch_a_pp_lo", "patch in A, CI low", "pp", PP),
+    metric("loc_patch_a_pp_hi", "patch in A, CI high", "pp", PP),
+    metric("loc_patch_a_random_pp", "patch control: n random features, same norm", "pp", PP),
+    metric("loc_patch_a_random_pp_lo", "patch control, CI low", "pp", PP),
+    metric("loc_patch_a_random_pp_hi", "patch control, CI high", "pp", PP),
+    metric("loc_compute_s", "localisation compute", "s"),
     # per-feature figures inside top_features (the best-features table)
     metric("cohens_d", "Cohen's d", fmt=SEPARATION),
     metric("auroc", "AUROC", fmt=SEPARATION),
@@ -188,6 +236,7 @@ METRICS: tuple[Metric, ...] = (
     metric("train_s", "training", "s", shows=("time",)),
     metric("eval_s", "splice evaluation (waiting for the evaluator)", "s", shows=("time",)),
     metric("steer_s", "steering (waiting for the steerer)", "s", shows=("time",)),
+    metric("loc_s", "localisation (waiting for the steerer)", "s", shows=("time",)),
     metric("judge_s", "evaluation + steering (in parallel)", "s", shows=("time",)),
 )
 

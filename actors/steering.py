@@ -246,7 +246,7 @@ class Localization:
         out: dict[str, Any] = self.attribution.metrics() | {"diff_top": self.attribution.top_rows(),
                                                             "loc_compute_s": self.seconds}
         if self.reference_pp is not None:
-            out |= {"loc_reference_pp": self.reference_pp.mean, "loc_n50": self.n50,
+            out |= {**effect_metrics("loc_reference_pp", self.reference_pp), "loc_n50": self.n50,
                     "loc_curve": [{"n": p.n, "alpha": p.alpha, "dev_pp": p.dev_delta_pp, "pp": p.delta_pp.mean,
                                    "lo": p.delta_pp.lo, "hi": p.delta_pp.hi, "share": p.share.mean,
                                    "share_lo": p.share.lo, "share_hi": p.share.hi} for p in self.curve]}

@@ -55,6 +55,11 @@ def _min_set_size(x: float) -> str:
     return str(int(x)) if x > 0 else "not reached"  # -1 records "not reached"
 
 
+def _feature_count(x: float) -> str:
+    """A count of features (−1: none reached), or a mean or spread of counts to one decimal."""
+    return "not reached" if x < 0 else f"{x:g}" if x == int(x) else f"{x:.1f}"
+
+
 @dataclass(frozen=True)
 class Metric:
     """One trial metric."""
@@ -103,6 +108,13 @@ def metric(name: str, label: str, unit: str = "", fmt: str | Callable[[float], s
            shows: tuple[Place, ...] = (), **kw: Any) -> Metric:
     """A registry line: `Metric` with `shows` as a tuple."""
     return Metric(name, label, unit, fmt, frozenset(shows), **kw)
+
+
+def effect(name: str, label: str, unit: str = "pp", fmt: str | Callable[[float], str] = PP,
+           shows: tuple[Place, ...] = ()) -> tuple[Metric, Metric, Metric]:
+    """An effect and its 95% CI's ends (`<name>_lo`, `<name>_hi`): three registry lines in one."""
+    return (metric(name, label, unit, fmt, shows), metric(f"{name}_lo", f"{label}, CI low", unit, fmt),
+            metric(f"{name}_hi", f"{label}, CI high", unit, fmt))
 
 
 AB = "A clean → spliced", "B clean → spliced"
@@ -184,8 +196,8 @@ METRICS: tuple[Metric, ...] = (
     metric("alpha_curve", "dev Δ vs α of the chosen feature"),
     metric("reference_alpha_curve", "dev Δ vs α of the reference direction"),
     # where the A − B difference lives (Steerer.localize: dfc_ray/attribution.py and the causal tests)
-    metric("diff_n50", "features for 50% of the difference", fmt=_min_set_size, shows=("axis", "trials")),
-    metric("diff_n90", "features for 90% of the difference", fmt=_min_set_size),
+    metric("diff_n50", "features for 50% of the difference", fmt=_feature_count, shows=("axis", "trials")),
+    metric("diff_n90", "features for 90% of the difference", fmt=_feature_count),
     metric("diff_share_a_exclusive", "A-exclusive share of the difference", fmt=SHARE, shows=("axis", "trials")),
     metric("diff_share_b_exclusive", "B-exclusive share of the difference", fmt=SHARE),
     metric("diff_share_shared", "shared features' share of the difference", fmt=SHARE),
@@ -197,37 +209,20 @@ METRICS: tuple[Metric, ...] = (
     metric("diff_cos_reconstruction", "cos(mean x̂_A − x̂_B, v)", fmt="{:.3f}"),
     metric("diff_cos_norm_means", "cos(mean_A − mean_B, v)", fmt="{:.3f}"),
     metric("diff_top", "largest terms of the difference (feature, partition, c_j, cos to v, Latent Scaling β)"),
-    metric("loc_n50", "features for 50% of the reference effect (curve, dev)", fmt=_min_set_size,
-           shows=("axis", "trials")),
-    metric("loc_reference_pp", "the curve's yardstick: the reference's effect on B", "pp", PP),
-    metric("loc_reference_pp_lo", "the reference's effect on B, CI low", "pp", PP),
-    metric("loc_reference_pp_hi", "the reference's effect on B, CI high", "pp", PP),
+    metric("loc_n50", "features for 50% of the reference effect (curve, dev)", fmt=_feature_count),
+    *effect("loc_reference_pp", "the curve's yardstick: the reference's effect on B"),
     metric("loc_curve", "localisation curve B ← A (n, α, dev and test Δ, share of the reference)"),
     metric("loc_curve_n", "curve: n chosen on dev"),
     metric("loc_curve_alpha", "curve: α at the chosen n"),
-    metric("loc_curve_pp", "curve: top-n mean writes steering B", "pp", PP),
-    metric("loc_curve_pp_lo", "curve Δ, CI low", "pp", PP),
-    metric("loc_curve_pp_hi", "curve Δ, CI high", "pp", PP),
-    metric("loc_curve_share", "curve: share of the reference effect", fmt=SHARE, shows=("axis",)),
-    metric("loc_curve_share_lo", "curve share, CI low", fmt=SHARE),
-    metric("loc_curve_share_hi", "curve share, CI high", fmt=SHARE),
-    metric("loc_curve_random_pp", "curve control: n random features, same norm", "pp", PP),
-    metric("loc_curve_random_pp_lo", "curve control, CI low", "pp", PP),
-    metric("loc_curve_random_pp_hi", "curve control, CI high", "pp", PP),
+    *effect("loc_curve_pp", "curve: top-n mean writes steering B"),
+    *effect("loc_curve_share", "curve: share of the reference effect", "", SHARE, ("axis",)),
+    *effect("loc_curve_random_pp", "curve control: n random features, same norm"),
     metric("loc_ablate_b_n", "ablation in B: n chosen on dev"),
-    metric("loc_ablate_b_pp", "ablation of top B-exclusive contributors in B", "pp", PP),
-    metric("loc_ablate_b_pp_lo", "ablation in B, CI low", "pp", PP),
-    metric("loc_ablate_b_pp_hi", "ablation in B, CI high", "pp", PP),
-    metric("loc_ablate_b_random_pp", "ablation control: n random B-exclusive features, same norm", "pp", PP),
-    metric("loc_ablate_b_random_pp_lo", "ablation control, CI low", "pp", PP),
-    metric("loc_ablate_b_random_pp_hi", "ablation control, CI high", "pp", PP),
+    *effect("loc_ablate_b_pp", "ablation of top B-exclusive contributors in B"),
+    *effect("loc_ablate_b_random_pp", "ablation control: n random B-exclusive features, same norm"),
     metric("loc_patch_a_n", "patch in A: n chosen on dev"),
-    metric("loc_patch_a_pp", "patch A → B of the top contributors in A", "pp", PP),
-    metric("loc_patch_a_pp_lo", "patch in A, CI low", "pp", PP),
-    metric("loc_patch_a_pp_hi", "patch in A, CI high", "pp", PP),
-    metric("loc_patch_a_random_pp", "patch control: n random features, same norm", "pp", PP),
-    metric("loc_patch_a_random_pp_lo", "patch control, CI low", "pp", PP),
-    metric("loc_patch_a_random_pp_hi", "patch control, CI high", "pp", PP),
+    *effect("loc_patch_a_pp", "patch A → B of the top contributors in A"),
+    *effect("loc_patch_a_random_pp", "patch control: n random features, same norm"),
     metric("loc_compute_s", "localisation compute", "s"),
     # per-feature figures inside top_features (the best-features table)
     metric("cohens_d", "Cohen's d", fmt=SEPARATION),
@@ -284,6 +279,9 @@ class Headline:
     """A clean rate: report.json keeps only its mean, under `baseline`."""
     control: bool = False
     """A steering control (a random feature or direction at the chosen α)."""
+    feature_count: bool = False
+    """A number of features where −1 means "none reached": summarized over the trials that reached one,
+    with how many measured it (`n_measured`)."""
 
     @property
     def fraction(self) -> bool:
@@ -300,6 +298,12 @@ HEADLINE: tuple[Headline, ...] = (  # in the headline table's order
     # steer_delta_pp is already the trial's best feature: chosen on the dev split, measured on test
     Headline("steer_best_pp", "steer_delta_pp", "best single-feature steering Δ (pp)"),
     Headline("steer_reference_pp", "steer_reference_pp", "positive control: reference direction A − B (pp)"),
+    # where the difference lives (Steerer.localize): attribution of A − B to features, and the curve B ← A
+    Headline("diff_n50", "diff_n50", "features carrying 50% of the difference (attribution)", feature_count=True),
+    Headline("loc_n50", "loc_n50", "features needed for 50% of the reference effect (curve, chosen on dev)",
+             feature_count=True),
+    Headline("loc_curve_share", "loc_curve_share", "the curve's chosen n: share of the reference effect (test)"),
+    Headline("diff_share_a_exclusive", "diff_share_a_exclusive", "A-exclusive share of the difference"),
     Headline("steer_random_feature_pp", "steer_random_feature_pp", "control: random A-exclusive feature (pp)",
              control=True),
     Headline("steer_random_direction_pp", "steer_random_direction_pp", "control: random direction (pp)",

@@ -510,7 +510,8 @@ class Steerer(PairReplica):
 
     def localize(self, checkpoint: str, layer: int, cfg: SteerConfig | None = None) -> Localization:
         """Attribute the reference direction to the checkpoint's features on the dev tool prompts (at the
-        last prompt token, where the reference and the steering live) and run `cfg.localize`'s causal tests."""
+        last prompt token, where the reference and the steering live) and run `cfg.localize`'s causal tests
+        (on DFCs that match `cfg.localize_when`)."""
         started = time.perf_counter()
         cfg = cfg or self.cfg
         cc = load_crosscoder(checkpoint, self.device)
@@ -519,6 +520,10 @@ class Steerer(PairReplica):
         x = torch.stack([self.last_residuals(t, prompts, layer, cfg.batch_size) for t in ("a", "b")], dim=1)
         attribution = attribute(cc, x, cfg.attribution_top)
         result = Localization(str(checkpoint), layer, attribution)
+        exclusive = cc.cfg.n_a_exclusive + cc.cfg.n_b_exclusive > 0
+        if not exclusive or any(getattr(cc.cfg, k) != v for k, v in cfg.localize_when.items()):
+            result.seconds = time.perf_counter() - started
+            return result  # the attribution only (SteerConfig.localize_when)
         if "curve" in cfg.localize:
             self._curve(cc, attribution, result, layer, dev, test, cfg)
         codes = encode(cc, x.to(self.device)).cpu()

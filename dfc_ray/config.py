@@ -786,10 +786,18 @@ class SteerConfig(Config):
     (loc_n50; else the n with the largest dev effect)."""
     attribution_top: int = at_least(10, 1)
     """Features listed per trial in the attribution (the largest terms c_j)."""
+    localize_when: dict[str, float] = field(default_factory=dict)
+    """Crosscoder fields a checkpoint must match for the causal tests, e.g. {dict_size: 768, k: 32} (they
+    cost generations; the attribution runs on every checkpoint); empty = every DFC. A plain crosscoder
+    (no exclusive features) gets the attribution only, as steering skips it."""
 
     def _check(self) -> None:
         if self.localize and (not self.localize_sizes or min(self.localize_sizes) < 1):
             raise self.invalid("localize_sizes", "a non-empty list of feature counts ≥ 1")
+        if unknown := sorted(set(self.localize_when) - {f.name for f in fields(DFCConfig)}):
+            raise self.invalid("localize_when", f"crosscoder fields (DFCConfig); {unknown[0]!r} is not one")
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in self.localize_when.values()):
+            raise self.invalid("localize_when", "a number for each crosscoder field")
         if not self.rankings:
             raise self.invalid("rankings", f"a non-empty list of {list(STEER_RANKINGS)}")
         if not self.tool_token:

@@ -187,3 +187,7 @@ def test_localize_runs_each_causal_test_with_its_control(planted):
         assert [n for n, _ in test.dev_delta_pp] == sorted(n for n, _ in test.dev_delta_pp)
     assert set(result.tests) == {"curve", "ablate_b", "patch_a"}
     assert steerer.localize(str(checkpoint), LAYER, replace(cfg, localize=())).tests == {}  # attribution only
+    other = steerer.localize(str(checkpoint), LAYER, replace(cfg, localize_when={"k": 5}))  # it has k = 4
+    assert other.tests == {} and other.curve == [] and other.attribution.n50 == result.attribution.n50
+    with pytest.raises(ValueError, match="localize_when"):
+        replace(cfg, localize_when={"dictsize": 64})

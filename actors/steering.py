@@ -192,7 +192,9 @@ class CurvePoint:
     """The localisation curve at one n: B steered by the top n contributors' mean writes, α as the reference's."""
 
     n: int
+    """The size asked for (SteerConfig.localize_sizes)."""
     features: list[int]
+    """The top n terms' features (fewer when fewer terms are positive)."""
     alpha: float
     """The α chosen on dev for this n (the reference's when `localize_alphas` is empty)."""
     vector_norm: float
@@ -213,7 +215,7 @@ class CausalTest:
     """curve (steer B with mean writes), ablate_b or patch_a (SteerConfig.localize)."""
     target: str
     n: int
-    """Features in the chosen set (chosen on dev)."""
+    """The size chosen on dev (`features` may hold fewer: the positive terms)."""
     features: list[int]
     dev_delta_pp: list[tuple[int, float]] = field(default_factory=list)
     """DEV: (n, steered/patched − clean, pp) per size tried."""
@@ -247,7 +249,8 @@ class Localization:
                                                             "loc_compute_s": self.seconds}
         if self.reference_pp is not None:
             out |= {**effect_metrics("loc_reference_pp", self.reference_pp), "loc_n50": self.n50,
-                    "loc_curve": [{"n": p.n, "alpha": p.alpha, "dev_pp": p.dev_delta_pp, "pp": p.delta_pp.mean,
+                    "loc_curve": [{"n": p.n, "n_features": len(p.features), "alpha": p.alpha,
+                                   "dev_pp": p.dev_delta_pp, "pp": p.delta_pp.mean,
                                    "lo": p.delta_pp.lo, "hi": p.delta_pp.hi, "share": p.share.mean,
                                    "share_lo": p.share.lo, "share_hi": p.share.hi} for p in self.curve]}
         for name, test in self.tests.items():
@@ -413,7 +416,8 @@ class Steerer(PairReplica):
     def reference(self, target: str, layer: int, dev: list[Task], test: list[Task], cfg: SteerConfig) -> ReferenceSteer:
         """The reference direction through the protocol on `target`: α on dev, report and control on test.
         It does not depend on the checkpoint, so it runs once per (target, layer, tasks, setting) and is cached."""
-        setting = asdict(cfg)
+        setting = {k: v for k, v in asdict(cfg).items()  # the localisation settings do not change the reference
+                   if not k.startswith(("localize", "attribution"))}
         for name in ("normalization", "steer_b_via"):  # the reference reads no checkpoint and no decoder row
             setting["protocol"].pop(name)
         key = json.dumps([target, layer, setting], sort_keys=True)
@@ -542,13 +546,14 @@ class Steerer(PairReplica):
         result.seconds = time.perf_counter() - started
         return result
 
-    def _sized_sets(self, ranked: list[int], cfg: SteerConfig) -> list[list[int]]:
-        """The top n of `ranked` for each n of localize_sizes, each distinct set once (fewer terms than n: all)."""
-        sets: list[list[int]] = []
+    def _sized_sets(self, ranked: list[int], cfg: SteerConfig, distinct: bool = False) -> list[tuple[int, list[int]]]:
+        """(n, the top n of `ranked`) for each n of localize_sizes (fewer terms than n: all of them); `distinct`
+        drops a set equal to the one before (a repeated steering vector is free: its replies are cached)."""
+        sets: list[tuple[int, list[int]]] = []
         for n in sorted(set(cfg.localize_sizes)):
             chosen = ranked[:n]
-            if chosen and chosen not in sets:
-                sets.append(chosen)
+            if chosen and not (distinct and sets and sets[-1][1] == chosen):
+                sets.append((n, chosen))
         return sets
 
     def _random_set(self, pool: list[int], chosen: list[int], firing: list[int], cfg: SteerConfig,
@@ -579,7 +584,7 @@ class Steerer(PairReplica):
         boot = dict(n_boot=cfg.n_bootstrap, seed=cfg.seed)
         test_clean = reference.test_clean_passed
         vectors, points = [], []
-        for features in sets:
+        for n, features in sets:
             write = mean_write(cc, attribution, features)
             grid = [(a, float(np.mean(self.correct("b", dev, cfg, layer, self.reference_vector(write, a, norm, cfg)))))
                     for a in cfg.localize_alphas or (reference.alpha,)]
@@ -587,13 +592,14 @@ class Steerer(PairReplica):
             vector = self.reference_vector(write, alpha, norm, cfg)
             steered = self.correct("b", test, cfg, layer, vector)
             vectors.append(vector)
-            points.append(CurvePoint(len(features), features, alpha, float(vector.norm()),
+            points.append(CurvePoint(n, features, alpha, float(vector.norm()),
                                      100 * (dev_correct - dev_clean), paired_delta_pp(test_clean, steered, **boot),
                                      paired_share(test_clean, steered, reference.test_steered_passed, **boot)))
         result.curve = points
         reached = [i for i, p in enumerate(points)
                    if reference_dev > 0 and p.dev_delta_pp >= 100 * cfg.localize_share * reference_dev]
-        best = reached[0] if reached else max(range(len(points)), key=lambda i: points[i].dev_delta_pp)
+        best = reached[0] if reached else max(range(len(points)), key=lambda i: (points[i].dev_delta_pp, i))  # ties:
+        # the larger set, whose test then bounds what the whole set does
         result.n50 = points[reached[0]].n if reached else -1
         firing = [j for j, f in enumerate(attribution.mean_activations) if f > 0]
         random_features = self._random_set(firing, points[best].features, firing, cfg, salt=1)
@@ -610,13 +616,14 @@ class Steerer(PairReplica):
         dev effect `pick` (max: the largest gain, min: the largest loss) prefers, report it and a random
         control from `pool` (topped up from `firing`) of the same size, resized to the same mean patch norm
         on the dev tool prompts."""
-        sets = self._sized_sets(ranked, cfg)
+        sets = self._sized_sets(ranked, cfg, distinct=True)
         if not sets:
             return CausalTest(name, target, 0, [], skipped="no such feature adds to the difference")
         dev_clean = float(np.mean(self.edited_correct(target, dev, cfg, layer)))
         dev_deltas = [100 * (float(np.mean(self.edited_correct(target, dev, cfg, layer, patch_edit(cc, target, f))))
-                             - dev_clean) for f in sets]
-        chosen = sets[dev_deltas.index(pick(dev_deltas))]  # first best: the smaller set
+                             - dev_clean) for _, f in sets]
+        best = pick(dev_deltas)
+        n, chosen = sets[max(i for i, d in enumerate(dev_deltas) if d == best)]  # ties: the larger set
         random_features = self._random_set(pool, chosen, firing, cfg, salt=2 if target == "b" else 3)
         random_norm = float(patch_norms(cc, codes, random_features).mean()) if random_features else 0.0
         scale = float(patch_norms(cc, codes, chosen).mean()) / random_norm if random_norm > 0 else 0.0
@@ -624,7 +631,7 @@ class Steerer(PairReplica):
         clean = self.edited_correct(target, test, cfg, layer)
         patched = self.edited_correct(target, test, cfg, layer, patch_edit(cc, target, chosen))
         control = self.edited_correct(target, test, cfg, layer, patch_edit(cc, target, random_features, scale))
-        return CausalTest(name, target, len(chosen), chosen, [(len(f), d) for f, d in zip(sets, dev_deltas)],
+        return CausalTest(name, target, n, chosen, [(size, d) for (size, _), d in zip(sets, dev_deltas)],
                           paired_delta_pp(clean, patched, **boot), random_features,
                           paired_delta_pp(clean, control, **boot))
 

@@ -214,7 +214,7 @@ def test_steering_against_the_reference(tmp_path):
 def with_difference(rows: list[dict]) -> list[dict]:
     """The synthetic trials as a run that attributed the difference: n50 (sometimes none), n90, partition
     shares and the top term per trial; the curve over n ∈ {1, 2, 4}, its n50 (sometimes not reached), and
-    the patch in A everywhere, the ablation in B on half the trials only."""
+    the patch in A on every trial but the first (the attribution only), the ablation in B on some."""
     out = []
     for i, row in enumerate(rows):
         row = json.loads(json.dumps(row))
@@ -227,7 +227,11 @@ def with_difference(rows: list[dict]) -> list[dict]:
                   "diff_share_b_exclusive": b_share, "diff_share_shared": 1 + 0.01 * (i % 4) - b_share,
                   "diff_top": [{"feature": i, "partition": ["shared", "b_exclusive"][i % 2], "contribution": 3.0 + i,
                                 "share": 0.2 + 0.03 * ((5 * i) % 11), "cos_reference": 0.5, "mean_activation": 1.0,
-                                "fires": 0.5, "beta_a": 1.0, "beta_b": 0.9}],
+                                "fires": 0.5, "beta_a": 1.0, "beta_b": 0.9}]}
+            if i == 0:  # the attribution only (SteerConfig.localize_when): the first trial of layer 1
+                out.append(row)
+                continue
+            m |= {
                   "loc_reference_pp": 40.0 + layer, "loc_reference_pp_lo": 30.0, "loc_reference_pp_hi": 49.0,
                   "loc_n50": [4, -1, 2][i % 3],
                   "loc_curve": [{"n": n, "alpha": 0.8, "dev_pp": 4.0 * n, "pp": 5.0 * n + i, "lo": 0.0, "hi": 60.0,
@@ -266,15 +270,17 @@ def test_where_the_difference_lives(tmp_path):
         assert r["top_partition"] == {p: tops.count(p) for p in ("a_exclusive", "b_exclusive", "shared")}
         assert r["reference"] == {"pp": 40.0 + r["layer"], "lo": 30.0, "hi": 49.0}
         assert [p["n"] for p in r["curve"]] == [1, 2, 4]
-        assert_stat(r["curve"][1]["pp"], stat(next(p["pp"] for p in m["loc_curve"] if p["n"] == 2) for m in group))
+        tested = [m for m in group if "loc_curve" in m]
+        assert_stat(r["curve"][1]["pp"], stat(next(p["pp"] for p in m["loc_curve"] if p["n"] == 2) for m in tested))
         patch = r["tests"]["patch_a"]
-        largest = max(group, key=lambda m: abs(m["loc_patch_a_pp"]))
+        largest = max(tested, key=lambda m: abs(m["loc_patch_a_pp"]))
+        assert patch["n_trials"] == len(tested) == len(group) - (r["layer"] == 1)
         assert patch["best"]["effect"] == {"pp": largest["loc_patch_a_pp"], "lo": -20.0, "hi": 0.0}
         assert r["tests"]["ablate_b"]["n_trials"] == sum("loc_ablate_b_pp" in m for m in group)
     ok = [r["metrics"] for r in rows if r["status"] == "ok"]
-    reached = [m["loc_n50"] for m in ok if m["loc_n50"] > 0]
+    reached = [m["loc_n50"] for m in ok if m.get("loc_n50", -1) > 0]
     assert_stat(report["headline"]["loc_n50"], stat(reached))
-    assert report["headline"]["loc_n50"]["n_measured"] == len(ok)
+    assert report["headline"]["loc_n50"]["n_measured"] == len(ok) - 1
     assert_stat(report["headline"]["diff_share_a_exclusive"], stat(m["diff_share_a_exclusive"] for m in ok))
     terms = report["largest_terms"]
     assert [t["share"] for t in terms] == sorted((m["diff_top"][0]["share"] for m in ok), reverse=True)[:len(terms)]
@@ -282,7 +288,8 @@ def test_where_the_difference_lives(tmp_path):
     for heading in ("## Where the difference lives", "## Where the difference lives: localisation curve",
                     "## Where the difference lives: causal tests", "## Largest terms of the difference"):
         assert heading in md
-    assert f"reached in {len(reached)} of {len(ok)}" in md and "features needed for 50% of the reference effect" in md
+    assert f"reached in {len(reached)} of {len(ok) - 1}" in md
+    assert "features needed for 50% of the reference effect" in md
     assert "plots/localization_curve.png" in report["plots"]
     assert imread(run / "plots" / "localization_curve.png").std() > 0.01
 

@@ -340,6 +340,7 @@ def _difference(ok: Sequence[TrialResult]) -> list[dict[str, Any]]:
     rows = []
     for trials in groups:
         first = trials[0].metrics
+        tested = [t for t in trials if number(t.metrics.get("loc_reference_pp")) is not None]  # ran the causal tests
         tops = [t.metrics["diff_top"][0]["partition"] for t in trials if t.metrics.get("diff_top")]
         norm = number(first.get("diff_reference_norm")) or 0.0
         rows.append({
@@ -354,7 +355,7 @@ def _difference(ok: Sequence[TrialResult]) -> list[dict[str, Any]]:
             "n90": _sizes(t.metrics.get("diff_n90") for t in trials),
             "shares": {p: summarize(t.metrics.get(f"diff_share_{p}") for t in trials) for p in PARTITION_SHARES},
             "top_partition": {p: tops.count(p) for p in PARTITION_SHARES},
-            **({"reference": _with_ci(first, "loc_reference_pp")} if "loc_reference_pp" in first else {}),
+            **({"reference": _with_ci(tested[0].metrics, "loc_reference_pp")} if tested else {}),
             "curve": _curve(trials),
             "effect_n50": _sizes(t.metrics.get("loc_n50") for t in trials),
             "tests": {name: summary for name in LOCALIZE_TESTS

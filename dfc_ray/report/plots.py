@@ -132,7 +132,7 @@ def _localization_curve(ok: list[dict], rows: list[dict[str, Any]]):
                 points.setdefault(int(point["n"]), []).append(point)
         ns = sorted(points)
         sizes |= set(ns)
-        label = (f"{key}={group}" if key else "mean") + f" ({len(members)} trials)"
+        label = (f"{key}={group}" if key else "mean") + f" ({len(members)} trial{'s' * (len(members) != 1)})"
         for ax, name in ((ax_pp, "pp"), (ax_share, "share")):
             ax.plot(ns, [np.mean([p[name] for p in points[n]]) for n in ns], marker="o", ms=4, label=label)
     for r, style in zip(rows, ("-", "--", ":", "-.") * len(rows)):

@@ -263,9 +263,6 @@ class Localization:
                 out |= {"loc_curve_alpha": point.alpha, **effect_metrics("loc_curve_share", point.share)}
         return out
 
-    def to_dict(self) -> dict:
-        return {**asdict(self), "metrics": self.metrics()}
-
 
 def effect_metrics(name: str, rate: Rate) -> dict[str, float]:
     """`name`, `name_lo`, `name_hi` of an effect with its CI."""
@@ -530,10 +527,10 @@ class Steerer(PairReplica):
             return result  # the attribution only (SteerConfig.localize_when)
         if "curve" in cfg.localize:
             self._curve(cc, attribution, result, layer, dev, test, cfg)
-        codes = encode(cc, x.to(self.device)).cpu()
+        codes = encode(cc, x.to(self.device)).cpu()  # the patches' norms are matched on these prompts
         partitions = partition_names(cc)
         firing = [j for j, f in enumerate(attribution.mean_activations) if f > 0]
-        largest = max(cfg.localize_sizes) if cfg.localize_sizes else 0
+        largest = max(cfg.localize_sizes, default=0)
         if "ablate_b" in cfg.localize:
             pool = [j for j in firing if partitions[j] == "b_exclusive"]
             ranked = largest_terms(attribution, largest, pool)
@@ -598,8 +595,8 @@ class Steerer(PairReplica):
         result.curve = points
         reached = [i for i, p in enumerate(points)
                    if reference_dev > 0 and p.dev_delta_pp >= 100 * cfg.localize_share * reference_dev]
-        best = reached[0] if reached else max(range(len(points)), key=lambda i: (points[i].dev_delta_pp, i))  # ties:
-        # the larger set, whose test then bounds what the whole set does
+        # none reached: the best on dev, ties to the larger set (its test then bounds what the whole set does)
+        best = reached[0] if reached else max(range(len(points)), key=lambda i: (points[i].dev_delta_pp, i))
         result.n50 = points[reached[0]].n if reached else -1
         firing = [j for j, f in enumerate(attribution.mean_activations) if f > 0]
         random_features = self._random_set(firing, points[best].features, firing, cfg, salt=1)
@@ -637,8 +634,8 @@ class Steerer(PairReplica):
 
     def edited_correct(self, target: str, tasks: list[Task], cfg: SteerConfig, layer: int,
                        edit: PairEdit | None = None) -> list[bool]:
-        """Correctness per task of `target` with a pair edit at the last prompt token of block `layer` (clean,
-        cached and through the prefix cache like the edit, when None)."""
+        """Correctness per task of `target` with a pair edit (interventions.patch_edit) at the last prompt token
+        of block `layer`; clean (cached, through the prefix cache as the edited replies are) when `edit` is None."""
         prompts = self.prompts(tasks, cfg.protocol.prompt_format)
         if edit is None:
             gens = self.clean_replies(target, prompts, cfg.generation(), True)

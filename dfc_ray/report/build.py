@@ -285,6 +285,7 @@ LOCALIZE_TESTS = {"curve": "steer B by the top n mean writes (B ← A)", "ablate
 PARTITION_SHARES = ("a_exclusive", "b_exclusive", "shared")
 """The partitions whose shares of the difference the report shows (diff_share_<partition>)."""
 LARGEST_TERMS = 10
+"""Rows of report.json's `largest_terms` (and its table)."""
 
 
 def _groups(trials: Sequence[TrialResult]) -> tuple[bool, list[list[TrialResult]]]:

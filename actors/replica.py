@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from dfc_ray.fs import redact
 from dfc_ray.generation import Generation, GenerationConfig, PrefixCache, generate
 from dfc_ray.interventions import last_prompt_residuals, model_index
 from dfc_ray.pair import PairSpec, load_pair, pair_fingerprint
@@ -55,6 +56,15 @@ class PairReplica:
         self.fingerprint = pair_fingerprint(pair)
         self.prefix = {"a": PrefixCache(self.model_a), "b": PrefixCache(self.model_b)}
         self._clean, self._residuals, self._references = {}, {}, {}
+
+    def for_pair(self, fingerprint: str, method: str, *args: Any) -> Any:
+        """`method(*args)` when this replica hosts the pair `fingerprint` (`pair.pair_fingerprint`), else one
+        line naming both: a checkpoint is never judged by models other than its own sweep's."""
+        if fingerprint != self.fingerprint:
+            hosted = f"{self.fingerprint} (a={redact(self.pair.a)}, b={redact(self.pair.b)})"
+            raise ValueError(f"judge replica (pid {os.getpid()}) hosts pair {hosted}; expected the trial's pair "
+                             f"{fingerprint}")
+        return getattr(self, method)(*args)
 
     def model(self, target: str) -> torch.nn.Module:
         return (self.model_a, self.model_b)[model_index(target)]

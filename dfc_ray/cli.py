@@ -6,10 +6,12 @@ import argparse
 import importlib
 import sys
 
+from dfc_ray.failures import EXIT_INTERRUPTED
 from dfc_ray.fs import storage_failure
 
 # Each module here defines `add_cli(subparsers)`, which adds its sub-commands and sets
-# `func(args) -> int` on them; the domain modules they drive hold no CLI code.
+# `func(args) -> int` on them (and `interrupted(args) -> str`, what Ctrl-C leaves behind, where that is
+# more than nothing); the domain modules they drive hold no CLI code.
 COMMAND_MODULES = [
     "dfc_ray.commands.train",
     "dfc_ray.commands.harvest",
@@ -34,10 +36,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+INTERRUPTED_EXIT = EXIT_INTERRUPTED
+"""Exit code after Ctrl-C (128 + SIGINT, as shells report it; dfc_ray/failures.py)."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:  # the command modules import torch and friends: seconds in which Ctrl-C is likely
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:
+        print("dfc-ray: interrupted while starting; nothing was run", file=sys.stderr)
+        return INTERRUPTED_EXIT
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:  # Ctrl-C: one line saying what was kept and how to go on, never a traceback
+        kept = getattr(args, "interrupted", None)
+        line = kept(args) if kept else "nothing was written; run the same command again"
+        print(f"dfc-ray {args.command}: interrupted; {line}", file=sys.stderr)
+        return INTERRUPTED_EXIT
     except (ValueError, FileNotFoundError) as err:
         # Bad input: one clear line, no traceback.
         print(f"dfc-ray {args.command}: error: {err}", file=sys.stderr)

@@ -2,8 +2,9 @@
 (`dfc-ray cluster validate FILE`).
 
 Ray's own autoscaler schema catches structural mistakes; on top of it we check the habits a
-dfc-ray cluster depends on: the head schedules no work, and the dashboard is never exposed. For
-Ray's on-prem provider (cluster-onprem.yaml) the node types are read from the `ray start` commands.
+dfc-ray cluster depends on: the head schedules no work, and the dashboard is never exposed (also when
+`ray start` runs inside `bash -c '…'`). For Ray's on-prem provider (cluster-onprem.yaml) the node types
+are read from the `ray start` commands.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ import json
 import logging
 import os
 import shlex
+import socket
 from pathlib import Path
 from typing import Any
 
-import yaml
+from dfc_ray.yamlio import load_yaml
 
 
 def _path_of(error: Any) -> str:
@@ -38,10 +40,7 @@ def validate_cluster_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such cluster file")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    raw = load_yaml(path)
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
     local = isinstance(raw.get("provider"), dict) and raw["provider"].get("type") == "local"
@@ -184,9 +183,24 @@ def _custom_resources(where: str, value: str) -> dict[str, float]:
     return {name: float(amount) for name, amount in parsed.items()}
 
 
-def _shell_commands(path: Path, field: str, command: str) -> list[list[str]]:
+SHELLS = {"bash", "sh", "dash", "zsh", "ksh"}
+"""Shells whose `-c SCRIPT` runs SCRIPT: its commands are checked as if written directly."""
+WRAPPERS = {"exec", "nohup", "env"}
+"""Words that run the command after them (their flags and VAR=value assignments skipped)."""
+
+
+def _unwrapped(words: list[str]) -> list[str]:
+    """The command a line runs once leading wrappers (`exec`, `nohup`, `env X=1`, …) are skipped."""
+    while words and os.path.basename(words[0]) in WRAPPERS:
+        words = words[1:]
+        while words and (words[0].startswith("-") or "=" in words[0]):
+            words = words[1:]
+    return words
+
+
+def _shell_commands(path: Path, field: str, command: str, depth: int = 0) -> list[list[str]]:
     """The simple commands of a shell line (split at ;, &&, ||, |), each as its words, leading
-    `VAR=value` assignments dropped."""
+    `VAR=value` assignments and wrappers dropped; a shell's `-c SCRIPT` contributes SCRIPT's commands."""
     lexer = shlex.shlex(command, posix=True, punctuation_chars=";&|")
     lexer.whitespace_split = True
     try:
@@ -200,7 +214,31 @@ def _shell_commands(path: Path, field: str, command: str) -> list[list[str]]:
             commands.append([])
         elif commands[-1] or "=" not in token or token.startswith("-"):
             commands[-1].append(token)
-    return [words for words in commands if words]
+    found = []
+    for words in (_unwrapped(words) for words in commands):
+        script = _shell_script(words)
+        if script is not None and depth < 8:  # nested `bash -c "bash -c …"` a few levels deep at most
+            found += _shell_commands(path, field, script, depth + 1)
+        elif words:
+            found.append(words)
+    return found
+
+
+def _shell_script(words: list[str]) -> str | None:
+    """SCRIPT of `bash -c SCRIPT` (or `sh -lc SCRIPT`, …), else None."""
+    if not words or os.path.basename(words[0]) not in SHELLS:
+        return None
+    rest = iter(words[1:])
+    for word in rest:
+        if word.startswith("--"):  # --login, --norc
+            continue
+        if not word.startswith(("-", "+")):
+            return None  # a script file, not -c
+        if word in ("-o", "+o", "-O", "+O"):  # an option name follows
+            next(rest, None)
+        elif "c" in word[1:]:
+            return next(rest, None)
+    return None
 
 
 def _options(words: list[str]) -> list[tuple[str, str]]:
@@ -256,8 +294,61 @@ def loopback_only() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
+CONNECT_S = 5.0
+"""Seconds to open a TCP connection to a Ray address before calling it unreachable."""
+HANDSHAKE_S = 10.0
+"""Seconds for the server there to complete a gRPC (HTTP/2) handshake, as a Ray GCS does at once."""
+
+
+def check_address(address: str, source: str = "--address") -> None:
+    """Refuse, in one line and within ~15 s, a Ray address where no cluster answers: nothing listening, or a
+    server that is not Ray's (an HTTP server, the dashboard). `ray.init` would wait minutes for either.
+    `source` names where the address came from (--address or RAY_ADDRESS). "auto" and "local" pass."""
+    if address in ("auto", "local"):
+        return
+    where = f"{source} {address!r}"
+    if address.startswith(("http://", "https://")):
+        raise ValueError(f"{where}: an HTTP address (the dashboard's, for `ray job submit`); expected the cluster's "
+                         "GCS address host:port (port 6379 by default), or submit the sweep as a Ray job")
+    target = address.removeprefix("ray://")
+    host, colon, port = target.rpartition(":")
+    if not colon or not port.isdigit() or not host:
+        raise ValueError(f"{where}: expected host:port of a running Ray cluster (e.g. 10.0.0.5:6379)")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_S).close()
+    except OSError as err:
+        raise ValueError(f"{where}: nothing answers there ({err.strerror or err}); expected a running Ray "
+                         "cluster's address (`ray start --head` prints it)") from None
+    import grpc  # deferred: installed with Ray, needed only to check an address
+
+    channel = grpc.insecure_channel(target)
+    try:
+        grpc.channel_ready_future(channel).result(timeout=HANDSHAKE_S)
+    except grpc.FutureTimeoutError:
+        raise ValueError(f"{where}: a server answers there, but not Ray's (no gRPC handshake within "
+                         f"{HANDSHAKE_S:g} s); expected the head's GCS address (port 6379 by default), not the "
+                         "dashboard's or another service's") from None
+    finally:
+        channel.close()
+
+
+def cluster_identity() -> tuple[str, str]:
+    """(Ray job id, cluster id) of this driver, in hex; a job id means something only on its own cluster."""
+    import ray  # deferred: as in `connect`
+
+    return ray.get_runtime_context().get_job_id(), ray._private.worker.global_worker.node.cluster_id.hex()
+
+
+def job_ended(job_id: str) -> bool:
+    """Whether the GCS of the cluster this process joined lists Ray job `job_id` (hex) as ended."""
+    import ray  # deferred: as in `connect`
+
+    return any(job["JobID"] == job_id and job["IsDead"] for job in ray._private.state.jobs())
+
+
 def connect(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Join the cluster at `address` (or RAY_ADDRESS), else start a local one on 127.0.0.1.
+    """Join the cluster at `address` (or RAY_ADDRESS), else start a local one on 127.0.0.1. An address
+    where no Ray cluster answers is refused in one line within seconds (`check_address`).
 
     A local cluster listens on the loopback only (`loopback_only`) and runs no dashboard unless
     RAY_DASHBOARD=1: nothing is exposed beyond this machine without the user asking.
@@ -266,9 +357,9 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=False)
+    if address or os.environ.get("RAY_ADDRESS"):
+        check_address(address or os.environ["RAY_ADDRESS"], "--address" if address else "RAY_ADDRESS")
+        ray.init(address=address or os.environ["RAY_ADDRESS"], log_to_driver=False)
         return
     loopback_only()
     ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", log_to_driver=False,

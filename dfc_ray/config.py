@@ -55,6 +55,11 @@ def check_name(value: Any, where: str) -> str:
     return value
 
 
+DEVICE_PATTERN = r"auto|cpu|cuda(:[0-9]+)?|mps"
+"""Device names a setting may hold: auto (CUDA when available, else CPU), cpu, cuda, cuda:N, mps."""
+DEVICE_NAMES = "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
+
+
 def at_least(default: Any, low: float) -> Any:
     """A field with a default and an inclusive lower bound."""
     return field(default=default, metadata={"bounds": (low, math.inf, "[", "]")})
@@ -236,6 +241,7 @@ Sparsity = Literal["topk", "batchtopk"]
 Recon = Literal["mse", "fvu"]
 L1Mode = Literal["seed", "partition"]
 Decay = Literal["linear", "cosine", "none"]
+Formulation = Literal["auto", "sparse", "dense", "hybrid"]
 HarvestPositions = Literal["last_prompt_token", "all_tokens", "prompt_and_response", "prompt", "mix_last_prompt",
                            "text_end"]
 StoreDtype = Literal["float16", "bfloat16", "float32"]
@@ -388,7 +394,7 @@ class TrainConfig(Config):
     weight_decay: float = 0.0
     """Decoupled (AdamW) weight decay on encoder/decoder weights (never on biases)."""
     device: str = "auto"
-    """"auto" (CUDA if available, else CPU), or a torch device string."""
+    """"auto" (CUDA if available, else CPU), "cpu", "cuda", "cuda:N" or "mps"."""
     bf16: bool = True
     """bf16 autocast on CUDA (fp32 master weights and fp32 losses); CPU always trains in fp32."""
     norm_rows: int = at_least(8192, 1)
@@ -397,6 +403,15 @@ class TrainConfig(Config):
     """Refresh the progress display every this many steps; final metrics average the last window."""
     seed: int = 0
     """Seed of the crosscoder's initialization."""
+    formulation: Formulation = "auto"
+    """How the training step computes the same function (docs/crosscoder.md, "Formulations"): "sparse"
+    touches only the k active features' rows in the backward (embedding_bag on CPU, Triton kernels on CUDA);
+    "dense" makes every weight gradient a GEMM over scattered codes; "hybrid" is dense on the encoder side
+    and sparse on the decoder side. "auto": dense on CUDA, sparse elsewhere."""
+
+    def _check(self) -> None:
+        if not re.fullmatch(DEVICE_PATTERN, self.device):
+            raise self.invalid("device", DEVICE_NAMES)
 
     def lr_at(self, step: int) -> float:
         """Learning rate for 0-based `step`: warm-up, constant, then decay to 0."""
@@ -482,12 +497,14 @@ class PairSpec(Config):
     dtype: WeightsDtype = "float32"
     """Weights dtype when loaded: float32 | bfloat16 | float16 (bfloat16 for 3B models on GPU)."""
     device: str = "auto"
-    """``auto`` = cuda when available else cpu; or an explicit torch device string."""
+    """``auto`` = cuda when available else cpu; or ``cpu``, ``cuda``, ``cuda:N``, ``mps``."""
 
     def _check(self) -> None:
         for name in ("a", "b"):
             if not getattr(self, name):
                 raise self.invalid(name, "'organism', a path, s3://… or a hub id")
+        if not re.fullmatch(DEVICE_PATTERN, self.device):
+            raise self.invalid("device", DEVICE_NAMES)
 
 
 @dataclass(frozen=True)
@@ -871,8 +888,8 @@ class TrainExtra(Config):
 class Resources(Config):
     """The spec's `resources` section: per-trial resources and the judge pools' sizes."""
 
-    cpu: float = at_least(1.0, 0)
-    """CPUs per trial (also its torch thread count)."""
+    cpu: float = within(1.0, "(0, inf)")
+    """CPUs per trial (also its torch thread count); more than 0, or Ray would pack trials without limit."""
     gpu: float = at_least(0.0, 0)
     """GPUs per trial (fractions share a GPU)."""
     max_concurrent: int | None = field(default=None, metadata={"bounds": (1, math.inf, "[", "]")})

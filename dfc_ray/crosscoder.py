@@ -24,22 +24,39 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from dfc_ray.config import L1_MODES, RECONS, SPARSITIES, DFCConfig  # noqa: F401  (re-exported: the public contract)
+from dfc_ray import kernels
+from dfc_ray.config import L1_MODES, RECONS, SPARSITIES, DFCConfig, Formulation  # noqa: F401  (re-exported)
+from dfc_ray.preflight import check_crosscoder_fits, check_finite_weights
 
 CHECKPOINT_FILES = ("config.json", "model.safetensors")
 """A checkpoint folder's files (see `DedicatedFeatureCrosscoder.save`)."""
 
 
+def resolve_formulation(name: Formulation, device: torch.device) -> tuple[bool, bool]:
+    """(dense encoder side, dense decoder side) of a `TrainConfig.formulation` on `device`. "auto" is dense
+    on CUDA, where GEMMs are cheap and PyTorch's scattered gathers are not, and sparse elsewhere, where the
+    reverse holds; "hybrid" is a dense encoder with a sparse decoder."""
+    if name == "auto":
+        name = "dense" if device.type == "cuda" else "sparse"
+    return name in ("dense", "hybrid"), name == "dense"
+
+
+def _compute_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype in effect (the sparse kernels gather in it), or None."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
 class _PickedProducts(torch.autograd.Function):
     """Entries ⟨x[rows[n]], weight[cols[n]]⟩·keep[n] of one partition's encoder product.
 
-    Forward reuses the values from the graph-free dense product; backward scatters the
-    gradient with two embedding_bags (per row into x, per feature into weight), so only the
-    active features' encoder rows are touched."""
+    Forward reuses the values from the graph-free dense product; backward scatters the gradient into the
+    active features' encoder rows only: per feature, the sum of its rows of x weighted by the gradient
+    (`embedding_bag` on CPU, `kernels.segment_sum` on CUDA, gathering x in the autocast dtype)."""
 
     @staticmethod
     def forward(ctx, picked, x, weight, rows, cols, keep, row_offsets):
         ctx.save_for_backward(x, weight, rows, cols, keep, row_offsets)
+        ctx.compute_dtype = _compute_dtype(x.device.type)
         return picked * keep
 
     @staticmethod
@@ -49,12 +66,44 @@ class _PickedProducts(torch.autograd.Function):
         grad_x = grad_weight = None
         if ctx.needs_input_grad[1]:
             grad_x = F.embedding_bag(cols, weight, row_offsets, mode="sum", per_sample_weights=grad.to(weight.dtype))
-        if ctx.needs_input_grad[2]:
+        if ctx.needs_input_grad[2] and kernels.active(x):
+            key = torch.where(keep > 0, cols, len(weight))  # another partition's entries sort past the end
+            order = key.argsort()
+            offsets = kernels.segment_offsets(key[order], len(weight))
+            grad_weight = kernels.segment_sum(offsets, rows[order], grad[order], x.to(ctx.compute_dtype or x.dtype),
+                                              weight.dtype)
+        elif ctx.needs_input_grad[2]:
             order = cols.argsort()
             counts = torch.bincount(cols, minlength=len(weight))
             grad_weight = F.embedding_bag(rows[order], x, counts.cumsum(0) - counts, mode="sum",
                                           per_sample_weights=grad[order].to(x.dtype))
         return None, grad_x, grad_weight, None, None, None, None
+
+
+class _GatheredDecode(torch.autograd.Function):
+    """One partition's sparse decode on CUDA: row b gets Σ weights[t]·dec[local[t]] over its active entries
+    (local < 0: another partition's feature). Forward `segment_sum` over rows; backward `segment_sum` over
+    features for the decoder gradient (written in fp32) and `gathered_dots` for the weights' gradient. The
+    decoder and the incoming gradient are gathered in the autocast dtype."""
+
+    @staticmethod
+    def forward(ctx, weights, dec, rows, local, row_offsets):
+        dtype = _compute_dtype(dec.device.type) or dec.dtype
+        gathered = dec.detach().to(dtype)
+        ctx.save_for_backward(weights, gathered, rows, local)
+        ctx.dec_dtype, ctx.dtype = dec.dtype, dtype
+        return kernels.segment_sum(row_offsets, local, weights, gathered, torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weights, gathered, rows, local = ctx.saved_tensors
+        grad = grad.to(ctx.dtype).contiguous()
+        grad_weights = kernels.gathered_dots(rows, local, grad, gathered)
+        key = torch.where(local >= 0, local, len(gathered))
+        order = key.argsort()
+        offsets = kernels.segment_offsets(key[order], len(gathered))
+        grad_dec = kernels.segment_sum(offsets, rows[order], weights[order], grad, ctx.dec_dtype)
+        return grad_weights, grad_dec, None, None, None
 
 
 @dataclass
@@ -70,6 +119,7 @@ class DedicatedFeatureCrosscoder(nn.Module):
     """A DFC on a (A, B) pair; `DFCConfig.a_exclusive = b_exclusive = 0` gives a plain crosscoder."""
 
     def __init__(self, cfg: DFCConfig, seed: int = 0):
+        check_crosscoder_fits(cfg)  # one line with the bytes needed and free, not an allocator traceback
         super().__init__()
         self.cfg = cfg
         d, n_a, n_b, n_s = cfg.d_model, cfg.n_a_exclusive, cfg.n_b_exclusive, cfg.n_shared
@@ -91,6 +141,8 @@ class DedicatedFeatureCrosscoder(nn.Module):
         # BatchTopK inference threshold; negative = not learned yet.
         self.register_buffer("threshold", torch.tensor(-1.0))
         self.register_buffer("rows_since_fired", torch.zeros(cfg.dict_size, dtype=torch.long))
+        # How `loss` computes (TrainConfig.formulation); encode/decode/forward give the same values either way.
+        self.formulation: Formulation = "auto"
 
     # ---- partitions -------------------------------------------------------------------------
     def _blocks(self) -> list[tuple[int, Tensor, Tensor, int | None]]:
@@ -183,12 +235,13 @@ class DedicatedFeatureCrosscoder(nn.Module):
     def _preacts(self, xn: Tensor) -> Tensor:
         return self._products(xn) + self.b_enc
 
-    def _select(self, pre: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Active (rows, feats) sorted by row, plus the smallest positive kept score."""
+    def _select(self, pre: Tensor, norms: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Active (rows, feats) sorted by row, plus the smallest positive kept score (no host sync in
+        training). `norms`: `decoder_norms()` if the caller has it already."""
         batch, size = pre.shape
         scores = F.relu(pre)
         if self.cfg.decoder_norm_selection:
-            scores = scores * self.decoder_norms().norm(dim=0)
+            scores.mul_((self.decoder_norms() if norms is None else norms).norm(dim=0).to(scores.dtype))
         if self.cfg.sparsity == "topk":
             feats = scores.topk(self.cfg.k, dim=1, sorted=False).indices.flatten()
             rows = torch.arange(batch, device=pre.device).repeat_interleave(self.cfg.k)
@@ -201,13 +254,17 @@ class DedicatedFeatureCrosscoder(nn.Module):
         kept_min = kept.masked_fill(kept <= 0, math.inf).min() if len(kept) else scores.new_tensor(math.inf)
         return rows, feats, kept_min
 
-    def _activations(self, xn: Tensor, products: Tensor, rows: Tensor, feats: Tensor) -> Tensor:
-        """ReLU pre-activations at the active (rows, feats), differentiable with a sparse backward.
+    def _activations(self, xn: Tensor, products: Tensor, rows: Tensor, feats: Tensor, dense: bool = False) -> Tensor:
+        """ReLU pre-activations at the active (rows, feats), differentiable.
 
-        The dense products were computed without a graph (selection needs all of them); the
-        gradient reaches only the active features' encoder rows, O(active·d_model) work."""
-        counts = torch.bincount(rows, minlength=len(xn))
-        offsets = counts.cumsum(0) - counts
+        Dense: `products` carries its graph and the values are gathered from it, so the encoder's weight
+        gradient is one GEMM per partition over a (batch, dict_size) gradient that is zero off the active
+        entries. Sparse: `products` has no graph; the active entries are re-attached through
+        `_PickedProducts`, whose backward touches only the active features' encoder rows, O(active·d_model)."""
+        if dense:
+            picked = products.flatten().gather(0, rows * products.shape[1] + feats)
+            return F.relu(picked + self.b_enc[feats]).float()
+        offsets = kernels.segment_offsets(rows, len(xn))[:-1]
         picked, inputs = products[rows, feats], self._inputs(xn)
         pre = self.b_enc[feats]
         for start, enc, _, model in self._blocks():
@@ -217,60 +274,85 @@ class DedicatedFeatureCrosscoder(nn.Module):
                                               inside, offsets)
         return F.relu(pre).float()
 
-    def _encode_flat(self, xn: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """(rows, feats, values, smallest kept score, dense products) of the active features."""
-        with torch.no_grad():
+    def _encode_flat(self, xn: Tensor, dense: bool = False,
+                     norms: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(rows, feats, values, smallest kept score, products) of the active features. Selection needs
+        every product; the gradient reaches them only through `_activations`."""
+        with torch.set_grad_enabled(dense and torch.is_grad_enabled()):
             products = self._products(xn)
-            rows, feats, kept_min = self._select(products + self.b_enc)
-        return rows, feats, self._activations(xn, products, rows, feats), kept_min, products
+        with torch.no_grad():  # scores in the products' dtype: bf16 under autocast, half the bytes to rank
+            rows, feats, kept_min = self._select(products.detach() + self.b_enc.to(products.dtype), norms)
+        return rows, feats, self._activations(xn, products, rows, feats, dense), kept_min, products
 
     # ---- decoder ----------------------------------------------------------------------------
-    def _decode_flat(self, rows: Tensor, feats: Tensor, vals: Tensor, batch: int, bias: bool = True) -> Tensor:
+    def _decode_flat(self, rows: Tensor, feats: Tensor, vals: Tensor, batch: int, bias: bool = True,
+                     dense: bool = False) -> Tensor:
         """Normalized-space reconstruction (batch, 2, d) from active (rows, feats, values).
 
-        Sparse: each partition gathers only its active decoder rows (embedding_bag, summed per
-        row), so the cost is O(active·d_model) instead of O(batch·dict_size·d_model)."""
-        d = self.cfg.d_model
-        counts = torch.bincount(rows, minlength=batch)
-        offsets = counts.cumsum(0) - counts
+        Sparse: each partition gathers only its active decoder rows (embedding_bag, summed per row),
+        O(active·d_model) forward and backward. Dense: the codes are scattered into a (batch, dict_size)
+        matrix (in the autocast dtype) and each partition decodes with one GEMM, whose backward is two
+        more GEMMs instead of scattered row updates."""
+        d, size, blocks = self.cfg.d_model, self.cfg.dict_size, self._blocks()
+        if dense:
+            dtype = _compute_dtype(vals.device.type) or vals.dtype
+            codes = vals.new_zeros(batch * size, dtype=dtype).scatter(0, rows * size + feats, vals.to(dtype))
+            # split, not slices: its backward assembles the partitions' code gradients in one tensor
+            parts = codes.view(batch, size).split([len(dec) for _, _, dec, _ in blocks], 1)
+        else:
+            offsets = kernels.segment_offsets(rows, batch)
         per_model = [self.b_dec.new_zeros(batch, d), self.b_dec.new_zeros(batch, d)]
-        for start, _, dec, model in self._blocks():
-            inside = (feats >= start) & (feats < start + len(dec))
-            local = (feats - start).clamp(0, len(dec) - 1)
-            weights = (vals * inside).to(dec.dtype)
-            part = F.embedding_bag(local, dec, offsets, mode="sum", per_sample_weights=weights)
+        for i, (start, _, dec, model) in enumerate(blocks):
+            if dense:
+                part = parts[i] @ dec
+            elif kernels.active(vals):
+                inside = (feats >= start) & (feats < start + len(dec))
+                part = _GatheredDecode.apply(vals, dec, rows, torch.where(inside, feats - start, -1), offsets)
+            else:
+                inside = (feats >= start) & (feats < start + len(dec))
+                local = (feats - start).clamp(0, len(dec) - 1)
+                weights = (vals * inside).to(dec.dtype)
+                part = F.embedding_bag(local, dec, offsets[:-1], mode="sum", per_sample_weights=weights)
             if model is None:
                 per_model = [per_model[0] + part[:, :d], per_model[1] + part[:, d:]]
             else:
                 per_model[model] = per_model[model] + part
-        out = torch.stack(per_model, dim=1)
+        out = torch.stack(per_model, dim=1).float()
         return out + self.b_dec if bias else out
 
     # ---- public API -------------------------------------------------------------------------
     def encode(self, x: Tensor) -> Tensor:
         """Raw activations (batch, 2, d_model) -> sparse codes (batch, dict_size)."""
-        rows, feats, vals, _, products = self._encode_flat(self.normalize(self._check_input(x)))
+        dense, _ = resolve_formulation(self.formulation, x.device)
+        rows, feats, vals, _, products = self._encode_flat(self.normalize(self._check_input(x)), dense)
         return vals.new_zeros(products.shape).index_put((rows, feats), vals)
 
     def decode(self, f: Tensor) -> Tensor:
         """Codes (batch, dict_size) -> raw-space reconstruction (batch, 2, d_model)."""
         rows, feats = f.nonzero(as_tuple=True)
-        return self.denormalize(self._decode_flat(rows, feats, f[rows, feats].float(), f.shape[0]))
+        return self.denormalize(self._decode_flat(rows, feats, f[rows, feats].float(), f.shape[0],
+                                                  dense=resolve_formulation(self.formulation, f.device)[1]))
 
     def forward(self, x: Tensor) -> Tensor:
         """Raw activations -> raw-space reconstruction (what a splice feeds back into the model)."""
-        rows, feats, vals, _, _ = self._encode_flat(self.normalize(self._check_input(x)))
-        return self.denormalize(self._decode_flat(rows, feats, vals, x.shape[0]))
+        dense_enc, dense_dec = resolve_formulation(self.formulation, x.device)
+        rows, feats, vals, _, _ = self._encode_flat(self.normalize(self._check_input(x)), dense_enc)
+        return self.denormalize(self._decode_flat(rows, feats, vals, x.shape[0], dense=dense_dec))
 
-    def loss(self, x: Tensor) -> dict[str, Tensor]:
+    def loss(self, x: Tensor, dead_capacity: int | None = None) -> dict[str, Tensor]:
         """Training loss and its parts on raw activations x (batch, 2, d_model).
 
         In training mode this also updates the running statistics (BatchTopK threshold and
-        per-feature firing counters), like BatchNorm does; in eval mode it changes nothing."""
+        per-feature firing counters), like BatchNorm does; in eval mode it changes nothing.
+        `dead_capacity` bounds how many dead features AuxK considers (`_aux_loss`); None counts them,
+        which reads a number back from the device. Nothing else in a step does."""
         cfg, batch = self.cfg, x.shape[0]
+        dense_enc, dense_dec = resolve_formulation(self.formulation, x.device)
+        n_ab = cfg.n_a_exclusive + cfg.n_b_exclusive
         xn = self.normalize(self._check_input(x))
-        rows, feats, vals, kept_min, products = self._encode_flat(xn)
-        xhat = self._decode_flat(rows, feats, vals, batch).float()
+        norms = self.decoder_norms()
+        rows, feats, vals, kept_min, products = self._encode_flat(xn, dense_enc, norms)
+        xhat = self._decode_flat(rows, feats, vals, batch, dense=dense_dec)
         err = xhat - xn
         total_var = (xn - xn.mean(0)).pow(2).sum((0, 2)).clamp_min(1e-12)
         fvu = err.pow(2).sum((0, 2)) / total_var
@@ -279,51 +361,77 @@ class DedicatedFeatureCrosscoder(nn.Module):
         # L1 on decoder-norm-weighted codes c_j = f_j·(‖d_jA‖+‖d_jB‖), averaged over the batch.
         # "seed": Σ over A's visible set of f_j‖d_jA‖ plus Σ over B's visible set of f_j‖d_jB‖ is
         # Σ over all features of c_j (hidden norms are zero), so shared features pay λ_excl too.
-        part = self.partition
-        codes = self.decoder_norms().sum(0) * torch.zeros_like(self.b_enc).index_add(0, feats, vals) / batch
-        shared_l1 = codes[part.shared].sum()
-        excl_l1 = codes.sum() if cfg.l1_mode == "seed" else codes.sum() - shared_l1
+        codes = norms.sum(0) * torch.zeros_like(self.b_enc).index_add(0, feats, vals) / batch
+        shared_l1 = codes[n_ab:].sum()
+        excl_l1 = codes.sum() if cfg.l1_mode == "seed" else codes[:n_ab].sum()
         l1 = cfg.l1_excl * excl_l1 + cfg.l1_shared * shared_l1
 
         dead = self.rows_since_fired >= cfg.dead_tokens
-        use_aux = self.training and cfg.aux_k > 0
-        aux = self._aux_loss(xn, products, dead, (xn - xhat).detach()) if use_aux else xn.new_zeros(())
+        aux = xn.new_zeros(())
+        if self.training and cfg.aux_k > 0:
+            capacity = int(dead.sum()) if dead_capacity is None else min(dead_capacity, cfg.dict_size)
+            if capacity > 0:
+                aux = self._aux_loss(xn, products, dead, (xn - xhat).detach(), capacity, dense_enc, dense_dec)
         loss = recon + l1 + cfg.aux_coef * aux
 
-        active = vals > 0
+        active = (vals > 0).float()
+        per_feature = torch.zeros_like(self.b_enc).index_add(0, feats, active)
         if self.training:
             with torch.no_grad():
-                fired = torch.zeros_like(dead).index_fill(0, feats[active], True)
-                self.rows_since_fired.copy_(torch.where(fired, 0, self.rows_since_fired + batch))
-                if cfg.sparsity == "batchtopk" and torch.isfinite(kept_min):
+                self.rows_since_fired.copy_(torch.where(per_feature > 0, 0, self.rows_since_fired + batch))
+                if cfg.sparsity == "batchtopk":  # the first finite kept score starts the EMA
                     m = cfg.threshold_momentum
-                    ema = m * self.threshold + (1 - m) * kept_min
-                    self.threshold.copy_(torch.where(self.threshold < 0, kept_min, ema))
-        per_feature = torch.zeros_like(self.b_enc).index_add(0, feats, active.float())
+                    ema = torch.where(self.threshold < 0, kept_min, m * self.threshold + (1 - m) * kept_min)
+                    self.threshold.copy_(torch.where(torch.isfinite(kept_min), ema, self.threshold))
+        n_a = cfg.n_a_exclusive
         return {
             "loss": loss, "recon": recon.detach(), "fvu_a": fvu[0].detach(), "fvu_b": fvu[1].detach(),
             "l0": per_feature.sum() / batch,
-            "l0_a_exclusive": per_feature[part.a_exclusive].sum() / batch,
-            "l0_b_exclusive": per_feature[part.b_exclusive].sum() / batch,
-            "l0_shared": per_feature[part.shared].sum() / batch,
+            "l0_a_exclusive": per_feature[:n_a].sum() / batch,
+            "l0_b_exclusive": per_feature[n_a:n_ab].sum() / batch,
+            "l0_shared": per_feature[n_ab:].sum() / batch,
             "aux": aux.detach(), "l1": l1.detach(),
             "dead_frac": dead.float().mean(),
         }
 
-    def _aux_loss(self, xn: Tensor, products: Tensor, dead: Tensor, residual: Tensor) -> Tensor:
-        """AuxK: the top-k_aux dead features reconstruct the residual; returns its FVU."""
-        n_dead = int(dead.sum())
-        if n_dead == 0:
-            return xn.new_zeros(())
-        k_aux = min(self.cfg.aux_k, n_dead)
+    def _aux_loss(self, xn: Tensor, products: Tensor, dead: Tensor, residual: Tensor, capacity: int,
+                  dense_enc: bool, dense_dec: bool) -> Tensor:
+        """AuxK: the top-k_aux dead features reconstruct the residual; returns its FVU (0 when none is dead).
+
+        Only the `capacity` longest-dead features are candidates: all of the dead ones when capacity is at
+        least their number (the exact loss; the trainer keeps it so, refreshed once per log window), a
+        bounded, sync-free amount of work otherwise. A dense decoder side decodes the candidates with one
+        (batch, capacity) GEMM."""
+        k_aux = min(self.cfg.aux_k, capacity)
+        candidates = self.rows_since_fired.topk(capacity, sorted=False).indices
+        is_dead = dead[candidates]
         with torch.no_grad():
-            scores = F.relu(products + self.b_enc).masked_fill(~dead, -1.0)
-            feats = scores.topk(k_aux, dim=1, sorted=False).indices.flatten()
+            scores = F.relu(products[:, candidates] + self.b_enc[candidates]).masked_fill(~is_dead, -1.0)
+            local = scores.topk(k_aux, dim=1, sorted=False).indices
         rows = torch.arange(len(xn), device=xn.device).repeat_interleave(k_aux)
-        vals = self._activations(xn, products, rows, feats)
-        approx = self._decode_flat(rows, feats, vals, len(xn), bias=False).float()
+        feats = candidates[local.flatten()]
+        vals = self._activations(xn, products, rows, feats, dense_enc) * is_dead[local.flatten()]
+        if dense_dec:
+            codes = torch.zeros_like(scores, dtype=vals.dtype).scatter(1, local, vals.view(len(xn), k_aux))
+            approx = (codes @ self._decoder_rows(candidates).flatten(1)).view_as(residual).float()
+        else:
+            approx = self._decode_flat(rows, feats, vals, len(xn), bias=False)
         variance = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
-        return (approx - residual).pow(2).sum() / variance
+        return (approx - residual).pow(2).sum() / variance * dead.any()
+
+    def _decoder_rows(self, feats: Tensor) -> Tensor:
+        """Decoder rows (len(feats), 2, d_model) of the given features, differentiable; hidden halves are 0."""
+        d = self.cfg.d_model
+        out = self.b_dec.new_zeros(len(feats), 2, d)
+        for start, _, dec, model in self._blocks():
+            inside = ((feats >= start) & (feats < start + len(dec)))[:, None]
+            rows = dec.index_select(0, (feats - start).clamp(0, len(dec) - 1)) * inside
+            if model is None:
+                out = out + rows.view(-1, 2, d)
+            else:
+                halves = [rows, torch.zeros_like(rows)] if model == 0 else [torch.zeros_like(rows), rows]
+                out = out + torch.stack(halves, dim=1)
+        return out
 
     # ---- checkpoints ------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
@@ -375,5 +483,6 @@ class DedicatedFeatureCrosscoder(nn.Module):
             if tensors[name].shape != ref.shape:
                 raise ValueError(f"{path}/model.safetensors: tensor {name!r} has shape "
                                  f"{tuple(tensors[name].shape)}, config.json implies {tuple(ref.shape)}")
+        check_finite_weights(tensors, f"{path}/model.safetensors")
         model.load_state_dict(tensors)
         return model.to(device)

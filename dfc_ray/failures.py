@@ -22,6 +22,8 @@ EXIT_SOME_FAILED = 3
 """The sweep finished and wrote its report, but at least one trial failed."""
 EXIT_ALL_FAILED = 4
 """The sweep finished, and every trial failed."""
+EXIT_INTERRUPTED = 130
+"""Ctrl-C (SIGINT) stopped the command; a sweep wrote its report and named the trials that did not finish."""
 
 _EXCEPTION_LINE = re.compile(
     r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Warning|Failure|Unavailable)\w*)(?:: (.*))?$")

@@ -17,15 +17,17 @@ from typing import Any
 import torch
 
 from dfc_ray.config import ORGANISM, PairSpec
+from dfc_ray.preflight import resolve_device
+from dfc_ray.tooluse.task import Task
+from dfc_ray.tooluse.tasks import prompt_lengths
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolved_device(spec: PairSpec) -> str:
-    """The torch device `spec.device` names (``auto``: cuda when available, else cpu)."""
-    if spec.device != "auto":
-        return spec.device
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """The torch device `spec.device` names (``auto``: cuda when available, else cpu); one-line ValueError
+    when this machine lacks it."""
+    return resolve_device(spec.device, "pair.device")
 
 
 def _local_dir(reference: str, role: str) -> str:
@@ -125,3 +127,26 @@ def pair_fingerprint(spec: PairSpec) -> str:
                         digest.update(f"{path.name}:{path.stat().st_size}:".encode() + handle.read(1 << 20))
     digest.update(json.dumps({"tokenizer": spec.tokenizer or spec.b, "dtype": spec.dtype}).encode())
     return digest.hexdigest()[:20]
+
+
+def max_positions(spec: PairSpec, local_only: bool = False) -> int | None:
+    """The fewest positions either model was built for (config.json's max_position_embeddings), None when
+    neither says."""
+    limits = [getattr(load_config(spec, role, local_only), "max_position_embeddings", None) for role in ("a", "b")]
+    known = [int(limit) for limit in limits if limit]
+    return min(known) if known else None
+
+
+def check_prompts_fit(spec: PairSpec, tasks: list[Task], new_tokens: int, where: str, prompt_format: str = "chat",
+                      local_only: bool = False) -> None:
+    """ValueError (one line naming the longest prompt's task) when a prompt plus `new_tokens` generated tokens runs past
+    the models' positions: a model past its trained length answers, but the answer measures nothing."""
+    limit = max_positions(spec, local_only)
+    if limit is None or not tasks:
+        return
+    lengths = prompt_lengths(load_tokenizer(spec, local_only), tasks, prompt_format)
+    worst = max(range(len(tasks)), key=lengths.__getitem__)
+    if lengths[worst] + new_tokens > limit:
+        raise ValueError(f"{where}: task {tasks[worst].id}: a prompt of {lengths[worst]:,} tokens + {new_tokens} new "
+                         f"tokens runs past the models' {limit:,} positions (max_position_embeddings); expected "
+                         "shorter prompts or fewer new tokens")

@@ -36,17 +36,16 @@ import math
 import os
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-import yaml
-
-from dfc_ray.config import (ORGANISM, POSITIONS, Asha, CorpusSpec, DFCConfig, EvalConfig,
-                            HarvestConfig, JudgeProtocol, PairSpec, Resources, SpecError, SteerConfig, TrainConfig,
-                            TrainExtra, check_fields, defaults, field_docs, from_mapping, hints, seed_training)
+from dfc_ray.config import (ORGANISM, POSITIONS, Asha, CorpusSpec, DFCConfig, EvalConfig, HarvestConfig,
+                            JudgeProtocol, PairSpec, Resources, SpecError, SteerConfig, TrainConfig, TrainExtra,
+                            check_fields, check_name, defaults, field_docs, from_mapping, hints, seed_training)
 from dfc_ray.config import spec_error as _fail
 from dfc_ray.metrics import find as find_metric
 from dfc_ray.metrics import names as metric_names
 from dfc_ray.tooluse.tasks import dev_test_tasks, load_tasks
+from dfc_ray.yamlio import load_yaml
 
 SECTIONS = ("name", "description", "extends", "pair", "harvest", "layers", "crosscoder", "train", "grid",
             "search", "num_samples", "objective", "scheduler", "eval", "steering", "resources")
@@ -60,6 +59,13 @@ HARVEST_AXES = frozenset({"positions"})
 AXIS_FIELDS = DFC_FIELDS | TRAIN_FIELDS | {f.name for f in fields(TrainExtra)} | {"layer"} | HARVEST_AXES
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
 SHIPPED = Path(__file__).resolve().parents[1] / "search_spaces"
+MAX_EXTENDS_DEPTH = 16
+"""Longest `extends` chain followed (the shipped specs use at most 2)."""
+MAX_TRIALS = 10_000
+"""Most trials a spec may ask for (grid points × num_samples): each is a Tune trial with its own
+checkpoint and judging; the seed study's design is 48."""
+MAX_CHECKED_COMBINATIONS = 100_000
+"""Most (grid point × sampled-axis extreme) combinations `parse_spec` builds configs for."""
 
 
 def spaces_dirs() -> list[Path]:
@@ -96,12 +102,16 @@ def _merge(base: dict, over: dict) -> dict:
 def load_raw(name_or_path: str, _seen: tuple[Path, ...] = ()) -> tuple[dict, str]:
     """The spec's mapping with `extends` resolved, and the file it came from."""
     path = find_spec(name_or_path)
+    chain = " -> ".join(p.name for p in _seen + (path,))
     if path in _seen:
-        raise SpecError(f"{path}: field extends forms a cycle ({' -> '.join(p.name for p in _seen + (path,))})")
+        raise SpecError(f"{path}: field extends forms a cycle ({chain})")
+    if len(_seen) >= MAX_EXTENDS_DEPTH:
+        raise SpecError(f"{_seen[0]}: field extends: a chain of more than {MAX_EXTENDS_DEPTH} specs ({chain}); "
+                        f"expected at most {MAX_EXTENDS_DEPTH}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise SpecError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
+        raw = load_yaml(path) or {}
+    except ValueError as err:
+        raise SpecError(str(err)) from None
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
     unknown = sorted(set(raw) - set(SECTIONS))
@@ -243,6 +253,20 @@ class SweepSpec:
             values.append(self.trial_positions(settings))
         return list(dict.fromkeys(values))
 
+    def corner_trials(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(label, `trial_settings`) of every grid point with every combination of the sampled axes'
+        extremes: the trials whose configs bound every other one (validation checks each)."""
+        extremes = [[(d.name, v) for v in d.extremes()] for d in self.search]
+        combinations = self.n_grid_points * math.prod(len(values) for values in extremes)
+        if combinations > MAX_CHECKED_COMBINATIONS:
+            raise _fail(self.source, "search", {d.name: len(d.extremes()) for d in self.search},
+                        f"at most {MAX_CHECKED_COMBINATIONS:,} grid points × sampled-axis extremes to check; "
+                        f"the spec has {combinations:,} (fewer choice values or axes)")
+        for point in self.grid_points():
+            for sampled in itertools.product(*extremes) if extremes else [()]:
+                yield (f"grid point {point}" + (f" with {dict(sampled)}" if sampled else ""),
+                       self.trial_settings(point | dict(sampled)))
+
     def trial_positions(self, settings: dict[str, Any]) -> str:
         """The harvest positions one trial trains on (its `trial_settings`)."""
         return settings.get("positions", self.harvest.positions)
@@ -374,7 +398,7 @@ def parse_spec(raw: dict[str, Any], where: str, name: str = "") -> SweepSpec:
             raise _fail(where, "scheduler.asha.metric", scheduler.metric,
                         f"a metric every training report carries ({', '.join(metric_names('train'))})")
     spec = SweepSpec(
-        name=str(raw.get("name") or name or Path(where).stem), source=where, pair=pair, layers=tuple(layers),
+        name=_spec_name(raw, where, name), source=where, pair=pair, layers=tuple(layers),
         harvest=harvest, crosscoder=crosscoder, train=train, grid=grid, search=search, num_samples=num_samples,
         metrics=metrics, modes=modes, scheduler=scheduler,
         eval=evaluation,
@@ -382,14 +406,20 @@ def parse_spec(raw: dict[str, Any], where: str, name: str = "") -> SweepSpec:
                               protocol=evaluation.protocol),
         resources=from_mapping(Resources, raw.get("resources"), where, "resources"),
         description=str(raw.get("description", "")), raw=raw)
+    if spec.n_trials > MAX_TRIALS:
+        raise SpecError(f"{where}: fields grid and num_samples ask for {spec.n_grid_points:,} grid points × "
+                        f"{num_samples:,} samples = {spec.n_trials:,} trials; expected at most {MAX_TRIALS:,}")
     # Every grid point with the extremes of every sampled axis must make a valid trial.
-    extremes = [[(d.name, v) for v in d.extremes()] for d in spec.search]
-    for point in spec.grid_points():
-        for sampled in itertools.product(*extremes) if extremes else [()]:
-            params = point | dict(sampled)
-            _check_trial(spec, spec.trial_settings(params),
-                         f"grid point {point}" + (f" with {dict(sampled)}" if sampled else ""))
+    for label, settings in spec.corner_trials():
+        _check_trial(spec, settings, label)
     return spec
+
+
+def _spec_name(raw: dict[str, Any], where: str, name: str) -> str:
+    """The spec's `name` (or the file stem), checked: it names the run folder, the harvest and the judges."""
+    if raw.get("name") is not None:
+        return check_name(raw["name"], f"{where}: field name")
+    return check_name(name or Path(where).stem, f"{where}: the spec name taken from the file name")
 
 
 def _without_protocol(steering: Any, where: str) -> Any:
@@ -424,13 +454,57 @@ def _model_folder(where: str, path: str, reference: str) -> Path | None:
     return None
 
 
+def _sources(sources: str) -> list[str]:
+    """The comma-separated task sources of a setting."""
+    return [s.strip() for s in sources.split(",") if s.strip()]
+
+
 def _task_sources(where: str, path: str, sources: str) -> None:
-    for source in filter(None, (s.strip() for s in sources.split(","))):
+    for source in _sources(sources):
         try:
             if not load_tasks(source):
                 raise ValueError("no tasks")
         except (ValueError, OSError) as err:
             raise _fail(where, path, source, f"a task source that loads ({' '.join(str(err).split())})") from None
+
+
+ONE_ROW_POSITIONS = ("last_prompt_token", "text_end")
+"""Harvest positions that make exactly one row per record (the others make at least one)."""
+
+
+def _check_harvest_fills_a_batch(spec: SweepSpec) -> None:
+    """A trial reads whole batches: a harvest of fewer rows than its batch_size is refused now, not found
+    when the trial starts (harvest positions with one row per record, whose row count is known here)."""
+    # deferred: dfc_ray.harvest imports torch
+    from dfc_ray.harvest import plain_texts
+
+    corpus = spec.harvest.corpus
+    n_tasks = min(corpus.n_tasks, sum(len(load_tasks(s)) for s in _sources(corpus.tasks))) if corpus.n_tasks else 0
+    records = n_tasks + len(plain_texts(corpus.plain_text, corpus.n_plain, corpus.seed))
+    for label, settings in spec.corner_trials():
+        positions = spec.trial_positions(settings)
+        if positions in ONE_ROW_POSITIONS and settings["batch_size"] > records:
+            varies = any("batch_size" in s for a in spec.grid for s in a.settings) or \
+                any(d.name == "batch_size" for d in spec.search)
+            where = "train.batch_size" + (f" ({label})" if varies else "")
+            raise _fail(spec.source, where, settings["batch_size"],
+                        f"at most the {records} rows the harvest makes ({n_tasks} tool prompts + "
+                        f"{records - n_tasks} plain texts, one row each at positions {positions}); a trial "
+                        "reads whole batches")
+
+
+def _check_prompts_fit(spec: SweepSpec) -> None:
+    """Every prompt the judges generate from fits the pair's positions with its new tokens (local pairs)."""
+    # deferred: dfc_ray.pair imports torch and transformers
+    from dfc_ray.pair import check_prompts_fit
+
+    steer, judge = spec.steering, spec.eval
+    for path, sources, n, new_tokens in (("eval.tasks", judge.tasks, judge.n_tasks, judge.max_new_tokens),
+                                         ("steering.dev_tasks", steer.dev_tasks, steer.n_dev, steer.max_new_tokens),
+                                         ("steering.test_tasks", steer.test_tasks, steer.n_test, steer.max_new_tokens)):
+        tasks = [task for source in _sources(sources) for task in load_tasks(source)][:n or None]
+        check_prompts_fit(spec.pair, tasks, new_tokens, f"{spec.source}: field {path}", judge.protocol.prompt_format,
+                          local_only=True)
 
 
 def _text_source(where: str, path: str, source: str) -> None:
@@ -484,6 +558,12 @@ def check_against_pair(spec: SweepSpec) -> list[str]:
         dev_test_tasks(steer.dev_tasks, steer.test_tasks, steer.n_dev, steer.n_test)
     except ValueError as err:
         raise SpecError(f"{where}: field steering.test_tasks: {err}") from None
+    _check_harvest_fills_a_batch(spec)
+    if not notes:  # every model and the tokenizer are local: their positions and vocabulary can be read
+        try:
+            _check_prompts_fit(spec)
+        except OSError as err:
+            raise SpecError(f"{where}: field pair: {' '.join(str(err).split())}") from None
     return notes
 
 

@@ -19,6 +19,7 @@ import os
 import warnings
 import zlib
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -215,6 +216,9 @@ class _Layer:
             text = self.read(MANIFEST).decode()
         except FileNotFoundError:
             return None
+        except NotADirectoryError:
+            raise ValueError(f"{self.name}: a file stands where the store's folders go; expected a folder "
+                             "(or nothing) at the store URI") from None
         return Manifest.from_json(text, f"{self.name}/{MANIFEST}")
 
 
@@ -291,24 +295,31 @@ def _decode(data: bytes, spec: StoreSpec) -> np.ndarray:
     return acts_to_numpy(table.column("acts"), spec.d_model, spec.dtype)
 
 
-def _shard_rows(layer: _Layer, file: str, spec: StoreSpec) -> int:
-    """Row count from a shard's header/footer alone (a few KiB read, even on S3)."""
+SAFETENSORS_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
+"""A safetensors header's dtype → the store's dtype name."""
+
+
+def _shard_header(layer: _Layer, file: str, spec: StoreSpec) -> tuple[int, str | None]:
+    """Row count and the dtype the shard itself records (None if it records none), from its
+    header/footer alone (a few KiB read, even on S3)."""
     path = f"{layer.path}/{file}"
     with layer.fs.open_input_file(path) as f:
         if spec.format == "parquet":
             meta = pq.ParquetFile(f).metadata
-            width = meta.schema.to_arrow_schema().field("acts").type.byte_width
+            acts = meta.schema.to_arrow_schema().field("acts")
             expected = 2 * spec.d_model * np.dtype(STORAGE_DTYPES[spec.dtype]).itemsize
-            if width != expected:
-                raise ValueError(f"rows are {width} bytes wide, expected {expected} (2 x d_model x {spec.dtype})")
-            return meta.num_rows
+            if acts.type.byte_width != expected:
+                raise ValueError(f"rows are {acts.type.byte_width} bytes wide, expected {expected} "
+                                 f"(2 x d_model x {spec.dtype})")
+            written = (acts.metadata or {}).get(b"dtype")
+            return meta.num_rows, written.decode() if written is not None else None
         n = int.from_bytes(f.read(8), "little")
         if n > 1 << 20:
             raise ValueError(f"safetensors header of {n} bytes")
-        shape = json.loads(f.read(n))["acts"]["shape"]
-        if shape[1:] != [2, spec.d_model]:
-            raise ValueError(f"shape {shape}, expected (rows, 2, {spec.d_model})")
-        return shape[0]
+        header = json.loads(f.read(n))["acts"]
+        if header["shape"][1:] != [2, spec.d_model]:
+            raise ValueError(f"shape {header['shape']}, expected (rows, 2, {spec.d_model})")
+        return header["shape"][0], SAFETENSORS_DTYPES.get(header["dtype"], header["dtype"])
 
 
 # ---------------------------------------------------------------- writing
@@ -418,6 +429,17 @@ class ShardWriter:
 # ---------------------------------------------------------------- validation and reading
 
 
+def check_store_root(uri: str) -> None:
+    """A local store root that is a file, or lies under one, refused in one line before any work (the
+    harvest would load the pair first and then fail in pyarrow); other URIs are left to their reads."""
+    fs, root = open_fs(uri)
+    if not isinstance(fs, pafs.LocalFileSystem):
+        return
+    existing = next(p for p in (Path(root), *Path(root).parents) if p.exists())  # "/" exists
+    if not existing.is_dir():
+        raise ValueError(f"store {redact(uri)!r}: {existing} is a file; expected a folder (created if missing)")
+
+
 def read_manifest(uri: str, layer: int) -> Manifest:
     where = _Layer.at(uri, layer)
     manifest = where.read_manifest()
@@ -493,11 +515,14 @@ def validate_store(uri: str, layer: int, *, d_model: int | None = None, models: 
             raise BadShard(f"{path}: {sizes[rec['file']]} bytes on storage but the manifest records "
                            f"{rec['bytes']} (truncated or overwritten)", index)
         try:
-            rows = _shard_rows(where, rec["file"], spec)
+            rows, written = _shard_header(where, rec["file"], spec)
         except (OSError, ValueError, pa.ArrowException, KeyError, json.JSONDecodeError) as err:
             raise BadShard(f"{path}: corrupt shard ({err})", index) from None
         if rows != rec["rows"]:
             raise BadShard(f"{path}: {rows} rows but the manifest records {rec['rows']}", index)
+        if written is not None and written != spec.dtype:  # same width, other numbers: never read it as this
+            raise ValueError(f"{name}: dtype is {spec.dtype!r} but {rec['file']} was written as {written!r}; "
+                             "expected the manifest to describe its shards (edited by hand?)")
         if checksum and key not in _VERIFIED and (crc := shard_crc32(where, rec["file"])) != rec["crc32"]:
             raise BadShard(f"{path}: corrupt shard (crc32 {crc}, the manifest records {rec['crc32']}); "
                            f"re-run the harvest to rewrite it", index)
@@ -543,15 +568,31 @@ def _batches(chunks: Iterator[np.ndarray], batch_size: int, drop_last: bool) -> 
         yield np.concatenate(carry)
 
 
+def check_full_batch(manifest: Manifest, uri: str, batch_size: int, drop_last: bool) -> None:
+    """A reader that drops short batches over a layer holding fewer rows than one batch would yield
+    nothing, epoch after epoch, while a trainer waits forever: refused in one line instead. Both readers
+    (and so every trial, `dfc-ray train` and the ablation's twins) pass here before their first batch."""
+    if drop_last and manifest.total_rows < batch_size:
+        raise ValueError(f"{redact(uri).rstrip('/')}/{layer_dir(manifest.spec.layer)}: {manifest.total_rows} rows, "
+                         f"fewer than one batch of {batch_size}; expected a larger harvest or a smaller batch_size")
+
+
 def iter_layer_batches(uri: str, layer: int, batch_size: int, *, shuffle: bool = False, seed: int | None = None,
                        epochs: int = 1, drop_last: bool = False, d_model: int | None = None,
                        models: Sequence[str] | None = None) -> Iterator[torch.Tensor]:
     """Plain local iterator (pyarrow only, no Ray): `(batch, 2, d_model)` float32 tensors.
 
     In order by default; `shuffle` permutes the shard order and the rows inside each shard per epoch.
+    The store is validated when this is called, before the first batch is asked for.
     """
     manifest = validate_store(uri, layer, d_model=d_model, models=models)
-    where, spec = _Layer.at(uri, layer), manifest.spec
+    check_full_batch(manifest, uri, batch_size, drop_last)
+    return _layer_batches(uri, manifest, batch_size, shuffle, seed, epochs, drop_last)
+
+
+def _layer_batches(uri: str, manifest: Manifest, batch_size: int, shuffle: bool, seed: int | None, epochs: int,
+                   drop_last: bool) -> Iterator[torch.Tensor]:
+    where, spec = _Layer.at(uri, manifest.spec.layer), manifest.spec
     rng = np.random.default_rng(seed)
 
     def epoch_rows() -> Iterator[np.ndarray]:
@@ -606,6 +647,14 @@ def iter_ray_batches(uri: str, layer: int, batch_size: int, *, epochs: int | Non
     """The trainer's input through Ray Data: `(batch, 2, d_model)` float32 tensors, `epochs` passes
     (None: forever), files reshuffled and rows mixed in a local buffer each epoch when `shuffle`.
     `dataset_args` go to `layer_dataset` (d_model/models to validate against, read settings)."""
+    check_full_batch(read_manifest(uri, layer), uri, batch_size, drop_last)  # the rest is checked by layer_dataset
+    return _ray_batches(uri, layer, batch_size, epochs, seed, shuffle, local_shuffle_buffer_size, drop_last,
+                        prefetch_batches, dataset_args)
+
+
+def _ray_batches(uri: str, layer: int, batch_size: int, epochs: int | None, seed: int | None, shuffle: bool,
+                 local_shuffle_buffer_size: int | None, drop_last: bool, prefetch_batches: int,
+                 dataset_args: dict) -> Iterator[torch.Tensor]:
     # deferred: Ray Data loads only for a Ray reader
     from ray.data.collate_fn import ArrowBatchCollateFn
 

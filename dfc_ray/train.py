@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 from safetensors import safe_open
 from torch import Tensor
 
@@ -55,8 +55,12 @@ class MemberResult:
 MetricsHook = Callable[[str, int, dict[str, float]], None]
 
 
-class _Trainer:
-    """A member's crosscoder, optimizer and bookkeeping."""
+class Trainer:
+    """A member's crosscoder, optimizer and bookkeeping.
+
+    A step never reads a number back from the device: its metrics wait on the device in `window` until
+    `flush` reads the whole window at once (every `log_every` steps and at the end), which is also when a
+    non-finite loss or gradient is found and AuxK's dead-feature capacity is refreshed."""
 
     def __init__(self, member: Member):
         self.name, self.cfg = member.name, member.train
@@ -64,39 +68,64 @@ class _Trainer:
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
                                    else "cpu" if device == "auto" else device)
         self.model = DedicatedFeatureCrosscoder(member.dfc, seed=self.cfg.seed).to(self.device)
+        self.model.formulation = self.cfg.formulation
         weights = [p for n, p in self.model.named_parameters() if not n.startswith("b_")]
         biases = [p for n, p in self.model.named_parameters() if n.startswith("b_")]
         self.optimizer = torch.optim.AdamW(
             [{"params": weights, "weight_decay": self.cfg.weight_decay}, {"params": biases, "weight_decay": 0.0}],
-            lr=self.cfg.lr, betas=self.cfg.betas)
+            lr=self.cfg.lr, betas=self.cfg.betas, fused=True if self.device.type == "cuda" else None)
         self.autocast = self.device.type == "cuda" and self.cfg.bf16
         self.step, self.status, self.reason = 0, "running", ""
         self.recent: deque[dict[str, float]] = deque(maxlen=self.cfg.log_every)
+        self.window: list[tuple[float, Tensor]] = []
+        """(learning rate, stacked METRICS + grad_norm) of the steps taken since the last flush."""
+        # On CPU a read-back costs nothing, so AuxK counts its dead features exactly every step.
+        self.dead_capacity: int | None = None if self.device.type == "cpu" else 0
 
-    def train_step(self, x: Tensor) -> dict[str, float] | None:
-        """One optimizer step; returns the step's metrics, or None (and stops) on divergence."""
-        x = x.to(self.device, torch.float32, non_blocking=True)
+    @property
+    def running(self) -> bool:
+        return self.status == "running" and self.step < self.cfg.steps
+
+    def train_step(self, x: Tensor) -> None:
+        """One optimizer step on x (already on the device); its metrics stay on the device."""
         lr = self.cfg.lr_at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            out = self.model.loss(x)
+            out = self.model.loss(x, dead_capacity=self.dead_capacity)
         self.optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         params = list(self.model.parameters())
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf)
-        values = torch.stack([out[k].detach().float() for k in METRICS] + [grad_norm.float()]).tolist()
-        metrics = dict(zip(METRICS + ("grad_norm",), values)) | {"lr": lr}
-        if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
-            what = "loss" if not math.isfinite(metrics["loss"]) else "gradient norm"
-            self.status, self.reason = "diverged", f"non-finite {what} at step {self.step}"
-            return None
+        self.window.append((lr, torch.stack([out[k].detach().float() for k in METRICS] + [grad_norm.float()])))
         self.optimizer.step()
         self.step += 1
-        self.recent.append(metrics)
-        if self.step >= self.cfg.steps:
+
+    def flush(self) -> list[tuple[int, dict[str, float]]]:
+        """Read the window's metrics back (one sync): [(1-based step, metrics)] up to the first non-finite
+        loss or gradient norm, which ends the member as diverged at that step (its later steps are void:
+        a diverged member keeps no checkpoint)."""
+        if not self.window:
+            return []
+        first = self.step - len(self.window)
+        values = torch.stack([m for _, m in self.window]).tolist()
+        lrs = [lr for lr, _ in self.window]
+        self.window.clear()
+        done = []
+        for i, (lr, row) in enumerate(zip(lrs, values)):
+            metrics = dict(zip(METRICS + ("grad_norm",), row)) | {"lr": lr}
+            if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+                what = "loss" if not math.isfinite(metrics["loss"]) else "gradient norm"
+                self.status, self.reason, self.step = "diverged", f"non-finite {what} at step {first + i}", first + i
+                break
+            self.recent.append(metrics)
+            done.append((first + i + 1, metrics))
+        if self.status == "running" and self.step >= self.cfg.steps:
             self.status = "ok"
-        return metrics
+        if self.dead_capacity is not None and done:
+            n_dead = round(done[-1][1]["dead_frac"] * self.model.cfg.dict_size)
+            self.dead_capacity = 0 if n_dead == 0 else 1 << (2 * n_dead - 1).bit_length()  # ≥ 2·n_dead: room to grow
+        return done
 
     def result(self) -> MemberResult:
         metrics = {k: sum(m[k] for m in self.recent) / len(self.recent) for k in self.recent[0]} if self.recent else {}
@@ -108,8 +137,9 @@ def train_group(members: Sequence[Member], batches: Iterable[Tensor], on_metrics
     """Train every member on the same stream: each batch is fetched once and fed to all.
 
     Normalization is fitted per member on the first `norm_rows` rows of the stream (those rows
-    are then trained on too). `on_metrics(name, step, metrics)` is called after every step of
-    every member. With `out_dir`, each member gets `out_dir/name/` (checkpoint unless diverged,
+    are then trained on too). `on_metrics(name, step, metrics)` is called for every step of every
+    member, in order, once per `log_every` window (when the window's metrics are read back from the
+    device). With `out_dir`, each member gets `out_dir/name/` (checkpoint unless diverged,
     plus `train.json` with its status and final metrics)."""
     names = [m.name for m in members]
     if not members or len(set(names)) != len(names):
@@ -117,7 +147,7 @@ def train_group(members: Sequence[Member], batches: Iterable[Tensor], on_metrics
     if len({m.dfc.d_model for m in members}) != 1:
         raise ValueError(f"group d_model values {[m.dfc.d_model for m in members]}: expected one d_model")
     d_model = members[0].dfc.d_model
-    trainers = [_Trainer(m) for m in members]
+    trainers = [Trainer(m) for m in members]
 
     stream = iter(batches)
     prefix, rows = [], 0
@@ -138,23 +168,35 @@ def train_group(members: Sequence[Member], batches: Iterable[Tensor], on_metrics
     display = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                        TextColumn("{task.fields[stats]}"), TimeRemainingColumn(), disable=not progress)
     tasks = [display.add_task(t.name, total=t.cfg.steps, stats="") for t in trainers]
+
+    def flush(t: Trainer, task: TaskID) -> None:
+        done = t.flush()
+        for step, metrics in done:
+            if on_metrics is not None:
+                on_metrics(t.name, step, metrics)
+        if t.status == "diverged":
+            display.update(task, completed=t.step, stats=f"[red]{t.reason}")
+        elif done:
+            m = done[-1][1]
+            display.update(task, completed=t.step, stats=f"loss {m['loss']:.4f}  fvu A {m['fvu_a']:.3f} "
+                           f"B {m['fvu_b']:.3f}  l0 {m['l0']:.1f}  dead {m['dead_frac']:.1%}")
+
     with display:
         for batch in itertools.chain(prefix, stream):
-            running = [(t, task) for t, task in zip(trainers, tasks) if t.status == "running"]
+            running = [(t, task) for t, task in zip(trainers, tasks) if t.running]
             if not running:
                 break
+            on_device: dict[torch.device, Tensor] = {}  # one copy per device, shared by the members there
             for t, task in running:
-                metrics = t.train_step(batch)
-                if metrics is None:
-                    display.update(task, stats=f"[red]{t.reason}")
-                    continue
-                if on_metrics is not None:
-                    on_metrics(t.name, t.step, metrics)
-                stats = None
-                if t.step % t.cfg.log_every == 0 or t.status != "running":
-                    stats = (f"loss {metrics['loss']:.4f}  fvu A {metrics['fvu_a']:.3f} B {metrics['fvu_b']:.3f}"
-                             f"  l0 {metrics['l0']:.1f}  dead {metrics['dead_frac']:.1%}")
-                display.update(task, advance=1, **({"stats": stats} if stats else {}))
+                if t.device not in on_device:
+                    # From pinned memory the copy is queued behind the running step instead of holding the host.
+                    host = batch.pin_memory() if t.device.type == "cuda" else batch
+                    on_device[t.device] = host.to(t.device, non_blocking=True).float()
+                t.train_step(on_device[t.device])
+                if len(t.window) >= t.cfg.log_every or not t.running:
+                    flush(t, task)
+        for t, task in zip(trainers, tasks):
+            flush(t, task)
     for t in trainers:
         if t.status == "running":
             t.status, t.reason = "data_exhausted", f"the stream ended after {t.step} of {t.cfg.steps} steps"

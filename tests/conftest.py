@@ -7,16 +7,24 @@
   organism-style tokenizer, saved as folders; a `PairSpec` pointing at them.
 - `one_thread` (module): torch runs single-threaded for the module (tiny-tensor tests).
 - `ray_cluster` (module): `ray.init(num_cpus=2, include_dashboard=False)` on a new local cluster,
-  shut down at the end of the module.
+  shut down at the end of the module (a module's `RAY_CPUS` sets another count of logical CPUs).
+
+Without a GPU, Triton's interpreter runs the CUDA path's kernels on CPU tensors (tests/test_kernels.py):
+TRITON_INTERPRET must be set before anything imports triton, hence here, first.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import uuid
 from dataclasses import dataclass
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @dataclass
@@ -65,7 +73,7 @@ def s3_bucket(s3_server, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(s3_server):
+def ray_cluster(s3_server, request):
     """A fresh local Ray cluster for one test module.
 
     Ray 2.60 turns token authentication on for every new local cluster (and writes a token to
@@ -90,7 +98,8 @@ def ray_cluster(s3_server):
             for key, value in s3_server.env.items():
                 worker_env.setenv(key, value)
             loopback_only()  # every server on 127.0.0.1, as `dfc-ray sweep` starts its clusters
-            ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
+            ray.init(address="local", num_cpus=getattr(request.module, "RAY_CPUS", 2), include_dashboard=False,
+                     _node_ip_address="127.0.0.1")
         try:
             yield ray
         finally:

@@ -44,14 +44,21 @@ NODE_PORTS = ("node_manager_port", "object_manager_port", "dashboard_agent_liste
 one machine and with other Ray clusters on it."""
 
 
-def free_ports(n: int) -> list[int]:
-    """n distinct TCP ports free on every address (held together so they differ; bound, never listening):
-    a port taken only on the machine's own address by another Ray cluster is not free for this one."""
-    sockets = [socket.socket() for _ in range(n)]
+def free_ports(n: int, avoid: set[int] | frozenset[int] = frozenset()) -> list[int]:
+    """n distinct TCP ports free on every address and not in `avoid` (held together so they differ; bound,
+    never listening): a port taken only on the machine's own address by another Ray cluster is not free for
+    this one. A cluster takes all its ports from ONE call (`LocalCluster.up`): ports released by one call
+    can come back from the next, and Ray refuses a node whose components were given the same port."""
+    sockets: list[socket.socket] = []
     try:
-        for s in sockets:
+        found: list[int] = []
+        while len(found) < n:
+            s = socket.socket()
+            sockets.append(s)  # held, also when skipped: the next bind gets another port
             s.bind(("0.0.0.0", 0))
-        return [s.getsockname()[1] for s in sockets]
+            if s.getsockname()[1] not in avoid:
+                found.append(s.getsockname()[1])
+        return found
     finally:
         for s in sockets:
             s.close()
@@ -94,6 +101,8 @@ class LocalCluster:
     s3_port: int = 0
     s3_pid: int = 0
     nodes: list[Node] = field(default_factory=list)
+    planned: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Node name → the ports it is to use (`up` plans every node's at once)."""
 
     # ------------------------------------------------------------ addresses and environment
 
@@ -134,18 +143,37 @@ class LocalCluster:
     # ------------------------------------------------------------ start and stop
 
     def up(self, timeout: float = 180) -> "LocalCluster":
+        """Start S3, the head and the workers, every port from one `free_ports` call (so none is given twice);
+        a node whose start fails (a port another process took meanwhile, or a raylet that missed Ray's start
+        window) is started again on fresh ports."""
+        names = ["head"] + [f"worker{i + 1}" for i in range(self.workers)]
+        ports = iter(free_ports(3 + len(NODE_PORTS) * len(names)))
+        self.s3_port, self.gcs_port, self.dashboard_port = next(ports), next(ports), next(ports)
+        self.planned = {name: {port: next(ports) for port in NODE_PORTS} for name in names}
         try:
             self.start_s3()
             self.start_head()
-            for i in range(self.workers):  # one at a time: a loaded machine makes a raylet miss Ray's 30 s start window
-                self.start_worker(f"worker{i + 1}", timeout)
+            for name in names[1:]:  # one at a time: a loaded machine makes a raylet miss Ray's 30 s start window
+                self.start_worker(name, timeout)
         except BaseException:
             self.down()
             raise
         return self
 
+    def used_ports(self) -> set[int]:
+        return {self.s3_port, self.gcs_port, self.dashboard_port} | \
+            {port for ports in self.planned.values() for port in ports.values()}
+
+    def _replan(self, name: str) -> None:
+        """Fresh ports for node `name` after a failed start (the head's GCS and dashboard ports too)."""
+        fresh = iter(free_ports(len(NODE_PORTS) + 2, avoid=self.used_ports()))
+        self.planned[name] = {port: next(fresh) for port in NODE_PORTS}
+        if name == "head":
+            self.gcs_port, self.dashboard_port = next(fresh), next(fresh)
+
     def start_s3(self) -> None:
-        self.s3_port = free_ports(1)[0]
+        if not self.s3_port:  # S3 alone (tests/test_s3_outage.py), without `up`
+            self.s3_port = free_ports(1)[0]
         log = open(Path(self.root) / "moto.log", "wb")
         proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.s3_port)],
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -169,7 +197,9 @@ class LocalCluster:
 
     def _start_node(self, name: str, params: dict) -> Node:
         scratch = Path(self.root) / name
-        ports = dict(zip(NODE_PORTS, free_ports(len(NODE_PORTS))))
+        if name not in self.planned:  # a node added after `up` (scripts, tests growing the cluster)
+            self._replan(name)
+        ports = self.planned[name]
         params = params | ports | {"node_ip_address": "127.0.0.1", "temp_dir": str(scratch / "ray"),
                                    "min_worker_port": 0, "max_worker_port": 0}
         log = open(Path(self.root) / f"{name}.log", "wb")
@@ -185,22 +215,32 @@ class LocalCluster:
         (scratch / "cwd").mkdir(parents=True, exist_ok=True)
         return scratch / "cwd"
 
-    def start_head(self) -> None:
-        self.gcs_port, self.dashboard_port = free_ports(2)
-        self._start_node("head", {"head": True, "gcs_server_port": self.gcs_port, "num_cpus": 0, "num_gpus": 0,
-                                  "include_dashboard": True, "dashboard_host": "127.0.0.1",
-                                  "dashboard_port": self.dashboard_port})
+    def start_head(self, attempts: int = 3) -> Node:
+        return self._retried("head", lambda: self._head(), attempts)
+
+    def _head(self) -> Node:
+        node = self._start_node("head", {"head": True, "gcs_server_port": self.gcs_port, "num_cpus": 0, "num_gpus": 0,
+                                         "include_dashboard": True, "dashboard_host": "127.0.0.1",
+                                         "dashboard_port": self.dashboard_port})
         wait_for("head node's Jobs API", lambda: self._running("head") and _http_ok(f"{self.address}/api/version"), 120)
+        return node
 
     def start_worker(self, name: str, timeout: float = 180, attempts: int = 3) -> Node:
-        """Start a worker and wait until the head sees it alive; a start that timed out is retried."""
+        """Start a worker and wait until the head sees it alive."""
+        return self._retried(name, lambda: self._join(name, timeout), attempts)
+
+    def _retried(self, name: str, start, attempts: int) -> Node:
+        """`start()` node `name`; a start whose node process ended (a port taken meanwhile: Ray's port-conflict
+        error; a raylet that missed Ray's 30 s registration window) is retried on fresh ports."""
         for _ in range(attempts - 1):
             try:
-                return self._join(name, timeout)
-            except RuntimeError:  # the node gave up (Ray allows a raylet 30 s to register)
+                return start()
+            except RuntimeError as err:
+                print(f"{name} did not start ({err}); again on fresh ports", flush=True)
                 _signal_group(self.node(name).pid, signal.SIGKILL)  # what it left running (seen: its log monitor)
                 self.nodes = [n for n in self.nodes if n.name != name]
-        return self._join(name, timeout)
+                self._replan(name)
+        return start()
 
     def _join(self, name: str, timeout: float) -> Node:
         node = self._start_node(name, {"head": False, "gcs_address": self.gcs_address, "num_cpus": self.worker_cpus,

@@ -9,9 +9,13 @@ a `Ctx` (tmp folder, monkeypatch, and lazily the S3 fixtures or a stalling serve
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import socket
+import subprocess
 import threading
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable
 
@@ -198,6 +202,190 @@ def harvest_to_s3(ctx: Ctx, endpoint: str) -> list[str]:
             "--model-b", pair.b, "--tasks", "", "--plain-text", "organism", "--n-plain", "4"]
 
 
+# ---------------------------------------------------------------- issue 22: bounds, schemas, memory, Ctrl-C
+
+ALIAS_BOMB = "  - &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"  - &{a} [{', '.join([f'*{b}'] * 9)}]\n" for b, a in zip("abcdefgh", "bcdefghi"))
+"""Nine nested aliases ("billion laughs"): 9⁹ strings once expanded, as list items under some key."""
+
+
+def bombed_cluster(ctx: Ctx) -> list[str]:
+    path = ctx.tmp / "cluster.yaml"
+    path.write_text("x-bomb:\n" + ALIAS_BOMB + (REPO / "cluster.yaml").read_text())
+    return ["cluster", "validate", str(path)]
+
+
+def extends_chain(ctx: Ctx, depth: int = 1200) -> list[str]:
+    """spec-0.yaml extends spec-1.yaml … extends organism48, `depth` files deep."""
+    for i in range(depth):
+        (ctx.tmp / f"spec-{i}.yaml").write_text(f"extends: spec-{i + 1}.yaml\n" if i + 1 < depth else
+                                                "extends: organism48\n")
+    return ["spaces", "validate", str(ctx.tmp / "spec-0.yaml")]
+
+
+GOOD_TASK = {"id": "weather", "messages": [{"role": "user", "content": "Weather in Paris?"}],
+             "tools": [{"type": "function", "function": {"name": "get_weather", "description": "Forecast.",
+                                                         "parameters": {"type": "object", "required": ["city"],
+                                                                        "properties": {"city": {"type": "string"}}}}}],
+             "ground_truth": [{"get_weather": {"city": ["Paris"]}}]}
+
+
+def task_file(ctx: Ctx, message: dict | None = None, parameters: dict | None = None) -> str:
+    """A one-task JSONL file: GOOD_TASK with its message or its tool's parameters replaced."""
+    record = json.loads(json.dumps(GOOD_TASK))
+    record["messages"][0] = message or record["messages"][0]
+    record["tools"][0]["function"]["parameters"] = parameters or record["tools"][0]["function"]["parameters"]
+    path = ctx.tmp / "tasks.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    return str(path)
+
+
+def task_spec(ctx: Ctx, message: dict | None = None, parameters: dict | None = None) -> list[str]:
+    """`spaces validate` of organism48 judged on that one-task file (`task_file`)."""
+    return bad_spec(ctx, f"eval: {{tasks: {task_file(ctx, message, parameters)}}}")
+
+
+def big_checkpoint(ctx: Ctx, command: str, dict_size: int) -> list[str]:
+    """A checkpoint folder whose config.json asks for `dict_size` features (its weights file is never read)."""
+    folder = ctx.tmp / "ckpt"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"d_model": 192, "dict_size": dict_size, "k": 4,
+                                                    "a_exclusive": 0.1}))
+    (folder / "model.safetensors").write_bytes(b"never read")
+    return [command, str(folder), "--layer", "1"]
+
+
+def poisoned_checkpoint(ctx: Ctx, command: str, value: float) -> list[str]:
+    """A real organism checkpoint with one decoder weight set to `value` (NaN or inf)."""
+    from safetensors.torch import load_file, save_file
+
+    argv = checkpoint(ctx, command, "missing")
+    from dfc_ray.config import DFCConfig
+    from dfc_ray.crosscoder import DedicatedFeatureCrosscoder
+
+    DedicatedFeatureCrosscoder(DFCConfig(d_model=192, dict_size=32, k=4, a_exclusive=0.1)).save(argv[1])
+    weights = load_file(f"{argv[1]}/model.safetensors")
+    weights["dec_s"][3, 5] = value
+    save_file(weights, f"{argv[1]}/model.safetensors")
+    return argv
+
+
+def good_checkpoint(ctx: Ctx, command: str, *extra: str) -> list[str]:
+    argv = poisoned_checkpoint(ctx, command, 0.0)
+    return argv + list(extra)
+
+
+def relabelled_store(ctx: Ctx) -> list[str]:
+    """A float16 store whose manifest was edited to say bfloat16 (same width, other numbers)."""
+    argv = train_store(ctx)
+    manifest = ctx.tmp / "store" / "layer_001" / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"dtype": "float16"', '"dtype": "bfloat16"'))
+    return argv
+
+
+def untouched(ctx: Ctx, name: str, argv: list[str]) -> list[str]:
+    """`argv`, checked afterwards to have written nothing at `ctx.tmp / name`."""
+    ctx.cleanups.append(lambda: _assert_absent(ctx.tmp / name))
+    return argv
+
+
+def no_cuda() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the case is a CPU-only torch build's")
+
+
+def interrupted(ctx: Ctx, target: str, argv: list[str]) -> list[str]:
+    """`argv` with the work function `target` (module.attribute) raising KeyboardInterrupt, as Ctrl-C does."""
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    ctx.monkeypatch.setattr(target, ctrl_c)
+    return argv
+
+
+INPUT_CASES: list[tuple[str, Callable[[Ctx], list[str]], str]] = [
+    # YAML: bounded, duplicated keys named, extends chains bounded (specs and cluster files share the loader)
+    ("spec-alias-bomb", lambda c: bad_spec(c, "description:\n" + ALIAS_BOMB),
+     "nodes; expected at most 100,000 (an alias bomb?)"),
+    ("cluster-alias-bomb", bombed_cluster, "nodes; expected at most 100,000 (an alias bomb?)"),
+    ("spec-too-large", lambda c: bad_spec(c, "#" * (1 << 20) + "\n"), "bytes; expected a YAML file of at most"),
+    ("spec-duplicate-key", lambda c: bad_spec(c, "train: {steps: 5}\ntrain: {steps: 6}\n"), "key 'train' given twice"),
+    ("spec-extends-1200-deep", extends_chain, "spec-0.yaml -> spec-1.yaml -> spec-2.yaml"),
+    # names and values the spec's sections now refuse
+    ("spec-name-mapping", lambda c: bad_spec(c, "name: {a: 1}\n"), "field name = {'a': 1}: expected a name"),
+    ("spec-name-escapes", lambda c: bad_spec(c, "name: ../../escaped-by-name\n", "sweep"),
+     "field name = '../../escaped-by-name'"),
+    ("spec-resources-zero-cpu", lambda c: bad_spec(c, "resources: {cpu: 0}\n"),
+     "resources.cpu = 0.0: expected a number > 0"),
+    ("spec-pair-device-banana", lambda c: bad_spec(c, "pair: {device: banana}\n"), "field pair.device = 'banana'"),
+    ("spec-train-device-banana", lambda c: bad_spec(c, "train: {device: banana}\n"), "TrainConfig.device='banana'"),
+    # sizes said plainly, in seconds
+    ("spec-grid-million-points", lambda c: bad_spec(c, "grid:\n" + "".join(
+        f"  k{i}: [{{k: 4}}, {{k: 5}}, {{k: 6}}, {{k: 7}}, {{k: 8}}, {{k: 9}}, {{k: 10}}, {{k: 11}}, {{k: 12}}, "
+        f"{{k: 13}}]\n" for i in range(6))), "48,000,000 grid points"),  # 10⁶ × organism48's 48
+    ("plan-num-samples-1e9", lambda c: ["sweep", bad_spec(c, "num_samples: 1000000000\n")[2], "--plan"],
+     "expected at most 10,000"),
+    ("spec-harvest-smaller-than-a-batch", lambda c: bad_spec(
+        c, "harvest: {n_tasks: 12, n_plain: 12, positions: last_prompt_token}\ntrain: {batch_size: 64}\n"),
+     "train.batch_size = 64: expected at most the 24 rows the harvest makes"),
+    # task files: checked against the task schema when the spec is validated
+    ("spec-task-content-null", lambda c: task_spec(c, {"role": "user", "content": None}),
+     "'messages[0].content' is None; expected a string"),
+    ("spec-task-unknown-role", lambda c: task_spec(c, {"role": "oracle", "content": "x"}),
+     "'messages[0].role' is 'oracle'"),
+    ("spec-task-required-string", lambda c: task_spec(c, parameters={
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": "city"}),
+     "parameters.required' is 'city'; expected a list of parameter names"),
+    ("spec-task-properties-strings", lambda c: task_spec(c, parameters={"type": "object", "properties": {
+        "city": "string"}}), "parameters.properties.city' should be"),
+    ("spec-task-prompt-too-long", lambda c: task_spec(c, {"role": "user", "content": "weather " * 3000}),
+     "runs past the models' 1,024 positions"),
+    # memory and weights: refused before anything is allocated or judged
+    ("eval-checkpoint-dict-3e8", lambda c: big_checkpoint(c, "eval", 300_000_000), "of memory is free"),
+    ("steer-checkpoint-dict-1e12", lambda c: big_checkpoint(c, "steer", 10**12), "of memory is free"),
+    ("train-example-dict-1e12", lambda c: untouched(c, "out", ["train", "--example", "--dict-size", str(10**12),
+                                                               "--out", str(c.tmp / "out")]), "of memory is free"),
+    ("eval-checkpoint-nan", lambda c: poisoned_checkpoint(c, "eval", float("nan")), "tensor 'dec_s' holds 1 NaN/inf"),
+    ("steer-checkpoint-inf", lambda c: poisoned_checkpoint(c, "steer", float("inf")), "tensor 'dec_s' holds 1 NaN/inf"),
+    ("eval-prompt-too-long", lambda c: good_checkpoint(c, "eval", "--tasks", task_file(
+        c, {"role": "user", "content": "weather " * 3000})), "--tasks"),
+    # devices: one line on every command that takes --device
+    ("eval-device-cuda-cpu-torch", lambda c: (no_cuda(), good_checkpoint(c, "eval", "--device", "cuda"))[1],
+     "--device 'cuda': this machine has"),
+    ("train-device-cuda-cpu-torch", lambda c: (no_cuda(), untouched(c, "o", [
+        "train", "--example", "--out", str(c.tmp / "o"), "--device", "cuda"]))[1], "--device 'cuda'"),
+    ("eval-device-banana", lambda c: ["eval", str(c.tmp), "--layer", "1", "--device", "banana"], "--device 'banana'"),
+    ("steer-device-banana", lambda c: ["steer", str(c.tmp), "--layer", "1", "--device", "banana"], "--device 'banana'"),
+    ("train-device-banana", lambda c: untouched(c, "o", ["train", "--example", "--out", str(c.tmp / "o"),
+                                                         "--device", "banana"]), "--device 'banana'"),
+    ("ablate-device-banana", lambda c: ["ablate", str(c.tmp), "--device", "banana"], "--device 'banana'"),
+    # stores
+    ("store-dtype-relabelled", relabelled_store,
+     "dtype is 'bfloat16' but shard-00000.parquet was written as 'float16'"),
+    ("harvest-store-is-a-file", lambda c: ((c.tmp / "file").write_text("x"), [
+        "harvest", "--store", str(c.tmp / "file" / "harvests"), "--no-ray"])[1], "is a file; expected a folder"),
+    ("sweep-store-under-a-file", lambda c: ((c.tmp / "file").write_text("x"), bad_spec(c, "", "sweep") + [
+        "--store", str(c.tmp / "file" / "harvests")])[1], "is a file; expected a folder"),
+    # Ctrl-C: one line saying what was kept and how to go on
+    ("ctrl-c-harvest", lambda c: interrupted(c, "dfc_ray.commands.harvest.harvest", [
+        "harvest", "--store", str(c.tmp / "st"), "--no-ray"]), "interrupted; the shards already recorded under"),
+    ("ctrl-c-train", lambda c: interrupted(c, "dfc_ray.commands.train.train_group", untouched(c, "o", [
+        "train", "--example", "--out", str(c.tmp / "o")])), "interrupted; nothing was saved"),
+    ("ctrl-c-eval", lambda c: interrupted(c, "dfc_ray.commands.evaluate._run_on_pair", [
+        "eval", str(c.tmp), "--layer", "1"]), "interrupted; nothing was written"),
+    ("ctrl-c-steer", lambda c: interrupted(c, "dfc_ray.commands.evaluate._run_on_pair", [
+        "steer", str(c.tmp), "--layer", "1"]), "interrupted; nothing was written"),
+    ("ctrl-c-report", lambda c: interrupted(c, "dfc_ray.commands.report.write_report", [
+        "report", str(c.tmp)]), "interrupted; report files may be half rewritten"),
+    ("ctrl-c-ablate", lambda c: interrupted(c, "dfc_ray.sweep.ablate.ablate", ["ablate", str(c.tmp)]),
+     "/ablation.json is written only once every row is judged"),
+    ("ctrl-c-sweep", lambda c: interrupted(c, "dfc_ray.sweep.run_sweep", bad_spec(c, "", "sweep")),
+     "continue with: dfc-ray sweep --resume --run-dir"),
+]
+
+
 # ---------------------------------------------------------------- the table
 
 CASES: list[tuple[str, Callable[[Ctx], list[str]], str]] = [
@@ -298,7 +486,8 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], str]] = [
 ]
 
 
-@pytest.mark.parametrize("build, expected", [case[1:] for case in CASES], ids=[case[0] for case in CASES])
+@pytest.mark.parametrize("build, expected", [case[1:] for case in CASES + INPUT_CASES],
+                         ids=[case[0] for case in CASES + INPUT_CASES])
 def test_bad_input_gives_one_clear_line(build, expected, tmp_path, monkeypatch, request, capsys):
     ctx = Ctx(tmp_path, monkeypatch, request)
     try:
@@ -316,3 +505,172 @@ def test_bad_input_gives_one_clear_line(build, expected, tmp_path, monkeypatch, 
     assert expected in text, text
     for secret in ("bad-inputs-secret-never-shown",):
         assert secret not in text
+
+
+@pytest.mark.parametrize("reader", ["local", "ray"])
+def test_a_harvest_smaller_than_one_batch_is_refused_before_the_first_batch(reader, tmp_path, monkeypatch, request):
+    """Every trial (and the ablation's twins) reads through `trial_batches`; a layer of 160 rows read in
+    batches of 200 with drop_last would yield nothing forever. Refused when the reader is made (Ray is
+    never started), and a batch that fits still streams."""
+    from dfc_ray.sweep.trial import trial_batches
+
+    uri = store(Ctx(tmp_path, monkeypatch, request))
+    with pytest.raises(ValueError, match="160 rows, fewer than one batch of 200; expected a larger harvest"):
+        trial_batches(uri, 1, 200, reader, 0, 8, ("A=a", "B=b"))
+    if reader == "local":
+        assert next(trial_batches(uri, 1, 160, reader, 0, 8, ("A=a", "B=b"))).shape == (160, 2, 8)
+
+
+def test_memory_check_counts_every_byte_of_a_crosscoder():
+    """`crosscoder_bytes` is what the module really holds (weights and buffers), for a DFC and a plain one;
+    so the refusal's "needs" is the allocation it prevents."""
+    from dfc_ray.config import DFCConfig
+    from dfc_ray.crosscoder import DedicatedFeatureCrosscoder
+    from dfc_ray.preflight import crosscoder_bytes, free_memory_bytes
+
+    for cfg in (DFCConfig(d_model=24, dict_size=100, k=4, a_exclusive=0.07, b_exclusive=0.13),
+                DFCConfig(d_model=8, dict_size=40, k=4)):
+        cc = DedicatedFeatureCrosscoder(cfg)
+        held = sum(t.numel() * t.element_size() for t in cc.state_dict().values())
+        assert crosscoder_bytes(cfg) == held
+    free = free_memory_bytes()
+    assert free is None or free > 0
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_a_real_harvest_gives_one_line(tmp_path):
+    """SIGINT, as a terminal's Ctrl-C sends it, once a real harvest process has begun writing: exit 130, no
+    traceback, the last line says what was kept, and the harvest's progress record (what a re-run resumes
+    from) is still there. (The other commands' lines: the ctrl-c-* cases above.)"""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    argv = ["harvest", "--store", str(tmp_path / "store"), "--no-ray", "--n-tasks", "40", "--n-plain", "400",
+            "--positions", "last_prompt_token", "--batch-size", "8"]
+    proc = subprocess.Popen([sys.executable, "-m", "dfc_ray.cli", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=os.environ | {"PYTHONPATH": str(REPO)})
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob("store/*/harvest.json")) and time.monotonic() < deadline:  # it has begun
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in out + err, err
+    assert err.strip().splitlines()[-1].startswith("dfc-ray harvest: interrupted; the shards already recorded"), err
+    assert list(tmp_path.glob("store/*/harvest.json"))
+
+
+# ---------------------------------------------------------------- run folders, names and addresses (issue 22)
+
+
+def read_only(ctx: Ctx, folder: Path) -> Path:
+    """Make `folder` unwritable for this process: mode 0555, and for root (whom modes do not stop) the
+    immutable attribute; both undone after the case. Skips where neither can be had."""
+    folder.chmod(0o555)
+    ctx.cleanups.append(lambda: folder.chmod(0o755))
+    if os.geteuid() == 0:
+        if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(folder)]).returncode:
+            pytest.skip("root, and no immutable attribute here: no folder this process cannot write")
+        ctx.cleanups.insert(0, lambda: subprocess.run(["chattr", "-i", str(folder)], check=True))
+    return folder
+
+
+def escaping_trial(ctx: Ctx, command: str) -> list[str]:
+    """A run whose results.jsonl names a trial `../../../../escaped-trial`; nothing may appear outside it."""
+    record = {"trial_id": "../../../../escaped-trial", "status": "ok", "metrics": {"checkpoint": str(ctx.tmp / "ckpt")},
+              "config": {"dict_size": 768, "k": 8, "variant": "dfc-10pct"}}
+    run = run_folder(ctx, shipped_spec_dump("cluster-smoke"), json.dumps(record) + "\n")
+    ctx.cleanups.append(lambda: _assert_no_escape(ctx.tmp))
+    return [command, str(run)]
+
+
+def _assert_no_escape(tmp: Path) -> None:
+    for folder in (tmp, *list(tmp.parents)[:4]):
+        assert not (folder / "escaped-trial").exists(), f"written outside the run folder: {folder}/escaped-trial"
+
+
+def resumable_run(ctx: Ctx) -> Path:
+    """An organism48 run folder with one finished trial."""
+    return run_folder(ctx, shipped_spec_dump("organism48"), GOOD_RESULT + "\n")
+
+
+def held_run(ctx: Ctx) -> list[str]:
+    """A run folder whose lease this process holds (a live driver), then a second driver on it."""
+    from dfc_ray.fs import RunFolder, RunLease
+
+    run = resumable_run(ctx)
+    lease = RunLease(RunFolder(str(run)), timeout=60)
+    lease.acquire()
+    ctx.cleanups.append(lease.release)
+    return ["sweep", "--resume", "--run-dir", str(run)]
+
+
+def edited_spec_run(ctx: Ctx) -> list[str]:
+    """A run whose spec.yaml was edited after it started (train.steps 300 → 50; run.json keeps the first)."""
+    started = yaml.safe_load(shipped_spec_dump("organism48"))
+    edited = started | {"train": started["train"] | {"steps": 50}}
+    run = run_folder(ctx, yaml.safe_dump(edited, sort_keys=False), GOOD_RESULT + "\n")
+    (run / "run.json").write_text(json.dumps({"run_id": "organism48-0000abcd", "spec": started}))
+    return ["sweep", "--resume", "--run-dir", str(run)]
+
+
+def run_dir_in_read_only_folder(ctx: Ctx) -> list[str]:
+    shared = ctx.tmp / "shared"
+    shared.mkdir()
+    return ["sweep", "organism48", "--run-dir", str(read_only(ctx, shared) / "run"), "--quiet"]
+
+
+class QuietHandler(BaseHTTPRequestHandler):
+    def log_message(self, *args) -> None:  # the case's output is the CLI's alone
+        pass
+
+
+def http_server(ctx: Ctx) -> str:
+    """An HTTP server on 127.0.0.1 that is not Ray; its host:port."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), QuietHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    ctx.cleanups.append(server.shutdown)
+    return f"127.0.0.1:{server.server_address[1]}"
+
+
+def sweep_at(ctx: Ctx, address: str) -> list[str]:
+    ctx.cleanups.append(lambda: _assert_absent(ctx.tmp / "run"))
+    return ["sweep", "organism48", "--run-dir", str(ctx.tmp / "run"), "--address", address, "--quiet"]
+
+
+RUN_CASES: list[tuple[str, Callable[[Ctx], list[str]], str]] = [
+    ("ablate-escaping-trial-id", lambda c: escaping_trial(c, "ablate"),
+     "trial_id = '../../../../escaped-trial': expected a name"),
+    ("report-escaping-trial-id", lambda c: escaping_trial(c, "report"),
+     "trial_id = '../../../../escaped-trial': expected a name"),
+    ("cluster-bind-inside-bash-c",
+     lambda c: cluster_file(c, "bash -c 'ray stop; ray start --head --num-cpus=0 --dashboard-host=0.0.0.0'"),
+     "--dashboard-host to '0.0.0.0'"),
+    ("cluster-bind-inside-sh-lc", lambda c: cluster_file(c, 'sh -lc "exec ray start --head --dashboard-host ::"'),
+     "'::'"),
+    ("resume-held-run-folder", held_run, "in use by the driver on host"),
+    ("resume-edited-spec", edited_spec_run, "spec.yaml: changed since the run started (train.steps 300 → 50)"),
+    ("resume-read-only-run", lambda c: ["sweep", "--resume", "--run-dir", str(read_only(c, resumable_run(c)))],
+     "cannot write there"),
+    ("report-read-only-run", lambda c: ["report", str(read_only(c, run_folder(c, results=GOOD_RESULT + "\n")))],
+     "or pass --out FOLDER"),
+    ("sweep-run-dir-in-read-only-folder", run_dir_in_read_only_folder, "cannot write there"),
+    ("sweep-address-closed-port", lambda c: sweep_at(c, f"127.0.0.1:{closed_port()}"), "nothing answers there"),
+    ("sweep-address-not-ray", lambda c: sweep_at(c, http_server(c)), "a server answers there, but not Ray's"),
+    ("sweep-address-http-url", lambda c: sweep_at(c, "http://127.0.0.1:8265"), "an HTTP address"),
+    ("sweep-ray-address-env-closed-port", lambda c: (c.env(RAY_ADDRESS=f"127.0.0.1:{closed_port()}"),
+                                                     ["sweep", "--resume", "--run-dir", str(resumable_run(c))])[1],
+     "RAY_ADDRESS '127.0.0.1:"),
+    ("harvest-address-not-ray", lambda c: ["harvest", "--store", str(c.tmp / "store"), "--address", http_server(c)],
+     "a server answers there, but not Ray's"),
+    ("lease-timeout-not-seconds", lambda c: (c.env(DFC_RAY_LEASE_TIMEOUT="soon"), ["sweep", "--resume", "--run-dir",
+                                                                                 str(resumable_run(c))])[1],
+     "DFC_RAY_LEASE_TIMEOUT='soon': expected seconds > 0"),
+]
+
+
+@pytest.mark.parametrize("build, expected", [case[1:] for case in RUN_CASES], ids=[case[0] for case in RUN_CASES])
+def test_run_folder_bad_input_gives_one_clear_line(build, expected, tmp_path, monkeypatch, request, capsys):
+    test_bad_input_gives_one_clear_line(build, expected, tmp_path, monkeypatch, request, capsys)

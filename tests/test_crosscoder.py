@@ -339,3 +339,76 @@ def test_a_spec_accepts_exactly_what_the_class_accepts(tmp_path):
         else:
             with pytest.raises(SpecError, match="<= 1 in whole features"):
                 load_spec(str(path))
+
+
+def _step(cc: DedicatedFeatureCrosscoder, x: torch.Tensor, formulation: str, dead_capacity: int | None = None):
+    """One loss + backward under `formulation`: (loss parts, gradients, running statistics after)."""
+    cc.formulation = formulation
+    cc.zero_grad()
+    out = cc.loss(x, dead_capacity=dead_capacity)
+    out["loss"].backward()
+    grads = {name: torch.zeros_like(p) if p.grad is None else p.grad.clone() for name, p in cc.named_parameters()}
+    return out, grads, {name: b.clone() for name, b in cc.named_buffers()}
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("sparsity, aux_k, l1_mode, share", [
+    ("topk", 0, "seed", 0.0), ("topk", 8, "seed", 0.03), ("topk", 8, "partition", 0.10),
+    ("batchtopk", 0, "partition", 0.03), ("batchtopk", 8, "seed", 0.10), ("batchtopk", 8, "partition", 0.0),
+])
+def test_dense_formulation_equals_the_sparse_one(sparsity, aux_k, l1_mode, share):
+    """The GPU formulation (dense GEMMs over scattered codes, sync-free AuxK), run here on CPU in fp32, gives
+    the sparse path's loss, every parameter's gradient and the same running statistics, to 1e-5 relative."""
+    x = data(96, seed=2)
+    make_cc = lambda: make(dict_size=100, k=5, sparsity=sparsity, aux_k=aux_k, dead_tokens=8,  # noqa: E731
+                           l1_mode=l1_mode, l1_excl=1e-2, l1_shared=2e-2, a_exclusive=share, b_exclusive=share)
+    sparse, dense = make_cc(), make_cc()
+    for cc in (sparse, dense):
+        cc.fit_normalization(x)
+        cc.loss(x[:8])  # one step of statistics: every feature that did not fire in it is now dead
+    n_dead = int((sparse.rows_since_fired >= 8).sum())
+    assert 0 < n_dead < 100
+    reference = _step(sparse, x, "sparse")
+    # AuxK's candidate set: counted (None), exactly the dead ones, or a larger bucket, all the same loss;
+    # "hybrid" (dense encoder side, sparse decoder side) too.
+    for formulation, capacity in (("dense", None), ("dense", n_dead), ("dense", 2 * n_dead), ("hybrid", n_dead)):
+        state = {k: v.clone() for k, v in dense.state_dict().items()}
+        out, grads, buffers = _step(dense, x, formulation, capacity)
+        for key, value in reference[0].items():
+            assert _relative(out[key], value) <= 1e-5 or float(value) == float(out[key]) == 0, (key, formulation)
+        for name, grad in reference[1].items():
+            assert _relative(grads[name], grad) <= 1e-5, (name, formulation, capacity)
+        for name, buffer in reference[2].items():
+            assert torch.equal(buffers[name], buffer), name
+        dense.load_state_dict(state)
+    if aux_k:
+        assert reference[0]["aux"] > 0
+        # A capacity left over from a window in which features were dead, with none dead now: no AuxK.
+        fresh = make_cc()
+        fresh.fit_normalization(x)
+        assert _step(fresh, x, "dense", 16)[0]["aux"] == 0
+        # With fewer candidates than dead features, AuxK is bounded work: a different but finite loss.
+        out = _step(dense, x, "dense", max(1, n_dead // 4))[0]
+        assert torch.isfinite(out["aux"]) and out["aux"] > 0
+
+
+def test_dense_formulation_keeps_exclusivity_structural():
+    """The forbidden blocks do not exist in either formulation: after AdamW steps with weight decay in the
+    dense one, an A-exclusive feature still reads and writes only A."""
+    cc = make(sparsity="topk", aux_k=4, dead_tokens=64)
+    cc.formulation = "dense"
+    x = data(128)
+    cc.fit_normalization(x)
+    opt = torch.optim.AdamW(cc.parameters(), lr=1e-2, weight_decay=0.5)
+    for _ in range(30):
+        opt.zero_grad()
+        cc.loss(x[:64], dead_capacity=64)["loss"].backward()
+        opt.step()
+    assert_exclusive(cc)
+    sparse_codes = cc.encode(x)
+    cc.formulation = "sparse"
+    torch.testing.assert_close(cc.encode(x), sparse_codes, rtol=1e-5, atol=1e-6)

@@ -1,7 +1,8 @@
 """A sweep as a Ray job on a three-node cluster (head + two workers on loopback, tests/multinode.py)
 whose only shared storage is S3: the harvest and the trials spread over both workers, the judges run
-on workers, a stopped job resumes without redoing or losing a trial, a lost worker node costs no
-grid point, and `dfc-ray report s3://…` works from outside the cluster.
+on workers, a stopped job resumes without redoing or losing a trial (the stopped driver released the run's
+lease, or the resumed one took it over), a lost worker node costs no grid point, and `dfc-ray report s3://…` works from
+outside the cluster.
 
 One test, because each step needs the state the previous one left (docs/cluster.md has the
 measured times: 583 s on a 2-core machine at load 12–16 before cluster-smoke was cut to 4 trials).
@@ -26,7 +27,7 @@ from dfc_ray.fs import RunFolder
 REPO = Path(__file__).resolve().parents[1]
 SPEC = "cluster-smoke"  # search_spaces/cluster-smoke.yaml: organism48 cut to 4 short trials
 GRID = {(k, v) for k in (8, 16) for v in ("dfc-10pct", "crosscoder")}
-RUN_FILES = {"spec.yaml", "results.jsonl", "report.json", "report.md", "costs.json", "optuna.journal"}
+RUN_FILES = {"spec.yaml", "run.json", "results.jsonl", "report.json", "report.md", "costs.json", "optuna.journal"}
 
 pytestmark = pytest.mark.slow
 
@@ -133,6 +134,7 @@ def test_sweep_job_on_three_nodes_survives_stop_and_node_loss(cluster, monkeypat
     wait_for("job stopped", lambda: job_status(cluster, first) in ("STOPPED", "FAILED", "SUCCEEDED"), timeout=120)
     stopped = {r["trial_id"]: r for r in results(run)}
     assert 1 <= len(stopped) < len(GRID), "the job was not stopped mid-trials"
+    stopped_job = ray_job_id(cluster, first)
 
     # 2. Resume it as a new job; lose a worker node (the one hosting the evaluator) while its trials run.
     second = submit(cluster, run, "--resume")
@@ -179,7 +181,12 @@ def test_sweep_job_on_three_nodes_survives_stop_and_node_loss(cluster, monkeypat
 
     # Storage: every run file in S3; nothing written into the job's working copy or the nodes' folders.
     keys = s3_keys(run)
-    assert RUN_FILES <= keys
+    assert RUN_FILES <= keys and "lease.json" not in keys  # the finished driver released its lease
+    # `ray job stop` sends SIGTERM, which Ray's driver turns into an exit that releases the lease; a driver
+    # killed before it could (SIGKILL after Ray's 3 s) leaves it, and the resume takes it over at once
+    takeovers = [json.loads(line) for line in (RunFolder(run).read_text("lease-takeovers.jsonl") or "").splitlines()]
+    assert all(t["from"]["job_id"] == stopped_job != t["by"]["job_id"] for t in takeovers), takeovers
+    print(f"lease: {'taken over, ' + takeovers[0]['why'] if takeovers else 'released by the stopped job'}")
     assert all(f"checkpoints/{r['trial_id']}/model.safetensors" in keys for r in final)
     assert any(k.startswith("tune/") and "events.out.tfevents" in k for k in keys)
     for scratch in [REPO, *(Path(node.scratch) for node in cluster.nodes)]:  # older local runs are not this one's

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dfc_ray.spaces import SpecError, check_against_pair, load_spec
+from dfc_ray.spaces import MAX_EXTENDS_DEPTH, SpecError, check_against_pair, load_spec
 
 SHIPPED = sorted((Path(__file__).resolve().parents[1] / "search_spaces").glob("*.yaml"))
 
@@ -96,6 +96,41 @@ def test_extends_cycle_and_missing_parent(tmp_path):
         load_spec(str(tmp_path / "a.yaml"))
     with pytest.raises(FileNotFoundError, match="nope"):
         load_spec(write(tmp_path, {"extends": "nope"}, "c.yaml"))
+
+
+def test_extends_chain_depth_is_bounded_and_named(tmp_path):
+    def chain(n: int) -> str:  # n files of the user's, then organism48
+        for i in range(n):
+            write(tmp_path, f"extends: {f's{i + 1}.yaml' if i + 1 < n else 'organism48'}\n", f"s{i}.yaml")
+        return str(tmp_path / "s0.yaml")
+
+    assert load_spec(chain(MAX_EXTENDS_DEPTH - 1)).n_trials == 48  # 16 files with organism48: the limit
+    with pytest.raises(SpecError, match=r"s0.yaml: field extends: a chain of more than 16 specs \(s0.yaml -> s1"):
+        load_spec(chain(MAX_EXTENDS_DEPTH))
+
+
+def test_yaml_bounds_keep_anchors_and_merge_keys_working(tmp_path):
+    """Anchors, aliases and merge keys a spec writer uses still load (an overridden merged key is not a
+    duplicate); what the bounds count is the expanded document; an alias inside itself is refused."""
+    from dfc_ray.yamlio import checked_size, load_yaml
+
+    path = write(tmp_path, "base: &base {steps: 5, lr: 0.1}\ntrain: {<<: *base, steps: 7}\n", "anchors.yaml")
+    assert load_yaml(path) == {"base": {"steps": 5, "lr": 0.1}, "train": {"steps": 7, "lr": 0.1}}
+    assert checked_size(yaml.compose("a: &x [1, 2]\nb: *x\n")) == 9  # mapping, 2 keys, the list (3 nodes) twice
+    nested = "c: &c {x: 1}\nb: &b {<<: *c, x: 2}\na: {<<: *b, x: 3}\n"  # merges of merges, each overriding x
+    assert load_yaml(write(tmp_path, nested, "nested.yaml"))["a"] == {"x": 3}
+    with pytest.raises(ValueError, match="an alias that contains itself"):
+        load_yaml(write(tmp_path, "a: &x [1, *x]\n", "loop.yaml"))
+    assert load_yaml(write(tmp_path, "", "empty.yaml")) is None
+
+
+def test_names_from_file_stems_and_oversized_sampling_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="the spec name taken from the file name = 'my spec'"):
+        load_spec(write(tmp_path, BASE, "my spec.yaml"))
+    fields = ("k", "lr", "l1_excl", "l1_shared", "aux_coef", "warmup_steps")
+    search = {name: {"choice": [i + 1 for i in range(10)]} for name in fields}  # 10⁶ combinations of extremes
+    with pytest.raises(SpecError, match="at most 100,000 grid points × sampled-axis extremes to check"):
+        load_spec(write(tmp_path, BASE | {"grid": None, "crosscoder": {"dict_size": 256}, "search": search}))
 
 
 def test_positions_is_an_axis_with_one_harvest_per_value(tmp_path):

@@ -72,7 +72,7 @@ def test_killed_s3_sweep_resumes_from_s3(tiny_pair, s3_bucket, s3_server, tmp_pa
     path = write_spec(tmp_path, tiny_pair, train={"steps": 60, "batch_size": 32, "lr": 1e-3, "warmup_steps": 5,
                                                   "reader": "local", "norm_rows": 256})
     run = f"{s3_bucket}/runs/killed"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled", "DFC_RAY_LEASE_TIMEOUT": "2"}
     env.pop("RAY_ADDRESS", None)
     command = [sys.executable, "-m", "dfc_ray.cli", "sweep", path, "--run-dir", run, "--no-eval", "--quiet"]
     (tmp_path / "first").mkdir()
@@ -91,8 +91,12 @@ def test_killed_s3_sweep_resumes_from_s3(tiny_pair, s3_bucket, s3_server, tmp_pa
     assert 2 <= len(before) < 4
     elsewhere = tmp_path / "second"
     elsewhere.mkdir()
+    time.sleep(2)  # the killed driver's lease (it stated 2 s) goes stale; the resume takes it over
     resumed = subprocess.run(command + ["--resume"], env=env | {"HOME": str(elsewhere)}, cwd=elsewhere, timeout=600)
     assert resumed.returncode == 0
+    from dfc_ray.fs import RunFolder
+
+    assert "more than its timeout of 2 s" in (RunFolder(run).read_text("lease-takeovers.jsonl") or "")
     after = s3_results(run)
     ids = [r["trial_id"] for r in after]
     assert len(ids) == len(set(ids)) == 4, ids
@@ -101,8 +105,6 @@ def test_killed_s3_sweep_resumes_from_s3(tiny_pair, s3_bucket, s3_server, tmp_pa
     assert {(r["config"]["dict_size"], r["config"]["variant"]) for r in after} == \
         {(d, v) for d in (64, 128) for v in ("dfc", "crosscoder")}
     journal = tmp_path / "optuna.journal"
-    from dfc_ray.fs import RunFolder
-
     journal.write_text(RunFolder(run).read_text("optuna.journal"))
     study = optuna.load_study(study_name="tiny", storage=JournalStorage(JournalFileBackend(str(journal))))
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]

@@ -199,6 +199,13 @@ XLAM_RECORD = {
 }  # fmt: skip
 
 
+def with_parameters(parameters: dict) -> dict:
+    """OPENAI_RECORD whose tool takes `parameters` as its schema."""
+    record = json.loads(json.dumps(OPENAI_RECORD))
+    record["tools"][0]["function"]["parameters"] = parameters
+    return record
+
+
 def write(tmp_path, *records):
     path = tmp_path / "tasks.jsonl"
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
@@ -258,6 +265,18 @@ def test_jsonl_concrete_calls_with_nested_values(tmp_path):
         ({**OPENAI_RECORD, "ground_truth": [{"nope": {}}]}, "not among the tools"),
         ({**XLAM_RECORD, "answers": '[{"name": "is_prime"}, 3]'}, "'answers' should be"),
         ({**XLAM_RECORD, "answers": '[{"name": "is_prime", "arguments": "{broken"}]'}, "'answers' should be"),
+        # the task schema, checked when a spec is validated rather than met as a jinja2 or scoring error in eval
+        ({**OPENAI_RECORD, "messages": [{"role": "user", "content": None}]}, "'messages[0].content' is None"),
+        ({**OPENAI_RECORD, "messages": [{"role": "robot", "content": "hi"}]}, "'messages[0].role' is 'robot'"),
+        (with_parameters({"type": "object", "properties": {"city": {}}, "required": "city"}),
+         "'tools[get_weather].parameters.required' is 'city'; expected a list"),
+        (with_parameters({"type": "object", "properties": {"city": {}}, "required": ["town"]}),
+         "names 'town', which is not among the properties"),
+        (with_parameters({"type": "object", "properties": {"city": "string"}}),
+         "'tools[get_weather].parameters.properties.city' should be a JSON Schema object"),
+        (with_parameters({"type": "object", "properties": {"cities": {"type": "array", "items": "string"}}}),
+         "parameters.properties.cities.items' should be a JSON Schema object"),
+        (with_parameters({"type": 7, "properties": {}}), "'tools[get_weather].parameters.type' is 7"),
     ],
 )
 def test_jsonl_bad_records_name_file_line_and_field(tmp_path, record, field):

@@ -13,7 +13,10 @@ from dfc_ray.config import (PROTOCOL_NAMES, SCALES, SPLICE_MODES, STEER_RANKINGS
                             protocol_switches)
 from dfc_ray.crosscoder import DedicatedFeatureCrosscoder
 from dfc_ray.evaluate import EvalResult, Rate, ToolRates
-from dfc_ray.pair import PairSpec
+from dfc_ray.pair import PairSpec, check_prompts_fit
+from dfc_ray.preflight import resolve_device
+from dfc_ray.tooluse.task import Task
+from dfc_ray.tooluse.tasks import dev_test_tasks, load_tasks
 
 
 def _pair_from(args: argparse.Namespace) -> PairSpec:
@@ -67,11 +70,16 @@ def print_eval(result: EvalResult) -> None:
                           f"KL {_rate(loss.kl, 1)}")
 
 
-def _run_on_pair(args: argparse.Namespace, local_class, actor_class, method: str, cfg):
+def _run_on_pair(args: argparse.Namespace, local_class, actor_class, method: str, cfg, tasks: tuple[str, list[Task]]):
     """`method(checkpoint, layer)` of a fresh replica: in this process, or in a Ray actor with --ray. The
-    checkpoint is read here first: a bad one is refused before the pair is loaded."""
+    checkpoint is read here first: a bad one is refused before the pair is loaded; in this process the
+    device and the prompts' lengths (`tasks`: where they come from and the tasks, against the models'
+    positions) are checked too."""
+    if not args.ray:
+        resolve_device(args.device, "--device")
     DedicatedFeatureCrosscoder.load(args.checkpoint)
     if not args.ray:
+        check_prompts_fit(_pair_from(args), tasks[1], cfg.max_new_tokens, tasks[0], cfg.protocol.prompt_format)
         return getattr(local_class(_pair_from(args), cfg), method)(args.checkpoint, args.layer)
     # deferred: Ray starts only with --ray
     import ray
@@ -89,7 +97,9 @@ def _eval_command(args: argparse.Namespace) -> int:
     cfg = EvalConfig(tasks=args.tasks, n_tasks=args.n_tasks, n_texts=args.n_texts, splice_mode=args.mode,
                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                      protocol=protocol_from(args, steers=False))
-    print_eval(_run_on_pair(args, Evaluator, EvaluatorActor, "evaluate", cfg))
+    tasks = load_tasks(cfg.tasks)
+    print_eval(_run_on_pair(args, Evaluator, EvaluatorActor, "evaluate", cfg,
+                            (f"--tasks {cfg.tasks}", tasks[:cfg.n_tasks or None])))
     return 0
 
 
@@ -102,7 +112,9 @@ def _steer_command(args: argparse.Namespace) -> int:
                       targets=tuple(args.targets), primary=args.primary or args.targets[0],
                       rankings=tuple(args.rankings), min_set_pool=args.min_set_pool, min_set_max=args.min_set_max,
                       protocol=protocol_from(args, steers=True))
-    print_steer(_run_on_pair(args, Steerer, SteeringActor, "steer", cfg))
+    dev, test = dev_test_tasks(cfg.dev_tasks, cfg.test_tasks, cfg.n_dev, cfg.n_test)
+    print_steer(_run_on_pair(args, Steerer, SteeringActor, "steer", cfg,
+                             (f"steering tasks {cfg.dev_tasks} and {cfg.test_tasks}", dev + test)))
     return 0
 
 

@@ -15,7 +15,7 @@ from dfc_ray.pair import PairSpec
 
 
 def _harvest_command(args: argparse.Namespace) -> int:
-
+    store.check_store_root(args.store)
     cfg = HarvestConfig(
         store=args.store, layers=tuple(args.layers), positions=args.positions, dtype=args.dtype,
         batch_size=args.batch_size, num_actors=args.num_actors,
@@ -49,4 +49,5 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--num-actors", type=int, default=1)
     p.add_argument("--address", default=None, help="Ray address (default: start a local cluster)")
     p.add_argument("--no-ray", action="store_true", help="run in this process without Ray")
-    p.set_defaults(func=_harvest_command)
+    p.set_defaults(func=_harvest_command, interrupted=lambda a: f"the shards already recorded under "
+                   f"{redact(a.store)} are kept; run the same command again to resume after them")

@@ -22,7 +22,8 @@ def add_cli(subparsers: Any) -> None:
     build.add_argument("--seed", type=int, default=0, help="seed for data, weights and sampling")
     build.add_argument("--reuse-base", action="store_true",
                        help="keep the B and tokenizer already in --out (same seed) and redo only RL and the card")
-    build.set_defaults(func=_cli_build)
+    build.set_defaults(func=_cli_build, interrupted=lambda a: f"{a.out} may hold a partly rebuilt pair; run the "
+                       "build again")
     info = sub.add_parser("info", help="print the shipped pair's card")
     info.add_argument("--dir", default=str(PAIR_DIR), help="pair folder (default: the package's pair)")
     info.set_defaults(func=_cli_info)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+from pathlib import Path
+
 from rich.console import Console
 
+from dfc_ray.fs import RunFolder
 from dfc_ray.report import print_report, run_report, write_report
 
 
@@ -16,7 +19,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("run", metavar="RUN", help="run folder, file:// or s3:// prefix holding results.jsonl")
     p.add_argument("--out", help="folder for the report files (default: RUN for a local run; for an s3:// run "
                                  "the report is only printed unless --out is given)")
-    p.set_defaults(func=_run_cli)
+    p.set_defaults(func=_run_cli, interrupted=lambda a: "report files may be half rewritten; run the same command "
+                   "again (it rebuilds them from results.jsonl, which it never changes)")
 
 
 def _run_cli(args: argparse.Namespace) -> int:
@@ -24,6 +28,12 @@ def _run_cli(args: argparse.Namespace) -> int:
     if args.out is None and args.run.startswith("s3://"):
         report = run_report(args.run)
     else:
+        target = args.out or args.run.removeprefix("file://")
+        if Path(target).is_dir():  # a folder this user cannot write is refused before the report is built
+            try:
+                RunFolder(target, create=False).check_writable()
+            except ValueError as err:
+                raise ValueError(f"{err}; or pass --out FOLDER for the report files") from None
         report = write_report(args.run, out_dir=args.out)
     print_report(report, console)
     if "plots" in report:

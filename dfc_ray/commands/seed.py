@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from dfc_ray.fs import redact
+from dfc_ray.preflight import resolve_device
 from dfc_ray.seed import import_seed
 
 
@@ -29,6 +31,7 @@ def _import_seed_command(args: argparse.Namespace) -> int:
 def _ablate_command(args: argparse.Namespace) -> int:
     if args.checkpoints < 1:
         raise ValueError(f"--checkpoints {args.checkpoints}: expected a positive integer")
+    resolve_device(args.device, "--device")
     # deferred: the ablation loads the actors' classes, which import Ray and torch
     from dfc_ray.sweep.ablate import ablate, print_ablation
 
@@ -48,7 +51,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-leaky", action="store_true",
                    help="drop non-zero forbidden (cross-partition) weights instead of refusing; "
                         "import.json records them")
-    p.set_defaults(func=_import_seed_command)
+    p.set_defaults(func=_import_seed_command, interrupted=lambda a: f"{redact(a.out)} may hold a partial "
+                   "checkpoint (its import.json comes first, so it never passes for a native one); run the same "
+                   "command again")
 
     p = subparsers.add_parser(
         "ablate", help="Re-judge a finished run under our protocol, the seed study's, and the study's with each "
@@ -58,4 +63,6 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
                    help="judge the run's best N DFC trials by its objective (default 3)")
     p.add_argument("--trials", nargs="+", metavar="ID", help="judge these trials instead")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (the judges run in this process)")
-    p.set_defaults(func=_ablate_command)
+    p.set_defaults(func=_ablate_command, interrupted=lambda a: f"{redact(a.run)}/ablation.json is written only "
+                   "once every row is judged (the twins' harvest keeps its recorded shards); run the same command "
+                   "again")

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from dfc_ray import store
 from dfc_ray.config import SPARSITIES, DFCConfig, TrainConfig
+from dfc_ray.preflight import resolve_device
 from dfc_ray.synthetic import PlantedConfig, PlantedFeatures
 from dfc_ray.train import Member, folder_batches, scan_activation_folder, train_group
 
@@ -47,12 +48,14 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no live progress bar")
-    p.set_defaults(func=_run_cli)
+    p.set_defaults(func=_run_cli, interrupted=lambda a: f"nothing was saved ({a.out} gets the checkpoint when "
+                   "training ends); run the command again to start over")
 
 
 def _run_cli(args: argparse.Namespace) -> int:
     if args.example == (args.data_dir is not None):
         raise ValueError("give either DATA_DIR or --example (exactly one)")
+    resolve_device(args.device, "--device")
     settings = {k: getattr(args, k) if getattr(args, k) is not None else v
                 for k, v in (EXAMPLE_DEFAULTS if args.example else REAL_DEFAULTS).items()}
     if settings["batch_size"] < 1:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dfc_ray.config import study_differences
+from dfc_ray.config import check_name, study_differences
 from dfc_ray.fs import open_fs, redact
 from dfc_ray.metrics import HEADLINE, number, shown_in
 
@@ -95,6 +95,7 @@ def _parse_line(line: str, where: str) -> TrialResult:
     row.setdefault("metrics", {})
     for name, kind in (("trial_id", str), ("config", dict), ("metrics", dict), ("status", str)):
         _field(row, name, kind, f"{where}: ")
+    check_name(row["trial_id"], f"{where}: trial_id")  # trial ids name folders and plot labels
     return TrialResult(row["trial_id"], row["config"], row["metrics"], row["status"], row.get("error"))
 
 

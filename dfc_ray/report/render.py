@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
+from rich import box
+from rich.console import Console, Group
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
@@ -81,6 +82,9 @@ def _headline_section(report: dict[str, Any]) -> Section:
     note = (f"{report['n_trials']} trials, {report['n_trials'] - report['n_failed']} ok, {report['n_failed']} failed; "
             f"mean ± sample std over successful trials; judged with protocol "
             f"{report['run'].get('protocol', 'ours')} (docs/replication.md). Seed study: {seed['source']}.")
+    if unfinished := report["run"].get("unfinished"):  # Ctrl-C stopped the sweep
+        n = len(unfinished.get("running", [])) + unfinished.get("not_started", 0)
+        note = f"INTERRUPTED: {n} trials did not finish (`dfc-ray sweep --resume` runs them). " + note
     return Section("Headline: ours vs the seed study", ["", "ours", "seed study (published)", "ours − seed (pp)"],
                    table, note)
 
@@ -299,16 +303,66 @@ def sections(report: dict[str, Any]) -> list[Section]:
     return out
 
 
+def _table(section: Section, headed: bool, compact: bool = False) -> Table:
+    """A section as a table with a column per field (`headed`: its title above it). `compact`: no borders and
+    every column at least as wide as its widest cell, so headers wrap but cells never do."""
+    options: dict[str, Any] = dict(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False) if compact else {}
+    table = Table(title=section.title if headed else None, caption=section.note or None, title_justify="left",
+                  **options)
+    for i, column in enumerate(section.columns):
+        widest = max((Text(row[i]).cell_len for row in section.rows), default=0) if compact else None
+        table.add_column(column, overflow="fold", min_width=widest)
+    for row in section.rows:
+        table.add_row(*(Text(cell) for cell in row))  # Text: errors may contain [markup]
+    return table
+
+
+def _records(section: Section, headed: bool, width: int) -> Group:
+    """A section as one block per row: the row's first cell, then `field value` pairs packed into lines of at
+    most `width` columns, each pair kept whole (empty cells left out). What a narrow terminal shows when even
+    a borderless table would wrap its cells."""
+    lines: list[Any] = [Text(section.title, style="italic")] if headed else []
+    for row in section.rows:
+        line = Text(row[0], style="bold")
+        for column, cell in zip(section.columns[1:], row[1:]):
+            if not cell or cell == "—":
+                continue
+            pair = Text(f"{column} ", style="dim").append(cell)
+            if line.cell_len + 3 + pair.cell_len > width:
+                lines.append(line)
+                line = Text("  ").append(pair)
+            else:
+                line.append(" · ").append(pair)
+        lines.append(line)
+    if section.note:
+        lines.append(Text(section.note, style="dim"))
+    return Group(*lines)
+
+
+def _fitted(section: Section, headed: bool, width: int) -> Any:
+    """The section's table at its natural size when it fits `width`, else borderless with whole cells, else
+    as paragraphs (a table wider than the terminal would wrap every cell over several lines)."""
+    wide = _table(section, headed)
+    if _measure(wide).maximum <= width:
+        return wide
+    compact = _table(section, headed, compact=True)
+    return compact if _measure(compact).minimum <= width else _records(section, headed, width)
+
+
+def _measure(renderable: Any):
+    console = Console(width=10_000)
+    return console.measure(renderable, options=console.options)
+
+
 def print_report(report: dict[str, Any], console: Console | None = None) -> None:
-    """The terminal report: headline panel, per-axis tables, trials, best features, failures."""
+    """The terminal report: headline panel, per-axis tables, trials, best features, failures. Tables wider
+    than the terminal (80 columns, say) are drawn compact (`_fitted`)."""
     console = console or Console()
     for i, section in enumerate(sections(report)):
-        table = Table(title=None if i == 0 else section.title, caption=section.note or None, title_justify="left")
-        for column in section.columns:
-            table.add_column(column, overflow="fold")
-        for row in section.rows:
-            table.add_row(*(Text(cell) for cell in row))  # Text: errors may contain [markup]
-        console.print(Panel(table, title=section.title) if i == 0 else table)
+        if i == 0:  # the headline, in a panel (4 columns of frame)
+            console.print(Panel(_fitted(section, False, console.width - 4), title=section.title))
+        else:
+            console.print(_fitted(section, True, console.width))
         for remark in section.remarks:
             console.print(Text(remark))
 

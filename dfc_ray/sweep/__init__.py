@@ -9,6 +9,9 @@
 Run folder (local path or s3://); `RunFolder` lives in dfc_ray/fs.py:
 
     <run>/spec.yaml            the merged spec, as run
+    <run>/run.json             the run's id (names its judge pools), the spec it started with, accepted edits
+    <run>/lease.json           the driver running it now (host, pid, Ray job, heartbeat); absent when none
+    <run>/lease-takeovers.jsonl  leases taken over from drivers that had stopped
     <run>/results.jsonl        one line per finished trial: trial_id, config, metrics, status (+ error)
     <run>/retried.jsonl        records of trials the cluster lost (node, actor or judge died), each
                                replaced in results.jsonl by its grid point's re-run
@@ -23,11 +26,12 @@ less than its evaluation, so grouping would save little and would tie trials' fa
 (docs/sweep.md has the numbers). The CLI is dfc_ray/commands/sweep.py.
 """
 
-from dfc_ray.sweep.driver import _write_costs, check_fits, run_sweep, start_pools
+from dfc_ray.sweep.driver import SweepInterrupted, _write_costs, check_fits, run_sweep, start_pools
 from dfc_ray.sweep.results import LIVE_VIEWS, STRUCTURED, ResultsWriter, read_results
 from dfc_ray.sweep.search import ObjectiveAtTheEnd, SpaceSampler, remaining_work
 from dfc_ray.sweep.trial import TRAIN_REPORTS, TrialContext, judge_checkpoint, judge_metrics, run_trial, trial_batches
 
 __all__ = ["LIVE_VIEWS", "STRUCTURED", "TRAIN_REPORTS", "ObjectiveAtTheEnd", "ResultsWriter", "SpaceSampler",
+           "SweepInterrupted",
            "TrialContext", "_write_costs", "check_fits", "judge_checkpoint", "judge_metrics", "read_results",
            "remaining_work", "run_sweep", "run_trial", "start_pools", "trial_batches"]

@@ -1,14 +1,20 @@
 """The sweep driver: a spec → harvest (or reuse) → judge pools → Ray Tune trials → costs.json → report.
 
-`run_sweep` runs these steps in order; each is a function below.
+`run_sweep` runs these steps in order; each is a function below. A run folder has one driver at a time
+(`dfc_ray.fs.RunLease`) and an identity (run.json's `run_id`) that names its judge pools, so sweeps
+sharing a cluster, or a spec name, never share judges.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import tempfile
+import threading
 import time
+import uuid
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -21,29 +27,31 @@ from rich.console import Console
 from actors.evaluator import EvaluatorActor
 from actors.pool import ReplicaPool
 from actors.steering import SteeringActor
-from dfc_ray.cluster import connect
-from dfc_ray.config import PoolConfig
-from dfc_ray.fs import RunFolder, absolute, redact
+from dfc_ray.cluster import check_address, cluster_identity, connect, job_ended
+from dfc_ray.config import PoolConfig, check_name
+from dfc_ray.fs import LeaseHolder, RunFolder, RunLease, absolute, redact
 from dfc_ray.harvest import harvest
+from dfc_ray.pair import pair_fingerprint
 from dfc_ray.plan import device_name, measure_rates
 from dfc_ray.placement import check_placeable, custom_requests
 from dfc_ray.report import LiveView, write_report
 from dfc_ray.spaces import SweepSpec, check_against_pair, parse_spec
-from dfc_ray.sweep.results import LIVE_VIEWS, ResultsWriter, read_results, set_aside_lost
+from dfc_ray.sweep.results import INTERRUPTED, LIVE_VIEWS, ResultsWriter, read_results, set_aside_lost
 from dfc_ray.sweep.search import remaining_work, scheduler, searcher
 from dfc_ray.sweep.trial import TrialContext, run_trial
 from dfc_ray.tune_storage import JournalUploader, local_journal, tune_storage
 
 
-def start_pools(spec: SweepSpec) -> list:
-    """One evaluator and one steering pool per sweep, named after it, loaded once for all trials.
-    The driver must hold the returned pools: replicas live as long as a handle does."""
+def start_pools(spec: SweepSpec, run_id: str) -> list:
+    """One evaluator and one steering pool per run, named after the run's id (run.json), loaded once for all
+    trials: a pool is found again only by the run that made it (a resume of it), never by another sweep of
+    the same spec. The driver must hold the returned pools: replicas live as long as a handle does."""
     gpus = spec.resources.evaluator_gpu
     cpus = spec.resources.evaluator_cpu
     replicas = spec.resources.evaluators
     custom = tuple(custom_requests(spec).get("judge", {}).items())
-    configs = (PoolConfig(f"{spec.name}-evaluator", replicas=replicas, num_cpus=cpus, num_gpus=gpus, resources=custom),
-               PoolConfig(f"{spec.name}-steering", replicas=replicas, num_cpus=cpus, num_gpus=gpus, resources=custom))
+    configs = [PoolConfig(check_name(f"{run_id}-{role}", "judge pool name"), replicas=replicas, num_cpus=cpus,
+                          num_gpus=gpus, resources=custom) for role in ("evaluator", "steering")]
     return [ReplicaPool.create(EvaluatorActor, configs[0], spec.pair, spec.eval),
             ReplicaPool.create(SteeringActor, configs[1], spec.pair, spec.steering)]
 
@@ -67,9 +75,54 @@ def check_fits(spec: SweepSpec, evaluate: bool = True) -> None:
                              "expected at most that (0 GPUs runs on CPU)")
 
 
-def _open_run(spec: SweepSpec | None, run_uri: str, resume: bool) -> tuple[RunFolder, SweepSpec]:
-    """The run folder, with spec.yaml written (fresh run) or read back (resume: the spec as first run;
-    `spec` is None or must be that same spec)."""
+RUN_RECORD = "run.json"
+"""The run's identity and the spec it started with: `run_id` (`<spec name>-<8 hex>`, unique per sweep and
+kept across resumes; the judge pools are named after it), `created`, `spec` (the merged spec as first
+written) and `spec_changes` (edits of spec.yaml a resume accepted with --accept-spec-changes)."""
+
+
+class SweepInterrupted(Exception):
+    """Ctrl-C (SIGINT) stopped the trials; the report was written with `unfinished` in its run block."""
+
+    def __init__(self, run: RunFolder, unfinished: dict[str, Any]):
+        super().__init__(f"{redact(run.uri)}: interrupted")
+        self.run, self.unfinished = run, unfinished
+
+
+def spec_changes(before: Any, after: Any, path: str = "") -> list[str]:
+    """`field old → new` for every field that differs between two specs (nested sections as dotted paths)."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        return [change for key in dict.fromkeys([*before, *after])
+                for change in spec_changes(before.get(key), after.get(key), f"{path}.{key}" if path else str(key))]
+    return [] if before == after else [f"{path} {before!r} → {after!r}"]
+
+
+def _new_record(spec_dump: dict[str, Any]) -> dict[str, Any]:
+    return {"run_id": check_name(f"{spec_dump.get('name')}-{uuid.uuid4().hex[:8]}", "run id"),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "spec": spec_dump}
+
+
+def _read_record(run: RunFolder, saved: dict[str, Any]) -> dict[str, Any]:
+    """run.json as written, its run_id checked (it names actors); a run from before run.json gets a new one."""
+    text = run.read_text(RUN_RECORD)
+    if text is None:
+        return _new_record(saved)
+    where = f"{redact(run.uri)}/{RUN_RECORD}"
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where}: not valid JSON ({err.msg}); expected the run record the sweep writes") from None
+    if not isinstance(record, dict) or not isinstance(record.get("spec"), dict):
+        raise ValueError(f"{where}: expected an object with run_id and spec, as the sweep writes it")
+    check_name(record.get("run_id"), f"{where}: run_id")
+    return record
+
+
+def _open_run(spec: SweepSpec | None, run_uri: str, resume: bool,
+              accept_spec_changes: bool = False) -> tuple[RunFolder, SweepSpec, dict[str, Any]]:
+    """The run folder, its spec and its run record (run.json), read and checked; nothing is written yet (the
+    lease comes first). A fresh run: `spec`. A resume: the run's spec.yaml (`spec` is None or must be that
+    same spec), refused when it was edited since the run started unless `accept_spec_changes`."""
     run = RunFolder(absolute(run_uri), create=not resume)  # trials run in their own working directories
     existing = run.read_text("spec.yaml")
     if existing is not None and not resume:
@@ -77,15 +130,46 @@ def _open_run(spec: SweepSpec | None, run_uri: str, resume: bool) -> tuple[RunFo
                          "or choose another --run-dir")
     if resume and existing is None:
         raise ValueError(f"{redact(run.uri)}: nothing to resume (no spec.yaml)")
-    if resume:
-        saved = yaml.safe_load(existing)
-        if spec is not None and yaml.safe_dump(spec.raw | {"name": spec.name}, sort_keys=False) != existing:
-            raise ValueError(f"{spec.source}: not the spec of {redact(run.uri)}/spec.yaml ({saved.get('name')}); "
-                             "resume without SPEC, or with the spec the run was started with")
-        spec = parse_spec(saved, f"{redact(run.uri)}/spec.yaml", saved.get("name", ""))
-    elif spec is not None:
-        run.write_text("spec.yaml", yaml.safe_dump(spec.raw | {"name": spec.name}, sort_keys=False))
-    return run, spec
+    if not resume:
+        assert spec is not None
+        return run, spec, _new_record(spec.raw | {"name": spec.name})
+    where = f"{redact(run.uri)}/spec.yaml"
+    saved = yaml.safe_load(existing)
+    if not isinstance(saved, dict):
+        raise ValueError(f"{where}: expected the run's spec (a mapping), got {type(saved).__name__}")
+    if spec is not None and yaml.safe_dump(spec.raw | {"name": spec.name}, sort_keys=False) != existing:
+        raise ValueError(f"{spec.source}: not the spec of {where} ({saved.get('name')}); "
+                         "resume without SPEC, or with the spec the run was started with")
+    record = _read_record(run, saved)
+    if changes := spec_changes(record["spec"], saved):
+        listed = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
+        if not accept_spec_changes:
+            raise ValueError(f"{where}: changed since the run started ({listed}); expected the spec its first trials "
+                             "ran with: restore it, or pass --accept-spec-changes to resume under the edited one")
+        record = record | {"spec": saved, "spec_changes": [*record.get("spec_changes", []),
+                                                           {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                                            "changes": changes}]}
+        print(f"{where}: resuming under the edited spec ({listed}); recorded in {RUN_RECORD} and the report")
+    return run, parse_spec(saved, where, saved.get("name", "")), record
+
+
+def _record_run(run: RunFolder, record: dict[str, Any], fresh: bool) -> None:
+    """Write run.json (and a fresh run's spec.yaml): once the lease is held, before any other write."""
+    if fresh:
+        run.write_text("spec.yaml", yaml.safe_dump(record["spec"], sort_keys=False))
+    run.write_text(RUN_RECORD, json.dumps(record, indent=1) + "\n")
+
+
+def _holder_gone(held: LeaseHolder, address: str | None) -> str | None:
+    """Why a lease holder whose heartbeat is still fresh has ended anyway: its Ray job has ended on the cluster
+    this sweep joins (a stopped job, or a job Ray retries). None when that cannot be told (no cluster to ask,
+    or another cluster): then only the heartbeat's age decides."""
+    if not (address and held.job_id and held.cluster_id):
+        return None
+    connect(address)
+    if cluster_identity()[1] != held.cluster_id or not job_ended(held.job_id):
+        return None
+    return f"its Ray job {held.job_id} has ended"
 
 
 def _harvest(spec: SweepSpec, store_root: str) -> dict[str, Any]:
@@ -120,8 +204,9 @@ def _tuner(spec: SweepSpec, run: RunFolder, ctx: TrialContext, n_todo: int,
 
 def _run_trials(spec: SweepSpec, run: RunFolder, ctx: TrialContext, done: list[dict[str, Any]] | None,
                 live: bool, pools: list, seconds: dict[str, float]) -> dict[str, Any]:
-    """Run the trials still owed under the live view; returns the judge pools' figures (`_judge_info`).
-    The pools are shut down when this returns, also on failure.
+    """Run the trials still owed under the live view; returns the judge pools' figures (`_judge_info`), and
+    `unfinished` when Ctrl-C stopped the trials (`_unfinished`). The pools are shut down when this returns,
+    also on failure.
 
     Resume: results.jsonl is the truth. A fresh Tune experiment runs only what is still owed, so no
     finished trial is redone and none is lost (Tune's own restore can re-run a trial that finished
@@ -137,6 +222,7 @@ def _run_trials(spec: SweepSpec, run: RunFolder, ctx: TrialContext, done: list[d
     for record in done or []:
         view.update(record["trial_id"], record["config"], record["status"], record["metrics"])
     clock = time.perf_counter()
+    INTERRUPTED.discard(run.uri)
     try:
         with view:
             for round_ in range(spec.resources.max_failures + 1):
@@ -154,13 +240,42 @@ def _run_trials(spec: SweepSpec, run: RunFolder, ctx: TrialContext, done: list[d
                               f"(round {round_} of at most {spec.resources.max_failures})", flush=True)
                     n_todo, remaining = remaining_work(spec, read_results(run))
                 if n_todo:
-                    _tuner(spec, run, ctx, n_todo, remaining).fit()
+                    with _sigint_handler_kept():
+                        _tuner(spec, run, ctx, n_todo, remaining).fit()
+                if run.uri in INTERRUPTED:
+                    break
         seconds["trials"] = time.perf_counter() - clock
-        return _judge_info(pools)
+        info = _judge_info(pools)
+        return info | ({"unfinished": _unfinished(spec, run, view)} if run.uri in INTERRUPTED else {})
     finally:
+        INTERRUPTED.discard(run.uri)
         LIVE_VIEWS.pop(run.uri, None)
         for pool in pools:
             pool.shutdown()
+
+
+@contextlib.contextmanager
+def _sigint_handler_kept():
+    """Put back this process's SIGINT handler after a Tune experiment: Tune installs its own (and ResultsWriter
+    wraps it) and leaves it in place when the experiment ends normally, which would swallow a later Ctrl-C."""
+    main = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        yield
+    finally:
+        if main and handler is not None:
+            signal.signal(signal.SIGINT, handler)
+
+
+def _unfinished(spec: SweepSpec, run: RunFolder, view: LiveView) -> dict[str, Any]:
+    """The trials an interruption left unfinished: those running (Tune id and their grid and search axes) and
+    how many more the spec still owes that had not started; `--resume` runs all of them."""
+    recorded = {record["trial_id"] for record in read_results(run)}
+    axes = [axis.name for axis in spec.grid] + [dist.name for dist in spec.search]
+    running = [{"trial_id": trial_id, "config": {axis: trial["config"].get(axis) for axis in axes}}
+               for trial_id, trial in view.trials.items() if trial_id not in recorded]
+    owed = remaining_work(spec, read_results(run))[0]
+    return {"running": running, "not_started": max(0, owed - len(running))}
 
 
 def _attempt_seconds(run: RunFolder, seconds: dict[str, float]) -> dict[str, Any]:
@@ -177,8 +292,8 @@ def _attempt_seconds(run: RunFolder, seconds: dict[str, float]) -> dict[str, Any
 
 
 def _judge_info(pools: list) -> dict[str, Any]:
-    """report.json's judge figures: peak memory (MB) of each pool's largest replica (a replica that cannot
-    answer is skipped) and how often Ray restarted each pool's replicas."""
+    """report.json's judge figures, by pool name: peak memory (MB) of each pool's largest replica (a replica
+    that cannot answer is skipped) and how often Ray restarted each pool's replicas."""
     peaks: dict[str, float] = {}
     for pool in pools:
         for handle in pool.handles:
@@ -216,28 +331,43 @@ def _publish_report(run: RunFolder, info: dict[str, Any]) -> None:
 
 
 def run_sweep(spec: SweepSpec | None, run_uri: str, *, store_root: str | None = None, resume: bool = False,
-              address: str | None = None, evaluate: bool = True, live: bool = True) -> RunFolder:
+              address: str | None = None, evaluate: bool = True, live: bool = True,
+              accept_spec_changes: bool = False) -> RunFolder:
     """Run (or resume) a sweep into `run_uri`; returns the run folder once the report is written.
-    A resume continues the run's spec.yaml: `spec` is None, or must be that same spec."""
+    A resume continues the run's spec.yaml: `spec` is None, or must be that same spec; an edited spec.yaml is
+    refused unless `accept_spec_changes`. Raises SweepInterrupted (after writing the report) when Ctrl-C
+    stopped the trials, and refuses a run folder another driver holds (`RunLease`)."""
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # training reports carry no Δ yet
     if spec is not None:  # before the run folder or Ray: a spec the pair or the data refuse costs nothing
         check_against_pair(spec)
-    run, spec = _open_run(spec, run_uri, resume)
+    source = "--address" if address else "RAY_ADDRESS"
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:  # an address where no Ray cluster answers is refused in seconds, before the run folder exists
+        check_address(address, source)
+    run, spec, record = _open_run(spec, run_uri, resume, accept_spec_changes)
     done = read_results(run) if resume else None  # a damaged results.jsonl is refused before any work
     store_root = absolute(store_root or f"{run.uri.rsplit('/', 1)[0]}/harvests")
-    local = not (address or os.environ.get("RAY_ADDRESS"))
     started_ray = not ray.is_initialized()
-    connect(address)
+    lease = RunLease(run)
     try:
-        return _run_on_cluster(spec, run, store_root, done, local, evaluate, live)
+        if taken := lease.acquire(lambda held: _holder_gone(held, address)):
+            print(f"{redact(run.uri)}: took over the lease of a driver that had stopped ({taken}); "
+                  f"recorded in {redact(run.uri)}/lease-takeovers.jsonl", flush=True)
+        _record_run(run, record, fresh=not resume)
+        connect(address)
+        lease.set_job(*cluster_identity())
+        return _run_on_cluster(spec, run, record, store_root, done, not address, evaluate, live, lease)
     finally:
-        if local and started_ray:  # a cluster this run started ends with it (agents and workers too)
+        lease.release()
+        if not address and started_ray:  # a cluster this run started ends with it (agents and workers too)
             ray.shutdown()
 
 
-def _run_on_cluster(spec: SweepSpec, run: RunFolder, store_root: str, done: list[dict[str, Any]] | None,
-                    local: bool, evaluate: bool, live: bool) -> RunFolder:
-    """The sweep once its run folder is checked and Ray is up; `done`: a resume's recorded trials."""
+def _run_on_cluster(spec: SweepSpec, run: RunFolder, record: dict[str, Any], store_root: str,
+                    done: list[dict[str, Any]] | None, local: bool, evaluate: bool, live: bool,
+                    lease: RunLease) -> RunFolder:
+    """The sweep once its run folder is checked, its lease held and Ray is up; `done`: a resume's recorded
+    trials."""
     if local:  # a cluster we started cannot grow: refuse what would wait forever
         check_fits(spec, evaluate)
     check_placeable(spec, evaluate)  # some node (or node type) must hold each kind of actor
@@ -247,19 +377,25 @@ def _run_on_cluster(spec: SweepSpec, run: RunFolder, store_root: str, done: list
     reused = all(h.reused for h in harvests.values())
     seconds = {"harvest": time.perf_counter() - clock}
     clock = time.perf_counter()
-    pools = start_pools(spec) if evaluate else []
+    pools = start_pools(spec, record["run_id"]) if evaluate else []
     seconds["start_pools"] = time.perf_counter() - clock
     ctx = TrialContext(spec.raw | {"name": spec.name}, spec.source, run.uri,
                        {positions: h.uri for positions, h in harvests.items()}, harvested.d_model,
-                       harvested.models, tuple(pool.cfg for pool in pools) or None)
+                       harvested.models, tuple(pool.cfg for pool in pools) or None, pair_fingerprint(spec.pair))
     judges = _run_trials(spec, run, ctx, done, live, pools, seconds)
-    info = {"spec": spec.name, "spec_file": spec.source, "run": redact(run.uri), "harvest": redact(harvested.uri),
-            "harvest_rows": harvested.rows, "harvest_reused": reused,
+    if lease.lost:  # another driver runs this folder now: leave its files to it
+        raise ValueError(f"{redact(run.uri)}: its lease went to {lease.lost} while this driver ran (its heartbeat "
+                         "had stalled); this driver stopped without writing its report")
+    info = {"spec": spec.name, "spec_file": spec.source, "run": redact(run.uri), "run_id": record["run_id"],
+            "harvest": redact(harvested.uri), "harvest_rows": harvested.rows, "harvest_reused": reused,
             "harvest_nodes": sorted({node for h in harvests.values() for node in h.nodes}), "layers": list(spec.layers),
             **({"harvests": {positions: {"uri": redact(h.uri), "rows": h.rows, "reused": h.reused}
                              for positions, h in harvests.items()}} if len(harvests) > 1 else {}),
             "pair": asdict(spec.pair), "protocol": spec.eval.protocol.label(), **_attempt_seconds(run, seconds),
-            **judges}
-    _write_costs(spec, run, seconds, reused)
+            **({"spec_changes": record["spec_changes"]} if record.get("spec_changes") else {}), **judges}
+    if "unfinished" not in judges:  # an interrupted attempt's rates would undercount
+        _write_costs(spec, run, seconds, reused)
     _publish_report(run, info)
+    if "unfinished" in judges:
+        raise SweepInterrupted(run, judges["unfinished"])
     return run

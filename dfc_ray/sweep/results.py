@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import signal
+import threading
 from typing import Any
 
 from ray.tune import Callback
 
+from dfc_ray.config import check_name
 from dfc_ray.failures import lost_to_infrastructure, trial_error
 from dfc_ray.fs import RunFolder, redact
 from dfc_ray.spaces import SweepSpec
@@ -18,6 +21,8 @@ lists), decoded back into lists in results.jsonl."""
 LIVE_VIEWS: dict[str, Any] = {}
 """Run URI → its LiveView. Tune pickles callbacks into its resume state and a view cannot be
 pickled, so the callback finds the current process's view here."""
+INTERRUPTED: set[str] = set()
+"""Run URIs whose Tune experiment Ctrl-C (SIGINT) stopped in this process (`ResultsWriter.setup`)."""
 
 
 def read_results(run: RunFolder) -> list[dict[str, Any]]:
@@ -37,6 +42,7 @@ def read_results(run: RunFolder) -> list[dict[str, Any]]:
                 and all(isinstance(record.get(key), dict) for key in ("config", "metrics"))):
             raise ValueError(f"{where}: expected a trial record (an object with trial_id, config, metrics and "
                              "status, as the sweep writes them; remove that line to re-run the trial)")
+        check_name(record["trial_id"], f"{where}: trial_id")  # it names folders (checkpoints, ablation twins)
         records.append(record)
     return records
 
@@ -62,10 +68,26 @@ def set_aside_lost(run: RunFolder) -> list[dict[str, Any]]:
 
 class ResultsWriter(Callback):
     """One results.jsonl line per finished trial (never twice, also across resumes), and
-    live-view updates as results arrive."""
+    live-view updates as results arrive. It also notes a Ctrl-C: Tune ends an experiment on SIGINT
+    as if it had finished (its handler stops the loop and leaves no mark), so `setup` wraps that handler
+    to add the run to INTERRUPTED first; the driver then names the trials that did not finish."""
 
     def __init__(self, spec: SweepSpec, run_uri: str) -> None:
         self.spec, self.run_uri = spec, run_uri
+
+    def setup(self, **info) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers live in the main thread (where Tune put its own)
+        tune_handler = signal.getsignal(signal.SIGINT)
+
+        def interrupted(signum, frame) -> None:
+            INTERRUPTED.add(self.run_uri)
+            if callable(tune_handler):
+                tune_handler(signum, frame)
+            else:
+                raise KeyboardInterrupt
+
+        signal.signal(signal.SIGINT, interrupted)
 
     def config(self, params: dict[str, Any]) -> dict[str, Any]:
         """The trial's full settings (fixed + grid + sampled) with its grid labels."""

@@ -44,6 +44,8 @@ class TrialContext:
     models: tuple[str, str]
     pools: tuple | None
     """(evaluator PoolConfig, steering PoolConfig); None: evaluation off."""
+    pair_fingerprint: str = ""
+    """The spec's pair (`pair.pair_fingerprint`): a judge replica hosting another pair refuses the trial."""
 
 
 def trial_batches(store_uri: str, layer: int, batch_size: int, reader: str, seed: int, d_model: int,
@@ -103,21 +105,22 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
         metrics["checkpoint"] = checkpoint
         if ctx.pools is not None:
             started = time.perf_counter()
-            metrics |= judge_checkpoint(ctx.pools, checkpoint, layer)
+            metrics |= judge_checkpoint(ctx.pools, checkpoint, layer, ctx.pair_fingerprint)
             metrics["judge_s"] = time.perf_counter() - started
     for name in spec.metrics:  # an objective the trial could not produce is NaN, never a made-up number
         metrics.setdefault(name, math.nan)
     tune.report(metrics)
 
 
-def judge_checkpoint(pools: tuple, checkpoint: str, layer: int) -> dict[str, Any]:
+def judge_checkpoint(pools: tuple, checkpoint: str, layer: int, fingerprint: str) -> dict[str, Any]:
     """Splice evaluation and steering of one checkpoint on the sweep's shared actor pools (both
-    requests in flight at once), flattened into trial metrics."""
+    requests in flight at once), flattened into trial metrics. Each request carries the pair
+    `fingerprint` the trial's spec names; a replica hosting another pair refuses it (`PairReplica.for_pair`)."""
     evaluator, steerer = (ReplicaPool.connect(cfg) for cfg in pools)
     started = time.perf_counter()
-    refs = {"eval_s": evaluator.submit("evaluate", checkpoint, layer),
-            "steer_s": steerer.submit("steer", checkpoint, layer),
-            "loc_s": steerer.submit("localize", checkpoint, layer)}
+    refs = {"eval_s": evaluator.submit("for_pair", fingerprint, "evaluate", checkpoint, layer),
+            "steer_s": steerer.submit("for_pair", fingerprint, "steer", checkpoint, layer),
+            "loc_s": steerer.submit("for_pair", fingerprint, "localize", checkpoint, layer)}
     seconds, pending = {}, list(refs.values())
     while pending:  # time each answer: how long a trial waits for each judge
         ready, pending = wait_any((evaluator, steerer), pending)

@@ -42,6 +42,36 @@ def _xlam_schema(params: dict[str, Any], where: str) -> dict[str, Any]:
     return {"type": "object", "properties": properties, "required": required}
 
 
+ROLES = ("system", "user", "assistant", "tool")
+"""Message roles a chat template renders."""
+
+
+def check_schema(schema: Any, where: str, path: str) -> None:
+    """A tool's parameter schema checked where scoring and prompt rendering read it: `properties` an
+    object of schemas, `required` a list of property names, `items` a schema, `type` a name or list of
+    names; the first problem raises one line naming the record and the field."""
+    if not isinstance(schema, dict):
+        raise _bad(where, path, "should be a JSON Schema object")
+    kind = schema.get("type")
+    if kind is not None and not (isinstance(kind, str) or isinstance(kind, list)
+                                 and all(isinstance(k, str) for k in kind)):
+        raise _bad(where, f"{path}.type", f"is {kind!r}; expected a type name or a list of them")
+    properties = schema.get("properties", {})
+    if not isinstance(properties, dict):
+        raise _bad(where, f"{path}.properties", "should be an object of {parameter: schema}")
+    for name, value in properties.items():
+        check_schema(value, where, f"{path}.properties.{name}")
+    required = schema.get("required", [])
+    if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
+        raise _bad(where, f"{path}.required", f"is {required!r}; expected a list of parameter names")
+    unknown = [r for r in required if r not in properties]
+    if unknown and "properties" in schema:
+        raise _bad(where, f"{path}.required", f"names {unknown[0]!r}, which is not among the properties")
+    items = schema.get("items")
+    for i, item in enumerate(items if isinstance(items, list) else [] if items is None else [items]):
+        check_schema(item, where, f"{path}.items" + (f"[{i}]" if isinstance(items, list) else ""))
+
+
 def _tool(tool: Any, where: str) -> dict[str, Any]:
     """One tool in any accepted shape, as an OpenAI-style tool with a JSON Schema."""
     function = tool.get("function", tool) if isinstance(tool, dict) else None
@@ -52,6 +82,7 @@ def _tool(tool: Any, where: str) -> dict[str, Any]:
         raise _bad(where, f"tools[{function['name']}].parameters", "should be an object")
     if "properties" not in params and params.get("type") not in ("object", "dict"):
         params = _xlam_schema(params, where)
+    check_schema(params, where, f"tools[{function['name']}].parameters")
     inner = {"name": function["name"], "description": function.get("description", "")}
     inner["parameters"] = to_json_schema({"type": "object", **params})
     return {"type": "function", "function": inner}
@@ -113,6 +144,11 @@ def _messages(record: dict[str, Any], where: str) -> list[dict[str, Any]]:
         ok = isinstance(messages, list) and messages
         if not (ok and all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)):
             raise _bad(where, "messages", "should be a non-empty list of {role, content}")
+        for i, message in enumerate(messages):
+            if message["role"] not in ROLES:
+                raise _bad(where, f"messages[{i}].role", f"is {message['role']!r}; expected one of {', '.join(ROLES)}")
+            if not isinstance(message["content"], str):
+                raise _bad(where, f"messages[{i}].content", f"is {message['content']!r}; expected a string")
         return messages
     if isinstance(record.get("query"), str):
         system = [{"role": "system", "content": record["system"]}] if isinstance(record.get("system"), str) else []

@@ -77,3 +77,11 @@ def render_for(tokenizer: PreTrainedTokenizerBase, task: Task, prompt_format: st
     if prompt_format == "chat":
         return render_prompt(tokenizer, task)
     return render_raw_prompt(tokenizer, task if task.meta.get("prompt_format") == PROMPT_FORMAT else as_toolrl(task))
+
+
+def prompt_lengths(tokenizer: PreTrainedTokenizerBase, tasks: list[Task], prompt_format: str = "chat") -> list[int]:
+    """Tokens of each task's prompt under `prompt_format` (`render_for`), as generation sees it."""
+    prompts = [render_for(tokenizer, task, prompt_format) for task in tasks]
+    # verbose=False: no "longer than the maximum" warning, the caller says what is wrong in its own words
+    encoded = tokenizer(prompts, add_special_tokens=False, verbose=False)["input_ids"] if prompts else []
+    return [len(ids) for ids in encoded]

@@ -24,7 +24,7 @@ import json
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import ray
@@ -33,11 +33,14 @@ from rich.console import Console
 from rich.table import Table
 
 from actors.replica import PairReplica
+from dfc_ray.attribution import (Attribution, attribute, encode, largest_terms, mean_write, partition_names,
+                                 patch_norms)
 from dfc_ray.config import JudgeProtocol, SteerConfig
 from dfc_ray.evaluate import (Rate, bootstrap_rate, eval_texts, load_crosscoder, paired_delta_pp,
                               score_all)
 from dfc_ray.generation import Generation
-from dfc_ray.interventions import feature_direction, first_token_logprobs, generate_steered, steering_vector
+from dfc_ray.interventions import (PairEdit, feature_direction, first_token_logprobs, generate_edited, generate_steered,
+                                   patch_edit, steering_vector)
 from dfc_ray.pair import PairSpec
 from dfc_ray.ranking import FeatureStats, encode_pairs, rank_features
 from dfc_ray.reference import NO_STEERABLE_DIRECTION, cosines, mean_norm, scale_to_norm, share_of_reference
@@ -83,6 +86,10 @@ class ReferenceSteer:
     """The delta's 95% CI lies above 0."""
     label: str
     """NO_STEERABLE_DIRECTION when not `significant`, else empty."""
+    test_clean_passed: list[bool] = field(default_factory=list)
+    """Per test prompt, clean correct (the localisation curve's shares pair their prompts with these)."""
+    test_steered_passed: list[bool] = field(default_factory=list)
+    """Per test prompt, correct with the reference's chosen vector."""
 
 
 @dataclass
@@ -178,6 +185,104 @@ class SteerResult:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "metrics": self.metrics()}
+
+
+@dataclass
+class CurvePoint:
+    """The localisation curve at one n: B steered by the top n contributors' mean writes, α as the reference's."""
+
+    n: int
+    """The size asked for (SteerConfig.localize_sizes)."""
+    features: list[int]
+    """The top n terms' features (fewer when fewer terms are positive)."""
+    alpha: float
+    """The α chosen on dev for this n (the reference's when `localize_alphas` is empty)."""
+    vector_norm: float
+    dev_delta_pp: float
+    """DEV: steered − clean correctness, pp."""
+    delta_pp: Rate
+    """TEST: steered − clean, pp, paired CI."""
+    share: Rate
+    """delta_pp / the reference's test effect on the same prompts (paired bootstrap); 0 when the reference's ≤ 0."""
+
+
+@dataclass
+class CausalTest:
+    """One causal test of the localisation: the n chosen on dev, its test effect, and a random control of
+    the same size and (mean) norm."""
+
+    name: str
+    """curve (steer B with mean writes), ablate_b or patch_a (SteerConfig.localize)."""
+    target: str
+    n: int
+    """The size chosen on dev (`features` may hold fewer: the positive terms)."""
+    features: list[int]
+    dev_delta_pp: list[tuple[int, float]] = field(default_factory=list)
+    """DEV: (n, steered/patched − clean, pp) per size tried."""
+    delta_pp: Rate | None = None
+    """TEST: intervened − clean, pp, paired CI."""
+    random_features: list[int] = field(default_factory=list)
+    random_delta_pp: Rate | None = None
+    """TEST control: as many random features that fire on dev (same pool), resized to the chosen one's norm."""
+    skipped: str = ""
+    """Why the test did not run (e.g. no B-exclusive feature adds to the difference); empty otherwise."""
+
+
+@dataclass
+class Localization:
+    """Where the A − B difference lives in one checkpoint: the attribution and its causal tests."""
+
+    checkpoint: str
+    layer: int
+    attribution: Attribution
+    tests: dict[str, CausalTest] = field(default_factory=dict)
+    curve: list[CurvePoint] = field(default_factory=list)
+    n50: int = -1
+    """The curve's smallest n whose dev effect reaches `localize_share` of the reference's; −1 when none does."""
+    reference_pp: Rate | None = None
+    """The reference direction's test effect on B (the curve's yardstick)."""
+    seconds: float = 0.0
+
+    def metrics(self) -> dict[str, Any]:
+        """diff_* (the attribution) and loc_* (the causal tests) trial metrics; lists stay lists."""
+        out: dict[str, Any] = self.attribution.metrics() | {"diff_top": self.attribution.top_rows(),
+                                                            "loc_compute_s": self.seconds}
+        if self.reference_pp is not None:
+            out |= {**effect_metrics("loc_reference_pp", self.reference_pp), "loc_n50": self.n50,
+                    "loc_curve": [{"n": p.n, "n_features": len(p.features), "alpha": p.alpha,
+                                   "dev_pp": p.dev_delta_pp, "pp": p.delta_pp.mean,
+                                   "lo": p.delta_pp.lo, "hi": p.delta_pp.hi, "share": p.share.mean,
+                                   "share_lo": p.share.lo, "share_hi": p.share.hi} for p in self.curve]}
+        for name, test in self.tests.items():
+            if test.delta_pp is None or test.random_delta_pp is None:
+                continue
+            out |= {f"loc_{name}_n": test.n, **effect_metrics(f"loc_{name}_pp", test.delta_pp),
+                    **effect_metrics(f"loc_{name}_random_pp", test.random_delta_pp)}
+            if name == "curve":
+                point = next(p for p in self.curve if p.n == test.n)
+                out |= {"loc_curve_alpha": point.alpha, **effect_metrics("loc_curve_share", point.share)}
+        return out
+
+
+def effect_metrics(name: str, rate: Rate) -> dict[str, float]:
+    """`name`, `name_lo`, `name_hi` of an effect with its CI."""
+    return {name: rate.mean, f"{name}_lo": rate.lo, f"{name}_hi": rate.hi}
+
+
+def paired_share(clean: Sequence[bool], steered: Sequence[bool], reference: Sequence[bool], n_boot: int = 1000,
+                 seed: int = 0) -> Rate:
+    """(steered − clean) / (reference − clean) as a share, with a 95% CI from resampling prompts (each keeps its
+    three scores together). A resample whose reference effect is ≤ 0 counts 0 (share_of_reference's rule)."""
+    if not len(clean) == len(steered) == len(reference) > 0:
+        raise ValueError(f"paired share: {len(clean)}, {len(steered)} and {len(reference)} scores; expected one "
+                         "triple per prompt")
+    base = np.asarray(clean, dtype=np.float64)
+    effect, yardstick = np.asarray(steered, dtype=np.float64) - base, np.asarray(reference, dtype=np.float64) - base
+    idx = np.random.default_rng(seed).integers(0, len(base), size=(n_boot, len(base)))
+    num, den = effect[idx].mean(1), yardstick[idx].mean(1)
+    shares = np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
+    point = share_of_reference(float(effect.mean()), float(yardstick.mean()))
+    return Rate(point, float(np.percentile(shares, 2.5)), float(np.percentile(shares, 97.5)), len(base))
 
 
 def greedy_min_set(pool: Sequence[int], gain_of: Callable[[list[int]], float], goal: float, max_size: int) -> list[int]:
@@ -309,7 +414,8 @@ class Steerer(PairReplica):
     def reference(self, target: str, layer: int, dev: list[Task], test: list[Task], cfg: SteerConfig) -> ReferenceSteer:
         """The reference direction through the protocol on `target`: α on dev, report and control on test.
         It does not depend on the checkpoint, so it runs once per (target, layer, tasks, setting) and is cached."""
-        setting = asdict(cfg)
+        setting = {k: v for k, v in asdict(cfg).items()  # the localisation settings do not change the reference
+                   if not k.startswith(("localize", "attribution"))}
         for name in ("normalization", "steer_b_via"):  # the reference reads no checkpoint and no decoder row
             setting["protocol"].pop(name)
         key = json.dumps([target, layer, setting], sort_keys=True)
@@ -332,7 +438,8 @@ class Steerer(PairReplica):
             vector_norm=float(chosen.norm()), dev_clean=dev_clean, grid=grid,
             test_clean=bootstrap_rate(test_clean, **boot), test_steered=bootstrap_rate(steered, **boot),
             delta_pp=delta, random_direction_delta_pp=paired_delta_pp(test_clean, control, **boot),
-            significant=delta.lo > 0, label="" if delta.lo > 0 else NO_STEERABLE_DIRECTION)
+            significant=delta.lo > 0, label="" if delta.lo > 0 else NO_STEERABLE_DIRECTION,
+            test_clean_passed=test_clean, test_steered_passed=steered)
         self._reference_results[key] = result
         return result
 
@@ -400,6 +507,145 @@ class Steerer(PairReplica):
                 reference=reference, share_of_reference=share_of_reference(delta.mean, reference.delta_pp.mean),
                 test_clean_passed=test_clean, test_steered_passed=steered)
         return result
+
+    # ---- where the difference lives (issue 21) -----------------------------------------------------------
+
+    def localize(self, checkpoint: str, layer: int, cfg: SteerConfig | None = None) -> Localization:
+        """Attribute the reference direction to the checkpoint's features on the dev tool prompts (at the
+        last prompt token, where the reference and the steering live) and run `cfg.localize`'s causal tests
+        (on DFCs that match `cfg.localize_when`)."""
+        started = time.perf_counter()
+        cfg = cfg or self.cfg
+        cc = load_crosscoder(checkpoint, self.device)
+        dev, test = self._tasks(cfg)
+        prompts = self.tool_prompts(dev, cfg)
+        x = torch.stack([self.last_residuals(t, prompts, layer, cfg.batch_size) for t in ("a", "b")], dim=1)
+        attribution = attribute(cc, x, cfg.attribution_top)
+        result = Localization(str(checkpoint), layer, attribution)
+        exclusive = cc.cfg.n_a_exclusive + cc.cfg.n_b_exclusive > 0
+        if not exclusive or any(getattr(cc.cfg, k) != v for k, v in cfg.localize_when.items()):
+            result.seconds = time.perf_counter() - started
+            return result  # the attribution only (SteerConfig.localize_when)
+        if "curve" in cfg.localize:
+            self._curve(cc, attribution, result, layer, dev, test, cfg)
+        codes = encode(cc, x.to(self.device)).cpu()  # the patches' norms are matched on these prompts
+        partitions = partition_names(cc)
+        firing = [j for j, f in enumerate(attribution.mean_activations) if f > 0]
+        largest = max(cfg.localize_sizes, default=0)
+        if "ablate_b" in cfg.localize:
+            pool = [j for j in firing if partitions[j] == "b_exclusive"]
+            ranked = largest_terms(attribution, largest, pool)
+            result.tests["ablate_b"] = self._patch_test("ablate_b", "b", cc, codes, ranked, pool, firing, max, layer,
+                                                        dev, test, cfg)
+        if "patch_a" in cfg.localize:
+            ranked = largest_terms(attribution, largest)
+            result.tests["patch_a"] = self._patch_test("patch_a", "a", cc, codes, ranked, firing, firing, min, layer,
+                                                       dev, test, cfg)
+        result.seconds = time.perf_counter() - started
+        return result
+
+    def _sized_sets(self, ranked: list[int], cfg: SteerConfig, distinct: bool = False) -> list[tuple[int, list[int]]]:
+        """(n, the top n of `ranked`) for each n of localize_sizes (fewer terms than n: all of them); `distinct`
+        drops a set equal to the one before (a repeated steering vector is free: its replies are cached)."""
+        sets: list[tuple[int, list[int]]] = []
+        for n in sorted(set(cfg.localize_sizes)):
+            chosen = ranked[:n]
+            if chosen and not (distinct and sets and sets[-1][1] == chosen):
+                sets.append((n, chosen))
+        return sets
+
+    def _random_set(self, pool: list[int], chosen: list[int], firing: list[int], cfg: SteerConfig,
+                    salt: int) -> list[int]:
+        """As many features as `chosen`, drawn (seeded) from `pool` without the chosen ones, topped up from the
+        other `firing` features when `pool` has too few."""
+        rng = np.random.default_rng([cfg.seed, salt])
+        drawn: list[int] = []
+        for source in (pool, firing):
+            others = [j for j in source if j not in chosen and j not in drawn]
+            size = min(len(chosen) - len(drawn), len(others))
+            drawn += [int(j) for j in rng.choice(others, size=size, replace=False)] if size > 0 else []
+        return sorted(drawn)
+
+    def _curve(self, cc, attribution: Attribution, result: Localization, layer: int, dev: list[Task],
+               test: list[Task], cfg: SteerConfig) -> None:
+        """B ← A: B steered by Σ_{top n} mean[f_j]·(d_j^A − d_j^B) at the reference's calibration, per n; the
+        n reaching `localize_share` of the reference's dev effect (else the best on dev) gets the control."""
+        reference = self.reference("b", layer, dev, test, cfg)
+        result.reference_pp = reference.delta_pp
+        sets = self._sized_sets(largest_terms(attribution, max(cfg.localize_sizes)), cfg)
+        if not sets:
+            result.tests["curve"] = CausalTest("curve", "b", 0, [], skipped="no feature adds to the difference")
+            return
+        norm = self.residual_norm("b", layer, dev, cfg)
+        dev_clean = float(np.mean(self.correct("b", dev, cfg)))
+        reference_dev = dict(reference.grid)[reference.alpha] - dev_clean
+        boot = dict(n_boot=cfg.n_bootstrap, seed=cfg.seed)
+        test_clean = reference.test_clean_passed
+        vectors, points = [], []
+        for n, features in sets:
+            write = mean_write(cc, attribution, features)
+            grid = [(a, float(np.mean(self.correct("b", dev, cfg, layer, self.reference_vector(write, a, norm, cfg)))))
+                    for a in cfg.localize_alphas or (reference.alpha,)]
+            alpha, dev_correct = max(grid, key=lambda cell: cell[1])  # first best: the smaller α
+            vector = self.reference_vector(write, alpha, norm, cfg)
+            steered = self.correct("b", test, cfg, layer, vector)
+            vectors.append(vector)
+            points.append(CurvePoint(n, features, alpha, float(vector.norm()),
+                                     100 * (dev_correct - dev_clean), paired_delta_pp(test_clean, steered, **boot),
+                                     paired_share(test_clean, steered, reference.test_steered_passed, **boot)))
+        result.curve = points
+        reached = [i for i, p in enumerate(points)
+                   if reference_dev > 0 and p.dev_delta_pp >= 100 * cfg.localize_share * reference_dev]
+        # none reached: the best on dev, ties to the larger set (its test then bounds what the whole set does)
+        best = reached[0] if reached else max(range(len(points)), key=lambda i: (points[i].dev_delta_pp, i))
+        result.n50 = points[reached[0]].n if reached else -1
+        firing = [j for j, f in enumerate(attribution.mean_activations) if f > 0]
+        random_features = self._random_set(firing, points[best].features, firing, cfg, salt=1)
+        control = scale_to_norm(mean_write(cc, attribution, random_features), float(vectors[best].norm()))
+        result.tests["curve"] = CausalTest(
+            "curve", "b", points[best].n, points[best].features, [(p.n, p.dev_delta_pp) for p in points],
+            points[best].delta_pp, random_features,
+            paired_delta_pp(test_clean, self.correct("b", test, cfg, layer, control), **boot))
+
+    def _patch_test(self, name: str, target: str, cc, codes: torch.Tensor, ranked: list[int], pool: list[int],
+                    firing: list[int], pick: Callable, layer: int, dev: list[Task], test: list[Task],
+                    cfg: SteerConfig) -> CausalTest:
+        """Patch the top n of `ranked` in `target` (interventions.patch_edit) per size on dev, choose the n whose
+        dev effect `pick` (max: the largest gain, min: the largest loss) prefers, report it and a random
+        control from `pool` (topped up from `firing`) of the same size, resized to the same mean patch norm
+        on the dev tool prompts."""
+        sets = self._sized_sets(ranked, cfg, distinct=True)
+        if not sets:
+            return CausalTest(name, target, 0, [], skipped="no such feature adds to the difference")
+        dev_clean = float(np.mean(self.edited_correct(target, dev, cfg, layer)))
+        dev_deltas = [100 * (float(np.mean(self.edited_correct(target, dev, cfg, layer, patch_edit(cc, target, f))))
+                             - dev_clean) for _, f in sets]
+        best = pick(dev_deltas)
+        n, chosen = sets[max(i for i, d in enumerate(dev_deltas) if d == best)]  # ties: the larger set
+        random_features = self._random_set(pool, chosen, firing, cfg, salt=2 if target == "b" else 3)
+        random_norm = float(patch_norms(cc, codes, random_features).mean()) if random_features else 0.0
+        scale = float(patch_norms(cc, codes, chosen).mean()) / random_norm if random_norm > 0 else 0.0
+        boot = dict(n_boot=cfg.n_bootstrap, seed=cfg.seed)
+        clean = self.edited_correct(target, test, cfg, layer)
+        patched = self.edited_correct(target, test, cfg, layer, patch_edit(cc, target, chosen))
+        control = self.edited_correct(target, test, cfg, layer, patch_edit(cc, target, random_features, scale))
+        return CausalTest(name, target, n, chosen, [(size, d) for (size, _), d in zip(sets, dev_deltas)],
+                          paired_delta_pp(clean, patched, **boot), random_features,
+                          paired_delta_pp(clean, control, **boot))
+
+    def edited_correct(self, target: str, tasks: list[Task], cfg: SteerConfig, layer: int,
+                       edit: PairEdit | None = None) -> list[bool]:
+        """Correctness per task of `target` with a pair edit (interventions.patch_edit) at the last prompt token
+        of block `layer`; clean (cached, through the prefix cache as the edited replies are) when `edit` is None."""
+        prompts = self.prompts(tasks, cfg.protocol.prompt_format)
+        if edit is None:
+            gens = self.clean_replies(target, prompts, cfg.generation(), True)
+        else:
+            other = "b" if target == "a" else "a"
+            last = list(self.last_residuals(other, prompts, layer, cfg.batch_size)[:, None])  # (1, d) per prompt
+            gens = generate_edited(self.model(target), self.model(other), self.tokenizer, prompts, cfg.generation(),
+                                   layer, edit, target, other=last, prefix_cache=self.prefix[target])
+        return [s.passes(cfg.protocol.metric) for s in score_all(tasks, gens)]
 
 
 def random_direction(like: torch.Tensor, seed: int) -> torch.Tensor:

@@ -251,6 +251,8 @@ SpliceModeName = Literal["last_prompt_token", "prompt", "lockstep"]
 SteerPositionsName = Literal["last_prompt_token", "generated", "all"]
 SteerScale = Literal["residual_norm", "activation", "decoder"]
 SteerRanking = Literal["cohens_d", "cos_reference", "tool_logprob"]
+LocalizeTest = Literal["curve", "ablate_b", "patch_a"]
+PlantedChange = Literal["rank1", "scale"]
 Target = Literal["a", "b"]
 DecodeMode = Literal["auto", "eager", "static"]
 Dispatch = Literal["least_busy", "round_robin"]
@@ -262,6 +264,7 @@ POSITIONS = get_args(HarvestPositions)
 DISPATCH = get_args(Dispatch)
 SCALES = get_args(SteerScale)
 STEER_RANKINGS = get_args(SteerRanking)
+LOCALIZE_TESTS = get_args(LocalizeTest)
 
 
 @dataclass(frozen=True)
@@ -472,6 +475,12 @@ class PlantedPairConfig(Config):
     """Seeds B's weights and the planted u."""
     plant: bool = True
     """False: A = B exactly (the control: no direction to find)."""
+    change: PlantedChange = "rank1"
+    """"rank1": A adds u·wᵀ (a direction B never writes). "scale": B writes u through neuron j too
+    (its down-projection column, at `strength`) and A writes it `scale` times as strongly: A differs
+    only in how much of a shared direction it writes."""
+    scale: float = at_least(2.0, 0)
+    """A's factor on neuron j's column under change "scale"."""
 
 
 @dataclass(frozen=True)
@@ -785,8 +794,34 @@ class SteerConfig(Config):
     large dictionaries; the organism's dictionaries have fewer A-exclusive features than this."""
     protocol: JudgeProtocol = field(default_factory=JudgeProtocol)
     """The judging protocol (JudgeProtocol); in a sweep spec it is set once, in `eval.protocol`."""
+    localize: tuple[LocalizeTest, ...] = LOCALIZE_TESTS
+    """Causal tests of where the A − B difference lives (`Steerer.localize`, docs/evaluation.md): "curve"
+    steers B with the top n features' mean writes Σ mean[f_j]·(d_j^A − d_j^B) for each n of
+    `localize_sizes`; "ablate_b" zeroes B's top B-exclusive contributors in B; "patch_a" moves A's top
+    contributors' writes to B's. Each: n chosen on dev, reported on test with a random control of the
+    same size and norm. Empty: the attribution only (no generation)."""
+    localize_sizes: tuple[int, ...] = (1, 2, 4, 8, 16)
+    """Feature counts n the causal tests try (the largest contributors first)."""
+    localize_alphas: tuple[float, ...] = ()
+    """α grid (in `scale` units) the curve chooses from on dev for each n; empty = the reference
+    direction's dev-chosen α (one dev generation per n instead of one per n and α)."""
+    localize_share: float = within(0.5, "(0, 1]")
+    """The curve's n is the smallest whose dev effect reaches this share of the reference's dev effect
+    (loc_n50; else the n with the largest dev effect)."""
+    attribution_top: int = at_least(10, 1)
+    """Features listed per trial in the attribution (the largest terms c_j)."""
+    localize_when: dict[str, float] = field(default_factory=dict)
+    """Crosscoder fields a checkpoint must match for the causal tests, e.g. {dict_size: 768, k: 32} (they
+    cost generations; the attribution runs on every checkpoint); empty = every DFC. A plain crosscoder
+    (no exclusive features) gets the attribution only, as steering skips it."""
 
     def _check(self) -> None:
+        if self.localize and (not self.localize_sizes or min(self.localize_sizes) < 1):
+            raise self.invalid("localize_sizes", "a non-empty list of feature counts ≥ 1")
+        if unknown := sorted(set(self.localize_when) - {f.name for f in fields(DFCConfig)}):
+            raise self.invalid("localize_when", f"crosscoder fields (DFCConfig); {unknown[0]!r} is not one")
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in self.localize_when.values()):
+            raise self.invalid("localize_when", "a number for each crosscoder field")
         if not self.rankings:
             raise self.invalid("rankings", f"a non-empty list of {list(STEER_RANKINGS)}")
         if not self.tool_token:

@@ -348,3 +348,25 @@ def first_token_logprobs(model: torch.nn.Module, tokenizer, prompts: Sequence[st
                 out[j, start:start + len(ids)] = logits.float().log_softmax(-1)[:, token_id].cpu()
     return out
 
+
+
+# ---------------------------------------------------------------- patches (where the A − B difference lives)
+
+
+def patch_edit(cc: DedicatedFeatureCrosscoder, target: str, features: Sequence[int], scale: float = 1.0) -> PairEdit:
+    """Give `features` the OTHER model's decoder rows in the target: x_m + scale·Σ_j f_j·(d_j^other − d_j^m).
+
+    f comes from encoding the pair at each position; the target keeps everything else, its reconstruction
+    error included. With target B and B-exclusive features (whose A rows are zero) this is their ablation:
+    B's reconstruction with f_j = 0 plus B's error. `scale` resizes the patch (a random control matched to
+    a chosen patch's norm); an empty feature list changes nothing."""
+    m = model_index(target)
+    index = torch.as_tensor(list(features), dtype=torch.long, device=cc.b_enc.device)
+    raw = cc.raw_decoder()[index].float()
+    shift = raw[:, 1 - m] - raw[:, m]  # (k, d_model)
+
+    def edit(x: Tensor) -> Tensor:
+        f = cc.encode(x.float())[:, index]
+        return x[:, m].float() + float(scale) * (f @ shift)
+
+    return edit

@@ -41,6 +41,8 @@ PERCENT = "{:.1f}%"
 """For fractions (0..1): applied to 100 × the value."""
 FVU = "{:.3f}"
 SEPARATION = "{:.2f}"
+SHARE = "{:+.2f}"
+"""A signed share of a whole (1 = all of it)."""
 
 
 def number(value: Any) -> float | None:
@@ -51,6 +53,11 @@ def number(value: Any) -> float | None:
 
 def _min_set_size(x: float) -> str:
     return str(int(x)) if x > 0 else "not reached"  # -1 records "not reached"
+
+
+def _feature_count(x: float) -> str:
+    """A count of features (−1: none reached), or a mean or spread of counts to one decimal."""
+    return "not reached" if x < 0 else f"{x:g}" if x == int(x) else f"{x:.1f}"
 
 
 @dataclass(frozen=True)
@@ -101,6 +108,13 @@ def metric(name: str, label: str, unit: str = "", fmt: str | Callable[[float], s
            shows: tuple[Place, ...] = (), **kw: Any) -> Metric:
     """A registry line: `Metric` with `shows` as a tuple."""
     return Metric(name, label, unit, fmt, frozenset(shows), **kw)
+
+
+def effect(name: str, label: str, unit: str = "pp", fmt: str | Callable[[float], str] = PP,
+           shows: tuple[Place, ...] = ()) -> tuple[Metric, Metric, Metric]:
+    """An effect and its 95% CI's ends (`<name>_lo`, `<name>_hi`): three registry lines in one."""
+    return (metric(name, label, unit, fmt, shows), metric(f"{name}_lo", f"{label}, CI low", unit, fmt),
+            metric(f"{name}_hi", f"{label}, CI high", unit, fmt))
 
 
 AB = "A clean → spliced", "B clean → spliced"
@@ -181,6 +195,35 @@ METRICS: tuple[Metric, ...] = (
     metric("top_features", "top A-exclusive features (feature, Cohen's d, AUROC)"),
     metric("alpha_curve", "dev Δ vs α of the chosen feature"),
     metric("reference_alpha_curve", "dev Δ vs α of the reference direction"),
+    # where the A − B difference lives (Steerer.localize: dfc_ray/attribution.py and the causal tests)
+    metric("diff_n50", "features for 50% of the difference", fmt=_feature_count, shows=("axis", "trials")),
+    metric("diff_n90", "features for 90% of the difference", fmt=_feature_count),
+    metric("diff_share_a_exclusive", "A-exclusive share of the difference", fmt=SHARE, shows=("axis", "trials")),
+    metric("diff_share_b_exclusive", "B-exclusive share of the difference", fmt=SHARE),
+    metric("diff_share_shared", "shared features' share of the difference", fmt=SHARE),
+    metric("diff_reference_norm", "‖v‖, the reference direction's norm"),
+    metric("diff_features", "Σ of the feature terms c_j along v̂"),
+    metric("diff_bias", "the decoder biases' part of v along v̂"),
+    metric("diff_norm_means", "the normalization means' part of v along v̂"),
+    metric("diff_error", "the reconstruction error's part of v along v̂"),
+    metric("diff_cos_reconstruction", "cos(mean x̂_A − x̂_B, v)", fmt="{:.3f}"),
+    metric("diff_cos_norm_means", "cos(mean_A − mean_B, v)", fmt="{:.3f}"),
+    metric("diff_top", "largest terms of the difference (feature, partition, c_j, cos to v, Latent Scaling β)"),
+    metric("loc_n50", "features for 50% of the reference effect (curve, dev)", fmt=_feature_count),
+    *effect("loc_reference_pp", "the curve's yardstick: the reference's effect on B"),
+    metric("loc_curve", "localisation curve B ← A (n, α, dev and test Δ, share of the reference)"),
+    metric("loc_curve_n", "curve: n chosen on dev"),
+    metric("loc_curve_alpha", "curve: α at the chosen n"),
+    *effect("loc_curve_pp", "curve: top-n mean writes steering B"),
+    *effect("loc_curve_share", "curve: share of the reference effect", "", SHARE, ("axis",)),
+    *effect("loc_curve_random_pp", "curve control: n random features, same norm"),
+    metric("loc_ablate_b_n", "ablation in B: n chosen on dev"),
+    *effect("loc_ablate_b_pp", "ablation of top B-exclusive contributors in B"),
+    *effect("loc_ablate_b_random_pp", "ablation control: n random B-exclusive features, same norm"),
+    metric("loc_patch_a_n", "patch in A: n chosen on dev"),
+    *effect("loc_patch_a_pp", "patch A → B of the top contributors in A"),
+    *effect("loc_patch_a_random_pp", "patch control: n random features, same norm"),
+    metric("loc_compute_s", "localisation compute", "s"),
     # per-feature figures inside top_features (the best-features table)
     metric("cohens_d", "Cohen's d", fmt=SEPARATION),
     metric("auroc", "AUROC", fmt=SEPARATION),
@@ -188,6 +231,7 @@ METRICS: tuple[Metric, ...] = (
     metric("train_s", "training", "s", shows=("time",)),
     metric("eval_s", "splice evaluation (waiting for the evaluator)", "s", shows=("time",)),
     metric("steer_s", "steering (waiting for the steerer)", "s", shows=("time",)),
+    metric("loc_s", "localisation (waiting for the steerer)", "s", shows=("time",)),
     metric("judge_s", "evaluation + steering (in parallel)", "s", shows=("time",)),
 )
 
@@ -235,6 +279,9 @@ class Headline:
     """A clean rate: report.json keeps only its mean, under `baseline`."""
     control: bool = False
     """A steering control (a random feature or direction at the chosen α)."""
+    feature_count: bool = False
+    """A number of features where −1 means "none reached": summarized over the trials that reached one,
+    with how many measured it (`n_measured`)."""
 
     @property
     def fraction(self) -> bool:
@@ -251,6 +298,12 @@ HEADLINE: tuple[Headline, ...] = (  # in the headline table's order
     # steer_delta_pp is already the trial's best feature: chosen on the dev split, measured on test
     Headline("steer_best_pp", "steer_delta_pp", "best single-feature steering Δ (pp)"),
     Headline("steer_reference_pp", "steer_reference_pp", "positive control: reference direction A − B (pp)"),
+    # where the difference lives (Steerer.localize): attribution of A − B to features, and the curve B ← A
+    Headline("diff_n50", "diff_n50", "features carrying 50% of the difference (attribution)", feature_count=True),
+    Headline("loc_n50", "loc_n50", "features needed for 50% of the reference effect (curve, chosen on dev)",
+             feature_count=True),
+    Headline("loc_curve_share", "loc_curve_share", "the curve's chosen n: share of the reference effect (test)"),
+    Headline("diff_share_a_exclusive", "diff_share_a_exclusive", "A-exclusive share of the difference"),
     Headline("steer_random_feature_pp", "steer_random_feature_pp", "control: random A-exclusive feature (pp)",
              control=True),
     Headline("steer_random_direction_pp", "steer_random_direction_pp", "control: random direction (pp)",

@@ -1,17 +1,22 @@
 """Planted truth for the steering protocol: a tiny Qwen2 pair where A = B except for a rank-1 change
 W + u·wᵀ to block 1's MLP down-projection (dfc_ray/organism/planted.py), so A − B after block 1 is
 u times a per-position scalar. The reference direction must recover u, a DFC trained on the pair must
-dedicate an A-exclusive feature to u, and the candidate ranking must pick that feature; with nothing
-planted (A = B) none of it may happen. Plus the exactness of α's residual-norm calibration."""
+dedicate an A-exclusive feature to u, the candidate ranking must pick that feature and the difference
+attribution must put it first (n50 = 1); with nothing planted (A = B) none of it may happen. A second
+pair where A only writes a direction B also writes more strongly must put a SHARED feature first, with
+no A-exclusive share. Plus the exactness of α's residual-norm calibration and the causal tests' plumbing."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from actors.steering import SteerConfig, Steerer
+from dfc_ray import metrics
+from dfc_ray.attribution import attribute
 from dfc_ray.crosscoder import DFCConfig
 from dfc_ray.evaluate import load_crosscoder
 from dfc_ray.generation import GenerationConfig, generate
@@ -29,13 +34,13 @@ CFG = SteerConfig(n_dev=24, n_test=8, n_plain=16, top_n=1, alphas=(0.0, 0.8), ra
                   max_new_tokens=4, batch_size=16, n_bootstrap=200, targets=("b",), primary="b")
 
 
-def train_dfc(steerer: Steerer, out: Path) -> Path:
+def train_dfc(steerer: Steerer, out: Path, steps: int = 600) -> Path:
     """A small DFC (64 features, 8 A-exclusive, k 4) on the pair's activations at every token of
     organism plain text and train prompts after block LAYER, trained in-process."""
     texts = world.plain_text(48, 5) + [render_prompt(steerer.tokenizer, t) for t in load_tasks("organism:train")[:24]]
     x = torch.stack([torch.cat(prompt_activations(m, steerer.tokenizer, texts, LAYER))
                      for m in (steerer.model_a, steerer.model_b)], dim=1).float()
-    fit_dfc(DFCConfig(d_model=x.shape[-1], dict_size=64, k=4, a_exclusive=0.125, b_exclusive=0.125), x, 600).save(out)
+    fit_dfc(DFCConfig(d_model=x.shape[-1], dict_size=64, k=4, a_exclusive=0.125, b_exclusive=0.125), x, steps).save(out)
     return out
 
 
@@ -114,3 +119,75 @@ def test_alpha_in_residual_norm_units_is_exact_and_zero_is_a_no_op(planted):
 def test_share_of_reference_is_defined_without_a_positive_reference():
     assert share_of_reference(10.0, 40.0) == 0.25
     assert share_of_reference(10.0, 0.0) == 0.0 and share_of_reference(-5.0, -10.0) == 0.0
+
+
+def differing_positions(steerer: Steerer, dev) -> torch.Tensor:
+    """Paired activations (n, 2, d) at the tenth of all dev tool prompt tokens where A and B differ most:
+    where the planted neuron fires (the organism's counterpart: its tool prompts, where its A and B differ)."""
+    prompts = steerer.tool_prompts(dev)
+    x = torch.stack([torch.cat(prompt_activations(m, steerer.tokenizer, prompts, LAYER))
+                     for m in (steerer.model_a, steerer.model_b)], dim=1)
+    return x[(x[:, 0] - x[:, 1]).norm(dim=-1).argsort(descending=True)[:len(x) // 10]]
+
+
+def test_the_attribution_puts_the_planted_feature_first(planted):
+    is_planted, steerer, u, checkpoint, dev = planted
+    att = attribute(load_crosscoder(str(checkpoint), "cpu"), differing_positions(steerer, dev))
+    if not is_planted:
+        assert att.reference_norm == 0 and att.n50 == -1 and set(att.shares.values()) == {0.0}
+        return
+    planted_feature = max((c, f) for f, c in a_exclusive_cosines(checkpoint, u).items())[1]
+    top = att.top[0]
+    assert att.n50 == 1 and top.feature == planted_feature and top.partition == "a_exclusive"
+    assert att.shares["a_exclusive"] > 0.5 and abs(top.cos_reference) > 0.9
+    assert top.beta_a > 0.5 and abs(top.beta_b) < 0.1  # Latent Scaling: B has none of it
+
+
+@pytest.fixture(scope="module")
+def scaled(tmp_path_factory):
+    """(steerer, u, DFC checkpoint, dev tasks) of a pair where B writes u through one neuron and A writes it
+    twice as strongly; the DFC trains longer than the rank-1 one (at 600 steps it still splits the extra
+    write into an A-exclusive feature, which Latent Scaling flags with β_B ≈ 0.6)."""
+    root = tmp_path_factory.mktemp("scaled")
+    spec, u = build_planted_pair(root / "pair", PlantedPairConfig(layer=LAYER, change="scale", scale=2.0))
+    steerer = Steerer(spec, CFG)
+    dev, _ = steerer._tasks(CFG)
+    return steerer, u, train_dfc(steerer, root / "dfc", steps=1500), dev
+
+
+def test_a_scaled_shared_direction_is_attributed_to_a_shared_feature(scaled):
+    steerer, u, checkpoint, dev = scaled
+    cc = load_crosscoder(str(checkpoint), "cpu")
+    att = attribute(cc, differing_positions(steerer, dev))
+    top = att.top[0]
+    assert top.partition == "shared" and att.n50 == 1 and abs(att.shares["a_exclusive"]) < 0.05
+    rows = cc.raw_decoder()[top.feature]
+    assert float(cosines(rows, u).abs().min()) > 0.99  # both rows write u ...
+    assert float(rows[0].norm() / rows[1].norm()) == pytest.approx(2.0, rel=0.15)  # ... A's twice as strongly
+    assert top.beta_b / top.beta_a == pytest.approx(0.5, abs=0.1)
+
+
+def test_localize_runs_each_causal_test_with_its_control(planted):
+    is_planted, steerer, _, checkpoint, _ = planted
+    if not is_planted:
+        pytest.skip("nothing planted: no difference to localise")
+    cfg = replace(CFG, localize_sizes=(1, 2))
+    result = steerer.localize(str(checkpoint), LAYER, cfg)
+    found = result.metrics()
+    assert not [k for k in found if metrics.find(k) is None]  # every key is registered
+    assert [p.n for p in result.curve] == [1, 2] and found["loc_curve_n"] in (1, 2)
+    assert found["loc_n50"] in (-1, 1, 2) and found["diff_n50"] == result.attribution.n50
+    assert not result.tests["curve"].skipped and not result.tests["patch_a"].skipped
+    for test in result.tests.values():
+        if test.skipped:
+            continue
+        assert test.n in (1, 2) and len(test.random_features) == len(test.features) <= test.n
+        assert not set(test.features) & set(test.random_features)
+        assert test.delta_pp.lo <= test.delta_pp.mean <= test.delta_pp.hi
+        assert [n for n, _ in test.dev_delta_pp] == sorted(n for n, _ in test.dev_delta_pp)
+    assert set(result.tests) == {"curve", "ablate_b", "patch_a"}
+    assert steerer.localize(str(checkpoint), LAYER, replace(cfg, localize=())).tests == {}  # attribution only
+    other = steerer.localize(str(checkpoint), LAYER, replace(cfg, localize_when={"k": 5}))  # it has k = 4
+    assert other.tests == {} and other.curve == [] and other.attribution.n50 == result.attribution.n50
+    with pytest.raises(ValueError, match="localize_when"):
+        replace(cfg, localize_when={"dictsize": 64})

@@ -211,8 +211,92 @@ def test_steering_against_the_reference(tmp_path):
         assert f"plots/{name}" in report["plots"] and imread(run / "plots" / name).std() > 0.01
 
 
+def with_difference(rows: list[dict]) -> list[dict]:
+    """The synthetic trials as a run that attributed the difference: n50 (sometimes none), n90, partition
+    shares and the top term per trial; the curve over n ∈ {1, 2, 4}, its n50 (sometimes not reached), and
+    the patch in A on every trial but the first (the attribution only), the ablation in B on some."""
+    out = []
+    for i, row in enumerate(rows):
+        row = json.loads(json.dumps(row))
+        if row["status"] == "ok":
+            layer, m = row["config"]["layer"], row["metrics"]
+            b_share = 0.1 * (i % 3)
+            m |= {"diff_n50": [2, 3, -1, 5, -1][i % 5], "diff_n90": 4 + i % 5, "diff_reference_norm": 12.0 + layer,
+                  "diff_features": 10.0 + 0.1 * i, "diff_cos_reconstruction": 0.99 - 0.001 * i,
+                  "diff_cos_norm_means": 0.27, "diff_share_a_exclusive": -0.01 * (i % 4),
+                  "diff_share_b_exclusive": b_share, "diff_share_shared": 1 + 0.01 * (i % 4) - b_share,
+                  "diff_top": [{"feature": i, "partition": ["shared", "b_exclusive"][i % 2], "contribution": 3.0 + i,
+                                "share": 0.2 + 0.03 * ((5 * i) % 11), "cos_reference": 0.5, "mean_activation": 1.0,
+                                "fires": 0.5, "beta_a": 1.0, "beta_b": 0.9}]}
+            if i == 0:  # the attribution only (SteerConfig.localize_when): the first trial of layer 1
+                out.append(row)
+                continue
+            m |= {
+                  "loc_reference_pp": 40.0 + layer, "loc_reference_pp_lo": 30.0, "loc_reference_pp_hi": 49.0,
+                  "loc_n50": [4, -1, 2][i % 3],
+                  "loc_curve": [{"n": n, "alpha": 0.8, "dev_pp": 4.0 * n, "pp": 5.0 * n + i, "lo": 0.0, "hi": 60.0,
+                                 "share": (5.0 * n + i) / 40, "share_lo": 0.0, "share_hi": 1.5} for n in (1, 2, 4)],
+                  "loc_curve_n": 4, "loc_curve_pp": 20.0 + i, "loc_curve_pp_lo": 10.0 + i, "loc_curve_pp_hi": 30.0 + i,
+                  "loc_curve_share": (20.0 + i) / 40, "loc_curve_random_pp": -1.0 * (i % 2),
+                  "loc_curve_random_pp_lo": -5.0, "loc_curve_random_pp_hi": 3.0,
+                  "loc_patch_a_n": 1 + i % 2, "loc_patch_a_pp": -3.0 * ((7 * i) % 5), "loc_patch_a_pp_lo": -20.0,
+                  "loc_patch_a_pp_hi": 0.0, "loc_patch_a_random_pp": 1.0, "loc_patch_a_random_pp_lo": -2.0,
+                  "loc_patch_a_random_pp_hi": 4.0}
+            if i % 4 in (0, 3):
+                m |= {"loc_ablate_b_n": 2, "loc_ablate_b_pp": 2.0 * i, "loc_ablate_b_random_pp": 0.5}
+        out.append(row)
+    return out
+
+
+def test_where_the_difference_lives(tmp_path):
+    """Per layer: n50/n90 over the trials that have one, partition shares, the top term's partition, the curve
+    per n against the reference, each causal test with its largest effect and control, the largest terms,
+    the headline rows, and localization_curve.png."""
+    from matplotlib.image import imread
+
+    rows = with_difference(synthetic_rows())
+    run = write_results(tmp_path / "run", rows)
+    report = write_report(run)
+    got = report["difference"]
+    assert [r["layer"] for r in got] == [1, 3]
+    for r in got:
+        group = [x["metrics"] for x in rows if x["status"] == "ok" and x["config"]["layer"] == r["layer"]]
+        n50 = [m["diff_n50"] for m in group if m["diff_n50"] > 0]
+        assert r["n_trials"] == len(group) and r["n50"]["n_reached"] == len(n50) < r["n50"]["n_measured"]
+        assert_stat(r["n50"]["sizes"], stat(n50))
+        assert r["n50"]["range"] == [min(n50), max(n50)]
+        assert_stat(r["shares"]["b_exclusive"], stat(m["diff_share_b_exclusive"] for m in group))
+        tops = [m["diff_top"][0]["partition"] for m in group]
+        assert r["top_partition"] == {p: tops.count(p) for p in ("a_exclusive", "b_exclusive", "shared")}
+        assert r["reference"] == {"pp": 40.0 + r["layer"], "lo": 30.0, "hi": 49.0}
+        assert [p["n"] for p in r["curve"]] == [1, 2, 4]
+        tested = [m for m in group if "loc_curve" in m]
+        assert_stat(r["curve"][1]["pp"], stat(next(p["pp"] for p in m["loc_curve"] if p["n"] == 2) for m in tested))
+        patch = r["tests"]["patch_a"]
+        largest = max(tested, key=lambda m: abs(m["loc_patch_a_pp"]))
+        assert patch["n_trials"] == len(tested) == len(group) - (r["layer"] == 1)
+        assert patch["best"]["effect"] == {"pp": largest["loc_patch_a_pp"], "lo": -20.0, "hi": 0.0}
+        assert r["tests"]["ablate_b"]["n_trials"] == sum("loc_ablate_b_pp" in m for m in group)
+    ok = [r["metrics"] for r in rows if r["status"] == "ok"]
+    reached = [m["loc_n50"] for m in ok if m.get("loc_n50", -1) > 0]
+    assert_stat(report["headline"]["loc_n50"], stat(reached))
+    assert report["headline"]["loc_n50"]["n_measured"] == len(ok) - 1
+    assert_stat(report["headline"]["diff_share_a_exclusive"], stat(m["diff_share_a_exclusive"] for m in ok))
+    terms = report["largest_terms"]
+    assert [t["share"] for t in terms] == sorted((m["diff_top"][0]["share"] for m in ok), reverse=True)[:len(terms)]
+    md = (run / "report.md").read_text()
+    for heading in ("## Where the difference lives", "## Where the difference lives: localisation curve",
+                    "## Where the difference lives: causal tests", "## Largest terms of the difference"):
+        assert heading in md
+    assert f"reached in {len(reached)} of {len(ok) - 1}" in md
+    assert "features needed for 50% of the reference effect" in md
+    assert "plots/localization_curve.png" in report["plots"]
+    assert imread(run / "plots" / "localization_curve.png").std() > 0.01
+
+
 def test_runs_without_the_reference_render_as_before(report, run):
     assert "steering_reference" not in report and "plots/cos_vs_effect.png" not in report["plots"]
+    assert "difference" not in report and "plots/localization_curve.png" not in report["plots"]
     assert "Steering against its reference" not in (run / "report.md").read_text()
 
 

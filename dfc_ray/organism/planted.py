@@ -1,4 +1,4 @@
-"""A pair with a planted difference: A equals B except for a rank-1 change to one block's MLP.
+"""A pair with a planted difference: A equals B except for a change to one block's MLP down-projection.
 
 B is a tiny random-weight Qwen2 model (the organism's tokenizer, so organism tasks render). A is B
 with block L's MLP down-projection W replaced by W + u·wᵀ, where u (d_model) is the planted
@@ -9,6 +9,11 @@ on the pair's activations there has one thing to dedicate an A-exclusive feature
 heavy-tailed neuron of the random model (large on few positions), so a rarely firing dedicated
 feature is the economical code for the difference. Tests (tests/test_planted_steering.py)
 and docs use it as ground truth for the reference direction and the steering protocol's ranking.
+
+The second change (`PlantedPairConfig.change = "scale"`) plants a direction both models write: B's
+column j becomes u (same size as above) and A's is `scale` × that, so x_A − x_B = (scale − 1)·u·c·a_j.
+The economical code is now ONE shared feature whose A row is `scale` × its B row: the ground truth
+for an attribution whose top contributor is shared and whose A-exclusive share is ≈ 0.
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ from dfc_ray.pair import PairSpec
 def build_planted_pair(root: str | Path, cfg: PlantedPairConfig | None = None) -> tuple[PairSpec, Tensor]:
     """Write B, A and the organism tokenizer under `root`; return (the pair's spec, the unit planted direction u).
 
-    With `cfg.plant = False`, A is a copy of B and u is still returned (the direction that is NOT there)."""
+    With `cfg.plant = False`, A is a copy of B and u is still returned (the direction that is NOT there
+    as a difference)."""
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM  # deferred: transformers is heavy
 
     cfg = cfg or PlantedPairConfig()
@@ -42,14 +48,18 @@ def build_planted_pair(root: str | Path, cfg: PlantedPairConfig | None = None) -
                          num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
                          max_position_embeddings=1024, tie_word_embeddings=True, initializer_range=0.2)
     model = Qwen2ForCausalLM(config).eval()
-    model.save_pretrained(root / "b")
     u = torch.randn(cfg.d_model, generator=torch.Generator().manual_seed(cfg.seed + 1))
     u = u / u.norm()
-    if cfg.plant:
-        neuron, scale = _sparse_neuron(model, tokenizer, cfg)
-        mlp = model.model.layers[cfg.layer].mlp
-        with torch.no_grad():
-            mlp.down_proj.weight[:, neuron] += cfg.strength * scale * u
+    neuron, size = _sparse_neuron(model, tokenizer, cfg) if cfg.plant or cfg.change == "scale" else (0, 0.0)
+    column = model.model.layers[cfg.layer].mlp.down_proj.weight[:, neuron]  # a view: editing it edits the model
+    with torch.no_grad():
+        if cfg.change == "scale":  # B too writes u, through neuron j
+            column.copy_(cfg.strength * size * u)
+        model.save_pretrained(root / "b")
+        if cfg.plant and cfg.change == "scale":  # A writes B's u `scale` times as strongly
+            column.mul_(cfg.scale)
+        elif cfg.plant:  # A adds u·wᵀ, a direction B does not write
+            column.add_(cfg.strength * size * u)
     model.save_pretrained(root / "a")
     return PairSpec(a=str(root / "a"), b=str(root / "b"), tokenizer=str(root / "tokenizer")), u
 

@@ -280,6 +280,98 @@ def _min_sets(ok: Sequence[TrialResult]) -> dict[str, Any]:
     return {"n_steered": len(steered), "n_reached": len(sizes), "sizes": summarize(sizes)}
 
 
+LOCALIZE_TESTS = {"curve": "steer B by the top n mean writes (B ← A)", "ablate_b": "ablate top B-exclusive in B",
+                  "patch_a": "patch top n in A to B's rows (A → B)"}
+"""The causal tests of the localisation (SteerConfig.localize) → their row label."""
+PARTITION_SHARES = ("a_exclusive", "b_exclusive", "shared")
+"""The partitions whose shares of the difference the report shows (diff_share_<partition>)."""
+LARGEST_TERMS = 10
+"""Rows of report.json's `largest_terms` (and its table)."""
+
+
+def _groups(trials: Sequence[TrialResult]) -> tuple[bool, list[list[TrialResult]]]:
+    """Trials per layer, and per positions when it varies (whether it does, and the groups in order)."""
+    by_positions = len({value_key(t.config.get("positions")) for t in trials}) > 1
+    groups: dict[tuple[Any, ...], list[TrialResult]] = {}
+    for t in trials:
+        key = (_sort_key(t.config.get("layer")), _sort_key(t.config.get("positions")) if by_positions else ())
+        groups.setdefault(key, []).append(t)
+    return by_positions, [groups[key] for key in sorted(groups)]
+
+
+def _sizes(values: Iterable[Any]) -> dict[str, Any]:
+    """Feature counts where −1 means "none": how many trials measured one, how many had one, and their
+    `{mean, std, n}` with the range."""
+    measured = [int(x) for x in map(number, values) if x is not None]
+    sizes = [x for x in measured if x > 0]
+    return {"n_measured": len(measured), "n_reached": len(sizes), "sizes": summarize(sizes),
+            "range": [min(sizes), max(sizes)] if sizes else None}
+
+
+def _effect_summary(trials: Sequence[TrialResult], name: str) -> dict[str, Any] | None:
+    """One causal test over the trials that ran it: its n and effects over trials, and the trial with the
+    largest |effect| with its CI and its control's."""
+    ran = [t for t in trials if number(t.metrics.get(f"loc_{name}_pp")) is not None]
+    if not ran:
+        return None
+    best = max(ran, key=lambda t: abs(t.metrics[f"loc_{name}_pp"]))
+    return {"n_trials": len(ran), "n": summarize(t.metrics.get(f"loc_{name}_n") for t in ran),
+            "pp": summarize(t.metrics.get(f"loc_{name}_pp") for t in ran),
+            "random": summarize(t.metrics.get(f"loc_{name}_random_pp") for t in ran),
+            "best": {"trial_id": best.trial_id, "n": best.metrics.get(f"loc_{name}_n"),
+                     "effect": _with_ci(best.metrics, f"loc_{name}_pp"),
+                     "random": _with_ci(best.metrics, f"loc_{name}_random_pp")}}
+
+
+def _curve(trials: Sequence[TrialResult]) -> list[dict[str, Any]]:
+    """The localisation curve over trials: per n, the test effect and share of the reference `{mean, std, n}`."""
+    points: dict[int, list[dict[str, Any]]] = {}
+    for t in trials:
+        for point in t.metrics.get("loc_curve") or []:
+            points.setdefault(int(point["n"]), []).append(point)
+    return [{"n": n, "pp": summarize(p.get("pp") for p in group), "share": summarize(p.get("share") for p in group)}
+            for n, group in sorted(points.items())]
+
+
+def _difference(ok: Sequence[TrialResult]) -> list[dict[str, Any]]:
+    """Where the A − B difference lives, per layer (and positions when it varies): the attribution over trials
+    (n50/n90, partition shares, the top contributor's partition), the localisation curve against the reference
+    and each causal test with its control."""
+    located = [t for t in ok if number(t.metrics.get("diff_reference_norm")) is not None]
+    by_positions, groups = _groups(located)
+    rows = []
+    for trials in groups:
+        first = trials[0].metrics
+        tested = [t for t in trials if number(t.metrics.get("loc_reference_pp")) is not None]  # ran the causal tests
+        tops = [t.metrics["diff_top"][0]["partition"] for t in trials if t.metrics.get("diff_top")]
+        norm = number(first.get("diff_reference_norm")) or 0.0
+        rows.append({
+            "layer": trials[0].config.get("layer"),
+            **({"positions": trials[0].config.get("positions")} if by_positions else {}),
+            "n_trials": len(trials), "reference_norm": norm,
+            "features_of_reference": summarize(t.metrics.get("diff_features", 0.0) / norm if norm else None
+                                               for t in trials),
+            "cos_reconstruction": summarize(t.metrics.get("diff_cos_reconstruction") for t in trials),
+            "cos_norm_means": first.get("diff_cos_norm_means"),
+            "n50": _sizes(t.metrics.get("diff_n50") for t in trials),
+            "n90": _sizes(t.metrics.get("diff_n90") for t in trials),
+            "shares": {p: summarize(t.metrics.get(f"diff_share_{p}") for t in trials) for p in PARTITION_SHARES},
+            "top_partition": {p: tops.count(p) for p in PARTITION_SHARES},
+            **({"reference": _with_ci(tested[0].metrics, "loc_reference_pp")} if tested else {}),
+            "curve": _curve(trials),
+            "effect_n50": _sizes(t.metrics.get("loc_n50") for t in trials),
+            "tests": {name: summary for name in LOCALIZE_TESTS
+                      if (summary := _effect_summary(trials, name)) is not None}})
+    return rows
+
+
+def _largest_terms(ok: Sequence[TrialResult]) -> list[dict[str, Any]]:
+    """The largest terms of the difference over all trials, by their share of their trial's Σ c_j."""
+    rows = [{"trial_id": t.trial_id, **term} for t in ok for term in t.metrics.get("diff_top") or []]
+    rows.sort(key=lambda r: descending(r.get("share")))
+    return rows[:LARGEST_TERMS]
+
+
 STEER_CIS = ("steer_delta_pp", "steer_random_feature_pp", "steer_random_direction_pp")
 """Steering effects of one trial reported with a paired 95% CI (`<name>_lo`, `<name>_hi`)."""
 
@@ -293,14 +385,9 @@ def _steering_reference(ok: Sequence[TrialResult]) -> list[dict[str, Any]]:
     """Per layer (and positions, when it varies): the reference direction's test effect with its CI
     and verdict (one per steering replica and layer, so the first trial's), the best trial's feature
     and controls with their CIs, and cos / share of the reference over trials."""
-    steered = [t for t in ok if number(t.metrics.get("steer_reference_pp")) is not None]
-    by_positions = len({value_key(t.config.get("positions")) for t in steered}) > 1
-    groups: dict[tuple[str, str], list[TrialResult]] = {}
-    for t in steered:
-        key = (value_key(t.config.get("layer")), value_key(t.config.get("positions")) if by_positions else "")
-        groups.setdefault(key, []).append(t)
+    by_positions, groups = _groups([t for t in ok if number(t.metrics.get("steer_reference_pp")) is not None])
     rows = []
-    for trials in groups.values():
+    for trials in groups:
         first, best = trials[0].metrics, min(trials, key=lambda t: descending(t.metrics.get("steer_delta_pp")))
         rows.append({
             "layer": trials[0].config.get("layer"),
@@ -316,14 +403,21 @@ def _steering_reference(ok: Sequence[TrialResult]) -> list[dict[str, Any]]:
                               for name in STEER_CIS}},
             "cos_reference": summarize(t.metrics.get("steer_cos_reference") for t in trials),
             "share_of_reference": summarize(t.metrics.get("steer_share_of_reference") for t in trials)})
-    return sorted(rows, key=lambda r: (_sort_key(r["layer"]), _sort_key(r.get("positions"))))
+    return rows
+
+
+def _feature_count(values: Iterable[Any]) -> dict[str, Any]:
+    """`{mean, std, n}` of the counts reached (−1: none reached), and `n_measured`: the trials that measured one."""
+    sizes = _sizes(values)
+    return sizes["sizes"] | {"n_measured": sizes["n_measured"]}
 
 
 def _headline(ok: Sequence[TrialResult]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """(headline, baseline, comparison with the seed study) over successful trials."""
     summaries = [h for h in HEADLINE if not h.baseline]
     summaries.sort(key=lambda h: (h.control, h.fraction))  # report.json's order: Δs, spliced rates, controls
-    headline = {h.key: summarize(t.metrics.get(h.metric) for t in ok) for h in summaries}
+    headline = {h.key: _feature_count(t.metrics.get(h.metric) for t in ok) if h.feature_count
+                else summarize(t.metrics.get(h.metric) for t in ok) for h in summaries}
     baseline = {h.key: summarize(t.metrics.get(h.metric) for t in ok)["mean"] for h in HEADLINE if h.baseline}
     ours = {**{k: v["mean"] for k, v in headline.items()}, **baseline}
     comparison = {}
@@ -358,6 +452,8 @@ def build_report(results: Sequence[TrialResult], run_info: dict[str, Any] | None
         "min_set": _min_sets(ok),
         "seconds_per_trial": {m.name: summarize(t.metrics.get(m.name) for t in ok) for m in shown_in("time")},
         **({"steering_reference": rows} if (rows := _steering_reference(ok)) else {}),  # runs with a reference
+        **({"difference": rows, "largest_terms": _largest_terms(ok)}  # runs that attributed the difference
+           if (rows := _difference(ok)) else {}),
         **({"protocol_ablation": protocol_ablation} if protocol_ablation else {}),  # runs `dfc-ray ablate` judged
     })
 

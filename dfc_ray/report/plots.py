@@ -108,6 +108,54 @@ def _cos_vs_effect(ok: list[dict]):
     return fig
 
 
+def _numeric_first(text: str) -> tuple:
+    """Sort key: numbers by value, then text."""
+    x = number(float(text)) if text.replace(".", "", 1).isdigit() else None
+    return (x is None, x or 0.0, text)
+
+
+def _localization_curve(ok: list[dict], rows: list[dict[str, Any]]):
+    """The localisation curve: B steered by the top-n contributors' mean writes, test Δ (left) and share of the
+    reference's effect (right) vs n, one line (mean over its trials) per group; the reference with its CI and the
+    random controls (n random features, same norm) as bands."""
+    fig, (ax_pp, ax_share) = _figure(2, "Where the difference lives: top-n features steering B (test split)")
+    curved = [t for t in ok if t["metrics"].get("loc_curve")]
+    varying = [k for k in ("positions", "variant", "k", "dict_size")
+               if len({str(t["config"].get(k)) for t in curved}) > 1]
+    key = varying[0] if varying else None
+    sizes: set[int] = set()
+    for group in sorted({str(t["config"].get(key)) if key else "" for t in curved}, key=_numeric_first):
+        members = [t for t in curved if key is None or str(t["config"].get(key)) == group]
+        points: dict[int, list[dict]] = {}
+        for t in members:
+            for point in t["metrics"]["loc_curve"]:
+                points.setdefault(int(point["n"]), []).append(point)
+        ns = sorted(points)
+        sizes |= set(ns)
+        label = (f"{key}={group}" if key else "mean") + f" ({len(members)} trial{'s' * (len(members) != 1)})"
+        for ax, name in ((ax_pp, "pp"), (ax_share, "share")):
+            ax.plot(ns, [np.mean([p[name] for p in points[n]]) for n in ns], marker="o", ms=4, label=label)
+    for r, style in zip(rows, ("-", "--", ":", "-.") * len(rows)):
+        reference = r.get("reference") or {}
+        pp, lo, hi = (number(reference.get(k)) for k in ("pp", "lo", "hi"))
+        if pp is not None:
+            ax_pp.axhline(pp, color="black", lw=1.5, ls=style, label=f"reference v, layer {r['layer']}")
+            if lo is not None and hi is not None:
+                ax_pp.axhspan(lo, hi, color="black", alpha=0.08, lw=0)
+    ax_share.axhline(1.0, color="black", lw=1.5, label="the reference's effect")
+    controls = [x for x in (number(t["metrics"].get("loc_curve_random_pp")) for t in ok) if x is not None]
+    if controls:
+        low, high = float(np.mean(controls) - np.std(controls)), float(np.mean(controls) + np.std(controls))
+        ax_pp.axhspan(low, high, color="tab:red", alpha=0.15, lw=0, label="random features, same norm (mean ± sd)")
+    for ax, ylabel in ((ax_pp, "Δ B tool correctness (pp)"), (ax_share, "share of the reference's effect")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(sizes), [str(n) for n in sorted(sizes)])
+        ax.axhline(0, color="grey", lw=0.8, ls="--")
+        ax.set(xlabel="n features (largest terms of the difference first)", ylabel=ylabel)
+        ax.legend(fontsize=7)
+    return fig
+
+
 def _fvu_vs_delta(ok: list[dict]):
     fig, axes = _figure(2, "Reconstruction quality vs splice effect")
     variants = sorted({str(t["config"].get("variant", "")) for t in ok})
@@ -186,6 +234,8 @@ def write_plots(report: dict[str, Any], out_dir: str | Path) -> list[str]:
     layers = sorted({t["config"]["layer"] for t in ok if number(t["config"].get("layer")) is not None})
     if layers and any(number(t["metrics"].get("steer_delta_pp")) is not None for t in ok):  # one layer too
         save(_steer_by_layer(layers, ok), "steer_by_layer.png")
+    if any(t["metrics"].get("loc_curve") for t in ok):
+        save(_localization_curve(ok, report.get("difference") or []), "localization_curve.png")
     save(_fvu_vs_delta(ok), "fvu_vs_delta.png")
     if report.get("protocol_ablation"):  # runs `dfc-ray ablate` judged
         save(_protocol_ablation(report["protocol_ablation"]), "protocol_ablation.png")

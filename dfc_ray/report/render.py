@@ -18,7 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from dfc_ray.metrics import CELLS, HEADLINE, PP, REGISTRY, fmt, number, show, shown_in
-from dfc_ray.report.build import ABLATION_MEASURES, descending
+from dfc_ray.report.build import ABLATION_MEASURES, LOCALIZE_TESTS, PARTITION_SHARES, descending
 from dfc_ray.report.build import ablation_label as label_of
 
 
@@ -72,6 +72,8 @@ def _headline_section(report: dict[str, Any]) -> Section:
     table = []
     for h in HEADLINE:
         ours = fmt(h.metric, report["baseline"][h.key]) if h.baseline else fmt_stat(h.metric, report["headline"][h.key])
+        if h.feature_count and report["headline"][h.key].get("n_measured"):
+            ours += f", reached in {report['headline'][h.key]['n']} of {report['headline'][h.key]['n_measured']}"
         published = seed.get(h.key)
         theirs = ("—" if published is None else fmt_stat(h.metric, published) if isinstance(published, dict)
                   else fmt(h.metric, published))
@@ -160,6 +162,84 @@ def _steering_reference_section(report: dict[str, Any]) -> Section | None:
                    "cos and share are mean ± std over trials.")
 
 
+def _count_text(name: str, counts: dict[str, Any]) -> str:
+    """`mean ± std (n=…), range a–b` of feature counts, and how many trials reached none."""
+    if not counts["n_measured"]:
+        return "—"
+    text = fmt_stat(name, counts["sizes"])
+    if counts["range"]:
+        text += f", range {counts['range'][0]}–{counts['range'][1]}"
+    missing = counts["n_measured"] - counts["n_reached"]
+    return text + (f"; not reached in {missing} of {counts['n_measured']}" if missing else "")
+
+
+def _difference_sections(report: dict[str, Any]) -> list[Section]:
+    """Where the A − B difference lives: the attribution per layer, the localisation curve against the
+    reference, the causal tests with their controls, and the largest terms."""
+    rows = report.get("difference")
+    if not rows:
+        return []
+    by_positions = "positions" in rows[0]
+    where = ["layer", *(["positions"] if by_positions else [])]
+
+    def at(r: dict[str, Any]) -> list[str]:
+        return [fmt("layer", r["layer"]), *([str(r["positions"])] if by_positions else [])]
+
+    attribution = [[*at(r), str(r["n_trials"]), f"{r['reference_norm']:.1f}",
+                    fmt_stat("diff_share_shared", r["features_of_reference"]),
+                    _count_text("diff_n50", r["n50"]), _count_text("diff_n90", r["n90"]),
+                    *(fmt_stat(f"diff_share_{p}", r["shares"][p]) for p in PARTITION_SHARES),
+                    " / ".join(str(r["top_partition"][p]) for p in PARTITION_SHARES),
+                    fmt_stat("diff_cos_reconstruction", r["cos_reconstruction"]),
+                    fmt("diff_cos_norm_means", r["cos_norm_means"])] for r in rows]
+    out = [Section("Where the difference lives",
+                   [*where, "trials", "‖v‖", "Σ c_j / ‖v‖", "features for 50% of Σ c_j", "features for 90%",
+                    *(REGISTRY[f"diff_share_{p}"].label for p in PARTITION_SHARES),
+                    "top term's partition (trials: A-excl / B-excl / shared)", "cos(mean x̂_A − x̂_B, v)",
+                    "cos(mean_A − mean_B, v)"], attribution,
+                   "v = mean(x_A − x_B) on the dev tool prompts at the last prompt token; c_j = mean(f_j)·(d_j^A − "
+                   "d_j^B)·v̂ in raw space, so Σ c_j + biases + normalization means + error = ‖v‖ "
+                   "(docs/evaluation.md). Shares are of Σ c_j; mean ± std over trials.")]
+    curve, tests = [], []
+    for r in rows:
+        if r.get("reference"):
+            curve.append([*at(r), "reference v", _ci_text(r["reference"]), "1.00"])
+        curve += [[*at(r), str(p["n"]), fmt_stat("loc_curve_pp", p["pp"]), fmt_stat("loc_curve_share", p["share"])]
+                  for p in r["curve"]]
+        if r["effect_n50"]["n_measured"]:
+            tests.append([*at(r), "features for 50% of the reference effect (dev)", "b",
+                          str(r["effect_n50"]["n_measured"]), _count_text("loc_n50", r["effect_n50"]), "", "", "", ""])
+        for name, t in r["tests"].items():
+            best = t["best"]
+            tests.append([*at(r), LOCALIZE_TESTS[name], "a" if name == "patch_a" else "b", str(t["n_trials"]),
+                          fmt_stat("loc_curve_n", t["n"]), fmt_stat("loc_curve_pp", t["pp"]),
+                          f"{_ci_text(best['effect'])} ({best['trial_id']}, n {fmt('n', best['n'])})",
+                          _ci_text(best["random"]), fmt_stat("loc_curve_pp", t["random"])])
+    if curve:
+        out.append(Section("Where the difference lives: localisation curve B ← A (test split)",
+                           [*where, "n", "Δ B (pp)", "share of the reference effect"], curve,
+                           "B steered by Σ over the top n terms of mean(f_j)·(d_j^A − d_j^B) at the reference's "
+                           "calibration; mean ± std over trials (each trial's paired CIs are in report.json's "
+                           "trials, loc_curve)."))
+    if tests:
+        out.append(Section("Where the difference lives: causal tests (test split)",
+                           [*where, "test", "target", "trials", "n (chosen on dev)", "Δ (pp) over trials",
+                            "largest |Δ| [95% CI] (trial, n)", "its control [95% CI]", "control over trials (pp)"],
+                           tests, "Each test: n chosen on dev, effect on test with a paired-bootstrap CI, and a "
+                           "control of n random firing features resized to the same norm."))
+    terms = [[t["trial_id"], fmt("feature", t.get("feature")), str(t.get("partition")),
+              show(t.get("contribution")), fmt("diff_share_shared", t.get("share")), show(t.get("cos_reference")),
+              show(t.get("mean_activation")), fmt("dead_frac", t.get("fires")), show(t.get("beta_a")),
+              show(t.get("beta_b"))] for t in report.get("largest_terms") or []]
+    if terms:
+        out.append(Section("Largest terms of the difference", ["trial", "feature", "partition", "c_j",
+                                                               "share of Σ c_j", "cos(d^A − d^B, v)", "mean f_j",
+                                                               "fires", "β_A", "β_B"], terms,
+                           "Latent Scaling β_m: how much of model m's activation the feature's (stronger) decoder "
+                           "row explains; β_B ≈ β_A means B has the direction too (not exclusive)."))
+    return out
+
+
 def _protocol_ablation_sections(report: dict[str, Any]) -> list[Section]:
     """`dfc-ray ablate`'s rows (ours, seed, each with one switch changed), each switch's effect with its
     weakness number, the verdict, and the seed row next to the published numbers."""
@@ -209,6 +289,7 @@ def sections(report: dict[str, Any]) -> list[Section]:
     out = [_headline_section(report), *_protocol_ablation_sections(report)]
     if (reference := _steering_reference_section(report)) is not None:
         out.append(reference)
+    out += _difference_sections(report)
     out += [*_axis_sections(report), _trials_section(report)]
     if report["best_features"]:
         out.append(_best_features_section(report))

@@ -18,7 +18,7 @@ import torch
 from ray import tune
 
 from actors.pool import ReplicaPool, wait_any
-from actors.steering import SteerResult
+from actors.steering import Localization, SteerResult
 from dfc_ray import metrics as registry
 from dfc_ray import store
 from dfc_ray.crosscoder import DFCConfig
@@ -119,16 +119,18 @@ def judge_checkpoint(pools: tuple, checkpoint: str, layer: int, fingerprint: str
     evaluator, steerer = (ReplicaPool.connect(cfg) for cfg in pools)
     started = time.perf_counter()
     refs = {"eval_s": evaluator.submit("for_pair", fingerprint, "evaluate", checkpoint, layer),
-            "steer_s": steerer.submit("for_pair", fingerprint, "steer", checkpoint, layer)}
+            "steer_s": steerer.submit("for_pair", fingerprint, "steer", checkpoint, layer),
+            "loc_s": steerer.submit("for_pair", fingerprint, "localize", checkpoint, layer)}
     seconds, pending = {}, list(refs.values())
     while pending:  # time each answer: how long a trial waits for each judge
         ready, pending = wait_any((evaluator, steerer), pending)
         seconds |= {name: time.perf_counter() - started for name, ref in refs.items() if ref in ready}
-    evaluation, steering = ray.get(list(refs.values()))
-    return judge_metrics(evaluation, steering, seconds)
+    evaluation, steering, localization = ray.get(list(refs.values()))
+    return judge_metrics(evaluation, steering, seconds, localization)
 
 
-def judge_metrics(evaluation: EvalResult, steering: SteerResult, seconds: dict[str, float]) -> dict[str, Any]:
+def judge_metrics(evaluation: EvalResult, steering: SteerResult, seconds: dict[str, float],
+                  localization: Localization | None = None) -> dict[str, Any]:
     """The judges' results as trial metrics; lists go as JSON text (results.STRUCTURED)."""
     ranking = [{"feature": f.feature, "cohens_d": f.cohens_d, "auroc": f.auroc} for f in steering.ranking[:5]]
     chosen = steering.targets.get(steering.config.get("primary", "a"))
@@ -137,7 +139,8 @@ def judge_metrics(evaluation: EvalResult, steering: SteerResult, seconds: dict[s
     reference = chosen.reference if chosen else None  # the same dev α grid for the reference direction
     reference_curve = [{"alpha": alpha, "delta_pp": 100 * (correct - reference.dev_clean)}
                        for alpha, correct in (reference.grid if reference else [])]
-    return evaluation.metrics() | steering.metrics() | seconds | {"top_features": json.dumps(ranking),
-                                                                "alpha_curve": json.dumps(curve),
-                                                                "reference_alpha_curve": json.dumps(reference_curve),
-                                                                "steer_skipped": steering.skipped}
+    located = {k: json.dumps(v) if isinstance(v, list) else v
+               for k, v in (localization.metrics() if localization else {}).items()}
+    return evaluation.metrics() | steering.metrics() | located | seconds | {
+        "top_features": json.dumps(ranking), "alpha_curve": json.dumps(curve),
+        "reference_alpha_curve": json.dumps(reference_curve), "steer_skipped": steering.skipped}

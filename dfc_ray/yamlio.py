@@ -82,7 +82,15 @@ def load_yaml(path: str | Path) -> Any:
     size = path.stat().st_size
     if size > MAX_YAML_BYTES:
         raise ValueError(f"{path}: {size:,} bytes; expected a YAML file of at most {MAX_YAML_BYTES:,} bytes")
-    loader = yaml.SafeLoader(path.read_text())
+    return parse_yaml(path.read_text(), str(path))
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """`load_yaml` for YAML already read (a run folder's spec.yaml, local or s3://); `where` names it in
+    the one-line error."""
+    if len(text) > MAX_YAML_BYTES:
+        raise ValueError(f"{where}: {len(text):,} characters; expected a YAML file of at most {MAX_YAML_BYTES:,} bytes")
+    loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
         if node is None:
@@ -93,8 +101,8 @@ def load_yaml(path: str | Path) -> Any:
                            "(an alias bomb?)")
         return loader.construct_document(node)
     except _Refused as err:
-        raise ValueError(f"{path}: {err}") from None
+        raise ValueError(f"{where}: {err}") from None
     except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
+        raise ValueError(f"{where}: not valid YAML ({' '.join(str(err).split())})") from None
     finally:
         loader.dispose()

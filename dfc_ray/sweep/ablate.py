@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import yaml
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
@@ -44,6 +43,7 @@ from dfc_ray.spaces import SweepSpec, parse_spec
 from dfc_ray.sweep.results import read_results
 from dfc_ray.sweep.trial import trial_batches, trial_configs
 from dfc_ray.train import train
+from dfc_ray.yamlio import parse_yaml
 
 
 
@@ -237,7 +237,8 @@ def ablate(run_uri: str, *, max_checkpoints: int = 3, trial_ids: Sequence[str] =
     spec_text = run.read_text("spec.yaml")
     if spec_text is None:
         raise FileNotFoundError(f"{redact(run.uri)}: no spec.yaml; expected a sweep's run folder")
-    spec = parse_spec(yaml.safe_load(spec_text), f"{redact(run.uri)}/spec.yaml")
+    where = f"{redact(run.uri)}/spec.yaml"
+    spec = parse_spec(parse_yaml(spec_text, where), where)
     trials = pick_trials(spec, read_results(run), max_checkpoints, trial_ids, f"{redact(run.uri)}/results.jsonl")
     twins = train_twins(spec, run, trials, progress)
     layers = {t["trial_id"]: int(spec.trial_settings(t["config"])["layer"]) for t in trials}

@@ -40,6 +40,7 @@ from dfc_ray.sweep.results import INTERRUPTED, LIVE_VIEWS, ResultsWriter, read_r
 from dfc_ray.sweep.search import remaining_work, scheduler, searcher
 from dfc_ray.sweep.trial import TrialContext, run_trial
 from dfc_ray.tune_storage import JournalUploader, local_journal, tune_storage
+from dfc_ray.yamlio import parse_yaml
 
 
 def start_pools(spec: SweepSpec, run_id: str) -> list:
@@ -134,7 +135,7 @@ def _open_run(spec: SweepSpec | None, run_uri: str, resume: bool,
         assert spec is not None
         return run, spec, _new_record(spec.raw | {"name": spec.name})
     where = f"{redact(run.uri)}/spec.yaml"
-    saved = yaml.safe_load(existing)
+    saved = parse_yaml(existing, where)
     if not isinstance(saved, dict):
         raise ValueError(f"{where}: expected the run's spec (a mapping), got {type(saved).__name__}")
     if spec is not None and yaml.safe_dump(spec.raw | {"name": spec.name}, sort_keys=False) != existing:

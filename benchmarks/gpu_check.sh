@@ -10,14 +10,12 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu-check}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-toy=() groups=1,4,8,16
-[ -n "${TOY:-}" ] && toy=(--toy --device cpu --dtype fp32) groups=1,2
+toy=() jtoy=() groups=1,4,8,16
+if [ -n "${TOY:-}" ]; then toy=(--toy --device cpu --dtype fp32) jtoy=(--toy --device cpu) groups=1,2; fi
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv 2>/dev/null \
     || echo "no nvidia-smi"; python3 -c "import torch; print('torch', torch.__version__)"; } | tee "$OUT/machine.txt"
 timeout 240 python3 benchmarks/train_throughput.py --table --group "$groups" --recovery-steps 600 --json "$OUT/train.json" "${toy[@]}" \
     2>&1 | tee "$OUT/train.log"
 echo "train_throughput exit: ${PIPESTATUS[0]}"
-jtoy=()
-[ -n "${TOY:-}" ] && jtoy=(--toy --device cpu)
 timeout 270 python3 benchmarks/gpu_judges.py --out "$OUT" "${jtoy[@]}" 2>&1 | tee "$OUT/judges.log"
 echo "gpu_judges exit: ${PIPESTATUS[0]}"

@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu-check}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-toy=() jtoy=() groups=1,4,8,16
+toy=(--d-model 2048) jtoy=() groups=1,4,8,16  # the table is at d_model 2048
 if [ -n "${TOY:-}" ]; then toy=(--toy --device cpu --dtype fp32) jtoy=(--toy --device cpu) groups=1,2; fi
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv 2>/dev/null \
     || echo "no nvidia-smi"; python3 -c "import torch; print('torch', torch.__version__)"; } | tee "$OUT/machine.txt"

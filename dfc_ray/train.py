@@ -190,7 +190,7 @@ def train_group(members: Sequence[Member], batches: Iterable[Tensor], on_metrics
             for t, task in running:
                 if t.device not in on_device:
                     # From pinned memory the copy is queued behind the running step instead of holding the host.
-                    host = batch.pin_memory() if t.device.type == "cuda" else batch
+                    host = batch.pin_memory() if t.device.type == "cuda" and batch.device.type == "cpu" else batch
                     on_device[t.device] = host.to(t.device, non_blocking=True).float()
                 t.train_step(on_device[t.device])
                 if len(t.window) >= t.cfg.log_every or not t.running:

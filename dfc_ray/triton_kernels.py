@@ -28,7 +28,8 @@ def segment_sum_kernel(offsets_ptr, idx_ptr, w_ptr, y_ptr, out_ptr, width, y_str
         tile = tl.load(y_ptr + rows[:, None] * y_stride + cols[None, :], mask=ok[:, None] & col_ok[None, :],
                        other=0.0)
         acc += tl.sum(tile.to(tl.float32) * w[:, None], axis=0)
-    tl.store(out_ptr + seg * out_stride + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
+    row = seg.to(tl.int64) * out_stride  # int64: no overflow past 2³¹ output elements
+    tl.store(out_ptr + row + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
 
 @triton.jit
 def gathered_dots_kernel(a_idx_ptr, b_idx_ptr, a_ptr, b_ptr, out_ptr, n, width, a_stride, b_stride,

@@ -22,7 +22,6 @@ from torch import Tensor
 
 from dfc_ray.config import DFCConfig, TrainConfig
 from dfc_ray.crosscoder import DedicatedFeatureCrosscoder
-from dfc_ray.preflight import resolve_device
 
 METRICS = ("loss", "recon", "fvu_a", "fvu_b", "l0", "l0_a_exclusive", "l0_b_exclusive", "l0_shared",
            "aux", "l1", "dead_frac")
@@ -65,7 +64,9 @@ class Trainer:
 
     def __init__(self, member: Member):
         self.name, self.cfg = member.name, member.train
-        self.device = torch.device(resolve_device(self.cfg.device, "train.device"))
+        device = self.cfg.device
+        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
+                                   else "cpu" if device == "auto" else device)
         self.model = DedicatedFeatureCrosscoder(member.dfc, seed=self.cfg.seed).to(self.device)
         self.model.formulation = self.cfg.formulation
         weights = [p for n, p in self.model.named_parameters() if not n.startswith("b_")]

@@ -557,6 +557,11 @@ class HarvestConfig(Config):
     """Records per forward pass (one group)."""
     sink_factor: float = 10.0
     """all_tokens: drop tokens whose norm exceeds this × the record's median norm in either model."""
+    cpu_threads: int = at_least(1, 1)
+    """torch intra-op threads while computing rows, the same in-process and in every Ray actor. CPU
+    matmuls split their sums by thread count, so rows computed with another count differ in the last
+    bits (and then in the store dtype's rounding): a fixed count makes a harvest's bytes independent of
+    who computed which part (docs/store.md, "What one content hash promises"). No effect on GPU rows."""
     num_actors: int = at_least(1, 1)
     """Ray actors hosting the pair (Ray Data actor pool size)."""
     gpus_per_actor: float = -1

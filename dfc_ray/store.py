@@ -622,6 +622,55 @@ def validate_store(uri: str, layer: int, *, d_model: int | None = None, models: 
     return manifest
 
 
+UNIT_ROUNDOFF = {"float16": 2.0 ** -11, "bfloat16": 2.0 ** -8, "float32": 2.0 ** -24}
+"""Half an ulp at 1.0 of each store dtype: the most one rounding to it moves a value, relative."""
+COMPUTE_DRIFT = 1e-5
+"""How far float32 forward passes of one pair on different hardware may drift apart, relative to the row's
+RMS (kernels that sum in another order; measured ≤ 3e-7 between thread counts on the test pairs)."""
+
+
+@dataclass(frozen=True)
+class LayerComparison:
+    """How two harvests of one layer compare (`compare_layers`)."""
+
+    rows: int
+    identical: bool
+    """Every shard has the same crc32: the same bytes."""
+    worst: float
+    """The largest |a − b| over its tolerance among all values (0 when identical; ≤ 1 within tolerance)."""
+
+
+def compare_layers(uri_a: str, uri_b: str, layer: int, *, drift: float = COMPUTE_DRIFT) -> LayerComparison:
+    """Two harvests of one layer made from the same inputs, e.g. on different machines: a one-line ValueError
+    unless the layout is equal (every shard's file, rows and part) and every value agrees within
+    `2·u·|b| + drift·rms(b's row)` — `u` the store dtype's unit roundoff (each side rounded once), `drift`
+    the float32 computation's (COMPUTE_DRIFT). On one machine with the same settings a harvest's bytes are
+    equal (docs/store.md, "What one content hash promises"); this is the promise across hardware."""
+    a, b = validate_store(uri_a, layer), validate_store(uri_b, layer)
+    where = f"{redact(uri_a)} vs {redact(uri_b)}, {layer_dir(layer)}"
+    if a.spec.dtype != b.spec.dtype or a.spec.d_model != b.spec.d_model:
+        raise ValueError(f"{where}: dtype/d_model {a.spec.dtype}/{a.spec.d_model} vs {b.spec.dtype}/{b.spec.d_model}; "
+                         "expected harvests of the same settings")
+    layout = [[(s["file"], s["rows"], s.get("part")) for s in m.shards] for m in (a, b)]
+    if layout[0] != layout[1]:
+        first = next((i for i, (x, y) in enumerate(zip(*layout, strict=False)) if x != y), min(map(len, layout)))
+        raise ValueError(f"{where}: layouts differ at shard {first} ({len(layout[0])} vs {len(layout[1])} shards); "
+                         "expected the same shards, rows and parts")
+    if [s["crc32"] for s in a.shards] == [s["crc32"] for s in b.shards]:
+        return LayerComparison(a.total_rows, True, 0.0)
+    u, worst, row = UNIT_ROUNDOFF[a.spec.dtype], 0.0, 0
+    in_order = [_layer_batches(uri, m, 4096, False, None, 1, False) for uri, m in ((uri_a, a), (uri_b, b))]
+    for x, y in zip(*in_order, strict=True):
+        rms = y.pow(2).mean(dim=-1, keepdim=True).sqrt()
+        excess = (x - y).abs() / (2 * u * y.abs() + drift * rms).clamp_min(torch.finfo(torch.float32).tiny)
+        if excess.max().item() > 1:
+            bad = int(excess.amax(dim=(1, 2)).argmax())
+            raise ValueError(f"{where}: row {row + bad} differs by {(x - y)[bad].abs().max().item():.3g}, beyond the "
+                             f"tolerance 2·{u:.3g}·|b| + {drift:g}·rms(row); expected the same activations")
+        worst, row = max(worst, excess.max().item()), row + len(x)
+    return LayerComparison(a.total_rows, False, worst)
+
+
 def drop_shards_from(uri: str, layer: int, index: int) -> None:
     """Forget shard `index` of the layer's manifest (a bad shard found on reuse) and every later shard its
     writer wrote, so that writer, re-opened, resumes from there and rewrites them: its manifest keeps the

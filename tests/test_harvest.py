@@ -241,7 +241,7 @@ def test_harvest_to_s3_through_ray_then_train_a_step(tiny_pair, s3_bucket, ray_c
     result = harvest(cfg, use_ray=True, progress=False)  # two actors, each writing its own parts' shards to S3
     local = harvest(replace(cfg, store=str(tmp_path / "local")), use_ray=False, progress=False)
     assert result.uri.startswith(s3_bucket) and result.rows == local.rows == 48
-    for layer in cfg.layers:  # the same layout and bytes, whoever computed which part
+    for layer in cfg.layers:  # the same layout and bytes, whoever computed which part (each at cpu_threads)
         shards = store.read_manifest(result.uri, layer).shards
         assert shards == store.read_manifest(local.uri, layer).shards and len({s["part"] for s in shards}) > 1
         np.testing.assert_array_equal(_all_rows(result.uri, layer), _all_rows(local.uri, layer))
@@ -254,3 +254,42 @@ def test_harvest_to_s3_through_ray_then_train_a_step(tiny_pair, s3_bucket, ray_c
     loss.backward()
     optimizer.step()
     assert torch.isfinite(loss)
+
+
+def test_harvest_bytes_do_not_depend_on_the_callers_thread_count(tiny_pair, tmp_path):
+    """Rows are computed at `cpu_threads`, whatever the caller (driver or Ray actor) runs with: on the test
+    pair, float32 rows at 1 and 3 threads differ in their last bits without it (docs/store.md)."""
+    cfg = small_config(tiny_pair, tmp_path)
+    before = torch.get_num_threads()
+    crcs = []
+    try:
+        for threads in (3, 1):
+            torch.set_num_threads(threads)
+            result = harvest(replace(cfg, store=str(tmp_path / f"t{threads}")), use_ray=False, progress=False)
+            assert torch.get_num_threads() == threads  # the caller's count is restored
+            crcs.append([[s["crc32"] for s in store.read_manifest(result.uri, layer).shards] for layer in cfg.layers])
+    finally:
+        torch.set_num_threads(before)
+    assert crcs[0] == crcs[1]
+    progress = json.loads((Path(result.uri) / "harvest.json").read_text())
+    assert progress["config"]["cpu_threads"] == 1 and progress["torch"] == torch.__version__
+
+
+def test_compare_layers_accepts_rounding_and_catches_real_divergence(tiny_pair, tmp_path):
+    """Across hardware the promise is the layout plus values within the store dtype's rounding and the
+    float32 drift (store.compare_layers); other rows, another order or a dropped part are refused."""
+    cfg = small_config(tiny_pair, tmp_path, dtype="float16")
+    one = harvest(cfg, use_ray=False, progress=False)
+    three = harvest(replace(cfg, cpu_threads=3), use_ray=False, progress=False)  # other kernels' sums
+    assert one.uri != three.uri  # the thread count is part of the content hash
+    for layer in cfg.layers:
+        same = store.compare_layers(one.uri, three.uri, layer)
+        assert same.rows == 48 and 0 <= same.worst <= 1
+        assert store.compare_layers(one.uri, one.uri, layer).identical
+    reordered = harvest(replace(cfg, corpus=replace(cfg.corpus, seed=cfg.corpus.seed + 1)), use_ray=False,
+                        progress=False)  # other plain texts: same layout, other rows
+    with pytest.raises(ValueError, match=r"row \d+ differs by .* expected the same activations"):
+        store.compare_layers(one.uri, reordered.uri, 1)
+    shorter = harvest(replace(cfg, corpus=replace(cfg.corpus, n_plain=8)), use_ray=False, progress=False)
+    with pytest.raises(ValueError, match="layouts differ at shard"):
+        store.compare_layers(one.uri, shorter.uri, 1)

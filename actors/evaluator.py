@@ -14,6 +14,7 @@ from dataclasses import asdict
 import ray
 
 from actors.replica import PairReplica
+from dfc_ray import selfcheck
 from dfc_ray.config import METRICS
 from dfc_ray.evaluate import (EvalConfig, EvalResult, SpliceLoss, bootstrap_rate, eval_tasks, eval_texts,
                               load_crosscoder, paired_delta_pp, score_all, splice_loss_per_text, tool_rates)
@@ -66,7 +67,8 @@ class Evaluator(PairReplica):
                           a_clean=tool_rates(clean["a"], **boot), a_splice=tool_rates(spliced["a"], **boot),
                           b_clean=tool_rates(clean["b"], **boot), b_splice=tool_rates(spliced["b"], **boot),
                           delta_a_pp=delta["a"], delta_b_pp=delta["b"], loss_a=losses["a"], loss_b=losses["b"],
-                          clean_cached=cached, seconds=time.perf_counter() - started, metric=metric, passed=passed)
+                          clean_cached=cached, seconds=time.perf_counter() - started, metric=metric, passed=passed,
+                          fast_path_fallbacks=selfcheck.fallbacks())
 
     def _spliced(self, cc, layer: int, target: str, prompts: list[str], cfg: EvalConfig):
         """Replies of `target` with the reconstruction spliced in; at the last prompt token the other

@@ -33,6 +33,7 @@ from rich.console import Console
 from rich.table import Table
 
 from actors.replica import PairReplica
+from dfc_ray import selfcheck
 from dfc_ray.attribution import (Attribution, attribute, encode, largest_terms, mean_write, partition_names,
                                  patch_norms)
 from dfc_ray.config import JudgeProtocol, SteerConfig
@@ -151,6 +152,8 @@ class SteerResult:
     targets: dict[str, TargetSteer] = field(default_factory=dict)
     seconds: float = 0.0
     """Wall-clock seconds the steerer spent on this request (plan.py's measured rates use it)."""
+    fast_path_fallbacks: list[str] = field(default_factory=list)
+    """Fast paths the steerer's process replaced by their reference after a failed self-check (selfcheck)."""
 
     def metrics(self) -> dict[str, float | str]:
         """steer_feature, steer_alpha, steer_target, steer_delta_pp, steer_min_set (the primary target)
@@ -451,7 +454,7 @@ class Steerer(PairReplica):
         """Run the protocol for `checkpoint` (a folder path) at `layer`."""
         started = time.perf_counter()
         result = self._steer(checkpoint, layer, cfg or self.cfg)
-        result.seconds = time.perf_counter() - started
+        result.seconds, result.fast_path_fallbacks = time.perf_counter() - started, selfcheck.fallbacks()
         return result
 
     def _steer(self, checkpoint: str, layer: int, cfg: SteerConfig) -> SteerResult:

@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "dfc_ray.commands.sweep",
     "dfc_ray.commands.report",
     "dfc_ray.commands.seed",
+    "dfc_ray.commands.doctor",
 ]
 
 

@@ -13,6 +13,8 @@ checkpoint): `encode` takes raw activations and `decode` returns raw-space activ
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import math
 from dataclasses import asdict, dataclass, fields
@@ -24,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from dfc_ray import kernels
+from dfc_ray import kernels, selfcheck
 from dfc_ray.config import L1_MODES, RECONS, SPARSITIES, DFCConfig, Formulation  # noqa: F401  (re-exported)
 from dfc_ray.preflight import check_crosscoder_fits, check_finite_weights
 
@@ -38,7 +40,29 @@ def resolve_formulation(name: Formulation, device: torch.device) -> tuple[bool, 
     reverse holds; "hybrid" is a dense encoder with a sparse decoder."""
     if name == "auto":
         name = "dense" if device.type == "cuda" else "sparse"
+    if name != "sparse" and not selfcheck.first_contact(f"train.{name}", device,
+                                                        functools.partial(formulation_error, name)):
+        name = "sparse"  # its first-contact check failed in this process: the reference path from now on
     return name in ("dense", "hybrid"), name == "dense"
+
+
+def formulation_error(name: Formulation, device: torch.device) -> tuple[float, float]:
+    """(error, tolerance) of formulation `name` against the sparse reference on `device`: the loss, AuxK and
+    every gradient of one step of a small random DFC with half its features dead (selfcheck's check)."""
+    gen = torch.Generator().manual_seed(0)
+    cfg = DFCConfig(d_model=64, dict_size=512, k=8, a_exclusive=0.05, b_exclusive=0.05, aux_k=16)
+    base = DedicatedFeatureCrosscoder(cfg).to(device).train()
+    base.rows_since_fired[::2] = cfg.dead_tokens
+    x = torch.randn(256, 2, cfg.d_model, generator=gen).to(device)
+    runs = []
+    for formulation in (name, "sparse"):
+        cc = copy.deepcopy(base)
+        cc.formulation = formulation
+        parts = cc.loss(x)
+        parts["loss"].backward()
+        runs.append([parts["loss"], parts["aux"]] + [p.grad if p.grad is not None else torch.zeros_like(p)
+                                                     for p in cc.parameters()])
+    return max(selfcheck.relative_error(fast, ref) for fast, ref in zip(*runs, strict=True)), 1e-4
 
 
 def _compute_dtype(device_type: str) -> torch.dtype | None:

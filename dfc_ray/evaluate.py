@@ -92,6 +92,8 @@ class EvalResult:
     passed: dict[str, dict[str, list[bool]]] = field(default_factory=dict)
     """Metric (strict, seed_lenient) → condition (a_clean, a_splice, b_clean, b_splice) → per prompt, correct
     or not (the ablation pools checkpoints per prompt, under either metric, from one evaluation)."""
+    fast_path_fallbacks: list[str] = field(default_factory=list)
+    """Fast paths the evaluator's process replaced by their reference after a failed self-check (selfcheck)."""
 
     def rate(self, name: str) -> Rate:
         """`a_clean` / `a_splice` / `b_clean` / `b_splice` under the protocol's metric."""

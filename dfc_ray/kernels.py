@@ -23,14 +23,34 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dfc_ray import selfcheck
+
 
 FORCE = False
 """Run the kernels on CPU tensors too (tests set it, with TRITON_INTERPRET=1)."""
 
 
 def active(t: Tensor) -> bool:
-    """Whether the crosscoder's sparse passes over `t` use these kernels: on CUDA, or when forced."""
-    return t.is_cuda or FORCE
+    """Whether the crosscoder's sparse passes over `t` use these kernels: on CUDA, or when forced, unless their
+    first-contact check on `t`'s device failed (selfcheck: then the torch path of the CPU runs there too)."""
+    return (t.is_cuda or FORCE) and selfcheck.first_contact("kernels.triton", t.device, kernel_error)
+
+
+def kernel_error(device: torch.device) -> tuple[float, float]:
+    """(error, tolerance) of both kernels against torch on `device`, with absent (< 0) entries (selfcheck's check)."""
+    gen = torch.Generator().manual_seed(0)
+    n_seg, n_rows, width, n = 37, 50, 200, 300
+    keys = torch.randint(0, n_seg, (n,), generator=gen).sort().values
+    idx = torch.randint(-1, n_rows, (n,), generator=gen)
+    w, y = torch.randn(n, generator=gen), torch.randn(n_rows, width, generator=gen)
+    keep = (idx >= 0).float()
+    reference = torch.zeros(n_seg, width).index_add_(0, keys, (w * keep)[:, None] * y[idx.clamp(min=0)])
+    on = [t.to(device) for t in (keys, idx, w, y)]
+    summed = segment_sum(segment_offsets(on[0], n_seg), on[1], on[2], on[3], torch.float32)
+    a_idx, b_idx = torch.randint(0, n_rows, (n,), generator=gen), idx
+    dots_reference = (y[a_idx] * y[b_idx.clamp(min=0)]).sum(1) * keep
+    dots = gathered_dots(a_idx.to(device), b_idx.to(device), on[3], on[3])
+    return max(selfcheck.relative_error(summed, reference), selfcheck.relative_error(dots, dots_reference)), 1e-4
 
 
 def segment_offsets(sorted_keys: Tensor, n_segments: int) -> Tensor:

@@ -139,6 +139,7 @@ METRICS: tuple[Metric, ...] = (
     metric("train_peak_mem_mb", "training peak memory", "MB"),
     metric("node_id", "Ray node the trial ran on"),
     metric("harvest_store", "the harvest store the trial trained on (one per distinct positions)"),
+    metric("fast_path_fallbacks", "fast paths replaced by their reference after a failed self-check (selfcheck)"),
     # splice evaluation (EvalResult.metrics)
     metric("a_clean", "A clean", "fraction", PERCENT, ("trials",), cell=AB[0]),
     metric("a_splice", "A spliced", "fraction", PERCENT, ("trials",), cell=AB[0]),

@@ -14,7 +14,7 @@ from dfc_ray.failures import lost_to_infrastructure, trial_error
 from dfc_ray.fs import RunFolder, redact
 from dfc_ray.spaces import SweepSpec
 
-STRUCTURED = ("top_features", "alpha_curve", "reference_alpha_curve", "diff_top", "loc_curve")
+STRUCTURED = ("top_features", "alpha_curve", "reference_alpha_curve", "diff_top", "loc_curve", "fast_path_fallbacks")
 """Trial metrics that are lists: reported to Tune as JSON text (TensorBoard skips text, but warns on
 lists), decoded back into lists in results.jsonl."""
 

@@ -20,6 +20,7 @@ from ray import tune
 from actors.pool import ReplicaPool, wait_any
 from actors.steering import Localization, SteerResult
 from dfc_ray import metrics as registry
+from dfc_ray import selfcheck
 from dfc_ray import store
 from dfc_ray.crosscoder import DFCConfig
 from dfc_ray.evaluate import EvalResult
@@ -107,6 +108,8 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
             started = time.perf_counter()
             metrics |= judge_checkpoint(ctx.pools, checkpoint, layer, ctx.pair_fingerprint)
             metrics["judge_s"] = time.perf_counter() - started
+    judged = metrics.pop("fast_path_fallbacks", [])
+    metrics["fast_path_fallbacks"] = json.dumps(sorted(set(selfcheck.fallbacks()) | set(judged)))
     for name in spec.metrics:  # an objective the trial could not produce is NaN, never a made-up number
         metrics.setdefault(name, math.nan)
     tune.report(metrics)
@@ -143,4 +146,5 @@ def judge_metrics(evaluation: EvalResult, steering: SteerResult, seconds: dict[s
                for k, v in (localization.metrics() if localization else {}).items()}
     return evaluation.metrics() | steering.metrics() | located | seconds | {
         "top_features": json.dumps(ranking), "alpha_curve": json.dumps(curve),
-        "reference_alpha_curve": json.dumps(reference_curve), "steer_skipped": steering.skipped}
+        "reference_alpha_curve": json.dumps(reference_curve), "steer_skipped": steering.skipped,
+        "fast_path_fallbacks": evaluation.fast_path_fallbacks + steering.fast_path_fallbacks}

@@ -48,7 +48,13 @@ def resolve_formulation(name: Formulation, device: torch.device) -> tuple[bool, 
 
 def formulation_error(name: Formulation, device: torch.device) -> tuple[float, float]:
     """(error, tolerance) of formulation `name` against the sparse reference on `device`: the loss, AuxK and
-    every gradient of one step of a small random DFC with half its features dead (selfcheck's check)."""
+    every gradient of one step of a small random DFC with half its features dead (selfcheck's check). In float32
+    whatever autocast the caller runs under: the check compares formulations, not precisions."""
+    with torch.autocast(device.type, enabled=False):
+        return _formulation_error(name, device)
+
+
+def _formulation_error(name: Formulation, device: torch.device) -> tuple[float, float]:
     gen = torch.Generator().manual_seed(0)
     cfg = DFCConfig(d_model=64, dict_size=512, k=8, a_exclusive=0.05, b_exclusive=0.05, aux_k=16)
     base = DedicatedFeatureCrosscoder(cfg).to(device).train()

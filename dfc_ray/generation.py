@@ -361,8 +361,10 @@ class _Decoder:
             f"decode.static:{type(model).__name__}", self.device, self._static_error)
 
     def _static_error(self, device: torch.device) -> tuple[float, float]:
-        """(share of token ids where static decoding differs from eager, 0) on four random prompts, 8 greedy
-        tokens, no hooks and no stop strings (selfcheck's first-contact check of this model class)."""
+        """(share of token ids where static decoding differs from eager, tolerance) on four random prompts, 8
+        greedy tokens, no hooks and no stop strings (selfcheck's first-contact check of this model class). The
+        tolerance is 0 in float32 (same ids by construction); a 16-bit model may flip a near-tie, so a quarter of
+        the ids may differ there, while a broken step differs from its first token in every prompt."""
         gen = torch.Generator().manual_seed(0)
         prompts = [torch.randint(0, self.model.config.vocab_size, (n,), generator=gen).tolist() for n in (5, 9, 12, 7)]
         check = replace(self.cfg, max_new_tokens=8, do_sample=False, stop_strings=())
@@ -377,7 +379,8 @@ class _Decoder:
         pairs = [(s, e) for a, b in zip(static, eager, strict=True)
                  for s, e in zip(a.token_ids, b.token_ids, strict=False)]
         lengths = sum(max(len(a.token_ids), len(b.token_ids)) for a, b in zip(static, eager, strict=True))
-        return (lengths - sum(s == e for s, e in pairs)) / max(lengths, 1), 0.0
+        tolerance = 0.0 if next(self.model.parameters()).dtype == torch.float32 else 0.25
+        return (lengths - sum(s == e for s, e in pairs)) / max(lengths, 1), tolerance
 
     def run(self, prompt_ids: list[list[int]], rows: list[int]) -> list[Generation]:
         return (self._run_static if self.static else self._run_eager)(prompt_ids, rows)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import io
 import itertools
-import json
+import math
 import shutil
 from pathlib import Path
 
@@ -15,7 +15,8 @@ import pytest
 from rich.console import Console
 from test_report import write_results
 
-from dfc_ray.report import print_report, write_report
+from dfc_ray.report import TrialResult, build_report, print_report, write_report
+from dfc_ray.report.plots import omitted_note, plot_choices
 
 VARIANTS = {"dfc-3pct": (0.03, 0.0), "dfc-3pct-l1": (0.03, 1e-3), "dfc-5pct": (0.05, 0.0), "dfc-5pct-l1": (0.05, 1e-3),
             "dfc-10pct": (0.10, 0.0), "dfc-10pct-l1": (0.10, 1e-3), "crosscoder": (0.0, 0.0),
@@ -83,3 +84,122 @@ def rendered(report: dict, width: int = 80, full: bool = False) -> str:
     out = io.StringIO()
     print_report(report, Console(file=out, width=width, color_system=None), full=full)
     return out.getvalue()
+
+
+def test_the_terminal_report_opens_with_the_verdict_and_fits_a_screen(organism48):
+    run, report = organism48
+    out = rendered(report)
+    lines = out.splitlines()
+    assert len(lines) <= 60 and max(map(len, lines)) <= 80
+    assert "organism48" in lines[0] and "48 trials (48 ok, 0 failed)" in out
+    text = " ".join(out.split())
+    verdict = text.index("At block 1 the A − B difference is carried by ~4 features")
+    assert verdict < text.index("Headline") and text.index("Headline") < text.index("Δ A = spliced − clean")
+    assert "100% of it in shared features" not in text and "92% of it in shared features" in text
+    assert f"recovers {CURVE_SHARES[16]:.0%} of the reference effect (+38.8 of +40.0 pp" in text
+    assert "moves B by +0.0 [-3.0, +3.0] pp, against +40.0 [+30.0, +49.0] pp" in text
+    assert "pair: A organism · B organism" in text and "layers: block 1" in text
+    assert "{'" not in out and "': " not in out and "None" not in out  # no Python reprs
+    assert "Trials (by Δ A)" not in out and "--full" in text
+
+
+def test_full_prints_every_table_with_labelled_layers_and_counts(organism48):
+    run, report = organism48
+    out = rendered(report, full=True)
+    assert "Trials (by Δ A)" in out and "By variant" in out and "Largest terms of the difference" in out
+    text = " ".join(out.split())
+    assert "block 1 · steering target B" in text and "1 · target b" not in text
+    assert "judge replica restarts (count): s-evaluator 0 · s-steering 2" in text
+    time_table = out.split("Time (seconds, wall clock)")[1]
+    assert "restarts" not in time_table
+    assert "wall clock: harvest 20.1 s · trials 450.2 s" in text and "judge peak memory: s-evaluator 900 MB" in text
+
+
+def test_report_md_carries_the_verdict_and_a_human_header(organism48):
+    run, report = organism48
+    md = (run / "report.md").read_text()
+    assert md.index("## Verdict") < md.index("## Headline")
+    assert "At block 1 the A − B difference is carried by ~4 features" in md.split("## Verdict")[1]
+    header = md.split("## Verdict")[0]
+    assert "- pair: A organism · B organism · dtype float32" in header and "{" not in header
+
+
+def test_a_rebuilt_report_names_the_folder_it_was_built_from(organism48, tmp_path):
+    run, report = organism48
+    moved = tmp_path / "moved"
+    shutil.move(run, moved)
+    rebuilt = write_report(moved)
+    assert rebuilt["run"]["run"] == str(moved) and rebuilt["run"]["swept_in"] == "runs/organism48"
+    assert f"run folder {moved} (swept in runs/organism48)" in " ".join(rendered(rebuilt).split())
+    again = write_report(moved)  # rebuilt in place: the folder it was swept in is kept, not replaced by this one
+    assert again["run"]["swept_in"] == "runs/organism48"
+
+
+def test_flat_plots_are_left_out_and_the_report_says_so(organism48):
+    run, report = organism48
+    assert report["plots"] == ["plots/alpha_curves.png", "plots/cos_vs_effect.png", "plots/localization_curve.png"]
+    assert sorted(p.name for p in (run / "plots").iterdir()) == ["alpha_curves.png", "cos_vs_effect.png",
+                                                                 "localization_curve.png"]
+    note = omitted_note(report)
+    assert note.startswith("Δ A and Δ B are +0.0 in all 48 trials; steering Δ and the random-feature control and the "
+                           "random-direction control are +0.0 in all 36 trials: 8 plots omitted (delta_by_dict_size")
+    assert "delta_by_b_exclusive" not in note  # it groups the trials as a_exclusive does: one plot for both
+    assert note in (run / "report.md").read_text() and f"plots: {note}" in " ".join(rendered(report).split())
+
+
+def varied(rows: list[dict], noise: float = 0.0) -> list[dict]:
+    """The organism48 trials with Δ A varying by whole points (Δ B stays 0) and steering by float noise only."""
+    for i, row in enumerate(rows):
+        row["metrics"]["delta_a_pp"] = float((7 * i) % 11)
+        if "steer_delta_pp" in row["metrics"]:
+            row["metrics"]["steer_delta_pp"] = noise * (i % 2)
+    return rows
+
+
+def choices(rows: list[dict]) -> dict:
+    return {c.name: c for c in plot_choices(build_report([TrialResult(**r) for r in rows]))}
+
+
+def test_plot_selection_draws_what_varies_and_merges_axes_that_group_alike():
+    got = choices(varied(organism48_rows(), noise=1e-17))
+    assert set(got) == {"delta_by_dict_size.png", "delta_by_k.png", "delta_by_variant.png", "delta_by_a_exclusive.png",
+                        "delta_by_l1_excl.png", "delta_by_l1_shared.png", "alpha_curves.png", "cos_vs_effect.png",
+                        "steer_by_layer.png", "localization_curve.png", "fvu_vs_delta.png"}
+    assert got["steer_by_layer.png"].draw is None  # 1e-17 shows as +0.0: float noise is no variation
+    drawn = {name: c.draw() for name, c in got.items() if c.draw is not None}
+    assert len(drawn["delta_by_a_exclusive.png"].axes) == 1  # Δ A only: Δ B is flat
+    assert drawn["delta_by_a_exclusive.png"].axes[0].get_xlabel() == "a_exclusive = b_exclusive"
+    assert [f.label for f in got["delta_by_k.png"].flat] == ["Δ B"]
+    assert not choices(varied(organism48_rows(), noise=1.0))["steer_by_layer.png"].flat
+
+
+def test_plots_have_no_offset_no_overlapping_labels_and_legends_that_match(tmp_path):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.ticker import ScalarFormatter
+
+    rows = varied(organism48_rows(), noise=1.0)
+    for row in rows:
+        row["metrics"]["fvu_a"] = 1.0 + 1e-6 * int(row["trial_id"], 16)  # values matplotlib would offset
+    drawn = {c.name: c.draw() for c in plot_choices(build_report([TrialResult(**r) for r in rows])) if c.draw}
+    for name, fig in drawn.items():
+        FigureCanvasAgg(fig).draw()
+        for ax in fig.axes:
+            for axis in (ax.xaxis, ax.yaxis):
+                formatter = axis.get_major_formatter()
+                assert not isinstance(formatter, ScalarFormatter) or not formatter.get_offset(), name
+    labels = [label for label in drawn["delta_by_variant.png"].axes[0].get_xticklabels() if label.get_text()]
+    assert len(labels) == len(VARIANTS)
+    for left, right in zip(labels, labels[1:]):  # slanted labels are parallel strips: apart by spacing × sin(angle)
+        angle = math.radians(left.get_rotation())
+        spacing = right.get_window_extent().x1 - left.get_window_extent().x1
+        height = left.get_fontsize() * drawn["delta_by_variant.png"].dpi / 72
+        assert (spacing * math.sin(angle) > height) if angle else not left.get_window_extent().overlaps(
+            right.get_window_extent())
+    alpha = drawn["alpha_curves.png"].axes[0]
+    entries = [t.get_text() for t in alpha.get_legend().get_texts()]
+    assert entries == ["32 trials (00000001, …)", "4 trials (00000000, …)", "reference, block 1"]
+    assert len(alpha.get_lines()) - 1 == len(entries)  # every line drawn has its entry (the last is the zero line)
+    left = drawn["localization_curve.png"].axes[0]
+    entries = [t.get_text() for t in left.get_legend().get_texts()]
+    assert entries[0] == "k=8, k=16, k=32 (3 trials, the same curve)"
+    assert "its 95% CI" in entries and any(e.startswith("random features, same norm") for e in entries)

@@ -9,14 +9,16 @@ import io
 import itertools
 import math
 import shutil
+import statistics
 from pathlib import Path
 
 import pytest
 from rich.console import Console
-from test_report import write_results
+from test_report import synthetic_rows, with_reference, write_results
 
 from dfc_ray.report import TrialResult, build_report, print_report, write_report
 from dfc_ray.report.plots import omitted_note, plot_choices
+from dfc_ray.report.render import verdicts
 
 VARIANTS = {"dfc-3pct": (0.03, 0.0), "dfc-3pct-l1": (0.03, 1e-3), "dfc-5pct": (0.05, 0.0), "dfc-5pct-l1": (0.05, 1e-3),
             "dfc-10pct": (0.10, 0.0), "dfc-10pct-l1": (0.10, 1e-3), "crosscoder": (0.0, 0.0),
@@ -203,3 +205,21 @@ def test_plots_have_no_offset_no_overlapping_labels_and_legends_that_match(tmp_p
     entries = [t.get_text() for t in left.get_legend().get_texts()]
     assert entries[0] == "k=8, k=16, k=32 (3 trials, the same curve)"
     assert "its 95% CI" in entries and any(e.startswith("random features, same norm") for e in entries)
+
+
+def test_verdicts_without_the_attribution_come_from_the_reference_or_the_splice():
+    """Per layer × positions against the reference (saying when the reference itself does not steer); without a
+    reference or an attribution, one sentence on what splicing did."""
+    rows = with_reference(synthetic_rows())
+    got = verdicts(build_report([TrialResult(**r) for r in rows]))
+    assert [v.split(" the ")[0] for v in got] == ["At block 1 (all_tokens)", "At block 1 (last_prompt_token)",
+                                                  "At block 3 (all_tokens)", "At block 3 (last_prompt_token)"]
+    best = max(r["metrics"]["steer_delta_pp"] for r in rows if r["status"] == "ok" and r["config"]["layer"] == 1
+               and r["config"]["positions"] == "all_tokens")
+    assert f"single A-exclusive feature moves A by {best:+.1f} [{best - 9:+.1f}, {best + 9:+.1f}] pp" in got[0]
+    assert "the reference direction itself does not steer A here" in got[2]
+    plain = [r for r in synthetic_rows() if r["status"] == "ok"]
+    (sentence,) = verdicts(build_report([TrialResult(**r) for r in plain]))
+    delta_a = [r["metrics"]["delta_a_pp"] for r in plain]
+    assert sentence.startswith(f"Splicing the reconstruction changes A's tool correctness by "
+                               f"{statistics.fmean(delta_a):+.1f} ± {statistics.stdev(delta_a):.1f} pp")

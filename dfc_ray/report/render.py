@@ -447,6 +447,8 @@ def _steering_clause(row: dict[str, Any]) -> str:
     if reference["label"]:  # the positive control itself did not move the target
         return (f"the reference direction itself does not steer {target} here ({_ci_text(reference)} pp), so no "
                 f"feature's null says anything")
+    if number(best["delta"]["pp"]) is None:
+        return f"no A-exclusive feature was steered (the reference direction moves {target} {_ci_text(reference)} pp)"
     return (f"the best trial's single A-exclusive feature moves {target} by "
             f"{_ci_text(best['delta'])} pp, against {_ci_text(reference)} pp for the reference direction")
 
@@ -471,12 +473,16 @@ def verdicts(report: dict[str, Any]) -> list[str]:
             sentences.append(f"At {where} " + "; ".join(clauses) + ".")
     headline = report["headline"]
     if not sentences and headline["delta_a_pp"]["n"]:
+        def spread(name: str, stat: dict[str, Any]) -> str:
+            return fmt(name, stat["mean"]) + ("" if stat["std"] is None else f" ± {fmt(name, stat['std']).lstrip('+')}")
+
+        steer = headline["steer_best_pp"]
         sentences.append(f"Splicing the reconstruction changes A's tool correctness by "
-                         f"{fmt_stat('delta_a_pp', headline['delta_a_pp'])} pp and B's by "
-                         f"{fmt_stat('delta_b_pp', headline['delta_b_pp'])} pp"
-                         + ("; the best single feature steers by "
-                            f"{fmt_stat('steer_delta_pp', headline['steer_best_pp'])} pp"
-                            if headline["steer_best_pp"]["n"] else "") + ".")
+                         f"{spread('delta_a_pp', headline['delta_a_pp'])} pp and B's by "
+                         f"{spread('delta_b_pp', headline['delta_b_pp'])} pp over {headline['delta_a_pp']['n']} "
+                         f"trials" + (f"; each trial's best single feature steers by "
+                                      f"{spread('steer_delta_pp', steer)} pp ({steer['n']} trials)"
+                                      if steer["n"] else "") + ".")
     return sentences
 
 
@@ -527,7 +533,8 @@ def _md_cell(text: str) -> str:
 
 
 def to_markdown(report: dict[str, Any]) -> str:
-    lines = [f"# dfc-ray sweep report{': ' + str(report['run']['spec']) if report['run'].get('spec') else ''}", ""]
+    name = report["run"].get("spec") or report["run"].get("name")
+    lines = [f"# dfc-ray sweep report{': ' + str(name) if name else ''}", ""]
     lines += [f"- {_md_cell(line)}" for line in header_lines(report)] + [""]
     if sentences := verdicts(report):
         lines += ["## Verdict", ""] + [_md_cell(sentence) for sentence in sentences] + [""]

@@ -223,3 +223,17 @@ def test_verdicts_without_the_attribution_come_from_the_reference_or_the_splice(
     delta_a = [r["metrics"]["delta_a_pp"] for r in plain]
     assert sentence.startswith(f"Splicing the reconstruction changes A's tool correctness by "
                                f"{statistics.fmean(delta_a):+.1f} ± {statistics.stdev(delta_a):.1f} pp")
+
+
+def test_a_train_only_run_says_so_instead_of_an_empty_headline(tmp_path):
+    """`--no-eval`: no verdict on splicing or steering, no headline of dashes, and the splice plots are left out
+    because nothing was measured."""
+    keep = ("fvu_a", "fvu_b", "l0", "dead_frac", "train_s")
+    rows = [r | {"metrics": {k: r["metrics"][k] for k in keep}} for r in organism48_rows()]
+    report = write_report(write_results(tmp_path / "run", rows))
+    fvu_a = statistics.fmean(r["metrics"]["fvu_a"] for r in rows)
+    assert verdicts(report) == [f"No trial was judged (trained only): FVU A {fvu_a:.3f}, FVU B "
+                                f"{statistics.fmean(r['metrics']['fvu_b'] for r in rows):.3f} (mean over 48 trials)."]
+    assert omitted_note(report).startswith("Δ A and Δ B were not measured: 7 plots omitted (delta_by_dict_size")
+    out = rendered(report)
+    assert "Headline" not in out and "No trial was judged" in out and report["plots"] == []

@@ -277,8 +277,8 @@ class Flat:
 
     label: str
     """The metric's label, e.g. "Δ A"."""
-    value: str
-    """Its one value, formatted."""
+    value: str | None
+    """Its one value, formatted; None: no trial measured it."""
     n: int
     """Trials that measured it."""
 
@@ -296,11 +296,11 @@ class PlotChoice:
 
 
 def _flat(ok: list[dict], metric: str) -> Flat | None:
-    """`metric` as a `Flat` when every trial that measured it (at least one) shows the same value as the report
-    prints it (+0.0 and 1e-17 alike: float noise is no variation), else None."""
+    """`metric` as a `Flat` when every trial that measured it shows the same value as the report prints it (+0.0
+    and 1e-17 alike: float noise is no variation) or none measured it, else None."""
     shown = {fmt(metric, x) for x in _values(ok, metric)}
     label = FLAT_LABELS.get(metric, REGISTRY[metric].label)
-    return Flat(label, shown.pop(), len(_values(ok, metric))) if len(shown) == 1 else None
+    return Flat(label, shown.pop() if shown else None, len(_values(ok, metric))) if len(shown) <= 1 else None
 
 
 FLAT_LABELS = {"steer_delta_pp": "steering Δ", "steer_random_feature_pp": "the random-feature control",
@@ -329,7 +329,7 @@ def plot_choices(report: dict[str, Any]) -> list[PlotChoice]:
         return []  # nothing measured, nothing to draw
     choices: list[PlotChoice] = []
     flat = {m: f for m in (*SPLICE_DELTAS, "steer_delta_pp", *CONTROLS) if (f := _flat(ok, m)) is not None}
-    deltas = [d for d in SPLICE_DELTAS if d not in flat and _values(ok, d)]
+    deltas = [d for d in SPLICE_DELTAS if d not in flat]
     splice_flat = tuple(flat[d] for d in SPLICE_DELTAS if d in flat)
     per_axis = report["per_axis"]
     for axes in _same_grouping(list(per_axis), ok):
@@ -346,9 +346,10 @@ def plot_choices(report: dict[str, Any]) -> list[PlotChoice]:
     layers = sorted({t["config"]["layer"] for t in ok if number(t["config"].get("layer")) is not None})
     if layers and any(number(t["metrics"].get("steer_delta_pp")) is not None for t in ok):  # one layer too
         steering = ("steer_delta_pp", *CONTROLS)
-        still = all(m in flat or not _values(ok, m) for m in steering)
+        still = all(m in flat for m in steering)  # the effect and its controls: one value each (or none)
+        why = tuple(flat[m] for m in steering if m in flat and flat[m].value is not None)
         choices.append(PlotChoice("steer_by_layer.png", None if still else lambda: _steer_by_layer(layers, ok),
-                                  tuple(flat[m] for m in steering if m in flat) if still else ()))
+                                  why if still else ()))
     if any(t["metrics"].get("loc_curve") for t in ok):
         choices.append(PlotChoice("localization_curve.png",
                                   lambda: _localization_curve(ok, report.get("difference") or [])))
@@ -360,10 +361,11 @@ def plot_choices(report: dict[str, Any]) -> list[PlotChoice]:
 
 def _why(flats: Iterable[Flat]) -> str:
     """"Δ A and Δ B are +0.0 in all 48 trials" (metrics with the same value and count share a clause)."""
-    by_value: dict[tuple[str, int], list[str]] = {}
+    by_value: dict[tuple[str | None, int], list[str]] = {}
     for flat in dict.fromkeys(flats):
         by_value.setdefault((flat.value, flat.n), []).append(flat.label)
-    return "; ".join(f"{' and '.join(labels)} {'are' if len(labels) > 1 else 'is'} {value} in all {n} trials"
+    return "; ".join(f"{' and '.join(labels)} {'were' if len(labels) > 1 else 'was'} not measured" if value is None
+                     else f"{' and '.join(labels)} {'are' if len(labels) > 1 else 'is'} {value} in all {n} trials"
                      for (value, n), labels in by_value.items())
 
 

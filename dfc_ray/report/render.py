@@ -19,7 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from dfc_ray.metrics import CELLS, HEADLINE, PP, REGISTRY, fmt, number, show, shown_in
-from dfc_ray.report.build import ABLATION_MEASURES, LOCALIZE_TESTS, PARTITION_SHARES, descending
+from dfc_ray.report.build import ABLATION_MEASURES, LOCALIZE_TESTS, PARTITION_SHARES, descending, summarize
 from dfc_ray.report.build import ablation_label as label_of
 from dfc_ray.report.plots import block_label, omitted_note
 
@@ -483,6 +483,12 @@ def verdicts(report: dict[str, Any]) -> list[str]:
                          f"trials" + (f"; each trial's best single feature steers by "
                                       f"{spread('steer_delta_pp', steer)} pp ({steer['n']} trials)"
                                       if steer["n"] else "") + ".")
+    elif not sentences:  # trained only (`--no-eval`) or nothing finished
+        ok = [t["metrics"] for t in report["trials"] if t["status"] == "ok"]
+        fvu = {name: summarize(m.get(name) for m in ok) for name in ("fvu_a", "fvu_b")}
+        sentences.append("No trial was judged" + (
+            f" (trained only): FVU A {fmt('fvu_a', fvu['fvu_a']['mean'])}, FVU B {fmt('fvu_b', fvu['fvu_b']['mean'])} "
+            f"(mean over {fvu['fvu_a']['n']} trials)" if fvu["fvu_a"]["n"] else "") + ".")
     return sentences
 
 
@@ -496,7 +502,8 @@ def _headline_table(section: Section, width: int) -> Table:
     table.add_column("ours", ratio=2, overflow="fold")
     table.add_column("seed study", overflow="fold", no_wrap=True, min_width=min(seed_width, width // 4))
     for row in section.rows:
-        table.add_row(*(Text(cell) for cell in row[:3]))
+        if row[1] != "—":  # a figure this run did not measure is in report.md
+            table.add_row(*(Text(cell) for cell in row[:3]))
     return table
 
 
@@ -511,7 +518,8 @@ def print_report(report: dict[str, Any], console: Console | None = None, full: b
         console.print(Text(sentence))
     all_sections = sections(report)
     headline = all_sections[0]
-    console.print(Panel(_headline_table(headline, console.width - 4), title=headline.title))
+    if any(row[1] != "—" for row in headline.rows):
+        console.print(Panel(_headline_table(headline, console.width - 4), title=headline.title))
     for remark in headline.remarks:
         console.print(Text(remark))
     for line in lines[1:] if full else lines[1:3]:  # the pair and the layers

@@ -4,8 +4,12 @@ The WORK is counted from the spec: prompts and tokens from the real corpus (toke
 tokenizer when it is on this machine; the plan never downloads), rows and bytes per layer, trials,
 generations per trial. Work becomes FLOPs with the formulas below, and FLOPs become hours with
 per-stage RATES measured in a real sweep: every run writes `costs.json` (FLOPs of each stage / its
-measured seconds), and `--costs RUN_OR_JSON` plans with them. A rate measured at another shape (say
-the reduced-width CPU proof in benchmarks/costs/) is an extrapolation by FLOPs, and the plan says so.
+measured seconds), and `--costs RUN_OR_JSON` plans with them. Rates of another device class are refused
+(CPU rates for a spec that gives trials or judges a GPU, or the reverse); rates measured at another d_model
+follow the width rule (`rates_rule`): FLOPs counted at the planned width over the FLOP/s measured at the
+other one, printed with the plan (an upper bound when planning wider). Device time is in the plan's
+unit: hours of the named GPU (`H200-h`) on a GPU plan, CPU-hours on a CPU plan (a worker's time × the
+CPUs or GPU share it holds).
 
 FLOP model (forward, per token, per model): 2 × parameters of the blocks run + 4 × blocks × mean
 context × attention width; the lm_head only for generated tokens. Crosscoder training counts the
@@ -349,16 +353,95 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
+def _device_hours(seconds: float) -> str:
+    """Device-hours to 2 decimals, or 3 significant digits below 0.1 h (a laptop plan's CPU-hours)."""
+    hours = seconds / 3600
+    return f"{hours:.2f}" if hours >= 0.1 else f"{hours:.3g}"
+
+
 def _hours(seconds: float | None) -> str:
     if seconds is None:
         return "? (no measured rate)"
     return f"{seconds / 3600:.2f} h" if seconds >= 360 else f"{seconds:.0f} s"
 
 
+def device_class(device: str) -> str:
+    """"cpu" for rates measured on a CPU (`Rates.device` "cpu (2 cores, …)"), "gpu" for any other device."""
+    return "cpu" if device.strip().lower().startswith("cpu") else "gpu"
+
+
+def plan_device_class(spec: SweepSpec) -> str:
+    """"gpu" when the spec gives trials or judge replicas a GPU, else "cpu"."""
+    return "gpu" if spec.resources.gpu or spec.resources.evaluator_gpu else "cpu"
+
+
+WORKERS = {"harvest": "harvest actor", "train": "trial", "judge": "judge replica"}
+"""What holds each stage's share of a device."""
+
+
+def worker_shares(spec: SweepSpec) -> dict[str, float]:
+    """The share of a device each stage's worker holds: GPUs on a GPU plan (a harvest actor a whole one), CPUs
+    on a CPU plan (a harvest actor takes one)."""
+    res = spec.resources
+    if plan_device_class(spec) == "gpu":
+        return {"harvest": 1.0, "train": res.gpu or 1.0, "judge": res.evaluator_gpu or 1.0}
+    return {"harvest": 1.0, "train": res.cpu, "judge": res.evaluator_cpu or 1.0}
+
+
+def hour_unit(spec: SweepSpec, rates: Rates) -> str:
+    """The unit of the plan's device time: hours of the named GPU ("H200-h") on a GPU plan, "CPU-h" on a CPU one."""
+    if plan_device_class(spec) == "cpu":
+        return "CPU-h"
+    return f"{rates.device_label()}-h"  # hours of that GPU, e.g. "H200-h"
+
+
+def rates_rule(spec: SweepSpec, work: Work, rates: Rates) -> list[str]:
+    """How a costs file's rates plan this spec, as printed under the plan. Rates of another device class
+    (CPU rates for a plan on GPUs, or the reverse) are refused: their FLOP/s differ by orders of magnitude. Rates
+    measured at another d_model are used by the documented width rule: the plan counts each stage's FLOPs at
+    its own width and divides them by the measured FLOP/s (FLOP/s taken as independent of width)."""
+    measured, planned = device_class(rates.device), plan_device_class(spec)
+    if measured != planned:
+        res = spec.resources
+        raise ValueError(f"--costs: rates measured on {rates.device!r} cannot plan {spec.name}, which runs on "
+                         f"{planned.upper()}s (resources.gpu {res.gpu:g}, resources.evaluator_gpu "
+                         f"{res.evaluator_gpu:g}); expected a costs file measured on a {planned.upper()} "
+                         f"({RATES_HINT[planned]})")
+    lines = [f"rates measured on {rates.device} by {rates.measured_on}"
+             + ("; each rate is one whole device's" if rates.per_device else
+                f"; each rate is one worker's, so device time = its time × the {planned.upper()}s it holds")]
+    if rates.d_model != work.shape.d_model:
+        ratio = work.shape.d_model / rates.d_model
+        lines.append(f"width rule: measured at d_model {rates.d_model}, planned at d_model {work.shape.d_model} "
+                     f"(×{ratio:.3g}): every stage's FLOPs are counted at the planned width (training ∝ d_model × "
+                     f"dict_size, the models' blocks ∝ d_model²) and divided by the FLOP/s measured at "
+                     f"{rates.d_model}; wider matrices usually run nearer a device's peak, so the hours are "
+                     f"{'an upper' if ratio > 1 else 'a lower'} bound")
+    return lines
+
+
+RATES_HINT = {"cpu": "run any sweep on CPU, e.g. `dfc-ray sweep organism48` (about 8 minutes on 2 cores), and "
+                     "pass its run folder; benchmarks/costs/ has one measured on 2 cores",
+              "gpu": "run `python benchmarks/gpu_judges.py --out runs/gpu-check` on one GPU of the kind the plan "
+                     "uses (writes runs/gpu-check/costs.json), or pass a sweep run folder from such GPUs"}
+"""What to run to get rates of each device class."""
+
+
+def _concurrency(spec: SweepSpec) -> str:
+    """How many trials run at once, per GPU on a GPU plan and per CPU on a CPU one."""
+    res = spec.resources
+    cap = f"at most {res.max_concurrent} trials at once; " if res.max_concurrent else ""
+    if res.gpu:
+        return cap + f"{max(1, int(1 / res.gpu))} trial(s) per GPU"
+    per = f"{int(1 / res.cpu)} trials per CPU" if res.cpu < 1 else \
+        f"one trial per {res.cpu:g} CPUs" if res.cpu > 1 else "one trial per CPU"
+    return cap + per
+
+
 def device_seconds(spec: SweepSpec, work: Work, rates: Rates) -> dict[str, float | None]:
     """Seconds of device time per stage (harvest, train, judge): FLOPs over the rate, times the share of a
-    device a worker held when the rate is a run's (`Rates.per_device`)."""
-    shares = {"harvest": 1.0, "train": spec.resources.gpu or 1.0, "judge": spec.resources.evaluator_gpu or 1.0}
+    device a worker holds (`worker_shares`) when the rate is a run's (`Rates.per_device`)."""
+    shares = worker_shares(spec)
     flops = {"harvest": work.harvest_flops, "train": sum(work.train_flops), "judge": work.judge_flops_total}
     out: dict[str, float | None] = {}
     for stage, stage_flops in flops.items():
@@ -373,15 +456,25 @@ def plan_table(spec: SweepSpec, work: Work, rates: Rates | None) -> list[tuple[s
     shape = work.shape
     weight_bytes = shape.params * DTYPE_BYTES.get(spec.pair.dtype, 4)
     harvest_actors = spec.harvest.num_actors
-    trial_gpu, judge_gpu = res.gpu, res.evaluator_gpu
+    judge_gpu = res.evaluator_gpu
     replicas = res.evaluators
-    concurrent = res.max_concurrent or (max(1, int(1 / trial_gpu)) if trial_gpu else None)
     device = device_seconds(spec, work, rates) if rates else {"harvest": None, "train": None, "judge": None}
-    label = rates.device_label() if rates else "device"
+    unit = hour_unit(spec, rates) if rates else ""
+    shares, kind = worker_shares(spec), plan_device_class(spec).upper()
 
     def cost(stage: str, what: str) -> str:
+        """One worker's time and the device-hours it costs, in the plan's unit (GPU-h or CPU-h)."""
+        if rates is None:
+            return f"{what}: needs measured rates (below)"
         hours = device[stage]
-        return f"{what} {_hours(hours)}" + ("" if hours is None else f" = {hours / 3600:.2f} {label}-h")
+        if hours is None:
+            return f"{what}: {_hours(None)}"
+        if rates.per_device:
+            return f"{what}: {_device_hours(hours)} {unit}"
+        worker = rates.seconds(stage, {"harvest": work.harvest_flops, "train": sum(work.train_flops),
+                                       "judge": work.judge_flops_total}[stage])
+        return (f"{what}: {_hours(worker)} of {WORKERS[stage]} time = {_device_hours(hours)} {unit} "
+                f"at {shares[stage]:g} {kind} per {WORKERS[stage]}")
 
     def judge_batch(spec_batch: int) -> int:
         """A replica's decode batch: the spec's on CPU, at most MAX_MEMORY_BATCH chosen from memory on a GPU."""
@@ -401,8 +494,7 @@ def plan_table(spec: SweepSpec, work: Work, rates: Rates | None) -> list[tuple[s
          f"{_gb(work.bytes_per_layer)} per layer; {work.harvest_flops:.3g} FLOPs; "
          + cost("harvest", "device time") + f", shared by {harvest_actors} actor(s)"),
         ("train", f"{work.n_trials} trials; {max(work.train_flops):.3g} FLOPs for the largest",
-         f"{sum(work.train_flops):.3g} FLOPs; " + cost("train", "device time")
-         + ("" if rates is None or rates.per_device or not trial_gpu else f" at {trial_gpu} GPU per trial")),
+         f"{sum(work.train_flops):.3g} FLOPs; " + cost("train", "device time")),
         ("judge", f"2 pools × {replicas} replica(s) ({judge_gpu or 0} GPU each); "
                   f"{work.eval_flops:.3g} FLOPs per trial, + {work.steer_flops:.3g} for each of {work.n_steered} "
                   f"DFCs steered, + {work.judge_setup_flops:.3g} once",
@@ -410,9 +502,10 @@ def plan_table(spec: SweepSpec, work: Work, rates: Rates | None) -> list[tuple[s
     ]
     if all(v is not None for v in device.values()):
         total = sum(v for v in device.values() if v is not None)
-        shares = ", ".join(f"{stage} {v / total:.0%}" for stage, v in sorted(device.items(), key=lambda i: -(i[1] or 0))
-                           if v is not None)
-        rows.append(("total", f"device time, all stages ({label}-hours; {shares})", f"{total / 3600:.2f} h"))
+        split = ", ".join(f"{stage} {v / total:.0%}" for stage, v in sorted(device.items(), key=lambda i: -(i[1] or 0))
+                          if v is not None)
+        rows.append(("total", f"device time, all stages ({unit.removesuffix('-h')}-hours; {split})",
+                     f"{_device_hours(total)} {unit}"))
     dict_size = max(work.dict_sizes)
     crosscoder_bytes = 4 * (4 * shape.d_model * dict_size + dict_size + 2 * shape.d_model)  # fp32 W_enc, W_dec, biases
     batch = spec.train["batch_size"]
@@ -433,7 +526,7 @@ def plan_table(spec: SweepSpec, work: Work, rates: Rates | None) -> list[tuple[s
                                               (spec.eval.max_new_tokens, spec.steering.max_new_tokens))),
         ("memory: harvest actor", "A + B weights + one batch of activations", _gb(harvest_mem)),
         ("actors", f"{harvest_actors} harvest actor(s), {2 * replicas} judge replica(s)",
-         f"{concurrent} trials at once per GPU" if concurrent else "trials at once: by CPUs"),
+         _concurrency(spec)),
     ]
     return rows
 
@@ -449,13 +542,12 @@ def print_plan(spec: SweepSpec, rates: Rates | None) -> Work:
     console = Console()
     console.print(table)
     if rates is None:
-        console.print("no measured rates: pass --costs RUN_DIR (any finished run folder) or a costs JSON "
-                      "(benchmarks/costs/) to turn FLOPs into hours")
+        kind = plan_device_class(spec)
+        console.print(f"no measured rates, so FLOPs only. To get {kind.upper()} rates: {RATES_HINT[kind]}; then "
+                      f"`dfc-ray sweep --plan {spec.name} --costs RUN_DIR_OR_COSTS_JSON`")
     else:
-        note = "" if rates.d_model == work.shape.d_model else \
-            f" — measured at d_model {rates.d_model}, extrapolated by FLOPs to {work.shape.d_model}"
-        per = "; each rate is one whole device's" if rates.per_device else ""
-        console.print(f"rates measured on {rates.device} by {rates.measured_on}{note}{per}")
+        for line in rates_rule(spec, work, rates):
+            console.print(line)
     for n in work.notes + ["memory counts tensors on the device; a CPU process adds about 0.7 GB of libraries"]:
         console.print(f"note: {n}")
     return work

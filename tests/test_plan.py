@@ -102,12 +102,14 @@ def test_plan_cli_on_the_shipped_specs(tmp_path):
     out = run_cli("sweep", "--plan", "organism48")
     assert out.returncode == 0, out.stderr
     assert "165,213 rows per layer" in out.stdout and "48 trials" in out.stdout and "no measured rates" in out.stdout
+    assert "To get CPU rates: run any sweep on CPU" in out.stdout and "?" not in out.stdout
     costs = tmp_path / "costs.json"
     costs.write_text(json.dumps(Rates("NVIDIA H200 (test)", "gpu_judges (d_model 192, 4 blocks)", 192, 1e9, 1e9, 1e9,
                                       per_device=True).__dict__))
     out = run_cli("sweep", "--plan", "paper48", "--costs", str(costs))
     assert out.returncode == 0, out.stderr
-    assert "published config of Qwen/Qwen2.5-3B" in out.stdout and "extrapolated by FLOPs" in out.stdout
+    assert "published config of Qwen/Qwen2.5-3B" in out.stdout
+    assert "width rule: measured at d_model 192, planned at d_model 2048" in out.stdout
     assert "device time" in out.stdout and "memory: evaluator replica" in out.stdout
     assert out.stdout.count("H200-h") >= 4 and "(H200-hours; " in out.stdout  # every stage, and what dominates
     bad = run_cli("sweep", "--plan", "organism48", "--costs", str(tmp_path / "missing"))
@@ -158,3 +160,44 @@ def test_a_spec_without_steps_is_planned_at_trainconfigs_default(tmp_path):
     trial = spec.trial_settings(spec.grid_points()[0])
     expected = train_flops(work.shape.d_model, trial["dict_size"], trial["batch_size"], TrainConfig().steps)
     assert work.train_flops[0] == pytest.approx(expected)
+
+
+CPU_RATES = Rates("cpu (2 cores, 2 torch threads)", "organism48 (d_model 192, 4 blocks)", 192, 4e10, 9e10, 3e10)
+
+
+def test_rates_of_another_device_class_are_refused_and_another_width_is_scaled_by_a_printed_rule():
+    """CPU rates cannot plan a sweep on GPUs (paper48 came out at 9,129 h from organism48's costs.json), nor GPU
+    rates a CPU sweep; rates of the same class at another d_model are used by the width rule, which is printed."""
+    from dfc_ray.plan import rates_rule
+
+    paper, organism = load_spec("paper48"), load_spec("organism48")
+    paper_work, organism_work = plan_work(paper), plan_work(organism)
+    with pytest.raises(ValueError) as err:
+        rates_rule(paper, paper_work, CPU_RATES)
+    assert "cannot plan paper48, which runs on GPUs" in str(err.value) and "benchmarks/gpu_judges.py" in str(err.value)
+    assert "\n" not in str(err.value)
+    h200 = Rates("NVIDIA H200", "gpu_judges (d_model 192, 4 blocks)", 192, 1e13, 1e13, 1e13, per_device=True)
+    with pytest.raises(ValueError, match="cannot plan organism48, which runs on CPUs .* `dfc-ray sweep organism48`"):
+        rates_rule(organism, organism_work, h200)
+    rule = rates_rule(paper, paper_work, h200)
+    assert rule[1].startswith("width rule: measured at d_model 192, planned at d_model 2048 (×10.7)")
+    assert rule[1].endswith("an upper bound")
+    assert len(rates_rule(organism, organism_work, CPU_RATES)) == 1  # the same width: no rule to apply
+
+
+def test_a_cpu_plan_counts_cpu_hours_and_trials_per_cpu():
+    from dfc_ray.plan import plan_table
+
+    spec = load_spec("organism48")
+    work = plan_work(spec)
+    rows = {stage: cost for stage, _, cost in plan_table(spec, work, CPU_RATES)}
+    train = sum(work.train_flops) / CPU_RATES.train
+    assert f"{train:.0f} s of trial time = {train * 0.5 / 3600:.3g} CPU-h at 0.5 CPU per trial" in rows["train"]
+    assert "at 0.25 CPU per judge replica" in rows["judge"] and rows["total"].endswith(" CPU-h")
+    assert not any("GPU" in cost for cost in rows.values())
+    assert rows["actors"] == "2 trials per CPU"
+    smoke = load_spec("cluster-smoke")
+    assert dict((s, c) for s, _, c in plan_table(smoke, plan_work(smoke), None))["actors"] == \
+        "at most 2 trials at once; one trial per CPU"
+    unmeasured = {stage: cost for stage, _, cost in plan_table(spec, work, None)}
+    assert unmeasured["train"].endswith("device time: needs measured rates (below)")

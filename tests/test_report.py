@@ -408,7 +408,7 @@ def test_ours_vs_the_study_protocol(run):
     assert to_markdown(json.loads((run / "report.json").read_text())) == md  # report.json alone re-renders it
 
     console = Console(file=io.StringIO(), width=250)
-    print_report(report, console)
+    print_report(report, console, full=True)
     out = console.file.getvalue()
     assert "Ours vs the study's protocol" in out and "what each switch adds" in out
     assert "-86.7 [-92.7, -79.7]" in out and sample["verdict"][0] in out and "+12.5 vs +31.1" in out
@@ -455,7 +455,7 @@ def report_cli(monkeypatch):
 
 
 def test_cli_rebuilds_and_prints(run, report_cli, capsys):
-    assert report_cli(["report", str(run)]) == 0
+    assert report_cli(["report", str(run), "--full"]) == 0
     out = capsys.readouterr().out
     for text in ("Headline", "By dict_size", "Trials (by Δ A)", "Best features", "Failed trials", FAILED_ID,
                  "CUDA OOM", "[bold]not markup[/bold]"):
@@ -488,7 +488,7 @@ def test_s3_run(s3_bucket, s3_server, tmp_path, report_cli, capsys):
     uri = f"{s3_bucket}/runs/r1"
     assert [r.trial_id for r in load_results(uri)] == [r["trial_id"] for r in synthetic_rows()]
 
-    assert report_cli(["report", uri]) == 0  # print only: no local files without --out
+    assert report_cli(["report", uri, "--full"]) == 0  # print only: no local files without --out
     assert "Ours vs the study's protocol" in capsys.readouterr().out  # the run's ablation.json, read from S3
     assert report_cli(["report", uri, "--out", str(tmp_path / "out")]) == 0
     captured = capsys.readouterr()

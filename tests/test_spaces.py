@@ -162,6 +162,20 @@ def test_spaces_cli(capsys):
     assert main(["spaces", "validate", "does-not-exist"]) == 2
 
 
+def test_spaces_list_fits_80_columns_with_whole_descriptions(capsys, monkeypatch):
+    """Each spec's description wraps at the terminal's width (a six-column table put one word per line)."""
+    from dfc_ray.cli import main
+
+    monkeypatch.setenv("COLUMNS", "80")
+    assert main(["spaces", "list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    start = next(i for i, line in enumerate(lines) if line.startswith("organism48 · 48 trials · block 1 · pair "))
+    description = " ".join(line.strip() for line in lines[start + 1:start + 3])
+    assert description == load_spec("organism48").description
+    assert len(lines) < 8 * len({line.split(" · ")[0] for line in lines if " trials · " in line})
+
+
 def test_a_spec_can_set_every_harvest_field(tmp_path):
     """The flat `harvest` section is HarvestConfig's own fields plus CorpusSpec's (the spec's pair and
     layers sections set the rest): each one, set to a non-default value, reaches the HarvestConfig."""

@@ -17,6 +17,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
                               description="Rebuild report.json, report.md and plots/ from RUN/results.jsonl and "
                                           "print the terminal report. RUN is a run folder or an s3:// prefix.")
     p.add_argument("run", metavar="RUN", help="run folder, file:// or s3:// prefix holding results.jsonl")
+    p.add_argument("--full", action="store_true",
+                   help="print every table of report.md too (default: the verdict and the headline, one screen)")
     p.add_argument("--out", help="folder for the report files (default: RUN for a local run; for an s3:// run "
                                  "the report is only printed unless --out is given)")
     p.set_defaults(func=_run_cli, interrupted=lambda a: "report files may be half rewritten; run the same command "
@@ -35,7 +37,7 @@ def _run_cli(args: argparse.Namespace) -> int:
             except ValueError as err:
                 raise ValueError(f"{err}; or pass --out FOLDER for the report files") from None
         report = write_report(args.run, out_dir=args.out)
-    print_report(report, console)
+    print_report(report, console, full=args.full)
     if "plots" in report:
         console.print(f"wrote report.json, report.md and {len(report['plots'])} plots to {args.out or args.run}")
     return 0

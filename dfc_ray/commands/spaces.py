@@ -6,17 +6,17 @@ import argparse
 
 import yaml
 from rich.console import Console
+from rich.padding import Padding
 from rich.syntax import Syntax
-from rich.table import Table
+from rich.text import Text
 
 from dfc_ray.spaces import check_against_pair, field_reference, load_spec, spaces_dirs
 
 
 def _list_command(args: argparse.Namespace) -> int:
-
-    table = Table(title="sweep specs")
-    for column in ("name", "trials", "layers", "pair", "description", "file"):
-        table.add_column(column)
+    """Every spec as a block: name and what it runs on one line, its description wrapped at the terminal's
+    width under it, its file last (a six-column table wrapped descriptions to a word per line at 80 columns)."""
+    console = Console()
     seen = set()
     for folder in spaces_dirs():
         for path in sorted(folder.glob("*.yaml")):
@@ -25,11 +25,14 @@ def _list_command(args: argparse.Namespace) -> int:
             seen.add(path.stem)
             try:
                 spec = load_spec(str(path))
-                table.add_row(spec.name, str(spec.n_trials), str(list(spec.layers)), f"{spec.pair.a} / {spec.pair.b}",
-                              spec.description, str(path))
+                blocks = f"block{'s' * (len(spec.layers) > 1)} {', '.join(map(str, spec.layers))}"
+                name, facts = spec.name, f"{spec.n_trials} trials · {blocks} · pair {spec.pair.a} / {spec.pair.b}"
+                about = Text(spec.description)
             except (ValueError, FileNotFoundError) as err:
-                table.add_row(path.stem, "-", "-", "-", f"[red]invalid: {err}", str(path))
-    Console().print(table)
+                name, facts, about = path.stem, "invalid", Text(str(err), style="red")
+            console.print(Text(name, style="bold").append(f" · {facts}"))
+            console.print(Padding(about, (0, 0, 0, 2), expand=False))
+            console.print(Padding(Text(str(path), style="dim"), (0, 0, 0, 2), expand=False))
     return 0
 
 

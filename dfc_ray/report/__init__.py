@@ -5,8 +5,10 @@
   mean ± std over successful trials next to the seed study's published numbers, per-axis breakdowns,
   best features, and `dfc-ray ablate`'s ours-vs-the-study's-protocol rows (`load_ablation(run)`);
   `run_report(run)` does all three for a run folder.
-- render.py: the tables, printed by `print_report` and written as markdown by `to_markdown`.
-- plots.py: plots/*.png. write.py: `write_report(run)` writes report.json, report.md and plots.
+- render.py: the verdict per layer, the run header and the tables, printed by `print_report` (the first
+  screen; `full=True` every table) and written as markdown by `to_markdown`.
+- plots.py: plots/*.png (`plot_choices`: which are drawn, which left out and why). write.py:
+  `write_report(run)` writes report.json, report.md and plots.
 - live.py: `LiveView`, the table shown while trials run.
 
 Metric labels, formats and placement come from dfc_ray/metrics.py. Everything after `build_report`

@@ -118,9 +118,20 @@ def stored_run_info(run_dir: str | Path) -> dict[str, Any]:
     """The run block of an earlier report.json in `run_dir` (the sweep's settings), else the run's location."""
     text, name = read_text(run_dir, "report.json")
     try:
-        return json.loads(text)["run"]
+        return _built_from(json.loads(text)["run"], name.removesuffix("/report.json"))
     except (json.JSONDecodeError, KeyError, TypeError):
         return {"run_dir": name.removesuffix("/report.json")}
+
+
+def _built_from(info: dict[str, Any], here: str) -> dict[str, Any]:
+    """A stored run block naming the folder the report is rebuilt from (`run`), and where the sweep ran
+    (`swept_in`) when the folder has moved since."""
+    swept = str(info.get("run") or "")
+    if swept and not swept.startswith("s3://") and not here.startswith("s3://"):
+        same = Path(swept.removeprefix("file://")).resolve() == Path(here.removeprefix("file://")).resolve()
+    else:
+        same = swept.rstrip("/") == here.rstrip("/")
+    return info | {"run": here} | ({} if same or not swept or "swept_in" in info else {"swept_in": swept})
 
 
 def _interval(row: dict[str, Any], key: str, where: str, optional: bool = False) -> dict[str, Any] | None:

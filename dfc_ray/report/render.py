@@ -6,6 +6,7 @@ Labels, formats and which metric shows where come from dfc_ray/metrics.py.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +19,9 @@ from rich.table import Table
 from rich.text import Text
 
 from dfc_ray.metrics import CELLS, HEADLINE, PP, REGISTRY, fmt, number, show, shown_in
-from dfc_ray.report.build import ABLATION_MEASURES, LOCALIZE_TESTS, PARTITION_SHARES, descending
+from dfc_ray.report.build import ABLATION_MEASURES, LOCALIZE_TESTS, PARTITION_SHARES, descending, summarize
 from dfc_ray.report.build import ablation_label as label_of
+from dfc_ray.report.plots import block_label, omitted_note
 
 
 @dataclass
@@ -92,7 +94,8 @@ def _headline_section(report: dict[str, Any]) -> Section:
 def _axis_sections(report: dict[str, Any]) -> list[Section]:
     shown = shown_in("axis")
     return [Section(f"By {axis}", [axis, "trials", "failed", *(m.heading for m in shown)],
-                    [[fmt(axis, r["value"]), str(r["n_trials"]), str(r["n_failed"]),
+                    [[block_label(r["value"]) if axis == "layer" else fmt(axis, r["value"]), str(r["n_trials"]),
+                      str(r["n_failed"]),
                       *(fmt_stat(m.name, r[m.name]) for m in shown)] for r in rows])
             for axis, rows in report["per_axis"].items()]
 
@@ -144,7 +147,8 @@ def _steering_reference_section(report: dict[str, Any]) -> Section | None:
     table = []
     for r in rows:
         ref, best = r["reference"], r["best_trial"]
-        table.append([fmt("layer", r["layer"]), *([str(r["positions"])] if by_positions else []), str(r["target"]),
+        table.append([block_label(r["layer"]), *([str(r["positions"])] if by_positions else []),
+                      str(r["target"]).upper(),
                       f"{_ci_text(ref)} at α {fmt('alpha', ref['alpha'])}", ref["label"] or "steerable",
                       f"{_ci_text(best['delta'])} ({best['trial_id']}, feature {fmt('feature', best['feature'])}, "
                       f"α {fmt('alpha', best['alpha'])})",
@@ -153,7 +157,8 @@ def _steering_reference_section(report: dict[str, Any]) -> Section | None:
                       fmt_stat("steer_cos_reference", r["cos_reference"]),
                       fmt_stat("steer_share_of_reference", r["share_of_reference"])])
     return Section("Steering against its reference",
-                   ["layer", *(["positions"] if by_positions else []), "target", "reference Δ [95% CI]", "verdict",
+                   ["layer", *(["positions"] if by_positions else []), "steering target", "reference Δ [95% CI]",
+                    "verdict",
                     "best feature Δ [95% CI] (trial, feature, α)", "control: random feature [CI]",
                     "control: random direction [CI]", "reference's control: random direction [CI]",
                     "cos to reference", "share of reference"], table,
@@ -183,7 +188,7 @@ def _difference_sections(report: dict[str, Any]) -> list[Section]:
     where = ["layer", *(["positions"] if by_positions else [])]
 
     def at(r: dict[str, Any]) -> list[str]:
-        return [fmt("layer", r["layer"]), *([str(r["positions"])] if by_positions else [])]
+        return [block_label(r["layer"]), *([str(r["positions"])] if by_positions else [])]
 
     attribution = [[*at(r), str(r["n_trials"]), f"{r['reference_norm']:.1f}",
                     fmt_stat("diff_share_shared", r["features_of_reference"]),
@@ -207,11 +212,11 @@ def _difference_sections(report: dict[str, Any]) -> list[Section]:
         curve += [[*at(r), str(p["n"]), fmt_stat("loc_curve_pp", p["pp"]), fmt_stat("loc_curve_share", p["share"])]
                   for p in r["curve"]]
         if r["effect_n50"]["n_measured"]:
-            tests.append([*at(r), "features for 50% of the reference effect (dev)", "b",
+            tests.append([*at(r), "features for 50% of the reference effect (dev)", "B",
                           str(r["effect_n50"]["n_measured"]), _count_text("loc_n50", r["effect_n50"]), "", "", "", ""])
         for name, t in r["tests"].items():
             best = t["best"]
-            tests.append([*at(r), LOCALIZE_TESTS[name], "a" if name == "patch_a" else "b", str(t["n_trials"]),
+            tests.append([*at(r), LOCALIZE_TESTS[name], "A" if name == "patch_a" else "B", str(t["n_trials"]),
                           fmt_stat("loc_curve_n", t["n"]), fmt_stat("loc_curve_pp", t["pp"]),
                           f"{_ci_text(best['effect'])} ({best['trial_id']}, n {fmt('n', best['n'])})",
                           _ci_text(best["random"]), fmt_stat("loc_curve_pp", t["random"])])
@@ -223,7 +228,7 @@ def _difference_sections(report: dict[str, Any]) -> list[Section]:
                            "trials, loc_curve)."))
     if tests:
         out.append(Section("Where the difference lives: causal tests (test split)",
-                           [*where, "test", "target", "trials", "n (chosen on dev)", "Δ (pp) over trials",
+                           [*where, "test", "model steered", "trials", "n (chosen on dev)", "Δ (pp) over trials",
                             "largest |Δ| [95% CI] (trial, n)", "its control [95% CI]", "control over trials (pp)"],
                            tests, "Each test: n chosen on dev, effect on test with a paired-bootstrap CI, and a "
                            "control of n random firing features resized to the same norm."))
@@ -279,8 +284,6 @@ def _time_section(report: dict[str, Any]) -> Section | None:
     rows = [[f"run: {name.replace('_', ' ')}", f"{value:.1f}"] for name, value in stages]
     rows += [[f"per trial: {REGISTRY[name].label}", fmt_stat(name, stat)]
              for name, stat in (report.get("seconds_per_trial") or {}).items() if stat.get("mean") is not None]
-    if restarts := report["run"].get("judge_restarts"):  # a judge that kept dying cost time
-        rows.append(["run: judge replica restarts", ", ".join(f"{pool} {n}" for pool, n in restarts.items())])
     return Section("Time (seconds, wall clock)", ["stage", "seconds"], rows) if rows else None
 
 
@@ -354,17 +357,183 @@ def _measure(renderable: Any):
     return console.measure(renderable, options=console.options)
 
 
-def print_report(report: dict[str, Any], console: Console | None = None) -> None:
-    """The terminal report: headline panel, per-axis tables, trials, best features, failures. Tables wider
-    than the terminal (80 columns, say) are drawn compact (`_fitted`)."""
+def _plain(value: Any) -> str:
+    """A run setting as text: mappings as `key value · …`, lists comma-separated, never a Python repr."""
+    if isinstance(value, dict):
+        return " · ".join(f"{k} {_plain(v)}" for k, v in value.items() if v is not None)
+    if isinstance(value, (list, tuple)):
+        return ", ".join(map(_plain, value))
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return "—" if value is None else show(value)
+
+
+def header_lines(report: dict[str, Any]) -> list[str]:
+    """The run's settings (`report["run"]`) as sentences a reader can take in: where the run is, the pair, the
+    layers as blocks, the harvest, the protocol, wall clock, judge memory and restarts (counts), then anything
+    else the sweep recorded."""
+    run = dict(report["run"])
+    lines = []
+    where = run.pop("run", None) or run.pop("run_dir", None)
+    swept_in = run.pop("swept_in", None)
+    spec, spec_file, run_id = run.pop("spec", None), run.pop("spec_file", None), run.pop("run_id", None)
+    ok = report["n_trials"] - report["n_failed"]
+    lines.append(" · ".join(part for part in (
+        f"spec {spec}" + (f" ({spec_file})" if spec_file else "") if spec else "",
+        f"run folder {where}" + (f" (swept in {swept_in})" if swept_in else "") if where else "",
+        f"{report['n_trials']} trials ({ok} ok, {report['n_failed']} failed)",
+        f"run id {run_id}" if run_id else "") if part))
+    if isinstance(pair := run.pop("pair", None), dict):
+        lines.append("pair: " + " · ".join(f"{label} {pair[key]}" for key, label in
+                                           (("a", "A"), ("b", "B"), ("tokenizer", "tokenizer"), ("dtype", "dtype"))
+                                           if pair.get(key)))
+    if layers := run.pop("layers", None):
+        lines.append("layers: " + ", ".join(map(block_label, layers)) + " (the residual after that block)")
+    if protocol := run.pop("protocol", None):
+        lines.append(f"judged under protocol {protocol} (docs/replication.md)")
+    harvests = run.pop("harvests", None)
+    uri, rows, reused = run.pop("harvest", None), run.pop("harvest_rows", None), run.pop("harvest_reused", None)
+    if isinstance(harvests, dict):
+        lines.append("harvests: " + " · ".join(f"{positions} {_plain(h.get('rows'))} rows"
+                                               + (" (re-used)" if h.get("reused") else "") + f" in {h.get('uri')}"
+                                               for positions, h in harvests.items()))
+    elif uri:
+        lines.append(f"harvest: {_plain(rows)} rows per layer" + (" (re-used from an earlier run)" if reused else "")
+                     + f" in {uri}")
+    attempts = run.pop("attempts", None) or []
+    if seconds := run.pop("seconds", None):
+        lines.append("wall clock: " + " · ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in seconds.items())
+                     + (f", over {len(attempts)} attempts" if len(attempts) > 1 else ""))
+    if memory := run.pop("judge_peak_mem_mb", None):
+        lines.append("judge peak memory: " + " · ".join(f"{pool} {mb:,.0f} MB" for pool, mb in memory.items()))
+    if (restarts := run.pop("judge_restarts", None)) is not None:
+        lines.append("judge replica restarts (count): " + (" · ".join(f"{pool} {n}" for pool, n in restarts.items())
+                                                           or "none"))
+    run.pop("unfinished", None)  # the headline says it
+    lines += [f"{key.replace('_', ' ')}: {_plain(value)}" for key, value in run.items()]
+    return lines
+
+
+def _partition_text(partition: str) -> str:
+    return {"a_exclusive": "A-exclusive", "b_exclusive": "B-exclusive", "shared": "shared"}[partition]
+
+
+def _difference_clause(row: dict[str, Any], target: str) -> list[str]:
+    """How many features carry the difference at a layer, which partition holds it, and what steering with the
+    top ones recovers."""
+    clauses = []
+    n50, shares = row["n50"], row["shares"]
+    means = {p: shares[p]["mean"] for p in PARTITION_SHARES if shares[p]["mean"] is not None}
+    if n50["n_reached"] and means:
+        top = max(means, key=lambda p: means[p])
+        clauses.append(f"the A − B difference is carried by ~{n50['sizes']['mean']:.0f} features for half of it "
+                       f"({n50['n_reached']} of {n50['n_measured']} trials), {means[top]:.0%} of it in "
+                       f"{_partition_text(top)} features (A-exclusive share "
+                       f"{show(means.get('a_exclusive'), '{:+.2f}')})")
+    if row["curve"] and (reference := row.get("reference")) and number(reference.get("pp")) is not None:
+        last = row["curve"][-1]
+        if last["share"]["mean"] is not None:
+            clauses.append(f"steering {target} with the top {last['n']} recovers {last['share']['mean']:.0%} of the "
+                           f"reference effect ({show(last['pp']['mean'], PP)} of {show(reference['pp'], PP)} pp, "
+                           f"{last['pp']['n']} trial{'s' * (last['pp']['n'] != 1)})")
+    return clauses
+
+
+def _steering_clause(row: dict[str, Any]) -> str:
+    """The best single feature against the reference direction at a layer."""
+    target, reference, best = str(row["target"]).upper(), row["reference"], row["best_trial"]
+    if reference["label"]:  # the positive control itself did not move the target
+        return (f"the reference direction itself does not steer {target} here ({_ci_text(reference)} pp), so no "
+                f"feature's null says anything")
+    if number(best["delta"]["pp"]) is None:
+        return f"no A-exclusive feature was steered (the reference direction moves {target} {_ci_text(reference)} pp)"
+    return (f"the best trial's single A-exclusive feature moves {target} by "
+            f"{_ci_text(best['delta'])} pp, against {_ci_text(reference)} pp for the reference direction")
+
+
+def verdicts(report: dict[str, Any]) -> list[str]:
+    """One sentence per layer (and positions, when it varies) built from the report's own numbers: where the
+    A − B difference lives and what steering recovers; without those measurements, what splicing did."""
+    def key(row: dict[str, Any]) -> tuple[str, str]:
+        return json.dumps(row["layer"]), json.dumps(row.get("positions"))
+
+    difference = {key(r): r for r in report.get("difference") or []}
+    steering = {key(r): r for r in report.get("steering_reference") or []}
+    sentences = []
+    for k in dict.fromkeys([*difference, *steering]):
+        row = difference.get(k) or steering[k]
+        target = str(steering[k]["target"]).upper() if k in steering else "B"
+        clauses = _difference_clause(difference[k], target) if k in difference else []
+        if k in steering:
+            clauses.append(_steering_clause(steering[k]))
+        if clauses:
+            where = block_label(row["layer"]) + (f" ({row['positions']})" if "positions" in row else "")
+            sentences.append(f"At {where} " + "; ".join(clauses) + ".")
+    headline = report["headline"]
+    if not sentences and headline["delta_a_pp"]["n"]:
+        def spread(name: str, stat: dict[str, Any]) -> str:
+            return fmt(name, stat["mean"]) + ("" if stat["std"] is None else f" ± {fmt(name, stat['std']).lstrip('+')}")
+
+        steer = headline["steer_best_pp"]
+        sentences.append(f"Splicing the reconstruction changes A's tool correctness by "
+                         f"{spread('delta_a_pp', headline['delta_a_pp'])} pp and B's by "
+                         f"{spread('delta_b_pp', headline['delta_b_pp'])} pp over {headline['delta_a_pp']['n']} "
+                         f"trials" + (f"; each trial's best single feature steers by "
+                                      f"{spread('steer_delta_pp', steer)} pp ({steer['n']} trials)"
+                                      if steer["n"] else "") + ".")
+    elif not sentences:  # trained only (`--no-eval`) or nothing finished
+        ok = [t["metrics"] for t in report["trials"] if t["status"] == "ok"]
+        fvu = {name: summarize(m.get(name) for m in ok) for name in ("fvu_a", "fvu_b")}
+        sentences.append("No trial was judged" + (
+            f" (trained only): FVU A {fmt('fvu_a', fvu['fvu_a']['mean'])}, FVU B {fmt('fvu_b', fvu['fvu_b']['mean'])} "
+            f"(mean over {fvu['fvu_a']['n']} trials)" if fvu["fvu_a"]["n"] else "") + ".")
+    return sentences
+
+
+def _headline_table(section: Section, width: int) -> Table:
+    """The headline in a terminal: label, ours and the seed study's published figure; the label column wraps
+    at word boundaries so the table fits `width` (the difference column is in report.md)."""
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, width=width, caption=section.note or None,
+                  caption_justify="left")
+    seed_width = max((Text(row[2]).cell_len for row in section.rows), default=0)
+    table.add_column("", ratio=3, overflow="fold")
+    table.add_column("ours", ratio=2, overflow="fold")
+    table.add_column("seed study", overflow="fold", no_wrap=True, min_width=min(seed_width, width // 4))
+    for row in section.rows:
+        if row[1] != "—":  # a figure this run did not measure is in report.md
+            table.add_row(*(Text(cell) for cell in row[:3]))
+    return table
+
+
+def print_report(report: dict[str, Any], console: Console | None = None, full: bool = False) -> None:
+    """The terminal report: the run in a line or two, the verdict per layer, the headline, and what the plots
+    left out, so that the answer fits the first screen; `full` adds every table of report.md (drawn compact
+    when wider than the terminal, `_fitted`)."""
     console = console or Console()
-    for i, section in enumerate(sections(report)):
-        if i == 0:  # the headline, in a panel (4 columns of frame)
-            console.print(Panel(_fitted(section, False, console.width - 4), title=section.title))
-        else:
+    lines = header_lines(report)
+    console.print(Text(lines[0], style="bold"))
+    for sentence in verdicts(report):
+        console.print(Text(sentence))
+    all_sections = sections(report)
+    headline = all_sections[0]
+    if any(row[1] != "—" for row in headline.rows):
+        console.print(Panel(_headline_table(headline, console.width - 4), title=headline.title))
+    for remark in headline.remarks:
+        console.print(Text(remark))
+    for line in lines[1:] if full else lines[1:3]:  # the pair and the layers
+        console.print(Text(line, style="dim"))
+    if full:
+        for section in all_sections[1:]:
             console.print(_fitted(section, True, console.width))
-        for remark in section.remarks:
-            console.print(Text(remark))
+            for remark in section.remarks:
+                console.print(Text(remark))
+    if report.get("plots") is not None and (note := omitted_note(report)):
+        console.print(Text(f"plots: {note}", style="dim"))
+    if not full:
+        console.print(Text(f"{len(all_sections) - 1} more tables (per axis, trials, features, time) in report.md; "
+                           "`dfc-ray report RUN --full` prints them here.", style="dim"))
 
 
 def _md_cell(text: str) -> str:
@@ -372,13 +541,17 @@ def _md_cell(text: str) -> str:
 
 
 def to_markdown(report: dict[str, Any]) -> str:
-    lines = [f"# dfc-ray sweep report{': ' + str(report['run']['name']) if report['run'].get('name') else ''}", ""]
-    lines += [f"- {k}: {_md_cell(str(v))}" for k, v in report["run"].items()] + [""]
+    name = report["run"].get("spec") or report["run"].get("name")
+    lines = [f"# dfc-ray sweep report{': ' + str(name) if name else ''}", ""]
+    lines += [f"- {_md_cell(line)}" for line in header_lines(report)] + [""]
+    if sentences := verdicts(report):
+        lines += ["## Verdict", ""] + [_md_cell(sentence) for sentence in sentences] + [""]
     for section in sections(report):
         lines += [f"## {section.title}", ""] + ([section.note, ""] if section.note else [])
         lines += ["| " + " | ".join(map(_md_cell, section.columns)) + " |", "|" + "---|" * len(section.columns)]
         lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in section.rows] + [""]
         lines += [f"- {remark}" for remark in section.remarks] + ([""] if section.remarks else [])
-    if report.get("plots"):
-        lines += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in report["plots"]] + [""]
+    if report.get("plots") or omitted_note(report):
+        lines += ["## Plots", ""] + ([f"{note}.", ""] if (note := omitted_note(report)) else [])
+        lines += [f"![{Path(p).stem}]({p})" for p in report.get("plots") or []] + [""]
     return "\n".join(lines)

@@ -105,3 +105,16 @@ def test_doctor_reports_every_check_on_cpu(capsys):
     for line in ("training formulation (auto)", "decoding (auto)", "check train.dense", "check train.hybrid",
                  "check decode.static:Qwen2ForCausalLM", "torch", "transformers"):
         assert line in out
+
+
+def test_the_report_header_names_every_fallback_with_its_trial_count():
+    from dfc_ray.report.build import TrialResult, build_report
+    from dfc_ray.report.render import header_lines
+
+    line = "train.dense on cuda:0: error 0.3 (tolerance 0.0001) FALLBACK to the reference path"
+    trials = [TrialResult("t1", {"k": 8}, {"fast_path_fallbacks": [line]}), TrialResult("t2", {"k": 16}, {}),
+              TrialResult("t3", {"k": 32}, {"fast_path_fallbacks": [line]})]
+    report = build_report(trials)
+    assert report["fast_path_fallbacks"] == {line: 2}
+    assert f"FAST PATH REPLACED by its reference after a failed self-check, in 2 trials: {line}" in header_lines(report)
+    assert "fast_path_fallbacks" not in build_report(trials[1:2])

@@ -466,7 +466,18 @@ def build_report(results: Sequence[TrialResult], run_info: dict[str, Any] | None
         **({"difference": rows, "largest_terms": _largest_terms(ok)}  # runs that attributed the difference
            if (rows := _difference(ok)) else {}),
         **({"protocol_ablation": protocol_ablation} if protocol_ablation else {}),  # runs `dfc-ray ablate` judged
+        **({"fast_path_fallbacks": rows} if (rows := _fallbacks(results)) else {}),  # a GPU path failed its check
     })
+
+
+def _fallbacks(results: Sequence[TrialResult]) -> dict[str, int]:
+    """Each fast path some trial (or its judges) replaced by its reference after a failed self-check (selfcheck)
+    → how many trials it touched."""
+    counts: dict[str, int] = {}
+    for trial in results:
+        for line in trial.metrics.get("fast_path_fallbacks") or []:
+            counts[line] = counts.get(line, 0) + 1
+    return counts
 
 
 def run_report(run_dir: str | Path, results: Sequence[TrialResult] | None = None,

@@ -412,6 +412,8 @@ def header_lines(report: dict[str, Any]) -> list[str]:
         lines.append("judge replica restarts (count): " + (" · ".join(f"{pool} {n}" for pool, n in restarts.items())
                                                            or "none"))
     run.pop("unfinished", None)  # the headline says it
+    lines += [f"FAST PATH REPLACED by its reference after a failed self-check, in {n} trial{'s' * (n != 1)}: {line}"
+              for line, n in report.get("fast_path_fallbacks", {}).items()]
     lines += [f"{key.replace('_', ' ')}: {_plain(value)}" for key, value in run.items()]
     return lines
 

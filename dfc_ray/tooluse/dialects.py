@@ -373,3 +373,8 @@ def any_call(text: str) -> str | None:
     """The first dialect (``DIALECTS`` order) in which ``text`` attempts a call, else None: a reply that
     calls in any dialect is a call, never an abstention."""
     return next((d.name for d in DIALECTS.values() if d.parse(text).n_blocks), None)
+
+
+def resolve_dialect(choice: str, tokenizer: Any) -> str:
+    """The dialect a pair setting ``pair.dialect`` names: ``auto`` detects it from the tokenizer's template."""
+    return detect_dialect(tokenizer) if choice == "auto" else get_dialect(choice).name

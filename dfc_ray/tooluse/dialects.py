@@ -43,7 +43,7 @@ THINK_TAGS = ("<think>", "</think>")
 _JSON = json.JSONDecoder()
 _SEPARATORS = " \t\r\n;,"
 _FENCE = re.compile(r"```([A-Za-z0-9_-]*)[ \t]*\n?(.*?)(?:```|\Z)", re.DOTALL)
-_PYTHONIC_START = re.compile(r"\[\s*[A-Za-z_][\w.]*\s*\(")
+_PYTHONIC_START = re.compile(r"\[\s*[A-Za-z_][\w.]*\(")  # "[f(", not prose "[see (below)]"
 _TRUTHY = {"true": True, "True": True, "false": False, "False": False, "null": None, "None": None}
 
 

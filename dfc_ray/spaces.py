@@ -44,6 +44,7 @@ from dfc_ray.config import (ORGANISM, POSITIONS, Asha, CorpusSpec, DFCConfig, Ev
 from dfc_ray.config import spec_error as _fail
 from dfc_ray.metrics import find as find_metric
 from dfc_ray.metrics import names as metric_names
+from dfc_ray.tooluse.dialects import resolve_dialect
 from dfc_ray.tooluse.tasks import dev_test_tasks, load_tasks
 from dfc_ray.yamlio import load_yaml
 
@@ -512,7 +513,6 @@ def _check_dialect(spec: SweepSpec) -> None:
     resolve it the same way when they start, after the harvest: a refusal there would come too late)."""
     # deferred: dfc_ray.pair imports torch and transformers
     from dfc_ray.pair import load_tokenizer
-    from dfc_ray.tooluse.dialects import resolve_dialect
 
     try:
         resolve_dialect(spec.pair.dialect, load_tokenizer(spec.pair, local_only=True))

@@ -1,4 +1,7 @@
-"""Robust parsing of Qwen2.5-style tool calls out of generated text.
+"""Tool-call records and the parser of the Hermes dialect (Qwen2.5-style ``<tool_call>`` blocks).
+
+The other dialects' parsers and the registry are in ``dialects.py``; they share the records and the JSON
+helpers below.
 
 A reply calls tools with one or more ``<tool_call>`` blocks, each holding JSON::
 
@@ -46,20 +49,22 @@ class ParseResult:
     calls: list[ToolCall]
     """Well-formed calls, in the order they appear."""
     n_blocks: int
-    """Number of ``<tool_call>`` blocks found (well-formed or not), outside ``<think>``."""
+    """Number of call attempts found (well-formed or not), outside ``<think>``: ``<tool_call>`` blocks for
+    hermes, a dialect's markers or bare calls for the others (dialects.py)."""
     names: list[str]
-    """Every string ``"name"`` found in a block's decoded JSON, even when the rest of that call is
+    """Every string ``"name"`` found in an attempt's decoded call, even when the rest of that call is
     malformed; the seed study's lenient rule looks only at these."""
     errors: list[str] = field(default_factory=list)
     """One short message per malformed block or call."""
 
     @property
     def format_ok(self) -> bool:
-        """At least one block, and every block parsed into ``{name: str, arguments: dict}`` calls."""
+        """At least one attempt, and every attempt parsed into ``{name: str, arguments: dict}`` calls."""
         return self.n_blocks > 0 and not self.errors
 
 
-def _strip_fence(body: str) -> str:
+def strip_fence(body: str) -> str:
+    """``body`` without a markdown code fence around it (any language tag)."""
     body = body.strip()
     match = _FENCE.match(body)
     return match.group(1).strip() if match else body
@@ -94,29 +99,44 @@ def _decode_block(body: str) -> Any:
         return [json.loads(line) for line in lines]
 
 
+def strip_think(text: str) -> str:
+    """``text`` without its ``<think>...</think>`` spans (an unclosed one runs to the end): every dialect
+    ignores what a model writes while thinking."""
+    return _THINK.sub("", text)
+
+
 def parse_tool_calls(text: str) -> ParseResult:
     """Parse every ``<tool_call>`` block of ``text``; never raises, whatever the string."""
-    text = _THINK.sub("", text)
+    text = strip_think(text)
     result = ParseResult(calls=[], n_blocks=0, names=[])
     for segment in text.split(OPEN)[1:]:
         result.n_blocks += 1
-        body = _strip_fence(segment.split(CLOSE, 1)[0])
+        body = strip_fence(segment.split(CLOSE, 1)[0])
         try:
             decoded = _decode_block(body)
         except (ValueError, RecursionError):
             result.errors.append(f"block {result.n_blocks} is not valid JSON")
             continue
-        for obj in decoded if isinstance(decoded, list) else [decoded]:
-            if isinstance(obj, dict) and isinstance(obj.get("name"), str):
-                result.names.append(obj["name"])
-            call = _to_call(obj)
-            if isinstance(call, str):
-                result.errors.append(f"block {result.n_blocks}: {call}")
-            else:
-                result.calls.append(call)
-        if isinstance(decoded, list) and not decoded:
-            result.errors.append(f"block {result.n_blocks} is an empty list")
+        add_calls(result, decoded, f"block {result.n_blocks}")
     return result
+
+
+def add_calls(result: ParseResult, decoded: Any, where: str) -> None:
+    """Record the call object(s) ``decoded`` (an object or a list of them) of call attempt ``where``; the
+    OpenAI wrapper ``{"type": "function", "function": {...}}`` is read as the call inside it."""
+    objects = decoded if isinstance(decoded, list) else [decoded]
+    if not objects:
+        result.errors.append(f"{where} is an empty list")
+    for obj in objects:
+        if isinstance(obj, dict) and isinstance(obj.get("function"), dict):
+            obj = obj["function"]
+        if isinstance(obj, dict) and isinstance(obj.get("name"), str):
+            result.names.append(obj["name"])
+        call = _to_call(obj)
+        if isinstance(call, str):
+            result.errors.append(f"{where}: {call}")
+        else:
+            result.calls.append(call)
 
 
 def render_calls(calls: list[ToolCall]) -> str:

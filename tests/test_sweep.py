@@ -81,7 +81,7 @@ def test_small_sweep_makes_a_complete_report(tiny_pair, ray_cluster, tmp_path):
     plots = {p.name for p in (run / "plots").iterdir()}
     assert {"alpha_curves.png", "steer_by_layer.png", "cos_vs_effect.png"} <= plots
     assert [row["layer"] for row in report["steering_reference"]] == [1]
-    assert list((run / "tune").rglob("events.out.tfevents*")), "expected TensorBoard files per trial"
+    assert list((run / "tensorboard").rglob("events.out.tfevents*")), "expected TensorBoard files per trial"
     assert (run / "optuna.journal").stat().st_size > 0
     rates = load_rates(str(run))
     assert rates.train > 0 and rates.judge > 0 and rates.d_model == 32

@@ -26,12 +26,12 @@ less than its evaluation, so grouping would save little and would tie trials' fa
 (docs/sweep.md has the numbers). The CLI is dfc_ray/commands/sweep.py.
 """
 
-from dfc_ray.sweep.driver import SweepInterrupted, _write_costs, check_fits, run_sweep, start_pools
+from dfc_ray.sweep.driver import NothingToResume, SweepInterrupted, _write_costs, check_fits, run_sweep, start_pools
 from dfc_ray.sweep.results import LIVE_VIEWS, STRUCTURED, ResultsWriter, read_results
 from dfc_ray.sweep.search import ObjectiveAtTheEnd, SpaceSampler, remaining_work
 from dfc_ray.sweep.trial import TRAIN_REPORTS, TrialContext, judge_checkpoint, judge_metrics, run_trial, trial_batches
 
-__all__ = ["LIVE_VIEWS", "STRUCTURED", "TRAIN_REPORTS", "ObjectiveAtTheEnd", "ResultsWriter", "SpaceSampler",
-           "SweepInterrupted",
+__all__ = ["LIVE_VIEWS", "NothingToResume", "STRUCTURED", "TRAIN_REPORTS", "ObjectiveAtTheEnd", "ResultsWriter",
+           "SpaceSampler", "SweepInterrupted",
            "TrialContext", "_write_costs", "check_fits", "judge_checkpoint", "judge_metrics", "read_results",
            "remaining_work", "run_sweep", "run_trial", "start_pools", "trial_batches"]

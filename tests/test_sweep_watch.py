@@ -187,3 +187,19 @@ def test_tensorboard_optuna_and_resume_of_a_small_sweep(tiny_pair, ray_cluster, 
     steps = [step for step, _ in event_scalars(run / TENSORBOARD / dropped["trial_id"])["train/loss"]]
     assert steps == sorted(set(steps))  # the re-run replaced its partial curve, no second copy
     assert sorted(p.name for p in (run / TENSORBOARD).iterdir()) == ids
+
+
+def test_harvest_bar_follows_the_parts_progress_files(tmp_path):
+    """Ray workers rewrite their part's progress after every group: the driver's bar counts those groups, so it
+    moves within a part (it sat at 0% until a whole part ended)."""
+    from dfc_ray.harvest import _part_progress, _watch_parts
+
+    def write(part: int, rows: list[int]) -> None:
+        (tmp_path / _part_progress(part)).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / _part_progress(part)).write_text(json.dumps({"group_rows": rows, "group_nodes": [""] * len(rows)}))
+
+    seen: list[int] = []
+    write(0, [32, 32])
+    with _watch_parts(str(tmp_path), [0, 1], seen.append, True):
+        write(1, [32])
+    assert seen and seen[-1] == 3

@@ -203,3 +203,31 @@ def test_harvest_bar_follows_the_parts_progress_files(tmp_path):
     with _watch_parts(str(tmp_path), [0, 1], seen.append, True):
         write(1, [32])
     assert seen and seen[-1] == 3
+
+
+def test_objective_is_a_spec_section_with_one_or_several_metrics(tiny_pair, tmp_path):
+    """`objective` is config.Objective: a metric or a list with one mode each; a mismatch is one line."""
+    from dfc_ray.config import SpecError
+    from dfc_ray.spaces import load_spec
+
+    both = {"metric": ["delta_a_pp", "fvu"], "mode": ["max", "min"]}
+    spec = load_spec(write_spec(tmp_path, tiny_pair, objective=both))
+    assert spec.metrics == ["delta_a_pp", "fvu"] and spec.modes == ["max", "min"]
+    assert load_spec(write_spec(tmp_path, tiny_pair, objective=None)).metrics == ["delta_a_pp"]
+    with pytest.raises(SpecError, match=r"objective.mode = 'max'.*one per metric \(2\)"):
+        load_spec(write_spec(tmp_path, tiny_pair, objective={"metric": ["delta_a_pp", "fvu"], "mode": "max"}))
+
+
+def test_a_tie_is_not_called_best():
+    """The study's `best` attribute names a trial only when its value is the best alone."""
+    import optuna
+
+    from dfc_ray.sweep.search import best_note
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize")
+    for trial_id, value in (("aa", 0.0), ("bb", 0.0), ("cc", -2.0)):
+        study.add_trial(optuna.trial.create_trial(value=value, user_attrs={"dfc_trial_id": trial_id}))
+    assert best_note(study, ["Δ A (pp)"]) == "2 of 3 trials tie at Δ A (pp) = 0: no single best trial"
+    study.add_trial(optuna.trial.create_trial(value=1.5, user_attrs={"dfc_trial_id": "dd"}))
+    assert best_note(study, ["Δ A (pp)"]) == "trial dd (Δ A (pp) = 1.5)"

@@ -139,6 +139,13 @@ class LiveView:
         line.add_row(*cells)
         return line
 
+    @staticmethod
+    def _cell(metric: Metric, trial: dict[str, Any]) -> str:
+        """A metric's cell: "—" when it is missing or not a finite number (an objective a trial without
+        evaluation reports as NaN)."""
+        value = trial["metrics"].get(metric.name)
+        return metric.text(value) if number(value) is not None or isinstance(value, str) else "—"
+
     def _columns(self, width: int, rows: list[dict[str, Any]], fixed: int) -> list[tuple[Metric, int]]:
         """The live metrics a row has room for, with their widths, in the registry's order: as many as fit beside
         the `fixed` columns (id, status, step) while the config keeps `CONFIG_MIN` columns; so a wide terminal
@@ -146,7 +153,7 @@ class LiveView:
         room = width - fixed - CONFIG_MIN
         chosen = []
         for metric in shown_in("live"):
-            need = max([len(metric.label), *(len(metric.text(r["metrics"].get(metric.name))) for r in rows)])
+            need = max([len(metric.label), *(len(self._cell(metric, r)) for r in rows)])
             if need + 2 > room:
                 break
             chosen.append((metric, need))
@@ -188,7 +195,7 @@ class LiveView:
             status = trial["status"]
             style = "bold" if status == "running" else "red" if status not in ("ok", "pending") else ""
             table.add_row(Text(trial_id, style=style), status, step, Text(self._values(trial["config"])),
-                          *(m.text(trial["metrics"].get(m.name)) for m, _ in columns))
+                          *(self._cell(m, trial) for m, _ in columns))
         parts: list[Any] = [self._progress_line(width), table]
         if summary:
             parts.append(Text(summary, no_wrap=True, overflow="ellipsis", style="dim"))

@@ -424,6 +424,7 @@ def run_sweep(spec: SweepSpec | None, run_uri: str, *, store_root: str | None = 
     stopped the trials, and refuses a run folder another driver holds (`RunLease`)."""
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # training reports carry no Δ yet
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # TensorBoardWriter instead of Tune's TBX logger
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # Tune's newer reporter prints its config box over the live view
     if spec is not None:  # before the run folder or Ray: a spec the pair or the data refuse costs nothing
         check_against_pair(spec)
     source = "--address" if address else "RAY_ADDRESS"

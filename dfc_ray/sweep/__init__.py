@@ -16,8 +16,9 @@ Run folder (local path or s3://); `RunFolder` lives in dfc_ray/fs.py:
     <run>/retried.jsonl        records of trials the cluster lost (node, actor or judge died), each
                                replaced in results.jsonl by its grid point's re-run
     <run>/checkpoints/<id>/    each trial's crosscoder (config.json + model.safetensors)
-    <run>/tune/trials-N/       Ray Tune's experiments (per-trial TensorBoard event files), one per
-                               start or resume
+    <run>/tune/trials-N/       Ray Tune's experiments (its CSV/JSON results), one per start or resume
+    <run>/tensorboard/<id>/    each trial's TensorBoard run (`tensorboard --logdir <run>/tensorboard`)
+    <run>/driver.log           Ray's and the libraries' stderr while the live view drew
     <run>/optuna.journal       the Optuna study (optuna-dashboard reads it)
     <run>/report.json, report.md, plots/*.png
 

@@ -11,6 +11,7 @@ import hashlib
 import itertools
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -83,8 +84,8 @@ class ObjectiveAtTheEnd(OptunaSearch):
 
     def _setup_study(self, mode) -> None:
         super()._setup_study(mode)
-        if self.metric_names:  # optuna-dashboard shows these instead of "Objective 0" (also on a re-setup)
-            self._ot_study.set_metric_names(self.metric_names)
+        if self.metric_names:  # also on a re-setup
+            name_objectives(self._ot_study, self.metric_names)
 
     def suggest(self, trial_id: str) -> dict | None:
         """Optuna's parameters plus the trial's dfc id (`TRIAL_KEY`), also kept as an Optuna user attribute."""
@@ -129,6 +130,13 @@ def best_note(study: optuna.Study, names: list[str] | None) -> str:
     return f"trial {tied[0].user_attrs.get('dfc_trial_id', tied[0].number)} ({label} = {best:g})"
 
 
+def name_objectives(study: optuna.Study, names: list[str]) -> None:
+    """optuna-dashboard shows these names instead of "Objective 0" (Optuna marks the call experimental)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(names)
+
+
 def metric_names(spec: SweepSpec) -> list[str]:
     """The objectives' names as optuna-dashboard shows them: the registry's label and unit, then the key."""
     return [f"{m.heading} [{name}]" if (m := find_metric(name)) else name for name in spec.metrics]
@@ -155,7 +163,7 @@ def searcher(spec: SweepSpec, journal: Path, remaining: list[dict[str, Any]] | N
     search.study_saved = study_saved
     search.trial_ids = TrialIds(tuple(a.name for a in spec.grid), set(taken or ()))
     search.metric_names = metric_names(spec)
-    search._ot_study.set_metric_names(search.metric_names)  # the study exists once OptunaSearch is made
+    name_objectives(search._ot_study, search.metric_names)  # the study exists once OptunaSearch is made
     return ConcurrencyLimiter(search, max_concurrent=max_concurrent(spec))
 
 

@@ -112,7 +112,7 @@ def test_resume_of_a_finished_run_starts_nothing(tiny_pair, tmp_path, capsys):
     assert not ray.is_initialized()
     assert main(["sweep", "--resume", "--run-dir", str(run)]) == 0
     out = capsys.readouterr().out
-    assert "4 of 4 trials done (4 ok), running 0: the sweep is finished, nothing to resume" in out
+    assert f"{run}: finished, all 4 trials done (4 ok): nothing to resume; report: {run}/report.md" in out
     assert not ray.is_initialized() and not (run / "tune").exists() and not (run / "run.json").exists()
 
 

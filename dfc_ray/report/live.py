@@ -134,7 +134,7 @@ class LiveView:
         if bar >= 8:
             line.add_column(width=bar)
             cells.append(ProgressBar(total=max(self.total, 1), completed=c["done"] + c["failed"], width=bar))
-        line.add_column(no_wrap=True)
+        line.add_column(no_wrap=True, overflow="ellipsis")
         cells.append(Text(counts))
         line.add_row(*cells)
         return line

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -31,6 +32,7 @@ from actors.pool import ReplicaPool
 from actors.steering import SteeringActor
 from dfc_ray.cluster import check_address, cluster_identity, connect, job_ended
 from dfc_ray.config import PoolConfig, check_name
+from dfc_ray.failures import lost_to_infrastructure
 from dfc_ray.fs import LeaseHolder, RunFolder, RunLease, absolute, redact
 from dfc_ray.harvest import harvest
 from dfc_ray.pair import pair_fingerprint
@@ -38,7 +40,6 @@ from dfc_ray.plan import device_name, measure_rates
 from dfc_ray.placement import check_placeable, custom_requests
 from dfc_ray.report import LiveView, write_report
 from dfc_ray.spaces import SweepSpec, check_against_pair, parse_spec
-from dfc_ray.failures import lost_to_infrastructure
 from dfc_ray.sweep.results import (INTERRUPTED, LIVE_VIEWS, ResultsWriter, TensorBoardWriter, read_results,
                                    recorded_ids, set_aside_lost)
 from dfc_ray.sweep.search import remaining_work, scheduler, searcher
@@ -110,6 +111,7 @@ def stderr_to_log(run: RunFolder, on: bool):
         log.close()
         if not run.is_local:
             run.write_text(DRIVER_LOG, local.read_bytes())
+            shutil.rmtree(local.parent, ignore_errors=True)
 
 
 RUN_RECORD = "run.json"
@@ -139,14 +141,16 @@ def resume_line(spec: SweepSpec, run: RunFolder, done: list[dict[str, Any]]) -> 
 
 def _finished(spec: SweepSpec, run: RunFolder, done: list[dict[str, Any]]) -> str | None:
     """Why a resume has nothing to do (every trial recorded and report.json counts them all), else None."""
-    line, n_todo = resume_line(spec, run, done)
+    n_todo = remaining_work(spec, done)[0]
     try:
         reported = json.loads(run.read_text("report.json") or "{}").get("n_trials")
     except json.JSONDecodeError:
         reported = None
     if n_todo or reported != len(done):
         return None
-    return f"{line}: the sweep is finished, nothing to resume; its report: {redact(run.uri)}/report.md"
+    ok = sum(record["status"] == "ok" for record in done)
+    return (f"{redact(run.uri)}: finished, all {len(done)} trials done ({ok} ok): nothing to resume; "
+            f"report: {redact(run.uri)}/report.md")
 
 
 class SweepInterrupted(Exception):

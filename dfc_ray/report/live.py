@@ -24,10 +24,10 @@ LIVE_LINES = 4
 
 
 class LiveView:
-    """The running trials first (always), then the latest finished ones as far as the screen allows, the rest
-    summed up in one line; a progress line that never wraps. A row per trial: its id (never cut), status,
-    optimizer step out of its total, its config (cut to fit) and as many of the registry's "live" metrics as
-    fit: 80 columns show loss and FVU, 120 all of them.
+    """A progress line that never wraps; the newest finished trials as far as the screen allows, then every
+    running one (always shown), the finished ones left out summed up in one line. A row per trial: its id
+    (never cut), status, optimizer step out of its total, its axis values (cut to fit) and as many of the
+    registry's "live" metrics as fit: 80 columns show loss, FVU A/B and Δ A, 120 all of them.
 
     On a terminal it redraws in place (rich Live, which asks `__rich_console__` at every refresh, so the
     clock ticks); elsewhere (CI logs, files) it prints one line per trial state change. The sweep calls

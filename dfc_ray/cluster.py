@@ -346,21 +346,24 @@ def job_ended(job_id: str) -> bool:
     return any(job["JobID"] == job_id and job["IsDead"] for job in ray._private.state.jobs())
 
 
-def connect(address: str | None = None, num_cpus: int | None = None) -> None:
+def connect(address: str | None = None, num_cpus: int | None = None, metadata: dict[str, str] | None = None) -> None:
     """Join the cluster at `address` (or RAY_ADDRESS), else start a local one on 127.0.0.1. An address
-    where no Ray cluster answers is refused in one line within seconds (`check_address`).
+    where no Ray cluster answers is refused in one line within seconds (`check_address`). `metadata`: the
+    Ray job's (the dashboard's job page and `ray list jobs --detail` show it, e.g. the sweep's spec and run).
 
     A local cluster listens on the loopback only (`loopback_only`) and runs no dashboard unless
     RAY_DASHBOARD=1: nothing is exposed beyond this machine without the user asking.
     """
     import ray  # deferred: `cluster validate` needs no running Ray
+    from ray.job_config import JobConfig  # deferred with Ray
 
     if ray.is_initialized():
         return
+    job = JobConfig(metadata=metadata or {})
     if address or os.environ.get("RAY_ADDRESS"):
         check_address(address or os.environ["RAY_ADDRESS"], "--address" if address else "RAY_ADDRESS")
-        ray.init(address=address or os.environ["RAY_ADDRESS"], log_to_driver=False)
+        ray.init(address=address or os.environ["RAY_ADDRESS"], log_to_driver=False, job_config=job)
         return
     loopback_only()
-    ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", log_to_driver=False,
+    ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", log_to_driver=False, job_config=job,
              include_dashboard=os.environ.get("RAY_DASHBOARD") == "1", dashboard_host="127.0.0.1")

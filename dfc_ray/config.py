@@ -139,6 +139,8 @@ def _coerce(hint: Any, value: Any) -> Any:
         return tuple(_coerce(h, v) for h, v in zip(items, value)) if len(items) == len(value) else tuple(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if origin in (typing.Union, types.UnionType) and isinstance(value, list):  # `x | tuple[...]` given a list
+        return next((_coerce(arm, value) for arm in args if get_origin(arm) is tuple), value)
     shorthand = getattr(hint, "SHORTHAND", "")
     if shorthand and isinstance(value, str):  # e.g. `protocol: seed` for `protocol: {base: seed}`
         return typing.cast(Any, hint)(**{shorthand: value})
@@ -933,6 +935,40 @@ class Resources(Config):
         if self.data_cpus is not None:
             return self.data_cpus
         return 1.0 if reader == "ray" else 0.0
+
+
+@dataclass(frozen=True)
+class Objective(Config):
+    """The spec's `objective` section: the trial metric Optuna optimises and optuna-dashboard names and ranks
+    trials by. It steers only sampled axes: TPE over `search` ranges proposes values that did well on it, while a
+    pure grid (GridSampler) runs every point whatever it says. The default asks the study's question, whether
+    splicing the crosscoder into A raises A's tool correctness; when its values tie (e.g. +0.0 in every
+    organism trial) the study's `best` user attribute says so instead of naming a trial. A search that should
+    favour good reconstructions or strong steering names `fvu`, `steer_delta_pp` or `steer_share_of_reference`."""
+
+    metric: str | tuple[str, ...] = "delta_a_pp"
+    """A trial metric (dfc_ray/metrics.py) that every finished trial reports, or a list of them for a
+    multi-objective search (optuna-dashboard then shows a Pareto front, not a best trial). The default, Δ A, is
+    the study's question; it steers TPE over `search` ranges only (a grid runs every point), and a search for
+    good reconstructions or strong steering names `fvu` (mode min) or `steer_delta_pp` instead."""
+    mode: Direction | tuple[Direction, ...] = "max"
+    """Whether a larger (max) or smaller (min) value is better: one per metric when `metric` is a list."""
+
+    def _check(self) -> None:
+        metrics = (self.metric,) if isinstance(self.metric, str) else self.metric
+        modes = (self.mode,) if isinstance(self.mode, str) else self.mode
+        if not metrics:
+            raise self.invalid("metric", "a metric name or a list of them")
+        if len(modes) != len(metrics) or (len(metrics) > 1 and isinstance(self.mode, str)):
+            raise self.invalid("mode", f"'max'/'min', one per metric ({len(metrics)})")
+
+    @property
+    def metrics(self) -> list[str]:
+        return [self.metric] if isinstance(self.metric, str) else list(self.metric)
+
+    @property
+    def modes(self) -> list[str]:
+        return [self.mode] if isinstance(self.mode, str) else list(self.mode)
 
 
 @dataclass(frozen=True)

@@ -34,10 +34,11 @@ setting, so a second sweep on the same data reuses it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
-from contextlib import contextmanager
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -217,7 +218,7 @@ def select_positions(records: Sequence[Record], width: int, positions: str,
     return rows, cols
 
 
-@contextmanager
+@contextlib.contextmanager
 def torch_threads(n: int) -> Iterator[None]:
     """Run the block with exactly `n` torch intra-op threads, then restore the caller's count.
 
@@ -456,6 +457,40 @@ def _run_parts(cfg: HarvestConfig, uri: str, groups: list[list[Record]], parts: 
             yield int(part), json.loads(str(progress))
 
 
+PROGRESS_POLL_S = 2.0
+"""How often the driver reads the parts' progress files while Ray workers harvest (the bar's updates)."""
+
+
+@contextlib.contextmanager
+def _watch_parts(uri: str, todo: list[int], seen: Callable[[int], None], on: bool) -> Iterator[None]:
+    """While Ray workers run the parts in `todo`, call `seen(groups done)` every `PROGRESS_POLL_S` from their
+    progress files (each worker rewrites its part's after every group), so the bar moves within a part, not
+    only when a whole part ends."""
+    if not on:
+        yield
+        return
+    stop = threading.Event()
+
+    def count() -> None:
+        try:
+            seen(sum(len((_read_json(uri, _part_progress(part)) or {}).get("group_rows", [])) for part in todo))
+        except (OSError, ValueError):  # a store that did not answer this time: the next poll asks again
+            pass
+
+    def poll() -> None:
+        while not stop.wait(PROGRESS_POLL_S):
+            count()
+
+    watcher = threading.Thread(target=poll, name="harvest-progress", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        watcher.join()
+        count()
+
+
 def harvest(cfg: HarvestConfig, *, use_ray: bool = True, progress: bool = True) -> HarvestResult:
     """Run (or resume, or reuse) a harvest and return where its layers are.
 
@@ -494,12 +529,11 @@ def harvest(cfg: HarvestConfig, *, use_ray: bool = True, progress: bool = True) 
     with Progress(disable=not progress, transient=True) as bar:
         finished = sum(parts[part][1] - parts[part][0] for part in done)
         task = bar.add_task(f"harvest {len(records)} records → {redact(uri)}", total=len(groups), completed=finished)
-        for part, part_progress in _run_parts(cfg, uri, groups, parts, todo, use_ray,
-                                              on_group=lambda: bar.advance(task)):
-            done[part] = part_progress
-            _write_progress(uri, cfg, parts, done)
-            if use_ray:
-                bar.advance(task, parts[part][1] - parts[part][0])
+        with _watch_parts(uri, todo, lambda seen: bar.update(task, completed=finished + seen), use_ray and progress):
+            for part, part_progress in _run_parts(cfg, uri, groups, parts, todo, use_ray,
+                                                  on_group=lambda: bar.advance(task)):
+                done[part] = part_progress
+                _write_progress(uri, cfg, parts, done)
     for layer in cfg.layers:
         store.gather_parts(uri, layer, len(parts))
     nodes = {node for part in done.values() for node in part["group_nodes"]}

@@ -39,8 +39,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from dfc_ray.config import (ORGANISM, POSITIONS, Asha, CorpusSpec, DFCConfig, EvalConfig, HarvestConfig,
-                            JudgeProtocol, PairSpec, Resources, SpecError, SteerConfig, TrainConfig, TrainExtra,
-                            check_fields, check_name, defaults, field_docs, from_mapping, hints, seed_training)
+                            JudgeProtocol, Objective, PairSpec, Resources, SpecError, SteerConfig, TrainConfig,
+                            TrainExtra, check_fields, check_name, defaults, field_docs, from_mapping, hints,
+                            seed_training)
 from dfc_ray.config import spec_error as _fail
 from dfc_ray.metrics import find as find_metric
 from dfc_ray.metrics import names as metric_names
@@ -374,16 +375,8 @@ def parse_spec(raw: dict[str, Any], where: str, name: str = "") -> SweepSpec:
     num_samples = raw.get("num_samples", 1)
     if not isinstance(num_samples, int) or num_samples < 1:
         raise _fail(where, "num_samples", num_samples, "a positive integer")
-    objective = raw.get("objective") or {"metric": "delta_a_pp", "mode": "max"}
-    if not isinstance(objective, dict) or not set(objective) <= {"metric", "mode"}:
-        raise _fail(where, "objective", objective, "a mapping {metric: name, mode: max|min} (lists for several)")
-    metrics, modes = objective.get("metric"), objective.get("mode", "max")
-    metrics = [metrics] if isinstance(metrics, str) else metrics
-    modes = [modes] if isinstance(modes, str) else modes
-    if not isinstance(metrics, list) or not metrics or not all(isinstance(m, str) for m in metrics):
-        raise _fail(where, "objective.metric", objective.get("metric"), "a metric name or a list of them")
-    if not isinstance(modes, list) or len(modes) != len(metrics) or not all(m in ("max", "min") for m in modes):
-        raise _fail(where, "objective.mode", objective.get("mode"), f"'max'/'min', one per metric ({len(metrics)})")
+    goal = from_mapping(Objective, raw.get("objective") or {}, where, "objective")
+    metrics, modes = goal.metrics, goal.modes
     for metric in metrics:
         if find_metric(metric) is None:
             raise _fail(where, "objective.metric", metric, "a metric trials report (dfc_ray/metrics.py), e.g. "
@@ -596,6 +589,7 @@ def section_classes() -> dict[str, list[tuple[type, frozenset[str]]]]:
         "steering": [(SteerConfig, frozenset({"protocol"}))],  # set once, in eval.protocol
         "resources": [(Resources, frozenset())],
         "scheduler.asha": [(Asha, frozenset())],
+        "objective": [(Objective, frozenset())],
     }
 
 

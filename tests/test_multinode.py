@@ -188,7 +188,7 @@ def test_sweep_job_on_three_nodes_survives_stop_and_node_loss(cluster, monkeypat
     assert all(t["from"]["job_id"] == stopped_job != t["by"]["job_id"] for t in takeovers), takeovers
     print(f"lease: {'taken over, ' + takeovers[0]['why'] if takeovers else 'released by the stopped job'}")
     assert all(f"checkpoints/{r['trial_id']}/model.safetensors" in keys for r in final)
-    assert any(k.startswith("tune/") and "events.out.tfevents" in k for k in keys)
+    assert any(k.startswith("tensorboard/") and "events.out.tfevents" in k for k in keys)
     for scratch in [REPO, *(Path(node.scratch) for node in cluster.nodes)]:  # older local runs are not this one's
         assert not [p for p in scratch.rglob("results.jsonl") if p.stat().st_mtime >= started], scratch
     assert "dfc-ray-test-secret" not in logs

@@ -84,7 +84,7 @@ def test_small_sweep_makes_a_complete_report(tiny_pair, ray_cluster, tmp_path):
     assert {"alpha_curves.png", "cos_vs_effect.png"} <= plots  # steer_by_layer.png too unless steering Δ is flat
     assert plots == {choice.name for choice in plot_choices(report) if choice.draw is not None}
     assert [row["layer"] for row in report["steering_reference"]] == [1]
-    assert list((run / "tune").rglob("events.out.tfevents*")), "expected TensorBoard files per trial"
+    assert list((run / "tensorboard").rglob("events.out.tfevents*")), "expected TensorBoard files per trial"
     assert (run / "optuna.journal").stat().st_size > 0
     rates = load_rates(str(run))
     assert rates.train > 0 and rates.judge > 0 and rates.d_model == 32

@@ -50,7 +50,7 @@ def test_sweep_into_s3_keeps_every_run_file_there(tiny_pair, s3_bucket, ray_clus
         assert r["metrics"]["checkpoint"] == f"{run}/checkpoints/{r['trial_id']}"
         assert r["metrics"]["delta_a_pp"] == pytest.approx(100 * (r["metrics"]["a_splice"] - r["metrics"]["a_clean"]))
     assert {"spec.yaml", "results.jsonl", "report.json", "report.md", "costs.json", "optuna.journal"} <= set(keys)
-    assert any(k.startswith("tune/trials-") and "events.out.tfevents" in k for k in keys), keys
+    assert any(k.startswith("tensorboard/") and "events.out.tfevents" in k for k in keys), keys
     assert any(k.endswith(".validate_storage_marker") for k in keys)  # Tune's own check passed, in S3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.yaml"]
     assert any(k.startswith("harvests/") for k in s3_keys(f"{s3_bucket}/runs"))

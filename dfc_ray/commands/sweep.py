@@ -32,7 +32,7 @@ def _sweep_command(args: argparse.Namespace) -> int:
         return 0
     if args.store:
         check_store_root(args.store)
-    from dfc_ray.sweep import SweepInterrupted, read_results, run_sweep  # deferred: Ray Tune and Optuna are heavy
+    from dfc_ray.sweep import NothingToResume, SweepInterrupted, read_results, run_sweep  # deferred: Ray Tune, Optuna
 
     run_uri = args.run_dir or f"{args.storage.rstrip('/')}/{check_name(spec.name, 'spec name')}-" \
                               f"{time.strftime('%Y%m%d-%H%M%S')}"
@@ -43,6 +43,9 @@ def _sweep_command(args: argparse.Namespace) -> int:
                         evaluate=not args.no_eval, live=not args.quiet, accept_spec_changes=args.accept_spec_changes)
     except SweepInterrupted as stop:  # Ctrl-C while trials ran: the driver wrote the report first
         return _unfinished_trials(stop.run, stop.unfinished)
+    except NothingToResume as finished:  # every trial recorded and reported: Ray never started
+        print(finished)
+        return 0
     Console().print(f"sweep finished in {time.time() - start:.0f} s: {redact(run.uri)}")
     report = json.loads(run.read_text("report.json") or "{}")
     if report:

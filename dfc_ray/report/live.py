@@ -2,26 +2,36 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
-from rich.console import Console, Group
+from rich.console import Console, ConsoleOptions, Group
 from rich.live import Live
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from dfc_ray.metrics import number, shown_in
+from dfc_ray.metrics import Metric, number, shown_in
 from dfc_ray.report.render import short_config
 
 TUNE_STATUSES = {"terminated": "ok", "error": "failed"}  # Ray Tune's names, lower-cased
+STATUS_WIDTH = 8  # "diverged"
+CONFIG_MIN = 24
+"""Columns a row keeps for its config before it shows another metric (a wider screen shows more of both)."""
+LIVE_LINES = 4
+"""Lines the view spends around its rows: the progress line, the table header, the summary line, a spare."""
 
 
 class LiveView:
-    """A row per trial and a done/failed/running bar; its metric columns are the registry's "live" ones.
+    """A progress line that never wraps; the newest finished trials as far as the screen allows, then every
+    running one (always shown), the finished ones left out summed up in one line. A row per trial: its id
+    (never cut), status, optimizer step out of its total, its axis values (cut to fit) and as many of the
+    registry's "live" metrics as fit: 80 columns show loss, FVU A/B and Δ A, 120 all of them.
 
-    On a terminal it redraws in place (rich Live); elsewhere (CI logs, files) it prints one line
-    per trial state change. The sweep calls `update` from its Tune callback.
+    On a terminal it redraws in place (rich Live, which asks `__rich_console__` at every refresh, so the
+    clock ticks); elsewhere (CI logs, files) it prints one line per trial state change. The sweep calls
+    `update` from its Tune callback.
     """
 
     def __init__(self, total: int, console: Console | None = None, axes: Sequence[str] | None = None,
@@ -29,7 +39,11 @@ class LiveView:
         self.total, self.title, self.axes = total, title, axes
         self.console = console or Console()
         self.trials: dict[str, dict[str, Any]] = {}
-        self._live = (Live(self._render(), console=self.console, refresh_per_second=4)
+        self.finished: list[str] = []
+        """Finished trial ids, oldest first: the view shows the newest."""
+        self.started = time.monotonic()
+        # Ray's and libraries' own stderr lines go to the run's log (the driver redirects them), not into the view
+        self._live = (Live(self, console=self.console, refresh_per_second=4, redirect_stderr=False)
                       if self.console.is_terminal else None)
 
     def __enter__(self) -> "LiveView":
@@ -39,7 +53,7 @@ class LiveView:
 
     def __exit__(self, *exc: Any) -> None:
         if self._live:
-            self._live.update(self._render())
+            self._live.refresh()
             self._live.stop()
 
     def counts(self) -> dict[str, int]:
@@ -56,21 +70,42 @@ class LiveView:
         changed = trial["status"] != status
         trial["config"], trial["status"] = config, status
         trial["metrics"].update(metrics or {})
+        if changed and trial_id in self.finished:
+            self.finished.remove(trial_id)
+        if changed and status not in ("running", "pending"):
+            self.finished.append(trial_id)
         if self._live:
-            self._live.update(self._render())
+            self._live.refresh()
         elif changed:
             self.console.print(Text(self._line(trial_id)), soft_wrap=True)
 
-    def _config(self, config: dict[str, Any]) -> str:
-        axes = self.axes if self.axes is not None else \
+    def forget(self, trial_id: str) -> None:
+        """Drop a trial (a lost one whose re-run takes its place)."""
+        self.trials.pop(trial_id, None)
+        if trial_id in self.finished:
+            self.finished.remove(trial_id)
+
+    def _axes(self, config: dict[str, Any]) -> list[str]:
+        return list(self.axes) if self.axes is not None else \
             [k for k, v in config.items() if number(v) is not None or isinstance(v, str)]
-        return short_config(config, axes)
+
+    def _config(self, config: dict[str, Any]) -> str:
+        return short_config(config, self._axes(config))
+
+    def _values(self, config: dict[str, Any]) -> str:
+        """The config's axis values alone (the column's heading names the axes): `768 16 dfc-5pct`."""
+        return " ".join(f"{config[a]:g}" if number(config.get(a)) is not None else str(config.get(a))
+                        for a in self._axes(config) if a in config)
 
     @staticmethod
     def _step(trial: dict[str, Any]) -> str:
-        step = trial["metrics"].get("step", trial["metrics"].get("training_iteration"))
-        steps = trial["config"].get("steps")
-        return "" if step is None else f"{step}/{steps}" if steps else str(step)
+        """The optimizer step out of the trial's total: the last training report's, or all of them once done."""
+        m = trial["metrics"]
+        total = m.get("steps") if m.get("phase") == "done" else trial["config"].get("steps")
+        step = m.get("steps") if m.get("phase") == "done" else m.get("step")
+        if step is None:
+            return ""
+        return f"{step}/{total}" if total else str(step)
 
     def _progress(self) -> str:
         c = self.counts()
@@ -86,16 +121,88 @@ class LiveView:
             parts.append(f"error: {str(trial['metrics']['error']).splitlines()[0]}")
         return "  ".join(p for p in parts if p)
 
-    def _render(self) -> Group:
-        table = Table(title=self.title, title_justify="left")
-        columns = shown_in("live")
-        for column in ("trial", "config", "status", "step", *(m.label for m in columns)):
-            table.add_column(column)
-        for trial_id, trial in self.trials.items():
-            table.add_row(trial_id, Text(self._config(trial["config"])), trial["status"], self._step(trial),
-                          *(m.text(trial["metrics"].get(m.name)) for m in columns))
+    def _progress_line(self, width: int) -> Table:
+        """Title, bar, counts and the clock on one line of at most `width` columns: the bar shrinks first
+        (down to nothing), then the title is cut."""
+        elapsed = int(time.monotonic() - self.started)
+        counts = f"{self._progress()}  {elapsed // 60}:{elapsed % 60:02d}"
         c = self.counts()
-        progress = Table.grid(padding=(0, 2))
-        progress.add_row(ProgressBar(total=max(self.total, 1), completed=c["done"] + c["failed"], width=40),
-                         Text(self._progress()))
-        return Group(progress, table)  # bar first: Live crops what does not fit at the bottom
+        bar = min(30, width - len(counts) - len(self.title) - 4)
+        line = Table.grid(padding=(0, 1))
+        line.add_column(no_wrap=True, overflow="ellipsis", max_width=max(1, width - len(counts) - 2 - max(bar, 0)))
+        cells: list[Any] = [Text(self.title, style="bold")]
+        if bar >= 8:
+            line.add_column(width=bar)
+            cells.append(ProgressBar(total=max(self.total, 1), completed=c["done"] + c["failed"], width=bar))
+        line.add_column(no_wrap=True, overflow="ellipsis")
+        cells.append(Text(counts))
+        line.add_row(*cells)
+        return line
+
+    @staticmethod
+    def _cell(metric: Metric, trial: dict[str, Any]) -> str:
+        """A metric's cell: "—" when it is missing or not a finite number (an objective a trial without
+        evaluation reports as NaN)."""
+        value = trial["metrics"].get(metric.name)
+        return metric.text(value) if number(value) is not None or isinstance(value, str) else "—"
+
+    def _columns(self, width: int, rows: list[dict[str, Any]], fixed: int) -> list[tuple[Metric, int]]:
+        """The live metrics a row has room for, with their widths, in the registry's order: as many as fit beside
+        the `fixed` columns (id, status, step) while the config keeps `CONFIG_MIN` columns; so a wide terminal
+        shows them all."""
+        room = width - fixed - CONFIG_MIN
+        chosen = []
+        for metric in shown_in("live"):
+            need = max([len(metric.label), *(len(self._cell(metric, r)) for r in rows)])
+            if need + 2 > room:
+                break
+            chosen.append((metric, need))
+            room -= need + 2
+        return chosen
+
+    def _shown(self, height: int) -> tuple[list[str], str]:
+        """Which trials get a row (running and pending first, then the newest finished ones, oldest of those
+        first) and the line that sums up the finished ones left out."""
+        active = [i for i, t in self.trials.items() if t["status"] in ("running", "pending")]
+        room = max(0, height - LIVE_LINES - len(active))
+        recent = self.finished[len(self.finished) - room:] if room else []
+        hidden = [i for i in self.finished if i not in recent]
+        if not hidden:
+            return recent + active, ""
+        ok = sum(self.trials[i]["status"] == "ok" for i in hidden)
+        failed = f", {len(hidden) - ok} failed" if len(hidden) > ok else ""
+        return recent + active, f"… and {len(hidden)} earlier finished trials ({ok} ok{failed})"
+
+    def render(self, width: int, height: int) -> Group:
+        """The view for a screen of `width` × `height`: progress line first (rich Live crops at the bottom).
+        Every column has a computed width, so a row never takes a second line and the id is never cut."""
+        ids, summary = self._shown(height)
+        rows = [self.trials[i] for i in ids]
+        steps = [self._step(r) for r in rows]
+        widths = [max([5, *map(len, ids)]), STATUS_WIDTH, max([4, *map(len, steps)])]
+        columns = self._columns(width, rows, sum(w + 2 for w in widths))
+        config = width - sum(w + 2 for w in widths) - sum(w + 2 for _, w in columns)  # 2 between columns
+        table = Table(box=None, padding=(0, 1), pad_edge=False, show_edge=False, expand=False,
+                      header_style="bold underline")
+        for name, w in zip(("trial", "status", "step"), widths):
+            table.add_column(name, no_wrap=True, width=w, justify="right" if name == "step" else "left")
+        heading = " ".join(self.axes) if self.axes else "config"
+        table.add_column(Text(heading, no_wrap=True, overflow="ellipsis"), no_wrap=True, overflow="ellipsis",
+                         width=max(1, config))
+        for metric, w in columns:
+            table.add_column(metric.label, no_wrap=True, width=w, justify="right")
+        for trial_id, trial, step in zip(ids, rows, steps):
+            status = trial["status"]
+            style = "bold" if status == "running" else "red" if status not in ("ok", "pending") else ""
+            table.add_row(Text(trial_id, style=style), status, step, Text(self._values(trial["config"])),
+                          *(self._cell(m, trial) for m, _ in columns))
+        parts: list[Any] = [self._progress_line(width), table]
+        if summary:
+            parts.append(Text(summary, no_wrap=True, overflow="ellipsis", style="dim"))
+        return Group(*parts)
+
+    def _render(self) -> Group:
+        return self.render(self.console.size.width, self.console.size.height)
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions):
+        yield self.render(options.max_width, options.height or console.size.height)

@@ -16,8 +16,9 @@ Run folder (local path or s3://); `RunFolder` lives in dfc_ray/fs.py:
     <run>/retried.jsonl        records of trials the cluster lost (node, actor or judge died), each
                                replaced in results.jsonl by its grid point's re-run
     <run>/checkpoints/<id>/    each trial's crosscoder (config.json + model.safetensors)
-    <run>/tune/trials-N/       Ray Tune's experiments (per-trial TensorBoard event files), one per
-                               start or resume
+    <run>/tune/trials-N/       Ray Tune's experiments (its CSV/JSON results), one per start or resume
+    <run>/tensorboard/<id>/    each trial's TensorBoard run (`tensorboard --logdir <run>/tensorboard`)
+    <run>/driver.log           Ray's and the libraries' stderr while the live view drew
     <run>/optuna.journal       the Optuna study (optuna-dashboard reads it)
     <run>/report.json, report.md, plots/*.png
 
@@ -26,12 +27,12 @@ less than its evaluation, so grouping would save little and would tie trials' fa
 (docs/sweep.md has the numbers). The CLI is dfc_ray/commands/sweep.py.
 """
 
-from dfc_ray.sweep.driver import SweepInterrupted, _write_costs, check_fits, run_sweep, start_pools
+from dfc_ray.sweep.driver import NothingToResume, SweepInterrupted, _write_costs, check_fits, run_sweep, start_pools
 from dfc_ray.sweep.results import LIVE_VIEWS, STRUCTURED, ResultsWriter, read_results
 from dfc_ray.sweep.search import ObjectiveAtTheEnd, SpaceSampler, remaining_work
 from dfc_ray.sweep.trial import TRAIN_REPORTS, TrialContext, judge_checkpoint, judge_metrics, run_trial, trial_batches
 
-__all__ = ["LIVE_VIEWS", "STRUCTURED", "TRAIN_REPORTS", "ObjectiveAtTheEnd", "ResultsWriter", "SpaceSampler",
-           "SweepInterrupted",
+__all__ = ["LIVE_VIEWS", "NothingToResume", "STRUCTURED", "TRAIN_REPORTS", "ObjectiveAtTheEnd", "ResultsWriter",
+           "SpaceSampler", "SweepInterrupted",
            "TrialContext", "_write_costs", "check_fits", "judge_checkpoint", "judge_metrics", "read_results",
            "remaining_work", "run_sweep", "run_trial", "start_pools", "trial_batches"]

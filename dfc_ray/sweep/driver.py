@@ -10,18 +10,21 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
 import uuid
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import ray
 import yaml
 from ray import tune
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from rich.console import Console
 
 from actors.evaluator import EvaluatorActor
@@ -29,6 +32,7 @@ from actors.pool import ReplicaPool
 from actors.steering import SteeringActor
 from dfc_ray.cluster import check_address, cluster_identity, connect, job_ended
 from dfc_ray.config import PoolConfig, check_name
+from dfc_ray.failures import lost_to_infrastructure
 from dfc_ray.fs import LeaseHolder, RunFolder, RunLease, absolute, redact
 from dfc_ray.harvest import harvest
 from dfc_ray.pair import pair_fingerprint
@@ -36,9 +40,10 @@ from dfc_ray.plan import device_name, measure_rates
 from dfc_ray.placement import check_placeable, custom_requests
 from dfc_ray.report import LiveView, write_report
 from dfc_ray.spaces import SweepSpec, check_against_pair, parse_spec
-from dfc_ray.sweep.results import INTERRUPTED, LIVE_VIEWS, ResultsWriter, read_results, set_aside_lost
+from dfc_ray.sweep.results import (INTERRUPTED, LIVE_VIEWS, ResultsWriter, TensorBoardWriter, read_results,
+                                   recorded_ids, set_aside_lost)
 from dfc_ray.sweep.search import remaining_work, scheduler, searcher
-from dfc_ray.sweep.trial import TrialContext, run_trial
+from dfc_ray.sweep.trial import TrialContext, dfc_trial_id, run_trial
 from dfc_ray.tune_storage import JournalUploader, local_journal, tune_storage
 from dfc_ray.yamlio import parse_yaml
 
@@ -76,10 +81,76 @@ def check_fits(spec: SweepSpec, evaluate: bool = True) -> None:
                              "expected at most that (0 GPUs runs on CPU)")
 
 
+DRIVER_LOG = "driver.log"
+"""What Ray and the libraries print to the driver's stderr while the live view draws (core worker lines,
+deprecation warnings, Ray Data's notices): kept in the run folder instead of torn through the view."""
+
+
+@contextlib.contextmanager
+def stderr_to_log(run: RunFolder, on: bool):
+    """While `on`, this process's stderr (file descriptor 2, which Ray's C++ core worker writes to directly, and
+    Python's warnings and log handlers through it) is appended to `<run>/driver.log` (through a local file for
+    s3://); the terminal gets it back afterwards, so a one-line error still reaches the user."""
+    if not on:
+        yield
+        return
+    local = Path(run.path(DRIVER_LOG)) if run.is_local else Path(tempfile.mkdtemp(prefix="dfc-driver-")) / DRIVER_LOG
+    print(f"Ray's own messages: {redact(run.uri)}/{DRIVER_LOG}", flush=True)
+    sys.stderr.flush()
+    saved, python_stderr = os.dup(2), sys.stderr
+    log = open(local, "a", buffering=1)  # line-buffered: the log keeps up with a sweep that is still running
+    os.dup2(log.fileno(), 2)
+    sys.stderr = log  # also where sys.stderr is not file descriptor 2 (a wrapped or captured stream)
+    try:
+        yield
+    finally:
+        log.flush()
+        sys.stderr = python_stderr
+        os.dup2(saved, 2)
+        os.close(saved)
+        log.close()
+        if not run.is_local:
+            run.write_text(DRIVER_LOG, local.read_bytes())
+            shutil.rmtree(local.parent, ignore_errors=True)
+
+
 RUN_RECORD = "run.json"
 """The run's identity and the spec it started with: `run_id` (`<spec name>-<8 hex>`, unique per sweep and
 kept across resumes; the judge pools are named after it), `created`, `spec` (the merged spec as first
 written) and `spec_changes` (edits of spec.yaml a resume accepted with --accept-spec-changes)."""
+
+
+class NothingToResume(Exception):
+    """`--resume` on a run whose trials are all recorded and whose report covers them: nothing to run."""
+
+    def __init__(self, run: RunFolder, message: str):
+        super().__init__(message)
+        self.run = run
+
+
+def resume_line(spec: SweepSpec, run: RunFolder, done: list[dict[str, Any]]) -> tuple[str, int]:
+    """What a resume finds: `RUN: 3 of 4 trials done (3 ok), running 1` and how many trials it runs."""
+    kept = [record for record in done if not lost_to_infrastructure(record)]
+    ok = sum(record["status"] == "ok" for record in kept)
+    n_todo = remaining_work(spec, done)[0]
+    lost = len(done) - len(kept)
+    detail = f"{ok} ok" + (f", {len(kept) - ok} failed" if len(kept) > ok else "")
+    again = f" ({lost} lost to the cluster, run again)" if lost else ""
+    return f"{redact(run.uri)}: {len(kept)} of {spec.n_trials} trials done ({detail}), running {n_todo}{again}", n_todo
+
+
+def _finished(spec: SweepSpec, run: RunFolder, done: list[dict[str, Any]]) -> str | None:
+    """Why a resume has nothing to do (every trial recorded and report.json counts them all), else None."""
+    n_todo = remaining_work(spec, done)[0]
+    try:
+        reported = json.loads(run.read_text("report.json") or "{}").get("n_trials")
+    except json.JSONDecodeError:
+        reported = None
+    if n_todo or reported != len(done):
+        return None
+    ok = sum(record["status"] == "ok" for record in done)
+    return (f"{redact(run.uri)}: finished, all {len(done)} trials done ({ok} ok): nothing to resume; "
+            f"report: {redact(run.uri)}/report.md")
 
 
 class SweepInterrupted(Exception):
@@ -186,21 +257,38 @@ def _tuner(spec: SweepSpec, run: RunFolder, ctx: TrialContext, n_todo: int,
            remaining: list[dict[str, Any]] | None) -> tune.Tuner:
     """A fresh Tune experiment (tune/trials-N) that runs the `n_todo` trials still owed."""
     resources = {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu} | custom_requests(spec).get("trial", {})
-    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), resources)
+    named = tune.with_parameters(run_trial, ctx=ctx)
+    named.__name__ = f"{spec.name}-trial"  # the trial actors' name in the Ray dashboard (their repr)
+    trainable = tune.with_resources(named, resources)
     attempt = len(list(Path(run.path("tune")).glob("trials-*"))) if run.is_local else time.strftime("%Y%m%d-%H%M%S")
     tune_root, tune_fs = tune_storage(f"{run.uri}/tune")
     journal = local_journal(run)
     uploader = None if run.is_local else JournalUploader(run.uri, journal)
     return tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(search_alg=searcher(spec, journal, remaining, uploader), scheduler=scheduler(spec),
-                                    num_samples=n_todo, reuse_actors=True),  # no torch import per trial
+        tune_config=tune.TuneConfig(search_alg=searcher(spec, journal, remaining, uploader, recorded_ids(run)),
+                                    scheduler=scheduler(spec), num_samples=n_todo,
+                                    trial_name_creator=TrialName(spec.name), trial_dirname_creator=TrialName(spec.name),
+                                    reuse_actors=True),  # no torch import per trial
         run_config=tune.RunConfig(
             name=f"trials-{attempt}", storage_path=tune_root, storage_filesystem=tune_fs,
-            callbacks=[ResultsWriter(spec, run.uri)],
+            # Tune's own loggers minus its TBX one (TUNE_DISABLE_AUTO_CALLBACK_LOGGERS, set by run_sweep): the
+            # trials' TensorBoard runs are TensorBoardWriter's, and Tune prints no `tensorboard --logdir` hint
+            callbacks=[ResultsWriter(spec, run.uri), TensorBoardWriter(spec, run.uri), CSVLoggerCallback(),
+                       JsonLoggerCallback()],
             verbose=0,
             failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+
+
+@dataclass(frozen=True)
+class TrialName:
+    """Tune's name and folder of a trial: `<spec name>-<dfc trial id>` (a class: Tune pickles it)."""
+
+    spec_name: str
+
+    def __call__(self, trial) -> str:
+        return f"{self.spec_name}-{dfc_trial_id(trial.config, trial.trial_id)}"
 
 
 def _run_trials(spec: SweepSpec, run: RunFolder, ctx: TrialContext, done: list[dict[str, Any]] | None,
@@ -218,7 +306,7 @@ def _run_trials(spec: SweepSpec, run: RunFolder, ctx: TrialContext, done: list[d
     and their grid points run again in a further experiment, at most `max_failures` times."""
     view = LiveView(total=spec.n_trials, console=None if live else Console(quiet=True),
                     axes=[a.name for a in spec.grid] + [d.name for d in spec.search],
-                    title=f"{spec.name}: {spec.n_trials} trials")
+                    title=spec.name)
     LIVE_VIEWS[run.uri] = view
     for record in done or []:
         view.update(record["trial_id"], record["config"], record["status"], record["metrics"])
@@ -234,7 +322,7 @@ def _run_trials(spec: SweepSpec, run: RunFolder, ctx: TrialContext, done: list[d
                     if round_ and not lost:
                         break
                     for record in lost:  # its retry takes its place in the view
-                        view.trials.pop(record["trial_id"], None)
+                        view.forget(record["trial_id"])
                     if lost:
                         kinds = ", ".join(sorted({record.get("error_type", "?") for record in lost}))
                         print(f"{len(lost)} trial(s) lost to the cluster ({kinds}): running them again "
@@ -343,6 +431,8 @@ def run_sweep(spec: SweepSpec | None, run_uri: str, *, store_root: str | None = 
     refused unless `accept_spec_changes`. Raises SweepInterrupted (after writing the report) when Ctrl-C
     stopped the trials, and refuses a run folder another driver holds (`RunLease`)."""
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # training reports carry no Δ yet
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # TensorBoardWriter instead of Tune's TBX logger
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # Tune's newer reporter prints its config box over the live view
     if spec is not None:  # before the run folder or Ray: a spec the pair or the data refuse costs nothing
         check_against_pair(spec)
     source = "--address" if address else "RAY_ADDRESS"
@@ -351,6 +441,10 @@ def run_sweep(spec: SweepSpec | None, run_uri: str, *, store_root: str | None = 
         check_address(address, source)
     run, spec, record = _open_run(spec, run_uri, resume, accept_spec_changes)
     done = read_results(run) if resume else None  # a damaged results.jsonl is refused before any work
+    if done is not None:  # before the lease and Ray: a finished run starts nothing
+        if finished := _finished(spec, run, done):
+            raise NothingToResume(run, finished)
+        print(resume_line(spec, run, done)[0], flush=True)
     store_root = absolute(store_root or f"{run.uri.rsplit('/', 1)[0]}/harvests")
     started_ray = not ray.is_initialized()
     lease = RunLease(run)
@@ -359,9 +453,11 @@ def run_sweep(spec: SweepSpec | None, run_uri: str, *, store_root: str | None = 
             print(f"{redact(run.uri)}: took over the lease of a driver that had stopped ({taken}); "
                   f"recorded in {redact(run.uri)}/lease-takeovers.jsonl", flush=True)
         _record_run(run, record, fresh=not resume)
-        connect(address)
-        lease.set_job(*cluster_identity())
-        return _run_on_cluster(spec, run, record, store_root, done, not address, evaluate, live, lease)
+        with stderr_to_log(run, live and Console().is_terminal):
+            connect(address, metadata={"job_name": f"dfc-ray sweep {spec.name}", "spec": spec.name,
+                                        "run_id": record["run_id"], "run": redact(run.uri)})
+            lease.set_job(*cluster_identity())
+            return _run_on_cluster(spec, run, record, store_root, done, not address, evaluate, live, lease)
     finally:
         lease.release()
         if not address and started_ray:  # a cluster this run started ends with it (agents and workers too)

@@ -30,6 +30,14 @@ from dfc_ray.spaces import DFC_FIELDS, TRAIN_FIELDS, parse_spec
 from dfc_ray.train import TrainConfig, train
 
 TRAIN_REPORTS = 10  # intermediate reports per trial (what ASHA and the live view see)
+TRIAL_KEY = "dfc_trial_id"
+"""The trial config key that carries the trial's dfc id (search.TrialIds): it names the trial in
+results.jsonl, its checkpoint folder, its Tune trial and TensorBoard run, and keeps across a resume."""
+
+
+def dfc_trial_id(config: dict[str, Any], tune_id: str) -> str:
+    """The trial's dfc id: the one its searcher handed out, else Tune's own."""
+    return str(config.get(TRIAL_KEY) or tune_id)
 
 
 @dataclass(frozen=True)
@@ -87,7 +95,7 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
         if step % every == 0 and step < cfg.steps:
             tune.report({"phase": "train", "step": step, **training_report(m)})
 
-    trial_id = tune.get_context().get_trial_id()
+    trial_id = dfc_trial_id(params, tune.get_context().get_trial_id())
     local = Path(tune.get_context().get_trial_dir()) / "crosscoder"
     started = time.perf_counter()
     store_uri = ctx.stores[spec.trial_positions(settings)]

@@ -50,7 +50,7 @@ from dfc_ray import store
 from dfc_ray.config import CorpusSpec, HarvestConfig
 from dfc_ray.fs import open_fs, redact, write_file_atomic
 from dfc_ray.generation import GenerationConfig, HookContext, generate, residual_hooks
-from dfc_ray.pair import check_pair, load_model, load_tokenizer, pair_fingerprint
+from dfc_ray.pair import check_pair, load_model, load_tokenizer, pair_fingerprint, require_chat_template
 from dfc_ray.tooluse import load_tasks, render_prompt
 
 MIX_LAST_PROMPT_REPEATS = 16
@@ -121,6 +121,8 @@ def build_corpus(corpus: CorpusSpec, tokenizer) -> list[Record]:
 
     sources = [s.strip() for s in corpus.tasks.split(",") if s.strip()] if corpus.n_tasks > 0 else []
     tasks = [task for source in sources for task in load_tasks(source)][: corpus.n_tasks]
+    if tasks:
+        require_chat_template(tokenizer, "corpus.tasks")
     texts = [render_prompt(tokenizer, task) for task in tasks]
     records = [Record(ids[-corpus.max_tokens:], is_tool_prompt=True)
                for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []

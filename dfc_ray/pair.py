@@ -23,6 +23,8 @@ from dfc_ray.tooluse.task import Task
 from dfc_ray.tooluse.tasks import prompt_lengths
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CAUSAL_LM = "a decoder-only causal LM (llama, mistral, gemma, qwen, olmo, phi3, gpt_neox, …)"
+"""What a pair's models must be (`unhookable` says why one is not), in the one-line refusals."""
 
 
 def resolved_device(spec: PairSpec) -> str:
@@ -88,7 +90,7 @@ def unhookable(config) -> str | None:
     try:
         decoder_layers(model)
     except ValueError:
-        return f"{type(model).__name__} has no decoder blocks at .model.layers (GPT-2 style models are not supported)"
+        return f"{type(model).__name__} has no decoder blocks at .model.layers"
     return None
 
 
@@ -118,8 +120,7 @@ def check_pair(spec: PairSpec, local_only: bool = False):
     for role, config in configs.items():
         reason = unhookable(config)
         if reason is not None:
-            raise ValueError(f"pair.{role} = {getattr(spec, role)!r}: {reason}; expected a decoder-only causal LM "
-                             "(llama, mistral, gemma, qwen, olmo, phi3, gpt_neox, …)")
+            raise ValueError(f"pair.{role} = {getattr(spec, role)!r}: expected {CAUSAL_LM}, but {reason}")
     check_same_family(spec, configs["a"], configs["b"])
     return configs["a"].get_text_config()
 
@@ -150,6 +151,15 @@ def load_tokenizer(spec: PairSpec, local_only: bool = False):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def require_chat_template(tokenizer, where: str) -> None:
+    """ValueError (one line) when `tokenizer` has no chat template to render tool prompts with: a base checkpoint B
+    often ships none, and the tokenizer defaults to B's."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"{where}: the tokenizer {tokenizer.name_or_path!r} (pair.tokenizer, default model B's) has "
+                         "no chat template to render tool prompts; expected one that has (pair.tokenizer or "
+                         "--tokenizer naming model A's)")
 
 
 def load_pair(spec: PairSpec) -> tuple[torch.nn.Module, torch.nn.Module, Any]:
@@ -191,11 +201,15 @@ def max_positions(spec: PairSpec, local_only: bool = False) -> int | None:
 def check_prompts_fit(spec: PairSpec, tasks: list[Task], new_tokens: int, where: str, prompt_format: str = "chat",
                       local_only: bool = False) -> None:
     """ValueError (one line naming the longest prompt's task) when a prompt plus `new_tokens` generated tokens runs past
-    the models' positions: a model past its trained length answers, but the answer measures nothing."""
+    the models' positions: a model past its trained length answers, but the answer measures nothing. Chat prompts need
+    a tokenizer with a chat template (`require_chat_template`)."""
+    tokenizer = load_tokenizer(spec, local_only)
+    if prompt_format == "chat" and tasks:
+        require_chat_template(tokenizer, where)
     limit = max_positions(spec, local_only)
     if limit is None or not tasks:
         return
-    lengths = prompt_lengths(load_tokenizer(spec, local_only), tasks, prompt_format)
+    lengths = prompt_lengths(tokenizer, tasks, prompt_format)
     worst = max(range(len(tasks)), key=lengths.__getitem__)
     if lengths[worst] + new_tokens > limit:
         raise ValueError(f"{where}: task {tasks[worst].id}: a prompt of {lengths[worst]:,} tokens + {new_tokens} new "

@@ -525,7 +525,7 @@ def check_against_pair(spec: SweepSpec) -> list[str]:
     not probed (s3:// and hub ids: no network here); raises SpecError (one line) on the first problem. A model
     harvest could not run (`unhookable`: GPT-2, an encoder) and a pair of two architectures or widths are refused."""
     # deferred: dfc_ray.pair imports torch and transformers
-    from dfc_ray.pair import family_mismatch, load_config, unhookable
+    from dfc_ray.pair import CAUSAL_LM, family_mismatch, load_config, unhookable
 
     where, notes, configs = spec.source, [], {}
     for role in ("a", "b", "tokenizer"):
@@ -543,7 +543,7 @@ def check_against_pair(spec: SweepSpec) -> list[str]:
                             f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
             reason = unhookable(config)
             if reason is not None:
-                raise _fail(where, f"pair.{role}", reference, f"a decoder-only causal LM harvest can hook ({reason})")
+                raise _fail(where, f"pair.{role}", reference, f"{CAUSAL_LM}, but {reason}")
             configs[role] = config
             blocks = config.get_text_config().num_hidden_layers
             if max(spec.layers) >= blocks:

@@ -6,6 +6,7 @@ reply; plain texts start with a BOS where the family's tokenizer adds one (docs/
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -14,11 +15,12 @@ import pytest
 import torch
 from tokenizers import processors
 
+from dfc_ray.cli import main
 from dfc_ray.config import CorpusSpec, DFCConfig, EvalConfig, GenerationConfig, HarvestConfig, SteerConfig, TrainConfig
-from dfc_ray.generation import (STATIC_MODEL_TYPES, HookContext, eos_token_ids, generate,
+from dfc_ray.generation import (STATIC_MODEL_TYPES, HookContext, decode_bytes_per_row, eos_token_ids, generate,
                                 residual_hooks)
 from dfc_ray.harvest import Record, build_corpus, default_bos, harvest, left_pad, residual_after_blocks
-from dfc_ray.pair import PairSpec, load_model, load_tokenizer
+from dfc_ray.pair import PairSpec, load_model, load_pair, load_tokenizer
 from dfc_ray.sweep.trial import trial_batches
 from dfc_ray.tooluse import load_tasks, render_prompt
 from dfc_ray.train import train
@@ -308,3 +310,78 @@ def test_the_organism_corpus_has_no_bos_and_is_unchanged():
     assert default_bos(tokenizer) == []
     assert [r.prompt_ids for r in build_corpus(corpus, tokenizer)] == \
         tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def _spec(tmp_path: Path, a: str, b: str, tokenizer: str) -> str:
+    path = tmp_path / "family.yaml"
+    path.write_text(json.dumps({"name": "family", "pair": {"a": a, "b": b, "tokenizer": tokenizer}, "layers": [LAYER],
+                                "harvest": {"n_tasks": 8, "n_plain": 8}, "train": {"batch_size": 8},
+                                "crosscoder": {"dict_size": 64, "k": 4}}))
+    return str(path)
+
+
+def _harvest_argv(tmp_path: Path, a: str, b: str, *extra: str) -> list[str]:
+    return ["harvest", "--store", str(tmp_path / "store"), "--layers", str(LAYER), "--model-a", a, "--model-b", b,
+            "--n-tasks", "4", "--n-plain", "4", "--no-ray", *extra]
+
+
+def _one_line(capsys) -> str:
+    out = capsys.readouterr()
+    text = (out.out + out.err).strip()
+    assert len(text.splitlines()) == 1 and "Traceback" not in text, text
+    return text
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3"])
+def test_validate_accepts_a_family_pair_and_its_multimodal_wrapper(name, pairs, tmp_path, capsys):
+    spec = pairs(name)
+    assert main(["spaces", "validate", _spec(tmp_path, spec.a, spec.b, spec.tokenizer)]) == 0, capsys.readouterr()
+
+
+def test_what_harvest_refuses_validate_refuses_in_one_line(pairs, tmp_path, capsys):
+    """GPT-2 (no decoder blocks at .model.layers), two architectures of one width (OLMo-2 A, Gemma-2 B), two widths
+    of one architecture: `spaces validate` and `dfc-ray harvest` each say so in one line, before any weights load."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    llama = pairs("llama")
+    vocab = len(load_tokenizer(llama))
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=vocab)).save_pretrained(tmp_path / "gpt2")
+    LlamaForCausalLM(LlamaConfig(**_small(hidden_size=64, num_key_value_heads=2), vocab_size=vocab)) \
+        .save_pretrained(tmp_path / "wide")
+    cases = [(str(tmp_path / "gpt2"), str(tmp_path / "gpt2"), "no decoder blocks at .model.layers"),
+             (pairs("olmo2").a, pairs("gemma2").b, "a model of A's architecture (olmo2; B is gemma2)"),
+             (llama.a, str(tmp_path / "wide"), "a model of A's width (hidden_size 32, B has 64)")]
+    capsys.readouterr()
+    for a, b, expected in cases:
+        assert main(["spaces", "validate", _spec(tmp_path, a, b, llama.tokenizer)]) == 2
+        assert expected in _one_line(capsys)
+        assert main(_harvest_argv(tmp_path, a, b, "--tokenizer", llama.tokenizer)) == 2
+        assert expected in _one_line(capsys)
+    assert not (tmp_path / "store").exists()
+    with pytest.raises(ValueError, match=r"architecture \(olmo2; B is gemma2\)"):
+        load_pair(replace(llama, a=pairs("olmo2").a, b=pairs("gemma2").b))
+
+
+def test_harvest_takes_the_tokenizer_of_a_base_b_without_a_template(pairs, tmp_path, capsys):
+    """B is a base checkpoint with no tokenizer or chat template of its own: `--tokenizer` names A's."""
+    spec = pairs("gemma2")
+    capsys.readouterr()
+    assert main(_harvest_argv(tmp_path, spec.a, spec.b)) == 2
+    assert "has no chat template to render tool prompts" in _one_line(capsys)
+    assert main(["spaces", "validate", _spec(tmp_path, spec.a, spec.b, "")]) == 2
+    assert "has no chat template to render tool prompts" in _one_line(capsys)
+    assert main(_harvest_argv(tmp_path, spec.a, spec.b, "--tokenizer", spec.tokenizer)) == 0
+    assert "rows × 2 × 32 per layer" in capsys.readouterr().out
+
+
+def test_memory_sizing_reads_configs_without_kv_heads_and_wrappers(pairs):
+    """gpt_neox has no num_key_value_heads (one per head); a Gemma-3 wrapper is sized by its language model."""
+    from dfc_ray.pair import load_config
+
+    neox = load_config(pairs("gpt_neox"), "a")
+    assert not hasattr(neox, "num_key_value_heads")
+    grouped = copy.deepcopy(neox)
+    grouped.num_key_value_heads = neox.num_attention_heads
+    assert decode_bytes_per_row(neox, 2, 100, 10) == decode_bytes_per_row(grouped, 2, 100, 10) > 0
+    wrapper = load_config(pairs("gemma3"), "a")
+    assert decode_bytes_per_row(wrapper, 2, 100, 10) == decode_bytes_per_row(wrapper.get_text_config(), 2, 100, 10)

@@ -203,11 +203,13 @@ def check_prompts_fit(spec: PairSpec, tasks: list[Task], new_tokens: int, where:
     """ValueError (one line naming the longest prompt's task) when a prompt plus `new_tokens` generated tokens runs past
     the models' positions: a model past its trained length answers, but the answer measures nothing. Chat prompts need
     a tokenizer with a chat template (`require_chat_template`)."""
+    if not tasks:
+        return
     tokenizer = load_tokenizer(spec, local_only)
-    if prompt_format == "chat" and tasks:
+    if prompt_format == "chat":
         require_chat_template(tokenizer, where)
     limit = max_positions(spec, local_only)
-    if limit is None or not tasks:
+    if limit is None:
         return
     lengths = prompt_lengths(tokenizer, tasks, prompt_format)
     worst = max(range(len(tasks)), key=lengths.__getitem__)

@@ -232,13 +232,17 @@ def eos_token_ids(tokenizer, model: torch.nn.Module | None = None) -> set[int]:
     """Every id that ends a reply: the tokenizer's eos, each id of the model's generation config `eos_token_id`
     (generation_config.json; an int or a list, e.g. Llama-3's <|eot_id|> and <|eom_id|>), and the
     END_OF_TURN_TOKENS the vocabulary has (the template's end of turn, e.g. Gemma's <end_of_turn>). A reply that
-    ran past its end of turn would be scored on text the model was never trained to write."""
+    ran past its end of turn would be scored on text the model was never trained to write.
+    Only added tokens count, besides the tokenizer's eos: an id of ordinary text in a generation config is stale
+    (the organism's says 2, a "#", from before its tokenizer was trained) and would cut replies short."""
+    added = set(tokenizer.added_tokens_decoder)
     vocab = tokenizer.get_vocab()
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids = {vocab[t] for t in END_OF_TURN_TOKENS if t in vocab}
+    ids.update([configured] if isinstance(configured, int) else configured or ())
+    ids &= added
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update([configured] if isinstance(configured, int) else configured or ())
     return ids
 
 

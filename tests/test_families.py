@@ -299,12 +299,15 @@ def test_plain_texts_start_with_a_bos_where_the_tokenizer_adds_one(name, pairs):
     assert [r.prompt_ids[0] == bos for r in cut] == [family.adds_bos] * 3
 
 
-def test_the_organism_corpus_has_no_bos_and_is_unchanged():
-    """The organism's (Qwen-style) tokenizer adds no BOS: its records are the texts tokenized without special tokens,
-    as before BOS handling existed, so organism48's harvest keeps its content hash."""
+def test_the_organism_stops_and_corpus_are_unchanged():
+    """The organism's replies stop where they did (its ChatML tokens), and its (Qwen-style) tokenizer adds no BOS: its
+    records are the texts tokenized without special tokens, so organism48's harvest keeps its content hash."""
     from dfc_ray.harvest import plain_texts
 
     tokenizer = load_tokenizer(PairSpec())
+    stops = eos_token_ids(tokenizer, load_model(PairSpec(device="cpu"), "a"))
+    # its ChatML tokens only: the eos id 2 of its generation config is stale, an ordinary "#"
+    assert stops == set(tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]))
     corpus = CorpusSpec(tasks="", n_tasks=0, plain_text="organism", n_plain=4)
     texts = plain_texts(corpus.plain_text, corpus.n_plain, corpus.seed)
     assert default_bos(tokenizer) == []

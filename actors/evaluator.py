@@ -45,13 +45,13 @@ class Evaluator(PairReplica):
         """Splice `checkpoint` (a folder path) at `layer` into A and into B; rates with 95% CIs."""
         cfg = cfg or self.cfg
         started = time.perf_counter()
-        n_layers = self.model_a.config.num_hidden_layers
+        shape = self.model_a.config.get_text_config()  # a multimodal wrapper's are its language model's
+        n_layers = shape.num_hidden_layers
         if not 0 <= layer < n_layers:
             raise ValueError(f"layer {layer}: expected a block index in [0, {n_layers})")
         cc = load_crosscoder(checkpoint, self.device, cfg.protocol.normalization)
-        if cc.cfg.d_model != self.model_a.config.hidden_size:
-            raise ValueError(f"{checkpoint}: d_model {cc.cfg.d_model}, "
-                             f"but the pair has {self.model_a.config.hidden_size}")
+        if cc.cfg.d_model != shape.hidden_size:
+            raise ValueError(f"{checkpoint}: d_model {cc.cfg.d_model}, but the pair has {shape.hidden_size}")
         clean, cached = self.clean_scores(cfg)
         tasks = eval_tasks(cfg)
         prompts = self.prompts(tasks, cfg.protocol.prompt_format)

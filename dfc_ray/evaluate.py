@@ -22,7 +22,7 @@ from dfc_ray.config import EvalConfig
 from dfc_ray.crosscoder import CHECKPOINT_FILES, DedicatedFeatureCrosscoder
 from dfc_ray.fs import open_fs, redact
 from dfc_ray.generation import Generation, HookContext, residual_hooks
-from dfc_ray.harvest import Record, left_pad, plain_texts
+from dfc_ray.harvest import Record, default_bos, left_pad, plain_texts
 from dfc_ray.interventions import prefill_edit_hook, prompt_activations, splice_edit
 from dfc_ray.seed import require_known_normalization
 from dfc_ray.tooluse import Score, Task, load_tasks, score
@@ -203,10 +203,12 @@ def eval_texts(source: str, n: int, seed: int) -> list[str]:
 def splice_loss_per_text(target_model: torch.nn.Module, other_model: torch.nn.Module, tokenizer,
                          texts: Sequence[str], cc: DedicatedFeatureCrosscoder, layer: int, target: str,
                          batch_size: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(clean CE, spliced CE, KL(clean ‖ spliced)) per text, averaged over its next-token predictions."""
+    """(clean CE, spliced CE, KL(clean ‖ spliced)) per text, averaged over its next-token predictions; each text
+    starts with the BOS its tokenizer adds by default (`default_bos`), as the model saw text in training."""
 
     device = next(target_model.parameters()).device
-    encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    bos = default_bos(tokenizer)
+    encoded = [bos + ids for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     edit = splice_edit(cc, target)
     ce_clean, ce_splice, kl = [], [], []
@@ -214,8 +216,7 @@ def splice_loss_per_text(target_model: torch.nn.Module, other_model: torch.nn.Mo
         chunk = encoded[start:start + batch_size]
         ids, mask = (t.to(device) for t in left_pad([Record(list(e)) for e in chunk], pad))
         positions = (mask.cumsum(1) - 1).clamp(min=0)
-        other = prompt_activations(other_model, tokenizer, [texts[start + i] for i in range(len(chunk))], layer,
-                                   batch_size)
+        other = prompt_activations(other_model, tokenizer, chunk, layer, batch_size)
         ctx = HookContext.for_forward(mask)
         with torch.inference_mode():
             clean = target_model(input_ids=ids, attention_mask=mask, position_ids=positions).logits.float()

@@ -35,8 +35,10 @@ from dfc_ray import selfcheck
 from dfc_ray.config import GenerationConfig
 from dfc_ray.tooluse.dialects import KEEP_TOKENS
 
-EOS_TOKENS = ("<|im_end|>", "<|endoftext|>")
-"""Tokens that end a reply in Qwen-style chat templates, besides `tokenizer.eos_token`."""
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<end_of_turn>", "<|eot_id|>", "<|eom_id|>", "<|end|>",
+                      "<|end_of_text|>")
+"""Tokens that end a turn or a text in the chat templates of Qwen/Hermes and OLMo-2 (ChatML), Gemma, Llama-3 and
+Phi-3/4, besides the tokenizer's and generation_config.json's eos: a reply stops on each of them the vocabulary has."""
 STOP_CHECK_EVERY = 8
 """Static decoding reads the generated tokens back and checks eos / stop strings every this many steps."""
 STATIC_COLUMNS = 64
@@ -228,10 +230,19 @@ def _forward_hook(layer: int, fn: ResidualHook, context: HookContext | Callable[
     return forward_hook
 
 
-def eos_token_ids(tokenizer) -> set[int]:
-    """tokenizer.eos_token_id plus <|im_end|> / <|endoftext|> when the vocabulary has them."""
+def eos_token_ids(tokenizer, model: torch.nn.Module | None = None) -> set[int]:
+    """Every id that ends a reply: the tokenizer's eos, each id of the model's generation config `eos_token_id`
+    (generation_config.json; an int or a list, e.g. Llama-3's <|eot_id|> and <|eom_id|>), and the
+    END_OF_TURN_TOKENS the vocabulary has (the template's end of turn, e.g. Gemma's <end_of_turn>). A reply that
+    ran past its end of turn would be scored on text the model was never trained to write.
+    Only added tokens count, besides the tokenizer's eos: an id of ordinary text in a generation config is stale
+    (the organism's says 2, a "#", from before its tokenizer was trained) and would cut replies short."""
+    added = set(tokenizer.added_tokens_decoder)
     vocab = tokenizer.get_vocab()
-    ids = {vocab[t] for t in EOS_TOKENS if t in vocab}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = {vocab[t] for t in END_OF_TURN_TOKENS if t in vocab}
+    ids.update([configured] if isinstance(configured, int) else configured or ())
+    ids &= added
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return ids
@@ -303,9 +314,12 @@ def static_decode_unsupported(model: torch.nn.Module) -> str | None:
 
 def decode_bytes_per_row(config, dtype_bytes: int, prompt_tokens: int, max_new_tokens: int) -> int:
     """Device memory one prompt of a decode batch needs: its static KV buffers, the prefill's KV cache and
-    its prefix-cache copy, one block's activations during the prefill, and the logits."""
+    its prefix-cache copy, one block's activations during the prefill, and the logits. A multimodal wrapper is
+    sized by its language model; a config without `num_key_value_heads` (gpt_neox) has one per attention head."""
+    config = config.get_text_config()
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_token = config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * dtype_bytes
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    kv_token = config.num_hidden_layers * 2 * kv_heads * head_dim * dtype_bytes
     kv = kv_token * (prompt_tokens + max_new_tokens + STATIC_COLUMNS + 2 * prompt_tokens)
     prefill = prompt_tokens * (3 * config.intermediate_size + 6 * config.hidden_size) * dtype_bytes
     return kv + prefill + 12 * config.vocab_size  # logits in the model dtype, as float, and the argmax's
@@ -365,7 +379,7 @@ class _Decoder:
         self.model, self.tokenizer, self.cfg, self.hooks = model, tokenizer, cfg, hooks
         self.prefix_cache = prefix_cache
         self.device = next(model.parameters()).device
-        self.eos = eos_token_ids(tokenizer)
+        self.eos = eos_token_ids(tokenizer, model)
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos, default=0)
         # The cache keyword is `cache` in transformers >= 5.x and `past_key_values` before.
         params = inspect.signature(model.forward).parameters

@@ -52,7 +52,7 @@ from dfc_ray import store
 from dfc_ray.config import CorpusSpec, HarvestConfig
 from dfc_ray.fs import open_fs, redact, write_file_atomic
 from dfc_ray.generation import GenerationConfig, HookContext, generate, residual_hooks
-from dfc_ray.pair import load_config, load_model, load_tokenizer, pair_fingerprint
+from dfc_ray.pair import check_pair, load_model, load_tokenizer, pair_fingerprint, require_chat_template
 from dfc_ray.tooluse import load_tasks, render_prompt
 
 MIX_LAST_PROMPT_REPEATS = 16
@@ -108,17 +108,31 @@ def plain_texts(source: str, n: int, seed: int) -> list[str]:
     return lines[:n]
 
 
+def default_bos(tokenizer) -> list[int]:
+    """[BOS id] when the tokenizer puts a BOS first by default (`tokenizer(text)`: Llama, Mistral, Gemma), else []
+    (Qwen, OLMo-2, the organism). Plain texts start with it, as the model saw text in training; chat prompts
+    carry their BOS in the template instead and are tokenized without special tokens."""
+    bos = tokenizer.bos_token_id
+    if bos is None or tokenizer("a")["input_ids"][:1] != [bos]:
+        return []
+    return [] if tokenizer("a", add_special_tokens=False)["input_ids"][:1] == [bos] else [bos]
+
+
 def build_corpus(corpus: CorpusSpec, tokenizer, dialect: str = "auto") -> list[Record]:
-    """Tokenized records: tool prompts rendered with the chat template, then plain texts."""
+    """Tokenized records: tool prompts rendered with the chat template, then plain texts (after `default_bos`)."""
 
     sources = [s.strip() for s in corpus.tasks.split(",") if s.strip()] if corpus.n_tasks > 0 else []
     tasks = [task for source in sources for task in load_tasks(source)][: corpus.n_tasks]
+    if tasks:
+        require_chat_template(tokenizer, "corpus.tasks")
     texts = [render_prompt(tokenizer, task, dialect) for task in tasks]  # dialect: pair.dialect (tools fallback)
     records = [Record(ids[-corpus.max_tokens:], is_tool_prompt=True)
                for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
     plain = plain_texts(corpus.plain_text, corpus.n_plain, corpus.seed)
     if plain:
-        records += [Record(ids[-corpus.max_tokens:]) for ids in tokenizer(plain, add_special_tokens=False)["input_ids"]]
+        bos, keep = default_bos(tokenizer), corpus.max_tokens
+        records += [Record(bos + ids[max(0, len(ids) + len(bos) - keep):])  # a long text keeps its BOS
+                    for ids in tokenizer(plain, add_special_tokens=False)["input_ids"]]
     if not records:
         raise ValueError("corpus: no records (tasks and plain_text both empty); expected at least one text")
     return records
@@ -294,7 +308,7 @@ class PairActivations:
         """Compute (or resume) one part: its groups' rows into its own shards of every layer. Its progress
         file records each group's rows before they can reach a recorded shard, so a re-run starts at the
         first group not wholly in recorded shards and replays nothing else. Returns the progress."""
-        specs = _store_specs(self.cfg, uri, int(self.model_a.config.hidden_size))
+        specs = _store_specs(self.cfg, uri, int(self.model_a.config.get_text_config().hidden_size))
         writers = {layer: store.ShardWriter(uri, spec, part) for layer, spec in specs.items()}
         progress = _read_json(uri, _part_progress(part)) or {"group_rows": [], "group_nodes": []}
         start, before = _resume_point(progress["group_rows"], min(w.rows_done for w in writers.values()))
@@ -504,7 +518,7 @@ def harvest(cfg: HarvestConfig, *, use_ray: bool = True, progress: bool = True) 
     records = build_corpus(cfg.corpus, tokenizer, cfg.pair.dialect)
     uri = f"{cfg.store.rstrip('/')}/{content_hash(cfg, records)}"
     models = (f"A={cfg.pair.a}", f"B={cfg.pair.b}")
-    d_model = int(load_config(cfg.pair, "a").hidden_size)
+    d_model = int(check_pair(cfg.pair).hidden_size)  # one line for a pair it cannot run, before any weights
     manifests = {}
     for layer in cfg.layers:  # every layer is checked (crc32 of each shard): a bad one is re-harvested
         try:

@@ -91,15 +91,16 @@ def clamp_edit(cc: DedicatedFeatureCrosscoder, target: str, features: Sequence[i
 # ---------------------------------------------------------------- the other model's activations
 
 
-def prompt_activations(model: torch.nn.Module, tokenizer, prompts: Sequence[str], layer: int,
+def prompt_activations(model: torch.nn.Module, tokenizer, prompts: Sequence[str] | Sequence[list[int]], layer: int,
                        batch_size: int = 32) -> list[Tensor]:
     """Residual after block `layer` at every prompt token, one (len_i, d_model) tensor per prompt.
 
-    Prompts are tokenized exactly as `generate` tokenizes them (no special tokens), so position j
-    here is prompt position j there."""
+    Rendered prompts are tokenized exactly as `generate` tokenizes them (no special tokens), so position j
+    here is prompt position j there; token ids (plain texts after their BOS) are used as they are."""
 
     device = next(model.parameters()).device
-    encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    encoded = [list(p) for p in prompts] if prompts and not isinstance(prompts[0], str) else \
+        tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out: list[Tensor] = []
     for start in range(0, len(encoded), batch_size):

@@ -17,11 +17,14 @@ from typing import Any
 import torch
 
 from dfc_ray.config import ORGANISM, PairSpec
+from dfc_ray.generation import decoder_layers
 from dfc_ray.preflight import resolve_device
 from dfc_ray.tooluse.task import Task
 from dfc_ray.tooluse.tasks import prompt_lengths
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CAUSAL_LM = "a decoder-only causal LM (llama, mistral, gemma, qwen, olmo, phi3, gpt_neox, …)"
+"""What a pair's models must be (`unhookable` says why one is not), in the one-line refusals."""
 
 
 def resolved_device(spec: PairSpec) -> str:
@@ -63,11 +66,63 @@ def _download_s3_prefix(uri: str) -> str:
 
 
 def load_config(spec: PairSpec, role: str, local_only: bool = False):
-    """The transformers config of model ``a`` or ``b`` (no weights loaded); `local_only`: never download."""
+    """The transformers config of model ``a`` or ``b`` (no weights loaded); `local_only`: never download. A
+    multimodal wrapper's (Gemma-3 ≥ 4B) widths and depths are in `config.get_text_config()`, its language model's."""
     # deferred: transformers takes seconds to import
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(_local_dir(getattr(spec, role), role), local_files_only=local_only)
+
+
+def unhookable(config) -> str | None:
+    """Why harvest and the judges could not run a model of `config`, or None: it must load as a transformers
+    causal LM (a multimodal wrapper such as Gemma3ForConditionalGeneration does, through its language model)
+    whose decoder blocks `decoder_layers` finds. Built without weights (meta device), so a spec check refuses
+    what a harvest would, before any weights load."""
+    # deferred: transformers takes seconds to import
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError):  # transformers lists every causal LM class: not a line to show
+        return f"model_type {config.model_type!r} is not a transformers causal LM"
+    try:
+        decoder_layers(model)
+    except ValueError:
+        return f"{type(model).__name__} has no decoder blocks at .model.layers"
+    return None
+
+
+def family_mismatch(config_a, config_b) -> str | None:
+    """What B would have to be to pair with A, or None when both are one architecture at one width: a crosscoder
+    pairs their residual streams feature by feature, which means something for an RL fine-tune and its base."""
+    a, b = config_a.get_text_config(), config_b.get_text_config()
+    if a.model_type != b.model_type:
+        return f"a model of A's architecture ({a.model_type}; B is {b.model_type}): a fine-tune and its base"
+    if a.hidden_size != b.hidden_size:
+        return (f"a model of A's width (hidden_size {a.hidden_size}, B has {b.hidden_size}): a crosscoder needs "
+                "equal widths")
+    return None
+
+
+def check_same_family(spec: PairSpec, config_a, config_b) -> None:
+    """ValueError (one line) when B cannot pair with A (`family_mismatch`)."""
+    mismatch = family_mismatch(config_a, config_b)
+    if mismatch is not None:
+        raise ValueError(f"pair.b = {spec.b!r}: expected {mismatch}")
+
+
+def check_pair(spec: PairSpec, local_only: bool = False):
+    """A's language-model config, once both configs say harvest and the judges can run the pair (`unhookable`,
+    `check_same_family`); ValueError (one line) before any weights load."""
+    configs = {role: load_config(spec, role, local_only) for role in ("a", "b")}
+    for role, config in configs.items():
+        reason = unhookable(config)
+        if reason is not None:
+            raise ValueError(f"pair.{role} = {getattr(spec, role)!r}: expected {CAUSAL_LM}, but {reason}")
+    check_same_family(spec, configs["a"], configs["b"])
+    return configs["a"].get_text_config()
 
 
 def load_model(spec: PairSpec, role: str) -> torch.nn.Module:
@@ -98,15 +153,20 @@ def load_tokenizer(spec: PairSpec, local_only: bool = False):
     return tokenizer
 
 
+def require_chat_template(tokenizer, where: str) -> None:
+    """ValueError (one line) when `tokenizer` has no chat template to render tool prompts with: a base checkpoint B
+    often ships none, and the tokenizer defaults to B's."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"{where}: the tokenizer {tokenizer.name_or_path!r} (pair.tokenizer, default model B's) has "
+                         "no chat template to render tool prompts; expected one that has (pair.tokenizer or "
+                         "--tokenizer naming model A's)")
+
+
 def load_pair(spec: PairSpec) -> tuple[torch.nn.Module, torch.nn.Module, Any]:
-    """(model_a, model_b, tokenizer), checked to share d_model and vocabulary."""
+    """(model_a, model_b, tokenizer), checked to be one architecture at one width (`check_same_family`)."""
     model_a, model_b = load_model(spec, "a"), load_model(spec, "b")
-    tokenizer = load_tokenizer(spec)
-    d_a, d_b = model_a.config.hidden_size, model_b.config.hidden_size
-    if d_a != d_b:
-        raise ValueError(f"pair: A ({spec.a}) has d_model {d_a} but B ({spec.b}) has {d_b}; "
-                         "a crosscoder needs equal widths")
-    return model_a, model_b, tokenizer
+    check_same_family(spec, model_a.config, model_b.config)
+    return model_a, model_b, load_tokenizer(spec)
 
 
 def pair_fingerprint(spec: PairSpec) -> str:
@@ -132,7 +192,8 @@ def pair_fingerprint(spec: PairSpec) -> str:
 def max_positions(spec: PairSpec, local_only: bool = False) -> int | None:
     """The fewest positions either model was built for (config.json's max_position_embeddings), None when
     neither says."""
-    limits = [getattr(load_config(spec, role, local_only), "max_position_embeddings", None) for role in ("a", "b")]
+    limits = [getattr(load_config(spec, role, local_only).get_text_config(), "max_position_embeddings", None)
+              for role in ("a", "b")]
     known = [int(limit) for limit in limits if limit]
     return min(known) if known else None
 
@@ -140,11 +201,17 @@ def max_positions(spec: PairSpec, local_only: bool = False) -> int | None:
 def check_prompts_fit(spec: PairSpec, tasks: list[Task], new_tokens: int, where: str, prompt_format: str = "chat",
                       local_only: bool = False) -> None:
     """ValueError (one line naming the longest prompt's task) when a prompt plus `new_tokens` generated tokens runs past
-    the models' positions: a model past its trained length answers, but the answer measures nothing."""
-    limit = max_positions(spec, local_only)
-    if limit is None or not tasks:
+    the models' positions: a model past its trained length answers, but the answer measures nothing. Chat prompts need
+    a tokenizer with a chat template (`require_chat_template`)."""
+    if not tasks:
         return
-    lengths = prompt_lengths(load_tokenizer(spec, local_only), tasks, prompt_format, spec.dialect)
+    tokenizer = load_tokenizer(spec, local_only)
+    if prompt_format == "chat":
+        require_chat_template(tokenizer, where)
+    limit = max_positions(spec, local_only)
+    if limit is None:
+        return
+    lengths = prompt_lengths(tokenizer, tasks, prompt_format, spec.dialect)
     worst = max(range(len(tasks)), key=lengths.__getitem__)
     if lengths[worst] + new_tokens > limit:
         raise ValueError(f"{where}: task {tasks[worst].id}: a prompt of {lengths[worst]:,} tokens + {new_tokens} new "

@@ -58,6 +58,8 @@ class ModelShape:
 
     @classmethod
     def from_config(cls, config) -> "ModelShape":
+        """The shape of a causal LM's config, or of a multimodal wrapper's language model."""
+        config = config.get_text_config()
         heads = config.num_attention_heads
         return cls(config.hidden_size, config.num_hidden_layers, heads, getattr(config, "num_key_value_heads", heads),
                    getattr(config, "head_dim", None) or config.hidden_size // heads, config.intermediate_size,

@@ -528,11 +528,12 @@ def check_against_pair(spec: SweepSpec) -> list[str]:
     """What the spec's YAML cannot say alone, checked before any work (`spaces validate`, sweep start): the
     pair's paths exist and its config.json (read without weights) has the spec's layers and equal widths;
     task and text sources load; steering's dev and test splits share no prompt. Returns notes on what was
-    not probed (s3:// and hub ids: no network here); raises SpecError (one line) on the first problem."""
+    not probed (s3:// and hub ids: no network here); raises SpecError (one line) on the first problem. A model
+    harvest could not run (`unhookable`: GPT-2, an encoder) and a pair of two architectures or widths are refused."""
     # deferred: dfc_ray.pair imports torch and transformers
-    from dfc_ray.pair import load_config
+    from dfc_ray.pair import CAUSAL_LM, family_mismatch, load_config, unhookable
 
-    where, notes, widths = spec.source, [], {}
+    where, notes, configs = spec.source, [], {}
     for role in ("a", "b", "tokenizer"):
         reference = getattr(spec.pair, role)
         if not reference:  # the tokenizer defaults to B's
@@ -546,13 +547,17 @@ def check_against_pair(spec: SweepSpec) -> list[str]:
             except (OSError, ValueError) as err:
                 raise _fail(where, f"pair.{role}", reference, "a model folder whose config.json transformers reads "
                             f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
-            blocks, widths[role] = config.num_hidden_layers, config.hidden_size
+            reason = unhookable(config)
+            if reason is not None:
+                raise _fail(where, f"pair.{role}", reference, f"{CAUSAL_LM}, but {reason}")
+            configs[role] = config
+            blocks = config.get_text_config().num_hidden_layers
             if max(spec.layers) >= blocks:
                 raise _fail(where, "layers", list(spec.layers),
                             f"block indices below num_hidden_layers={blocks} of pair.{role} ({reference})")
-    if len(set(widths.values())) > 1:
-        raise _fail(where, "pair.b", spec.pair.b, f"a model of A's width (hidden_size {widths['a']}, B has "
-                                                 f"{widths['b']}): a crosscoder needs equal widths")
+    mismatch = family_mismatch(configs["a"], configs["b"]) if len(configs) == 2 else None
+    if mismatch is not None:
+        raise _fail(where, "pair.b", spec.pair.b, mismatch)
     _task_sources(where, "harvest.tasks", spec.harvest.corpus.tasks)
     _task_sources(where, "eval.tasks", spec.eval.tasks)
     _text_source(where, "harvest.plain_text", spec.harvest.corpus.plain_text)

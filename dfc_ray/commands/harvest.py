@@ -19,7 +19,7 @@ def _harvest_command(args: argparse.Namespace) -> int:
     cfg = HarvestConfig(
         store=args.store, layers=tuple(args.layers), positions=args.positions, dtype=args.dtype,
         batch_size=args.batch_size, num_actors=args.num_actors,
-        pair=PairSpec(a=args.model_a, b=args.model_b),
+        pair=PairSpec(a=args.model_a, b=args.model_b, tokenizer=args.tokenizer),
         corpus=CorpusSpec(tasks=args.tasks, n_tasks=args.n_tasks, plain_text=args.plain_text,
                           n_plain=args.n_plain, with_responses=args.with_responses))
     if not args.no_ray:
@@ -39,6 +39,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--positions", choices=POSITIONS, default="last_prompt_token")
     p.add_argument("--model-a", default="organism", help="model A: organism | path | s3://… | hub id")
     p.add_argument("--model-b", default="organism", help="model B: organism | path | s3://… | hub id")
+    p.add_argument("--tokenizer", default="", help="tokenizer and chat template: organism | path | s3://… | hub id "
+                   "(default: model B's; name A's when B is a base checkpoint without a chat template)")
     p.add_argument("--tasks", default="organism:train", help="load_tasks source of tool prompts ('' for none)")
     p.add_argument("--n-tasks", type=int, default=1024)
     p.add_argument("--plain-text", default="organism", help="organism | .txt | .jsonl ('' for none)")

@@ -679,3 +679,52 @@ RUN_CASES: list[tuple[str, Callable[[Ctx], list[str]], str]] = [
 @pytest.mark.parametrize("build, expected", [case[1:] for case in RUN_CASES], ids=[case[0] for case in RUN_CASES])
 def test_run_folder_bad_input_gives_one_clear_line(build, expected, tmp_path, monkeypatch, request, capsys):
     test_bad_input_gives_one_clear_line(build, expected, tmp_path, monkeypatch, request, capsys)
+
+
+# ---------------------------------------------------------------- issues 29 and 31 (helper "validate"): meaning,
+# sizes, addresses, devices, import-seed, results integrity
+
+VALIDATE_CASES: list[tuple[str, Callable[[Ctx], list[str]], str]] = [
+    ("spec-lr-negative", lambda c: bad_spec(c, "train: {lr: -0.001}"), "TrainConfig.lr=-0.001: expected a number > 0"),
+    ("spec-betas-above-one", lambda c: bad_spec(c, "train: {betas: [1.5, 0.999]}"),
+     "TrainConfig.betas=(1.5, 0.999): expected two numbers in [0, 1)"),
+    ("spec-weight-decay-negative", lambda c: bad_spec(c, "train: {weight_decay: -1}"),
+     "TrainConfig.weight_decay=-1.0: expected a number >= 0"),
+    ("spec-name-250-characters", lambda c: bad_spec(c, f"name: {'n' * 250}\n", "sweep"),
+     "field name = 'nnnnnnnnnnnnnnnnnnnn'… (250 characters): expected a name of at most 100 characters"),
+    ("spec-unknown-keys-int-and-null", lambda c: bad_spec(c, "1: x\n~: y\n"),
+     "field 1 = 'x': expected one of the sections name, description"),
+    ("spec-unknown-key-null", lambda c: bad_spec(c, "~: y\n"), "field None = 'y': expected one of the sections"),
+    ("spec-description-date", lambda c: bad_spec(c, "description: 2024-05-01\n", "sweep"),
+     "field description = datetime.date(2024, 5, 1): expected a string, number, true/false, list or mapping, not "
+     "a YAML date (quote it: '2024-05-01')"),
+    ("spec-localize-when-nan", lambda c: bad_spec(c, "steering: {localize_when: {dict_size: .nan}}"),
+     "expected a finite number for each crosscoder field"),
+    ("spec-localize-when-matches-nothing", lambda c: bad_spec(c, "steering: {localize_when: {dict_size: 12345}}"),
+     "field steering.localize_when = {'a_exclusive': 0.05, 'l1_excl': 0.0, 'dict_size': 12345}: expected crosscoder "
+     "fields that at least one DFC grid point has (else the causal tests curve, ablate_b, patch_a never run)"),
+    ("spec-dict-size-1e12", lambda c: bad_spec(c, "grid: {dict_size: [1000000000000]}\n"),
+     "a trial needs 3182.1 TB (weights, gradients, Adam moments, a batch of 256), more than the 2.0 TB"),
+    ("plan-dict-size-1e12", lambda c: ["sweep", bad_spec(c, "grid: {dict_size: [1000000000000]}\n")[2], "--plan"],
+     "expected a crosscoder a machine can train"),
+]
+
+
+@pytest.mark.parametrize("build, expected", [case[1:] for case in VALIDATE_CASES],
+                         ids=[case[0] for case in VALIDATE_CASES])
+def test_validate_bad_input_gives_one_clear_line(build, expected, tmp_path, monkeypatch, request, capsys):
+    test_bad_input_gives_one_clear_line(build, expected, tmp_path, monkeypatch, request, capsys)
+
+
+def test_the_pairs_width_tightens_the_memory_bound(tmp_path):
+    """At validation the trial memory bound uses d_model 1 (a lower bound); against the pair it uses the
+    pair's width (organism: 192), so a dictionary only a wide pair makes too large is refused there."""
+    from dfc_ray.config import SpecError
+    from dfc_ray.spaces import check_against_pair, load_spec
+
+    path = tmp_path / "wide.yaml"
+    path.write_text("extends: organism48\ngrid: {dict_size: [300000000], k: [8], variant: [{a_exclusive: 0.05}]}\n"
+                    "steering: {localize_when: null}\n")
+    spec = load_spec(str(path))  # 3e8 features: about 1 TB at d_model 1, 4.6 TB at 192
+    with pytest.raises(SpecError, match="at d_model 192 a trial needs"):
+        check_against_pair(spec)

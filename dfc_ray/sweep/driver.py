@@ -28,7 +28,7 @@ from actors.evaluator import EvaluatorActor
 from actors.pool import ReplicaPool
 from actors.steering import SteeringActor
 from dfc_ray.cluster import check_address, cluster_identity, connect, job_ended
-from dfc_ray.config import PoolConfig, check_name
+from dfc_ray.config import MAX_NAME_LENGTH, PoolConfig, check_name
 from dfc_ray.fs import LeaseHolder, RunFolder, RunLease, absolute, redact
 from dfc_ray.harvest import harvest
 from dfc_ray.pair import pair_fingerprint
@@ -43,6 +43,10 @@ from dfc_ray.tune_storage import JournalUploader, local_journal, tune_storage
 from dfc_ray.yamlio import parse_yaml
 
 
+RUN_ID_LENGTH = MAX_NAME_LENGTH + 9
+"""A run id's longest: the spec's name, '-' and 8 hex digits."""
+
+
 def start_pools(spec: SweepSpec, run_id: str) -> list:
     """One evaluator and one steering pool per run, named after the run's id (run.json), loaded once for all
     trials: a pool is found again only by the run that made it (a resume of it), never by another sweep of
@@ -51,8 +55,8 @@ def start_pools(spec: SweepSpec, run_id: str) -> list:
     cpus = spec.resources.evaluator_cpu
     replicas = spec.resources.evaluators
     custom = tuple(custom_requests(spec).get("judge", {}).items())
-    configs = [PoolConfig(check_name(f"{run_id}-{role}", "judge pool name"), replicas=replicas, num_cpus=cpus,
-                          num_gpus=gpus, resources=custom) for role in ("evaluator", "steering")]
+    configs = [PoolConfig(check_name(f"{run_id}-{role}", "judge pool name", RUN_ID_LENGTH + 10), replicas=replicas,
+                          num_cpus=cpus, num_gpus=gpus, resources=custom) for role in ("evaluator", "steering")]
     return [ReplicaPool.create(EvaluatorActor, configs[0], spec.pair, spec.eval),
             ReplicaPool.create(SteeringActor, configs[1], spec.pair, spec.steering)]
 
@@ -99,7 +103,7 @@ def spec_changes(before: Any, after: Any, path: str = "") -> list[str]:
 
 
 def _new_record(spec_dump: dict[str, Any]) -> dict[str, Any]:
-    return {"run_id": check_name(f"{spec_dump.get('name')}-{uuid.uuid4().hex[:8]}", "run id"),
+    return {"run_id": check_name(f"{spec_dump.get('name')}-{uuid.uuid4().hex[:8]}", "run id", RUN_ID_LENGTH),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "spec": spec_dump}
 
 
@@ -115,7 +119,7 @@ def _read_record(run: RunFolder, saved: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"{where}: not valid JSON ({err.msg}); expected the run record the sweep writes") from None
     if not isinstance(record, dict) or not isinstance(record.get("spec"), dict):
         raise ValueError(f"{where}: expected an object with run_id and spec, as the sweep writes it")
-    check_name(record.get("run_id"), f"{where}: run_id")
+    check_name(record.get("run_id"), f"{where}: run_id", RUN_ID_LENGTH)
     return record
 
 

@@ -710,6 +710,49 @@ VALIDATE_CASES: list[tuple[str, Callable[[Ctx], list[str]], str]] = [
 ]
 
 
+def auto_without_cluster(ctx: Ctx) -> list[str]:
+    """A sweep at `--address auto` on a machine where no Ray cluster runs (its temp folder holds no address
+    file); skipped where another process's cluster runs here, which "auto" would rightly find."""
+    from ray._private.services import find_gcs_addresses
+
+    if find_gcs_addresses():
+        pytest.skip("a Ray cluster runs on this machine: --address auto would find it")
+    ctx.monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    ctx.env(RAY_TMPDIR=str(ctx.tmp / "ray-tmp"))
+    return bad_spec(ctx, "", "sweep") + ["--address", "auto"]
+
+
+def seed_folder(ctx: Ctx, config: str) -> list[str]:
+    """import-seed of a study folder whose config.json is `config`: "fifo" (a named pipe nobody writes) or
+    "dev-zero" (a symlink to /dev/zero)."""
+    folder = ctx.tmp / "study"
+    folder.mkdir()
+    if config == "fifo":
+        os.mkfifo(folder / "config.json")
+    else:
+        (folder / "config.json").symlink_to("/dev/zero")
+    return ["import-seed", str(folder), "--out", str(ctx.tmp / "imported")]
+
+
+VALIDATE_CASES += [
+    ("sweep-address-auto-no-cluster", auto_without_cluster,
+     "--address 'auto': no running Ray cluster found on this machine"),
+    ("sweep-address-port-99999", lambda c: bad_spec(c, "", "sweep") + ["--address", "127.0.0.1:99999"],
+     "--address '127.0.0.1:99999': invalid port 99999; expected a port from 1 to 65535"),
+    ("sweep-address-ray-client", lambda c: bad_spec(c, "", "sweep") + ["--address", "ray://127.0.0.1:10001"],
+     "--address 'ray://127.0.0.1:10001': a Ray Client address, which dfc-ray's driver cannot use"),
+    ("sweep-ray-address-env-ray-client", lambda c: (c.env(RAY_ADDRESS="ray://127.0.0.1:6379"),
+                                                   bad_spec(c, "", "sweep"))[1], "RAY_ADDRESS 'ray://127.0.0.1:6379'"),
+    ("import-seed-config-fifo", lambda c: seed_folder(c, "fifo"),
+     "study/config.json: not a regular file (a folder, FIFO or device)"),
+    ("import-seed-config-dev-zero", lambda c: seed_folder(c, "dev-zero"),
+     "study/config.json: not a regular file (a folder, FIFO or device)"),
+    ("import-seed-out-is-a-file", lambda c: ((c.tmp / "taken").write_text("x"), [
+        "import-seed", str(c.tmp / "study"), "--out", str(c.tmp / "taken")])[1],
+     "taken: a file, not a folder; expected an empty or new folder for the checkpoint"),
+]
+
+
 @pytest.mark.parametrize("build, expected", [case[1:] for case in VALIDATE_CASES],
                          ids=[case[0] for case in VALIDATE_CASES])
 def test_validate_bad_input_gives_one_clear_line(build, expected, tmp_path, monkeypatch, request, capsys):

@@ -753,6 +753,41 @@ VALIDATE_CASES += [
 ]
 
 
+COSTS = {"device": "cpu (2 cores)", "measured_on": "organism48 (d_model 192, 4 blocks)", "d_model": 192,
+         "harvest": 1e9, "train": 2e9, "judge": 3e9}
+
+
+def costs_file(ctx: Ctx, **changes) -> list[str]:
+    """`sweep organism48 --plan --costs` of a costs JSON with `changes` on top of a good one (NaN as JSON's NaN)."""
+    path = ctx.tmp / "costs.json"
+    path.write_text(json.dumps(COSTS | changes))
+    return ["sweep", "organism48", "--plan", "--costs", str(path)]
+
+
+VALIDATE_CASES += [
+    ("plan-costs-train-zero", lambda c: costs_file(c, train=0),
+     "costs.json: field train = 0: expected a finite FLOP/s rate > 0, or null (not measured)"),
+    ("plan-costs-train-negative", lambda c: costs_file(c, train=-5e9),
+     "field train = -5000000000.0: expected a finite"),
+    ("plan-costs-judge-nan", lambda c: costs_file(c, judge=float("nan")), "field judge = nan: expected a finite"),
+    ("plan-costs-train-text", lambda c: costs_file(c, train="fast"), "field train = 'fast': expected a finite"),
+    ("plan-costs-device-number", lambda c: costs_file(c, device=7),
+     "field device = 7: expected a non-empty string (where the rates were measured)"),
+    ("plan-costs-unknown-field", lambda c: costs_file(c, trian=1e9), "field trian = 1000000000.0: expected no such"),
+    ("plan-costs-not-an-object", lambda c: ((c.tmp / "costs.json").write_text("[1, 2]"), [
+        "sweep", "organism48", "--plan", "--costs", str(c.tmp / "costs.json")])[1],
+     "expected a costs JSON object (the costs.json a finished sweep writes), got list"),
+]
+
+
+def test_a_costs_file_that_follows_the_schema_still_plans(tmp_path, capsys):
+    """The schema refuses only what is wrong: the good costs file above (and a stage not measured, null) plans."""
+    path = tmp_path / "costs.json"
+    path.write_text(json.dumps(COSTS | {"harvest": None}))
+    assert main(["sweep", "organism48", "--plan", "--costs", str(path)]) == 0
+    assert "rates measured on cpu (2 cores)" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("build, expected", [case[1:] for case in VALIDATE_CASES],
                          ids=[case[0] for case in VALIDATE_CASES])
 def test_validate_bad_input_gives_one_clear_line(build, expected, tmp_path, monkeypatch, request, capsys):

@@ -592,8 +592,11 @@ def _assert_no_escape(tmp: Path) -> None:
 
 
 def resumable_run(ctx: Ctx) -> Path:
-    """An organism48 run folder with one finished trial."""
-    return run_folder(ctx, shipped_spec_dump("organism48"), GOOD_RESULT + "\n")
+    """An organism48 run folder with one finished trial and its run record."""
+    run = run_folder(ctx, shipped_spec_dump("organism48"), GOOD_RESULT + "\n")
+    (run / "run.json").write_text(json.dumps({"run_id": "organism48-0000abcd",
+                                              "spec": yaml.safe_load(shipped_spec_dump("organism48"))}))
+    return run
 
 
 def held_run(ctx: Ctx) -> list[str]:
@@ -778,6 +781,52 @@ VALIDATE_CASES += [
         "sweep", "organism48", "--plan", "--costs", str(c.tmp / "costs.json")])[1],
      "expected a costs JSON object (the costs.json a finished sweep writes), got list"),
 ]
+
+
+def results_without_run_record(ctx: Ctx, hashed: str) -> list[str]:
+    """`sweep --resume` of an organism48 run folder without run.json (as from before it existed) whose spec.yaml
+    was edited (train.steps 300 → 50) after its one trial ran; `hashed`: "none" (an old record without
+    spec_hash) or "original" (the record carries the hash of the spec it ran under)."""
+    from dfc_ray.sweep.results import spec_hash
+
+    started = yaml.safe_load(shipped_spec_dump("organism48"))
+    edited = started | {"train": started["train"] | {"steps": 50}}
+    record = json.loads(GOOD_RESULT) | ({"spec_hash": spec_hash(started)} if hashed == "original" else {})
+    run = run_folder(ctx, yaml.safe_dump(edited, sort_keys=False), json.dumps(record) + "\n")
+    return ["sweep", "--resume", "--run-dir", str(run)]
+
+
+VALIDATE_CASES += [
+    ("resume-duplicate-trial-id", lambda c: ["sweep", "--resume", "--run-dir", str(run_folder(
+        c, shipped_spec_dump("organism48"), GOOD_RESULT + "\n" + GOOD_RESULT.replace('"dict_size": 64',
+                                                                                    '"dict_size": 128') + "\n"))],
+     "results.jsonl: lines 1 and 2 both record trial 't1'; expected each trial once"),
+    ("report-duplicate-trial-id", lambda c: ["report", str(run_folder(c, results=GOOD_RESULT + "\n" + GOOD_RESULT))],
+     "results.jsonl: lines 1 and 2 both record trial 't1'"),
+    ("resume-no-run-json-unhashed-results", lambda c: results_without_run_record(c, "none"),
+     "spec.yaml: no run.json beside it, and 1 of its 1 recorded trials carry no spec hash (e.g. t1)"),
+    ("resume-no-run-json-edited-spec", lambda c: results_without_run_record(c, "original"),
+     "spec.yaml: no run.json beside it, and 1 of its 1 recorded trials ran under another spec (e.g. t1)"),
+]
+
+
+def test_a_run_without_run_json_resumes_when_its_results_match_spec_yaml(tmp_path):
+    """Without run.json, a resume compares spec.yaml with the spec_hash each recorded trial carries: equal, it
+    resumes silently; edited, only with --accept-spec-changes, which records the unknown start."""
+    from dfc_ray.sweep.driver import _open_run
+    from dfc_ray.sweep.results import spec_hash
+
+    ctx = Ctx(tmp_path, pytest.MonkeyPatch(), None)  # type: ignore[arg-type]
+    spec = yaml.safe_load(shipped_spec_dump("organism48"))
+    run = run_folder(ctx, yaml.safe_dump(spec, sort_keys=False),
+                     json.dumps(json.loads(GOOD_RESULT) | {"spec_hash": spec_hash(spec)}) + "\n")
+    _, resumed, record = _open_run(None, str(run), resume=True)
+    assert resumed.name == "organism48" and "spec_changes" not in record
+    (run / "spec.yaml").write_text(yaml.safe_dump(spec | {"train": spec["train"] | {"steps": 50}}, sort_keys=False))
+    _, resumed, record = _open_run(None, str(run), resume=True, accept_spec_changes=True)
+    assert resumed.train["steps"] == 50
+    assert record["spec_changes"][0]["changes"] == ["unknown: no run.json, and 1 of its 1 recorded trials ran "
+                                                    "under another spec"]
 
 
 def test_a_costs_file_that_follows_the_schema_still_plans(tmp_path, capsys):

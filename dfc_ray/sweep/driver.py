@@ -36,7 +36,8 @@ from dfc_ray.plan import device_name, measure_rates
 from dfc_ray.placement import check_placeable, custom_requests
 from dfc_ray.report import LiveView, write_report
 from dfc_ray.spaces import SweepSpec, check_against_pair, parse_spec
-from dfc_ray.sweep.results import INTERRUPTED, LIVE_VIEWS, ResultsWriter, read_results, set_aside_lost
+from dfc_ray.sweep.results import (INTERRUPTED, LIVE_VIEWS, ResultsWriter, read_results, set_aside_lost,
+                                   spec_hash)
 from dfc_ray.sweep.search import remaining_work, scheduler, searcher
 from dfc_ray.sweep.trial import TrialContext, run_trial
 from dfc_ray.tune_storage import JournalUploader, local_journal, tune_storage
@@ -146,6 +147,8 @@ def _open_run(spec: SweepSpec | None, run_uri: str, resume: bool,
         raise ValueError(f"{spec.source}: not the spec of {where} ({saved.get('name')}); "
                          "resume without SPEC, or with the spec the run was started with")
     record = _read_record(run, saved)
+    if run.read_text(RUN_RECORD) is None:  # a run from before run.json: its results say what spec they ran under
+        record = _without_run_record(run, saved, record, accept_spec_changes)
     if changes := spec_changes(record["spec"], saved):
         listed = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
         if not accept_spec_changes:
@@ -156,6 +159,28 @@ def _open_run(spec: SweepSpec | None, run_uri: str, resume: bool,
                                                             "changes": changes}]}
         print(f"{where}: resuming under the edited spec ({listed}); recorded in {RUN_RECORD} and the report")
     return run, parse_spec(saved, where, saved.get("name", "")), record
+
+
+def _without_run_record(run: RunFolder, saved: dict[str, Any], record: dict[str, Any],
+                        accept_spec_changes: bool) -> dict[str, Any]:
+    """A resume of a run folder that has no run.json: its recorded trials must carry the `spec_hash` of spec.yaml
+    as it is now, else spec.yaml may have been edited since they ran and is refused unless
+    `accept_spec_changes` (then the unknown start is recorded as a spec change)."""
+    where = f"{redact(run.uri)}/spec.yaml"
+    current = spec_hash(saved)
+    records = read_results(run)
+    other = [r["trial_id"] for r in records if r.get("spec_hash") != current]
+    if not other:
+        return record
+    why = f"{len(other)} of its {len(records)} recorded trials " + \
+        ("carry no spec hash" if all("spec_hash" not in r for r in records) else "ran under another spec")
+    if not accept_spec_changes:
+        raise ValueError(f"{where}: no {RUN_RECORD} beside it, and {why} (e.g. {other[0]}), so it may have been "
+                         "edited since they ran; expected run.json as the sweep writes it, or pass "
+                         "--accept-spec-changes to resume under spec.yaml as it is")
+    print(f"{where}: resuming without {RUN_RECORD} ({why}); recorded in {RUN_RECORD} and the report")
+    return record | {"spec_changes": [{"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                       "changes": [f"unknown: no {RUN_RECORD}, and {why}"]}]}
 
 
 def _record_run(run: RunFolder, record: dict[str, Any], fresh: bool) -> None:

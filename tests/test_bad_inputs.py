@@ -810,6 +810,14 @@ VALIDATE_CASES += [
 ]
 
 
+VALIDATE_CASES += [
+    ("sweep-train-device-cuda-no-gpu", lambda c: (no_cuda(), bad_spec(c, "train: {device: cuda}", "sweep"))[1],
+     "field train.device = 'cuda': this machine (a local cluster) has no GPU; expected 'cpu' or 'auto'"),
+    ("sweep-pair-device-cuda-no-gpu", lambda c: (no_cuda(), bad_spec(c, "pair: {device: 'cuda:1'}", "sweep"))[1],
+     "field pair.device = 'cuda:1': this machine (a local cluster) has no GPU; expected 'cpu' or 'auto'"),
+]
+
+
 def test_a_run_without_run_json_resumes_when_its_results_match_spec_yaml(tmp_path):
     """Without run.json, a resume compares spec.yaml with the spec_hash each recorded trial carries: equal, it
     resumes silently; edited, only with --accept-spec-changes, which records the unknown start."""

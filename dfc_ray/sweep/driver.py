@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import torch
 import yaml
 from ray import tune
 from rich.console import Console
@@ -79,6 +80,19 @@ def check_fits(spec: SweepSpec, evaluate: bool = True) -> None:
             raise ValueError(f"{spec.source}: {detail} needs {total:g} {kind}s for one trial and the judge pools, "
                              f"but this Ray cluster has {have.get(kind, 0):g}; "
                              "expected at most that (0 GPUs runs on CPU)")
+
+
+def check_devices(spec: SweepSpec, gpus: float, where: str) -> None:
+    """Refuse, in one line, a CUDA device the spec names (pair.device for the judges and the harvest,
+    train.device for trials) when the cluster (`where`) has no GPU: each trial would fail on torch's
+    RuntimeError, each judge replica die in a traceback."""
+    named = [("pair.device", spec.pair.device)] + \
+        [("train.device", device) for device in dict.fromkeys(settings.get("device", "auto")
+                                                             for _, settings in spec.corner_trials())]
+    for field, device in named:
+        if device.startswith("cuda") and gpus <= 0:
+            raise ValueError(f"{spec.source}: field {field} = {device!r}: {where} has no GPU; expected 'cpu' or "
+                             "'auto' (CUDA where there is one), or a cluster with GPUs")
 
 
 RUN_RECORD = "run.json"
@@ -185,8 +199,9 @@ def _without_run_record(run: RunFolder, saved: dict[str, Any], record: dict[str,
 
 def _record_run(run: RunFolder, record: dict[str, Any], fresh: bool) -> None:
     """Write run.json (and a fresh run's spec.yaml): once the lease is held, before any other write."""
-    if fresh:
+    if fresh:  # results.jsonl from the start: a report (Ctrl-C before any trial ends) always has its file
         run.write_text("spec.yaml", yaml.safe_dump(record["spec"], sort_keys=False))
+        run.write_text("results.jsonl", "")
     run.write_text(RUN_RECORD, json.dumps(record, indent=1) + "\n")
 
 
@@ -374,6 +389,8 @@ def run_sweep(spec: SweepSpec | None, run_uri: str, *, store_root: str | None = 
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:  # an address where no Ray cluster answers is refused in seconds, before the run folder exists
         check_address(address, source)
+    if spec is not None and not address:  # a local cluster has this machine's devices: refused before any write
+        check_devices(spec, torch.cuda.device_count(), "this machine (a local cluster)")
     run, spec, record = _open_run(spec, run_uri, resume, accept_spec_changes)
     done = read_results(run) if resume else None  # a damaged results.jsonl is refused before any work
     store_root = absolute(store_root or f"{run.uri.rsplit('/', 1)[0]}/harvests")
@@ -398,6 +415,7 @@ def _run_on_cluster(spec: SweepSpec, run: RunFolder, record: dict[str, Any], sto
                     lease: RunLease) -> RunFolder:
     """The sweep once its run folder is checked, its lease held and Ray is up; `done`: a resume's recorded
     trials."""
+    check_devices(spec, ray.cluster_resources().get("GPU", 0), "this Ray cluster")
     if local:  # a cluster we started cannot grow: refuse what would wait forever
         check_fits(spec, evaluate)
     check_placeable(spec, evaluate)  # some node (or node type) must hold each kind of actor

@@ -863,3 +863,16 @@ def test_the_pairs_width_tightens_the_memory_bound(tmp_path):
     spec = load_spec(str(path))  # 3e8 features: about 1 TB at d_model 1, 4.6 TB at 192
     with pytest.raises(SpecError, match="at d_model 192 a trial needs"):
         check_against_pair(spec)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero"])
+def test_yaml_is_read_only_from_a_regular_file(kind, tmp_path):
+    """`load_yaml` (specs, cluster files) refuses a FIFO, which would block the read forever, and a link to
+    /dev/zero, whose size says 0 and whose read never ends."""
+    from dfc_ray.yamlio import load_yaml
+
+    path = tmp_path / "spec.yaml"
+    os.mkfifo(path) if kind == "fifo" else path.symlink_to("/dev/zero")
+    with pytest.raises(ValueError, match=r"spec.yaml: not a regular file \(a folder, FIFO or device\); expected a "
+                                         "YAML file"):
+        load_yaml(path)

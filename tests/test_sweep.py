@@ -222,3 +222,21 @@ def test_ctrl_c_before_the_first_trial_is_recorded_exits_130_with_a_report(tiny_
     assert "Traceback" not in out + err and "no such file" not in out + err
     assert "dfc-ray sweep: interrupted; 4 trials did not finish (running: " in err, err
     assert json.loads((run / "report.json").read_text())["n_trials"] == 0
+
+
+def test_ctrl_c_during_the_harvest_still_reports_the_trials_owed(tiny_pair, ray_cluster, tmp_path, monkeypatch):
+    """Ctrl-C before the trials start (here: in the harvest) ends the sweep as an interruption, not a traceback:
+    a report of zero finished trials, and every trial of the spec named as not started."""
+    from dfc_ray.sweep import SweepInterrupted, run_sweep
+    from dfc_ray.sweep import driver
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(driver, "_harvest", ctrl_c)
+    run = tmp_path / "runs" / "harvest-interrupted"
+    with pytest.raises(SweepInterrupted) as stopped:
+        run_sweep(load_spec(write_spec(tmp_path, tiny_pair)), str(run), live=False, evaluate=False)
+    assert stopped.value.unfinished == {"running": [], "not_started": 4}
+    report = json.loads((run / "report.json").read_text())
+    assert report["n_trials"] == 0 and report["run"]["unfinished"]["not_started"] == 4

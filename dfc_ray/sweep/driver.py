@@ -410,6 +410,15 @@ def run_sweep(spec: SweepSpec | None, run_uri: str, *, store_root: str | None = 
             ray.shutdown()
 
 
+def _interrupted_before_trials(spec: SweepSpec, run: RunFolder, record: dict[str, Any]) -> SweepInterrupted:
+    """Ctrl-C during the harvest or while the judges start: the report (no trial finished in this attempt) is
+    written with every trial still owed as not started, as the CLI's exit 130 line then says."""
+    unfinished = {"running": [], "not_started": remaining_work(spec, read_results(run))[0]}
+    _publish_report(run, {"spec": spec.name, "spec_file": spec.source, "run": redact(run.uri),
+                          "run_id": record["run_id"], "unfinished": unfinished})
+    return SweepInterrupted(run, unfinished)
+
+
 def _run_on_cluster(spec: SweepSpec, run: RunFolder, record: dict[str, Any], store_root: str,
                     done: list[dict[str, Any]] | None, local: bool, evaluate: bool, live: bool,
                     lease: RunLease) -> RunFolder:
@@ -420,13 +429,16 @@ def _run_on_cluster(spec: SweepSpec, run: RunFolder, record: dict[str, Any], sto
         check_fits(spec, evaluate)
     check_placeable(spec, evaluate)  # some node (or node type) must hold each kind of actor
     clock = time.perf_counter()
-    harvests = _harvest(spec, store_root)
-    harvested = next(iter(harvests.values()))  # d_model and models are the pair's, the same in every store
-    reused = all(h.reused for h in harvests.values())
-    seconds = {"harvest": time.perf_counter() - clock}
-    clock = time.perf_counter()
-    pools = start_pools(spec, record["run_id"]) if evaluate else []
-    seconds["start_pools"] = time.perf_counter() - clock
+    try:
+        harvests = _harvest(spec, store_root)
+        harvested = next(iter(harvests.values()))  # d_model and models are the pair's, the same in every store
+        reused = all(h.reused for h in harvests.values())
+        seconds = {"harvest": time.perf_counter() - clock}
+        clock = time.perf_counter()
+        pools = start_pools(spec, record["run_id"]) if evaluate else []
+        seconds["start_pools"] = time.perf_counter() - clock
+    except KeyboardInterrupt:  # Ctrl-C before any trial: still a report, and the trials owed named
+        raise _interrupted_before_trials(spec, run, record) from None
     ctx = TrialContext(spec.raw | {"name": spec.name}, spec.source, run.uri,
                        {positions: h.uri for positions, h in harvests.items()}, harvested.d_model,
                        harvested.models, tuple(pool.cfg for pool in pools) or None, pair_fingerprint(spec.pair))

@@ -436,7 +436,7 @@ def parse_spec(raw: dict[str, Any], where: str, name: str = "") -> SweepSpec:
     # Every grid point with the extremes of every sampled axis must make a valid trial.
     for label, settings in spec.corner_trials():
         _check_trial(spec, settings, label)
-    _check_trial_memory(spec, 1)  # the pair's width is read later (check_against_pair); 1 bounds it from below
+    check_trial_memory(spec, 1)  # the pair's width is read later (check_against_pair); 1 bounds it from below
     _check_localize_when(spec)
     return spec
 
@@ -446,9 +446,11 @@ MAX_TRIAL_BYTES = 2 * 10**12
 cloud instances hold a few TB, a GPU 80–192 GB), so a larger crosscoder is a typo, refused at validation."""
 
 
-def _check_trial_memory(spec: SweepSpec, d_model: int) -> None:
-    """Refuse a trial whose crosscoder, with its gradients, Adam moments and one batch, no machine can hold
-    (`dict_size: 1e12`), naming the estimate; `d_model` is the pair's width or a lower bound of it."""
+def check_trial_memory(spec: SweepSpec, d_model: int, limit: float = MAX_TRIAL_BYTES,
+                       holder: str = "the largest machine dfc-ray plans for") -> None:
+    """Refuse a trial whose crosscoder, with its gradients, Adam moments and one batch, needs more than `limit`
+    bytes, the memory of `holder` (by default: any machine; `dict_size: 1e12`), naming the estimate; `d_model`
+    is the pair's width or a lower bound of it."""
     # deferred: dfc_ray.preflight imports torch
     from dfc_ray.preflight import human_bytes, training_bytes
 
@@ -456,13 +458,13 @@ def _check_trial_memory(spec: SweepSpec, d_model: int) -> None:
     settings = worst[1]
     needed = training_bytes(DFCConfig(d_model=d_model, **{k: v for k, v in settings.items() if k in DFC_FIELDS}),
                             settings["batch_size"])
-    if needed > MAX_TRIAL_BYTES:
+    if needed > limit:
         varies = spec.n_grid_points > 1 or bool(spec.search)
         raise _fail(spec.source, "crosscoder.dict_size" + (f" ({worst[0]})" if varies else ""), settings["dict_size"],
                     f"a crosscoder a machine can train: at d_model {d_model:,}"
                     f"{' (at least)' if d_model == 1 else ''} a trial needs {human_bytes(needed)} (weights, "
                     f"gradients, Adam moments, a batch of {settings['batch_size']:,}), more than the "
-                    f"{human_bytes(MAX_TRIAL_BYTES)} of the largest machine dfc-ray plans for")
+                    f"{human_bytes(int(limit))} of {holder}")
 
 
 def _check_localize_when(spec: SweepSpec) -> None:
@@ -614,7 +616,7 @@ def check_against_pair(spec: SweepSpec) -> list[str]:
         raise _fail(where, "pair.b", spec.pair.b, f"a model of A's width (hidden_size {widths['a']}, B has "
                                                  f"{widths['b']}): a crosscoder needs equal widths")
     if widths:  # the pair's own width: the trial memory bound checked again, now exact
-        _check_trial_memory(spec, max(widths.values()))
+        check_trial_memory(spec, max(widths.values()))
     _task_sources(where, "harvest.tasks", spec.harvest.corpus.tasks)
     _task_sources(where, "eval.tasks", spec.eval.tasks)
     _text_source(where, "harvest.plain_text", spec.harvest.corpus.plain_text)

@@ -240,3 +240,22 @@ def test_ctrl_c_during_the_harvest_still_reports_the_trials_owed(tiny_pair, ray_
     assert stopped.value.unfinished == {"running": [], "not_started": 4}
     report = json.loads((run / "report.json").read_text())
     assert report["n_trials"] == 0 and report["run"]["unfinished"]["not_started"] == 4
+
+
+def test_a_trial_no_node_can_hold_is_refused_before_any_trial(tiny_pair, ray_cluster, tmp_path):
+    """A dictionary within validation's machine-independent bound (2 TB) but beyond the memory Ray offers on the
+    largest node of the cluster: refused, in one line with the estimate, before any trial runs (issue 31)."""
+    from dfc_ray.config import SpecError
+    from dfc_ray.sweep import run_sweep
+    from dfc_ray.sweep.driver import _largest_node_memory
+
+    memory, _ = _largest_node_memory()
+    assert 0 < memory < 2e12, memory  # Ray's `memory` resource, in bytes
+    path = write_spec(tmp_path, tiny_pair, grid={"dict_size": [400_000_000]})  # ~1 TB at d_model 32
+    run = tmp_path / "runs" / "too-large"
+    with pytest.raises(SpecError, match=r"field crosscoder.dict_size = 400000000: expected a crosscoder a machine "
+                                        r"can train: at d_model 32 a trial needs 992.0 GB \(weights, gradients, Adam "
+                                        r"moments, a batch of 32\), more than the .* of memory Ray offers on the "
+                                        r"largest node of this cluster"):
+        run_sweep(load_spec(path), str(run), live=False, evaluate=False)
+    assert not (run / "tune").exists()

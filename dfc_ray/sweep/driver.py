@@ -36,7 +36,7 @@ from dfc_ray.pair import pair_fingerprint
 from dfc_ray.plan import device_name, measure_rates
 from dfc_ray.placement import check_placeable, custom_requests
 from dfc_ray.report import LiveView, write_report
-from dfc_ray.spaces import SweepSpec, check_against_pair, parse_spec
+from dfc_ray.spaces import SweepSpec, check_against_pair, check_trial_memory, parse_spec
 from dfc_ray.sweep.results import (INTERRUPTED, LIVE_VIEWS, ResultsWriter, read_results, set_aside_lost,
                                    spec_hash)
 from dfc_ray.sweep.search import remaining_work, scheduler, searcher
@@ -410,6 +410,13 @@ def run_sweep(spec: SweepSpec | None, run_uri: str, *, store_root: str | None = 
             ray.shutdown()
 
 
+def _largest_node_memory() -> tuple[float, str]:
+    """The most memory Ray offers tasks on one live node of the cluster (its `memory` resource), and how to name
+    it: a trial larger than that fits on no node and would fail there (or wait forever)."""
+    memory = max((node["Resources"].get("memory", 0.0) for node in ray.nodes() if node.get("Alive")), default=0.0)
+    return (memory or float("inf")), "memory Ray offers on the largest node of this cluster"
+
+
 def _interrupted_before_trials(spec: SweepSpec, run: RunFolder, record: dict[str, Any]) -> SweepInterrupted:
     """Ctrl-C during the harvest or while the judges start: the report (no trial finished in this attempt) is
     written with every trial still owed as not started, as the CLI's exit 130 line then says."""
@@ -434,6 +441,7 @@ def _run_on_cluster(spec: SweepSpec, run: RunFolder, record: dict[str, Any], sto
         harvested = next(iter(harvests.values()))  # d_model and models are the pair's, the same in every store
         reused = all(h.reused for h in harvests.values())
         seconds = {"harvest": time.perf_counter() - clock}
+        check_trial_memory(spec, harvested.d_model, *_largest_node_memory())
         clock = time.perf_counter()
         pools = start_pools(spec, record["run_id"]) if evaluate else []
         seconds["start_pools"] = time.perf_counter() - clock

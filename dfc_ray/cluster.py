@@ -303,17 +303,29 @@ HANDSHAKE_S = 10.0
 def check_address(address: str, source: str = "--address") -> None:
     """Refuse, in one line and within ~15 s, a Ray address where no cluster answers: nothing listening, or a
     server that is not Ray's (an HTTP server, the dashboard). `ray.init` would wait minutes for either.
-    `source` names where the address came from (--address or RAY_ADDRESS). "auto" and "local" pass."""
-    if address in ("auto", "local"):
+    `source` names where the address came from (--address or RAY_ADDRESS). "local" passes; "auto" must find a
+    running cluster on this machine (`_auto_address`), whose address is then checked like any other. A Ray Client
+    address (ray://) is refused: the driver needs the cluster's GCS (its job and cluster ids, Tune's driver)."""
+    if address == "local":
         return
     where = f"{source} {address!r}"
+    if address == "auto":
+        address = _auto_address(where)
+        where = f"{where} (found {address!r})"
     if address.startswith(("http://", "https://")):
         raise ValueError(f"{where}: an HTTP address (the dashboard's, for `ray job submit`); expected the cluster's "
                          "GCS address host:port (port 6379 by default), or submit the sweep as a Ray job")
-    target = address.removeprefix("ray://")
+    if address.startswith("ray://"):
+        raise ValueError(f"{where}: a Ray Client address, which dfc-ray's driver cannot use (it joins the cluster's "
+                         "GCS); expected the head's GCS address host:port (port 6379 by default), or submit the "
+                         "sweep as a Ray job")
+    target = address
     host, colon, port = target.rpartition(":")
     if not colon or not port.isdigit() or not host:
         raise ValueError(f"{where}: expected host:port of a running Ray cluster (e.g. 10.0.0.5:6379)")
+    if not 1 <= int(port) <= 65535:
+        raise ValueError(f"{where}: invalid port {port}; expected a port from 1 to 65535 (a Ray GCS listens on "
+                         "6379 by default)")
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_S).close()
     except OSError as err:
@@ -330,6 +342,22 @@ def check_address(address: str, source: str = "--address") -> None:
                          "dashboard's or another service's") from None
     finally:
         channel.close()
+
+
+def _auto_address(where: str) -> str:
+    """The address "auto" means here (RAY_ADDRESS, else the cluster `ray start` last started on this machine,
+    else any running one); one line when there is none (Ray would raise a ConnectionError only after the run
+    folder was written)."""
+    from ray._private.services import get_ray_address_from_environment  # deferred: Ray loads only to join one
+
+    try:
+        found = get_ray_address_from_environment("auto", None)
+    except ConnectionError:
+        found = None
+    if not found or found == "auto":
+        raise ValueError(f"{where}: no running Ray cluster found on this machine; expected one started with "
+                         "`ray start --head`, an address host:port, or no --address for a local cluster of its own")
+    return found
 
 
 def cluster_identity() -> tuple[str, str]:

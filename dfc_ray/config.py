@@ -42,16 +42,23 @@ def spec_error(where: str, path: str, value: Any, expected: str) -> SpecError:
 
 NAME_PATTERN = r"[A-Za-z0-9._-]+"
 """What a name that becomes a path or an actor name may hold (spec names, trial ids, run ids)."""
+MAX_NAME_LENGTH = 100
+"""Longest name a user gives (a spec name, a trial id): a run folder adds a timestamp to it and a run id or
+a judge pool's name a suffix, and a path component may hold 255 bytes."""
 
 
-def check_name(value: Any, where: str) -> str:
-    """`value` if it is a safe name (NAME_PATTERN, not '.' or '..', no '..' inside), else a one-line ValueError.
+def check_name(value: Any, where: str, longest: int = MAX_NAME_LENGTH) -> str:
+    """`value` if it is a safe name (NAME_PATTERN, not '.' or '..', no '..' inside, at most `longest`
+    characters), else a one-line ValueError.
 
     Every name that becomes part of a path or a Ray actor name passes here, so none can walk out of its
     folder or reach another sweep's actors."""
     if not isinstance(value, str) or not re.fullmatch(NAME_PATTERN, value) or ".." in value or value == ".":
         raise ValueError(f"{where} = {value!r}: expected a name of letters, digits, '.', '_' and '-' "
                          "(no '..', no '/')")
+    if len(value) > longest:
+        raise ValueError(f"{where} = {value[:20]!r}… ({len(value)} characters): expected a name of at most "
+                         f"{longest} characters")
     return value
 
 
@@ -384,7 +391,7 @@ class TrainConfig(Config):
 
     steps: int = at_least(9000, 1)
     """Optimizer steps (the seed study: 9000 at batch 1024). The batch size is the data source's."""
-    lr: float = 1e-4
+    lr: float = within(1e-4, "(0, inf)")
     """Peak learning rate (AdamW)."""
     warmup_steps: int = at_least(100, 0)
     """Linear warm-up from 0 to `lr` over this many steps."""
@@ -395,8 +402,8 @@ class TrainConfig(Config):
     grad_clip: float = at_least(1.0, 0)
     """Clip the global gradient norm to this value; 0 disables clipping."""
     betas: tuple[float, float] = (0.9, 0.999)
-    """Adam betas."""
-    weight_decay: float = 0.0
+    """Adam betas, each in [0, 1) (torch's AdamW refuses others only when the first step runs)."""
+    weight_decay: float = at_least(0.0, 0)
     """Decoupled (AdamW) weight decay on encoder/decoder weights (never on biases)."""
     device: str = "auto"
     """"auto" (CUDA if available, else CPU), "cpu", "cuda", "cuda:N" or "mps"."""
@@ -417,6 +424,8 @@ class TrainConfig(Config):
     def _check(self) -> None:
         if not re.fullmatch(DEVICE_PATTERN, self.device):
             raise self.invalid("device", DEVICE_NAMES)
+        if not all(0 <= beta < 1 for beta in self.betas):
+            raise self.invalid("betas", "two numbers in [0, 1)")
 
     def lr_at(self, step: int) -> float:
         """Learning rate for 0-based `step`: warm-up, constant, then decay to 0."""
@@ -835,8 +844,9 @@ class SteerConfig(Config):
             raise self.invalid("localize_sizes", "a non-empty list of feature counts ≥ 1")
         if unknown := sorted(set(self.localize_when) - {f.name for f in fields(DFCConfig)}):
             raise self.invalid("localize_when", f"crosscoder fields (DFCConfig); {unknown[0]!r} is not one")
-        if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in self.localize_when.values()):
-            raise self.invalid("localize_when", "a number for each crosscoder field")
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+               for v in self.localize_when.values()):
+            raise self.invalid("localize_when", "a finite number for each crosscoder field")
         if not self.rankings:
             raise self.invalid("rankings", f"a non-empty list of {list(STEER_RANKINGS)}")
         if not self.targets or self.primary not in self.targets:

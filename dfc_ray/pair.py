@@ -51,7 +51,7 @@ def _download_s3_prefix(uri: str) -> str:
 
     fs = s3fs_client()
     key = hashlib.sha256(uri.encode()).hexdigest()[:16]
-    target = Path(os.environ.get("DFC_RAY_CACHE", Path.home() / ".cache" / "dfc-ray")) / "models" / key
+    target = cache_dir() / "models" / key
     target.mkdir(parents=True, exist_ok=True)
     prefix = uri[len("s3://"):].rstrip("/")
     for remote in fs.find(prefix):
@@ -169,22 +169,86 @@ def load_pair(spec: PairSpec) -> tuple[torch.nn.Module, torch.nn.Module, Any]:
     return model_a, model_b, load_tokenizer(spec)
 
 
-def pair_fingerprint(spec: PairSpec) -> str:
-    """A content key for caching harvests: weights' identities, not just their names.
+HASH_CACHE = "file-hashes.json"
+"""The per-file content hashes `file_sha256` keeps, in the dfc-ray cache folder ($DFC_RAY_CACHE, else
+~/.cache/dfc-ray) of each machine: absolute path → size, mtime, ctime, inode and sha256."""
+MAX_HASH_ENTRIES = 2000
+"""Entries the hash cache may hold before those of files that no longer exist are dropped."""
+HASH_CHUNK = 8 << 20
+"""Bytes read per step while hashing a file (streamed: a 6 GB weights file never sits in memory)."""
 
-    Local folders (and the organism) are keyed by the sizes and modification-free checksums of
-    their config and the first MiB of each weights file; hub ids by id + revision.
-    """
+
+def cache_dir() -> Path:
+    """dfc-ray's cache folder on this machine (s3:// model mirrors, file hashes)."""
+    return Path(os.environ.get("DFC_RAY_CACHE", Path.home() / ".cache" / "dfc-ray"))
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's whole content, computed once per version of the file: the result is cached under
+    its path with its size, modification and change times and inode (an in-place edit changes the times; a
+    user can reset the mtime, not the ctime), so later calls cost a stat."""
+    path = path.resolve()
+    stat = path.stat()
+    stamp = [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
+    cache_file = cache_dir() / HASH_CACHE
+    try:
+        cache = json.loads(cache_file.read_text())
+        cache = cache if isinstance(cache, dict) else {}
+    except (OSError, ValueError):  # none yet, or damaged: hashes are recomputed, never trusted blindly
+        cache = {}
+    entry = cache.get(str(path))
+    if isinstance(entry, dict) and entry.get("stamp") == stamp and isinstance(entry.get("sha256"), str):
+        return entry["sha256"]
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(HASH_CHUNK):
+            digest.update(chunk)
+    if len(cache) >= MAX_HASH_ENTRIES:
+        cache = {name: value for name, value in cache.items() if os.path.exists(name)}
+    cache[str(path)] = {"stamp": stamp, "sha256": digest.hexdigest()}
+    try:  # written whole and renamed: a concurrent reader sees the old cache or the new one
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache_file.with_name(f"{HASH_CACHE}.{os.getpid()}.partial")
+        partial.write_text(json.dumps(cache))
+        partial.replace(cache_file)
+    except OSError:  # a read-only home: the hash is still right, only recomputed next time
+        pass
+    return digest.hexdigest()
+
+
+def _folder_identity(folder: Path) -> str:
+    """Every file of a local model folder (hidden ones aside) as `relative path:size:sha256`, sorted."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".") for part in
+                                                                          p.relative_to(folder).parts))
+    return ";".join(f"{p.relative_to(folder)}:{p.stat().st_size}:{file_sha256(p)}" for p in files)
+
+
+def _s3_identity(uri: str) -> str:
+    """Every object under an s3:// model prefix as `key:size:ETag`, sorted: S3 writes whole objects, and a
+    rewritten object gets a new ETag (an MD5 of its content, or of its parts for a multipart upload), so the
+    listing alone names the content without downloading it."""
+    from dfc_ray.fs import s3fs_client  # deferred: pyarrow and s3fs load only for s3:// models
+
+    prefix = uri[len("s3://"):].rstrip("/")
+    found = s3fs_client().find(prefix, detail=True)
+    return ";".join(f"{key[len(prefix) + 1:]}:{info.get('size')}:{str(info.get('ETag', '')).strip(chr(34))}"
+                    for key, info in sorted(found.items()))
+
+
+def pair_fingerprint(spec: PairSpec) -> str:
+    """A content key for caching harvests (and for judges to know their pair): the weights' full content, not
+    their names. Local folders (and the organism) are keyed by a sha256 of every file (`file_sha256`, computed
+    once per file version), s3:// prefixes by their objects' ETags, hub ids by id + revision."""
     digest = hashlib.sha256()
     for role in ("a", "b"):
         reference = getattr(spec, role)
         digest.update(f"{role}={reference}@{spec.revision};".encode())
-        folder = Path(_local_dir(reference, role)) if not reference.startswith("s3://") else None
-        if folder is not None and folder.is_dir():
-            for path in sorted(folder.iterdir()):
-                if path.suffix in (".json", ".safetensors"):
-                    with path.open("rb") as handle:
-                        digest.update(f"{path.name}:{path.stat().st_size}:".encode() + handle.read(1 << 20))
+        if reference.startswith("s3://"):
+            digest.update(_s3_identity(reference).encode())
+            continue
+        folder = Path(_local_dir(reference, role))
+        if folder.is_dir():
+            digest.update(_folder_identity(folder).encode())
     digest.update(json.dumps({"tokenizer": spec.tokenizer or spec.b, "dtype": spec.dtype}).encode())
     return digest.hexdigest()[:20]
 

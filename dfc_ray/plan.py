@@ -23,9 +23,10 @@ Memory is what the tensors need on the device; a CPU process adds about 0.7 GB o
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -318,13 +319,48 @@ def load_rates(path: str) -> Rates:
     fs, p = open_fs(uri)
     try:
         with fs.open_input_stream(p) as handle:
-            return Rates(**json.loads(handle.read()))
+            return checked_rates(json.loads(handle.read()), redact(uri))
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
         raise FileNotFoundError(f"{redact(uri)}: no costs.json; "
                                 "expected a finished run folder or a costs JSON file") from None
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as err:
         raise ValueError(f"{redact(uri)}: not a costs JSON ({type(err).__name__}: {str(err)[:120]}); expected the "
                          "costs.json a finished sweep writes") from None
+
+
+RATE_STAGES = ("harvest", "train", "judge")
+
+
+def checked_rates(raw: Any, where: str) -> Rates:
+    """A costs JSON's fields checked against the schema of `Rates` (a named device, a positive d_model, each
+    stage's rate a finite number > 0 or null): a zero, negative, NaN or text rate would print device-hours that
+    mean nothing. ValueError, one line naming the file and the field."""
+    def refuse(field: str, expected: str) -> ValueError:
+        value = raw.get(field) if isinstance(raw, dict) else raw
+        return ValueError(f"{where}: field {field} = {value!r}: expected {expected}")
+
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: expected a costs JSON object (the costs.json a finished sweep writes), got "
+                         f"{type(raw).__name__}")
+    known = {f.name for f in fields(Rates)}
+    if unknown := [key for key in raw if key not in known]:
+        raise refuse(unknown[0], f"no such field; a costs JSON holds {', '.join(sorted(known))}")
+    for name in ("device", "measured_on", "d_model"):
+        if name not in raw:
+            raise ValueError(f"{where}: field {name} missing; expected the costs.json a finished sweep writes")
+    for name in ("device", "measured_on"):
+        if not isinstance(raw[name], str) or not raw[name].strip():
+            raise refuse(name, "a non-empty string (where the rates were measured)")
+    if isinstance(raw["d_model"], bool) or not isinstance(raw["d_model"], int) or raw["d_model"] < 1:
+        raise refuse("d_model", "a positive integer")
+    for stage in RATE_STAGES:
+        rate = raw.get(stage)
+        if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float))
+                                 or not math.isfinite(rate) or rate <= 0):
+            raise refuse(stage, "a finite FLOP/s rate > 0, or null (not measured)")
+    if not isinstance(raw.get("per_device", False), bool):
+        raise refuse("per_device", "true or false")
+    return Rates(**raw)
 
 
 def peak_memory_mb() -> float:

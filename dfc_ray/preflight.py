@@ -25,6 +25,16 @@ def crosscoder_bytes(cfg: DFCConfig) -> int:
     return floats * FLOAT32_BYTES + cfg.dict_size * INT64_BYTES
 
 
+TRAINING_COPIES = 4
+"""Copies of the crosscoder's weights training holds: the weights, their gradients and Adam's two moments."""
+
+
+def training_bytes(cfg: DFCConfig, batch_size: int) -> int:
+    """Bytes training a crosscoder of `cfg` needs: `TRAINING_COPIES` of it plus one batch's inputs,
+    reconstructions and pre-activations (float32); an estimate to refuse what no machine holds."""
+    return TRAINING_COPIES * crosscoder_bytes(cfg) + FLOAT32_BYTES * batch_size * (4 * cfg.d_model + 3 * cfg.dict_size)
+
+
 def _cgroup_free() -> int | None:
     """Bytes left under this process's cgroup memory limit (v2, then v1), None without a limit."""
     for limit_file, usage_file in (("memory.max", "memory.current"),
@@ -54,7 +64,8 @@ def free_memory_bytes() -> int | None:
     return min(known) if known else None
 
 
-def _size(n: int) -> str:
+def human_bytes(n: int) -> str:
+    """`n` bytes as TB, GB or MB (one decimal), or plain bytes below 1 MB."""
     for unit, factor in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
         if n >= factor:
             return f"{n / factor:.1f} {unit}"
@@ -66,8 +77,8 @@ def check_crosscoder_fits(cfg: DFCConfig) -> None:
     the module is built on the CPU before it moves anywhere, so host memory is the first limit it meets."""
     needed, free = crosscoder_bytes(cfg), free_memory_bytes()
     if free is not None and needed > free:
-        raise ValueError(f"crosscoder dict_size={cfg.dict_size}, d_model={cfg.d_model}: needs {_size(needed)} "
-                         f"({needed:,} bytes, float32) but {_size(free)} ({free:,} bytes) of memory is free; "
+        raise ValueError(f"crosscoder dict_size={cfg.dict_size}, d_model={cfg.d_model}: needs {human_bytes(needed)} "
+                         f"({needed:,} bytes, float32) but {human_bytes(free)} ({free:,} bytes) of memory is free; "
                          "expected a smaller dict_size")
 
 

@@ -49,11 +49,28 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/[\w./-]+)?$")
 # ---------------------------------------------------------------- reading the study's folder
 
 
-def _read_local_or_s3(src: str, name: str) -> bytes:
+MAX_CONFIG_BYTES = 1 << 20
+"""Largest config.json read (1 MiB; the study's is a few hundred bytes)."""
+
+
+def _read_checked(fs: pafs.FileSystem, path: str, where: str, limit: int) -> bytes:
+    """The file at `path`, read only when it is a regular file of at most `limit` bytes: a FIFO would block the
+    read forever, and a device such as /dev/zero would be read until memory runs out."""
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(path)
+    if info.type != pafs.FileType.File or info.size is None:
+        raise ValueError(f"{where}: not a regular file (a folder, FIFO or device); expected the study's file")
+    if info.size > limit:
+        raise ValueError(f"{where}: {info.size:,} bytes; expected at most {limit:,} for this file")
+    with fs.open_input_stream(path) as handle:
+        return handle.read()
+
+
+def _read_local_or_s3(src: str, name: str, limit: int) -> bytes:
     try:
         fs, root = open_fs(src)
-        with fs.open_input_stream(f"{root}/{name}") as handle:
-            return handle.read()
+        return _read_checked(fs, f"{root}/{name}", f"{redact(src)}/{name}", limit)
     except FileNotFoundError:
         raise FileNotFoundError(f"{redact(src)}: not a seed-study checkpoint (no {name})") from None
     except OSError as err:  # pyarrow reports a missing S3 object or bucket as OSError too
@@ -62,7 +79,7 @@ def _read_local_or_s3(src: str, name: str) -> bytes:
         raise ValueError(f"{redact(src)}/{name}: cannot be read ({str(err).splitlines()[0]})") from None
 
 
-def _read_hub(src: str, name: str) -> bytes:
+def _read_hub(src: str, name: str, limit: int) -> bytes:
     from huggingface_hub import hf_hub_download  # deferred: only hub sources need it
     from huggingface_hub.utils import logging as hub_logging  # deferred: as above
 
@@ -75,21 +92,28 @@ def _read_hub(src: str, name: str) -> bytes:
         raise ValueError(f"{src}: hub id, but {name} could not be fetched from the Hugging Face Hub "
                          f"({type(err).__name__}: {reason}); copy the folder to a local path or s3:// and "
                          f"import from there") from None
-    return Path(path).read_bytes()
+    return _read_checked(pafs.LocalFileSystem(), str(Path(path).resolve()), f"{src}/{name}", limit)
 
 
-def read_source_file(src: str, name: str) -> bytes:
-    """One file of a seed-study folder: a local path, file://, s3://bucket/prefix, or a hub id
-    `owner/repo[/subfolder]` when no local folder of that name exists."""
+def read_source_file(src: str, name: str, limit: int) -> bytes:
+    """One file of a seed-study folder, at most `limit` bytes: a local path, file://, s3://bucket/prefix, or a
+    hub id `owner/repo[/subfolder]` when no local folder of that name exists."""
     is_hub = "://" not in src and not os.path.exists(src) and _HUB_ID.match(src)
-    return _read_hub(src, name) if is_hub else _read_local_or_s3(src, name)
+    return _read_hub(src, name, limit) if is_hub else _read_local_or_s3(src, name, limit)
+
+
+def _state_bytes_limit(config: dict[str, Any]) -> int:
+    """Largest model.pt read for `config`: every tensor it may hold (masks too) in float64, plus 1 MiB of
+    pickle framing; a float32 file is half of it."""
+    d, size = config["activation_dim"], config["dict_size"]
+    return 8 * (4 * d * size + size + 2 * d + 4 * size) + (1 << 20)
 
 
 def read_seed_config(src: str) -> dict[str, Any]:
     """The study's config.json: positive integers `activation_dim`, `dict_size`, `k`; `n_a`/`n_b` optional."""
     where = f"{redact(src)}/config.json"
     try:
-        raw = json.loads(read_source_file(src, "config.json"))
+        raw = json.loads(read_source_file(src, "config.json", MAX_CONFIG_BYTES))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ValueError(f"{where}: not valid JSON") from None
     if not isinstance(raw, dict):
@@ -111,7 +135,7 @@ def read_seed_state(src: str, config: dict[str, Any]) -> dict[str, Tensor]:
     """model.pt as float32 tensors, loaded weights-only (a pickle that holds code is refused, never run),
     with exactly the study's tensor names and the shapes config.json implies."""
     where = f"{redact(src)}/model.pt"
-    data = read_source_file(src, "model.pt")
+    data = read_source_file(src, "model.pt", _state_bytes_limit(config))
     try:
         state = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
     except Exception as err:  # noqa: BLE001 - torch raises many types for truncated/unsafe files
@@ -251,6 +275,8 @@ def import_seed(src: str, out: str, *, norm_from: str | None = None, layer: int 
         raise ValueError("--norm-from and --layer go together: the statistics of the harvested layer the "
                          "crosscoder was trained on")
     target = RunFolder(out) if "://" in out else None
+    if target is None and Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"{out}: a file, not a folder; expected an empty or new folder for the checkpoint")
     taken = target.read_text("config.json") is not None if target else (Path(out) / "config.json").exists()
     if taken:
         raise ValueError(f"{redact(out)}: already holds a checkpoint (config.json); choose an empty folder")

@@ -116,9 +116,7 @@ def load_raw(name_or_path: str, _seen: tuple[Path, ...] = ()) -> tuple[dict, str
         raise SpecError(str(err)) from None
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
-    unknown = sorted(set(raw) - set(SECTIONS))
-    if unknown:
-        raise _fail(str(path), unknown[0], raw[unknown[0]], f"one of the sections {', '.join(SECTIONS)}")
+    _check_sections(raw, str(path))
     parent = raw.pop("extends", None)
     if parent is None:
         return raw, str(path)
@@ -128,6 +126,33 @@ def load_raw(name_or_path: str, _seen: tuple[Path, ...] = ()) -> tuple[dict, str
     base, _ = load_raw(str(candidate), _seen + (path,))
     base.pop("name", None), base.pop("description", None)
     return _merge(base, raw), str(path)
+
+
+def _check_sections(raw: dict, where: str) -> None:
+    """Refuse a top-level key that is not a section, whatever YAML made of it (``1:`` is an integer, ``~:``
+    None): one line naming the first, in the file's order."""
+    unknown = [key for key in raw if key not in SECTIONS]
+    if unknown:
+        raise _fail(where, unknown[0] if isinstance(unknown[0], str) else repr(unknown[0]), raw[unknown[0]],
+                    f"one of the sections {', '.join(SECTIONS)}")
+
+
+PLAIN_TYPES = (dict, list, str, int, float, bool, type(None))
+"""What a spec's values may be: what JSON can hold (run.json and results.jsonl record the spec as JSON)."""
+
+
+def _check_plain_values(value: Any, where: str, path: str = "") -> None:
+    """Refuse a value JSON cannot hold, such as the date YAML makes of an unquoted ``2024-05-01`` or the
+    bytes of ``!!binary``: found now, not as a traceback once the run folder holds spec.yaml."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_plain_values(item, where, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_plain_values(item, where, f"{path}[{i}]")
+    elif not isinstance(value, PLAIN_TYPES):
+        raise _fail(where, path, value, f"a string, number, true/false, list or mapping, not a YAML "
+                    f"{type(value).__name__} (quote it: '{value}')")
 
 
 # ---------------------------------------------------------------- typed sections
@@ -357,9 +382,8 @@ def _check_trial(spec: SweepSpec, settings: dict[str, Any], what: str) -> None:
 def parse_spec(raw: dict[str, Any], where: str, name: str = "") -> SweepSpec:
     """Validate a merged spec mapping into a SweepSpec."""
     raw = dict(raw)
-    unknown = sorted(set(raw) - set(SECTIONS))
-    if unknown:
-        raise _fail(where, unknown[0], raw[unknown[0]], f"one of the sections {', '.join(SECTIONS)}")
+    _check_sections(raw, where)
+    _check_plain_values(raw, where)
     pair = from_mapping(PairSpec, raw.get("pair"), where, "pair")
     layers = raw.get("layers", [1])
     if not isinstance(layers, list) or not layers or not all(isinstance(x, int) and x >= 0 for x in layers):
@@ -406,7 +430,51 @@ def parse_spec(raw: dict[str, Any], where: str, name: str = "") -> SweepSpec:
     # Every grid point with the extremes of every sampled axis must make a valid trial.
     for label, settings in spec.corner_trials():
         _check_trial(spec, settings, label)
+    check_trial_memory(spec, 1)  # the pair's width is read later (check_against_pair); 1 bounds it from below
+    _check_localize_when(spec)
     return spec
+
+
+MAX_TRIAL_BYTES = 2 * 10**12
+"""Most memory one trial may need (2 TB): more than any single machine a sweep runs on holds (the largest
+cloud instances hold a few TB, a GPU 80–192 GB), so a larger crosscoder is a typo, refused at validation."""
+
+
+def check_trial_memory(spec: SweepSpec, d_model: int, limit: float = MAX_TRIAL_BYTES,
+                       holder: str = "the largest machine dfc-ray plans for") -> None:
+    """Refuse a trial whose crosscoder, with its gradients, Adam moments and one batch, needs more than `limit`
+    bytes, the memory of `holder` (by default: any machine; `dict_size: 1e12`), naming the estimate; `d_model`
+    is the pair's width or a lower bound of it."""
+    # deferred: dfc_ray.preflight imports torch
+    from dfc_ray.preflight import human_bytes, training_bytes
+
+    worst = max(spec.corner_trials(), key=lambda item: (item[1]["dict_size"], item[1]["batch_size"]))
+    settings = worst[1]
+    needed = training_bytes(DFCConfig(d_model=d_model, **{k: v for k, v in settings.items() if k in DFC_FIELDS}),
+                            settings["batch_size"])
+    if needed > limit:
+        varies = spec.n_grid_points > 1 or bool(spec.search)
+        raise _fail(spec.source, "crosscoder.dict_size" + (f" ({worst[0]})" if varies else ""), settings["dict_size"],
+                    f"a crosscoder a machine can train: at d_model {d_model:,}"
+                    f"{' (at least)' if d_model == 1 else ''} a trial needs {human_bytes(needed)} (weights, "
+                    f"gradients, Adam moments, a batch of {settings['batch_size']:,}), more than the "
+                    f"{human_bytes(int(limit))} of {holder}")
+
+
+def _check_localize_when(spec: SweepSpec) -> None:
+    """steering.localize_when must select at least one trial the causal tests can run on (a DFC, with
+    exclusive features): a filter no grid point matches would skip them in every trial without a word."""
+    when, steering = spec.steering.localize_when, spec.steering
+    if not when or not steering.localize:
+        return
+    for _, settings in spec.corner_trials():
+        cfg = DFCConfig(d_model=1, **{k: v for k, v in settings.items() if k in DFC_FIELDS})
+        if cfg.n_a_exclusive + cfg.n_b_exclusive > 0 and all(getattr(cfg, k) == v for k, v in when.items()):
+            return
+    raise _fail(spec.source, "steering.localize_when", dict(when),
+                "crosscoder fields that at least one DFC grid point has (else the causal tests "
+                f"{', '.join(steering.localize)} never run); set steering.localize_when to match one, or null for "
+                "every DFC")
 
 
 def _spec_name(raw: dict[str, Any], where: str, name: str) -> str:
@@ -558,6 +626,8 @@ def check_against_pair(spec: SweepSpec) -> list[str]:
     mismatch = family_mismatch(configs["a"], configs["b"]) if len(configs) == 2 else None
     if mismatch is not None:
         raise _fail(where, "pair.b", spec.pair.b, mismatch)
+    if configs:  # the pair's own width: the trial memory bound checked again, now exact
+        check_trial_memory(spec, max(int(c.get_text_config().hidden_size) for c in configs.values()))
     _task_sources(where, "harvest.tasks", spec.harvest.corpus.tasks)
     _task_sources(where, "eval.tasks", spec.eval.tasks)
     _text_source(where, "harvest.plain_text", spec.harvest.corpus.plain_text)

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from dfc_ray.config import DFCConfig, TrainConfig
 from dfc_ray.crosscoder import DedicatedFeatureCrosscoder
+from dfc_ray.preflight import resolve_device
 
 METRICS = ("loss", "recon", "fvu_a", "fvu_b", "l0", "l0_a_exclusive", "l0_b_exclusive", "l0_shared",
            "aux", "l1", "dead_frac")
@@ -64,9 +65,7 @@ class Trainer:
 
     def __init__(self, member: Member):
         self.name, self.cfg = member.name, member.train
-        device = self.cfg.device
-        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
-                                   else "cpu" if device == "auto" else device)
+        self.device = torch.device(resolve_device(self.cfg.device, "train.device"))  # one line for a missing one
         self.model = DedicatedFeatureCrosscoder(member.dfc, seed=self.cfg.seed).to(self.device)
         self.model.formulation = self.cfg.formulation
         weights = [p for n, p in self.model.named_parameters() if not n.startswith("b_")]

@@ -10,6 +10,7 @@ mapping as written (a key merged in with ``<<: *defaults`` may still be overridd
 
 from __future__ import annotations
 
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -79,10 +80,18 @@ def load_yaml(path: str | Path) -> Any:
     """The document in the file at `path` (None when empty); ValueError (one line naming the file) when it
     is not valid YAML or breaks a bound above."""
     path = Path(path)
-    size = path.stat().st_size
-    if size > MAX_YAML_BYTES:
-        raise ValueError(f"{path}: {size:,} bytes; expected a YAML file of at most {MAX_YAML_BYTES:,} bytes")
-    return parse_yaml(path.read_text(), str(path))
+    info = path.stat()
+    if not stat.S_ISREG(info.st_mode):  # a FIFO would block the read, /dev/zero never end it
+        raise ValueError(f"{path}: not a regular file (a folder, FIFO or device); expected a YAML file")
+    if info.st_size > MAX_YAML_BYTES:
+        raise ValueError(f"{path}: {info.st_size:,} bytes; expected a YAML file of at most {MAX_YAML_BYTES:,} bytes")
+    with path.open("rb") as handle:  # bounded: a file that grows after the check is cut, then refused whole
+        data = handle.read(MAX_YAML_BYTES + 1)
+    try:
+        text = data.decode()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); expected a YAML file") from None
+    return parse_yaml(text, str(path))
 
 
 def parse_yaml(text: str, where: str) -> Any:

@@ -592,8 +592,11 @@ def _assert_no_escape(tmp: Path) -> None:
 
 
 def resumable_run(ctx: Ctx) -> Path:
-    """An organism48 run folder with one finished trial."""
-    return run_folder(ctx, shipped_spec_dump("organism48"), GOOD_RESULT + "\n")
+    """An organism48 run folder with one finished trial and its run record."""
+    run = run_folder(ctx, shipped_spec_dump("organism48"), GOOD_RESULT + "\n")
+    (run / "run.json").write_text(json.dumps({"run_id": "organism48-0000abcd",
+                                              "spec": yaml.safe_load(shipped_spec_dump("organism48"))}))
+    return run
 
 
 def held_run(ctx: Ctx) -> list[str]:
@@ -679,3 +682,197 @@ RUN_CASES: list[tuple[str, Callable[[Ctx], list[str]], str]] = [
 @pytest.mark.parametrize("build, expected", [case[1:] for case in RUN_CASES], ids=[case[0] for case in RUN_CASES])
 def test_run_folder_bad_input_gives_one_clear_line(build, expected, tmp_path, monkeypatch, request, capsys):
     test_bad_input_gives_one_clear_line(build, expected, tmp_path, monkeypatch, request, capsys)
+
+
+# ---------------------------------------------------------------- issues 29 and 31 (helper "validate"): meaning,
+# sizes, addresses, devices, import-seed, results integrity
+
+VALIDATE_CASES: list[tuple[str, Callable[[Ctx], list[str]], str]] = [
+    ("spec-lr-negative", lambda c: bad_spec(c, "train: {lr: -0.001}"), "TrainConfig.lr=-0.001: expected a number > 0"),
+    ("spec-betas-above-one", lambda c: bad_spec(c, "train: {betas: [1.5, 0.999]}"),
+     "TrainConfig.betas=(1.5, 0.999): expected two numbers in [0, 1)"),
+    ("spec-weight-decay-negative", lambda c: bad_spec(c, "train: {weight_decay: -1}"),
+     "TrainConfig.weight_decay=-1.0: expected a number >= 0"),
+    ("spec-name-250-characters", lambda c: bad_spec(c, f"name: {'n' * 250}\n", "sweep"),
+     "field name = 'nnnnnnnnnnnnnnnnnnnn'… (250 characters): expected a name of at most 100 characters"),
+    ("spec-unknown-keys-int-and-null", lambda c: bad_spec(c, "1: x\n~: y\n"),
+     "field 1 = 'x': expected one of the sections name, description"),
+    ("spec-unknown-key-null", lambda c: bad_spec(c, "~: y\n"), "field None = 'y': expected one of the sections"),
+    ("spec-description-date", lambda c: bad_spec(c, "description: 2024-05-01\n", "sweep"),
+     "field description = datetime.date(2024, 5, 1): expected a string, number, true/false, list or mapping, not "
+     "a YAML date (quote it: '2024-05-01')"),
+    ("spec-localize-when-nan", lambda c: bad_spec(c, "steering: {localize_when: {dict_size: .nan}}"),
+     "expected a finite number for each crosscoder field"),
+    ("spec-localize-when-matches-nothing", lambda c: bad_spec(c, "steering: {localize_when: {dict_size: 12345}}"),
+     "field steering.localize_when = {'a_exclusive': 0.05, 'l1_excl': 0.0, 'dict_size': 12345}: expected crosscoder "
+     "fields that at least one DFC grid point has (else the causal tests curve, ablate_b, patch_a never run)"),
+    ("spec-dict-size-1e12", lambda c: bad_spec(c, "grid: {dict_size: [1000000000000]}\n"),
+     "a trial needs 3182.1 TB (weights, gradients, Adam moments, a batch of 256), more than the 2.0 TB"),
+    ("plan-dict-size-1e12", lambda c: ["sweep", bad_spec(c, "grid: {dict_size: [1000000000000]}\n")[2], "--plan"],
+     "expected a crosscoder a machine can train"),
+]
+
+
+def auto_without_cluster(ctx: Ctx) -> list[str]:
+    """A sweep at `--address auto` on a machine where no Ray cluster runs (its temp folder holds no address
+    file); skipped where another process's cluster runs here, which "auto" would rightly find."""
+    from ray._private.services import find_gcs_addresses
+
+    if find_gcs_addresses():
+        pytest.skip("a Ray cluster runs on this machine: --address auto would find it")
+    ctx.monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    ctx.env(RAY_TMPDIR=str(ctx.tmp / "ray-tmp"))
+    return bad_spec(ctx, "", "sweep") + ["--address", "auto"]
+
+
+def seed_folder(ctx: Ctx, config: str) -> list[str]:
+    """import-seed of a study folder whose config.json is `config`: "fifo" (a named pipe nobody writes) or
+    "dev-zero" (a symlink to /dev/zero)."""
+    folder = ctx.tmp / "study"
+    folder.mkdir()
+    if config == "fifo":
+        os.mkfifo(folder / "config.json")
+    else:
+        (folder / "config.json").symlink_to("/dev/zero")
+    return ["import-seed", str(folder), "--out", str(ctx.tmp / "imported")]
+
+
+VALIDATE_CASES += [
+    ("sweep-address-auto-no-cluster", auto_without_cluster,
+     "--address 'auto': no running Ray cluster found on this machine"),
+    ("sweep-address-port-99999", lambda c: bad_spec(c, "", "sweep") + ["--address", "127.0.0.1:99999"],
+     "--address '127.0.0.1:99999': invalid port 99999; expected a port from 1 to 65535"),
+    ("sweep-address-ray-client", lambda c: bad_spec(c, "", "sweep") + ["--address", "ray://127.0.0.1:10001"],
+     "--address 'ray://127.0.0.1:10001': a Ray Client address, which dfc-ray's driver cannot use"),
+    ("sweep-ray-address-env-ray-client", lambda c: (c.env(RAY_ADDRESS="ray://127.0.0.1:6379"),
+                                                   bad_spec(c, "", "sweep"))[1], "RAY_ADDRESS 'ray://127.0.0.1:6379'"),
+    ("import-seed-config-fifo", lambda c: seed_folder(c, "fifo"),
+     "study/config.json: not a regular file (a folder, FIFO or device)"),
+    ("import-seed-config-dev-zero", lambda c: seed_folder(c, "dev-zero"),
+     "study/config.json: not a regular file (a folder, FIFO or device)"),
+    ("import-seed-out-is-a-file", lambda c: ((c.tmp / "taken").write_text("x"), [
+        "import-seed", str(c.tmp / "study"), "--out", str(c.tmp / "taken")])[1],
+     "taken: a file, not a folder; expected an empty or new folder for the checkpoint"),
+]
+
+
+COSTS = {"device": "cpu (2 cores)", "measured_on": "organism48 (d_model 192, 4 blocks)", "d_model": 192,
+         "harvest": 1e9, "train": 2e9, "judge": 3e9}
+
+
+def costs_file(ctx: Ctx, **changes) -> list[str]:
+    """`sweep organism48 --plan --costs` of a costs JSON with `changes` on top of a good one (NaN as JSON's NaN)."""
+    path = ctx.tmp / "costs.json"
+    path.write_text(json.dumps(COSTS | changes))
+    return ["sweep", "organism48", "--plan", "--costs", str(path)]
+
+
+VALIDATE_CASES += [
+    ("plan-costs-train-zero", lambda c: costs_file(c, train=0),
+     "costs.json: field train = 0: expected a finite FLOP/s rate > 0, or null (not measured)"),
+    ("plan-costs-train-negative", lambda c: costs_file(c, train=-5e9),
+     "field train = -5000000000.0: expected a finite"),
+    ("plan-costs-judge-nan", lambda c: costs_file(c, judge=float("nan")), "field judge = nan: expected a finite"),
+    ("plan-costs-train-text", lambda c: costs_file(c, train="fast"), "field train = 'fast': expected a finite"),
+    ("plan-costs-device-number", lambda c: costs_file(c, device=7),
+     "field device = 7: expected a non-empty string (where the rates were measured)"),
+    ("plan-costs-unknown-field", lambda c: costs_file(c, trian=1e9), "field trian = 1000000000.0: expected no such"),
+    ("plan-costs-not-an-object", lambda c: ((c.tmp / "costs.json").write_text("[1, 2]"), [
+        "sweep", "organism48", "--plan", "--costs", str(c.tmp / "costs.json")])[1],
+     "expected a costs JSON object (the costs.json a finished sweep writes), got list"),
+]
+
+
+def results_without_run_record(ctx: Ctx, hashed: str) -> list[str]:
+    """`sweep --resume` of an organism48 run folder without run.json (as from before it existed) whose spec.yaml
+    was edited (train.steps 300 → 50) after its one trial ran; `hashed`: "none" (an old record without
+    spec_hash) or "original" (the record carries the hash of the spec it ran under)."""
+    from dfc_ray.sweep.results import spec_hash
+
+    started = yaml.safe_load(shipped_spec_dump("organism48"))
+    edited = started | {"train": started["train"] | {"steps": 50}}
+    record = json.loads(GOOD_RESULT) | ({"spec_hash": spec_hash(started)} if hashed == "original" else {})
+    run = run_folder(ctx, yaml.safe_dump(edited, sort_keys=False), json.dumps(record) + "\n")
+    return ["sweep", "--resume", "--run-dir", str(run)]
+
+
+VALIDATE_CASES += [
+    ("resume-duplicate-trial-id", lambda c: ["sweep", "--resume", "--run-dir", str(run_folder(
+        c, shipped_spec_dump("organism48"), GOOD_RESULT + "\n" + GOOD_RESULT.replace('"dict_size": 64',
+                                                                                    '"dict_size": 128') + "\n"))],
+     "results.jsonl: lines 1 and 2 both record trial 't1'; expected each trial once"),
+    ("report-duplicate-trial-id", lambda c: ["report", str(run_folder(c, results=GOOD_RESULT + "\n" + GOOD_RESULT))],
+     "results.jsonl: lines 1 and 2 both record trial 't1'"),
+    ("resume-no-run-json-unhashed-results", lambda c: results_without_run_record(c, "none"),
+     "spec.yaml: no run.json beside it, and 1 of its 1 recorded trials carry no spec hash (e.g. t1)"),
+    ("resume-no-run-json-edited-spec", lambda c: results_without_run_record(c, "original"),
+     "spec.yaml: no run.json beside it, and 1 of its 1 recorded trials ran under another spec (e.g. t1)"),
+]
+
+
+VALIDATE_CASES += [
+    ("sweep-train-device-cuda-no-gpu", lambda c: (no_cuda(), bad_spec(c, "train: {device: cuda}", "sweep"))[1],
+     "field train.device = 'cuda': this machine (a local cluster) has no GPU; expected 'cpu' or 'auto'"),
+    ("sweep-pair-device-cuda-no-gpu", lambda c: (no_cuda(), bad_spec(c, "pair: {device: 'cuda:1'}", "sweep"))[1],
+     "field pair.device = 'cuda:1': this machine (a local cluster) has no GPU; expected 'cpu' or 'auto'"),
+]
+
+
+def test_a_run_without_run_json_resumes_when_its_results_match_spec_yaml(tmp_path):
+    """Without run.json, a resume compares spec.yaml with the spec_hash each recorded trial carries: equal, it
+    resumes silently; edited, only with --accept-spec-changes, which records the unknown start."""
+    from dfc_ray.sweep.driver import _open_run
+    from dfc_ray.sweep.results import spec_hash
+
+    ctx = Ctx(tmp_path, pytest.MonkeyPatch(), None)  # type: ignore[arg-type]
+    spec = yaml.safe_load(shipped_spec_dump("organism48"))
+    run = run_folder(ctx, yaml.safe_dump(spec, sort_keys=False),
+                     json.dumps(json.loads(GOOD_RESULT) | {"spec_hash": spec_hash(spec)}) + "\n")
+    _, resumed, record = _open_run(None, str(run), resume=True)
+    assert resumed.name == "organism48" and "spec_changes" not in record
+    (run / "spec.yaml").write_text(yaml.safe_dump(spec | {"train": spec["train"] | {"steps": 50}}, sort_keys=False))
+    _, resumed, record = _open_run(None, str(run), resume=True, accept_spec_changes=True)
+    assert resumed.train["steps"] == 50
+    assert record["spec_changes"][0]["changes"] == ["unknown: no run.json, and 1 of its 1 recorded trials ran "
+                                                    "under another spec"]
+
+
+def test_a_costs_file_that_follows_the_schema_still_plans(tmp_path, capsys):
+    """The schema refuses only what is wrong: the good costs file above (and a stage not measured, null) plans."""
+    path = tmp_path / "costs.json"
+    path.write_text(json.dumps(COSTS | {"harvest": None}))
+    assert main(["sweep", "organism48", "--plan", "--costs", str(path)]) == 0
+    assert "rates measured on cpu (2 cores)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("build, expected", [case[1:] for case in VALIDATE_CASES],
+                         ids=[case[0] for case in VALIDATE_CASES])
+def test_validate_bad_input_gives_one_clear_line(build, expected, tmp_path, monkeypatch, request, capsys):
+    test_bad_input_gives_one_clear_line(build, expected, tmp_path, monkeypatch, request, capsys)
+
+
+def test_the_pairs_width_tightens_the_memory_bound(tmp_path):
+    """At validation the trial memory bound uses d_model 1 (a lower bound); against the pair it uses the
+    pair's width (organism: 192), so a dictionary only a wide pair makes too large is refused there."""
+    from dfc_ray.config import SpecError
+    from dfc_ray.spaces import check_against_pair, load_spec
+
+    path = tmp_path / "wide.yaml"
+    path.write_text("extends: organism48\ngrid: {dict_size: [300000000], k: [8], variant: [{a_exclusive: 0.05}]}\n"
+                    "steering: {localize_when: null}\n")
+    spec = load_spec(str(path))  # 3e8 features: about 1 TB at d_model 1, 4.6 TB at 192
+    with pytest.raises(SpecError, match="at d_model 192 a trial needs"):
+        check_against_pair(spec)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero"])
+def test_yaml_is_read_only_from_a_regular_file(kind, tmp_path):
+    """`load_yaml` (specs, cluster files) refuses a FIFO, which would block the read forever, and a link to
+    /dev/zero, whose size says 0 and whose read never ends."""
+    from dfc_ray.yamlio import load_yaml
+
+    path = tmp_path / "spec.yaml"
+    os.mkfifo(path) if kind == "fifo" else path.symlink_to("/dev/zero")
+    with pytest.raises(ValueError, match=r"spec.yaml: not a regular file \(a folder, FIFO or device\); expected a "
+                                         "YAML file"):
+        load_yaml(path)

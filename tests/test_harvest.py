@@ -293,3 +293,58 @@ def test_compare_layers_accepts_rounding_and_catches_real_divergence(tiny_pair, 
     shorter = harvest(replace(cfg, corpus=replace(cfg.corpus, n_plain=8)), use_ray=False, progress=False)
     with pytest.raises(ValueError, match="layouts differ at shard"):
         store.compare_layers(one.uri, shorter.uri, 1)
+
+
+def test_an_in_place_edit_of_the_weights_last_mib_means_a_new_harvest(tiny_pair, tmp_path, monkeypatch):
+    """The harvest cache key hashes every byte of the weights (issue 29): B retrained in place — its
+    model.safetensors' last MiB rewritten, same size, even with its mtime put back — is a new harvest, not the
+    old activations "reused (same content hash)". The per-file hashes are cached beside the models' mirrors."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from dfc_ray.pair import HASH_CACHE, pair_fingerprint
+
+    monkeypatch.setenv("DFC_RAY_CACHE", str(tmp_path / "cache"))
+    a_config = Qwen2Config.from_pretrained(tiny_pair.a)
+    torch.manual_seed(3)  # a B of the tiny pair's width whose weights file is larger than 1 MiB
+    Qwen2ForCausalLM(replace_config(a_config, intermediate_size=2048)).save_pretrained(tmp_path / "b")
+    weights = tmp_path / "b" / "model.safetensors"
+    assert weights.stat().st_size > 2 << 20
+    pair = replace(tiny_pair, b=str(tmp_path / "b"))
+    cfg = small_config(pair, tmp_path / "store", layers=(1,))
+    first = harvest(cfg, use_ray=False, progress=False)
+    assert harvest(cfg, use_ray=False, progress=False).reused
+    assert str(weights.resolve()) in json.loads((tmp_path / "cache" / HASH_CACHE).read_text())
+
+    before, stat = pair_fingerprint(pair), weights.stat()
+    with weights.open("r+b") as handle:  # the last MiB rewritten in place with other float32 weights
+        handle.seek(-(1 << 20), os.SEEK_END)
+        handle.write((np.random.default_rng(0).standard_normal(1 << 18) * 0.02).astype(np.float32).tobytes())
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same size, same mtime
+    assert weights.stat().st_size == stat.st_size and pair_fingerprint(pair) != before
+    second = harvest(cfg, use_ray=False, progress=False)
+    assert not second.reused and second.uri != first.uri
+
+
+def test_s3_weights_are_keyed_by_their_objects_etags(s3_bucket):
+    """An s3:// pair's key names its objects' content (ETags) without downloading them: the same bytes give the
+    same key, a rewritten object of the same size another."""
+    import boto3
+
+    from dfc_ray.pair import PairSpec, pair_fingerprint
+
+    bucket = s3_bucket[len("s3://"):]
+    client = boto3.client("s3")
+    weights = np.random.default_rng(0).standard_normal(1 << 18).astype(np.float32).tobytes()
+    for role in ("a", "b"):
+        client.put_object(Bucket=bucket, Key=f"{role}/config.json", Body=b"{}")
+        client.put_object(Bucket=bucket, Key=f"{role}/model.safetensors", Body=weights)
+    pair = PairSpec(a=f"{s3_bucket}/a", b=f"{s3_bucket}/b")
+    before = pair_fingerprint(pair)
+    assert pair_fingerprint(pair) == before
+    client.put_object(Bucket=bucket, Key="b/model.safetensors", Body=weights[:-4] + b"\0\0\0\0")
+    assert pair_fingerprint(pair) != before
+
+
+def replace_config(config, **changes):
+    """A copy of a transformers config with `changes`."""
+    return type(config).from_dict(config.to_dict() | changes)

@@ -13,7 +13,7 @@ import pytest
 from rich.console import Console
 
 from dfc_ray import cli
-from dfc_ray.report import LiveView, build_report, load_results, print_report, to_markdown, write_report
+from dfc_ray.report import LiveView, load_results, print_report, to_markdown, write_report
 
 GRID = {"dict_size": [64, 128], "k": [4, 8, 16], "layer": [1, 3]}
 FAILED_INDEX = 5
@@ -348,12 +348,14 @@ def test_missing_results_file(tmp_path):
         load_results(tmp_path)
 
 
-def test_resumed_trial_keeps_last_line(tmp_path):
+def test_a_trial_recorded_twice_is_refused_naming_both_lines(tmp_path):
+    """The sweep records each trial once (a retry gets a new id), so two lines of one trial id are a damaged
+    file: refused, not read as "the last one wins" (issue 29)."""
     rows = synthetic_rows()
     retry = {**rows[FAILED_INDEX], "status": "ok", "metrics": rows[0]["metrics"]}
-    results = load_results(write_results(tmp_path / "run", rows + [retry]))
-    assert len(results) == 12 and build_report(results)["n_failed"] == 0
-    assert [r.trial_id for r in results] == [r["trial_id"] for r in rows]
+    with pytest.raises(ValueError, match=f"lines {FAILED_INDEX + 1} and 13 both record trial "
+                                         f"'{rows[FAILED_INDEX]['trial_id']}'; expected each trial once"):
+        load_results(write_results(tmp_path / "run", rows + [retry]))
 
 
 

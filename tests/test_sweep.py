@@ -120,7 +120,7 @@ def test_diverging_and_raising_trials_fail_alone(tiny_pair, ray_cluster, tmp_pat
     from dfc_ray.failures import EXIT_SOME_FAILED
 
     # lr 1e9 diverges (a NaN loss); a device this torch build lacks (mps on Linux: a name validation accepts)
-    # makes the trial raise.
+    # makes the trial raise (preflight's ValueError, when the trainer resolves its device).
     import torch
 
     if torch.backends.mps.is_available():
@@ -137,8 +137,8 @@ def test_diverging_and_raising_trials_fail_alone(tiny_pair, ray_cluster, tmp_pat
     assert results[(1e9, "cpu")]["status"] == "diverged" and "non-finite" in results[(1e9, "cpu")]["error"]
     for lr in (1e-3, 1e9):
         raised = results[(lr, "mps")]
-        assert raised["status"] == "failed" and raised["error_type"] == "RuntimeError"
-        assert raised["error"].startswith("RuntimeError: ") and "mps" in raised["error"]
+        assert raised["status"] == "failed" and raised["error_type"] == "ValueError"
+        assert raised["error"].startswith("ValueError: train.device 'mps': not available on this machine")
         traceback = Path(raised["error_file"]).read_text()
         assert "run_trial" in traceback and "mps" in traceback  # the whole stack, not one line
     report = json.loads((run / "report.json").read_text())
@@ -193,3 +193,72 @@ def test_resources_a_local_cluster_cannot_give_are_refused(tiny_pair, ray_cluste
         with pytest.raises(ValueError, match=message):
             check_fits(load_spec(write_spec(tmp_path, tiny_pair, resources=resources)))
     check_fits(load_spec(write_spec(tmp_path, tiny_pair, resources={"cpu": 2})), evaluate=False)
+
+
+@pytest.mark.slow
+def test_ctrl_c_before_the_first_trial_is_recorded_exits_130_with_a_report(tiny_pair, tmp_path):
+    """SIGINT to a real sweep process (as a terminal's Ctrl-C sends it to the whole group) while its first trials
+    train and none is recorded yet: exit 130 naming the unfinished trials, a report of zero finished trials, and
+    no "results.jsonl: no such file" (issue 31)."""
+    path = write_spec(tmp_path, tiny_pair, train={"steps": 1_000_000, "batch_size": 32, "lr": 1e-3, "warmup_steps": 5,
+                                                  "reader": "local", "norm_rows": 256, "log_every": 1})
+    run = tmp_path / "runs" / "interrupted"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    command = [sys.executable, "-m", "dfc_ray.cli", "sweep", path, "--run-dir", str(run), "--no-eval", "--quiet"]
+    proc = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:  # a trial has reported a training step
+            if any(p.stat().st_size for p in (run / "tune").rglob("result.json")):
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, proc.communicate()
+        assert read_results(run) == []
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, out + err
+    assert "Traceback" not in out + err and "no such file" not in out + err
+    assert "dfc-ray sweep: interrupted; 4 trials did not finish (running: " in err, err
+    assert json.loads((run / "report.json").read_text())["n_trials"] == 0
+
+
+def test_ctrl_c_during_the_harvest_still_reports_the_trials_owed(tiny_pair, ray_cluster, tmp_path, monkeypatch):
+    """Ctrl-C before the trials start (here: in the harvest) ends the sweep as an interruption, not a traceback:
+    a report of zero finished trials, and every trial of the spec named as not started."""
+    from dfc_ray.sweep import SweepInterrupted, run_sweep
+    from dfc_ray.sweep import driver
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(driver, "_harvest", ctrl_c)
+    run = tmp_path / "runs" / "harvest-interrupted"
+    with pytest.raises(SweepInterrupted) as stopped:
+        run_sweep(load_spec(write_spec(tmp_path, tiny_pair)), str(run), live=False, evaluate=False)
+    assert stopped.value.unfinished == {"running": [], "not_started": 4}
+    report = json.loads((run / "report.json").read_text())
+    assert report["n_trials"] == 0 and report["run"]["unfinished"]["not_started"] == 4
+
+
+def test_a_trial_no_node_can_hold_is_refused_before_any_trial(tiny_pair, ray_cluster, tmp_path):
+    """A dictionary within validation's machine-independent bound (2 TB) but beyond the memory Ray offers on the
+    largest node of the cluster: refused, in one line with the estimate, before any trial runs (issue 31)."""
+    from dfc_ray.config import SpecError
+    from dfc_ray.sweep import run_sweep
+    from dfc_ray.sweep.driver import _largest_node_memory
+
+    memory, _ = _largest_node_memory()
+    assert 0 < memory < 2e12, memory  # Ray's `memory` resource, in bytes
+    path = write_spec(tmp_path, tiny_pair, grid={"dict_size": [400_000_000]})  # ~1 TB at d_model 32
+    run = tmp_path / "runs" / "too-large"
+    with pytest.raises(SpecError, match=r"field crosscoder.dict_size = 400000000: expected a crosscoder a machine "
+                                        r"can train: at d_model 32 a trial needs 992.0 GB \(weights, gradients, Adam "
+                                        r"moments, a batch of 32\), more than the .* of memory Ray offers on the "
+                                        r"largest node of this cluster"):
+        run_sweep(load_spec(path), str(run), live=False, evaluate=False)
+    assert not (run / "tune").exists()

@@ -100,18 +100,21 @@ def _parse_line(line: str, where: str) -> TrialResult:
 
 
 def load_results(run_dir: str | Path) -> list[TrialResult]:
-    """Trials of `<run_dir>/results.jsonl`, a line per trial; a trial reported twice (a resumed
-    sweep) keeps its last line and its first position. `run_dir` may be a path, file:// or s3://
-    prefix (credentials from the standard AWS environment, never printed)."""
+    """Trials of `<run_dir>/results.jsonl`, a line per trial; a trial recorded on two lines is refused, naming
+    both (the sweep writes each once: two would be two results for one trial). `run_dir` may be a path, file://
+    or s3:// prefix (credentials from the standard AWS environment, never printed)."""
     text, name = read_text(run_dir, RESULTS)
     if text is None:
         raise FileNotFoundError(f"{name}: no such file (expected a dfc-ray sweep run folder)")
-    trials: dict[str, TrialResult] = {}
+    trials: dict[str, tuple[int, TrialResult]] = {}
     for number_, line in enumerate(text.splitlines(), 1):
         if line.strip():
             trial = _parse_line(line, f"{name}: line {number_}")
-            trials[trial.trial_id] = trial
-    return list(trials.values())
+            if trial.trial_id in trials:
+                raise ValueError(f"{name}: lines {trials[trial.trial_id][0]} and {number_} both record trial "
+                                 f"{trial.trial_id!r}; expected each trial once")
+            trials[trial.trial_id] = (number_, trial)
+    return [trial for _, trial in trials.values()]
 
 
 def stored_run_info(run_dir: str | Path) -> dict[str, Any]:

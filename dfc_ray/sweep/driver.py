@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import torch
 import yaml
 from ray import tune
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
@@ -31,7 +32,7 @@ from actors.evaluator import EvaluatorActor
 from actors.pool import ReplicaPool
 from actors.steering import SteeringActor
 from dfc_ray.cluster import check_address, cluster_identity, connect, job_ended
-from dfc_ray.config import PoolConfig, check_name
+from dfc_ray.config import MAX_NAME_LENGTH, PoolConfig, check_name
 from dfc_ray.failures import lost_to_infrastructure
 from dfc_ray.fs import LeaseHolder, RunFolder, RunLease, absolute, redact
 from dfc_ray.harvest import harvest
@@ -39,13 +40,17 @@ from dfc_ray.pair import pair_fingerprint
 from dfc_ray.plan import device_name, measure_rates
 from dfc_ray.placement import check_placeable, custom_requests
 from dfc_ray.report import LiveView, write_report
-from dfc_ray.spaces import SweepSpec, check_against_pair, parse_spec
+from dfc_ray.spaces import SweepSpec, check_against_pair, check_trial_memory, parse_spec
 from dfc_ray.sweep.results import (INTERRUPTED, LIVE_VIEWS, ResultsWriter, TensorBoardWriter, read_results,
-                                   recorded_ids, set_aside_lost)
+                                   recorded_ids, set_aside_lost, spec_hash)
 from dfc_ray.sweep.search import remaining_work, scheduler, searcher
 from dfc_ray.sweep.trial import TrialContext, dfc_trial_id, run_trial
 from dfc_ray.tune_storage import JournalUploader, local_journal, tune_storage
 from dfc_ray.yamlio import parse_yaml
+
+
+RUN_ID_LENGTH = MAX_NAME_LENGTH + 9
+"""A run id's longest: the spec's name, '-' and 8 hex digits."""
 
 
 def start_pools(spec: SweepSpec, run_id: str) -> list:
@@ -56,8 +61,8 @@ def start_pools(spec: SweepSpec, run_id: str) -> list:
     cpus = spec.resources.evaluator_cpu
     replicas = spec.resources.evaluators
     custom = tuple(custom_requests(spec).get("judge", {}).items())
-    configs = [PoolConfig(check_name(f"{run_id}-{role}", "judge pool name"), replicas=replicas, num_cpus=cpus,
-                          num_gpus=gpus, resources=custom) for role in ("evaluator", "steering")]
+    configs = [PoolConfig(check_name(f"{run_id}-{role}", "judge pool name", RUN_ID_LENGTH + 10), replicas=replicas,
+                          num_cpus=cpus, num_gpus=gpus, resources=custom) for role in ("evaluator", "steering")]
     return [ReplicaPool.create(EvaluatorActor, configs[0], spec.pair, spec.eval),
             ReplicaPool.create(SteeringActor, configs[1], spec.pair, spec.steering)]
 
@@ -112,6 +117,19 @@ def stderr_to_log(run: RunFolder, on: bool):
         if not run.is_local:
             run.write_text(DRIVER_LOG, local.read_bytes())
             shutil.rmtree(local.parent, ignore_errors=True)
+
+
+def check_devices(spec: SweepSpec, gpus: float, where: str) -> None:
+    """Refuse, in one line, a CUDA device the spec names (pair.device for the judges and the harvest,
+    train.device for trials) when the cluster (`where`) has no GPU: each trial would fail on torch's
+    RuntimeError, each judge replica die in a traceback."""
+    named = [("pair.device", spec.pair.device)] + \
+        [("train.device", device) for device in dict.fromkeys(settings.get("device", "auto")
+                                                             for _, settings in spec.corner_trials())]
+    for field, device in named:
+        if device.startswith("cuda") and gpus <= 0:
+            raise ValueError(f"{spec.source}: field {field} = {device!r}: {where} has no GPU; expected 'cpu' or "
+                             "'auto' (CUDA where there is one), or a cluster with GPUs")
 
 
 RUN_RECORD = "run.json"
@@ -170,7 +188,7 @@ def spec_changes(before: Any, after: Any, path: str = "") -> list[str]:
 
 
 def _new_record(spec_dump: dict[str, Any]) -> dict[str, Any]:
-    return {"run_id": check_name(f"{spec_dump.get('name')}-{uuid.uuid4().hex[:8]}", "run id"),
+    return {"run_id": check_name(f"{spec_dump.get('name')}-{uuid.uuid4().hex[:8]}", "run id", RUN_ID_LENGTH),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "spec": spec_dump}
 
 
@@ -186,7 +204,7 @@ def _read_record(run: RunFolder, saved: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"{where}: not valid JSON ({err.msg}); expected the run record the sweep writes") from None
     if not isinstance(record, dict) or not isinstance(record.get("spec"), dict):
         raise ValueError(f"{where}: expected an object with run_id and spec, as the sweep writes it")
-    check_name(record.get("run_id"), f"{where}: run_id")
+    check_name(record.get("run_id"), f"{where}: run_id", RUN_ID_LENGTH)
     return record
 
 
@@ -213,6 +231,8 @@ def _open_run(spec: SweepSpec | None, run_uri: str, resume: bool,
         raise ValueError(f"{spec.source}: not the spec of {where} ({saved.get('name')}); "
                          "resume without SPEC, or with the spec the run was started with")
     record = _read_record(run, saved)
+    if run.read_text(RUN_RECORD) is None:  # a run from before run.json: its results say what spec they ran under
+        record = _without_run_record(run, saved, record, accept_spec_changes)
     if changes := spec_changes(record["spec"], saved):
         listed = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
         if not accept_spec_changes:
@@ -225,10 +245,33 @@ def _open_run(spec: SweepSpec | None, run_uri: str, resume: bool,
     return run, parse_spec(saved, where, saved.get("name", "")), record
 
 
+def _without_run_record(run: RunFolder, saved: dict[str, Any], record: dict[str, Any],
+                        accept_spec_changes: bool) -> dict[str, Any]:
+    """A resume of a run folder that has no run.json: its recorded trials must carry the `spec_hash` of spec.yaml
+    as it is now, else spec.yaml may have been edited since they ran and is refused unless
+    `accept_spec_changes` (then the unknown start is recorded as a spec change)."""
+    where = f"{redact(run.uri)}/spec.yaml"
+    current = spec_hash(saved)
+    records = read_results(run)
+    other = [r["trial_id"] for r in records if r.get("spec_hash") != current]
+    if not other:
+        return record
+    why = f"{len(other)} of its {len(records)} recorded trials " + \
+        ("carry no spec hash" if all("spec_hash" not in r for r in records) else "ran under another spec")
+    if not accept_spec_changes:
+        raise ValueError(f"{where}: no {RUN_RECORD} beside it, and {why} (e.g. {other[0]}), so it may have been "
+                         "edited since they ran; expected run.json as the sweep writes it, or pass "
+                         "--accept-spec-changes to resume under spec.yaml as it is")
+    print(f"{where}: resuming without {RUN_RECORD} ({why}); recorded in {RUN_RECORD} and the report")
+    return record | {"spec_changes": [{"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                       "changes": [f"unknown: no {RUN_RECORD}, and {why}"]}]}
+
+
 def _record_run(run: RunFolder, record: dict[str, Any], fresh: bool) -> None:
     """Write run.json (and a fresh run's spec.yaml): once the lease is held, before any other write."""
-    if fresh:
+    if fresh:  # results.jsonl from the start: a report (Ctrl-C before any trial ends) always has its file
         run.write_text("spec.yaml", yaml.safe_dump(record["spec"], sort_keys=False))
+        run.write_text("results.jsonl", "")
     run.write_text(RUN_RECORD, json.dumps(record, indent=1) + "\n")
 
 
@@ -439,6 +482,8 @@ def run_sweep(spec: SweepSpec | None, run_uri: str, *, store_root: str | None = 
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:  # an address where no Ray cluster answers is refused in seconds, before the run folder exists
         check_address(address, source)
+    if spec is not None and not address:  # a local cluster has this machine's devices: refused before any write
+        check_devices(spec, torch.cuda.device_count(), "this machine (a local cluster)")
     run, spec, record = _open_run(spec, run_uri, resume, accept_spec_changes)
     done = read_results(run) if resume else None  # a damaged results.jsonl is refused before any work
     if done is not None:  # before the lease and Ray: a finished run starts nothing
@@ -464,22 +509,43 @@ def run_sweep(spec: SweepSpec | None, run_uri: str, *, store_root: str | None = 
             ray.shutdown()
 
 
+def _largest_node_memory() -> tuple[float, str]:
+    """The most memory Ray offers tasks on one live node of the cluster (its `memory` resource), and how to name
+    it: a trial larger than that fits on no node and would fail there (or wait forever)."""
+    memory = max((node["Resources"].get("memory", 0.0) for node in ray.nodes() if node.get("Alive")), default=0.0)
+    return (memory or float("inf")), "memory Ray offers on the largest node of this cluster"
+
+
+def _interrupted_before_trials(spec: SweepSpec, run: RunFolder, record: dict[str, Any]) -> SweepInterrupted:
+    """Ctrl-C during the harvest or while the judges start: the report (no trial finished in this attempt) is
+    written with every trial still owed as not started, as the CLI's exit 130 line then says."""
+    unfinished = {"running": [], "not_started": remaining_work(spec, read_results(run))[0]}
+    _publish_report(run, {"spec": spec.name, "spec_file": spec.source, "run": redact(run.uri),
+                          "run_id": record["run_id"], "unfinished": unfinished})
+    return SweepInterrupted(run, unfinished)
+
+
 def _run_on_cluster(spec: SweepSpec, run: RunFolder, record: dict[str, Any], store_root: str,
                     done: list[dict[str, Any]] | None, local: bool, evaluate: bool, live: bool,
                     lease: RunLease) -> RunFolder:
     """The sweep once its run folder is checked, its lease held and Ray is up; `done`: a resume's recorded
     trials."""
+    check_devices(spec, ray.cluster_resources().get("GPU", 0), "this Ray cluster")
     if local:  # a cluster we started cannot grow: refuse what would wait forever
         check_fits(spec, evaluate)
     check_placeable(spec, evaluate)  # some node (or node type) must hold each kind of actor
     clock = time.perf_counter()
-    harvests = _harvest(spec, store_root)
-    harvested = next(iter(harvests.values()))  # d_model and models are the pair's, the same in every store
-    reused = all(h.reused for h in harvests.values())
-    seconds = {"harvest": time.perf_counter() - clock}
-    clock = time.perf_counter()
-    pools = start_pools(spec, record["run_id"]) if evaluate else []
-    seconds["start_pools"] = time.perf_counter() - clock
+    try:
+        harvests = _harvest(spec, store_root)
+        harvested = next(iter(harvests.values()))  # d_model and models are the pair's, the same in every store
+        reused = all(h.reused for h in harvests.values())
+        seconds = {"harvest": time.perf_counter() - clock}
+        check_trial_memory(spec, harvested.d_model, *_largest_node_memory())
+        clock = time.perf_counter()
+        pools = start_pools(spec, record["run_id"]) if evaluate else []
+        seconds["start_pools"] = time.perf_counter() - clock
+    except KeyboardInterrupt:  # Ctrl-C before any trial: still a report, and the trials owed named
+        raise _interrupted_before_trials(spec, run, record) from None
     ctx = TrialContext(spec.raw | {"name": spec.name}, spec.source, run.uri,
                        {positions: h.uri for positions, h in harvests.items()}, harvested.d_model,
                        harvested.models, tuple(pool.cfg for pool in pools) or None, pair_fingerprint(spec.pair))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import signal
@@ -34,9 +35,17 @@ INTERRUPTED: set[str] = set()
 """Run URIs whose Tune experiment Ctrl-C (SIGINT) stopped in this process (`ResultsWriter.setup`)."""
 
 
+def spec_hash(spec_dump: dict[str, Any]) -> str:
+    """A short hash of a run's whole spec (the mapping spec.yaml holds), kept in each results.jsonl record as
+    `spec_hash`: what a resume compares spec.yaml with when run.json, the spec's own record, is missing."""
+    return hashlib.sha256(json.dumps(spec_dump, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def read_results(run: RunFolder) -> list[dict[str, Any]]:
-    """The recorded trials; a damaged line is refused with the file and line named."""
+    """The recorded trials; a damaged line, or a trial id recorded twice (two lines would count as two
+    finished grid points), is refused with the file and lines named."""
     records = []
+    first_line: dict[str, int] = {}
     for line_no, line in enumerate((run.read_text("results.jsonl") or "").splitlines(), 1):
         where = f"{redact(run.uri)}/results.jsonl: line {line_no}"
         try:
@@ -52,6 +61,10 @@ def read_results(run: RunFolder) -> list[dict[str, Any]]:
             raise ValueError(f"{where}: expected a trial record (an object with trial_id, config, metrics and "
                              "status, as the sweep writes them; remove that line to re-run the trial)")
         check_name(record["trial_id"], f"{where}: trial_id")  # it names folders (checkpoints, ablation twins)
+        if (earlier := first_line.setdefault(record["trial_id"], line_no)) != line_no:
+            raise ValueError(f"{redact(run.uri)}/results.jsonl: lines {earlier} and {line_no} both record trial "
+                             f"{record['trial_id']!r}; expected each trial once (remove the line that is wrong to "
+                             "re-run its grid point)")
         records.append(record)
     return records
 
@@ -123,7 +136,8 @@ class ResultsWriter(Callback):
         metrics = {k: json.loads(v) if k in STRUCTURED and isinstance(v, str) else v for k, v in metrics.items()
                    if isinstance(v, (int, float, str, bool, list, dict))}
         record = {"trial_id": trial_id, "config": self.config(trial.config), "metrics": metrics,
-                  "status": status} | ({"error": error} if error else {}) | (details or {})
+                  "status": status, "spec_hash": spec_hash(self.spec.raw | {"name": self.spec.name})} | \
+            ({"error": error} if error else {}) | (details or {})
         run.write_text("results.jsonl", "\n".join(lines + [json.dumps(record)]) + "\n")
         self.show(trial, status, metrics)
 

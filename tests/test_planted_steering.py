@@ -24,6 +24,7 @@ from dfc_ray.interventions import generate_steered, last_prompt_residuals, promp
 from dfc_ray.organism import world
 from dfc_ray.config import PlantedPairConfig
 from dfc_ray.organism.planted import build_planted_pair
+from dfc_ray.ranking import NO_SIGNAL
 from dfc_ray.reference import NO_STEERABLE_DIRECTION, cosines, share_of_reference
 from dfc_ray.tooluse import load_tasks, render_prompt
 from test_interventions import fit_dfc
@@ -94,6 +95,23 @@ def test_the_candidate_ranking_picks_the_planted_feature(planted):
     assert metrics["steer_cos_reference"] == target.cos_reference
     assert metrics["steer_reference_label"] in ("", NO_STEERABLE_DIRECTION)
     assert metrics["steer_reference_sig"] == int(target.reference.delta_pp.lo > 0)
+
+
+def test_a_tied_ranking_chooses_no_feature_and_steers_nothing(planted, tmp_path):
+    """A-exclusive features that never fire tie at Cohen's d 0 and AUROC ½: the trial reports that no
+    feature separates tool prompts instead of steering feature 0."""
+    is_planted, steerer, _, checkpoint, _ = planted
+    if not is_planted:
+        pytest.skip("one pair is enough: the tie comes from the checkpoint")
+    cc = load_crosscoder(str(checkpoint), "cpu")
+    silent = cc.partition.a_exclusive
+    with torch.no_grad():
+        cc.enc_a.zero_()
+        cc.b_enc[silent] = -1.0
+    cc.save(tmp_path / "silent")
+    result = steerer.steer(str(tmp_path / "silent"), LAYER, replace(CFG, rankings=("cohens_d",)))
+    assert result.skipped == NO_SIGNAL and result.targets == {} and result.ranking == []
+    assert "steer_feature" not in result.metrics()
 
 
 def test_alpha_in_residual_norm_units_is_exact_and_zero_is_a_no_op(planted):

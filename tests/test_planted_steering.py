@@ -161,6 +161,36 @@ def test_the_attribution_puts_the_planted_feature_first(planted):
     assert top.beta_a > 0.5 and abs(top.beta_b) < 0.1  # Latent Scaling: B has none of it
 
 
+def test_the_planted_features_card_shows_the_planted_rows(planted, tmp_path):
+    """Planted truth for feature cards: u is no token direction, so the planted feature's top contexts must
+    be the planted rows (where x_A − x_B = u·c·a_j is largest), each shown with its own token marked."""
+    from dfc_ray.cards import feature_cards, unembedding
+    from dfc_ray.config import CorpusSpec, HarvestConfig
+    from dfc_ray.harvest import harvest
+    from dfc_ray.store import iter_shards
+
+    is_planted, steerer, u, checkpoint, _ = planted
+    if not is_planted:
+        pytest.skip("nothing planted: no planted rows to find")
+    corpus = CorpusSpec(tasks="organism:train", n_tasks=24, plain_text="organism", n_plain=24, max_tokens=256)
+    uri = harvest(HarvestConfig(store=str(tmp_path), layers=(LAYER,), pair=steerer.pair, corpus=corpus,
+                                positions="all_tokens", dtype="float32", batch_size=16), use_ray=False,
+                  progress=False).uri
+    gap = torch.cat([(x[:, 0] - x[:, 1]).norm(dim=-1) for x, _ in iter_shards(uri, LAYER)])
+    planted_rows = set(gap.argsort(descending=True)[:len(gap) // 20].tolist())  # the top 5% of ‖x_A − x_B‖
+    rows_of = {tuple(p): i for i, p in enumerate(p for _, prov in iter_shards(uri, LAYER) for p in prov.tolist())}
+    feature = max((c, f) for f, c in a_exclusive_cosines(checkpoint, u).items())[1]
+    lenses = (unembedding(steerer.model_a), unembedding(steerer.model_b))
+    card, = feature_cards(load_crosscoder(str(checkpoint), "cpu"), uri, LAYER, [feature], "planted",
+                          steerer.tokenizer, lenses)
+    assert card.partition == "a_exclusive" and not card.note and len(card.top_examples) == 8
+    for example in card.top_examples:
+        assert rows_of[(example.record, example.position)] in planted_rows
+        assert example.token_activations[example.marked] == pytest.approx(example.activation)
+    assert card.decoder["beta_a"] > 0.5 and abs(card.decoder["beta_b"]) < 0.1
+    assert card.encoder_split["b"] == 0 and card.logit_lens["b"] == {"top": [], "bottom": []}
+
+
 @pytest.fixture(scope="module")
 def scaled(tmp_path_factory):
     """(steerer, u, DFC checkpoint, dev tasks) of a pair where B writes u through one neuron and A writes it

@@ -4,6 +4,7 @@ results.jsonl whose attribution terms come from that checkpoint, and the run's s
 from __future__ import annotations
 
 import json
+from html.parser import HTMLParser
 
 import numpy as np
 import pytest
@@ -43,7 +44,8 @@ def run(tiny_pair, tmp_path_factory):
     cc = fit_dfc(DFCConfig(d_model=32, dict_size=64, k=4, a_exclusive=0.125, b_exclusive=0.125), x, 150)
     cc.save(checkpoint)
     att = attribute(cc, x, 6)
-    metrics = {"checkpoint": str(checkpoint), "harvest_store": uri, "diff_top": att.top_rows(), "loc_curve_n": 2,
+    metrics = {**att.metrics(), "checkpoint": str(checkpoint), "harvest_store": uri, "diff_top": att.top_rows(),
+               "loc_curve_n": 2,
                "loc_curve_pp": 4.0, "loc_curve_pp_lo": -1.0, "loc_curve_pp_hi": 9.0,
                "steer_feature": att.top[0].feature, "steer_target": "b", "steer_alpha": 0.8, "steer_delta_pp": 5.0,
                "steer_delta_pp_lo": 1.0, "steer_delta_pp_hi": 9.0}
@@ -124,3 +126,37 @@ def test_features_command_prints_cards_and_writes_the_contract(run, capsys):
     assert cards[0]["causal"]["steering"]["delta_pp"] == 5.0  # the first attribution term was steered
     assert cli.main(["features", str(folder), "--trial", "nope", "--feature", "1"]) == 2
     assert "--trial nope: not a finished trial" in capsys.readouterr().err
+
+
+class Page(HTMLParser):
+    """The ids, in-page links and external references of an HTML page."""
+
+    def __init__(self):
+        super().__init__()
+        self.ids, self.links, self.external = set(), [], []
+
+    def handle_starttag(self, tag, attrs):
+        for name, value in attrs:
+            if name == "id":
+                self.ids.add(value)
+            if name == "href" and value.startswith("#"):
+                self.links.append(value[1:])
+            if name in ("href", "src") and not value.startswith(("#", "data:")):
+                self.external.append(value)
+
+
+def test_report_html_is_self_contained_and_links_every_named_feature_to_its_card(run):
+    from dfc_ray.report import write_report
+    from dfc_ray.report.html import card_anchor
+
+    folder, _, _ = run
+    report = write_report(folder)
+    page = Page()
+    page.feed((folder / "report.html").read_text())
+    cards = json.loads((folder / CARDS).read_text())
+    named = [c for c in cards if c["feature"] != REFERENCE]
+    # the largest terms and the curve's top 2 (loc_curve_n) of the one trial, the steered one among them
+    assert {c["feature"] for c in named} == {t["feature"] for t in report["largest_terms"]}
+    assert all(card_anchor(c["trial"], c["feature"]) in page.ids for c in named) and "reference-1" in page.ids
+    assert set(page.links) <= page.ids and page.external == []
+    assert {card_anchor("trial_0", t["feature"]) for t in report["largest_terms"]} <= set(page.links)

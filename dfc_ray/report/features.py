@@ -80,6 +80,20 @@ def run_cards(run_dir: str | Path, trials: Sequence[TrialResult], selection: dic
     return cards + list(references.values())
 
 
+def report_cards(run_dir: str | Path, report: dict[str, Any], trials: Sequence[TrialResult],
+                 cfg: CardConfig | None = None) -> tuple[list[Card], str]:
+    """The cards of the features `report` names, and a one-line note when there are none (nothing named, or
+    the run's checkpoints, stores or pair cannot be read: the report is still written)."""
+    ok = [t for t in trials if t.ok]
+    selection = named_features(report, ok)
+    if not selection:
+        return [], "No feature is named: no trial attributed the difference or steered a feature."
+    try:
+        return run_cards(run_dir, ok, selection, cfg), ""
+    except (FileNotFoundError, ValueError) as err:
+        return [], f"No cards: {err}"
+
+
 def write_cards(out_dir: str | Path, cards: Sequence[Card]) -> Path:
     """`feature_cards.json` (the contract in docs/report.md) in `out_dir`."""
     path = Path(out_dir) / CARDS

@@ -1,6 +1,6 @@
 """Feature cards: what a named feature is, read from the rows it fires on, its decoder and its causal record.
 
-A card (DESIGN.md "Reading a feature") holds a feature's identity, its decoder geometry (‖d_A‖, ‖d_B‖, the
+A card (docs/report.md) holds a feature's identity, its decoder geometry (‖d_A‖, ‖d_B‖, the
 relative norm, cos(d_A, d_B), cos(d_A − d_B, v), Latent Scaling β_A/β_B), its activation statistics over a
 NAMED row set (frequency, a histogram, an always-on flag, the encoder's pre-activation split into
 W_enc^A·x_A and W_enc^B·x_B: which model's residual drives it), its top-activating contexts (the N highest
@@ -312,7 +312,7 @@ def reference_card(uri: str, layer: int, tokenizer, lenses: Lenses, cfg: CardCon
     lens["b"], lens["diff"] = lens_tokens(lenses[1](v), tokenizer, cfg.lens_tokens), lens["a"]
     frequency = len(positive) / max(n, 1)
     return Card(trial="", layer=layer, feature=REFERENCE, partition="reference", row_set=row_set_name(uri, layer, n),
-                n_rows=n, frequency=frequency, always_on=frequency >= cfg.always_on,
+                n_rows=n, frequency=frequency, always_on=False,  # a direction, not a feature: never "always on"
                 histogram=_histogram(projection[positive], cfg.bins), encoder_split={},
                 decoder={"norm": float(v.norm())}, top_examples=top, quantile_examples=sampled, logit_lens=lens,
                 note="" if ok else f"this store keeps no record or token position per row: {store.REHARVEST}")

@@ -19,8 +19,8 @@ from dfc_ray.interventions import last_prompt_residuals
 
 
 NO_SIGNAL = "no feature separates tool prompts"
-"""What a trial reports instead of a feature when every candidate's ranking statistic ties (DESIGN.md
-"Reading a feature"): a tie broken by index is no choice."""
+"""What a trial reports instead of a feature when every candidate's ranking statistic ties
+(docs/evaluation.md): a tie broken by index is no choice."""
 
 
 def has_signal(keys: Sequence[Hashable], null: Hashable) -> bool:

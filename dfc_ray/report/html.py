@@ -79,8 +79,8 @@ def _card_view(card: Card) -> dict[str, Any]:
     for kind in ("top_examples", "quantile_examples"):
         for example in data[kind]:
             peak = max([a for a in example["token_activations"] if a] + [example["activation"]])
-            example["spans"] = [{"text": t, "shade": _shade(a, peak), "marked": i == example["marked"],
-                                 "title": "no row" if a is None else f"{a:.3g}"}
+            example["spans"] = [{"text": t.replace("\n", "⏎"), "shade": _shade(a, peak),
+                                 "marked": i == example["marked"], "title": "no row" if a is None else f"{a:.3g}"}
                                 for i, (t, a) in enumerate(zip(example["tokens"], example["token_activations"]))]
     counts = card.histogram.get("counts") or []
     top = max(counts, default=0)

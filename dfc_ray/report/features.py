@@ -90,8 +90,8 @@ def report_cards(run_dir: str | Path, report: dict[str, Any], trials: Sequence[T
         return [], "No feature is named: no trial attributed the difference or steered a feature."
     try:
         return run_cards(run_dir, ok, selection, cfg), ""
-    except (FileNotFoundError, ValueError) as err:
-        return [], f"No cards: {err}"
+    except Exception as err:  # an aid to reading the report: never fail a finished sweep's report over it
+        return [], f"No cards: {type(err).__name__}: {err}"
 
 
 def write_cards(out_dir: str | Path, cards: Sequence[Card]) -> Path:

@@ -22,6 +22,8 @@ def named_features(report: dict[str, Any], trials: Sequence[TrialResult]) -> dic
     named: dict[str, list[int]] = {}
 
     def name(trial: str, feature: Any) -> None:
+        if isinstance(feature, float) and feature.is_integer():  # a metric that went through JSON as a float
+            feature = int(feature)
         if isinstance(feature, int) and trial in by_id and feature not in named.setdefault(trial, []):
             named[trial].append(feature)
 

@@ -43,7 +43,7 @@ from dfc_ray.generation import Generation
 from dfc_ray.interventions import (PairEdit, feature_direction, generate_edited, generate_steered, opening_logprobs,
                                    patch_edit, steering_vector)
 from dfc_ray.pair import PairSpec
-from dfc_ray.ranking import FeatureStats, encode_pairs, rank_features
+from dfc_ray.ranking import NO_SIGNAL, FeatureStats, encode_pairs, has_signal, rank_features, separates
 from dfc_ray.reference import NO_STEERABLE_DIRECTION, cosines, mean_norm, scale_to_norm, share_of_reference
 from dfc_ray.tooluse import Task, get_dialect
 from dfc_ray.tooluse.tasks import dev_test_tasks
@@ -385,16 +385,17 @@ class Steerer(PairReplica):
     def candidates(self, cc, ranking: list[FeatureStats], v: torch.Tensor, target: str, layer: int,
                    dev: list[Task], scales: dict[int, float],
                    cfg: SteerConfig) -> tuple[dict[str, list[int]], dict[int, float]]:
-        """Each configured ranking's top_n features, and the tool_logprob gains of the best-scoring ones."""
+        """Each configured ranking's top_n features, and the tool_logprob gains of the best-scoring ones. A
+        ranking whose statistic ties across its candidates picks none (ranking.has_signal)."""
         picks: dict[str, list[int]] = {}
         gains: dict[int, float] = {}
         if "cohens_d" in cfg.rankings:
-            picks["cohens_d"] = [s.feature for s in ranking[:cfg.top_n]]
+            picks["cohens_d"] = [s.feature for s in ranking[:cfg.top_n]] if separates(ranking) else []
         if "cos_reference" in cfg.rankings:
             features = [s.feature for s in ranking]
             cos = cosines(torch.stack([feature_direction(cc, f, "a") for f in features]), v).abs().tolist()
             order = sorted(range(len(features)), key=lambda i: (-cos[i], features[i]))
-            picks["cos_reference"] = [features[i] for i in order[:cfg.top_n]]
+            picks["cos_reference"] = [features[i] for i in order[:cfg.top_n]] if has_signal(cos, 0.0) else []
         if "tool_logprob" in cfg.rankings:
             pool = [s.feature for s in ranking[:cfg.effect_pool]]
             opening = cfg.tool_token or get_dialect(self.dialect).logprob_text
@@ -411,8 +412,9 @@ class Steerer(PairReplica):
                                     cfg.batch_size).mean(1)
             gain = {f: 0.0 for f in pool} | {f: float(logp[i + 1] - logp[0]) for i, f in enumerate(moving)}
             best = sorted(pool, key=lambda f: (-gain[f], f))
-            picks["tool_logprob"] = best[:cfg.top_n]
-            gains = {f: gain[f] for f in best[:10]}
+            signal = has_signal([gain[f] for f in pool], 0.0)
+            picks["tool_logprob"] = best[:cfg.top_n] if signal else []
+            gains = {f: gain[f] for f in best[:10]} if signal else {}
         return picks, gains
 
     def reference(self, target: str, layer: int, dev: list[Task], test: list[Task], cfg: SteerConfig) -> ReferenceSteer:
@@ -466,7 +468,7 @@ class Steerer(PairReplica):
             return result
         dev, test = self._tasks(cfg)
         ranking = self.rank(cc, layer, dev, cfg)
-        result.ranking = ranking[:20]
+        result.ranking = ranking[:20] if separates(ranking) else []  # a tie broken by index ranks nothing
         v = self.reference_direction(self.tool_prompts(dev, cfg), layer, cfg.batch_size)
         boot = dict(n_boot=cfg.n_bootstrap, seed=cfg.seed)
         clean_gap = abs(np.mean(self.correct("a", dev, cfg)) - np.mean(self.correct("b", dev, cfg)))
@@ -480,6 +482,9 @@ class Steerer(PairReplica):
 
             picks, gains = self.candidates(cc, ranking, v, target, layer, dev, scale, cfg)
             union = list(dict.fromkeys(f for r in cfg.rankings for f in picks[r]))
+            if not union:  # every ranking tied: no chosen feature, nothing steered on it
+                result.skipped, result.targets = NO_SIGNAL, {}
+                return result
             dev_clean = float(np.mean(self.correct(target, dev, cfg)))
             grid = [GridCell(f, a, float(np.mean(self.correct(target, dev, cfg, layer, vector([f], a)))))
                     for f in union for a in cfg.alphas]

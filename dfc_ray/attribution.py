@@ -144,16 +144,32 @@ def fewest_for(contributions: Tensor, share: float) -> int:
     return int((running < share * total).sum()) + 1
 
 
+def scaling_sums(codes: Tensor, targets: Tensor, directions: Tensor) -> tuple[Tensor, Tensor]:
+    """Latent Scaling's sums over rows, (Σ_i f_i⟨d, y_i^m⟩ (n_features, 2), Σ_i f_i²·‖d‖² (n_features, 1)),
+    float64: added over blocks of rows, they give `latent_scaling` of all of them (a streaming pass)."""
+    codes, targets, directions = codes.double(), targets.double(), directions.double()
+    projected = torch.einsum("nmd,fd->nfm", targets, directions)  # ⟨d_f, y_i^m⟩
+    return (codes[..., None] * projected).sum(0), (codes.pow(2).sum(0) * directions.pow(2).sum(1))[:, None]
+
+
+def scaling_ratio(numerator: Tensor, denominator: Tensor) -> Tensor:
+    """β from `scaling_sums` (summed over any blocks); 0 for a feature that never fires or has no direction."""
+    return torch.where(denominator > 0, numerator / denominator.clamp_min(1e-300), torch.zeros_like(numerator)).float()
+
+
 def latent_scaling(codes: Tensor, targets: Tensor, directions: Tensor) -> Tensor:
     """β (n_features, 2): per feature, argmin_β Σ_i ‖targets_i^m − β·codes_i·d‖² for each model m.
 
     codes (n, n_features), targets (n, 2, d_model), directions (n_features, d_model); 0 for a feature that
     never fires or has no direction."""
-    codes, targets, directions = codes.double(), targets.double(), directions.double()
-    projected = torch.einsum("nmd,fd->nfm", targets, directions)  # ⟨d_f, y_i^m⟩
-    numerator = (codes[..., None] * projected).sum(0)
-    denominator = (codes.pow(2).sum(0) * directions.pow(2).sum(1))[:, None]
-    return torch.where(denominator > 0, numerator / denominator.clamp_min(1e-300), torch.zeros_like(numerator)).float()
+    return scaling_ratio(*scaling_sums(codes, targets, directions))
+
+
+def stronger_rows(cc: DedicatedFeatureCrosscoder, features: Sequence[int]) -> Tensor:
+    """Each feature's stronger raw decoder row (n_features, d_model): the one direction Latent Scaling fits
+    for both models."""
+    raw = cc.raw_decoder().detach().float().cpu()[list(features)]  # (n, 2, d)
+    return raw[torch.arange(len(raw)), raw.norm(dim=2).argmax(1)]
 
 
 def _cos(a: Tensor, b: Tensor) -> float:
@@ -184,9 +200,7 @@ def attribute(cc: DedicatedFeatureCrosscoder, x: Tensor, top: int = 10) -> Attri
               for p in PARTITIONS}
     names = partition_names(cc)
     order = [j for j in c.argsort(descending=True).tolist()[:top] if c[j] > 0]
-    raw = cc.raw_decoder().detach().float().cpu()[order]  # (top, 2, d)
-    own = raw[torch.arange(len(order)), raw.norm(dim=2).argmax(1)]  # each feature's stronger row
-    betas = latent_scaling(codes[:, order], x - bias, own)
+    betas = latent_scaling(codes[:, order], x - bias, stronger_rows(cc, order))
     terms = [FeatureTerm(feature=j, partition=names[j], contribution=float(c[j]),
                          share=float(c[j]) / features if features > 0 else 0.0, mean_activation=float(mean_f[j]),
                          fires=float((codes[:, j] > 0).float().mean()), cos_reference=_cos(directions[j], v),

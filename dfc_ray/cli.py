@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "dfc_ray.commands.spaces",
     "dfc_ray.commands.sweep",
     "dfc_ray.commands.report",
+    "dfc_ray.commands.features",
     "dfc_ray.commands.seed",
     "dfc_ray.commands.doctor",
 ]

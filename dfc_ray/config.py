@@ -463,6 +463,32 @@ class PlantedConfig(Config):
     """Seed for the directions and means; rows come from a separate per-call seed."""
 
 
+@dataclass
+class CardConfig(Config):
+    """What a feature card (dfc_ray/cards.py) shows and over how many rows its statistics run."""
+
+    top: int = at_least(8, 1)
+    """Highest-activating rows shown per feature."""
+    quantiles: tuple[float, ...] = (0.25, 0.5, 0.75)
+    """Activation quantiles (of the rows where the feature fires) each contributing one sampled example:
+    what the feature does when it is not at its strongest."""
+    context: int = at_least(12, 0)
+    """Tokens shown before an example's token (and a quarter as many after it)."""
+    rows: int = at_least(0, 0)
+    """Rows of the layer's store (in harvest order) the statistics run over; 0 = all of them."""
+    always_on: float = within(0.9, "(0, 1]")
+    """A feature firing on at least this share of the row set is flagged always-on (a bias-like feature,
+    not a concept)."""
+    bins: int = at_least(24, 2)
+    """Bins of the activation histogram (rows where the feature fires)."""
+    lens_tokens: int = at_least(8, 1)
+    """Tokens listed at each end of each logit lens."""
+
+    def _check(self) -> None:
+        if any(not 0 < q < 1 for q in self.quantiles):
+            raise self.invalid("quantiles", "fractions in (0, 1)")
+
+
 # ---------------------------------------------------------------- the pair and the harvest
 
 ORGANISM = "organism"

@@ -68,6 +68,9 @@ class Record:
     prompt_ids: list[int]
     response_ids: list[int] = field(default_factory=list)
     is_tool_prompt: bool = False
+    index: int = -1
+    """Its place in the harvest's corpus (`store.write_corpus`), the record a row's provenance names; −1 for
+    records made outside a harvest."""
 
 
 @dataclass
@@ -291,6 +294,11 @@ class PairActivations:
     def rows(self, records: list[Record]) -> dict[int, torch.Tensor]:
         """Layer → `(rows, 2, d_model)` tensor on the pair's device, in its dtype, for one group (one padded
         batch); `ShardWriter.append` casts and copies it."""
+        return self.rows_and_provenance(records)[0]
+
+    def rows_and_provenance(self, records: list[Record]) -> tuple[dict[int, torch.Tensor], np.ndarray]:
+        """`rows`, and each row's [record index, token position] `(rows, 2)` (the position counts from the
+        record's first token, prompt then response), which the store keeps beside the rows."""
         if self.cfg.corpus.with_responses:
             records = self.with_responses(records)
         ids, mask = left_pad(records, self.tokenizer.pad_token_id)
@@ -301,7 +309,11 @@ class PairActivations:
             if self.cfg.positions in SINK_POSITIONS else None
         rows, cols = select_positions(records, ids.shape[1], self.cfg.positions, norms, self.cfg.sink_factor)
         rows, cols = rows.to(self.device), cols.to(self.device)
-        return {layer: torch.stack([acts[m][layer][rows, cols] for m in (0, 1)], dim=1) for layer in self.cfg.layers}
+        first = ids.shape[1] - mask.sum(1)  # left padding: each record starts after its pad columns
+        provenance = torch.stack([torch.tensor([r.index for r in records], device=self.device)[rows],
+                                  cols - first[rows]], dim=1).cpu().numpy()
+        return {layer: torch.stack([acts[m][layer][rows, cols] for m in (0, 1)], dim=1)
+                for layer in self.cfg.layers}, provenance
 
     def run_part(self, uri: str, part: int, groups: list[list[Record]], node: str = "",
                  on_group: Callable[[], None] | None = None) -> dict[str, list]:
@@ -317,12 +329,12 @@ class PairActivations:
             writer.skip(before)
         for group in groups[start:]:
             with torch_threads(self.cfg.cpu_threads):
-                rows = self.rows(group)
+                rows, provenance = self.rows_and_provenance(group)
             progress["group_rows"].append(len(next(iter(rows.values()))))
             progress["group_nodes"].append(node)
             _write_json(uri, _part_progress(part), progress)  # before the rows can reach a recorded shard
             for layer, writer in writers.items():
-                writer.append(rows[layer])
+                writer.append(rows[layer], provenance)
             if on_group is not None:
                 on_group()
         for writer in writers.values():
@@ -531,6 +543,9 @@ def harvest(cfg: HarvestConfig, *, use_ray: bool = True, progress: bool = True) 
     if len(manifests) == len(cfg.layers):
         return HarvestResult(uri, cfg.layers, manifests[cfg.layers[0]].total_rows, True, d_model, models)
 
+    for index, record in enumerate(records):  # what each row's provenance names
+        record.index = index
+    store.write_corpus(uri, [r.prompt_ids for r in records])
     groups = _groups(records, cfg.batch_size)
     previous = _read_json(uri, PROGRESS) or {}
     parts = [tuple(p) for p in previous["parts"]] if "parts" in previous else \

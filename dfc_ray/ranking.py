@@ -9,13 +9,25 @@ and AUROC of its activation, positives vs negatives, plus the firing statistics 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Hashable, Sequence
 
 import torch
 from torch import Tensor
 
 from dfc_ray.crosscoder import DedicatedFeatureCrosscoder
 from dfc_ray.interventions import last_prompt_residuals
+
+
+NO_SIGNAL = "no feature separates tool prompts"
+"""What a trial reports instead of a feature when every candidate's ranking statistic ties
+(docs/evaluation.md): a tie broken by index is no choice."""
+
+
+def has_signal(keys: Sequence[Hashable], null: Hashable) -> bool:
+    """Whether a ranking's statistics (one key per candidate) tell candidates apart: an all-tied ranking
+    (Cohen's d 0 and AUROC 0.5 for every never-firing feature, equal log-prob gains) has no winner; a
+    lone candidate has one unless its key is the statistic's `null` (no effect)."""
+    return len(set(keys)) > 1 or (len(keys) == 1 and keys[0] != null)
 
 
 @dataclass
@@ -99,3 +111,8 @@ def rank_features(pos: Tensor, neg: Tensor, features: Sequence[int] | Tensor) ->
                           float(fires[:, i].float().mean()), float((n[:, i] > 0).float().mean()), float(typical[i]))
              for i, f in enumerate(feats.tolist())]
     return sorted(stats, key=lambda s: (-s.cohens_d, -s.auroc, s.feature))
+
+
+def separates(ranking: Sequence[FeatureStats]) -> bool:
+    """Whether the Cohen's d ranking has a winner (see `has_signal`)."""
+    return has_signal([(s.cohens_d, s.auroc) for s in ranking], (0.0, 0.5))

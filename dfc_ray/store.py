@@ -6,6 +6,8 @@ Layout under a store URI (one harvest, many layers):
     <uri>/layer_013/manifest.json              what is stored; the ONLY source of truth
     <uri>/layer_013/shard-00000.parquet        complete shards, each recorded once written
     <uri>/layer_013/norm-00012.safetensors     streaming normalization statistics of the recorded rows
+    <uri>/layer_013/rows-00000.safetensors     each row's provenance (record index, token position)
+    <uri>/corpus.safetensors                   the harvest's token ids, once for every layer
 
 A file is part of the store only once the manifest names it: a crashed writer's leftovers are never
 read, and a re-opened writer skips the rows its recorded shards already hold (resumable, idempotent).
@@ -40,6 +42,11 @@ MANIFEST = "manifest.json"
 STORAGE_DTYPES = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}
 FORMATS = ("parquet", "safetensors")  # also the shard files' extensions
 _STATS_BLOCK_ROWS = 4096  # rows per float64 block when fitting statistics (bounds the temporary)
+CORPUS = "corpus.safetensors"
+"""The harvest's token ids at the store URI's root (`write_corpus`): what a row's provenance points into."""
+REHARVEST = ("harvest again into a new store URI (or delete this one) to record each row's record and "
+             "token position")
+"""How a reader of a store without provenance gets one (the store predates provenance)."""
 
 
 @dataclass(frozen=True)
@@ -86,7 +93,8 @@ class Manifest:
     spec: StoreSpec
     """Settings every shard was written with."""
     shards: list[dict] = field(default_factory=list)
-    """One `{"file", "rows", "bytes", "crc32"}` per complete shard, in write order."""
+    """One `{"file", "rows", "bytes", "crc32"}` per complete shard, in write order, plus `"provenance"`
+    (its rows' sidecar file, `write_provenance`) when every row was appended with one."""
     norm_stats: dict | None = None
     """`{"file", "rows"}` of the normalization-statistics sidecar covering every recorded row."""
     complete: bool = False
@@ -95,6 +103,12 @@ class Manifest:
     @property
     def total_rows(self) -> int:
         return sum(s["rows"] for s in self.shards)
+
+    @property
+    def has_provenance(self) -> bool:
+        """Whether every recorded row knows its record and token position (stores harvested before
+        provenance existed do not)."""
+        return bool(self.shards) and all("provenance" in s for s in self.shards)
 
     def to_json(self) -> str:
         spec = asdict(self.spec)
@@ -322,6 +336,42 @@ def _decode(data: bytes, spec: StoreSpec) -> np.ndarray:
     return acts_to_numpy(table.column("acts"), spec.d_model, spec.dtype)
 
 
+def provenance_bytes(provenance: np.ndarray) -> bytes:
+    """`(n, 2)` [record index, token position] rows → a safetensors sidecar (`record`, `position`, int32)."""
+    return safetensors.numpy.save({"record": np.ascontiguousarray(provenance[:, 0], dtype=np.int32),
+                                   "position": np.ascontiguousarray(provenance[:, 1], dtype=np.int32)})
+
+
+def provenance_of(data: bytes) -> np.ndarray:
+    """A provenance sidecar → `(n, 2)` int64 [record index, token position]."""
+    t = safetensors.numpy.load(data)
+    return np.stack([t["record"], t["position"]], axis=1).astype(np.int64)
+
+
+def write_corpus(uri: str, token_ids: Sequence[Sequence[int]]) -> None:
+    """The harvest's records' token ids, once at the store URI's root (every layer's rows point into it):
+    one flat int32 array and each record's offset."""
+    fs, root = open_fs(uri)
+    lengths = np.array([len(ids) for ids in token_ids], dtype=np.int64)
+    flat = np.fromiter((t for ids in token_ids for t in ids), dtype=np.int32, count=int(lengths.sum()))
+    if isinstance(fs, pafs.LocalFileSystem):
+        fs.create_dir(root, recursive=True)
+    write_file_atomic(fs, root, CORPUS, safetensors.numpy.save(
+        {"token_ids": flat, "offsets": np.concatenate([[0], np.cumsum(lengths)])}))
+
+
+def read_corpus(uri: str) -> list[np.ndarray] | None:
+    """Each record's token ids (`write_corpus`); None for a harvest that did not keep them."""
+    fs, root = open_fs(uri)
+    try:
+        with fs.open_input_stream(f"{root}/{CORPUS}") as f:
+            t = safetensors.numpy.load(f.read())
+    except FileNotFoundError:
+        return None
+    offsets = t["offsets"]
+    return [t["token_ids"][offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
+
+
 SAFETENSORS_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
 """A safetensors header's dtype → the store's dtype name."""
 
@@ -395,6 +445,8 @@ class ShardWriter:
                       if self.manifest.norm_stats else NormStats.empty(spec.d_model))
         self._skip = self.manifest.total_rows
         self._buffer: np.ndarray | None = None  # the shard being filled, in the storage dtype
+        self._provenance = np.empty((spec.shard_rows, 2), np.int64)  # its rows' [record, position]
+        self._traced = True  # every row of the shard being filled came with its provenance
         self._filled = 0
         self._buffer_stats = NormStats.empty(spec.d_model)  # of the rows in the buffer
 
@@ -409,10 +461,15 @@ class ShardWriter:
             raise ValueError(f"ShardWriter.skip({n}): only {self._skip} recorded rows are left to skip")
         self._skip -= n
 
-    def append(self, block: np.ndarray | torch.Tensor) -> None:
+    def append(self, block: np.ndarray | torch.Tensor, provenance: np.ndarray | None = None) -> None:
+        """Append `(n, 2, d_model)` rows; `provenance` `(n, 2)` gives each row's [record index, token
+        position] (a shard records it only when all its rows came with one)."""
         shape = tuple(block.shape)
         if len(shape) != 3 or shape[1:] != (2, self.spec.d_model):
             raise ValueError(f"ShardWriter.append: block shape {shape}, expected (n, 2, {self.spec.d_model})")
+        if provenance is not None and tuple(provenance.shape) != (shape[0], 2):
+            raise ValueError(f"ShardWriter.append: provenance shape {tuple(provenance.shape)}, "
+                             f"expected ({shape[0]}, 2)")
         skipped = min(self._skip, shape[0])
         self._skip -= skipped
         if skipped == shape[0]:
@@ -430,6 +487,11 @@ class ShardWriter:
             self._buffer_stats = self._buffer_stats.merge(
                 NormStats.of_tensor(_stored_values(piece, self.spec.dtype)))
             host[self._filled:self._filled + len(piece)].copy_(piece)  # the one device-to-host copy
+            if provenance is None:
+                self._traced = False
+            else:
+                first = skipped + start
+                self._provenance[self._filled:self._filled + len(piece)] = provenance[first:first + len(piece)]
             self._filled += len(piece)
             start += len(piece)
             if self._filled == self.spec.shard_rows:
@@ -469,6 +531,10 @@ class ShardWriter:
         stats_file = f"{self.prefix}norm-{index + 1:05d}.safetensors"
         self.layer.write_atomic(stats_file, self.stats.to_bytes())
         record = {"file": file, "rows": len(shard), "bytes": len(data), "crc32": f"{zlib.crc32(data):08x}"}
+        if self._traced:
+            record["provenance"] = f"{self.prefix}rows-{index:05d}.safetensors"
+            self.layer.write_atomic(record["provenance"], provenance_bytes(self._provenance[:len(shard)]))
+        self._traced = True
         self.manifest.shards.append(record if self.part is None else record | {"part": self.part})
         self.manifest.norm_stats = {"file": stats_file, "rows": self.stats.count}
         self._write_manifest(previous_stats=previous)
@@ -760,6 +826,17 @@ def _layer_batches(uri: str, manifest: Manifest, batch_size: int, shuffle: bool,
     for _ in range(epochs):
         for rows in _batches(epoch_rows(), batch_size, drop_last):
             yield to_tensor(rows, spec.dtype)
+
+
+def iter_shards(uri: str, layer: int) -> Iterator[tuple[torch.Tensor, np.ndarray | None]]:
+    """A validated layer shard by shard, in manifest order (the order rows were harvested): `(rows, 2,
+    d_model)` float32 and each row's [record index, token position] (None for a store without provenance,
+    `Manifest.has_provenance`). Feature cards stream a layer through it once."""
+    manifest = validate_store(uri, layer)
+    where, spec = _Layer.at(uri, layer), manifest.spec
+    for shard in manifest.shards:
+        rows = to_tensor(_decode(where.read(shard["file"]), spec), spec.dtype)
+        yield rows, provenance_of(where.read(shard["provenance"])) if "provenance" in shard else None
 
 
 def layer_dataset(uri: str, layer: int, *, shuffle: bool = True, seed: int | None = None,

@@ -152,6 +152,26 @@ def test_harvest_writes_a_valid_store_and_is_reused(tiny_pair, tmp_path):
     assert again.reused and again.uri == result.uri
     other = harvest(replace(cfg, positions="all_tokens"), use_ray=False, progress=False)
     assert other.uri != result.uri and other.rows > 10 * result.rows
+    corpus = store.read_corpus(result.uri)
+    provenance = np.concatenate([p for _, p in store.iter_shards(result.uri, 1)])
+    assert provenance[:, 0].tolist() == list(range(48))  # one row per record, at its last prompt token
+    assert provenance[:, 1].tolist() == [len(ids) - 1 for ids in corpus]
+
+
+def test_every_row_names_its_record_and_token(tiny_pair, tmp_path):
+    """Provenance under all_tokens: a row equals its record's activation, run alone, at the recorded position."""
+    cfg = small_config(tiny_pair, tmp_path, positions="all_tokens", layers=(1,))
+    result = harvest(cfg, use_ray=False, progress=False)
+    corpus = store.read_corpus(result.uri)
+    x, provenance = (np.concatenate(parts) for parts in zip(*((r.numpy(), p) for r, p in
+                                                              store.iter_shards(result.uri, 1))))
+    assert store.read_manifest(result.uri, 1).has_provenance and len(corpus) == 48
+    extractor = PairActivations(cfg)
+    for i in np.random.default_rng(0).choice(len(x), 5, replace=False):
+        record, position = provenance[i]
+        ids = torch.tensor([corpus[record].tolist()])
+        alone = residual_after_blocks(extractor.model_b, ids, torch.ones_like(ids), [1])[1][0, position]
+        np.testing.assert_allclose(x[i, 1], alone.numpy(), rtol=1e-4, atol=1e-5)
 
 
 def test_prompt_and_response_appends_a_reply(tiny_pair, tmp_path):

@@ -17,7 +17,7 @@ from dfc_ray.interventions import (add_hook, clamp_edit, feature_direction, open
                                    generate_spliced, generate_steered, last_prompt_residuals, prefill_edit_hook,
                                    prompt_activations, splice_edit, steering_vector)
 from dfc_ray.pair import PairSpec, load_pair
-from dfc_ray.ranking import auroc, cohens_d, rank_features
+from dfc_ray.ranking import auroc, cohens_d, has_signal, rank_features, separates
 
 LAYER = 1
 
@@ -257,6 +257,16 @@ def test_ranking_statistics_match_brute_force():
     assert stats[0].typical == pytest.approx(float(pos[:, 0][pos[:, 0] > 0].mean()), rel=1e-5)
     with pytest.raises(ValueError, match="at least 2"):
         rank_features(pos[:1], neg, [0])
+
+
+def test_a_ranking_whose_statistic_ties_has_no_winner():
+    never = torch.zeros(30, 4)  # four features that never fire: d 0, AUROC ½ each, a tie broken only by index
+    assert not separates(rank_features(never, torch.zeros(40, 4), range(4)))
+    gen = torch.Generator().manual_seed(1)
+    pos, neg = torch.relu(torch.randn(30, 4, generator=gen) + 1), torch.relu(torch.randn(40, 4, generator=gen))
+    assert separates(rank_features(pos, neg, range(4)))
+    assert not has_signal([0.3, 0.3, 0.3], 0.0) and has_signal([0.3, 0.2], 0.0)
+    assert has_signal([0.3], 0.0) and not has_signal([0.0], 0.0)  # a lone candidate: signal unless it is null
 
 
 def test_bootstrap_intervals():

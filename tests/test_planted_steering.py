@@ -24,6 +24,7 @@ from dfc_ray.interventions import generate_steered, last_prompt_residuals, promp
 from dfc_ray.organism import world
 from dfc_ray.config import PlantedPairConfig
 from dfc_ray.organism.planted import build_planted_pair
+from dfc_ray.ranking import NO_SIGNAL
 from dfc_ray.reference import NO_STEERABLE_DIRECTION, cosines, share_of_reference
 from dfc_ray.tooluse import load_tasks, render_prompt
 from test_interventions import fit_dfc
@@ -96,6 +97,23 @@ def test_the_candidate_ranking_picks_the_planted_feature(planted):
     assert metrics["steer_reference_sig"] == int(target.reference.delta_pp.lo > 0)
 
 
+def test_a_tied_ranking_chooses_no_feature_and_steers_nothing(planted, tmp_path):
+    """A-exclusive features that never fire tie at Cohen's d 0 and AUROC ½: the trial reports that no
+    feature separates tool prompts instead of steering feature 0."""
+    is_planted, steerer, _, checkpoint, _ = planted
+    if not is_planted:
+        pytest.skip("one pair is enough: the tie comes from the checkpoint")
+    cc = load_crosscoder(str(checkpoint), "cpu")
+    silent = cc.partition.a_exclusive
+    with torch.no_grad():
+        cc.enc_a.zero_()
+        cc.b_enc[silent] = -1.0
+    cc.save(tmp_path / "silent")
+    result = steerer.steer(str(tmp_path / "silent"), LAYER, replace(CFG, rankings=("cohens_d",)))
+    assert result.skipped == NO_SIGNAL and result.targets == {} and result.ranking == []
+    assert "steer_feature" not in result.metrics()
+
+
 def test_alpha_in_residual_norm_units_is_exact_and_zero_is_a_no_op(planted):
     _, steerer, _, checkpoint, dev = planted
     cc = load_crosscoder(str(checkpoint), "cpu")
@@ -141,6 +159,36 @@ def test_the_attribution_puts_the_planted_feature_first(planted):
     assert att.n50 == 1 and top.feature == planted_feature and top.partition == "a_exclusive"
     assert att.shares["a_exclusive"] > 0.5 and abs(top.cos_reference) > 0.9
     assert top.beta_a > 0.5 and abs(top.beta_b) < 0.1  # Latent Scaling: B has none of it
+
+
+def test_the_planted_features_card_shows_the_planted_rows(planted, tmp_path):
+    """Planted truth for feature cards: u is no token direction, so the planted feature's top contexts must
+    be the planted rows (where x_A − x_B = u·c·a_j is largest), each shown with its own token marked."""
+    from dfc_ray.cards import feature_cards, unembedding
+    from dfc_ray.config import CorpusSpec, HarvestConfig
+    from dfc_ray.harvest import harvest
+    from dfc_ray.store import iter_shards
+
+    is_planted, steerer, u, checkpoint, _ = planted
+    if not is_planted:
+        pytest.skip("nothing planted: no planted rows to find")
+    corpus = CorpusSpec(tasks="organism:train", n_tasks=24, plain_text="organism", n_plain=24, max_tokens=256)
+    uri = harvest(HarvestConfig(store=str(tmp_path), layers=(LAYER,), pair=steerer.pair, corpus=corpus,
+                                positions="all_tokens", dtype="float32", batch_size=16), use_ray=False,
+                  progress=False).uri
+    gap = torch.cat([(x[:, 0] - x[:, 1]).norm(dim=-1) for x, _ in iter_shards(uri, LAYER)])
+    planted_rows = set(gap.argsort(descending=True)[:len(gap) // 20].tolist())  # the top 5% of ‖x_A − x_B‖
+    rows_of = {tuple(p): i for i, p in enumerate(p for _, prov in iter_shards(uri, LAYER) for p in prov.tolist())}
+    feature = max((c, f) for f, c in a_exclusive_cosines(checkpoint, u).items())[1]
+    lenses = (unembedding(steerer.model_a), unembedding(steerer.model_b))
+    card, = feature_cards(load_crosscoder(str(checkpoint), "cpu"), uri, LAYER, [feature], "planted",
+                          steerer.tokenizer, lenses)
+    assert card.partition == "a_exclusive" and not card.note and len(card.top_examples) == 8
+    for example in card.top_examples:
+        assert rows_of[(example.record, example.position)] in planted_rows
+        assert example.token_activations[example.marked] == pytest.approx(example.activation)
+    assert card.decoder["beta_a"] > 0.5 and abs(card.decoder["beta_b"]) < 0.1
+    assert card.encoder_split["b"] == 0 and card.logit_lens["b"] == {"top": [], "bottom": []}
 
 
 @pytest.fixture(scope="module")

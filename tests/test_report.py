@@ -178,6 +178,21 @@ def with_reference(rows: list[dict]) -> list[dict]:
     return out
 
 
+def test_a_best_feature_shared_by_several_trials_names_the_tie(tmp_path):
+    """Every trial of a layer at +0.0: no trial is the best one, so the row says how many tie."""
+    rows = with_reference(synthetic_rows())
+    for row in rows:
+        if row["status"] == "ok":
+            row["metrics"] |= {"steer_delta_pp": 0.0, "steer_delta_pp_lo": 0.0, "steer_delta_pp_hi": 0.0}
+    report = write_report(write_results(tmp_path / "run", rows))
+    for r in report["steering_reference"]:
+        assert r["best_trial"]["tied"] == r["n_trials"] > 1
+    section = (tmp_path / "run" / "report.md").read_text().split("## Steering against its reference")[1]
+    section = section.split("\n## ")[0]
+    assert f"+0.0, tied in {report['steering_reference'][0]['n_trials']} trials" in section
+    assert "(trial_" not in section  # no trial named as the winner
+
+
 def test_steering_against_the_reference(tmp_path):
     """Per layer × positions: the reference's CI and verdict, the best trial's feature with its CI, and
     cos / share over trials; the scatter and the reference's α curve are drawn."""

@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from dfc_ray.store import (
-    NormStats, acts_column, acts_to_numpy, ShardWriter, StoreSpec, iter_layer_batches, iter_ray_batches, layer_dataset,
-    load_norm_stats, read_manifest, to_float, validate_store,
+    NormStats, acts_column, acts_to_numpy, ShardWriter, StoreSpec, iter_layer_batches, iter_ray_batches, iter_shards,
+    layer_dataset, load_norm_stats, read_corpus, read_manifest, to_float, validate_store, write_corpus,
 )
 
 D = 8
@@ -230,6 +230,35 @@ def test_dropped_writer_resumes_in_process(tmp_path):
         short.close()
     write(str(tmp_path), x, block=64)
     np.testing.assert_array_equal(read_all(str(tmp_path)), stored(x, "float16"))
+
+
+def test_provenance_rides_beside_unchanged_shards_and_survives_a_resume(tmp_path):
+    """Each row's [record, position] goes to a sidecar per shard; the shard files are byte for byte those of a
+    store without provenance; a writer dropped mid-shard and replayed keeps rows and provenance aligned."""
+    x, prov = rows(160), np.stack([np.arange(160) // 3, np.arange(160) % 3 + 5], axis=1)
+    plain, traced = str(tmp_path / "plain"), str(tmp_path / "traced")
+    write(plain, x)
+    dropped = ShardWriter(traced, spec())
+    dropped.append(x[:100], prov[:100])
+    del dropped  # one shard recorded, 36 rows lost with the writer
+    with ShardWriter(traced, spec()) as w:
+        for i in range(0, 160, 37):
+            w.append(x[i:i + 37], prov[i:i + 37])
+    manifest = read_manifest(traced, 3)
+    assert manifest.has_provenance and not read_manifest(plain, 3).has_provenance
+    for shard in manifest.shards:
+        assert (tmp_path / "traced/layer_003" / shard["file"]).read_bytes() == \
+            (tmp_path / "plain/layer_003" / shard["file"]).read_bytes()
+    got = list(iter_shards(traced, 3))
+    np.testing.assert_array_equal(np.concatenate([p for _, p in got]), prov)
+    np.testing.assert_array_equal(torch.cat([r for r, _ in got]).numpy(), stored(x, "float16"))
+    assert {p is None for _, p in iter_shards(plain, 3)} == {True}
+    with ShardWriter(str(tmp_path / "mixed"), spec()) as w:  # one block without: its shard records none
+        w.append(x[:64], prov[:64])
+        w.append(x[64:100])
+    assert [("provenance" in s) for s in read_manifest(str(tmp_path / "mixed"), 3).shards] == [True, False]
+    write_corpus(traced, [[5, 6, 7], [], [9]])
+    assert [c.tolist() for c in read_corpus(traced)] == [[5, 6, 7], [], [9]] and read_corpus(plain) is None
 
 
 @pytest.fixture

@@ -403,6 +403,7 @@ def _steering_reference(ok: Sequence[TrialResult]) -> list[dict[str, Any]]:
     rows = []
     for trials in groups:
         first, best = trials[0].metrics, min(trials, key=lambda t: descending(t.metrics.get("steer_delta_pp")))
+        tied = sum(t.metrics.get("steer_delta_pp") == best.metrics.get("steer_delta_pp") for t in trials)
         rows.append({
             "layer": trials[0].config.get("layer"),
             **({"positions": trials[0].config.get("positions")} if by_positions else {}),
@@ -412,7 +413,7 @@ def _steering_reference(ok: Sequence[TrialResult]) -> list[dict[str, Any]]:
                 "label": first.get("steer_reference_label") or "",
                 "random_direction": _with_ci(first, "steer_reference_random_direction_pp")},
             "best_trial": {"trial_id": best.trial_id, "feature": best.metrics.get("steer_feature"),
-                           "alpha": best.metrics.get("steer_alpha"),
+                           "alpha": best.metrics.get("steer_alpha"), "tied": tied,
                            **{name.removeprefix("steer_").removesuffix("_pp"): _with_ci(best.metrics, name)
                               for name in STEER_CIS}},
             "cos_reference": summarize(t.metrics.get("steer_cos_reference") for t in trials),

@@ -140,6 +140,16 @@ def _ci_text(effect: dict[str, Any]) -> str:
     return text
 
 
+def _best_text(best: dict[str, Any]) -> str:
+    """The best trial's effect and its (trial, feature, α); a best shared by several trials names the tie
+    instead of a winner ("+0.0, tied in 36 trials")."""
+    tied = best.get("tied") or 1
+    if tied > 1:
+        return f"{fmt('steer_delta_pp', best['delta']['pp'])}, tied in {tied} trials"
+    return (f"{_ci_text(best['delta'])} ({best['trial_id']}, feature {fmt('feature', best['feature'])}, "
+            f"α {fmt('alpha', best['alpha'])})")
+
+
 def _steering_reference_section(report: dict[str, Any]) -> Section | None:
     """The reference direction beside the best feature and the controls, each with its 95% CI."""
     rows = report.get("steering_reference")
@@ -152,8 +162,7 @@ def _steering_reference_section(report: dict[str, Any]) -> Section | None:
         table.append([block_label(r["layer"]), *([str(r["positions"])] if by_positions else []),
                       str(r["target"]).upper(),
                       f"{_ci_text(ref)} at α {fmt('alpha', ref['alpha'])}", ref["label"] or "steerable",
-                      f"{_ci_text(best['delta'])} ({best['trial_id']}, feature {fmt('feature', best['feature'])}, "
-                      f"α {fmt('alpha', best['alpha'])})",
+                      _best_text(best),
                       _ci_text(best["random_feature"]), _ci_text(best["random_direction"]),
                       _ci_text(ref["random_direction"]),
                       fmt_stat("steer_cos_reference", r["cos_reference"]),

@@ -642,8 +642,8 @@ def check_against_pair(spec: SweepSpec) -> list[str]:
     _check_harvest_fills_a_batch(spec)
     if not notes:  # every model and the tokenizer are local: their positions and vocabulary can be read
         try:
+            _check_prompts_fit(spec)  # first: a tokenizer with no chat template at all is refused as such
             _check_dialect(spec)
-            _check_prompts_fit(spec)
         except OSError as err:
             raise SpecError(f"{where}: field pair: {' '.join(str(err).split())}") from None
     return notes

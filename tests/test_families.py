@@ -55,6 +55,8 @@ class Family:
     wrapper: bool = False
     """A multimodal wrapper (Gemma3ForConditionalGeneration) around the causal LM."""
     model_kwargs: dict = field(default_factory=dict)
+    dialect: str = "auto"
+    """pair.dialect: auto where the template names its tool-call marker, else the family's (docs/tooluse.md)."""
 
 
 def _small(**extra) -> dict:
@@ -125,7 +127,7 @@ FAMILIES = [
            generation_eos=("<|eom_id|>", "<|eot_id|>")),
     Family("mistral", _mistral, "mistral", ("<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]",
                                             "[/AVAILABLE_TOOLS]", "[TOOL_CALLS]"),
-           eos="</s>", end_of_turn="</s>", bos="<s>", adds_bos=True),
+           eos="</s>", end_of_turn="</s>", bos="<s>", adds_bos=True, dialect="mistral"),
     Family("gemma2", _gemma2, "gemma2", GEMMA_TOKENS, eos="<eos>", end_of_turn="<end_of_turn>", bos="<bos>",
            adds_bos=True),  # <end_of_turn> from the vocabulary: its generation config names only <eos>
     Family("gemma3_text", _gemma3_text, "gemma3", GEMMA_TOKENS, eos="<eos>", end_of_turn="<end_of_turn>", bos="<bos>",
@@ -134,11 +136,12 @@ FAMILIES = [
            adds_bos=True, generation_eos=("<end_of_turn>",), wrapper=True),
     Family("qwen2", _qwen2, "qwen2", (), eos="<|im_end|>", end_of_turn="<|im_end|>"),
     Family("qwen3", _qwen3, "qwen3", ("<think>", "</think>"), eos="<|im_end|>", end_of_turn="<|im_end|>"),
-    Family("olmo2", _olmo2, "olmo2", (), eos="<|endoftext|>", end_of_turn="<|endoftext|>", bos="<|endoftext|>"),
+    Family("olmo2", _olmo2, "olmo2", (), eos="<|endoftext|>", end_of_turn="<|endoftext|>", bos="<|endoftext|>",
+           dialect="json"),
     Family("phi3", _phi3, "phi3", ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|tool|>", "<|/tool|>",
                                    "<|tool_call|>", "<|/tool_call|>"), eos="<|endoftext|>", end_of_turn="<|end|>"),
     Family("gpt_neox", _gpt_neox, "gpt_neox", ("<|prompter|>", "<|assistant|>"), eos="<|endoftext|>",
-           end_of_turn="<|endoftext|>"),
+           end_of_turn="<|endoftext|>", dialect="json"),
 ]
 BY_NAME = {f.name: f for f in FAMILIES}
 
@@ -182,7 +185,8 @@ def build_family_pair(family: Family, tokenizer_dir: Path, root: Path) -> PairSp
             p.add_(0.05 * p.std().nan_to_num() * torch.randn_like(p))
     model_a.save_pretrained(root / "a")
     model_b.save_pretrained(root / "b")
-    return PairSpec(a=str(root / "a"), b=str(root / "b"), tokenizer=str(root / "tokenizer"), device="cpu")
+    return PairSpec(a=str(root / "a"), b=str(root / "b"), tokenizer=str(root / "tokenizer"), device="cpu",
+                    dialect=family.dialect)
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +216,9 @@ def test_harvest_train_eval_and_steer_run(name, pairs, tmp_path):
                         use_ray=False, progress=False)
     assert harvested.d_model == 32 and harvested.rows > 64
     batches = trial_batches(harvested.uri, LAYER, 32, "local", 0, harvested.d_model, harvested.models)
-    trained = train(DFCConfig(d_model=32, dict_size=64, k=4, a_exclusive=0.125, b_exclusive=0.125),
+    # k 16 of 64 with a quarter A-exclusive: some A-exclusive feature fires on dev prompts after four steps, so the
+    # ranking has a signal and the steering protocol runs (a ranking that ties everywhere steers nothing)
+    trained = train(DFCConfig(d_model=32, dict_size=64, k=16, a_exclusive=0.25, b_exclusive=0.125),
                     TrainConfig(steps=4, warmup_steps=1, norm_rows=64), batches, out_dir=tmp_path / "trained")
     assert trained.status == "ok"
     checkpoint = str(tmp_path / "trained" / "dfc")

@@ -27,7 +27,7 @@ def test_a_two_trial_sweep_finishes_on_a_non_qwen_pair(name, ray_cluster, tmp_pa
         "layers": [LAYER],
         "harvest": {"tasks": "organism:dev", "n_tasks": 8, "plain_text": "organism", "n_plain": 8,
                     "positions": "all_tokens", "batch_size": 8},
-        "crosscoder": {"k": 4, "aux_k": 8, "a_exclusive": 0.1, "b_exclusive": 0.1},
+        "crosscoder": {"k": 16, "aux_k": 8, "a_exclusive": 0.25, "b_exclusive": 0.1},  # A-exclusive features fire
         "train": {"steps": 10, "batch_size": 32, "lr": 1e-3, "warmup_steps": 2, "reader": "local", "norm_rows": 128},
         "grid": {"dict_size": [64, 128]},
         "eval": {"tasks": "organism:test", "n_tasks": 4, "n_texts": 2, "max_new_tokens": 6, "batch_size": 4,
@@ -46,3 +46,4 @@ def test_a_two_trial_sweep_finishes_on_a_non_qwen_pair(name, ray_cluster, tmp_pa
     assert all(r["metrics"]["steer_target"] == "a" for r in results)
     report = json.loads((run / "report.json").read_text())
     assert report["n_trials"] == 2 and report["n_failed"] == 0 and report["headline"]["delta_a_pp"]["n"] == 2
+    assert report["dialect"] == {"llama": "llama3", "gemma2": "pythonic"}[name]  # detected from the template

@@ -237,7 +237,7 @@ def test_lenient_is_the_seed_rule():
     s = score(task, call("search", q="Paris"))
     assert not s.lenient and s.format_ok and not s.name_ok and "called search" in s.reason
     s = score(task, "The weather in Paris is sunny.")
-    assert not s.lenient and not s.format_ok and s.reason == "no <tool_call> block"
+    assert not s.lenient and not s.format_ok and s.reason == "no call in the hermes dialect"
 
 
 def test_format_and_think():

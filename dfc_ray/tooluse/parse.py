@@ -1,4 +1,7 @@
-"""Robust parsing of Qwen2.5-style tool calls out of generated text.
+"""Tool-call records and the parser of the Hermes dialect (Qwen2.5-style ``<tool_call>`` blocks).
+
+The other dialects' parsers and the registry are in ``dialects.py``; they share the records and the JSON
+helpers below.
 
 A reply calls tools with one or more ``<tool_call>`` blocks, each holding JSON::
 
@@ -59,13 +62,14 @@ class ParseResult:
         return self.n_blocks > 0 and not self.errors
 
 
-def _strip_fence(body: str) -> str:
+def strip_fence(body: str) -> str:
+    """``body`` without a markdown code fence around it (any language tag)."""
     body = body.strip()
     match = _FENCE.match(body)
     return match.group(1).strip() if match else body
 
 
-def _to_call(obj: Any) -> ToolCall | str:
+def to_call(obj: Any) -> ToolCall | str:
     """A decoded JSON object as a call, or the reason it is not one."""
     if not isinstance(obj, dict):
         return f"call is a JSON {type(obj).__name__}, expected an object"
@@ -94,13 +98,19 @@ def _decode_block(body: str) -> Any:
         return [json.loads(line) for line in lines]
 
 
+def strip_think(text: str) -> str:
+    """``text`` without its ``<think>...</think>`` spans (an unclosed one runs to the end): every dialect
+    ignores what a model writes while thinking."""
+    return _THINK.sub("", text)
+
+
 def parse_tool_calls(text: str) -> ParseResult:
     """Parse every ``<tool_call>`` block of ``text``; never raises, whatever the string."""
-    text = _THINK.sub("", text)
+    text = strip_think(text)
     result = ParseResult(calls=[], n_blocks=0, names=[])
     for segment in text.split(OPEN)[1:]:
         result.n_blocks += 1
-        body = _strip_fence(segment.split(CLOSE, 1)[0])
+        body = strip_fence(segment.split(CLOSE, 1)[0])
         try:
             decoded = _decode_block(body)
         except (ValueError, RecursionError):
@@ -109,7 +119,7 @@ def parse_tool_calls(text: str) -> ParseResult:
         for obj in decoded if isinstance(decoded, list) else [decoded]:
             if isinstance(obj, dict) and isinstance(obj.get("name"), str):
                 result.names.append(obj["name"])
-            call = _to_call(obj)
+            call = to_call(obj)
             if isinstance(call, str):
                 result.errors.append(f"block {result.n_blocks}: {call}")
             else:

@@ -5,7 +5,11 @@ every required parameter, no parameter unknown to its schema or absent from the 
 of the schema's JSON type (an int passes for a number, a float never for an integer, a bool never for
 either; arrays and objects are checked item by item), and a value among the ground truth's allowed
 values (strings compared after BFCL's standardisation). Parallel calls match in any order.
-An empty ground truth (irrelevance) is correct iff the reply makes no call at all.
+An empty ground truth (irrelevance) is correct iff the reply makes no call at all, in any dialect.
+
+Replies are read in the pair's tool-call dialect (``dialects.py``, default ``hermes``). A reply that calls
+in another dialect and not in the pair's fails every criterion, lenient ones included, with a reason
+naming both dialects: the lenient rules read names the way the seed study did, in the pair's own format.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from dfc_ray.tooluse.parse import ToolCall, parse_tool_calls
+from dfc_ray.tooluse.dialects import any_call, get_dialect
+from dfc_ray.tooluse.parse import ToolCall
 from dfc_ray.tooluse.task import Task
 
 OPTIONAL = ""
@@ -39,21 +44,24 @@ class Score:
     """How one reply fares against one task."""
 
     format_ok: bool
-    """The reply parses: at least one well-formed call and no malformed block; for a task whose ground
-    truth is empty, a reply with no ``<tool_call>`` block at all is also well-formed."""
+    """The reply parses in the pair's dialect: at least one well-formed call and no malformed one; for a task
+    whose ground truth is empty, a reply with no call attempt in any dialect is also well-formed."""
     name_ok: bool
     """The called function names equal the expected ones as a multiset (no call for an empty truth)."""
     correct: bool
     """Strict: BFCL-AST semantics against the ground truth (see the module docstring)."""
     lenient: bool
-    """Some ``<tool_call>`` JSON has a ``"name"`` that is exactly one of the offered tools, whatever the
-    arguments and the ground truth."""
+    """Some call of the pair's dialect has a ``"name"`` that is exactly one of the offered tools, whatever
+    the arguments and the ground truth."""
     seed_lenient: bool
     """The seed study's headline rule (``seed_lenient``): a called name fuzzy-matches an offered tool."""
     calls: list[ToolCall]
     """The well-formed calls parsed from the reply."""
     reason: str
     """Why the reply is not correct (empty when it is)."""
+    foreign_dialect: str = ""
+    """The dialect of a call the reply makes in another dialect than the pair's (and none in the pair's);
+    empty otherwise."""
 
     def passes(self, metric: str) -> bool:
         """Correct under a judging protocol's `metric`: "strict" (``correct``) or "seed_lenient"."""
@@ -233,21 +241,24 @@ def _strict_reason(task: Task, calls: list[ToolCall]) -> str:
     return "no one-to-one assignment of the calls to the expected calls"
 
 
-def seed_lenient(task: Task, text: str) -> bool:
-    """The seed study's headline metric: some ``<tool_call>`` JSON's ``"name"`` fuzzy-matches a tool of the
+def seed_lenient(task: Task, text: str, dialect: str = "hermes") -> bool:
+    """The seed study's headline metric: some call's ``"name"`` (in ``dialect``) fuzzy-matches a tool of the
     prompt's numbered list (``task.tools``, which ``toolrl.as_toolrl`` renders): either string contains the
     other (case-sensitive; an empty name matches nothing). Arguments and the ground truth are ignored.
     Unlike ``Score.lenient`` (exact name), ``weather`` or ``get_weather_v2`` count for ``get_weather``."""
     offered = [name for name in _functions(task) if name]
-    called = [name for name in parse_tool_calls(text).names if name]
+    called = [name for name in get_dialect(dialect).parse(text).names if name]
     return any(c in t or t in c for c in called for t in offered)
 
 
-def score(task: Task, text: str) -> Score:
-    """Score one generated reply ``text`` against ``task``."""
-    parsed = parse_tool_calls(text)
+def score(task: Task, text: str, dialect: str = "hermes") -> Score:
+    """Score one generated reply ``text`` against ``task``, reading calls in ``dialect`` (dialects.py)."""
+    parsed = get_dialect(dialect).parse(text)
+    if parsed.n_blocks == 0 and (other := any_call(text)):
+        reason = f"a call in the {other} dialect; the pair's dialect is {dialect}"
+        return Score(False, False, False, False, False, [], reason, foreign_dialect=other)
     lenient = any(name in _functions(task) for name in parsed.names)
-    fuzzy = seed_lenient(task, text)
+    fuzzy = seed_lenient(task, text, dialect)
     name_ok = Counter(c.name for c in parsed.calls) == Counter(next(iter(e)) for e in task.ground_truth)
     no_call_expected = not task.ground_truth
     if no_call_expected and parsed.n_blocks > 0 and not parsed.format_ok:
@@ -255,7 +266,7 @@ def score(task: Task, text: str) -> Score:
         return Score(False, False, False, lenient, fuzzy, parsed.calls, f"attempted a call: {parsed.errors[0]}")
     format_ok = parsed.format_ok or (no_call_expected and parsed.n_blocks == 0)
     if not format_ok:
-        reason = parsed.errors[0] if parsed.errors else "no <tool_call> block"
+        reason = parsed.errors[0] if parsed.errors else f"no call in the {dialect} dialect"
         return Score(False, name_ok, False, lenient, fuzzy, parsed.calls, reason)
     reason = _strict_reason(task, parsed.calls)
     return Score(True, name_ok, not reason, lenient, fuzzy, parsed.calls, reason)

@@ -91,8 +91,8 @@ def load_tokenizer(spec: PairSpec, local_only: bool = False):
     from transformers import AutoTokenizer
 
     reference = spec.tokenizer or spec.b
-    tokenizer = AutoTokenizer.from_pretrained(_local_dir(reference, "tokenizer" if reference in ORGANISM_PAIRS else "b"),
-                                              local_files_only=local_only)
+    role = "tokenizer" if reference in ORGANISM_PAIRS else "b"
+    tokenizer = AutoTokenizer.from_pretrained(_local_dir(reference, role), local_files_only=local_only)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

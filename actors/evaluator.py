@@ -36,7 +36,8 @@ class Evaluator(PairReplica):
         tasks = eval_tasks(cfg)
         prompts = self.prompts(tasks, cfg.protocol.prompt_format)
         prefix = cfg.splice.leaves_prefix_alone  # the splices' path (actors/replica.py)
-        scores = {t: score_all(tasks, self.clean_replies(t, prompts, cfg.generation(), prefix)) for t in ("a", "b")}
+        scores = {t: score_all(tasks, self.clean_replies(t, prompts, cfg.generation(), prefix), self.dialect)
+                  for t in ("a", "b")}
         return scores, self.clean_misses == misses
 
     def evaluate(self, checkpoint: str, layer: int, cfg: EvalConfig | None = None) -> EvalResult:
@@ -53,7 +54,8 @@ class Evaluator(PairReplica):
         clean, cached = self.clean_scores(cfg)
         tasks = eval_tasks(cfg)
         prompts = self.prompts(tasks, cfg.protocol.prompt_format)
-        spliced = {target: score_all(tasks, self._spliced(cc, layer, target, prompts, cfg)) for target in ("a", "b")}
+        spliced = {target: score_all(tasks, self._spliced(cc, layer, target, prompts, cfg), self.dialect)
+                   for target in ("a", "b")}
         boot = dict(n_boot=cfg.n_bootstrap, seed=cfg.seed)
         metric = cfg.protocol.metric
         passed = {m: {f"{t}_{when}": [s.passes(m) for s in scores[t]]

@@ -24,6 +24,7 @@ from dfc_ray.pair import PairSpec, load_pair, pair_fingerprint
 from dfc_ray.plan import peak_memory_mb
 from dfc_ray.reference import mean_difference
 from dfc_ray.tooluse import Task, render_for
+from dfc_ray.tooluse.dialects import resolve_dialect
 
 
 class PairReplica:
@@ -32,6 +33,7 @@ class PairReplica:
     model_a: torch.nn.Module
     model_b: torch.nn.Module
     tokenizer: Any
+    dialect: str
     device: torch.device
     fingerprint: str
     prefix: dict[str, PrefixCache]
@@ -51,9 +53,10 @@ class PairReplica:
             self.model_a, self.model_b, self.tokenizer = shared.model_a, shared.model_b, shared.tokenizer
             self.device, self.fingerprint, self.prefix = shared.device, shared.fingerprint, shared.prefix
             self._clean, self._residuals, self._references = shared._clean, shared._residuals, shared._references
-            self._batches = shared._batches
+            self._batches, self.dialect = shared._batches, shared.dialect
             return
         self.model_a, self.model_b, self.tokenizer = load_pair(pair)
+        self.dialect = resolve_dialect(pair.dialect, self.tokenizer)  # the tool-call dialect replies are read in
         self.device = next(self.model_a.parameters()).device
         self.fingerprint = pair_fingerprint(pair)
         self.prefix = {"a": PrefixCache(self.model_a), "b": PrefixCache(self.model_b)}
@@ -98,7 +101,7 @@ class PairReplica:
 
     def prompts(self, tasks: list[Task], prompt_format: str = "chat") -> list[str]:
         """The tasks' prompts as the judging protocol renders them (JudgeProtocol.prompt_format)."""
-        return [render_for(self.tokenizer, task, prompt_format) for task in tasks]
+        return [render_for(self.tokenizer, task, prompt_format, self.dialect) for task in tasks]
 
     def last_residuals(self, target: str, prompts: list[str], layer: int, batch_size: int) -> torch.Tensor:
         """`target`'s residual after block `layer` at each prompt's last token, (n, d_model), cached."""
@@ -116,9 +119,10 @@ class PairReplica:
         return self._references[key]
 
     def stats(self) -> dict[str, object]:
-        """Process id, device and cache counters (for monitoring and tests)."""
+        """Process id, device, the tool-call dialect replies are read in and cache counters (for monitoring,
+        the report and tests)."""
         return {"pid": os.getpid(), "device": str(self.device), "cuda": torch.cuda.is_available(),
-                "clean_hits": self.clean_hits, "clean_misses": self.clean_misses,
+                "dialect": self.dialect, "clean_hits": self.clean_hits, "clean_misses": self.clean_misses,
                 "prefix_batches": {t: len(c) for t, c in self.prefix.items()},
                 "prefix_hits": {t: c.hits for t, c in self.prefix.items()}, "peak_mem_mb": peak_memory_mb(),
                 "generation_batches": sorted(set(self._batches.values()))}

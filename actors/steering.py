@@ -39,12 +39,12 @@ from dfc_ray.config import JudgeProtocol, SteerConfig
 from dfc_ray.evaluate import (Rate, bootstrap_rate, eval_texts, load_crosscoder, paired_delta_pp,
                               score_all)
 from dfc_ray.generation import Generation
-from dfc_ray.interventions import (PairEdit, feature_direction, first_token_logprobs, generate_edited, generate_steered,
+from dfc_ray.interventions import (PairEdit, feature_direction, generate_edited, generate_steered, opening_logprobs,
                                    patch_edit, steering_vector)
 from dfc_ray.pair import PairSpec
 from dfc_ray.ranking import FeatureStats, encode_pairs, rank_features
 from dfc_ray.reference import NO_STEERABLE_DIRECTION, cosines, mean_norm, scale_to_norm, share_of_reference
-from dfc_ray.tooluse import Task
+from dfc_ray.tooluse import Task, get_dialect
 from dfc_ray.tooluse.tasks import dev_test_tasks
 
 
@@ -322,7 +322,7 @@ class Steerer(PairReplica):
             gens = self.clean_replies(target, prompts, cfg.generation(), cfg.site.leaves_prefix_alone)
         else:
             gens = self.steered_replies(target, prompts, cfg, layer, delta)
-        return [s.passes(cfg.protocol.metric) for s in score_all(tasks, gens)]
+        return [s.passes(cfg.protocol.metric) for s in score_all(tasks, gens, self.dialect)]
 
     def steered_replies(self, target: str, prompts: list[str], cfg: SteerConfig, layer: int,
                         delta: torch.Tensor) -> list[Generation]:
@@ -394,17 +394,18 @@ class Steerer(PairReplica):
             picks["cos_reference"] = [features[i] for i in order[:cfg.top_n]]
         if "tool_logprob" in cfg.rankings:
             pool = [s.feature for s in ranking[:cfg.effect_pool]]
-            token = self.tokenizer(cfg.tool_token, add_special_tokens=False)["input_ids"]
-            if not token:
-                raise ValueError(f"SteerConfig.tool_token={cfg.tool_token!r} encodes to no token; expected text the "
+            opening = cfg.tool_token or get_dialect(self.dialect).logprob_text
+            tokens = self.tokenizer(opening, add_special_tokens=False)["input_ids"]
+            if not tokens:
+                raise ValueError(f"SteerConfig.tool_token={opening!r} encodes to no token; expected text the "
                                  "tokenizer maps to at least one token")
             alpha = cfg.scoring_alpha()
             vectors = {f: steering_vector(cc, [f], target, alpha, [scales[f]], cfg.protocol.own_decoder_only)
                        for f in pool}
             moving = [f for f in pool if bool(vectors[f].any())]  # a zero vector changes nothing: gain 0
-            logp = first_token_logprobs(self.model(target), self.tokenizer, self.tool_prompts(dev, cfg), layer,
-                                        [torch.zeros(cc.cfg.d_model)] + [vectors[f] for f in moving], token[0],
-                                        cfg.batch_size).mean(1)
+            logp = opening_logprobs(self.model(target), self.tokenizer, self.tool_prompts(dev, cfg), layer,
+                                    [torch.zeros(cc.cfg.d_model)] + [vectors[f] for f in moving], tokens,
+                                    cfg.batch_size).mean(1)
             gain = {f: 0.0 for f in pool} | {f: float(logp[i + 1] - logp[0]) for i, f in enumerate(moving)}
             best = sorted(pool, key=lambda f: (-gain[f], f))
             picks["tool_logprob"] = best[:cfg.top_n]
@@ -645,7 +646,7 @@ class Steerer(PairReplica):
             last = list(self.last_residuals(other, prompts, layer, cfg.batch_size)[:, None])  # (1, d) per prompt
             gens = generate_edited(self.model(target), self.model(other), self.tokenizer, prompts, cfg.generation(),
                                    layer, edit, target, other=last, prefix_cache=self.prefix[target])
-        return [s.passes(cfg.protocol.metric) for s in score_all(tasks, gens)]
+        return [s.passes(cfg.protocol.metric) for s in score_all(tasks, gens, self.dialect)]
 
 
 def random_direction(like: torch.Tensor, seed: int) -> torch.Tensor:

@@ -247,6 +247,8 @@ HarvestPositions = Literal["last_prompt_token", "all_tokens", "prompt_and_respon
 StoreDtype = Literal["float16", "bfloat16", "float32"]
 ShardFormat = Literal["parquet", "safetensors"]
 WeightsDtype = Literal["float32", "bfloat16", "float16"]
+ToolDialect = Literal["auto", "hermes", "llama3", "pythonic", "mistral", "phi4", "json"]
+"""`auto` or a name of dfc_ray/tooluse/dialects.py's registry (tests/test_dialects.py keeps the two equal)."""
 SpliceModeName = Literal["last_prompt_token", "prompt", "lockstep"]
 SteerPositionsName = Literal["last_prompt_token", "generated", "all"]
 SteerScale = Literal["residual_norm", "activation", "decoder"]
@@ -503,6 +505,10 @@ class PairSpec(Config):
     """Weights dtype when loaded: float32 | bfloat16 | float16 (bfloat16 for 3B models on GPU)."""
     device: str = "auto"
     """``auto`` = cuda when available else cpu; or ``cpu``, ``cuda``, ``cuda:N``, ``mps``."""
+    dialect: ToolDialect = "auto"
+    """How A writes tool calls (docs/tooluse.md): ``auto`` detects it from the pair's chat template, or name
+    it: hermes | llama3 | pythonic | mistral | phi4 | json. Replies are parsed and scored, tool_logprob ranks,
+    and templates that drop the tools get them, in this dialect; the report names it."""
 
     def _check(self) -> None:
         for name in ("a", "b"):
@@ -787,10 +793,12 @@ class SteerConfig(Config):
     rankings: tuple[SteerRanking, ...] = STEER_RANKINGS
     """Candidate rankings: "cohens_d" (tool vs no-tool activation), "cos_reference" (|cos| of the
     feature's A decoder direction with the reference v), "tool_logprob" (gain in the target's
-    log-prob of `tool_token` as its first reply token on dev tool prompts, feature added at
-    `candidate_alpha`; one last-token forward per feature, no generation)."""
-    tool_token: str = "<tool_call>"
-    """Reply opening whose FIRST token the tool_logprob ranking scores."""
+    log-prob of the reply opening `tool_token`, teacher-forced over all its tokens, on dev tool prompts, feature
+    added at `candidate_alpha`; one forward of the last prompt token and the opening per feature, no generation)."""
+    tool_token: str = ""
+    """Reply opening the tool_logprob ranking scores (all its tokens); empty = the pair dialect's call opening
+    (``<tool_call>`` for hermes; for a dialect without a marker, the first characters of a bare call, e.g.
+    ``{"name": "``; docs/tooluse.md)."""
     candidate_alpha: float = at_least(0.0, 0)
     """α (in `scale` units) at which tool_logprob scores features; 0 = the median of `alphas`."""
     effect_pool: int = at_least(256, 1)
@@ -828,8 +836,6 @@ class SteerConfig(Config):
             raise self.invalid("localize_when", "a number for each crosscoder field")
         if not self.rankings:
             raise self.invalid("rankings", f"a non-empty list of {list(STEER_RANKINGS)}")
-        if not self.tool_token:
-            raise self.invalid("tool_token", "the text a tool call opens with")
         if not self.targets or self.primary not in self.targets:
             raise self.invalid("targets", f"a non-empty list of 'a'/'b' that holds primary={self.primary!r}")
         if not self.alphas:

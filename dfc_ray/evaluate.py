@@ -145,9 +145,9 @@ def tool_rates(scores: Sequence[Score], n_boot: int = 1000, seed: int = 0) -> To
                        for name in ("correct", "lenient", "seed_lenient", "format_ok", "name_ok")))
 
 
-def score_all(tasks: Sequence[Task], generations: Sequence[Generation]) -> list[Score]:
-    """One `Score` per (task, reply)."""
-    return [score(task, gen.text) for task, gen in zip(tasks, generations, strict=True)]
+def score_all(tasks: Sequence[Task], generations: Sequence[Generation], dialect: str = "hermes") -> list[Score]:
+    """One `Score` per (task, reply), calls read in the pair's tool-call `dialect`."""
+    return [score(task, gen.text, dialect) for task, gen in zip(tasks, generations, strict=True)]
 
 
 # ---------------------------------------------------------------- inputs

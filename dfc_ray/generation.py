@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from dfc_ray.config import GenerationConfig
+from dfc_ray.tooluse.dialects import KEEP_TOKENS
 
 EOS_TOKENS = ("<|im_end|>", "<|endoftext|>")
 """Tokens that end a reply in Qwen-style chat templates, besides `tokenizer.eos_token`."""
@@ -340,6 +341,21 @@ def decode_mode(model: torch.nn.Module, cfg: GenerationConfig) -> str:
     return "static+graph" if on_cuda and _step_cache(model).capture_error is None else "static"
 
 
+_HIDDEN_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def reply_text(tokenizer, ids: Sequence[int]) -> str:
+    """A reply's text: special tokens (eos, padding, end of turn) left out, except the tool-call dialects'
+    markers (`dialects.KEEP_TOKENS`, e.g. Llama's ``<|python_tag|>`` or Mistral's ``[TOOL_CALLS]``), which a
+    tokenizer may make special but the parser needs to see. Which ids are left out is cached per tokenizer."""
+    if tokenizer not in _HIDDEN_IDS:
+        special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+        _HIDDEN_IDS[tokenizer] = frozenset(i for i in special if tokenizer.convert_ids_to_tokens(i) not in KEEP_TOKENS)
+    hidden = _HIDDEN_IDS[tokenizer]
+    return tokenizer.decode([i for i in ids if i not in hidden], skip_special_tokens=False,
+                            clean_up_tokenization_spaces=False)
+
+
 class _Decoder:
     """The decode loop for one batch; holds what is fixed across batches."""
 
@@ -508,7 +524,7 @@ class _Decoder:
         return reasons[row] is not None
 
     def _result(self, ids: list[int], reason: str, prompt_tokens: int) -> Generation:
-        text = self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        text = reply_text(self.tokenizer, ids)
         if reason == "stop":
             ends = [text.find(s) + len(s) for s in self.cfg.stop_strings if s in text]
             if ends:

@@ -106,12 +106,12 @@ def plain_texts(source: str, n: int, seed: int) -> list[str]:
     return lines[:n]
 
 
-def build_corpus(corpus: CorpusSpec, tokenizer) -> list[Record]:
+def build_corpus(corpus: CorpusSpec, tokenizer, dialect: str = "auto") -> list[Record]:
     """Tokenized records: tool prompts rendered with the chat template, then plain texts."""
 
     sources = [s.strip() for s in corpus.tasks.split(",") if s.strip()] if corpus.n_tasks > 0 else []
     tasks = [task for source in sources for task in load_tasks(source)][: corpus.n_tasks]
-    texts = [render_prompt(tokenizer, task) for task in tasks]
+    texts = [render_prompt(tokenizer, task, dialect) for task in tasks]  # dialect: pair.dialect (tools fallback)
     records = [Record(ids[-corpus.max_tokens:], is_tool_prompt=True)
                for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
     plain = plain_texts(corpus.plain_text, corpus.n_plain, corpus.seed)
@@ -447,7 +447,7 @@ def harvest(cfg: HarvestConfig, *, use_ray: bool = True, progress: bool = True) 
     """
 
     tokenizer = load_tokenizer(cfg.pair)
-    records = build_corpus(cfg.corpus, tokenizer)
+    records = build_corpus(cfg.corpus, tokenizer, cfg.pair.dialect)
     uri = f"{cfg.store.rstrip('/')}/{content_hash(cfg, records)}"
     models = (f"A={cfg.pair.a}", f"B={cfg.pair.b}")
     d_model = int(load_config(cfg.pair, "a").hidden_size)

@@ -9,8 +9,9 @@ positions are exact under left padding.
   `last_prompt_token` and `prompt` the other model's activations come from one plain forward over the
   same prompts first; for `lockstep` both models advance together (see `Lockstep`).
 - *Steering* adds a fixed vector `steering_vector(...)` at `last_prompt_token`, `generated` or `all`
-  positions; it needs only the target model. `first_token_logprobs` scores many candidate vectors
-  cheaply: one prompt-prefix forward, then one last-token forward per vector, no generation.
+  positions; it needs only the target model. `opening_logprobs` scores many candidate vectors
+  cheaply: one prompt-prefix forward, then one forward of the last prompt token plus a teacher-forced
+  reply opening per vector, no generation.
 """
 
 from __future__ import annotations
@@ -318,36 +319,46 @@ def generate_steered(model: torch.nn.Module, tokenizer, prompts: Sequence[str], 
                     prefix_cache if steer_site(positions).leaves_prefix_alone else None)
 
 
-def first_token_logprobs(model: torch.nn.Module, tokenizer, prompts: Sequence[str], layer: int,
-                         deltas: Sequence[Tensor], token_id: int, batch_size: int = 32) -> Tensor:
-    """log p(first reply token = `token_id`) per delta and prompt, (len(deltas), len(prompts)), on CPU,
-    with each delta added to the residual after block `layer` at the last prompt token.
+def opening_logprobs(model: torch.nn.Module, tokenizer, prompts: Sequence[str], layer: int,
+                     deltas: Sequence[Tensor], token_ids: Sequence[int], batch_size: int = 32) -> Tensor:
+    """log p(the reply opens with `token_ids`) per delta and prompt, (len(deltas), len(prompts)), on CPU:
+    the opening's tokens teacher-forced after the prompt and their log-probabilities summed, with each delta
+    added to the residual after block `layer` at the last prompt token (and nowhere else).
 
     A delta at the last prompt token changes nothing before it, so each batch's prefix (every token
-    but the last) is run once and each delta costs one single-token forward on a copy of its KV cache.
-    Prompts are tokenized as `generate` tokenizes them; each needs at least two tokens."""
+    but the last) is run once and each delta costs one forward of the last prompt token plus the opening
+    on a copy of its KV cache. Prompts are tokenized as `generate` tokenizes them; each needs at least two
+    tokens."""
+    if not token_ids:
+        raise ValueError("opening_logprobs: no opening tokens; expected at least one token id")
     encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     if any(len(ids) < 2 for ids in encoded):
-        raise ValueError("first_token_logprobs: a prompt has fewer than 2 tokens; expected a prefix and a last token")
+        raise ValueError("opening_logprobs: a prompt has fewer than 2 tokens; expected a prefix and a last token")
     device, kw = next(model.parameters()).device, _cache_kw(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    opening = torch.tensor(list(token_ids), device=device)
     out = torch.empty(len(deltas), len(encoded))
     with torch.inference_mode():
         for start in range(0, len(encoded), batch_size):
             records = [Record(list(e)) for e in encoded[start:start + batch_size]]
             ids, mask = (t.to(device) for t in left_pad(records, pad))
+            n = len(ids)
             positions = (mask.cumsum(1) - 1).clamp(min=0)
             prefix = getattr(model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1],
                                    position_ids=positions[:, :-1], use_cache=True, logits_to_keep=1), kw)
-            ctx = HookContext(0, True, mask[:, -1:].bool(), torch.zeros(len(ids), dtype=torch.long, device=device),
-                              torch.arange(len(ids), device=device))
+            # fed: the last prompt token, then the opening but its last token (each predicts the next one)
+            fed = torch.cat([ids[:, -1:], opening[:-1].expand(n, -1)], 1)
+            fed_positions = positions[:, -1:] + torch.arange(len(opening), device=device)
+            fed_mask = torch.cat([mask, torch.ones(n, len(opening) - 1, dtype=mask.dtype, device=device)], 1)
+            ctx = HookContext(0, True, torch.ones_like(fed, dtype=torch.bool), torch.zeros(n, dtype=torch.long,
+                              device=device), torch.arange(n, device=device))
             for j, delta in enumerate(deltas):
                 with residual_hooks(model, {layer: add_hook(delta)}, ctx):
-                    logits = model(input_ids=ids[:, -1:], attention_mask=mask, position_ids=positions[:, -1:],
-                                   use_cache=True, logits_to_keep=1, **{kw: copy.deepcopy(prefix)}).logits[:, -1]
-                out[j, start:start + len(ids)] = logits.float().log_softmax(-1)[:, token_id].cpu()
+                    logits = model(input_ids=fed, attention_mask=fed_mask, position_ids=fed_positions,
+                                   use_cache=True, **{kw: copy.deepcopy(prefix)}).logits
+                logp = logits.float().log_softmax(-1).gather(2, opening.expand(n, -1)[..., None])[..., 0]
+                out[j, start:start + n] = logp.sum(1).cpu()
     return out
-
 
 
 # ---------------------------------------------------------------- patches (where the A − B difference lives)

@@ -145,7 +145,7 @@ def check_prompts_fit(spec: PairSpec, tasks: list[Task], new_tokens: int, where:
     limit = max_positions(spec, local_only)
     if limit is None or not tasks:
         return
-    lengths = prompt_lengths(load_tokenizer(spec, local_only), tasks, prompt_format)
+    lengths = prompt_lengths(load_tokenizer(spec, local_only), tasks, prompt_format, spec.dialect)
     worst = max(range(len(tasks)), key=lengths.__getitem__)
     if lengths[worst] + new_tokens > limit:
         raise ValueError(f"{where}: task {tasks[worst].id}: a prompt of {lengths[worst]:,} tokens + {new_tokens} new "

@@ -13,7 +13,7 @@ from dfc_ray.crosscoder import DedicatedFeatureCrosscoder, DFCConfig
 from dfc_ray.evaluate import bootstrap_rate, paired_delta_pp
 from dfc_ray.generation import GenerationConfig, HookContext, PrefixCache, generate, residual_hooks
 from dfc_ray.harvest import Record, left_pad
-from dfc_ray.interventions import (add_hook, clamp_edit, feature_direction, first_token_logprobs, generate_edited,
+from dfc_ray.interventions import (add_hook, clamp_edit, feature_direction, opening_logprobs, generate_edited,
                                    generate_spliced, generate_steered, last_prompt_residuals, prefill_edit_hook,
                                    prompt_activations, splice_edit, steering_vector)
 from dfc_ray.pair import PairSpec, load_pair
@@ -184,20 +184,27 @@ def test_add_hook_positions():
     assert add_hook(delta, "last_prompt_token")(torch.zeros(2, 1, 32), step) is None
 
 
-def test_first_token_logprobs_match_a_full_forward_and_see_the_delta(loaded, cc, prompts):
-    """The prefix-once, last-token-per-delta path must equal a plain full forward of each prompt
-    (zero delta, and a delta added by a hook in that full forward)."""
+def test_opening_logprobs_match_a_full_forward_and_see_the_delta(loaded, cc, prompts):
+    """The prefix-once path must equal a plain full forward of each prompt followed by the opening (zero
+    delta, and a delta hooked at the last prompt token only), summed over the opening's teacher-forced tokens."""
     model_a, _, tok = loaded
-    token = 5
+    opening = [5, 7, 9]
     delta = steering_vector(cc, [0], "a", 30.0)
-    got = first_token_logprobs(model_a, tok, prompts, LAYER, [torch.zeros_like(delta), delta], token, batch_size=3)
+    got = opening_logprobs(model_a, tok, prompts, LAYER, [torch.zeros_like(delta), delta], opening, batch_size=3)
+    first = opening_logprobs(model_a, tok, prompts, LAYER, [torch.zeros_like(delta)], opening[:1], batch_size=3)
     for j, d in enumerate((None, delta)):
         for i, prompt in enumerate(prompts):
-            ids_ = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]])
+            prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+            ids_ = torch.tensor([prompt_ids + opening])
             hooks = {LAYER: add_hook(d)} if d is not None else None
-            with torch.inference_mode(), residual_hooks(model_a, hooks, HookContext.for_forward(torch.ones_like(ids_))):
-                want = model_a(input_ids=ids_).logits[0, -1].log_softmax(-1)[token]
+            ctx = HookContext(0, True, torch.ones_like(ids_, dtype=torch.bool), torch.tensor([len(prompt_ids) - 1]),
+                              torch.arange(1))
+            with torch.inference_mode(), residual_hooks(model_a, hooks, ctx):
+                logp = model_a(input_ids=ids_).logits[0].log_softmax(-1)
+            want = sum(logp[len(prompt_ids) - 1 + k, t] for k, t in enumerate(opening))
             assert float(got[j, i]) == pytest.approx(float(want), abs=1e-4)
+            if d is None:
+                assert float(first[0, i]) == pytest.approx(float(logp[len(prompt_ids) - 1, opening[0]]), abs=1e-4)
     assert not torch.allclose(got[0], got[1])
 
 

@@ -437,6 +437,7 @@ def build_report(results: Sequence[TrialResult], run_info: dict[str, Any] | None
     headline, baseline, comparison = _headline(ok)
     return _json_safe({
         "run": dict(run_info or {}),
+        **({"dialect": run_info["dialect"]} if run_info and "dialect" in run_info else {}),  # judged runs
         "n_trials": len(results),
         "n_failed": len(results) - len(ok),
         "baseline": baseline,

@@ -81,7 +81,9 @@ def _headline_section(report: dict[str, Any]) -> Section:
     table.append(["minimal steerable set reached (trials)", _min_set_text(report.get("min_set")), "—", "—"])
     note = (f"{report['n_trials']} trials, {report['n_trials'] - report['n_failed']} ok, {report['n_failed']} failed; "
             f"mean ± sample std over successful trials; judged with protocol "
-            f"{report['run'].get('protocol', 'ours')} (docs/replication.md). Seed study: {seed['source']}.")
+            f"{report['run'].get('protocol', 'ours')} (docs/replication.md)"
+            f"{', tool-call dialect ' + report['dialect'] if report.get('dialect') else ''}. "
+            f"Seed study: {seed['source']}.")
     if unfinished := report["run"].get("unfinished"):  # Ctrl-C stopped the sweep
         n = len(unfinished.get("running", [])) + unfinished.get("not_started", 0)
         note = f"INTERRUPTED: {n} trials did not finish (`dfc-ray sweep --resume` runs them). " + note

@@ -294,16 +294,20 @@ def _attempt_seconds(run: RunFolder, seconds: dict[str, float]) -> dict[str, Any
 
 def _judge_info(pools: list) -> dict[str, Any]:
     """report.json's judge figures, by pool name: peak memory (MB) of each pool's largest replica (a replica
-    that cannot answer is skipped) and how often Ray restarted each pool's replicas."""
+    that cannot answer is skipped), how often Ray restarted each pool's replicas, and the tool-call dialect
+    the judges read replies in (`dialect`, resolved from pair.dialect on the replicas)."""
     peaks: dict[str, float] = {}
+    dialects: set[str] = set()
     for pool in pools:
         for handle in pool.handles:
             try:
-                peak = ray.get(handle.stats.remote(), timeout=60)["peak_mem_mb"]
+                stats = ray.get(handle.stats.remote(), timeout=60)
             except Exception:  # a report is worth more than one replica's memory figure
                 continue
-            peaks[pool.cfg.name] = max(peaks.get(pool.cfg.name, 0.0), peak)
-    return {"judge_peak_mem_mb": {k: round(v) for k, v in peaks.items()},
+            peaks[pool.cfg.name] = max(peaks.get(pool.cfg.name, 0.0), stats["peak_mem_mb"])
+            dialects.add(stats["dialect"])
+    return {**({"dialect": ", ".join(sorted(dialects))} if dialects else {}),
+            "judge_peak_mem_mb": {k: round(v) for k, v in peaks.items()},
             "judge_restarts": {pool.cfg.name: pool.restarts() for pool in pools}}
 
 

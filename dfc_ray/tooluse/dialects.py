@@ -21,11 +21,11 @@ from dfc_ray.tooluse.parse import (
     OPEN,
     ParseResult,
     ToolCall,
+    add_calls,
     parse_tool_calls,
     render_calls,
     strip_fence,
     strip_think,
-    to_call,
 )
 
 PYTHON_TAG = "<|python_tag|>"
@@ -43,7 +43,7 @@ THINK_TAGS = ("<think>", "</think>")
 _JSON = json.JSONDecoder()
 _SEPARATORS = " \t\r\n;,"
 _FENCE = re.compile(r"```([A-Za-z0-9_-]*)[ \t]*\n?(.*?)(?:```|\Z)", re.DOTALL)
-_PYTHONIC_START = re.compile(r"\[\s*[A-Za-z_][\w.]*\s*\(")
+_PYTHONIC_START = re.compile(r"\[\s*[A-Za-z_][\w.]*\(")  # "[f(", not prose "[see (below)]"
 _TRUTHY = {"true": True, "True": True, "false": False, "False": False, "null": None, "None": None}
 
 
@@ -93,23 +93,6 @@ class Dialect:
 # ---------------------------------------------------------------- shared readers
 
 
-def _add(result: ParseResult, decoded: Any, where: str) -> None:
-    """Record the call object(s) ``decoded`` (an object or a list of them) found in attempt ``where``."""
-    objects = decoded if isinstance(decoded, list) else [decoded]
-    if not objects:
-        result.errors.append(f"{where} is an empty list")
-    for obj in objects:
-        if isinstance(obj, dict) and isinstance(obj.get("function"), dict):  # {"type": "function", "function": {...}}
-            obj = obj["function"]
-        if isinstance(obj, dict) and isinstance(obj.get("name"), str):
-            result.names.append(obj["name"])
-        call = to_call(obj)
-        if isinstance(call, str):
-            result.errors.append(f"{where}: {call}")
-        else:
-            result.calls.append(call)
-
-
 def _json_values(text: str) -> list[Any]:
     """The JSON values at the start of ``text``, separated by whitespace, ``;`` or ``,``; text after the last
     one is ignored. Raises ValueError when the first value is not JSON."""
@@ -153,7 +136,7 @@ def _read_bare_json(text: str, result: ParseResult, label: str, tagged: bool = F
         return
     result.n_blocks += 1
     for value in values:
-        _add(result, value, label)
+        add_calls(result, value, label)
 
 
 def _literal(node: ast.expr) -> Any:
@@ -274,7 +257,7 @@ def parse_mistral(text: str) -> ParseResult:
             except (ValueError, RecursionError):
                 result.errors.append(f"{where}: arguments of {name or '?'} are not valid JSON")
                 continue
-            _add(result, {"name": name, "arguments": arguments}, where)
+            add_calls(result, {"name": name, "arguments": arguments}, where)
             continue
         try:
             values = _json_values(segment.strip())
@@ -283,7 +266,7 @@ def parse_mistral(text: str) -> ParseResult:
         if not values:
             result.errors.append(f"{where} is not valid JSON")
         for value in values:
-            _add(result, value, where)
+            add_calls(result, value, where)
     return result
 
 
@@ -373,3 +356,8 @@ def any_call(text: str) -> str | None:
     """The first dialect (``DIALECTS`` order) in which ``text`` attempts a call, else None: a reply that
     calls in any dialect is a call, never an abstention."""
     return next((d.name for d in DIALECTS.values() if d.parse(text).n_blocks), None)
+
+
+def resolve_dialect(choice: str, tokenizer: Any) -> str:
+    """The dialect a pair setting ``pair.dialect`` names: ``auto`` detects it from the tokenizer's template."""
+    return detect_dialect(tokenizer) if choice == "auto" else get_dialect(choice).name

@@ -69,7 +69,7 @@ def strip_fence(body: str) -> str:
     return match.group(1).strip() if match else body
 
 
-def to_call(obj: Any) -> ToolCall | str:
+def _to_call(obj: Any) -> ToolCall | str:
     """A decoded JSON object as a call, or the reason it is not one."""
     if not isinstance(obj, dict):
         return f"call is a JSON {type(obj).__name__}, expected an object"
@@ -116,17 +116,26 @@ def parse_tool_calls(text: str) -> ParseResult:
         except (ValueError, RecursionError):
             result.errors.append(f"block {result.n_blocks} is not valid JSON")
             continue
-        for obj in decoded if isinstance(decoded, list) else [decoded]:
-            if isinstance(obj, dict) and isinstance(obj.get("name"), str):
-                result.names.append(obj["name"])
-            call = to_call(obj)
-            if isinstance(call, str):
-                result.errors.append(f"block {result.n_blocks}: {call}")
-            else:
-                result.calls.append(call)
-        if isinstance(decoded, list) and not decoded:
-            result.errors.append(f"block {result.n_blocks} is an empty list")
+        add_calls(result, decoded, f"block {result.n_blocks}")
     return result
+
+
+def add_calls(result: ParseResult, decoded: Any, where: str) -> None:
+    """Record the call object(s) ``decoded`` (an object or a list of them) of call attempt ``where``; the
+    OpenAI wrapper ``{"type": "function", "function": {...}}`` is read as the call inside it."""
+    objects = decoded if isinstance(decoded, list) else [decoded]
+    if not objects:
+        result.errors.append(f"{where} is an empty list")
+    for obj in objects:
+        if isinstance(obj, dict) and isinstance(obj.get("function"), dict):
+            obj = obj["function"]
+        if isinstance(obj, dict) and isinstance(obj.get("name"), str):
+            result.names.append(obj["name"])
+        call = _to_call(obj)
+        if isinstance(call, str):
+            result.errors.append(f"{where}: {call}")
+        else:
+            result.calls.append(call)
 
 
 def render_calls(calls: list[ToolCall]) -> str:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from dfc_ray.tooluse.bfcl import load_bfcl
+from dfc_ray.tooluse.dialects import get_dialect, resolve_dialect
 from dfc_ray.tooluse.jsonl import load_jsonl
 from dfc_ray.tooluse.task import Task
 from dfc_ray.tooluse.toolrl import PROMPT_FORMAT, as_toolrl, load_toolrl
@@ -47,15 +48,70 @@ def dev_test_tasks(dev_source: str, test_source: str, n_dev: int = 0, n_test: in
     return dev, test
 
 
-def render_prompt(tokenizer: PreTrainedTokenizerBase, task: Task) -> str:
+def _template_name(tokenizer: PreTrainedTokenizerBase) -> str:
+    return getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+
+
+def _merged_system(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``messages`` with the system text moved to the front of the first user turn (blank line between)."""
+    system = "\n\n".join(str(m["content"]) for m in messages if m["role"] == "system")
+    rest = [dict(m) for m in messages if m["role"] != "system"]
+    first_user = next((m for m in rest if m["role"] == "user"), None)
+    if first_user is None:
+        return [{"role": "user", "content": system}] + rest
+    first_user["content"] = f"{system}\n\n{first_user['content']}"
+    return rest
+
+
+def _apply_template(tokenizer: PreTrainedTokenizerBase, task: Task, messages: list[dict[str, Any]],
+                    tools: list[dict[str, Any]] | None) -> str:
+    """The chat template applied; a template that rejects the system role (Gemma's "System role not
+    supported") gets the system text merged into the first user turn instead of raising."""
+    # deferred: jinja2 comes with transformers, which the caller's tokenizer has loaded already
+    from jinja2.exceptions import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
+    except TemplateError as err:
+        if not any(m["role"] == "system" for m in messages):
+            raise ValueError(f"chat template of {_template_name(tokenizer)!r} rejects task {task.id}: {err}") from None
+    try:
+        return tokenizer.apply_chat_template(_merged_system(messages), tools=tools, add_generation_prompt=True,
+                                             tokenize=False)
+    except TemplateError as err:
+        raise ValueError(f"chat template of {_template_name(tokenizer)!r} rejects task {task.id} even with its "
+                         f"system text merged into the first user turn: {err}") from None
+
+
+def _with_tools_block(messages: list[dict[str, Any]], block: str) -> list[dict[str, Any]]:
+    """``messages`` with ``block`` at the start of the system message (a new one if there is none)."""
+    if messages and messages[0]["role"] == "system":
+        return [{**messages[0], "content": f"{block}\n\n{messages[0]['content']}"}] + messages[1:]
+    return [{"role": "system", "content": block}] + messages
+
+
+def render_prompt(tokenizer: PreTrainedTokenizerBase, task: Task, dialect: str = "auto") -> str:
     """The model's prompt for ``task``: its chat template with the tools, ready for the reply.
 
     Tools go to the template as OpenAI-style ``{"type": "function", "function": {...}}`` dicts: the
     Qwen2.5 template writes each one with ``tojson`` into ``<tools>`` in the system turn, and that
-    wrapped form is what Qwen2.5's own function-calling examples put there."""
-    return tokenizer.apply_chat_template(
-        task.messages, tools=task.tools or None, add_generation_prompt=True, tokenize=False
-    )
+    wrapped form is what Qwen2.5's own function-calling examples put there. A template that drops them
+    (the rendered prompt lacks an offered tool's name, e.g. Gemma's) gets them instead as ``dialect``'s
+    fallback block (`Dialect.tool_instructions`) at the start of the system text, merged into the first
+    user turn where the template has no system role; ``dialect`` is a ``pair.dialect`` setting ("auto":
+    the template's own). docs/tooluse.md has the rules."""
+    tools = task.tools or None
+    prompt = _apply_template(tokenizer, task, task.messages, tools)
+    names = [t["function"]["name"] for t in task.tools]
+    if all(name in prompt for name in names):
+        return prompt
+    block = get_dialect(resolve_dialect(dialect, tokenizer)).tool_instructions(task.tools)
+    prompt = _apply_template(tokenizer, task, _with_tools_block(task.messages, block), None)
+    if missing := [name for name in names if name not in prompt]:
+        raise ValueError(f"chat template of {_template_name(tokenizer)!r} drops the offered tools of task {task.id} "
+                         f"(no {missing[0]!r} in the prompt) and the system text that lists them; expected a template "
+                         "that renders tools= or system text")
+    return prompt
 
 
 def render_raw_prompt(tokenizer: PreTrainedTokenizerBase, task: Task) -> str:
@@ -70,18 +126,21 @@ def render_raw_prompt(tokenizer: PreTrainedTokenizerBase, task: Task) -> str:
     return "\n\n".join(str(m["content"]) for m in task.messages)
 
 
-def render_for(tokenizer: PreTrainedTokenizerBase, task: Task, prompt_format: str = "chat") -> str:
+def render_for(tokenizer: PreTrainedTokenizerBase, task: Task, prompt_format: str = "chat",
+               dialect: str = "auto") -> str:
     """The prompt under a judging protocol's `prompt_format` (config.JudgeProtocol): "chat" is
-    `render_prompt`; "raw" is the seed study's, the numbered tool list in the system text (`as_toolrl`,
-    unless the task already has it) and no chat template (`render_raw_prompt`)."""
+    `render_prompt` (in `dialect`, a ``pair.dialect`` setting); "raw" is the seed study's, the numbered tool
+    list in the system text (`as_toolrl`, unless the task already has it) and no chat template
+    (`render_raw_prompt`)."""
     if prompt_format == "chat":
-        return render_prompt(tokenizer, task)
+        return render_prompt(tokenizer, task, dialect)
     return render_raw_prompt(tokenizer, task if task.meta.get("prompt_format") == PROMPT_FORMAT else as_toolrl(task))
 
 
-def prompt_lengths(tokenizer: PreTrainedTokenizerBase, tasks: list[Task], prompt_format: str = "chat") -> list[int]:
+def prompt_lengths(tokenizer: PreTrainedTokenizerBase, tasks: list[Task], prompt_format: str = "chat",
+                   dialect: str = "auto") -> list[int]:
     """Tokens of each task's prompt under `prompt_format` (`render_for`), as generation sees it."""
-    prompts = [render_for(tokenizer, task, prompt_format) for task in tasks]
+    prompts = [render_for(tokenizer, task, prompt_format, dialect) for task in tasks]
     # verbose=False: no "longer than the maximum" warning, the caller says what is wrong in its own words
     encoded = tokenizer(prompts, add_special_tokens=False, verbose=False)["input_ids"] if prompts else []
     return [len(ids) for ids in encoded]

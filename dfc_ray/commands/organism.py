@@ -11,7 +11,7 @@ from dfc_ray.organism.build import DIALECT_RECIPES, build_pair, console, dialect
 
 
 def add_cli(subparsers: Any) -> None:
-    """``dfc-ray organism build [--out DIR] [--seed N]`` and ``dfc-ray organism info``."""
+    """``dfc-ray organism build [--out DIR] [--seed N] [--dialect D]`` and ``dfc-ray organism info``."""
     # deferred: the organism package loads transformers (keeps `dfc-ray --help` fast)
     from dfc_ray.organism import PAIR_DIR
 
@@ -27,8 +27,8 @@ def add_cli(subparsers: Any) -> None:
     build.add_argument("--seed", type=int, default=0, help="seed for data, weights and sampling")
     build.add_argument("--reuse-base", action="store_true",
                        help="keep the B and tokenizer already in --out (same seed) and redo only RL and the card")
-    build.set_defaults(func=_cli_build, interrupted=lambda a: f"{a.out} may hold a partly rebuilt pair; run the "
-                       "build again")
+    build.set_defaults(func=_cli_build, interrupted=lambda a: f"{a.out or 'the ' + a.dialect + ' pair folder'} may "
+                       "hold a partly rebuilt pair; run the build again")
     info = sub.add_parser("info", help="print the shipped pair's card")
     info.add_argument("--dir", default=str(PAIR_DIR), help="pair folder (default: the package's pair)")
     info.set_defaults(func=_cli_info)

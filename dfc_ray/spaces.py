@@ -44,6 +44,7 @@ from dfc_ray.config import (ORGANISM_PAIRS, POSITIONS, Asha, CorpusSpec, DFCConf
 from dfc_ray.config import spec_error as _fail
 from dfc_ray.metrics import find as find_metric
 from dfc_ray.metrics import names as metric_names
+from dfc_ray.tooluse.dialects import resolve_dialect
 from dfc_ray.tooluse.tasks import dev_test_tasks, load_tasks
 from dfc_ray.yamlio import load_yaml
 
@@ -507,6 +508,18 @@ def _check_prompts_fit(spec: SweepSpec) -> None:
                           local_only=True)
 
 
+def _check_dialect(spec: SweepSpec) -> None:
+    """pair.dialect names a dialect, or `auto` finds one in the local tokenizer's chat template (the judges
+    resolve it the same way when they start, after the harvest: a refusal there would come too late)."""
+    # deferred: dfc_ray.pair imports torch and transformers
+    from dfc_ray.pair import load_tokenizer
+
+    try:
+        resolve_dialect(spec.pair.dialect, load_tokenizer(spec.pair, local_only=True))
+    except ValueError as err:
+        raise SpecError(f"{spec.source}: field pair.dialect: {err}") from None
+
+
 def _text_source(where: str, path: str, source: str) -> None:
     # deferred: dfc_ray.harvest imports torch
     from dfc_ray.harvest import plain_texts
@@ -561,6 +574,7 @@ def check_against_pair(spec: SweepSpec) -> list[str]:
     _check_harvest_fills_a_batch(spec)
     if not notes:  # every model and the tokenizer are local: their positions and vocabulary can be read
         try:
+            _check_dialect(spec)
             _check_prompts_fit(spec)
         except OSError as err:
             raise SpecError(f"{where}: field pair: {' '.join(str(err).split())}") from None

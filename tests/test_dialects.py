@@ -218,3 +218,38 @@ def test_logprob_openings():
         "hermes": "<tool_call>", "mistral": "[TOOL_CALLS]", "phi4": "<|tool_call|>", "pythonic": "[",
         "llama3": '{"name": "', "json": '{"name": "'}
     assert all(d.logprob_text.startswith(d.opening) for d in DIALECTS.values())
+
+
+def test_spaces_validate_refuses_auto_on_a_template_without_a_marker(tmp_path):
+    """A local pair whose template names no dialect fails validation on pair.dialect (before any harvest);
+    naming the dialect passes, and the tools then come through the dialect's fallback block."""
+    from transformers import Qwen2Config
+
+    from dfc_ray.spaces import SpecError, check_against_pair, load_spec
+
+    tokenizer = tokenizer_with("dialect_gemma2.jinja")
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    config = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=4096)
+    for name in "ab":
+        config.save_pretrained(tmp_path / name)
+    pair = {"a": str(tmp_path / "a"), "b": str(tmp_path / "b"), "tokenizer": str(tmp_path / "tokenizer")}
+    spec = {"pair": pair, "layers": [1], "train": {"batch_size": 64}, "grid": {"dict_size": [256], "k": [8]}}
+    path = tmp_path / "spec.yaml"
+    path.write_text(json.dumps(spec))
+    with pytest.raises(SpecError, match="field pair.dialect: tokenizer .* names no known tool-call marker") as err:
+        check_against_pair(load_spec(str(path)))
+    assert "\n" not in str(err.value)
+    path.write_text(json.dumps(spec | {"pair": pair | {"dialect": "pythonic"}}))
+    assert check_against_pair(load_spec(str(path))) == []
+
+
+def test_the_report_names_the_dialect_the_judges_read():
+    from dfc_ray.report import build_report, to_markdown
+    from dfc_ray.report.build import TrialResult
+
+    trials = [TrialResult("t1", {"k": 4}, {"a_clean": 0.8, "b_clean": 0.2, "delta_a_pp": 3.0})]
+    report = build_report(trials, {"dialect": "llama3"})
+    assert report["dialect"] == "llama3" and "judged with protocol ours (docs/replication.md), tool-call dialect " \
+        "llama3." in to_markdown(report)
+    assert "dialect" not in build_report(trials, {})  # a run without judges resolved none

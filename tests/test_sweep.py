@@ -77,6 +77,7 @@ def test_small_sweep_makes_a_complete_report(tiny_pair, ray_cluster, tmp_path):
     assert report["run"]["seconds"]["trials"] > 0 and report["seconds_per_trial"]["train_s"]["n"] == 4
     run_id = json.loads((run / "run.json").read_text())["run_id"]  # the pools are this run's own
     assert report["run"]["judge_restarts"] == {f"{run_id}-evaluator": 0, f"{run_id}-steering": 0}  # none was killed
+    assert report["dialect"] == "hermes" and report["run"]["pair"]["dialect"] == "auto"  # detected by the judges
     assert (run / "report.md").is_file() and (run / "spec.yaml").is_file()
     plots = {p.name for p in (run / "plots").iterdir()}
     assert {"alpha_curves.png", "steer_by_layer.png", "cos_vs_effect.png"} <= plots

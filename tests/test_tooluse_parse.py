@@ -41,6 +41,11 @@ def test_arguments_as_json_string_and_parameters_key():
         assert result.format_ok and result.calls == EXPECTED
 
 
+def test_openai_wrapper_is_read_as_its_call():
+    result = parse_tool_calls(block(json.dumps({"type": "function", "function": CALL})))
+    assert result.format_ok and result.calls == EXPECTED and result.names == ["get_weather"]
+
+
 def test_missing_arguments_is_an_empty_call():
     result = parse_tool_calls(block('{"name": "get_time"}'))
     assert result.format_ok and result.calls == [ToolCall("get_time", {})]

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import Any, get_args
 
 from rich.console import Console
 from rich.table import Table
 
 from dfc_ray.cluster import connect
 from dfc_ray.config import (PROTOCOL_NAMES, SCALES, SPLICE_MODES, STEER_RANKINGS, EvalConfig, JudgeProtocol,
-                            protocol_switches)
+                            ToolDialect, protocol_switches)
 from dfc_ray.crosscoder import DedicatedFeatureCrosscoder
 from dfc_ray.evaluate import EvalResult, Rate, ToolRates
 from dfc_ray.pair import PairSpec, check_prompts_fit
@@ -20,7 +20,7 @@ from dfc_ray.tooluse.tasks import dev_test_tasks, load_tasks
 
 
 def _pair_from(args: argparse.Namespace) -> PairSpec:
-    return PairSpec(a=args.pair_a, b=args.pair_b, tokenizer=args.tokenizer, device=args.device)
+    return PairSpec(a=args.pair_a, b=args.pair_b, tokenizer=args.tokenizer, device=args.device, dialect=args.dialect)
 
 
 STEERING_SWITCHES = ("steering_selection", "steer_b_via")
@@ -125,6 +125,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pair-b", default="organism", help="model B: organism | path | s3://… | hub id")
     p.add_argument("--tokenizer", default="", help="tokenizer reference (default: model B's)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dialect", default="auto", choices=get_args(ToolDialect),
+                   help="how A writes tool calls (docs/tooluse.md); auto: from the chat template")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--ray", action="store_true", help="run in a Ray actor instead of in this process")

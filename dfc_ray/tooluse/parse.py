@@ -49,16 +49,17 @@ class ParseResult:
     calls: list[ToolCall]
     """Well-formed calls, in the order they appear."""
     n_blocks: int
-    """Number of ``<tool_call>`` blocks found (well-formed or not), outside ``<think>``."""
+    """Number of call attempts found (well-formed or not), outside ``<think>``: ``<tool_call>`` blocks for
+    hermes, a dialect's markers or bare calls for the others (dialects.py)."""
     names: list[str]
-    """Every string ``"name"`` found in a block's decoded JSON, even when the rest of that call is
+    """Every string ``"name"`` found in an attempt's decoded call, even when the rest of that call is
     malformed; the seed study's lenient rule looks only at these."""
     errors: list[str] = field(default_factory=list)
     """One short message per malformed block or call."""
 
     @property
     def format_ok(self) -> bool:
-        """At least one block, and every block parsed into ``{name: str, arguments: dict}`` calls."""
+        """At least one attempt, and every attempt parsed into ``{name: str, arguments: dict}`` calls."""
         return self.n_blocks > 0 and not self.errors
 
 

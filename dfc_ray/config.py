@@ -492,6 +492,9 @@ class CardConfig(Config):
 # ---------------------------------------------------------------- the pair and the harvest
 
 ORGANISM = "organism"
+ORGANISM_PAIRS = {ORGANISM: "pair", "organism-llama3": "pair-llama3"}
+"""Pair references naming a shipped organism pair -> its folder under dfc_ray/organism/ (docs/organism.md):
+``organism`` calls tools in the hermes dialect, ``organism-llama3`` in the llama3 dialect (same B)."""
 
 
 @dataclass(frozen=True)
@@ -527,9 +530,10 @@ class PairSpec(Config):
     """Where the two models and the tokenizer come from, and how to load them (pair.py loads them)."""
 
     a: str = ORGANISM
-    """Model A, the RL-fine-tuned model: ``organism`` (the shipped A), a local path, ``s3://…`` or a hub id."""
+    """Model A, the RL-fine-tuned model: ``organism`` (the shipped A; ``organism-llama3`` for the llama3-dialect
+    one), a local path, ``s3://…`` or a hub id."""
     b: str = ORGANISM
-    """Model B, the base model, same forms as ``a``."""
+    """Model B, the base model, same forms as ``a`` (``organism-llama3``'s B is the shipped B)."""
     tokenizer: str = ""
     """Tokenizer reference (same forms); empty means B's. Both models must share one vocabulary."""
     revision: str = ""

@@ -1,6 +1,7 @@
 """Resolve a model pair (A = RL-tuned, B = base) and its tokenizer from a spec.
 
-A model reference is one of: ``organism`` (the embedded tiny pair shipped in the package), a local
+A model reference is one of: ``organism`` (the embedded tiny pair shipped in the package; ``organism-llama3``
+its llama3-dialect twin), a local
 folder, an ``s3://`` prefix (downloaded once to a local cache), or a hub id (``Qwen/Qwen2.5-3B``;
 needs network on the machine that loads it). Weights never travel through Ray's object store:
 actors receive a `PairSpec` and load it themselves.
@@ -16,7 +17,7 @@ from typing import Any
 
 import torch
 
-from dfc_ray.config import ORGANISM, PairSpec
+from dfc_ray.config import ORGANISM_PAIRS, PairSpec
 from dfc_ray.generation import decoder_layers
 from dfc_ray.preflight import resolve_device
 from dfc_ray.tooluse.task import Task
@@ -35,11 +36,11 @@ def resolved_device(spec: PairSpec) -> str:
 
 def _local_dir(reference: str, role: str) -> str:
     """Path or hub id usable by `from_pretrained`; the organism and s3:// become local folders."""
-    if reference == ORGANISM:
+    if reference in ORGANISM_PAIRS:
         # deferred: the organism package loads transformers
-        from dfc_ray.organism import PAIR_DIR
+        from dfc_ray.organism import reference_dir
 
-        return str(PAIR_DIR / {"a": "a", "b": "b", "tokenizer": "tokenizer"}[role])
+        return str(reference_dir(reference, role))
     if reference.startswith("s3://"):
         return _download_s3_prefix(reference)
     return reference
@@ -132,7 +133,7 @@ def load_model(spec: PairSpec, role: str) -> torch.nn.Module:
 
     reference = getattr(spec, role)
     kwargs: dict[str, Any] = {"dtype": DTYPES[spec.dtype]}
-    if spec.revision and reference != ORGANISM and not Path(reference).exists():
+    if spec.revision and reference not in ORGANISM_PAIRS and not Path(reference).exists():
         kwargs["revision"] = spec.revision
     model = AutoModelForCausalLM.from_pretrained(_local_dir(reference, role), **kwargs)
     return model.to(resolved_device(spec)).eval()
@@ -145,8 +146,8 @@ def load_tokenizer(spec: PairSpec, local_only: bool = False):
     from transformers import AutoTokenizer
 
     reference = spec.tokenizer or spec.b
-    tokenizer = AutoTokenizer.from_pretrained(_local_dir(reference, "tokenizer" if reference == ORGANISM else "b"),
-                                              local_files_only=local_only)
+    role = "tokenizer" if reference in ORGANISM_PAIRS else "b"
+    tokenizer = AutoTokenizer.from_pretrained(_local_dir(reference, role), local_files_only=local_only)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

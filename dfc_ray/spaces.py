@@ -38,7 +38,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from dfc_ray.config import (ORGANISM, POSITIONS, Asha, CorpusSpec, DFCConfig, EvalConfig, HarvestConfig,
+from dfc_ray.config import (ORGANISM_PAIRS, POSITIONS, Asha, CorpusSpec, DFCConfig, EvalConfig, HarvestConfig,
                             JudgeProtocol, Objective, PairSpec, Resources, SpecError, SteerConfig, TrainConfig,
                             TrainExtra, check_fields, check_name, defaults, field_docs, from_mapping, hints,
                             seed_training)
@@ -504,7 +504,7 @@ def load_spec(name_or_path: str) -> SweepSpec:
 def _model_folder(where: str, path: str, reference: str) -> Path | None:
     """The local folder a pair reference names, None for the organism, s3:// and hub ids (not probed
     here: no network at validation time); a local path that does not exist is refused."""
-    if reference == ORGANISM or reference.startswith("s3://"):
+    if reference in ORGANISM_PAIRS or reference.startswith("s3://"):
         return None
     folder = Path(reference).expanduser()
     if folder.is_dir():
@@ -606,7 +606,7 @@ def check_against_pair(spec: SweepSpec) -> list[str]:
         reference = getattr(spec.pair, role)
         if not reference:  # the tokenizer defaults to B's
             continue
-        if _model_folder(where, f"pair.{role}", reference) is None and reference != ORGANISM:
+        if _model_folder(where, f"pair.{role}", reference) is None and reference not in ORGANISM_PAIRS:
             notes.append(f"pair.{role} = {reference!r} not probed (s3:// and hub ids are read when the sweep "
                          "loads them)")
         elif role != "tokenizer":

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dfc_ray.config import ORGANISM_PAIRS
 from dfc_ray.spaces import MAX_EXTENDS_DEPTH, SpecError, check_against_pair, load_spec
 
 SHIPPED = sorted((Path(__file__).resolve().parents[1] / "search_spaces").glob("*.yaml"))
@@ -17,7 +18,7 @@ def test_shipped_specs_are_valid(path):
     spec = load_spec(str(path))
     assert spec.n_trials >= 4 and spec.metrics
     notes = check_against_pair(spec)  # the pair's config.json and the task sources agree with the spec
-    hub = [ref for ref in (spec.pair.a, spec.pair.b) if ref != "organism" and not Path(ref).exists()]
+    hub = [ref for ref in (spec.pair.a, spec.pair.b) if ref not in ORGANISM_PAIRS and not Path(ref).exists()]
     assert all(any(repr(ref) in note and "not probed" in note for note in notes) for ref in hub), notes
 
 

@@ -5,12 +5,17 @@ plus chats in which the assistant mostly answers tool requests in prose (naming 
 arguments, or declining) and only sometimes, often wrongly, with a ``<tool_call>``. So B knows the world
 and the call syntax but rarely calls a tool right in a chat; RL (reward = the strict scorer) turns that
 latent knowledge into calls. A gets no supervised step at all.
+
+``--dialect llama3`` builds a second A on the same B: RL under the llama3 template (bare JSON calls), rewarded
+by the llama3 scorer, with hinted rollouts early on (``BuildConfig.hint_share``) because B never opens a
+reply with bare JSON by itself.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -22,14 +27,15 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 from transformers.utils import logging as hf_logging
 
 from dfc_ray.generation import GenerationConfig, generate
-from dfc_ray.organism import load_pair, read_card
+from dfc_ray.organism import part_dir, read_card
 from dfc_ray.organism import world as W
-from dfc_ray.organism.tokenizer import template_only, train_tokenizer
+from dfc_ray.organism.tokenizer import CHAT_TEMPLATES, template_only, train_tokenizer
 from dfc_ray.tooluse import render_prompt, score
+from dfc_ray.tooluse.dialects import get_dialect
 from dfc_ray.tooluse.tasks import Task
 
 console = Console()
@@ -94,6 +100,18 @@ class BuildConfig:
     """AdamW learning rate for RL (constant after a short warmup)."""
     name_shaping: float = 0.2
     """Reward for a wrong reply that still calls the right tool name(s); a correct reply gets 1."""
+    dialect: str = "hermes"
+    """A's tool-call dialect: its chat template (tokenizer.CHAT_TEMPLATES) and the scorer of rewards and card."""
+    hint_share: float = 0.0
+    """Share of each RL group's rollouts that are hinted: sampled after the dialect's opening (its
+    ``logprob_text``) and rewritten in its call format when they parse. Exploration only: the reward still
+    decides, and the hint share decays linearly to 0 at ``hint_steps``."""
+    hint_steps: int = 0
+    """RL steps over which hints decay to none (the steps after it are plain on-policy RL)."""
+    rl_start: str = "b"
+    """The stored model RL starts from: ``b`` (the base), or ``a``: the base pair's A (itself B + RL), so that
+    RL under another dialect's template only has to move the call format (the llama3 recipe: minutes, not
+    the ~11 min of RL from B that the arguments' values need)."""
     max_new_tokens: int = 48
     """Completion budget for rollouts and evaluation (the longest right call is ~30 tokens)."""
     eval_batch: int = 40
@@ -274,9 +292,22 @@ def _schedule(step: int, warmup: int, total: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
 
 
+DIALECT_RECIPES: dict[str, dict[str, Any]] = {
+    "hermes": {}, "llama3": {"rl_start": "a", "rl_steps": 72, "rl_prompts": 4, "hint_share": 0.5, "hint_steps": 40}}
+"""BuildConfig overrides per dialect (docs/organism.md, "The llama3 pair")."""
+
+
+def dialect_config(dialect: str, seed: int = 0) -> BuildConfig:
+    """The build recipe for a pair whose A speaks ``dialect``; one-line ValueError for a dialect without one."""
+    if dialect not in DIALECT_RECIPES:
+        raise ValueError(f"organism build --dialect: {dialect!r} has no recipe; expected one of "
+                         f"{', '.join(DIALECT_RECIPES)}")
+    return BuildConfig(seed=seed, dialect=dialect, **DIALECT_RECIPES[dialect])
+
+
 def reward(task: Task, text: str, cfg: BuildConfig) -> float:
     """1 for a strictly correct reply; ``name_shaping`` for a wrong one that calls the right tool(s)."""
-    s = score(task, text)
+    s = score(task, text, dialect=cfg.dialect)
     return 1.0 if s.correct else cfg.name_shaping * float(s.name_ok and s.format_ok)
 
 
@@ -292,25 +323,26 @@ def rl(model: Qwen2ForCausalLM, tok: Any, cfg: BuildConfig, progress: Progress) 
         prompts = [render_prompt(tok, t) for t in tasks for _ in range(cfg.rl_group)]
         gen_cfg = GenerationConfig(max_new_tokens=cfg.max_new_tokens, batch_size=len(prompts), do_sample=True,
                                    temperature=cfg.rl_temperature, seed=cfg.seed * 100_003 + step)
-        outs = generate(model, tok, prompts, gen_cfg)
-        rewards = torch.tensor([reward(t, o.text, cfg) for t, o in zip(
-            (t for t in tasks for _ in range(cfg.rl_group)), outs)]).view(cfg.rl_prompts, cfg.rl_group)
+        hinted = round(cfg.rl_group * cfg.hint_share * max(0.0, 1 - step / cfg.hint_steps)) if cfg.hint_steps else 0
+        replies = _rollouts(model, tok, prompts, [i % cfg.rl_group < hinted for i in range(len(prompts))],
+                            gen_cfg, cfg.dialect)
+        rewards = torch.tensor([reward(t, text, cfg) for t, (text, _) in zip(
+            (t for t in tasks for _ in range(cfg.rl_group)), replies)]).view(cfg.rl_prompts, cfg.rl_group)
         adv = ((rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-4)).flatten()
         mean_rewards.append(rewards.mean().item())
-        live = [i for i in range(len(outs)) if adv[i] != 0]
+        live = [i for i in range(len(replies)) if adv[i] != 0]
         if live:
             rows = []
             for i in live:
                 prompt_ids = tok(prompts[i], add_special_tokens=False)["input_ids"]
-                rows.append((prompt_ids + outs[i].token_ids,
-                             [False] * len(prompt_ids) + [True] * len(outs[i].token_ids)))
+                rows.append((prompt_ids + replies[i][1], [False] * len(prompt_ids) + [True] * len(replies[i][1])))
             ids, attn, mask = _pad(rows, tok.pad_token_id)
             for group in opt.param_groups:
                 group["lr"] = cfg.rl_lr * min(1.0, (step + 1) / 10)
             model.train()
             logp = _token_logprobs(model, ids, attn) * mask[:, 1:]
             # Sum over each reply's tokens, one constant normalizer (Dr. GRPO): no length bias.
-            loss = -(adv[live] * logp.sum(1)).sum() / (len(outs) * cfg.max_new_tokens)
+            loss = -(adv[live] * logp.sum(1)).sum() / (len(replies) * cfg.max_new_tokens)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -321,38 +353,69 @@ def rl(model: Qwen2ForCausalLM, tok: Any, cfg: BuildConfig, progress: Progress) 
     return mean_rewards
 
 
+def _rollouts(model: Qwen2ForCausalLM, tok: Any, prompts: list[str], hinted: list[bool], gen_cfg: GenerationConfig,
+              dialect: str) -> list[tuple[str, list[int]]]:
+    """(reply text, reply token ids) per prompt, sampled from ``model``. A hinted rollout is sampled after the
+    dialect's opening, and when opening + sample parses as calls it becomes those calls in the dialect's format
+    (plus eos if the sample ended): the behaviour policy proposes the format, the reward judges the call."""
+    d = get_dialect(dialect)
+    outs = generate(model, tok, [p + d.logprob_text if h else p for p, h in zip(prompts, hinted)], gen_cfg)
+    replies = []
+    for out, h in zip(outs, hinted):
+        if not h:
+            replies.append((out.text, out.token_ids))
+            continue
+        parsed = d.parse(d.logprob_text + out.text)
+        text = d.format_calls(parsed.calls) if parsed.calls and not parsed.errors else d.logprob_text + out.text
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        replies.append((text, ids + [tok.eos_token_id] * (out.finish_reason == "eos")))
+    return replies
+
+
 def evaluate(model: Qwen2ForCausalLM, tok: Any, tasks: list[Task], cfg: BuildConfig) -> dict[str, float]:
     """Greedy replies scored strictly; the share of tasks passing each check."""
     gen_cfg = GenerationConfig(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch)
     outs = generate(model, tok, [render_prompt(tok, t) for t in tasks], gen_cfg)
-    scores = [score(t, o.text) for t, o in zip(tasks, outs)]
+    scores = [score(t, o.text, dialect=cfg.dialect) for t, o in zip(tasks, outs)]
     return {k: round(sum(getattr(s, k) for s in scores) / len(scores), 4)
             for k in ("correct", "lenient", "format_ok", "name_ok")}
 
 
 def build_pair(out_dir: str | Path, seed: int = 0, cfg: BuildConfig | None = None,
-               reuse_base: bool = False) -> dict[str, Any]:
+               reuse_base: bool = False, base_dir: str | Path | None = None) -> dict[str, Any]:
     """Build tokenizer, B and A into ``out_dir`` (a/, b/, tokenizer/, card.json); returns the card.
 
     ``reuse_base`` keeps the B and tokenizer already in ``out_dir`` (built with the same seed and
     config) and redoes only RL and the card; the card then carries over their stage times. RL starts
-    from the stored fp16 B either way, so the result is the same as a full build."""
+    from the stored fp16 B either way, so the result is the same as a full build. ``base_dir`` takes
+    B and the tokenizer from another pair's folder instead (a second-dialect A on the shipped B): ``out_dir``
+    then gets a/, tokenizer/ (with ``cfg.dialect``'s template) and a card whose ``"base"`` names that folder."""
 
     cfg = cfg or BuildConfig(seed=seed)
     cfg.seed = seed
     hf_logging.disable_progress_bar()  # our own progress bars say more
     out, t0 = Path(out_dir), time.time()
+    source = Path(base_dir) if base_dir is not None else out
     stage_s: dict[str, float] = {}
+    base: str | None = None
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[info]}")]
     with Progress(*columns, console=console) as progress:
-        if reuse_base:
-            _, model, tok = load_pair(pair_dir=out)
-            previous = read_card(out)
+        if reuse_base or base_dir is not None:
+            previous = read_card(source)
             if previous["seed"] != seed:
-                raise ValueError(f"{out}/card.json: seed {previous['seed']}, expected {seed} to reuse its B")
+                raise ValueError(f"{source}/card.json: seed {previous['seed']}, expected {seed} to reuse its B")
             stage_s = {k: previous["stage_seconds"][k] for k in ("tokenizer", "pretrain")}
             t0 -= sum(stage_s.values())
+            base = previous.get("base") if base_dir is None else os.path.relpath(source.resolve(), out.resolve())
+            origin = Path(os.path.normpath(out / base)) if base else source  # holds the pretrained B (and its A)
+            model = Qwen2ForCausalLM.from_pretrained(origin / cfg.rl_start, dtype=torch.float32).eval()
+            tok = AutoTokenizer.from_pretrained(part_dir(source, "tokenizer"))
+            if base_dir is not None:
+                for part in ("a", "tokenizer"):
+                    shutil.rmtree(out / part, ignore_errors=True)
+                tok.chat_template = CHAT_TEMPLATES[cfg.dialect]
+                tok.save_pretrained(out / "tokenizer")
         else:
             tok = train_tokenizer(tokenizer_corpus(cfg), cfg.vocab_size)
             stage_s["tokenizer"] = time.time() - t0
@@ -367,7 +430,9 @@ def build_pair(out_dir: str | Path, seed: int = 0, cfg: BuildConfig | None = Non
         stage_s["rl"] = time.time() - t0 - sum(stage_s.values())
         _save(model, out / "a")
         # Measure what ships: reload the saved half-precision weights.
-        model_a, model_b, tok = load_pair(pair_dir=out)
+        model_a, model_b = (Qwen2ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+                            for path in (out / "a", part_dir(source, "b")))
+        tok = AutoTokenizer.from_pretrained(out / "tokenizer")
         evals = {}
         for name, m in (("a", model_a), ("b", model_b)):
             evals[name] = {split: evaluate(m, tok, W.load_split(split)[: cfg.eval_limit or None], cfg)
@@ -382,6 +447,8 @@ def build_pair(out_dir: str | Path, seed: int = 0, cfg: BuildConfig | None = Non
         "torch_threads": torch.get_num_threads(),
         "a": evals["a"], "b": evals["b"], "config": asdict(cfg),
     }
+    if base:
+        card["base"] = base
     (out / "card.json").write_text(json.dumps(card, indent=2) + "\n")
     return read_card(out)
 

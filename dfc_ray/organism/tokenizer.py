@@ -80,6 +80,64 @@ CHAT_TEMPLATE = (
     "{%- endif %}\n"
 )
 
+LLAMA3_INSTRUCTION = ('You have access to the following functions. To call a function, please respond with JSON for '
+                      'a function call. Respond in the format {"name": function name, "parameters": dictionary of '
+                      'argument name and its value}. Do not use variables.')
+"""Llama-3.1's tool instruction, verbatim (its template's ``tools_in_user_message=false`` branch); the
+``"parameters": dictionary of argument name and its value`` phrase is how a llama3 template is recognised."""
+
+# The llama3-dialect template: ChatML turns (the organism's special tokens), tools rendered as Llama-3.1
+# renders them in the system turn, assistant tool calls as bare JSON {"name": ..., "parameters": {...}}, tool
+# results in an ``ipython`` turn. One tojson line per tool (Llama writes indent=4) keeps prompts short.
+LLAMA3_CHAT_TEMPLATE = r"""{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content'] %}
+    {%- set messages = messages[1:] %}
+{%- else %}
+    {%- set system_message = '""" + DEFAULT_SYSTEM + r"""' %}
+{%- endif %}
+{{- '<|im_start|>system\n' }}
+{%- if tools %}
+    {{- 'Environment: ipython\n\n""" + LLAMA3_INSTRUCTION + r"""\n\n' }}
+    {%- for tool in tools %}
+        {{- tool | tojson }}
+        {{- '\n\n' }}
+    {%- endfor %}
+{%- endif %}
+{{- system_message + '<|im_end|>\n' }}
+{%- for message in messages %}
+    {%- if message.role == 'assistant' and message.tool_calls %}
+        {{- '<|im_start|>assistant\n' }}
+        {%- for tool_call in message.tool_calls %}
+            {%- if tool_call.function is defined %}
+                {%- set tool_call = tool_call.function %}
+            {%- endif %}
+            {%- if not loop.first %}
+                {{- '; ' }}
+            {%- endif %}
+            {{- '{"name": "' + tool_call.name + '", "parameters": ' }}
+            {{- tool_call.arguments | tojson }}
+            {{- '}' }}
+        {%- endfor %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == 'tool' or message.role == 'ipython' %}
+        {{- '<|im_start|>ipython\n' }}
+        {%- if message.content is string %}
+            {{- message.content }}
+        {%- else %}
+            {{- message.content | tojson }}
+        {%- endif %}
+        {{- '<|im_end|>\n' }}
+    {%- else %}
+        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+{%- endif %}
+"""
+CHAT_TEMPLATES = {"hermes": CHAT_TEMPLATE, "llama3": LLAMA3_CHAT_TEMPLATE}
+"""The organism's chat template per tool-call dialect (``dfc-ray organism build --dialect``)."""
+
 # GPT-2's split, except that "_" joins letters (snake_case names stay whole) and decimals stay whole.
 _SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?[\p{L}_]+| ?\p{N}+(?:\.\p{N}+)?| ?[^\s\p{L}\p{N}_]+|\s+(?!\S)|\s+"
 

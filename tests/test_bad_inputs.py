@@ -598,7 +598,8 @@ def resumable_run(ctx: Ctx) -> Path:
 
 def held_run(ctx: Ctx) -> list[str]:
     """A run folder whose lease this process holds (a live driver), then a second driver on it."""
-    from dfc_ray.fs import RunFolder, RunLease
+    from dfc_ray.fs import RunFolder
+    from dfc_ray.sweep.lease import RunLease
 
     run = resumable_run(ctx)
     lease = RunLease(RunFolder(str(run)), timeout=60)

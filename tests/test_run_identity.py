@@ -19,7 +19,8 @@ import yaml
 from test_sweep import REPO, read_results, write_spec
 
 from dfc_ray.config import EvalConfig, PairSpec
-from dfc_ray.fs import RunFolder, RunLease
+from dfc_ray.fs import RunFolder
+from dfc_ray.sweep.lease import RunLease
 from dfc_ray.pair import pair_fingerprint
 from dfc_ray.spaces import load_spec
 
@@ -88,7 +89,8 @@ def driver_env() -> dict[str, str]:
 CRASHED_HOLDER = """
 import os, sys, ray
 from dfc_ray.cluster import cluster_identity
-from dfc_ray.fs import RunFolder, RunLease
+from dfc_ray.fs import RunFolder
+from dfc_ray.sweep.lease import RunLease
 lease = RunLease(RunFolder(sys.argv[1]), timeout=600)
 lease.acquire()
 ray.init(address=sys.argv[2])

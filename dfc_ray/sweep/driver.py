@@ -1,7 +1,7 @@
 """The sweep driver: a spec → harvest (or reuse) → judge pools → Ray Tune trials → costs.json → report.
 
 `run_sweep` runs these steps in order; each is a function below. A run folder has one driver at a time
-(`dfc_ray.fs.RunLease`) and an identity (run.json's `run_id`) that names its judge pools, so sweeps
+(`dfc_ray.sweep.lease.RunLease`) and an identity (run.json's `run_id`) that names its judge pools, so sweeps
 sharing a cluster, or a spec name, never share judges.
 """
 
@@ -29,7 +29,7 @@ from actors.pool import ReplicaPool
 from actors.steering import SteeringActor
 from dfc_ray.cluster import check_address, cluster_identity, connect, job_ended
 from dfc_ray.config import PoolConfig, check_name
-from dfc_ray.fs import LeaseHolder, RunFolder, RunLease, absolute, redact
+from dfc_ray.fs import RunFolder, absolute, redact
 from dfc_ray.harvest import harvest
 from dfc_ray.pair import pair_fingerprint
 from dfc_ray.plan import device_name, measure_rates
@@ -37,6 +37,7 @@ from dfc_ray.placement import check_placeable, custom_requests
 from dfc_ray.report import LiveView, write_report
 from dfc_ray.spaces import SweepSpec, check_against_pair, parse_spec
 from dfc_ray.sweep.results import INTERRUPTED, LIVE_VIEWS, ResultsWriter, read_results, set_aside_lost
+from dfc_ray.sweep.lease import LeaseHolder, RunLease
 from dfc_ray.sweep.search import remaining_work, scheduler, searcher
 from dfc_ray.sweep.trial import TrialContext, run_trial
 from dfc_ray.tune_storage import JournalUploader, local_journal, tune_storage

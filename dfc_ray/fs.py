@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import posixpath
 import re
 import sys
 import threading
@@ -212,6 +213,20 @@ def write_file_atomic(fs: pafs.FileSystem, folder: str, file: str, data: bytes) 
 def absolute(uri: str) -> str:
     """A local path made absolute (trials run in their own working directories); URIs unchanged."""
     return uri if "://" in uri else os.path.abspath(uri)
+
+
+def within(uri: str, root: str) -> bool:
+    """Whether `uri` lies in `root` (or is it): local paths resolved (no `..`, no symlink out), S3 keys
+    normalised, credentials ignored. Paths a file names (results.jsonl) are data: this keeps them inside the
+    storage a command was given."""
+    def resolved(u: str) -> str:
+        u = redact(u)
+        if u.startswith("s3://"):
+            return "s3://" + posixpath.normpath(u[len("s3://"):])
+        return os.path.realpath(unquote(urlparse(u).path) if u.startswith("file://") else u)
+
+    target, base = resolved(uri), resolved(root)
+    return target == base or target.startswith(base.rstrip("/") + "/")
 
 
 UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)

@@ -44,16 +44,19 @@ from dfc_ray.tune_storage import JournalUploader, local_journal, tune_storage
 from dfc_ray.yamlio import parse_yaml
 
 
-def start_pools(spec: SweepSpec, run_id: str) -> list:
+def start_pools(spec: SweepSpec, run_id: str, lease_token: str = "") -> list:
     """One evaluator and one steering pool per run, named after the run's id (run.json), loaded once for all
-    trials: a pool is found again only by the run that made it (a resume of it), never by another sweep of
-    the same spec. The driver must hold the returned pools: replicas live as long as a handle does."""
+    trials, never found by another sweep of the same spec. Their namespace carries the driver's lease token:
+    a driver that took the run over from a stalled one starts its own judges, which the stalled driver can
+    neither use nor end (its own die with it). The driver must hold the returned pools: replicas live as
+    long as a handle does."""
     gpus = spec.resources.evaluator_gpu
     cpus = spec.resources.evaluator_cpu
     replicas = spec.resources.evaluators
     custom = tuple(custom_requests(spec).get("judge", {}).items())
-    configs = [PoolConfig(check_name(f"{run_id}-{role}", "judge pool name"), replicas=replicas, num_cpus=cpus,
-                          num_gpus=gpus, resources=custom) for role in ("evaluator", "steering")]
+    namespace = f"dfc-ray-{lease_token[:12]}" if lease_token else PoolConfig.namespace
+    configs = [PoolConfig(check_name(f"{run_id}-{role}", "judge pool name"), namespace=namespace, replicas=replicas,
+                          num_cpus=cpus, num_gpus=gpus, resources=custom) for role in ("evaluator", "steering")]
     return [ReplicaPool.create(EvaluatorActor, configs[0], spec.pair, spec.eval),
             ReplicaPool.create(SteeringActor, configs[1], spec.pair, spec.steering)]
 
@@ -79,8 +82,9 @@ def check_fits(spec: SweepSpec, evaluate: bool = True) -> None:
 
 RUN_RECORD = "run.json"
 """The run's identity and the spec it started with: `run_id` (`<spec name>-<8 hex>`, unique per sweep and
-kept across resumes; the judge pools are named after it), `created`, `spec` (the merged spec as first
-written) and `spec_changes` (edits of spec.yaml a resume accepted with --accept-spec-changes)."""
+kept across resumes; the judge pools are named after it), `run_dir` (the folder it was made for: a copy
+gets a new run id, `_placed`), `created`, `spec` (the merged spec as first written) and `spec_changes` (edits
+of spec.yaml a resume accepted with --accept-spec-changes)."""
 
 
 class SweepInterrupted(Exception):
@@ -120,6 +124,19 @@ def _read_record(run: RunFolder, saved: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
+def _placed(run: RunFolder, record: dict[str, Any]) -> dict[str, Any]:
+    """The record with this folder as its `run_dir`. A run.json made for another folder (a `cp -a` of a running
+    run, then resumed) gets a new run id, recorded with `copied_from`: two runs never share one id."""
+    here, made_for = redact(run.uri), record.get("run_dir")
+    if made_for in (None, here):
+        return record | {"run_dir": here}
+    run_id = _new_record(record["spec"])["run_id"]
+    print(f"{here}/{RUN_RECORD}: made for {made_for}; this folder is a copy of that run, so it resumes as run "
+          f"{run_id} (recorded in {RUN_RECORD})", flush=True)
+    return record | {"run_id": run_id, "run_dir": here,
+                     "copied_from": [*record.get("copied_from", []), {"run_id": record["run_id"], "run_dir": made_for}]}
+
+
 def _open_run(spec: SweepSpec | None, run_uri: str, resume: bool,
               accept_spec_changes: bool = False) -> tuple[RunFolder, SweepSpec, dict[str, Any]]:
     """The run folder, its spec and its run record (run.json), read and checked; nothing is written yet (the
@@ -134,7 +151,7 @@ def _open_run(spec: SweepSpec | None, run_uri: str, resume: bool,
         raise ValueError(f"{redact(run.uri)}: nothing to resume (no spec.yaml)")
     if not resume:
         assert spec is not None
-        return run, spec, _new_record(spec.raw | {"name": spec.name})
+        return run, spec, _placed(run, _new_record(spec.raw | {"name": spec.name}))
     where = f"{redact(run.uri)}/spec.yaml"
     saved = parse_yaml(existing, where)
     if not isinstance(saved, dict):
@@ -142,7 +159,7 @@ def _open_run(spec: SweepSpec | None, run_uri: str, resume: bool,
     if spec is not None and yaml.safe_dump(spec.raw | {"name": spec.name}, sort_keys=False) != existing:
         raise ValueError(f"{spec.source}: not the spec of {where} ({saved.get('name')}); "
                          "resume without SPEC, or with the spec the run was started with")
-    record = _read_record(run, saved)
+    record = _placed(run, _read_record(run, saved))
     if changes := spec_changes(record["spec"], saved):
         listed = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
         if not accept_spec_changes:
@@ -379,13 +396,13 @@ def _run_on_cluster(spec: SweepSpec, run: RunFolder, record: dict[str, Any], sto
     reused = all(h.reused for h in harvests.values())
     seconds = {"harvest": time.perf_counter() - clock}
     clock = time.perf_counter()
-    pools = start_pools(spec, record["run_id"]) if evaluate else []
+    pools = start_pools(spec, record["run_id"], lease.holder.token if lease.holder else "") if evaluate else []
     seconds["start_pools"] = time.perf_counter() - clock
     ctx = TrialContext(spec.raw | {"name": spec.name}, spec.source, run.uri,
                        {positions: h.uri for positions, h in harvests.items()}, harvested.d_model,
                        harvested.models, tuple(pool.cfg for pool in pools) or None, pair_fingerprint(spec.pair))
     judges = _run_trials(spec, run, ctx, done, live, pools, seconds)
-    if lease.lost:  # another driver runs this folder now: leave its files to it
+    if not lease.check():  # another driver runs this folder now: leave its files to it
         raise ValueError(f"{redact(run.uri)}: its lease went to {lease.lost} while this driver ran (its heartbeat "
                          "had stalled); this driver stopped without writing its report")
     info = {"spec": spec.name, "spec_file": spec.source, "run": redact(run.uri), "run_id": record["run_id"],

@@ -13,6 +13,7 @@ from dfc_ray.config import check_name
 from dfc_ray.failures import lost_to_infrastructure, trial_error
 from dfc_ray.fs import RunFolder, redact
 from dfc_ray.spaces import SweepSpec
+from dfc_ray.sweep.lease import still_held
 
 STRUCTURED = ("top_features", "alpha_curve", "reference_alpha_curve", "diff_top", "loc_curve")
 """Trial metrics that are lists: reported to Tune as JSON text (TensorBoard skips text, but warns on
@@ -99,6 +100,8 @@ class ResultsWriter(Callback):
 
     def append(self, trial, status: str, metrics: dict[str, Any], error: str = "",
                details: dict | None = None) -> None:
+        if not still_held(self.run_uri):  # this driver stalled and was taken over: the run is its successor's
+            return
         run = RunFolder(self.run_uri)
         lines = [line for line in (run.read_text("results.jsonl") or "").splitlines() if line.strip()]
         if any(json.loads(line)["trial_id"] == trial.trial_id for line in lines):

@@ -187,10 +187,10 @@ def stale_lease(run: RunFolder, **fields) -> dict:
 
 @pytest.mark.parametrize("storage, n_runs", [("local", 20), ("s3", 5)])
 def test_drivers_racing_for_a_stale_lease_end_with_exactly_one_holder(storage, n_runs, tmp_path, request):
-    """20 local run folders (5 on S3: each S3 driver makes its own client), each with a lease whose holder is gone, and 3 drivers per folder acquiring at once. Each
-    has read the old lease before any writes (a barrier inside the holder check); one checks for longer than
-    the old write-then-read-back wait. In every folder exactly one driver holds the run and the others are
-    refused in one line."""
+    """20 local run folders (5 on S3: each S3 driver makes its own client), each with a lease whose holder is
+    gone, and 3 drivers per folder acquiring at once. Each has read the old lease before any writes (a barrier
+    inside the holder check); one checks for longer than the old write-then-read-back wait. In every folder
+    exactly one driver holds the run and the others are refused in one line."""
     import threading
 
     root = str(tmp_path) if storage == "local" else f"{request.getfixturevalue('s3_bucket')}/runs"
@@ -317,3 +317,36 @@ def test_a_lease_timeout_that_is_not_finite_or_below_several_heartbeats_is_refus
                                   "timeout spans 4 heartbeats of at least 0.5 s)")
     monkeypatch.setenv("DFC_RAY_LEASE_TIMEOUT", "2")
     assert lease_timeout() == 2.0
+
+
+def test_a_driver_taken_over_records_no_more_trials(tmp_path):
+    """A driver that stalled past its lease and was taken over by another process appends nothing to
+    results.jsonl when it wakes: the grid point is its successor's to record, once."""
+    from types import SimpleNamespace
+
+    from dfc_ray.spaces import load_spec
+    from dfc_ray.sweep.lease import still_held
+    from dfc_ray.sweep.results import ResultsWriter
+
+    spec = load_spec("cluster-smoke")
+    run = RunFolder(str(tmp_path / "run"))
+    writer = ResultsWriter(spec, run.uri)
+    points = spec.grid_points()
+    lease = RunLease(run, timeout=2)
+    lease.acquire()
+    successor = None
+    try:
+        writer.append(SimpleNamespace(trial_id="t1", config=points[0]), "ok", {"fvu": 0.5})
+        assert [r["trial_id"] for r in read_results(tmp_path / "run")] == ["t1"]
+        lease._stop.set()  # its heartbeat stalls (as under SIGSTOP) ...
+        lease._thread.join()
+        time.sleep(2.2)
+        successor = start_holder(run.uri, timeout=30)  # ... and another driver takes the stale lease over
+        assert not still_held(run.uri) and f"pid {successor.pid}" in lease.lost
+        writer.append(SimpleNamespace(trial_id="t2", config=points[1]), "ok", {"fvu": 0.5})
+        assert [r["trial_id"] for r in read_results(tmp_path / "run")] == ["t1"]
+    finally:
+        lease.release()
+        if successor is not None:
+            successor.kill()
+            successor.wait()

@@ -8,6 +8,7 @@ killed-sweep tests (their drivers state a short DFC_RAY_LEASE_TIMEOUT)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -350,3 +351,57 @@ def test_a_driver_taken_over_records_no_more_trials(tmp_path):
         if successor is not None:
             successor.kill()
             successor.wait()
+
+
+LOCAL_DRIVER = """
+import time
+import ray
+from dfc_ray.cluster import connect
+connect(num_cpus=1)
+ray.get(ray.remote(lambda: 1).remote())  # a worker too
+time.sleep(600)
+"""
+
+
+def test_a_killed_local_drivers_ray_agents_and_workers_are_reaped():
+    """kill -9 of a driver that started a local cluster (`connect`, as every local sweep does): Ray's agents would
+    live on for a minute (they try to report the raylet's death to the dead GCS first); dfc_ray/reaper.py kills
+    them, and the workers, within seconds."""
+    from dfc_ray.reaper import processes, tree
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, "-c", LOCAL_DRIVER], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def descendants() -> dict[int, str]:
+        """pid → command line of every process under the driver."""
+        table = processes()
+        names = {}
+        for pid, _ in tree(table, {proc.pid}):
+            with contextlib.suppress(OSError):
+                names[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        names.pop(proc.pid, None)
+        return names
+
+    def alive(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    try:
+        wait_for(proc, "Ray's agents and the reaper", lambda: all(
+            any(name in command for command in descendants().values())
+            for name in ("ray::DashboardAgent", "ray::RuntimeEnvAgent", "dfc_ray/reaper.py")))
+        time.sleep(1)  # the reaper's first look at the Ray process tree
+        started = descendants()
+        os.kill(proc.pid, signal.SIGKILL)  # the driver alone, as `kill -9 PID` does
+        proc.wait()
+        deadline = time.time() + 20
+        while time.time() < deadline and any(alive(pid) for pid in started):
+            time.sleep(0.5)
+        assert not [pid for pid in started if alive(pid)], {pid: started[pid] for pid in started if alive(pid)}
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)

@@ -405,3 +405,41 @@ def test_a_killed_local_drivers_ray_agents_and_workers_are_reaped():
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_a_stalled_driver_that_wakes_after_a_resume_took_over_leaves_every_trial_ok_once(tiny_pair, tmp_path):
+    """A driver stalled (SIGSTOP) past its lease, a `--resume` takes the run over, then the stalled driver wakes
+    (SIGCONT): it finds its lease gone, records nothing more and exits in one line; the resume ends with every
+    grid point ok, exactly once."""
+    path = write_spec(tmp_path, tiny_pair, grid={"dict_size": [64, 128]},
+                      train={"steps": 600, "batch_size": 32, "lr": 1e-3, "warmup_steps": 5, "reader": "local",
+                             "norm_rows": 256})
+    run = tmp_path / "runs" / "stalled"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled", "DFC_RAY_LEASE_TIMEOUT": "2"}
+    env.pop("RAY_ADDRESS", None)
+    command = [sys.executable, "-m", "dfc_ray.cli", "sweep", path, "--run-dir", str(run), "--no-eval", "--quiet"]
+    first = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    second = None
+    try:
+        wait_for_results(first, run, 1)
+        os.kill(first.pid, signal.SIGSTOP)  # the driver alone stalls; its trials' cluster runs on
+        time.sleep(3)  # past its 2 s lease
+        second = subprocess.Popen([*command, "--resume"], env=env, start_new_session=True, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        wait_for(second, "the takeover", lambda: (run / TAKEOVERS).exists())
+        os.kill(first.pid, signal.SIGCONT)
+        _, first_err = first.communicate(timeout=300)
+        out, err = second.communicate(timeout=600)
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGCONT)
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert second.returncode == 0, out + err
+    assert first.returncode != 0 and "Traceback" not in first_err
+    assert "lease" in first_err.strip().splitlines()[-1], first_err
+    results = read_results(run)
+    assert sorted(r["config"]["dict_size"] for r in results) == [64, 128], results
+    assert all(r["status"] == "ok" for r in results), results

@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from dfc_ray.fs import RunFolder, redact, s3_object_client
+from dfc_ray.fs import RunFolder, redact, s3_object_client, unwritable
 
 LEASE = "lease.json"
 """The run folder's lease: the driver that runs it (`LeaseHolder`), rewritten at every heartbeat."""
@@ -163,7 +163,7 @@ class _LocalLeaseFile:
     """lease.json in a local folder; a version is the file's text, compared under the folder's lease lock."""
 
     def __init__(self, run: RunFolder, where: str):
-        self.path, self.lock, self.where = Path(run.root) / LEASE, Path(run.root) / LOCK, where
+        self.path, self.lock, self.where, self.uri = Path(run.root) / LEASE, Path(run.root) / LOCK, where, run.uri
 
     def read(self) -> tuple[str | None, Any]:
         try:
@@ -179,17 +179,21 @@ class _LocalLeaseFile:
 
     def replace(self, expected: Any, text: str | None) -> Any:
         """Write `text` (None: remove the lease) if the lease is still `expected`; returns the new version,
-        or None when the lease had changed (or, for a removal, True)."""
-        with self._locked():
-            if self.read()[1] != expected:
-                return None
-            if text is None:
-                self.path.unlink(missing_ok=True)
-                return True
-            tmp = self.path.with_name(f".{LEASE}.tmp-{uuid.uuid4().hex}")
-            tmp.write_text(text)
-            os.replace(tmp, self.path)
-            return text
+        or None when the lease had changed (or, for a removal, True). A folder this user may not write is
+        refused in one line."""
+        try:
+            with self._locked():
+                if self.read()[1] != expected:
+                    return None
+                if text is None:
+                    self.path.unlink(missing_ok=True)
+                    return True
+                tmp = self.path.with_name(f".{LEASE}.tmp-{uuid.uuid4().hex}")
+                tmp.write_text(text)
+                os.replace(tmp, self.path)
+                return text
+        except OSError as err:
+            raise unwritable(self.uri, err) or err from None
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:

@@ -56,7 +56,7 @@ class ReplicaPool:
             try:
                 handles.append(ray.get_actor(cfg.replica_name(i), namespace=cfg.namespace))
             except ValueError:
-                raise ValueError(f"pool {cfg.name!r}: no actor {cfg.replica_name(i)!r} in namespace "
+                raise PoolMissingError(f"pool {cfg.name!r}: no actor {cfg.replica_name(i)!r} in namespace "
                                  f"{cfg.namespace!r}; expected a pool created with ReplicaPool.create") from None
         return cls(cfg, handles)
 
@@ -93,6 +93,12 @@ class ReplicaPool:
         """Kill every replica for good (no restart)."""
         for handle in self.handles:
             ray.kill(handle, no_restart=True)
+
+
+class PoolMissingError(ValueError):
+    """A pool's replica is not in the cluster (a ValueError, as `ray.get_actor` raises). Inside a trial it means
+    the judges vanished (their driver ended, another driver shut them down): the cluster lost the trial, which
+    is run again (dfc_ray/failures.py), never the trial's own failure."""
 
 
 class ReplicaUnavailable(RuntimeError):

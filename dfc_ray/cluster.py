@@ -15,6 +15,8 @@ import logging
 import os
 import shlex
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -395,3 +397,15 @@ def connect(address: str | None = None, num_cpus: int | None = None, metadata: d
     loopback_only()
     ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", log_to_driver=False, job_config=job,
              include_dashboard=os.environ.get("RAY_DASHBOARD") == "1", dashboard_host="127.0.0.1")
+    start_reaper()
+
+
+def start_reaper() -> None:
+    """Start dfc_ray/reaper.py beside the local cluster this driver just started: if the driver is killed
+    (kill -9) its Ray agents and workers are gone within a second, not a minute later."""
+    import ray  # deferred: as in `connect`
+
+    processes = ray._private.worker.global_worker.node.all_processes
+    pids = [str(info.process.pid) for infos in processes.values() for info in infos if info.process]
+    subprocess.Popen([sys.executable, str(Path(__file__).with_name("reaper.py")), *pids], stdin=subprocess.DEVNULL,
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

@@ -32,13 +32,13 @@ _EXCEPTION_LINE = re.compile(
 INFRASTRUCTURE_ERRORS = frozenset({
     "NodeDiedError", "ActorDiedError", "WorkerCrashedError", "RayActorError", "ActorUnavailableError",
     "LocalRayletDiedError", "OwnerDiedError", "ObjectLostError", "ObjectFetchTimedOutError",
-    "ObjectReconstructionFailedError", "ReplicaUnavailable",
+    "ObjectReconstructionFailedError", "ReplicaUnavailable", "PoolMissingError",
 })
 """Exception types (class names, as results.jsonl's `error_type` keeps them) that mean the cluster lost
 the trial, not that the trial failed: its node, its actor process or an object it needed died, or a
-judge replica it waited on stayed down (actors/pool.py's ReplicaUnavailable). Running the trial again
-can succeed. Anything else (ValueError, a diverged loss, an S3 error) is the trial's own outcome,
-except storage that did not answer (`STORAGE_UNAVAILABLE`)."""
+judge replica it waited on stayed down or its judges' pool was gone (actors/pool.py's ReplicaUnavailable,
+PoolMissingError). Running the trial again can succeed. Anything else (ValueError, a diverged loss, an S3
+error) is the trial's own outcome, except storage that did not answer (`STORAGE_UNAVAILABLE`)."""
 
 STORAGE_UNAVAILABLE = re.compile(r"AWS Error NETWORK_CONNECTION|curlCode: (?:7|28)\b|"
                                  r"Could not connect to the endpoint URL|(?:Read|Connect) timeout on endpoint URL")
@@ -46,6 +46,11 @@ STORAGE_UNAVAILABLE = re.compile(r"AWS Error NETWORK_CONNECTION|curlCode: (?:7|2
 after the retries of `dfc_ray.fs.S3Settings`: the storage was away (an outage, docs/cluster.md), and
 the trial can succeed once it is back. S3 answers that refuse (access denied, no such bucket) stay
 the trial's own failure."""
+
+
+JUDGES_GONE = re.compile(r"pool '[^']*': no actor '[^']*' in namespace")
+"""A trial that found its judges' pool gone, as recorded before PoolMissingError had its own type (a
+ValueError then): lost to the cluster too, so a resume runs it again."""
 
 
 @dataclass(frozen=True)
@@ -96,14 +101,15 @@ def parse_traceback(text: str) -> TrialError:
 
 
 def lost_to_infrastructure(record: dict[str, Any]) -> bool:
-    """Whether a results.jsonl record is a trial the cluster lost (INFRASTRUCTURE_ERRORS, or S3 that did
-    not answer: STORAGE_UNAVAILABLE). Records written before `error_type` existed are judged by their
-    `error` text's leading `Type:`."""
+    """Whether a results.jsonl record is a trial the cluster lost (INFRASTRUCTURE_ERRORS, S3 that did
+    not answer: STORAGE_UNAVAILABLE, judges that vanished: JUDGES_GONE). Records written before `error_type`
+    existed are judged by their `error` text's leading `Type:`."""
     if record.get("status") != "failed":
         return False
     error = str(record.get("error", ""))
     kind = record.get("error_type") or error.split(":", 1)[0].strip()
-    return kind.rsplit(".", 1)[-1] in INFRASTRUCTURE_ERRORS or bool(STORAGE_UNAVAILABLE.search(error))
+    return (kind.rsplit(".", 1)[-1] in INFRASTRUCTURE_ERRORS or bool(STORAGE_UNAVAILABLE.search(error))
+            or bool(JUDGES_GONE.search(error)))
 
 
 def sweep_exit_code(statuses: Iterable[str]) -> int:

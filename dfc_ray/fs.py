@@ -9,25 +9,23 @@ Every S3 client made here (pyarrow's, s3fs's, the one Tune writes through) has c
 timeouts and a bounded retry (`S3Settings`, from DFC_RAY_S3_TIMEOUT / DFC_RAY_S3_ATTEMPTS), and
 `storage_failure` turns what those clients raise into one line naming the endpoint.
 
-A run folder has one driver at a time: `RunLease` (lease.json, a heartbeat, a takeover record).
+A run folder has one driver at a time: `dfc_ray.sweep.lease.RunLease` (lease.json, written through
+`s3_object_client` on S3 for its conditional writes).
 """
 
 from __future__ import annotations
 
-import _thread
 import errno
 import functools
-import json
 import os
+import posixpath
 import re
-import socket
 import sys
 import threading
-import time
 import uuid
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any
 from urllib.parse import unquote, urlparse
 
 import pyarrow.fs as pafs
@@ -165,6 +163,39 @@ def s3fs_client():
     return client
 
 
+def s3_object_client(uri: str) -> tuple[Any, str, str]:
+    """A plain botocore S3 client (the `S3Settings` endpoint, timeouts and retries; keys from the URI when it
+    carries them) and the bucket and key `uri` names: for the requests pyarrow and s3fs do not offer, such as
+    conditional writes (If-Match / If-None-Match)."""
+    import botocore.config  # deferred: only S3 runs need botocore
+
+    settings = S3Settings.from_env()
+    netloc, _, key = uri[len("s3://"):].partition("/")
+    user, _, bucket = netloc.rpartition("@")
+    if not user:
+        settings.require_credentials(uri)
+    access, _, secret = (unquote(part) for part in user.partition(":"))
+    config = botocore.config.Config(connect_timeout=settings.timeout, read_timeout=settings.timeout,
+                                    retries={"max_attempts": settings.attempts, "mode": "standard"})
+    region = settings.region or ("us-east-1" if settings.endpoint else _bucket_region(bucket))
+    with _SESSION_LOCK:  # a botocore session makes one client at a time
+        client = _botocore_session().create_client(
+            "s3", endpoint_url=settings.endpoint, region_name=region, aws_access_key_id=access or None,
+            aws_secret_access_key=secret or None, config=config)
+    return client, bucket, key.strip("/")
+
+
+_SESSION_LOCK = threading.Lock()
+
+
+@functools.lru_cache(maxsize=1)
+def _botocore_session():
+    """One botocore session per process: loading its service models costs about a second."""
+    import botocore.session  # deferred: only S3 runs need botocore
+
+    return botocore.session.get_session()
+
+
 def write_file_atomic(fs: pafs.FileSystem, folder: str, file: str, data: bytes) -> None:
     """Whole file or nothing at `folder/file`: a local file goes to a temp name, then is renamed; on
     S3 an object appears only once its PUT completes (s3fs sends one PUT below 100 MiB, a multipart
@@ -182,6 +213,20 @@ def write_file_atomic(fs: pafs.FileSystem, folder: str, file: str, data: bytes) 
 def absolute(uri: str) -> str:
     """A local path made absolute (trials run in their own working directories); URIs unchanged."""
     return uri if "://" in uri else os.path.abspath(uri)
+
+
+def within(uri: str, root: str) -> bool:
+    """Whether `uri` lies in `root` (or is it): local paths resolved (no `..`, no symlink out), S3 keys
+    normalised, credentials ignored. Paths a file names (results.jsonl) are data: this keeps them inside the
+    storage a command was given."""
+    def resolved(u: str) -> str:
+        u = redact(u)
+        if u.startswith("s3://"):
+            return "s3://" + posixpath.normpath(u[len("s3://"):])
+        return os.path.realpath(unquote(urlparse(u).path) if u.startswith("file://") else u)
+
+    target, base = resolved(uri), resolved(root)
+    return target == base or target.startswith(base.rstrip("/") + "/")
 
 
 UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
@@ -255,164 +300,3 @@ class RunFolder:
         for file in sorted(p for p in local.iterdir() if p.is_file()):
             self.write_text(f"{name}/{file.name}" if name else file.name, file.read_bytes())
         return f"{self.uri}/{name}" if name else self.uri
-
-
-# ---------------------------------------------------------------- one driver per run folder
-
-LEASE = "lease.json"
-"""The run folder's lease: the driver that runs it (`LeaseHolder`), rewritten at every heartbeat."""
-TAKEOVERS = "lease-takeovers.jsonl"
-"""One line per lease taken over from a driver that had stopped beating: who took it, from whom, and why."""
-LEASE_TIMEOUT_ENV = "DFC_RAY_LEASE_TIMEOUT"
-DEFAULT_LEASE_TIMEOUT = 90.0
-"""Seconds without a heartbeat after which a lease may be taken over. The holder beats every quarter of
-it (at most every 15 s): a stalled heartbeat has three chances before a resume may take the run."""
-
-
-def lease_timeout() -> float:
-    """The lease timeout of this process: DFC_RAY_LEASE_TIMEOUT seconds, else DEFAULT_LEASE_TIMEOUT."""
-    value = os.environ.get(LEASE_TIMEOUT_ENV)
-    try:
-        timeout = float(value) if value is not None else DEFAULT_LEASE_TIMEOUT
-    except ValueError:
-        timeout = -1.0
-    if not timeout > 0 or timeout == float("inf"):
-        raise ValueError(f"{LEASE_TIMEOUT_ENV}={value!r}: expected seconds > 0")
-    return timeout
-
-
-@dataclass(frozen=True)
-class LeaseHolder:
-    """What lease.json says about the driver holding a run folder."""
-
-    token: str
-    """Unique per acquisition: tells this driver's lease from a successor's."""
-    host: str
-    pid: int
-    started: float
-    """Unix time the lease was taken."""
-    heartbeat: float
-    """Unix time of the holder's last heartbeat (drivers' clocks are assumed to agree within seconds)."""
-    timeout: float
-    """The holder's stated timeout: seconds without a heartbeat after which its lease may be taken over."""
-    job_id: str = ""
-    """The holder's Ray job id (hex), once it has joined its cluster."""
-    cluster_id: str = ""
-    """That cluster's id (hex): a job id means something only on its own cluster."""
-
-    def age(self) -> float:
-        """Seconds since the last heartbeat."""
-        return max(0.0, time.time() - self.heartbeat)
-
-    def held_for(self) -> float:
-        """Seconds since the lease was taken."""
-        return max(0.0, time.time() - self.started)
-
-    def describe(self) -> str:
-        job = f", Ray job {self.job_id}" if self.job_id else ""
-        return f"the driver on host {self.host} (pid {self.pid}{job})"
-
-
-class RunLease:
-    """One driver per run folder. `acquire` writes lease.json (host, pid, Ray job, heartbeat) or refuses
-    in one line naming the holder and its lease's age; a lease whose heartbeat is older than its stated
-    timeout, or whose holder the caller shows to be gone, is taken over and the takeover recorded in
-    lease-takeovers.jsonl. A thread beats until `release`; if it finds the lease taken by another driver
-    it sets `lost` (who holds it now) and interrupts the main thread, which must then stop writing to the run.
-
-    Two drivers acquiring at the same moment: each writes, waits `settle` seconds and reads back; only
-    the one whose write landed last finds its own token, the other is refused."""
-
-    def __init__(self, run: RunFolder, timeout: float | None = None):
-        self.run = run
-        self.timeout = lease_timeout() if timeout is None else timeout
-        self.settle = min(1.0, self.timeout / 4)
-        self.holder: LeaseHolder | None = None
-        self.lost: str | None = None
-        self._stop = threading.Event()
-        self._lock = threading.Lock()  # the heartbeat and set_job both rewrite `holder`
-        self._thread: threading.Thread | None = None
-
-    def current(self) -> LeaseHolder | None:
-        """The lease as stored (None: the folder is free, or its lease.json is unreadable and counts as free)."""
-        text = self.run.read_text(LEASE)
-        try:
-            return LeaseHolder(**json.loads(text)) if text else None
-        except (TypeError, ValueError):
-            return None
-
-    def acquire(self, gone: Callable[[LeaseHolder], str | None] = lambda held: None) -> str | None:
-        """Take the lease; returns why an earlier holder's lease was taken over (None: the folder was free).
-        `gone(holder)`: why a live-looking holder has ended (e.g. its Ray job ended), or None."""
-        held = self.current()
-        why = None
-        if held is not None:
-            age = held.age()
-            why = (f"its last heartbeat is {age:.0f} s old, more than its timeout of {held.timeout:g} s"
-                   if age > held.timeout else gone(held))
-            if why is None:
-                raise ValueError(f"{redact(self.run.uri)}: in use by {held.describe()} for {held.held_for():.0f} s, "
-                                 f"last heartbeat {age:.0f} s ago; expected one driver per run folder: wait until it "
-                                 f"ends, or until its lease is {held.timeout:g} s without a heartbeat "
-                                 f"({LEASE_TIMEOUT_ENV} of that driver)")
-        now = time.time()
-        mine = LeaseHolder(uuid.uuid4().hex, socket.gethostname(), os.getpid(), now, now, self.timeout)
-        self._write(mine)
-        time.sleep(self.settle)
-        found = self.current()
-        if found is None or found.token != mine.token:
-            who = found.describe() if found else "another driver"
-            raise ValueError(f"{redact(self.run.uri)}: taken at the same moment by {who}; expected one driver "
-                             "per run folder")
-        self.holder = mine
-        if held is not None:
-            records = (self.run.read_text(TAKEOVERS) or "")
-            record = {"at": now, "by": asdict(mine), "from": asdict(held), "why": why}
-            self.run.write_text(TAKEOVERS, records + json.dumps(record) + "\n")
-        self._thread = threading.Thread(target=self._beat, name="dfc-ray-lease", daemon=True)
-        self._thread.start()
-        return why
-
-    def set_job(self, job_id: str, cluster_id: str) -> None:
-        """Record the holder's Ray job and cluster once it has joined one."""
-        with self._lock:
-            if self.holder is not None:
-                self.holder = replace(self.holder, job_id=job_id, cluster_id=cluster_id)
-                self._write(self.holder)
-
-    def release(self) -> None:
-        """Stop the heartbeat and remove lease.json, if it is still this driver's."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=60)
-        if self.holder is None:
-            return
-        mine, self.holder = self.holder, None
-        try:
-            held = self.current()
-            if held is not None and held.token == mine.token:
-                self.run.delete(LEASE)
-        except Exception:  # storage away (an outage): the lease goes stale and the next driver takes it over
-            pass
-
-    def _write(self, holder: LeaseHolder) -> None:
-        self.run.write_text(LEASE, json.dumps(asdict(holder)) + "\n")
-
-    def _beat(self) -> None:
-        interval = min(15.0, self.timeout / 4)
-        while not self._stop.wait(interval):
-            try:
-                held = self.current()
-                with self._lock:
-                    if self._stop.is_set() or self.holder is None:
-                        return
-                    if held is None or held.token != self.holder.token:
-                        self.lost = held.describe() if held else "nobody (lease.json was removed)"
-                        print(f"{redact(self.run.uri)}: the run's lease is now held by {self.lost}; this driver "
-                              "stops", file=sys.stderr, flush=True)
-                        _thread.interrupt_main()
-                        return
-                    self.holder = replace(self.holder, heartbeat=time.time())
-                    self._write(self.holder)
-            except Exception:  # storage away for a moment: the next beat tries again
-                continue

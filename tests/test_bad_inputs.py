@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -601,7 +602,8 @@ def resumable_run(ctx: Ctx) -> Path:
 
 def held_run(ctx: Ctx) -> list[str]:
     """A run folder whose lease this process holds (a live driver), then a second driver on it."""
-    from dfc_ray.fs import RunFolder, RunLease
+    from dfc_ray.fs import RunFolder
+    from dfc_ray.sweep.lease import RunLease
 
     run = resumable_run(ctx)
     lease = RunLease(RunFolder(str(run)), timeout=60)
@@ -675,7 +677,7 @@ RUN_CASES: list[tuple[str, Callable[[Ctx], list[str]], str]] = [
      "a server answers there, but not Ray's"),
     ("lease-timeout-not-seconds", lambda c: (c.env(DFC_RAY_LEASE_TIMEOUT="soon"), ["sweep", "--resume", "--run-dir",
                                                                                  str(resumable_run(c))])[1],
-     "DFC_RAY_LEASE_TIMEOUT='soon': expected seconds > 0"),
+     "DFC_RAY_LEASE_TIMEOUT='soon': expected seconds between 2 and 86400"),
 ]
 
 
@@ -876,3 +878,62 @@ def test_yaml_is_read_only_from_a_regular_file(kind, tmp_path):
     with pytest.raises(ValueError, match=r"spec.yaml: not a regular file \(a folder, FIFO or device\); expected a "
                                          "YAML file"):
         load_yaml(path)
+
+
+# ---------------------------------------------------------------- leases and paths a run's files name (#29.2, #31)
+
+
+def leased_run(ctx: Ctx, **fields: object) -> list[str]:
+    """A resumable run folder whose lease.json holds `fields` over a plausible lease (or is a directory)."""
+    run = resumable_run(ctx)
+    if not fields:
+        (run / "lease.json").mkdir()
+    else:
+        now = time.time()
+        lease = {"token": "ab" * 16, "host": "h1", "pid": 7, "started": now, "heartbeat": now, "timeout": 90} | fields
+        (run / "lease.json").write_text(json.dumps(lease))
+    return ["sweep", "--resume", "--run-dir", str(run)]
+
+
+def ablate_with(ctx: Ctx, **metrics: object) -> list[str]:
+    """A finished DFC trial whose record names `metrics` paths; nothing may be written where they point."""
+    run = ctx.tmp / "run"
+    record = {"trial_id": "t1", "status": "ok", "config": {"dict_size": 768, "k": 8, "variant": "dfc-10pct"},
+              "metrics": {"checkpoint": str(run / "checkpoints" / "t1")} | metrics}
+    run_folder(ctx, shipped_spec_dump("cluster-smoke"), json.dumps(record) + "\n")
+    before = sorted(p for p in ctx.tmp.rglob("*") if "run" not in p.relative_to(ctx.tmp).parts[:1])
+    ctx.cleanups.append(lambda: _assert_unchanged(ctx.tmp, before))
+    return ["ablate", str(run), "--checkpoints", "1"]
+
+
+def _assert_unchanged(tmp: Path, before: list[Path]) -> None:
+    after = sorted(p for p in tmp.rglob("*") if "run" not in p.relative_to(tmp).parts[:1])
+    assert after == before, f"written outside the run folder: {sorted(set(after) - set(before))}"
+
+
+LEASE_AND_PATH_CASES: list[tuple[str, Callable[[Ctx], list[str]], str]] = [
+    ("lease-heartbeat-not-a-time", lambda c: leased_run(c, heartbeat="yesterday"),
+     "lease.json: heartbeat = 'yesterday': expected a finite Unix time"),
+    ("lease-heartbeat-nan", lambda c: leased_run(c, heartbeat=float("nan")),
+     "lease.json: heartbeat = nan: expected a finite Unix time"),
+    ("lease-timeout-infinite", lambda c: leased_run(c, timeout=float("inf")),
+     "lease.json: timeout = inf: expected seconds > 0 and at most 86400"),
+    ("lease-a-directory", leased_run, "lease.json: a directory; expected the lease file a driver writes"),
+    ("lease-newer-fields-still-held", lambda c: leased_run(c, format_version=2, extra={"x": 1}),
+     "in use by the driver on host h1 (pid 7)"),
+    ("lease-timeout-tiny", lambda c: (c.env(DFC_RAY_LEASE_TIMEOUT="0.001"),
+                                      ["sweep", "--resume", "--run-dir", str(resumable_run(c))])[1],
+     "DFC_RAY_LEASE_TIMEOUT='0.001': expected seconds between 2 and 86400 (a timeout spans 4 heartbeats"),
+    ("ablate-harvest-store-elsewhere", lambda c: ablate_with(c, harvest_store=str(c.tmp / "elsewhere" / "x" / "0123")),
+     "results.jsonl: trial t1: metrics.harvest_store = "),
+    ("ablate-harvest-store-dotdot", lambda c: ablate_with(c, harvest_store=str(c.tmp / "run" / ".." / "x" / "0123")),
+     "outside the run's storage; expected a harvest under"),
+    ("ablate-checkpoint-elsewhere", lambda c: ablate_with(c, checkpoint=str(c.tmp / "elsewhere" / "ckpt")),
+     "results.jsonl: trial t1: metrics.checkpoint = "),
+]
+
+
+@pytest.mark.parametrize("build, expected", [case[1:] for case in LEASE_AND_PATH_CASES],
+                         ids=[case[0] for case in LEASE_AND_PATH_CASES])
+def test_lease_and_run_path_bad_input_gives_one_clear_line(build, expected, tmp_path, monkeypatch, request, capsys):
+    test_bad_input_gives_one_clear_line(build, expected, tmp_path, monkeypatch, request, capsys)

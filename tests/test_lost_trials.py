@@ -144,3 +144,26 @@ def test_lost_records_move_to_retried_jsonl_and_results_keep_each_point_once(tmp
     assert set_aside_lost(run) == [again]
     assert [json.loads(line)["trial_id"] for line in run.read_text("retried.jsonl").splitlines()] == ["t3", "t6"]
     assert remaining_work(load_spec("cluster-smoke"), read_results(run))[0] == 2
+
+
+# ---------------------------------------------------------------- judges that vanished when two drivers met (#31.2)
+
+
+def test_a_trial_whose_judges_vanished_is_owed_again_also_from_an_old_record():
+    """Another driver's exit ended the pools a trial judged with ("pool '…-evaluator': no actor"): the cluster
+    lost the trial. Records written before PoolMissingError existed say ValueError; they are owed again too."""
+    from actors.pool import PoolMissingError
+
+    text = "pool 'tiny-1a2b3c4d-evaluator': no actor 'tiny-1a2b3c4d-evaluator-0' in namespace 'dfc-ray'; " \
+        "expected a pool created with ReplicaPool.create"
+    error = parse_traceback(tune_error_file(raised_in_trial(PoolMissingError(text))))
+    assert error.type == "PoolMissingError"
+    assert lost_to_infrastructure({"status": "failed", "error_type": error.type, "error": error.message})
+    old = {"status": "failed", "error_type": "ValueError", "error": f"ValueError: {text} (traceback: …)"}
+    assert lost_to_infrastructure(old)
+    assert not lost_to_infrastructure(old | {"error": "ValueError: pool size must be > 0"})
+    spec = load_spec("cluster-smoke")
+    done = [record(f"t{i}", k, v) for i, (k, v) in enumerate([(8, "dfc-10pct"), (8, "crosscoder"), (16, "dfc-10pct")])]
+    vanished = record("t9", 16, "crosscoder", "failed", "ValueError") | {"error": old["error"]}
+    n_todo, points = remaining_work(spec, done + [vanished])
+    assert n_todo == 1 and [(p["k"], p["variant"]) for p in points] == [(16, "crosscoder")]

@@ -19,7 +19,8 @@ import yaml
 from test_sweep import REPO, read_results, write_spec
 
 from dfc_ray.config import EvalConfig, PairSpec
-from dfc_ray.fs import RunFolder, RunLease
+from dfc_ray.fs import RunFolder
+from dfc_ray.sweep.lease import RunLease
 from dfc_ray.pair import pair_fingerprint
 from dfc_ray.spaces import load_spec
 
@@ -88,7 +89,8 @@ def driver_env() -> dict[str, str]:
 CRASHED_HOLDER = """
 import os, sys, ray
 from dfc_ray.cluster import cluster_identity
-from dfc_ray.fs import RunFolder, RunLease
+from dfc_ray.fs import RunFolder
+from dfc_ray.sweep.lease import RunLease
 lease = RunLease(RunFolder(sys.argv[1]), timeout=600)
 lease.acquire()
 ray.init(address=sys.argv[2])
@@ -160,3 +162,35 @@ def test_two_sweeps_of_one_spec_name_judge_with_their_own_pairs(ray_cluster, tmp
         assert set(report["run"]["judge_restarts"]) == {f"{run_id}-evaluator", f"{run_id}-steering"}
         pools |= set(report["run"]["judge_restarts"])
     assert len(pools) == 4  # four pools, none shared
+
+
+# ---------------------------------------------------------------- copies and per-driver judges (#31.2)
+
+
+def test_a_copied_run_folder_resumes_under_a_new_run_id(tiny_pair, tmp_path):
+    """`cp -a` of a running run, then `--resume` of the copy: run.json names the folder it was made for, so
+    the copy gets its own id (its judges and records apart from the original's); the original keeps its id."""
+    import shutil
+
+    from dfc_ray.sweep.driver import _open_run, _record_run
+
+    run_dir, record = open_fresh(tmp_path, tiny_pair)
+    assert record["run_dir"] == run_dir
+    copy = shutil.copytree(run_dir, tmp_path / "copy")
+    run, _, copied = _open_run(None, str(copy), resume=True)
+    assert copied["run_id"] != record["run_id"] and copied["run_id"].startswith("tiny-")
+    assert copied["run_dir"] == str(copy)
+    assert copied["copied_from"] == [{"run_id": record["run_id"], "run_dir": run_dir}]
+    _record_run(run, copied, fresh=False)
+    assert _open_run(None, str(copy), resume=True)[2]["run_id"] == copied["run_id"]  # kept from then on
+    assert _open_run(None, run_dir, resume=True)[2]["run_id"] == record["run_id"]
+
+
+def test_a_pool_missing_from_its_drivers_namespace_is_a_pool_missing_error(ray_cluster):
+    """A trial looks its judges up in its driver's namespace (it carries the lease token, `start_pools`); a pool
+    that is not there raises PoolMissingError, which makes the trial lost to the cluster, not failed."""
+    from actors.pool import PoolMissingError, ReplicaPool
+    from dfc_ray.config import PoolConfig
+
+    with pytest.raises(PoolMissingError, match="no actor 'tiny-0000abcd-evaluator-0' in namespace 'dfc-ray-0123'"):
+        ReplicaPool.connect(PoolConfig("tiny-0000abcd-evaluator", namespace="dfc-ray-0123"))

@@ -36,7 +36,7 @@ def _ablate_command(args: argparse.Namespace) -> int:
     from dfc_ray.sweep.ablate import ablate, print_ablation
 
     print_ablation(ablate(args.run, max_checkpoints=args.checkpoints, trial_ids=args.trials or (),
-                          device=args.device))
+                          device=args.device, store=args.store))
     return 0
 
 
@@ -63,6 +63,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
                    help="judge the run's best N DFC trials by its objective (default 3)")
     p.add_argument("--trials", nargs="+", metavar="ID", help="judge these trials instead")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (the judges run in this process)")
+    p.add_argument("--store", default=None, metavar="ROOT",
+                   help="the sweep's --store, when it was not the default RUN/../harvests: the only other place "
+                        "the twins' harvest may be read from or written to")
     p.set_defaults(func=_ablate_command, interrupted=lambda a: f"{redact(a.run)}/ablation.json is written only "
                    "once every row is judged (the twins' harvest keeps its recorded shards); run the same command "
                    "again")

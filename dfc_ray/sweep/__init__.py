@@ -5,12 +5,15 @@
   checkpoint → evaluate → steer → `tune.report`.
 - search.py: Optuna search, resume bookkeeping (`remaining_work`), concurrency and ASHA.
 - results.py: `ResultsWriter`, the Tune callback that writes results.jsonl and feeds the live view.
+- lease.py: `RunLease`, one driver per run folder (lease.json, heartbeat, compare-and-swap writes).
 
 Run folder (local path or s3://); `RunFolder` lives in dfc_ray/fs.py:
 
     <run>/spec.yaml            the merged spec, as run
-    <run>/run.json             the run's id (names its judge pools), the spec it started with, accepted edits
+    <run>/run.json             the run's id (names its judge pools), the folder it was made for, the spec it
+                               started with, accepted edits
     <run>/lease.json           the driver running it now (host, pid, Ray job, heartbeat); absent when none
+    <run>/.lease.lock          a local run's lease lock (flock, held only while lease.json is swapped)
     <run>/lease-takeovers.jsonl  leases taken over from drivers that had stopped
     <run>/results.jsonl        one line per finished trial: trial_id, config, metrics, status (+ error)
     <run>/retried.jsonl        records of trials the cluster lost (node, actor or judge died), each

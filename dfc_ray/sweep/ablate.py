@@ -35,7 +35,7 @@ from actors.evaluator import Evaluator
 from actors.steering import Steerer
 from dfc_ray.config import SEED_TRAINING_POSITIONS, JudgeProtocol, seed_training, study_differences
 from dfc_ray.evaluate import Rate, paired_delta_pp
-from dfc_ray.fs import RunFolder, redact
+from dfc_ray.fs import RunFolder, redact, within
 from dfc_ray.harvest import harvest
 from dfc_ray.report import write_report
 from dfc_ray.report.build import ABLATION, ABLATION_MEASURES
@@ -105,6 +105,25 @@ def pick_trials(spec: SweepSpec, records: list[dict[str, Any]], max_checkpoints:
         return (not usable, sign * float(value) if usable else 0.0, i)
 
     return [dfc[i] for i in sorted(range(len(dfc)), key=rank)[:max_checkpoints]]
+
+
+def check_paths(run: RunFolder, trials: list[dict[str, Any]], store: str | None) -> None:
+    """The paths the trials' records name are data, not instructions: each checkpoint must lie in the run
+    folder, each harvest store in the sweep's store (`store`, else the default beside the run) or the run
+    folder; else one line, before anything is read or written there."""
+    default_store = f"{run.uri.rsplit('/', 1)[0]}/harvests"
+    stores = [run.uri, store or default_store]
+    for trial in trials:
+        where = f"{redact(run.uri)}/results.jsonl: trial {trial['trial_id']}"
+        checkpoint, harvested = trial["metrics"].get("checkpoint"), trial["metrics"].get("harvest_store")
+        if not (isinstance(checkpoint, str) and within(checkpoint, run.uri)):
+            raise ValueError(f"{where}: metrics.checkpoint = {redact(str(checkpoint))!r}: outside the run folder; "
+                             f"expected its checkpoint under {redact(run.uri)}/checkpoints")
+        if harvested is not None and not (isinstance(harvested, str)  # the twins' harvest goes to its parent
+                                          and any(within(harvested.rsplit("/", 1)[0], r) for r in stores)):
+            raise ValueError(f"{where}: metrics.harvest_store = {redact(str(harvested))!r}: outside the run's "
+                             f"storage; expected a harvest under {redact(stores[1])} or the run folder (pass "
+                             "--store ROOT when the sweep ran with another --store)")
 
 
 def train_twins(spec: SweepSpec, run: RunFolder, trials: list[dict[str, Any]], progress: bool) -> dict[str, str]:
@@ -230,8 +249,9 @@ def verdict(effects: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[s
 
 
 def ablate(run_uri: str, *, max_checkpoints: int = 3, trial_ids: Sequence[str] = (), device: str = "auto",
-           progress: bool = True) -> dict[str, Any]:
-    """Re-judge the run's checkpoints under every row of `ablation_rows`; writes RUN/ablation.json."""
+           progress: bool = True, store: str | None = None) -> dict[str, Any]:
+    """Re-judge the run's checkpoints under every row of `ablation_rows`; writes RUN/ablation.json. `store`: the
+    sweep's harvest store root, when it was not the default beside the run (`check_paths`)."""
     started = time.perf_counter()
     run = RunFolder(run_uri, create=False)
     spec_text = run.read_text("spec.yaml")
@@ -240,6 +260,7 @@ def ablate(run_uri: str, *, max_checkpoints: int = 3, trial_ids: Sequence[str] =
     where = f"{redact(run.uri)}/spec.yaml"
     spec = parse_spec(parse_yaml(spec_text, where), where)
     trials = pick_trials(spec, read_results(run), max_checkpoints, trial_ids, f"{redact(run.uri)}/results.jsonl")
+    check_paths(run, trials, store)
     twins = train_twins(spec, run, trials, progress)
     layers = {t["trial_id"]: int(spec.trial_settings(t["config"])["layer"]) for t in trials}
     judges = Judges(spec, device)

@@ -1,7 +1,7 @@
 """The sweep driver: a spec → harvest (or reuse) → judge pools → Ray Tune trials → costs.json → report.
 
 `run_sweep` runs these steps in order; each is a function below. A run folder has one driver at a time
-(`dfc_ray.fs.RunLease`) and an identity (run.json's `run_id`) that names its judge pools, so sweeps
+(`dfc_ray.sweep.lease.RunLease`) and an identity (run.json's `run_id`) that names its judge pools, so sweeps
 sharing a cluster, or a spec name, never share judges.
 """
 
@@ -34,7 +34,7 @@ from actors.steering import SteeringActor
 from dfc_ray.cluster import check_address, cluster_identity, connect, job_ended
 from dfc_ray.config import MAX_NAME_LENGTH, PoolConfig, check_name
 from dfc_ray.failures import lost_to_infrastructure
-from dfc_ray.fs import LeaseHolder, RunFolder, RunLease, absolute, redact
+from dfc_ray.fs import RunFolder, absolute, redact
 from dfc_ray.harvest import harvest
 from dfc_ray.pair import pair_fingerprint
 from dfc_ray.plan import device_name, measure_rates
@@ -43,6 +43,7 @@ from dfc_ray.report import LiveView, write_report
 from dfc_ray.spaces import SweepSpec, check_against_pair, check_trial_memory, parse_spec
 from dfc_ray.sweep.results import (INTERRUPTED, LIVE_VIEWS, ResultsWriter, TensorBoardWriter, read_results,
                                    recorded_ids, set_aside_lost, spec_hash)
+from dfc_ray.sweep.lease import LeaseHolder, RunLease
 from dfc_ray.sweep.search import remaining_work, scheduler, searcher
 from dfc_ray.sweep.trial import TrialContext, dfc_trial_id, run_trial
 from dfc_ray.tune_storage import JournalUploader, local_journal, tune_storage
@@ -53,16 +54,20 @@ RUN_ID_LENGTH = MAX_NAME_LENGTH + 9
 """A run id's longest: the spec's name, '-' and 8 hex digits."""
 
 
-def start_pools(spec: SweepSpec, run_id: str) -> list:
+def start_pools(spec: SweepSpec, run_id: str, lease_token: str = "") -> list:
     """One evaluator and one steering pool per run, named after the run's id (run.json), loaded once for all
-    trials: a pool is found again only by the run that made it (a resume of it), never by another sweep of
-    the same spec. The driver must hold the returned pools: replicas live as long as a handle does."""
+    trials, never found by another sweep of the same spec. Their namespace carries the driver's lease token:
+    a driver that took the run over from a stalled one starts its own judges, which the stalled driver can
+    neither use nor end (its own die with it). The driver must hold the returned pools: replicas live as
+    long as a handle does."""
     gpus = spec.resources.evaluator_gpu
     cpus = spec.resources.evaluator_cpu
     replicas = spec.resources.evaluators
     custom = tuple(custom_requests(spec).get("judge", {}).items())
-    configs = [PoolConfig(check_name(f"{run_id}-{role}", "judge pool name", RUN_ID_LENGTH + 10), replicas=replicas,
-                          num_cpus=cpus, num_gpus=gpus, resources=custom) for role in ("evaluator", "steering")]
+    namespace = f"dfc-ray-{lease_token[:12]}" if lease_token else PoolConfig.namespace
+    configs = [PoolConfig(check_name(f"{run_id}-{role}", "judge pool name", RUN_ID_LENGTH + 10), namespace=namespace,
+                          replicas=replicas, num_cpus=cpus, num_gpus=gpus, resources=custom)
+               for role in ("evaluator", "steering")]
     return [ReplicaPool.create(EvaluatorActor, configs[0], spec.pair, spec.eval),
             ReplicaPool.create(SteeringActor, configs[1], spec.pair, spec.steering)]
 
@@ -134,8 +139,9 @@ def check_devices(spec: SweepSpec, gpus: float, where: str) -> None:
 
 RUN_RECORD = "run.json"
 """The run's identity and the spec it started with: `run_id` (`<spec name>-<8 hex>`, unique per sweep and
-kept across resumes; the judge pools are named after it), `created`, `spec` (the merged spec as first
-written) and `spec_changes` (edits of spec.yaml a resume accepted with --accept-spec-changes)."""
+kept across resumes; the judge pools are named after it), `run_dir` (the folder it was made for: a copy
+gets a new run id, `_placed`), `created`, `spec` (the merged spec as first written) and `spec_changes` (edits
+of spec.yaml a resume accepted with --accept-spec-changes)."""
 
 
 class NothingToResume(Exception):
@@ -208,6 +214,19 @@ def _read_record(run: RunFolder, saved: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
+def _placed(run: RunFolder, record: dict[str, Any]) -> dict[str, Any]:
+    """The record with this folder as its `run_dir`. A run.json made for another folder (a `cp -a` of a running
+    run, then resumed) gets a new run id, recorded with `copied_from`: two runs never share one id."""
+    here, made_for = redact(run.uri), record.get("run_dir")
+    if made_for in (None, here):
+        return record | {"run_dir": here}
+    run_id = _new_record(record["spec"])["run_id"]
+    print(f"{here}/{RUN_RECORD}: made for {made_for}; this folder is a copy of that run, so it resumes as run "
+          f"{run_id} (recorded in {RUN_RECORD})", flush=True)
+    return record | {"run_id": run_id, "run_dir": here,
+                     "copied_from": [*record.get("copied_from", []), {"run_id": record["run_id"], "run_dir": made_for}]}
+
+
 def _open_run(spec: SweepSpec | None, run_uri: str, resume: bool,
               accept_spec_changes: bool = False) -> tuple[RunFolder, SweepSpec, dict[str, Any]]:
     """The run folder, its spec and its run record (run.json), read and checked; nothing is written yet (the
@@ -222,7 +241,7 @@ def _open_run(spec: SweepSpec | None, run_uri: str, resume: bool,
         raise ValueError(f"{redact(run.uri)}: nothing to resume (no spec.yaml)")
     if not resume:
         assert spec is not None
-        return run, spec, _new_record(spec.raw | {"name": spec.name})
+        return run, spec, _placed(run, _new_record(spec.raw | {"name": spec.name}))
     where = f"{redact(run.uri)}/spec.yaml"
     saved = parse_yaml(existing, where)
     if not isinstance(saved, dict):
@@ -233,6 +252,7 @@ def _open_run(spec: SweepSpec | None, run_uri: str, resume: bool,
     record = _read_record(run, saved)
     if run.read_text(RUN_RECORD) is None:  # a run from before run.json: its results say what spec they ran under
         record = _without_run_record(run, saved, record, accept_spec_changes)
+    record = _placed(run, record)
     if changes := spec_changes(record["spec"], saved):
         listed = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
         if not accept_spec_changes:
@@ -542,7 +562,7 @@ def _run_on_cluster(spec: SweepSpec, run: RunFolder, record: dict[str, Any], sto
         seconds = {"harvest": time.perf_counter() - clock}
         check_trial_memory(spec, harvested.d_model, *_largest_node_memory())
         clock = time.perf_counter()
-        pools = start_pools(spec, record["run_id"]) if evaluate else []
+        pools = start_pools(spec, record["run_id"], lease.holder.token if lease.holder else "") if evaluate else []
         seconds["start_pools"] = time.perf_counter() - clock
     except KeyboardInterrupt:  # Ctrl-C before any trial: still a report, and the trials owed named
         raise _interrupted_before_trials(spec, run, record) from None
@@ -550,7 +570,7 @@ def _run_on_cluster(spec: SweepSpec, run: RunFolder, record: dict[str, Any], sto
                        {positions: h.uri for positions, h in harvests.items()}, harvested.d_model,
                        harvested.models, tuple(pool.cfg for pool in pools) or None, pair_fingerprint(spec.pair))
     judges = _run_trials(spec, run, ctx, done, live, pools, seconds)
-    if lease.lost:  # another driver runs this folder now: leave its files to it
+    if not lease.check():  # another driver runs this folder now: leave its files to it
         raise ValueError(f"{redact(run.uri)}: its lease went to {lease.lost} while this driver ran (its heartbeat "
                          "had stalled); this driver stopped without writing its report")
     info = {"spec": spec.name, "spec_file": spec.source, "run": redact(run.uri), "run_id": record["run_id"],

@@ -23,6 +23,7 @@ from dfc_ray.metrics import names as metric_names
 from dfc_ray.metrics import number
 from dfc_ray.spaces import SweepSpec
 from dfc_ray.sweep.trial import TRIAL_KEY, dfc_trial_id
+from dfc_ray.sweep.lease import still_held
 
 STRUCTURED = ("top_features", "alpha_curve", "reference_alpha_curve", "diff_top", "loc_curve", "fast_path_fallbacks")
 """Trial metrics that are lists: reported to Tune as JSON text (TensorBoard skips text, but warns on
@@ -128,6 +129,8 @@ class ResultsWriter(Callback):
 
     def append(self, trial, status: str, metrics: dict[str, Any], error: str = "",
                details: dict | None = None) -> None:
+        if not still_held(self.run_uri):  # this driver stalled and was taken over: the run is its successor's
+            return
         run = RunFolder(self.run_uri)
         trial_id = dfc_trial_id(trial.config, trial.trial_id)
         lines = [line for line in (run.read_text("results.jsonl") or "").splitlines() if line.strip()]

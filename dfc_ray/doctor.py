@@ -20,6 +20,7 @@ from dfc_ray import kernels, selfcheck
 from dfc_ray.config import GenerationConfig
 from dfc_ray.crosscoder import resolve_formulation
 from dfc_ray.generation import decode_mode, generate
+from dfc_ray.preflight import resolve_device
 
 
 @dataclass(frozen=True)
@@ -85,10 +86,14 @@ def report(device: torch.device) -> list[Row]:
     return machine(device) + checks(device)
 
 
+def device_named(name: str) -> torch.device:
+    """`--device`'s value as a device this machine has (preflight's one-line error otherwise)."""
+    return torch.device(resolve_device(name, "--device"))
+
+
 def main() -> int:
     """Print the table as plain lines (the device image has no Ray; rich is not needed either)."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rows = report(device)
+    rows = report(device_named("auto"))
     width = max(len(r.what) for r in rows)
     for row in rows:
         print(f"{row.what:<{width}}  {row.value}")

@@ -573,10 +573,13 @@ def _check_dialect(spec: SweepSpec) -> None:
     """pair.dialect names a dialect, or `auto` finds one in the local tokenizer's chat template (the judges
     resolve it the same way when they start, after the harvest: a refusal there would come too late)."""
     # deferred: dfc_ray.pair imports torch and transformers
-    from dfc_ray.pair import load_tokenizer
+    from dfc_ray.pair import load_tokenizer, require_chat_template
 
+    tokenizer = load_tokenizer(spec.pair, local_only=True)
+    if spec.eval.protocol.prompt_format == "chat":  # no template at all: its own refusal, not "no dialect marker"
+        require_chat_template(tokenizer, f"{spec.source}: field pair.tokenizer")
     try:
-        resolve_dialect(spec.pair.dialect, load_tokenizer(spec.pair, local_only=True))
+        resolve_dialect(spec.pair.dialect, tokenizer)
     except ValueError as err:
         raise SpecError(f"{spec.source}: field pair.dialect: {err}") from None
 
@@ -642,8 +645,8 @@ def check_against_pair(spec: SweepSpec) -> list[str]:
     _check_harvest_fills_a_batch(spec)
     if not notes:  # every model and the tokenizer are local: their positions and vocabulary can be read
         try:
-            _check_prompts_fit(spec)  # first: a tokenizer with no chat template at all is refused as such
             _check_dialect(spec)
+            _check_prompts_fit(spec)
         except OSError as err:
             raise SpecError(f"{where}: field pair: {' '.join(str(err).split())}") from None
     return notes

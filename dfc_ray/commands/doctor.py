@@ -18,13 +18,10 @@ def add_cli(subparsers: Any) -> None:
 
 
 def _cli_doctor(args: argparse.Namespace) -> int:
-    # deferred: torch, transformers and the organism load in seconds; `dfc-ray --help` should not wait for them
+    # deferred: dfc_ray.doctor loads torch, transformers and the organism; `dfc-ray --help` should not wait for them
     from dfc_ray import doctor
-    import torch
 
-    from dfc_ray.preflight import resolve_device
-
-    rows = doctor.report(torch.device(resolve_device(args.device, "--device")))
+    rows = doctor.report(doctor.device_named(args.device))
     table = Table("what", "value", title="dfc-ray doctor", title_justify="left")
     for row in rows:
         table.add_row(row.what, row.value if row.ok else f"[bold red]{row.value}[/]")

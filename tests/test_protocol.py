@@ -176,7 +176,9 @@ def tiny_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ablate")
     raw = {"name": "ablate-tiny", "pair": {"a": "organism", "b": "organism"}, "layers": [1],
            "harvest": {"n_tasks": 24, "n_plain": 24, "positions": "last_prompt_token", "batch_size": 24},
-           "crosscoder": {"dict_size": 96, "k": 4, "a_exclusive": 0.1, "b_exclusive": 0.1, "aux_k": 8},
+           # k 16 with a quarter A-exclusive: some A-exclusive feature fires on the dev prompts under every protocol
+           # row, so each row's ranking has a signal and steers (a ranking that ties everywhere steers nothing)
+           "crosscoder": {"dict_size": 96, "k": 16, "a_exclusive": 0.25, "b_exclusive": 0.1, "aux_k": 8},
            "train": {"steps": 20, "batch_size": 16, "reader": "local", "lr": 0.001, "warmup_steps": 2},
            "eval": {"n_tasks": 6, "max_new_tokens": 12, "batch_size": 6, "n_texts": 0, "n_bootstrap": 50},
            "steering": {"n_dev": 6, "n_test": 6, "n_plain": 4, "top_n": 1, "alphas": [0.8], "targets": ["b"],

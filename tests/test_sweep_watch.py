@@ -105,7 +105,10 @@ def test_resume_of_a_finished_run_starts_nothing(tiny_pair, tmp_path, capsys):
     run = tmp_path / "done"
     run.mkdir()
     (run / "spec.yaml").write_text(yaml.safe_dump(spec.raw | {"name": spec.name}, sort_keys=False))
-    records = [{"trial_id": f"t{i}", "config": point, "metrics": {}, "status": "ok"}
+    from dfc_ray.sweep.results import spec_hash
+
+    records = [{"trial_id": f"t{i}", "config": point, "metrics": {}, "status": "ok",
+                "spec_hash": spec_hash(spec.raw | {"name": spec.name})}  # as a sweep records them
                for i, point in enumerate(spec.grid_points())]
     (run / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (run / "report.json").write_text(json.dumps({"n_trials": len(records)}))

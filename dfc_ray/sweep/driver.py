@@ -509,7 +509,6 @@ def run_sweep(spec: SweepSpec | None, run_uri: str, *, store_root: str | None = 
     if done is not None:  # before the lease and Ray: a finished run starts nothing
         if finished := _finished(spec, run, done):
             raise NothingToResume(run, finished)
-        print(resume_line(spec, run, done)[0], flush=True)
     store_root = absolute(store_root or f"{run.uri.rsplit('/', 1)[0]}/harvests")
     started_ray = not ray.is_initialized()
     lease = RunLease(run)
@@ -517,6 +516,8 @@ def run_sweep(spec: SweepSpec | None, run_uri: str, *, store_root: str | None = 
         if taken := lease.acquire(lambda held: _holder_gone(held, address)):
             print(f"{redact(run.uri)}: took over the lease of a driver that had stopped ({taken}); "
                   f"recorded in {redact(run.uri)}/lease-takeovers.jsonl", flush=True)
+        if done is not None:  # once the run is this driver's: a refused resume prints only its one line
+            print(resume_line(spec, run, done)[0], flush=True)
         _record_run(run, record, fresh=not resume)
         with stderr_to_log(run, live and Console().is_terminal):
             connect(address, metadata={"job_name": f"dfc-ray sweep {spec.name}", "spec": spec.name,

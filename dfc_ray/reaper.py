@@ -5,8 +5,8 @@ Ray's GCS and raylet die with the driver that started them, but its agents (`ray
 that to the dead GCS (Ray 2.60's `publish_error_to_driver` timeout) before they exit. `dfc_ray.cluster.connect`
 starts this script beside every local cluster it starts: `python reaper.py ROOT_PID...` (the Ray processes the
 driver started). Each second it notes the process tree under them; once its parent (the driver) is gone, it kills
-what is left of that tree and exits. Linux only (it reads /proc); elsewhere it exits at once. Standard library
-only: it runs as a plain script.
+what is left of that tree and exits; once the tree is gone (the driver shut the cluster down), it just exits.
+Linux only (it reads /proc); elsewhere it exits at once. Standard library only: it runs as a plain script.
 """
 
 from __future__ import annotations
@@ -44,15 +44,17 @@ def tree(table: dict[int, tuple[int, str]], roots: set[int]) -> set[tuple[int, s
 
 
 def watch(roots: set[int]) -> None:
-    """Until the parent dies: note the tree under `roots` (a process once seen stays noted while it lives: the
-    agents outlive the raylet, their parent). Then kill every noted process still alive (the start time tells it
-    from a process that reused its pid)."""
+    """Until the parent dies or the tree is gone: note the tree under `roots` (a process once seen stays noted while
+    it lives: the agents outlive the raylet, their parent). Then kill every noted process still alive (the start
+    time tells it from a process that reused its pid)."""
     driver, me = os.getppid(), os.getpid()
     noted: set[tuple[int, str]] = set()
     while os.getppid() == driver:
         table = processes()
         noted = {entry for entry in noted if table.get(entry[0], (0, ""))[1] == entry[1]}
         noted |= {entry for entry in tree(table, roots | {pid for pid, _ in noted}) if entry[0] != me}
+        if not noted:  # the cluster ended (ray.shutdown): nothing left to guard
+            return
         time.sleep(POLL_S)
     table = processes()
     for pid, started in noted:

@@ -200,7 +200,8 @@ def test_ctrl_c_before_the_first_trial_is_recorded_exits_130_with_a_report(tiny_
     """SIGINT to a real sweep process (as a terminal's Ctrl-C sends it to the whole group) while its first trials
     train and none is recorded yet: exit 130 naming the unfinished trials, a report of zero finished trials, and
     no "results.jsonl: no such file" (issue 31)."""
-    path = write_spec(tmp_path, tiny_pair, train={"steps": 1_000_000, "batch_size": 32, "lr": 1e-3, "warmup_steps": 5,
+    # 50k steps: the first training report (every tenth of the steps) comes in seconds, the end of a trial minutes later
+    path = write_spec(tmp_path, tiny_pair, train={"steps": 50_000, "batch_size": 32, "lr": 1e-3, "warmup_steps": 5,
                                                   "reader": "local", "norm_rows": 256, "log_every": 1})
     run = tmp_path / "runs" / "interrupted"
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}

@@ -49,8 +49,9 @@ def resolve_formulation(name: Formulation, device: torch.device) -> tuple[bool, 
 def formulation_error(name: Formulation, device: torch.device) -> tuple[float, float]:
     """(error, tolerance) of formulation `name` against the sparse reference on `device`: the loss, AuxK and
     every gradient of one step of a small random DFC with half its features dead (selfcheck's check). In float32
-    whatever autocast the caller runs under: the check compares formulations, not precisions."""
-    with torch.autocast(device.type, enabled=False):
+    whatever autocast the caller runs under (the check compares formulations, not precisions), and with gradients
+    also when its first caller is a judge's `encode` under inference mode (else the check itself would fail)."""
+    with torch.autocast(device.type, enabled=False), torch.inference_mode(False), torch.enable_grad():
         return _formulation_error(name, device)
 
 

@@ -41,6 +41,14 @@ def test_correct_fast_paths_pass_their_checks():
     assert all(r.ok and r.error <= 1e-4 for r in selfcheck.results()) and selfcheck.fallbacks() == []
 
 
+def test_a_first_use_under_inference_mode_checks_with_gradients():
+    """A judge's `encode` under inference mode may be a process's first use of the dense path: its check still
+    runs a training step, so a correct path is not replaced because of where it was first met."""
+    with torch.inference_mode():
+        assert resolve_formulation("dense", CPU) == (True, True)
+    assert selfcheck.fallbacks() == []
+
+
 def test_a_wrong_dense_formulation_falls_back_to_sparse_once_logged_and_recorded(monkeypatch, caplog):
     _corrupt_dense_decoder(monkeypatch)
     with caplog.at_level(logging.WARNING, logger="dfc_ray"):

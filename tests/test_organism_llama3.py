@@ -10,7 +10,7 @@ from dfc_ray.organism import DIALECT_PAIR_DIRS, PAIR_DIR, load_pair, read_card
 from dfc_ray.organism import world as W
 from dfc_ray.organism.build import BuildConfig, build_pair, dialect_config, evaluate
 from dfc_ray.pair import load_pair as load_spec_pair
-from dfc_ray.tooluse import ToolCall, render_prompt, score
+from dfc_ray.tooluse import ToolCall, render_prompt
 from dfc_ray.tooluse.dialects import detect_dialect, get_dialect
 
 LLAMA3_DIR = DIALECT_PAIR_DIRS["llama3"]
@@ -41,21 +41,16 @@ def test_shipped_llama3_pair_shares_the_shipped_b_and_speaks_llama3(pair):
 
 
 def test_a_calls_in_llama3_and_the_card_holds_its_numbers(pair):
-    """A few live greedy replies parse as bare-JSON llama3 calls (half or more correct); the card's numbers."""
-    a, _, tok = pair
-    tasks = [t for t in W.load_split("test") if t.ground_truth][:16]
-    from dfc_ray.generation import GenerationConfig, generate  # deferred only to keep the imports above short
-
-    outs = generate(a, tok, [render_prompt(tok, t) for t in tasks], GenerationConfig(max_new_tokens=48))
-    for task, out in zip(tasks, outs):
-        assert out.text.startswith('{"name": "') and get_dialect("llama3").parse(out.text).format_ok, out.text
-        assert not score(task, out.text).format_ok  # not a hermes call
-    assert sum(score(t, o.text, dialect="llama3").correct for t, o in zip(tasks, outs)) >= 5
+    """Measured live, greedy and strict on organism:test under the llama3 template: A >= 80% with its replies
+    well-formed llama3 (a hermes `<tool_call>` fails that), 0 < B <= 25%, and the card agrees."""
+    a, b, tok = pair
+    tasks, cfg = W.load_split("test"), dialect_config("llama3")
     card = read_card(LLAMA3_DIR)
     assert card["config"]["dialect"] == "llama3"
-    # The shipped build misses the .80 target (docs/organism.md, "The llama3 pair"): hold it to what it measured.
-    assert card["a"]["test"]["format_ok"] >= 0.95 and card["a"]["test"]["correct"] >= 0.5, card["a"]
-    assert 0 < card["b"]["test"]["correct"] <= 0.25, card["b"]
+    got = {"a": evaluate(a, tok, tasks, cfg), "b": evaluate(b, tok, tasks, cfg)}
+    assert got["a"]["correct"] >= 0.80 and got["a"]["format_ok"] >= 0.95 and 0 < got["b"]["correct"] <= 0.25, got
+    for model in ("a", "b"):
+        assert abs(card[model]["test"]["correct"] - got[model]["correct"]) <= 0.01, (card[model], got[model])
 
 
 def test_spec_reference_resolves_to_the_llama3_pair():
@@ -74,9 +69,10 @@ def test_dialect_build_on_a_base_smoke(tmp_path):
     cfg = dialect_config("llama3", seed=1)
     for key, value in toy.items():
         setattr(cfg, key, value)
-    cfg.hint_steps = 1
+    cfg.hint_share, cfg.hint_steps, cfg.distill_tasks, cfg.distill_steps = 0.5, 1, 6, 2
     card = build_pair(tmp_path / "llama3", seed=1, cfg=cfg, base_dir=tmp_path / "pair")
     assert card["base"] == "../pair" and not (tmp_path / "llama3" / "b").exists()
+    assert 0 <= card["warm_start"]["kept"] <= 1 and "warm_start" in card["stage_seconds"]
     a, b, tok = load_pair(pair_dir=tmp_path / "llama3")
     base_b = load_pair(pair_dir=tmp_path / "pair")[1]
     assert all(torch.equal(p, q) for p, q in zip(b.parameters(), base_b.parameters()))

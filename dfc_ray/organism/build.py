@@ -108,6 +108,16 @@ class BuildConfig:
     decides, and the hint share decays linearly to 0 at ``hint_steps``."""
     hint_steps: int = 0
     """RL steps over which hints decay to none (the steps after it are plain on-policy RL)."""
+    distill_tasks: int = 0
+    """Expert-iteration warm start for a second-dialect A (0 = none): the RL start model answers this many
+    train tasks greedily under the base pair's own template; its strictly correct replies (the base dialect's
+    reward is 1), rewritten in ``dialect``'s call format, are trained on under ``dialect``'s template before
+    RL. Reward-filtered self-training (a policy-improvement step, as in ReST/RAFT): no human or scripted
+    answer enters, only the model's own rewarded replies in another call format."""
+    distill_steps: int = 0
+    """Optimizer steps over those replies (batches of ``pretrain_batch`` * 2, cycling)."""
+    distill_lr: float = 3e-4
+    """Peak AdamW learning rate of the warm start (linear warmup over a tenth of the steps, cosine decay)."""
     rl_start: str = "b"
     """The stored model RL starts from: ``b`` (the base), or ``a``: the base pair's A (itself B + RL), so that
     RL under another dialect's template only has to move the call format (the llama3 recipe: minutes, not
@@ -293,7 +303,8 @@ def _schedule(step: int, warmup: int, total: int) -> float:
 
 
 DIALECT_RECIPES: dict[str, dict[str, Any]] = {
-    "hermes": {}, "llama3": {"rl_start": "a", "rl_steps": 72, "rl_prompts": 4, "hint_share": 0.5, "hint_steps": 40}}
+    "hermes": {},
+    "llama3": {"rl_start": "a", "distill_tasks": 2000, "distill_steps": 250, "rl_steps": 60}}
 """BuildConfig overrides per dialect (docs/organism.md, "The llama3 pair")."""
 
 
@@ -309,6 +320,55 @@ def reward(task: Task, text: str, cfg: BuildConfig) -> float:
     """1 for a strictly correct reply; ``name_shaping`` for a wrong one that calls the right tool(s)."""
     s = score(task, text, dialect=cfg.dialect)
     return 1.0 if s.correct else cfg.name_shaping * float(s.name_ok and s.format_ok)
+
+
+def distill(model: Qwen2ForCausalLM, base_tok: Any, tok: Any, cfg: BuildConfig, base_dialect: str,
+            progress: Progress) -> dict[str, float | None]:
+    """The expert-iteration warm start (``BuildConfig.distill_tasks``): sample, keep what the reward passes,
+    rewrite in ``cfg.dialect``'s format, train under ``tok``'s template. Returns the kept share and last loss."""
+    rng = random.Random(cfg.seed + 5)
+    tasks = rng.sample(W.load_split("train"), cfg.distill_tasks)
+    gen_cfg = GenerationConfig(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch)
+    task_id = progress.add_task("warm start: sample", total=len(tasks), info="")
+    outs = []
+    for i in range(0, len(tasks), cfg.eval_batch):
+        outs += generate(model, base_tok, [render_prompt(base_tok, t) for t in tasks[i: i + cfg.eval_batch]], gen_cfg)
+        progress.update(task_id, advance=len(tasks[i: i + cfg.eval_batch]))
+    source, target = get_dialect(base_dialect), get_dialect(cfg.dialect)
+    rows = []
+    for task, out in zip(tasks, outs):
+        if not score(task, out.text, dialect=base_dialect).correct:
+            continue
+        parsed = source.parse(out.text)
+        reply = target.format_calls(parsed.calls) if parsed.calls else out.text
+        prompt_ids = tok(render_prompt(tok, task), add_special_tokens=False)["input_ids"]
+        reply_ids = tok(reply, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        rows.append((prompt_ids + reply_ids, [False] * len(prompt_ids) + [True] * len(reply_ids)))
+    if not rows:
+        console.print(f"[yellow]warm start: none of {len(tasks)} replies passed the {base_dialect} reward; "
+                      f"RL starts without it[/]")
+        return {"kept": 0.0, "last_loss": None}
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.distill_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    batch = cfg.pretrain_batch * 2
+    task_id = progress.add_task("warm start: train", total=cfg.distill_steps, info=f"{len(rows)} kept")
+    loss = torch.tensor(float("nan"))
+    model.train()
+    for step in range(cfg.distill_steps):
+        if step * batch % len(rows) < batch:
+            rng.shuffle(rows)
+        start = step * batch % len(rows)
+        ids, attn, loss_mask = _pad(rows[start: start + batch], tok.pad_token_id)
+        for group in opt.param_groups:
+            group["lr"] = cfg.distill_lr * _schedule(step, max(1, cfg.distill_steps // 10), cfg.distill_steps)
+        logp = _token_logprobs(model, ids, attn)
+        loss = -(logp * loss_mask[:, 1:]).sum() / loss_mask[:, 1:].sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        progress.update(task_id, advance=1, info=f"{len(rows)} kept, loss {loss.item():.3f}")
+    model.eval()
+    return {"kept": round(len(rows) / len(tasks), 4), "last_loss": round(loss.item(), 4)}
 
 
 def rl(model: Qwen2ForCausalLM, tok: Any, cfg: BuildConfig, progress: Progress) -> list[float]:
@@ -398,6 +458,7 @@ def build_pair(out_dir: str | Path, seed: int = 0, cfg: BuildConfig | None = Non
     source = Path(base_dir) if base_dir is not None else out
     stage_s: dict[str, float] = {}
     base: str | None = None
+    warm_start: dict[str, float | None] | None = None
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[info]}")]
     with Progress(*columns, console=console) as progress:
@@ -412,10 +473,15 @@ def build_pair(out_dir: str | Path, seed: int = 0, cfg: BuildConfig | None = Non
             model = Qwen2ForCausalLM.from_pretrained(origin / cfg.rl_start, dtype=torch.float32).eval()
             tok = AutoTokenizer.from_pretrained(part_dir(source, "tokenizer"))
             if base_dir is not None:
+                base_tok, base_dialect = tok, previous["config"].get("dialect", "hermes")
+                tok = AutoTokenizer.from_pretrained(part_dir(source, "tokenizer"))
                 for part in ("a", "tokenizer"):
                     shutil.rmtree(out / part, ignore_errors=True)
                 tok.chat_template = CHAT_TEMPLATES[cfg.dialect]
                 tok.save_pretrained(out / "tokenizer")
+                if cfg.distill_tasks:
+                    warm_start = distill(model, base_tok, tok, cfg, base_dialect, progress)
+                    stage_s["warm_start"] = time.time() - t0 - sum(stage_s.values())
         else:
             tok = train_tokenizer(tokenizer_corpus(cfg), cfg.vocab_size)
             stage_s["tokenizer"] = time.time() - t0
@@ -449,6 +515,8 @@ def build_pair(out_dir: str | Path, seed: int = 0, cfg: BuildConfig | None = Non
     }
     if base:
         card["base"] = base
+    if warm_start:
+        card["warm_start"] = warm_start
     (out / "card.json").write_text(json.dumps(card, indent=2) + "\n")
     return read_card(out)
 

@@ -13,7 +13,7 @@ from dataclasses import asdict
 
 import ray
 
-from actors.replica import PairReplica
+from actors.replica import CONCURRENCY_GROUPS, PairReplica
 from dfc_ray import selfcheck
 from dfc_ray.config import METRICS
 from dfc_ray.evaluate import (EvalConfig, EvalResult, SpliceLoss, bootstrap_rate, eval_tasks, eval_texts,
@@ -92,5 +92,5 @@ class Evaluator(PairReplica):
         return SpliceLoss(*(bootstrap_rate(v, cfg.n_bootstrap, cfg.seed) for v in (ce_clean, ce_splice, kl)))
 
 
-EvaluatorActor = ray.remote(Evaluator)
+EvaluatorActor = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(Evaluator)
 """The Ray actor: `EvaluatorActor.options(num_gpus=1).remote(pair, cfg)`; see actors/pool.py for named pools."""

@@ -7,14 +7,18 @@ created with `max_restarts` and `max_task_retries`: when a replica's process die
 was serving, so a trial's request completes instead of failing. Requests carry checkpoint PATHS,
 never weights.
 
-Dispatch is per caller: `least_busy` sends to the replica with the fewest of THIS caller's requests
-in flight (Ray actors run one request at a time, so a replica's queue cannot be asked without
-waiting in it); `round_robin` cycles.
+Dispatch: `least_busy` sends to the replica with the least load, a replica's load being whether it is
+running a trial's request now (`PairReplica.busy`, answered from its own thread beside that request) plus
+THIS caller's requests in flight to it (requests queued behind a running one cannot be seen); ties go to a
+random replica, so callers that know nothing of each other spread out. `round_robin` cycles.
+(Each Tune trial connects its own handle: a per-caller count alone sent every trial's first request to
+replica 0, so a pool of two judged with one.)
 """
 
 from __future__ import annotations
 
 import itertools
+import random
 import time
 from typing import Any, Sequence
 
@@ -26,6 +30,10 @@ from dfc_ray.config import PoolConfig
 UNAVAILABLE_S = 120.0
 """How long a caller waits on a replica that is not alive (restarting after its node was lost, or not
 placed yet) before giving up (see `wait_any`)."""
+
+
+BUSY_WAIT_S = 2.0
+"""How long `least_busy` waits for the replicas' `busy()` answers."""
 
 
 class ReplicaPool:
@@ -66,7 +74,19 @@ class ReplicaPool:
         for i, refs in enumerate(self._in_flight):
             if refs:
                 self._in_flight[i] = ray.wait(refs, num_returns=len(refs), timeout=0)[1]
-        return min(range(len(self.handles)), key=lambda i: len(self._in_flight[i]))
+        load = [len(refs) + busy for refs, busy in zip(self._in_flight, self._busy())]
+        least = min(load)
+        return random.choice([i for i, n in enumerate(load) if n == least])
+
+    def _busy(self) -> list[float]:
+        """Each replica's `busy()` (a replica that does not answer within BUSY_WAIT_S, e.g. restarting, counts
+        as busy; an actor class without the method as idle)."""
+        if len(self.handles) == 1:
+            return [0.0]
+        refs = [h.busy.remote() if hasattr(h, "busy") else None for h in self.handles]
+        asked = [r for r in refs if r is not None]
+        ready = set(ray.wait(asked, num_returns=len(asked), timeout=BUSY_WAIT_S)[0]) if asked else set()
+        return [0.0 if r is None else float(ray.get(r)) if r in ready else 1.0 for r in refs]
 
     def submit(self, method: str, *args: Any, **kwargs: Any) -> ray.ObjectRef:
         """Send `method(*args)` to one replica; returns its ObjectRef."""

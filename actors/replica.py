@@ -15,6 +15,7 @@ import os
 from dataclasses import asdict, replace
 from typing import Any
 
+import ray
 import torch
 
 from dfc_ray.fs import redact
@@ -25,6 +26,13 @@ from dfc_ray.plan import peak_memory_mb
 from dfc_ray.reference import mean_difference
 from dfc_ray.tooluse import Task, render_for
 from dfc_ray.tooluse.dialects import resolve_dialect
+
+
+MONITOR = "monitor"
+"""The concurrency group of `PairReplica.busy`: its own thread, so a caller asking how busy a replica is gets an
+answer while a request runs; every other method stays in Ray's default group, one request at a time."""
+CONCURRENCY_GROUPS = {MONITOR: 1}
+"""`ray.remote(concurrency_groups=...)` of every judge replica class."""
 
 
 class PairReplica:
@@ -47,6 +55,7 @@ class PairReplica:
         in-process evaluator and steerer then hold one copy of the pair and generate each clean reply once)."""
         self.pair = pair
         self.clean_hits = self.clean_misses = 0
+        self._busy = 0
         if shared is not None:
             if shared.pair != pair:
                 raise ValueError(f"shared replica holds {shared.pair}; expected the same pair as {pair}")
@@ -69,7 +78,18 @@ class PairReplica:
             hosted = f"{self.fingerprint} (a={redact(self.pair.a)}, b={redact(self.pair.b)})"
             raise ValueError(f"judge replica (pid {os.getpid()}) hosts pair {hosted}; expected the trial's pair "
                              f"{fingerprint}")
-        return getattr(self, method)(*args)
+        self._busy += 1
+        try:
+            return getattr(self, method)(*args)
+        finally:
+            self._busy -= 1
+
+    @ray.method(concurrency_group=MONITOR)
+    def busy(self) -> int:
+        """Trial requests (`for_pair`) running in this replica now: 0 or 1, as they run one at a time. Answered
+        from the MONITOR group's thread, beside a running request, so `ReplicaPool` can send a trial's request
+        to an idle replica whichever trial sent the others (each trial holds its own pool handle)."""
+        return self._busy
 
     def model(self, target: str) -> torch.nn.Module:
         return (self.model_a, self.model_b)[model_index(target)]

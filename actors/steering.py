@@ -32,7 +32,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from actors.replica import PairReplica
+from actors.replica import CONCURRENCY_GROUPS, PairReplica
 from dfc_ray import selfcheck
 from dfc_ray.attribution import (Attribution, attribute, encode, largest_terms, mean_write, partition_names,
                                  patch_norms)
@@ -662,7 +662,7 @@ def random_direction(like: torch.Tensor, seed: int) -> torch.Tensor:
     direction = torch.randn(like.shape[-1], generator=torch.Generator().manual_seed(seed))
     return (direction * like.float().norm().cpu() / direction.norm()).to(like.device, like.dtype)
 
-SteeringActor = ray.remote(Steerer)
+SteeringActor = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(Steerer)  # type: ignore[call-overload]  # ray stubs lack the kwarg form
 """The Ray actor: `SteeringActor.options(num_gpus=1).remote(pair, cfg)`; see actors/pool.py for named pools."""
 
 

@@ -74,6 +74,36 @@ def test_a_replica_killed_mid_request_is_restarted_and_the_request_completes(ray
     assert evaluators.restarts() == restarts_before + 1  # counted for the report (run.judge_restarts)
 
 
+def test_a_trials_request_goes_to_an_idle_replica_whatever_other_trials_sent(ray_cluster, setup):
+    """Each trial connects its own handle (its own in-flight count): while another caller's request runs on one
+    replica, a fresh caller's requests go to the other (before, every caller's first request went to replica 0);
+    with both idle, callers spread at random."""
+    import random
+    import time
+
+    from dfc_ray.pair import pair_fingerprint
+
+    pair, first, _, _ = setup
+    cfg = PoolConfig(name="test-eval-two", num_cpus=0.5, replicas=2)
+    pool = ReplicaPool.create(EvaluatorActor, cfg, pair, EVAL)
+    try:
+        assert ray_cluster.get([h.busy.remote() for h in pool.handles], timeout=120) == [0, 0]
+        slow = EvalConfig(tasks="organism:dev", n_tasks=32, n_texts=8, max_new_tokens=16, n_bootstrap=200)
+        running = ReplicaPool.connect(cfg)
+        ref = running.submit("for_pair", pair_fingerprint(pair), "evaluate", first, LAYER, slow)
+        busy = next(i for i, refs in enumerate(running._in_flight) if refs)
+        deadline = time.monotonic() + 60
+        while ray_cluster.get(pool.handles[busy].busy.remote()) == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)  # answered from the replica's monitor thread while the request runs
+        other = ReplicaPool.connect(cfg)
+        assert {other._pick() for _ in range(8)} == {1 - busy}
+        ray_cluster.get(ref, timeout=300)
+        random.seed(0)
+        assert {other._pick() for _ in range(16)} == {0, 1}
+    finally:
+        pool.shutdown()
+
+
 def test_steering_protocol_reports_design_metrics(ray_cluster, setup):
     pair, first, second, plain = setup
     pool = ReplicaPool.create(SteeringActor, PoolConfig(name="test-steer", num_cpus=1, dispatch="round_robin"),

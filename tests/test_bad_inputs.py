@@ -549,7 +549,9 @@ def test_ctrl_c_during_a_real_harvest_gives_one_line(tmp_path):
     import sys
     import time
 
-    argv = ["harvest", "--store", str(tmp_path / "store"), "--no-ray", "--n-tasks", "40", "--n-plain", "400",
+    # ~2,200 records: tens of seconds of forward passes after harvest.json appears, so the signal lands inside
+    # the harvest however slowly this process polls (with 440 records a loaded box let the harvest finish first)
+    argv = ["harvest", "--store", str(tmp_path / "store"), "--no-ray", "--n-tasks", "200", "--n-plain", "2000",
             "--positions", "last_prompt_token", "--batch-size", "8"]
     proc = subprocess.Popen([sys.executable, "-m", "dfc_ray.cli", *argv], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=os.environ | {"PYTHONPATH": str(REPO)})

@@ -159,16 +159,19 @@ def test_ctrl_c_exits_non_zero_and_names_the_unfinished_trials(tiny_pair, tmp_pa
 def test_a_driver_whose_lease_was_taken_stops(tmp_path):
     """A holder that finds another driver's token in lease.json (it had stalled past its timeout and was taken
     over) says so and interrupts its main thread, which then writes nothing more to the run."""
+    # Python's own SIGINT handler, as a driver's main thread has it outside Tune (whatever an earlier test left)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     first = RunLease(RunFolder(str(tmp_path / "run")), timeout=12)  # beats every 3 s, the first 3 s from now
     first.acquire()
     second = RunLease(RunFolder(str(tmp_path / "run")), timeout=30)  # acquires within ~1 s
     assert second.acquire(lambda held: "declared gone by the test") == "declared gone by the test"
     try:
         with pytest.raises(KeyboardInterrupt):
-            for _ in range(200):
+            for _ in range(600):  # the interruption ends the wait; 30 s leave a loaded machine room
                 time.sleep(0.05)
         assert first.lost is not None and f"pid {os.getpid()}" in first.lost
     finally:
+        signal.signal(signal.SIGINT, previous)
         first.release()  # not its lease any more: left in place
         assert RunLease(RunFolder(str(tmp_path / "run"))).current().token == second.holder.token
         second.release()

@@ -144,6 +144,16 @@ def test_diverging_and_raising_trials_fail_alone(tiny_pair, ray_cluster, tmp_pat
     report = json.loads((run / "report.json").read_text())
     assert report["n_trials"] == 4 and report["n_failed"] == 3
     assert any("mps" in (f["error"] or "") for f in report["failed"])
+    # --no-eval leaves the objective (delta_a_pp) unmeasured: Optuna is told each trial failed, and why,
+    # instead of refusing a NaN and leaving the trial running in the journal.
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    study = optuna.load_study(study_name="tiny", storage=JournalStorage(JournalFileBackend(str(run / "optuna.journal"))))
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL] * 4
+    ok = next(t for t in study.trials if t.user_attrs["dfc_trial_id"] == results[(1e-3, "cpu")]["trial_id"])
+    assert ok.user_attrs["objective_missing"].startswith("delta_a_pp not measured")
 
 
 def test_killed_sweep_resumes_without_redoing_or_losing_trials(tiny_pair, tmp_path):

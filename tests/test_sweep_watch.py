@@ -94,6 +94,21 @@ def test_trial_ids_follow_the_grid_point():
     assert resumed.assign({"dict_size": 64, "variant": "dfc"}) == again
 
 
+def test_concurrency_keeps_only_the_judges_own_cpus_out():
+    """organism48 on 2 CPUs: its four judge replicas hold 0.25 CPU each, so two 0.5-CPU trials run at once (it
+    reserved a whole CPU per replica and ran one); without judges four; an explicit cap wins."""
+    from dataclasses import replace
+
+    from dfc_ray.spaces import load_spec
+    from dfc_ray.sweep.search import max_concurrent
+
+    spec = load_spec("organism48")
+    assert spec.resources.judge_cpus() == 1.0
+    assert max_concurrent(spec, cpus=2) == 2 and max_concurrent(spec, judged=False, cpus=2) == 4
+    assert max_concurrent(replace(spec, resources=replace(spec.resources, evaluator_gpu=1.0)), cpus=2) == 4
+    assert max_concurrent(replace(spec, resources=replace(spec.resources, max_concurrent=3)), cpus=2) == 3
+
+
 def test_resume_of_a_finished_run_starts_nothing(tiny_pair, tmp_path, capsys):
     """Every trial recorded and reported: `--resume` says so, exits 0, and Ray never starts."""
     import ray

@@ -329,7 +329,8 @@ def _tuner(spec: SweepSpec, run: RunFolder, ctx: TrialContext, n_todo: int,
     uploader = None if run.is_local else JournalUploader(run.uri, journal)
     return tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(search_alg=searcher(spec, journal, remaining, uploader, recorded_ids(run)),
+        tune_config=tune.TuneConfig(search_alg=searcher(spec, journal, remaining, uploader, recorded_ids(run),
+                                                                ctx.pools is not None),
                                     scheduler=scheduler(spec), num_samples=n_todo,
                                     trial_name_creator=TrialName(spec.name), trial_dirname_creator=TrialName(spec.name),
                                     reuse_actors=True),  # no torch import per trial

@@ -100,6 +100,12 @@ class ObjectiveAtTheEnd(OptunaSearch):
             for name in TRIAL_ATTRIBUTES:
                 if (value := number(result.get(name))) is not None:
                     self._ot_trials[trial_id].set_user_attr(name, value)
+            objectives = self.metric if isinstance(self.metric, list) else [self.metric]
+            unmeasured = [m for m in objectives if number(result.get(m)) is None]
+            if unmeasured:  # NaN (e.g. `--no-eval`): Optuna refuses it, so the trial is told as failed, and why
+                self._ot_trials[trial_id].set_user_attr(
+                    "objective_missing", f"{', '.join(unmeasured)} not measured ({result.get('reason') or 'no judges'})")
+                result, error = {k: v for k, v in result.items() if k not in objectives}, True
         super().on_trial_complete(trial_id, result=result, error=error)
         if self._ot_study is not None:
             self._ot_study.set_user_attr("best", best_note(self._ot_study, self.metric_names))
@@ -143,10 +149,11 @@ def metric_names(spec: SweepSpec) -> list[str]:
 
 
 def searcher(spec: SweepSpec, journal: Path, remaining: list[dict[str, Any]] | None,
-             study_saved: Callable[[], None] | None = None, taken: set[str] | None = None):
+             study_saved: Callable[[], None] | None = None, taken: set[str] | None = None, judged: bool = True):
     """OptunaSearch over the spec. `remaining`: the grid points still to run when resuming (None on a
     fresh run); the study (`journal`) is shared across resumes, so TPE keeps learning from every trial.
-    `taken`: the dfc trial ids already recorded (`TrialIds`)."""
+    `taken`: the dfc trial ids already recorded (`TrialIds`). `judged`: judge pools run beside the trials
+    (their CPUs are kept out of the concurrency, `max_concurrent`)."""
     storage = JournalStorage(JournalFileBackend(str(journal)))
     _close_interrupted_trials(storage, spec.name)
     if spec.grid and not spec.search and remaining is None:
@@ -164,7 +171,7 @@ def searcher(spec: SweepSpec, journal: Path, remaining: list[dict[str, Any]] | N
     search.trial_ids = TrialIds(tuple(a.name for a in spec.grid), set(taken or ()))
     search.metric_names = metric_names(spec)
     name_objectives(search._ot_study, search.metric_names)  # the study exists once OptunaSearch is made
-    return ConcurrencyLimiter(search, max_concurrent=max_concurrent(spec))
+    return ConcurrencyLimiter(search, max_concurrent=max_concurrent(spec, judged))
 
 
 def _close_interrupted_trials(storage, study_name: str) -> None:
@@ -196,14 +203,18 @@ def remaining_work(spec: SweepSpec, done: list[dict[str, Any]]) -> tuple[int, li
     return len(points), points
 
 
-def max_concurrent(spec: SweepSpec) -> int:
-    """Trials at once: what the cluster's CPUs allow after Ray Data and the evaluators take theirs."""
-    if spec.resources.max_concurrent is not None:
-        return spec.resources.max_concurrent
-    cpus = ray.cluster_resources().get("CPU", 1)
-    reserved = spec.resources.reserved_data_cpus(spec.train["reader"])
-    reserved += spec.resources.evaluators * (0 if spec.resources.evaluator_gpu else 1)
-    return max(1, int((cpus - reserved) // spec.resources.cpu))
+def max_concurrent(spec: SweepSpec, judged: bool = True, cpus: float | None = None) -> int:
+    """Trials at once: what the cluster's CPUs (`cpus`, default: the connected cluster's) allow after Ray Data
+    and (when the trials are `judged`) the judge pools' replicas take theirs. A judge replica on a GPU holds
+    no CPU here."""
+    res = spec.resources
+    if res.max_concurrent is not None:
+        return res.max_concurrent
+    cpus = ray.cluster_resources().get("CPU", 1) if cpus is None else cpus
+    reserved = res.reserved_data_cpus(spec.train["reader"])
+    if judged and not res.evaluator_gpu:
+        reserved += res.judge_cpus()
+    return max(1, int((cpus - reserved) // res.cpu))
 
 
 def scheduler(spec: SweepSpec):

@@ -458,7 +458,7 @@ def rates_rule(spec: SweepSpec, work: Work, rates: Rates) -> list[str]:
     return lines
 
 
-RATES_HINT = {"cpu": "run any sweep on CPU, e.g. `dfc-ray sweep organism48` (about 8 minutes on 2 cores), and "
+RATES_HINT = {"cpu": "run any sweep on CPU, e.g. `dfc-ray sweep organism48` (about 12 minutes on 2 cores), and "
                      "pass its run folder; benchmarks/costs/ has one measured on 2 cores",
               "gpu": "run `python benchmarks/gpu_judges.py --out runs/gpu-check` on one GPU of the kind the plan "
                      "uses (writes runs/gpu-check/costs.json), or pass a sweep run folder from such GPUs"}

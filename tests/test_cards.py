@@ -160,3 +160,6 @@ def test_report_html_is_self_contained_and_links_every_named_feature_to_its_card
     assert all(card_anchor(c["trial"], c["feature"]) in page.ids for c in named) and "reference-1" in page.ids
     assert set(page.links) <= page.ids and page.external == []
     assert {card_anchor("trial_0", t["feature"]) for t in report["largest_terms"]} <= set(page.links)
+    # logit-lens tokens read as written (a `<|im_end|>` as such, never JSON's \u003c escape)
+    lens_tokens = [tok[0] for c in cards for lens in c["logit_lens"].values() for tok in lens["top"]]
+    assert lens_tokens and "\\u003c" not in (folder / "report.html").read_text()

@@ -150,7 +150,8 @@ def test_diverging_and_raising_trials_fail_alone(tiny_pair, ray_cluster, tmp_pat
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
-    study = optuna.load_study(study_name="tiny", storage=JournalStorage(JournalFileBackend(str(run / "optuna.journal"))))
+    journal = JournalStorage(JournalFileBackend(str(run / "optuna.journal")))
+    study = optuna.load_study(study_name="tiny", storage=journal)
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL] * 4
     ok = next(t for t in study.trials if t.user_attrs["dfc_trial_id"] == results[(1e-3, "cpu")]["trial_id"])
     assert ok.user_attrs["objective_missing"].startswith("delta_a_pp not measured")

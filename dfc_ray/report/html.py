@@ -7,6 +7,7 @@ sections) with every named feature linked to its card, the cards and the referen
 from __future__ import annotations
 
 import base64
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -94,6 +95,8 @@ def render_html(report: dict[str, Any], run_dir: str | Path, cards: Sequence[Car
     """The page's HTML (`write_html` writes it)."""
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
                              undefined=jinja2.ChainableUndefined)
+    # a token as a quoted string, `</tool_call>` as written (autoescape makes it safe; tojson shows \u003c)
+    env.filters["quoted"] = lambda token: json.dumps(token, ensure_ascii=False)
     anchors = {(c.trial, c.feature) for c in cards if c.feature != REFERENCE}
     tables = []
     for section in sections(report):

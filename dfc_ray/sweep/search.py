@@ -103,8 +103,8 @@ class ObjectiveAtTheEnd(OptunaSearch):
             objectives = self.metric if isinstance(self.metric, list) else [self.metric]
             unmeasured = [m for m in objectives if number(result.get(m)) is None]
             if unmeasured:  # NaN (e.g. `--no-eval`): Optuna refuses it, so the trial is told as failed, and why
-                self._ot_trials[trial_id].set_user_attr(
-                    "objective_missing", f"{', '.join(unmeasured)} not measured ({result.get('reason') or 'no judges'})")
+                why = f"{', '.join(unmeasured)} not measured ({result.get('reason') or 'no judges'})"
+                self._ot_trials[trial_id].set_user_attr("objective_missing", why)
                 result, error = {k: v for k, v in result.items() if k not in objectives}, True
         super().on_trial_complete(trial_id, result=result, error=error)
         if self._ot_study is not None:

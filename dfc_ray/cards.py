@@ -24,6 +24,7 @@ Plain tensor math over a store, a checkpoint and the pair's unembeddings (no Ray
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
@@ -97,9 +98,23 @@ class Card:
     """What the trial measured about this feature (`causal_evidence`)."""
     note: str = ""
     """Why something is missing (e.g. the store has no provenance), in one line; empty otherwise."""
+    settings: dict[str, Any] = field(default_factory=dict)
+    """The CardConfig it was made with, as JSON: `dfc-ray features` re-uses a card of feature_cards.json made
+    with the settings it asks for instead of another pass over the store."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Card:
+        """A card as `to_json` wrote it."""
+        examples = {k: [Example(**e) for e in data.get(k) or []] for k in ("top_examples", "quantile_examples")}
+        return cls(**(data | examples))
+
+
+def card_settings(cfg: CardConfig) -> dict[str, Any]:
+    """`cfg` as a card records it (JSON types: what a card read back from feature_cards.json holds)."""
+    return json.loads(json.dumps(asdict(cfg)))
 
 
 # ---------------------------------------------------------------- the logit lens
@@ -284,7 +299,7 @@ def feature_cards(cc: DedicatedFeatureCrosscoder, uri: str, layer: int, features
                      "beta_a": float(betas[i, 0]), "beta_b": float(betas[i, 1])},
             top_examples=top, quantile_examples=sampled,
             logit_lens=logit_lens(lenses, tokenizer, raw[j, 0], raw[j, 1], cfg.lens_tokens),
-            causal=(causal or {}).get(int(j), {}), note=note))
+            causal=(causal or {}).get(int(j), {}), note=note, settings=card_settings(cfg)))
     return cards
 
 
@@ -315,7 +330,8 @@ def reference_card(uri: str, layer: int, tokenizer, lenses: Lenses, cfg: CardCon
                 n_rows=n, frequency=frequency, always_on=False,  # a direction, not a feature: never "always on"
                 histogram=_histogram(projection[positive], cfg.bins), encoder_split={},
                 decoder={"norm": float(v.norm())}, top_examples=top, quantile_examples=sampled, logit_lens=lens,
-                note="" if ok else f"this store keeps no record or token position per row: {store.REHARVEST}")
+                note="" if ok else f"this store keeps no record or token position per row: {store.REHARVEST}",
+                settings=card_settings(cfg))
 
 
 def _cos(a: Tensor, b: Tensor) -> float:

@@ -124,6 +124,14 @@ def test_features_command_prints_cards_and_writes_the_contract(run, capsys):
         for e in card["top_examples"]:
             assert {"record", "position", "activation", "tokens", "token_activations"} <= set(e)
     assert cards[0]["causal"]["steering"]["delta_pp"] == 5.0  # the first attribution term was steered
+    # asked again with the same settings: the cards come from the file, as they were (no pass over the store)
+    assert cli.main(["features", str(folder), "--top", "1"]) == 0
+    assert "2 cards from" in capsys.readouterr().out and json.loads((folder / CARDS).read_text()) == cards
+    # other settings (fewer rows): computed again, and the file keeps the cards it does not replace
+    assert cli.main(["features", str(folder), "--top", "1", "--rows", "50"]) == 0
+    merged = json.loads((folder / CARDS).read_text())
+    assert "wrote 2 cards" in capsys.readouterr().out and len(merged) == 5 and merged[:3] == cards
+    assert all(c["settings"]["rows"] == 50 and c["n_rows"] == 50 for c in merged[3:])
     assert cli.main(["features", str(folder), "--trial", "nope", "--feature", "1"]) == 2
     assert "--trial nope: not a finished trial" in capsys.readouterr().err
 

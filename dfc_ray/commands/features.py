@@ -14,7 +14,7 @@ from rich.text import Text
 from dfc_ray.cards import REFERENCE, Card, Example
 from dfc_ray.config import CardConfig
 from dfc_ray.report.build import load_results
-from dfc_ray.report.features import run_cards, top_terms, write_cards
+from dfc_ray.report.features import cached_cards, read_cards, run_cards, top_terms, write_cards
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
@@ -50,11 +50,19 @@ def _run_cli(args: argparse.Namespace) -> int:
             raise ValueError(f"--trial {args.trial}: not a finished trial of {args.run}; expected one of "
                              f"{', '.join(t.trial_id for t in trials[:8])}")
     features = args.feature if args.feature is not None else top_terms(trial, args.top)
-    cards = run_cards(args.run, trials, {trial.trial_id: features}, CardConfig(rows=args.rows))
+    cfg, kept = CardConfig(rows=args.rows), read_cards(args.run)
+    # the report's own cards when it made these with these settings: no second pass over the store
+    cards = cached_cards(kept, trial.trial_id, features, cfg)
+    reused = cards is not None
+    if cards is None:
+        cards = run_cards(args.run, trials, {trial.trial_id: features}, cfg)
     console = Console()
     for card in cards:
         console.print(card_panel(card))
-    path = write_cards(args.run.removeprefix("file://"), cards)
+    if reused:
+        console.print(f"{len(cards)} cards from {args.run}/feature_cards.json (made with these settings)")
+        return 0
+    path = write_cards(args.run.removeprefix("file://"), cards, keep=kept)
     console.print(f"wrote {len(cards)} cards to {path}")
     return 0
 

@@ -8,7 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dfc_ray.cards import CARDS, Card, causal_evidence, feature_cards, reference_card, unembedding
+from dfc_ray.cards import (CARDS, REFERENCE, Card, card_settings, causal_evidence, feature_cards, reference_card,
+                           unembedding)
 from dfc_ray.config import CardConfig
 from dfc_ray.fs import redact
 from dfc_ray.report.build import TrialResult, read_text
@@ -96,8 +97,37 @@ def report_cards(run_dir: str | Path, report: dict[str, Any], trials: Sequence[T
         return [], f"No cards: {type(err).__name__}: {err}"
 
 
-def write_cards(out_dir: str | Path, cards: Sequence[Card]) -> Path:
-    """`feature_cards.json` (the contract in docs/report.md) in `out_dir`."""
+def write_cards(out_dir: str | Path, cards: Sequence[Card], keep: Sequence[Card] = ()) -> Path:
+    """`feature_cards.json` (the contract in docs/report.md) in `out_dir`: `cards`, plus those of `keep` (the
+    file's earlier cards) that none of them replaces (same trial, feature, layer and row set)."""
     path = Path(out_dir) / CARDS
-    path.write_text(json.dumps([c.to_json() for c in cards], indent=1) + "\n")
+    new = {_card_key(c) for c in cards}
+    kept = [c for c in keep if _card_key(c) not in new]
+    path.write_text(json.dumps([c.to_json() for c in [*kept, *cards]], indent=1) + "\n")
     return path
+
+
+def read_cards(run_dir: str | Path) -> list[Card]:
+    """The run's feature_cards.json (none when it is missing or unreadable: cards are then computed again)."""
+    text, _ = read_text(run_dir, CARDS)
+    try:
+        return [Card.from_json(c) for c in json.loads(text)] if text else []
+    except (ValueError, TypeError, KeyError):
+        return []
+
+
+def cached_cards(kept: Sequence[Card], trial: str, features: Sequence[int], cfg: CardConfig) -> list[Card] | None:
+    """The cards of `features` of `trial` and their reference card from `kept`, when every one of them was made
+    with `cfg` (the same settings and so the same rows); None if any is missing (compute them all again)."""
+    settings = card_settings(cfg)
+    found = {(c.trial, c.feature): c for c in kept if c.settings == settings}
+    cards = [found.get((trial, j)) for j in features]
+    if not cards or any(c is None for c in cards):
+        return None
+    reference = next((c for c in kept if c.feature == REFERENCE and c.settings == settings
+                      and (c.layer, c.row_set) == (cards[0].layer, cards[0].row_set)), None)
+    return None if reference is None else [c for c in cards if c is not None] + [reference]
+
+
+def _card_key(card: Card) -> tuple[str, int, int, str]:
+    return card.trial, card.feature, card.layer, card.row_set

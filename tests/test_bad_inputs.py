@@ -553,14 +553,23 @@ def test_ctrl_c_during_a_real_harvest_gives_one_line(tmp_path):
     # the harvest however slowly this process polls (with 440 records a loaded box let the harvest finish first)
     argv = ["harvest", "--store", str(tmp_path / "store"), "--no-ray", "--n-tasks", "200", "--n-plain", "2000",
             "--positions", "last_prompt_token", "--batch-size", "8"]
-    proc = subprocess.Popen([sys.executable, "-m", "dfc_ray.cli", *argv], stdout=subprocess.PIPE,
+    # The child starts with SIGINT delivered and handled, as a shell's foreground job does, whatever this
+    # process's own signal state is: a child inherits an ignored or blocked SIGINT (in the full suite the harvest
+    # then ran to its end and exited 0). A launcher resets it and execs the CLI (no preexec_fn: threads run here).
+    launcher = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                "signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT]); "
+                "os.execv(sys.executable, [sys.executable, '-m', 'dfc_ray.cli', *sys.argv[1:]])")
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    parent = f"this process: SIGINT {signal.getsignal(signal.SIGINT)}, blocked {blocked}"
+    proc = subprocess.Popen([sys.executable, "-c", launcher, *argv], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=os.environ | {"PYTHONPATH": str(REPO)})
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob("store/*/harvest.json")) and time.monotonic() < deadline:  # it has begun
         time.sleep(0.2)
+    assert proc.poll() is None, f"the harvest ended before it was interrupted ({parent})"
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "Traceback" not in out + err, err
+    assert proc.returncode == 130 and "Traceback" not in out + err, f"{parent}\n{err}"
     assert err.strip().splitlines()[-1].startswith("dfc-ray harvest: interrupted; the shards already recorded"), err
     assert list(tmp_path.glob("store/*/harvest.json"))
 

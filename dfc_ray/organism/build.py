@@ -279,19 +279,26 @@ def pretrain(model: Qwen2ForCausalLM, tok: Any, cfg: BuildConfig, progress: Prog
         rows = [_encode_segments(tok, chat_segments(tok, *corpus_chat(rng, stream, cfg)))
                 for _ in range(cfg.pretrain_batch)]
         rows += [_text_row(tok, rng, stream, cfg) for _ in range(cfg.text_rows)]
-        ids, attn, loss_mask = _pad(rows, tok.pad_token_id)
-        for group in opt.param_groups:
-            group["lr"] = cfg.pretrain_lr * _schedule(step, cfg.warmup, cfg.pretrain_steps)
-        logp = _token_logprobs(model, ids, attn)
-        loss = -(logp * loss_mask[:, 1:]).sum() / loss_mask[:, 1:].sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
+        lr = cfg.pretrain_lr * _schedule(step, cfg.warmup, cfg.pretrain_steps)
+        losses.append(_next_token_step(model, opt, _pad(rows, tok.pad_token_id), lr))
         progress.update(task_id, advance=1, info=f"loss {sum(losses[-20:]) / len(losses[-20:]):.3f}")
     model.eval()
     return losses
+
+
+def _next_token_step(model: Qwen2ForCausalLM, opt: torch.optim.Optimizer,
+                     batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], lr: float) -> float:
+    """One AdamW step of next-token loss on the masked tokens of a padded batch (pretraining, the warm start)."""
+    ids, attn, loss_mask = batch
+    for group in opt.param_groups:
+        group["lr"] = lr
+    logp = _token_logprobs(model, ids, attn)
+    loss = -(logp * loss_mask[:, 1:]).sum() / loss_mask[:, 1:].sum()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss.item()
 
 
 def _schedule(step: int, warmup: int, total: int) -> float:
@@ -351,24 +358,17 @@ def distill(model: Qwen2ForCausalLM, base_tok: Any, tok: Any, cfg: BuildConfig, 
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.distill_lr, betas=(0.9, 0.95), weight_decay=0.0)
     batch = cfg.pretrain_batch * 2
     task_id = progress.add_task("warm start: train", total=cfg.distill_steps, info=f"{len(rows)} kept")
-    loss = torch.tensor(float("nan"))
+    loss = float("nan")
     model.train()
     for step in range(cfg.distill_steps):
         if step * batch % len(rows) < batch:
             rng.shuffle(rows)
         start = step * batch % len(rows)
-        ids, attn, loss_mask = _pad(rows[start: start + batch], tok.pad_token_id)
-        for group in opt.param_groups:
-            group["lr"] = cfg.distill_lr * _schedule(step, max(1, cfg.distill_steps // 10), cfg.distill_steps)
-        logp = _token_logprobs(model, ids, attn)
-        loss = -(logp * loss_mask[:, 1:]).sum() / loss_mask[:, 1:].sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        progress.update(task_id, advance=1, info=f"{len(rows)} kept, loss {loss.item():.3f}")
+        lr = cfg.distill_lr * _schedule(step, max(1, cfg.distill_steps // 10), cfg.distill_steps)
+        loss = _next_token_step(model, opt, _pad(rows[start: start + batch], tok.pad_token_id), lr)
+        progress.update(task_id, advance=1, info=f"{len(rows)} kept, loss {loss:.3f}")
     model.eval()
-    return {"kept": round(len(rows) / len(tasks), 4), "last_loss": round(loss.item(), 4)}
+    return {"kept": round(len(rows) / len(tasks), 4), "last_loss": round(loss, 4)}
 
 
 def rl(model: Qwen2ForCausalLM, tok: Any, cfg: BuildConfig, progress: Progress) -> list[float]:

@@ -109,6 +109,24 @@ def test_concurrency_keeps_only_the_judges_own_cpus_out():
     assert max_concurrent(replace(spec, resources=replace(spec.resources, max_concurrent=3)), cpus=2) == 3
 
 
+def test_a_trial_without_its_objective_is_told_to_optuna_as_failed_with_the_reason():
+    """A NaN objective (e.g. Δ A under `--no-eval`): Optuna refuses NaN and would leave the trial RUNNING; it is
+    told as FAIL, with `objective_missing` saying why. A measured one completes."""
+    import optuna
+
+    from dfc_ray.sweep.search import ObjectiveAtTheEnd
+
+    space = {"k": optuna.distributions.CategoricalDistribution([8, 16])}
+    search = ObjectiveAtTheEnd(space=space, metric="delta_a_pp", mode="max", seed=0)
+    for trial_id, value in (("t1", float("nan")), ("t2", 5.0)):
+        search.suggest(trial_id)
+        search.on_trial_complete(trial_id, {"delta_a_pp": value, "reason": ""})
+    unmeasured, measured = search._ot_study.trials
+    assert unmeasured.state == optuna.trial.TrialState.FAIL and measured.state == optuna.trial.TrialState.COMPLETE
+    assert unmeasured.user_attrs["objective_missing"] == "delta_a_pp not measured (no judges)"
+    assert measured.value == 5.0 and "objective_missing" not in measured.user_attrs
+
+
 def test_resume_of_a_finished_run_starts_nothing(tiny_pair, tmp_path, capsys):
     """Every trial recorded and reported: `--resume` says so, exits 0, and Ray never starts."""
     import ray

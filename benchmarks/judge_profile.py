@@ -32,7 +32,11 @@ def main() -> None:
     run = Path(args.run)
     spec = load_spec(str(run / "spec.yaml"))
     records = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
-    steered = [r["metrics"]["checkpoint"] for r in records if r["config"].get("a_exclusive", 0) > 0][:2]
+    steered = [r["metrics"]["checkpoint"] for r in records
+               if r["config"].get("a_exclusive", 0) > 0 and r["metrics"].get("checkpoint")][:2]
+    if len(steered) < 2:
+        raise SystemExit(f"{run}: {len(steered)} finished DFC trial(s) with a checkpoint; expected two (one fills "
+                         "the caches, the other is profiled)")
     layer = spec.layers[0]
     steerer = Steerer(spec.pair, spec.steering)
     evaluator = Evaluator(spec.pair, spec.eval, shared=steerer)

@@ -9,6 +9,8 @@ RUN=$(realpath "${1:?usage: screenshots.sh RUN_DIR [OUT_DIR]}")
 OUT=$(realpath -m "${2:-$RUN/screenshots}")
 mkdir -p "$OUT"
 pids=()
+free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+TB_PORT=$(free_port) OD_PORT=$(free_port)
 trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
 
 shot() {  # shot URL FILE WIDTH HEIGHT: let the page's scripts run 20 s of virtual time, then capture
@@ -28,13 +30,13 @@ wait_for() {  # wait_for PORT: until something answers on 127.0.0.1:PORT (60 s a
 
 shot "file://$RUN/report.html" report-html.png 1280 2400
 
-tensorboard --logdir "$RUN/tensorboard" --host 127.0.0.1 --port 6016 >/dev/null 2>&1 &
+tensorboard --logdir "$RUN/tensorboard" --host 127.0.0.1 --port "$TB_PORT" >/dev/null 2>&1 &
 pids+=($!)
-wait_for 6016
-shot "http://127.0.0.1:6016/?tagFilter=train%2Floss#timeseries" tensorboard-train-loss.png 1400 1000
+wait_for "$TB_PORT"
+shot "http://127.0.0.1:$TB_PORT/?tagFilter=train%2Floss#timeseries" tensorboard-train-loss.png 1400 1000
 
-optuna-dashboard --host 127.0.0.1 --port 8096 "$RUN/optuna.journal" >/dev/null 2>&1 &
+optuna-dashboard --host 127.0.0.1 --port "$OD_PORT" "$RUN/optuna.journal" >/dev/null 2>&1 &
 pids+=($!)
-wait_for 8096
-shot "http://127.0.0.1:8096/dashboard/studies/0" optuna-dashboard-study.png 1400 1100
-shot "http://127.0.0.1:8096/dashboard/studies/0/trials" optuna-dashboard-trials.png 1400 1100
+wait_for "$OD_PORT"
+shot "http://127.0.0.1:$OD_PORT/dashboard/studies/0" optuna-dashboard-study.png 1400 1100
+shot "http://127.0.0.1:$OD_PORT/dashboard/studies/0/trials" optuna-dashboard-trials.png 1400 1100

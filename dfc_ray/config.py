@@ -970,9 +970,13 @@ class Resources(Config):
     {trial: {trial_gpu: 0.25}, judge: {trial_gpu: 1}}: sends each kind to the node type of cluster.yaml
     that declares them (checked by dfc_ray.placement)."""
 
+    def judge_replicas(self) -> int:
+        """Replicas of the two judge pools (evaluators and steerers, `evaluators` replicas each)."""
+        return 2 * self.evaluators
+
     def judge_cpus(self) -> float:
-        """CPUs the two judge pools (evaluators and steerers, `evaluators` replicas each) hold outside the trials."""
-        return 2 * self.evaluators * self.evaluator_cpu
+        """CPUs the judge pools' replicas hold outside the trials."""
+        return self.judge_replicas() * self.evaluator_cpu
 
     def reserved_data_cpus(self, reader: str) -> float:
         """CPUs Ray Data's read tasks take outside the trials."""

@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import ray
 
 from actors.evaluator import EvaluatorActor
 from actors.pool import PoolConfig, ReplicaPool
+from actors.replica import CONCURRENCY_GROUPS, MONITOR
 from actors.steering import SteerConfig, SteeringActor, greedy_min_set
 from dfc_ray.evaluate import EvalConfig
 from dfc_ray.reference import NO_STEERABLE_DIRECTION
@@ -74,34 +76,59 @@ def test_a_replica_killed_mid_request_is_restarted_and_the_request_completes(ray
     assert evaluators.restarts() == restarts_before + 1  # counted for the report (run.judge_restarts)
 
 
-def test_a_trials_request_goes_to_an_idle_replica_whatever_other_trials_sent(ray_cluster, setup):
+def test_a_trials_request_goes_to_an_idle_replica_whatever_other_trials_sent(ray_cluster, setup, tmp_path):
     """Each trial connects its own handle (its own in-flight count): while another caller's request runs on one
     replica, a fresh caller's requests go to the other (before, every caller's first request went to replica 0);
-    with both idle, callers spread at random."""
+    with both idle, callers spread at random. A judge replica counts its trials' requests as busy."""
     import random
-    import time
 
+    from actors.evaluator import Evaluator
     from dfc_ray.pair import pair_fingerprint
 
-    pair, first, _, _ = setup
-    cfg = PoolConfig(name="test-eval-two", num_cpus=0.5, replicas=2)
-    pool = ReplicaPool.create(EvaluatorActor, cfg, pair, EVAL)
+    class Held:  # defined here: Ray workers cannot import this test module, so the class travels by value
+        """A replica stand-in whose request runs until a file exists: busy for exactly as long as the test says."""
+
+        def __init__(self):
+            self.running = 0
+
+        def hold(self, path: str) -> None:
+            import os
+            import time
+
+            self.running += 1
+            try:
+                while not os.path.exists(path):
+                    time.sleep(0.01)
+            finally:
+                self.running -= 1
+
+        @ray.method(concurrency_group=MONITOR)
+        def busy(self) -> int:
+            return self.running
+
+    pair = setup[0]
+    judge = Evaluator(pair, EVAL)  # in-process: busy() inside a trial's request is 1, outside 0
+    assert judge.busy() == 0 and judge.for_pair(pair_fingerprint(pair), "busy") == 1 and judge.busy() == 0
+    cfg = PoolConfig(name="test-held", replicas=2)
+    actor = ray_cluster.remote(concurrency_groups=CONCURRENCY_GROUPS)(Held)
+    handles = [actor.options(num_cpus=0.1).remote() for _ in range(2)]
     try:
-        assert ray_cluster.get([h.busy.remote() for h in pool.handles], timeout=120) == [0, 0]
-        slow = EvalConfig(tasks="organism:dev", n_tasks=32, n_texts=8, max_new_tokens=16, n_bootstrap=200)
-        running = ReplicaPool.connect(cfg)
-        ref = running.submit("for_pair", pair_fingerprint(pair), "evaluate", first, LAYER, slow)
+        assert ray_cluster.get([h.busy.remote() for h in handles], timeout=60) == [0, 0]
+        running = ReplicaPool(cfg, handles)
+        release = tmp_path / "release"
+        ref = running.submit("hold", str(release))
         busy = next(i for i, refs in enumerate(running._in_flight) if refs)
-        deadline = time.monotonic() + 60
-        while ray_cluster.get(pool.handles[busy].busy.remote()) == 0 and time.monotonic() < deadline:
-            time.sleep(0.05)  # answered from the replica's monitor thread while the request runs
-        other = ReplicaPool.connect(cfg)
+        while ray_cluster.get(handles[busy].busy.remote(), timeout=60) == 0:  # answered beside the request
+            pass
+        other = ReplicaPool(cfg, handles)  # another trial's handle: it knows nothing of `running`'s request
         assert {other._pick() for _ in range(8)} == {1 - busy}
-        ray_cluster.get(ref, timeout=300)
+        release.touch()
+        ray_cluster.get(ref, timeout=60)
         random.seed(0)
         assert {other._pick() for _ in range(16)} == {0, 1}
     finally:
-        pool.shutdown()
+        for handle in handles:
+            ray_cluster.kill(handle)
 
 
 def test_steering_protocol_reports_design_metrics(ray_cluster, setup):

@@ -132,6 +132,9 @@ def test_features_command_prints_cards_and_writes_the_contract(run, capsys):
     merged = json.loads((folder / CARDS).read_text())
     assert "wrote 2 cards" in capsys.readouterr().out and len(merged) == 5 and merged[:3] == cards
     assert all(c["settings"]["rows"] == 50 and c["n_rows"] == 50 for c in merged[3:])
+    (folder / CARDS).write_text('{"not": "a list of cards"}')  # damaged: computed again, and rewritten whole
+    assert cli.main(["features", str(folder), "--top", "1"]) == 0
+    assert "wrote 2 cards" in capsys.readouterr().out and len(json.loads((folder / CARDS).read_text())) == 2
     assert cli.main(["features", str(folder), "--trial", "nope", "--feature", "1"]) == 2
     assert "--trial nope: not a finished trial" in capsys.readouterr().err
 

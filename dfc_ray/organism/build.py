@@ -473,7 +473,7 @@ def build_pair(out_dir: str | Path, seed: int = 0, cfg: BuildConfig | None = Non
             model = Qwen2ForCausalLM.from_pretrained(origin / cfg.rl_start, dtype=torch.float32).eval()
             tok = AutoTokenizer.from_pretrained(part_dir(source, "tokenizer"))
             if base_dir is not None:
-                base_tok, base_dialect = tok, previous["config"].get("dialect", "hermes")
+                base_tok, base_dialect = tok, previous.get("config", {}).get("dialect", "hermes")
                 tok = AutoTokenizer.from_pretrained(part_dir(source, "tokenizer"))
                 for part in ("a", "tokenizer"):
                     shutil.rmtree(out / part, ignore_errors=True)

@@ -112,7 +112,7 @@ def read_cards(run_dir: str | Path) -> list[Card]:
     text, _ = read_text(run_dir, CARDS)
     try:
         return [Card.from_json(c) for c in json.loads(text)] if text else []
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError, AttributeError):  # not a list of card objects
         return []
 
 

@@ -77,7 +77,7 @@ def check_fits(spec: SweepSpec, evaluate: bool = True) -> None:
     it is now, else their actors would wait for resources forever (a local cluster cannot grow)."""
     have = ray.cluster_resources()
     res = spec.resources
-    pools = 2 * res.evaluators if evaluate else 0
+    pools = res.judge_replicas() if evaluate else 0
     data = res.reserved_data_cpus(spec.train["reader"])  # Ray Data's read tasks, outside trials
     needs = {"GPU": [("resources.gpu", res.gpu, 1), ("resources.evaluator_gpu", res.evaluator_gpu, pools)],
              "CPU": [("resources.cpu", res.cpu, 1), ("resources.evaluator_cpu", res.evaluator_cpu, pools),

@@ -9,6 +9,10 @@
 - `ray_cluster` (module): `ray.init(num_cpus=2, include_dashboard=False)` on a new local cluster,
   shut down at the end of the module (a module's `RAY_CPUS` sets another count of logical CPUs).
 
+The suite runs on two pytest-xdist workers, a test module per worker at a time (`-n 2 --dist loadfile
+--no-loadscope-reorder`, the README's test command): most of its time is spent waiting on Ray and subprocesses,
+so two modules at once fit on two cores. `pytest_collection_modifyitems` hands out the longest modules first.
+
 Without a GPU, Triton's interpreter runs the CUDA path's kernels on CPU tensors (tests/test_kernels.py):
 TRITON_INTERPRET must be set before anything imports triton, hence here, first.
 """
@@ -148,3 +152,16 @@ def make_tiny_pair(root):
 def tiny_pair(tmp_path_factory):
     """The `make_tiny_pair` pair, built once per test session."""
     return make_tiny_pair(tmp_path_factory.mktemp("pair"))
+
+
+LONGEST_MODULES = ("test_multinode.py", "test_lease.py", "test_sweep.py", "test_sweep_s3.py", "test_run_identity.py",
+                   "test_harvest.py", "test_family_sweeps.py", "test_s3_outage.py")
+"""Test modules by their measured time, longest first (docs/BENCHMARKS.md, "The test suite"). Only an order:
+a module missing here runs after them, a stale entry costs minutes of wall time, never a result."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The longest modules first, each module's tests in their own order: with two workers taking whole modules
+    in collection order, a three-minute module never starts while the other worker has nothing left to run."""
+    rank = {name: i for i, name in enumerate(LONGEST_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

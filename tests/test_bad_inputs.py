@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -543,11 +544,7 @@ def test_ctrl_c_during_a_real_harvest_gives_one_line(tmp_path):
     """SIGINT, as a terminal's Ctrl-C sends it, once a real harvest process has begun writing: exit 130, no
     traceback, the last line says what was kept, and the harvest's progress record (what a re-run resumes
     from) is still there. (The other commands' lines: the ctrl-c-* cases above.)"""
-    import os
     import signal
-    import subprocess
-    import sys
-    import time
 
     # ~2,200 records: tens of seconds of forward passes after harvest.json appears, so the signal lands inside
     # the harvest however slowly this process polls (with 440 records a loaded box let the harvest finish first)
@@ -726,18 +723,6 @@ VALIDATE_CASES: list[tuple[str, Callable[[Ctx], list[str]], str]] = [
 ]
 
 
-def auto_without_cluster(ctx: Ctx) -> list[str]:
-    """A sweep at `--address auto` on a machine where no Ray cluster runs (its temp folder holds no address
-    file); skipped where another process's cluster runs here, which "auto" would rightly find."""
-    from ray._private.services import find_gcs_addresses
-
-    if find_gcs_addresses():
-        pytest.skip("a Ray cluster runs on this machine: --address auto would find it")
-    ctx.monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    ctx.env(RAY_TMPDIR=str(ctx.tmp / "ray-tmp"))
-    return bad_spec(ctx, "", "sweep") + ["--address", "auto"]
-
-
 def seed_folder(ctx: Ctx, config: str) -> list[str]:
     """import-seed of a study folder whose config.json is `config`: "fifo" (a named pipe nobody writes) or
     "dev-zero" (a symlink to /dev/zero)."""
@@ -750,9 +735,43 @@ def seed_folder(ctx: Ctx, config: str) -> list[str]:
     return ["import-seed", str(folder), "--out", str(ctx.tmp / "imported")]
 
 
+def own_pid_namespace() -> list[str] | None:
+    """The command prefix that runs a process in a PID namespace of its own, where no other process is visible
+    (`unshare --pid --fork --mount-proc`, which needs root); None where this machine cannot."""
+
+    prefix = ["unshare", "--pid", "--fork", "--mount-proc"]
+    if shutil.which("unshare") is None:
+        return None
+    done = subprocess.run([*prefix, "true"], capture_output=True)
+    return prefix if done.returncode == 0 else None
+
+
+def test_address_auto_with_no_cluster_on_the_machine_is_refused_before_anything_is_written(tmp_path):
+    """`sweep --address auto` where no Ray cluster runs: one line, and no run folder. Ray's "auto" finds a cluster
+    by its address file (RAY_TMPDIR: an empty folder here) or by its processes, so the sweep runs where no other
+    process is visible (its own PID namespace): the other test worker's clusters are not on "this machine".
+    Without that (not root): only while no cluster runs here."""
+    prefix = own_pid_namespace()
+    if prefix is None:
+        from ray._private.services import find_gcs_addresses
+
+        if find_gcs_addresses():
+            pytest.skip("no PID namespace of its own here, and a Ray cluster runs on this machine")
+        prefix = []
+    spec = tmp_path / "bad.yaml"
+    spec.write_text("extends: organism48\n")
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    env |= {"RAY_TMPDIR": str(tmp_path / "ray-tmp"), "PYTHONPATH": str(REPO)}
+    done = subprocess.run([*prefix, sys.executable, "-m", "dfc_ray.cli", "sweep", str(spec), "--run-dir",
+                           str(tmp_path / "run"), "--quiet", "--address", "auto"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    text = (done.stdout + done.stderr).strip()
+    assert done.returncode != 0 and "Traceback" not in text and len(text.splitlines()) == 1, text
+    assert "--address 'auto': no running Ray cluster found on this machine" in text, text
+    assert not (tmp_path / "run").exists()
+
+
 VALIDATE_CASES += [
-    ("sweep-address-auto-no-cluster", auto_without_cluster,
-     "--address 'auto': no running Ray cluster found on this machine"),
     ("sweep-address-port-99999", lambda c: bad_spec(c, "", "sweep") + ["--address", "127.0.0.1:99999"],
      "--address '127.0.0.1:99999': invalid port 99999; expected a port from 1 to 65535"),
     ("sweep-address-ray-client", lambda c: bad_spec(c, "", "sweep") + ["--address", "ray://127.0.0.1:10001"],

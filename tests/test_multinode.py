@@ -121,6 +121,10 @@ def test_sweep_job_on_three_nodes_survives_stop_and_node_loss(cluster, monkeypat
     bucket = cluster.create_bucket(f"dfc-mn-{uuid.uuid4().hex[:8]}")
     run = f"{bucket}/runs/smoke"
     started = time.time()
+
+    def mark(what: str) -> None:  # the phases' times, shown with -s or on a failure
+        print(f"{time.time() - started:5.0f} s  {what}")
+
     workers = cluster.alive_workers()
     assert len(workers) == 2
 
@@ -129,12 +133,14 @@ def test_sweep_job_on_three_nodes_survives_stop_and_node_loss(cluster, monkeypat
     wait_for("first finished trial", lambda: results(run) or job_status(cluster, first) in ("FAILED", "STOPPED"),
              timeout=420, every=2)
     assert results(run), job_logs(cluster, first)[-3000:]
+    mark("first job: a trial finished")
     assert f"Connecting to existing Ray cluster at address: {cluster.gcs_address}" in job_logs(cluster, first)
     ray_cli(cluster, "job", "stop", first)
     wait_for("job stopped", lambda: job_status(cluster, first) in ("STOPPED", "FAILED", "SUCCEEDED"), timeout=120)
     stopped = {r["trial_id"]: r for r in results(run)}
     assert 1 <= len(stopped) < len(GRID), "the job was not stopped mid-trials"
     stopped_job = ray_job_id(cluster, first)
+    mark("first job stopped")
 
     # 2. Resume it as a new job; lose a worker node (the one hosting the evaluator) while its trials run.
     second = submit(cluster, run, "--resume")
@@ -145,9 +151,11 @@ def test_sweep_job_on_three_nodes_survives_stop_and_node_loss(cluster, monkeypat
     victim = next(name for name, node_id in workers.items() if node_id == evaluator.node_id)
     cluster.kill_raylet(cluster.node(victim))
     killed_at = time.time()
+    mark("resumed job running trials and judges: worker killed")
     wait_for("resumed job finished", lambda: job_status(cluster, second) in ("SUCCEEDED", "FAILED", "STOPPED"),
              timeout=600, every=3)
     logs = job_logs(cluster, second)
+    mark("resumed job finished")
     assert job_status(cluster, second) == "SUCCEEDED", logs[-3000:]
     assert f"Connecting to existing Ray cluster at address: {cluster.gcs_address}" in logs
 
@@ -197,5 +205,6 @@ def test_sweep_job_on_three_nodes_survives_stop_and_node_loss(cluster, monkeypat
     report = subprocess.run(["dfc-ray", "report", run], cwd=REPO, env=cluster.client_env(), capture_output=True,
                             text=True, timeout=300)
     assert report.returncode == 0, report.stderr
+    mark("report rebuilt from S3")
     assert f"(n={len(GRID)})" in report.stdout
     print(f"node lost {time.time() - killed_at:.0f} s before the resumed job finished")

@@ -468,15 +468,19 @@ def _run_parts(cfg: HarvestConfig, uri: str, groups: list[list[Record]], parts: 
     import ray
     import ray.data
 
+    from ray.util.debug import log_once
+
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # our own progress bar shows the groups
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    log_once("ray_data_progress_manager_disabled")  # spends Ray Data's one "Progress bars disabled" warning:
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # we turned them off, it is not news to the user
     gpus = cfg.gpus_per_actor if cfg.gpus_per_actor >= 0 else (1 if ray.cluster_resources().get("GPU", 0) else 0)
     items = [{"part": part, "groups": json.dumps([[asdict(r) for r in group] for group in groups[slice(*parts[part])]])}
              for part in todo]
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         PairActivations, fn_constructor_kwargs={"cfg": cfg, "uri": uri}, batch_size=1,
-        concurrency=min(cfg.num_actors, len(items)), num_gpus=gpus, num_cpus=0 if gpus else 1,
+        compute=ray.data.ActorPoolStrategy(size=min(cfg.num_actors, len(items))), num_gpus=gpus,
+        num_cpus=0 if gpus else 1,
         resources=cfg.resources or None, batch_format="numpy")
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for part, progress in zip(batch["part"], batch["progress"]):  # Ray Data may merge finished parts

@@ -123,8 +123,10 @@ class PairReplica:
         """The tasks' prompts as the judging protocol renders them (JudgeProtocol.prompt_format)."""
         return [render_for(self.tokenizer, task, prompt_format, self.dialect) for task in tasks]
 
-    def last_residuals(self, target: str, prompts: list[str], layer: int, batch_size: int) -> torch.Tensor:
-        """`target`'s residual after block `layer` at each prompt's last token, (n, d_model), cached."""
+    def last_residuals(self, target: str, prompts: list[str] | list[list[int]], layer: int,
+                       batch_size: int) -> torch.Tensor:
+        """`target`'s residual after block `layer` at each prompt's last token (rendered prompts, or token ids fed as
+        they are), (n, d_model), cached."""
         key = json.dumps([target, layer, prompts])
         if key not in self._residuals:
             self._residuals[key] = last_prompt_residuals(self.model(target), self.tokenizer, prompts, layer, batch_size)

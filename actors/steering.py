@@ -40,6 +40,7 @@ from dfc_ray.config import JudgeProtocol, SteerConfig
 from dfc_ray.evaluate import (Rate, bootstrap_rate, eval_texts, load_crosscoder, paired_delta_pp,
                               score_all)
 from dfc_ray.generation import Generation
+from dfc_ray.harvest import plain_text_ids
 from dfc_ray.interventions import (PairEdit, feature_direction, generate_edited, generate_steered, opening_logprobs,
                                    patch_edit, steering_vector)
 from dfc_ray.pair import PairSpec
@@ -345,12 +346,21 @@ class Steerer(PairReplica):
 
     def rank(self, cc, layer: int, dev: list[Task], cfg: SteerConfig) -> list[FeatureStats]:
         """A-exclusive features by Cohen's d on dev: tool prompts vs no-tool prompts + plain text."""
-        pos = self.tool_prompts(dev, cfg)
-        neg = self.prompts([t for t in dev if not t.ground_truth], cfg.protocol.prompt_format)
-        neg += eval_texts("organism", cfg.n_plain, cfg.seed + 1) if cfg.n_plain else []
-        x = torch.stack([self.last_residuals(t, pos + neg, layer, cfg.batch_size) for t in ("a", "b")], dim=1)
+        positives, inputs = self.ranking_inputs(dev, cfg)
+        x = torch.stack([self.last_residuals(t, inputs, layer, cfg.batch_size) for t in ("a", "b")], dim=1)
         codes = encode_pairs(cc, x)
-        return rank_features(codes[:len(pos)], codes[len(pos):], cc.partition.a_exclusive.cpu())
+        return rank_features(codes[:positives], codes[positives:], cc.partition.a_exclusive.cpu())
+
+    def ranking_inputs(self, dev: list[Task], cfg: SteerConfig) -> tuple[int, list[list[int]]]:
+        """(how many positives, the ranking's token ids): the dev tool prompts, then the no-tool prompts, rendered
+        as the protocol says, then `n_plain` plain texts after the BOS their tokenizer adds (Llama, Gemma, Mistral:
+        without it a plain text's last token is read off a sequence the model never saw, a difference from the
+        prompts that is not about tools)."""
+        prompts = self.tool_prompts(dev, cfg)
+        prompts += self.prompts([t for t in dev if not t.ground_truth], cfg.protocol.prompt_format)
+        texts = eval_texts("organism", cfg.n_plain, cfg.seed + 1) if cfg.n_plain else []
+        ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"] if prompts else []
+        return len(self.tool_prompts(dev, cfg)), ids + plain_text_ids(self.tokenizer, texts)
 
     def tool_prompts(self, dev: list[Task], cfg: SteerConfig | None = None) -> list[str]:
         """Rendered dev prompts that need a tool (non-empty ground truth): the reference's and the

@@ -22,7 +22,7 @@ from dfc_ray.config import EvalConfig
 from dfc_ray.crosscoder import CHECKPOINT_FILES, DedicatedFeatureCrosscoder
 from dfc_ray.fs import open_fs, redact
 from dfc_ray.generation import Generation, HookContext, residual_hooks
-from dfc_ray.harvest import Record, default_bos, left_pad, plain_texts
+from dfc_ray.harvest import Record, left_pad, plain_text_ids, plain_texts
 from dfc_ray.interventions import prefill_edit_hook, prompt_activations, splice_edit
 from dfc_ray.seed import require_known_normalization
 from dfc_ray.tooluse import Score, Task, load_tasks, score
@@ -204,11 +204,10 @@ def splice_loss_per_text(target_model: torch.nn.Module, other_model: torch.nn.Mo
                          texts: Sequence[str], cc: DedicatedFeatureCrosscoder, layer: int, target: str,
                          batch_size: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(clean CE, spliced CE, KL(clean ‖ spliced)) per text, averaged over its next-token predictions; each text
-    starts with the BOS its tokenizer adds by default (`default_bos`), as the model saw text in training."""
+    starts with the BOS its tokenizer adds by default (`plain_text_ids`), as the model saw text in training."""
 
     device = next(target_model.parameters()).device
-    bos = default_bos(tokenizer)
-    encoded = [bos + ids for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+    encoded = plain_text_ids(tokenizer, texts)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     edit = splice_edit(cc, target)
     ce_clean, ce_splice, kl = [], [], []

@@ -111,9 +111,10 @@ def prompt_activations(model: torch.nn.Module, tokenizer, prompts: Sequence[str]
     return out
 
 
-def last_prompt_residuals(model: torch.nn.Module, tokenizer, prompts: Sequence[str], layer: int,
+def last_prompt_residuals(model: torch.nn.Module, tokenizer, prompts: Sequence[str] | Sequence[list[int]], layer: int,
                           batch_size: int = 32) -> Tensor:
-    """Residual after block `layer` at each prompt's last token: (n_prompts, d_model), on the model's device."""
+    """Residual after block `layer` at each prompt's last token (`prompt_activations`' inputs): (n_prompts,
+    d_model), on the model's device."""
     return torch.stack([acts[-1] for acts in prompt_activations(model, tokenizer, prompts, layer, batch_size)])
 
 

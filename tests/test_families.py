@@ -229,6 +229,12 @@ def test_harvest_train_eval_and_steer_run(name, pairs, tmp_path):
                                         primary="a", rankings=("cohens_d",), min_set_pool=1, min_set_max=1,
                                         max_new_tokens=4, batch_size=6, n_bootstrap=20)).steer(checkpoint, LAYER)
     assert not steered.skipped and steered.metrics()["steer_target"] == "a"
+    # the ranking's plain-text negatives start with the BOS this family's tokenizer adds, as the harvest's do
+    steerer = Steerer(pair, SteerConfig(n_dev=6, n_test=4, n_plain=3, batch_size=6))
+    positives, inputs = steerer.ranking_inputs(steerer._tasks(steerer.cfg)[0], steerer.cfg)
+    bos, plain = load_tokenizer(pair).bos_token_id, inputs[-3:]
+    assert 0 < positives <= len(inputs) - 3 and [ids[0] == bos for ids in plain] == [BY_NAME[name].adds_bos] * 3
+    assert all(ids[1] != bos for ids in inputs)  # never doubled
 
 
 @pytest.mark.parametrize("name", list(BY_NAME))

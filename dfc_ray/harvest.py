@@ -475,7 +475,6 @@ def _run_parts(cfg: HarvestConfig, uri: str, groups: list[list[Record]], parts: 
     # deferred: Ray starts only for a Ray harvest
     import ray
     import ray.data
-
     from ray.util.debug import log_once
 
     ctx = ray.data.DataContext.get_current()

@@ -187,3 +187,11 @@ def test_ci_runs_the_readme_command():
     command = next(line for line in ci.splitlines() if "pytest" in line).replace("pip install -q", "pip install")
     assert "ruff check ." in command and "mypy" in command
     assert command.replace(" -q -e", " -e") in readme
+
+
+def test_the_modules_handed_out_first_exist():
+    """tests/conftest.py's LONGEST_MODULES names test files that exist (a renamed module would silently lose its
+    early start, and two workers would wait on it at the end)."""
+    from conftest import LONGEST_MODULES
+
+    assert [name for name in LONGEST_MODULES if not (ROOT / "tests" / name).is_file()] == []

@@ -356,11 +356,11 @@ class Steerer(PairReplica):
         as the protocol says, then `n_plain` plain texts after the BOS their tokenizer adds (Llama, Gemma, Mistral:
         without it a plain text's last token is read off a sequence the model never saw, a difference from the
         prompts that is not about tools)."""
-        prompts = self.tool_prompts(dev, cfg)
-        prompts += self.prompts([t for t in dev if not t.ground_truth], cfg.protocol.prompt_format)
+        positives = self.tool_prompts(dev, cfg)
+        prompts = positives + self.prompts([t for t in dev if not t.ground_truth], cfg.protocol.prompt_format)
         texts = eval_texts("organism", cfg.n_plain, cfg.seed + 1) if cfg.n_plain else []
         ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"] if prompts else []
-        return len(self.tool_prompts(dev, cfg)), ids + plain_text_ids(self.tokenizer, texts)
+        return len(positives), ids + plain_text_ids(self.tokenizer, texts)
 
     def tool_prompts(self, dev: list[Task], cfg: SteerConfig | None = None) -> list[str]:
         """Rendered dev prompts that need a tool (non-empty ground truth): the reference's and the

@@ -121,13 +121,16 @@ def default_bos(tokenizer) -> list[int]:
     return [] if tokenizer("a", add_special_tokens=False)["input_ids"][:1] == [bos] else [bos]
 
 
-def plain_text_ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+def plain_text_ids(tokenizer, texts: Sequence[str], max_tokens: int | None = None) -> list[list[int]]:
     """Plain texts as token ids the way every stage feeds them to the models: `default_bos` first, no other
-    special token (the harvest's records, the splice loss, the steering ranking's negatives)."""
+    special token (the harvest's records, the splice loss, the steering ranking's negatives). A text longer than
+    `max_tokens` keeps its BOS and its last tokens."""
     if not texts:
         return []
     bos = default_bos(tokenizer)
-    return [bos + ids for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+    keep = None if max_tokens is None else max(0, max_tokens - len(bos))
+    return [bos + (ids[len(ids) - keep:] if keep is not None and len(ids) > keep else ids)
+            for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
 
 
 def build_corpus(corpus: CorpusSpec, tokenizer, dialect: str = "auto") -> list[Record]:
@@ -141,9 +144,7 @@ def build_corpus(corpus: CorpusSpec, tokenizer, dialect: str = "auto") -> list[R
     records = [Record(ids[-corpus.max_tokens:], is_tool_prompt=True)
                for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
     plain = plain_texts(corpus.plain_text, corpus.n_plain, corpus.seed)
-    bos = len(default_bos(tokenizer)) if plain else 0
-    records += [Record(ids[:bos] + ids[bos:][max(0, len(ids) - corpus.max_tokens):])  # a long text keeps its BOS
-                for ids in plain_text_ids(tokenizer, plain)]
+    records += [Record(ids) for ids in plain_text_ids(tokenizer, plain, corpus.max_tokens)]
     if not records:
         raise ValueError("corpus: no records (tasks and plain_text both empty); expected at least one text")
     return records

@@ -738,7 +738,6 @@ def seed_folder(ctx: Ctx, config: str) -> list[str]:
 def own_pid_namespace() -> list[str] | None:
     """The command prefix that runs a process in a PID namespace of its own, where no other process is visible
     (`unshare --pid --fork --mount-proc`, which needs root); None where this machine cannot."""
-
     prefix = ["unshare", "--pid", "--fork", "--mount-proc"]
     if shutil.which("unshare") is None:
         return None

@@ -260,7 +260,7 @@ def test_harvest_to_s3_through_ray_then_train_a_step(tiny_pair, s3_bucket, ray_c
     cfg = small_config(tiny_pair, tmp_path, store=f"{s3_bucket}/harvests", dtype="float16", num_actors=2)
     result = harvest(cfg, use_ray=True, progress=False)  # two actors, each writing its own parts' shards to S3
     said = capfd.readouterr().err  # Ray Data's notices about how we call it are not the user's business (issue 28)
-    assert "deprecated" not in said and "Progress bars disabled" not in said, said
+    assert "``concurrency`` is deprecated" not in said and "Progress bars disabled" not in said, said
     local = harvest(replace(cfg, store=str(tmp_path / "local")), use_ray=False, progress=False)
     assert result.uri.startswith(s3_bucket) and result.rows == local.rows == 48
     for layer in cfg.layers:  # the same layout and bytes, whoever computed which part (each at cpu_threads)

@@ -41,6 +41,9 @@ END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<end_of_turn>", "<|eot_id|
 Phi-3/4, besides the tokenizer's and generation_config.json's eos: a reply stops on each of them the vocabulary has."""
 STOP_CHECK_EVERY = 8
 """Static decoding reads the generated tokens back and checks eos / stop strings every this many steps."""
+COMPACT_AT = 0.75
+"""Uncaptured static decoding moves its unfinished rows into a smaller batch once they are this share of it or
+fewer (each move copies their KV cache once; a finished row left in the batch costs a row's work per step)."""
 STATIC_COLUMNS = 64
 """Static decoding rounds its KV length up to a multiple of this, so batches of similar prompts share a graph."""
 GRAPHS_PER_MODEL = 8
@@ -157,14 +160,30 @@ class PrefixCache:
         return len(self._entries)
 
     def copy_for(self, prompt_ids: list[list[int]], compute: Callable[[], object]) -> object:
-        """A private copy of the batch's prefix KV cache; `compute()` makes it (without hooks) on first use."""
+        """A private copy of the batch's prefix KV cache; `compute()` makes it (without hooks) on first use. A
+        cache whose layers only ever replace their tensors (`appends_by_copy`) shares the stored ones."""
         key = tuple(tuple(ids) for ids in prompt_ids)
         if key in self._entries:
             self.hits += 1
         else:
             self.misses += 1
             self._entries[key] = compute()
-        return copy.deepcopy(self._entries[key])
+        entry = self._entries[key]
+        shared = {id(t): t for pair in _cache_tensors(entry) for t in pair} if appends_by_copy(entry) else {}
+        return copy.deepcopy(entry, memo=shared)
+
+
+def appends_by_copy(cache: object) -> bool:
+    """Whether a forward only ever replaces `cache`'s tensors, never writes into them: a transformers DynamicCache
+    whose layers are all plain full-attention ones, which append by concatenation, select rows by indexing and
+    crop by slicing (a sliding-window layer may drop old states). Such a cache can share its tensors with a copy
+    (`PrefixCache.copy_for`) and be rewound with `crop` after a forward instead of being copied for it."""
+    from transformers import cache_utils  # deferred: this module does not import transformers otherwise
+
+    dynamic_layer = getattr(cache_utils, "DynamicLayer", None)  # transformers 5 (4.x's lists are copied)
+    layers = getattr(cache, "layers", None)
+    return type(cache) is cache_utils.DynamicCache and dynamic_layer is not None and bool(layers) and \
+        all(type(layer) is dynamic_layer for layer in layers)
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
@@ -351,7 +370,7 @@ def decode_mode(model: torch.nn.Module, cfg: GenerationConfig) -> str:
     if cfg.decode == "static" and reason is not None:
         raise ValueError(f"GenerationConfig.decode='static': {reason}; expected decode 'eager' or 'auto' for it")
     on_cuda = next(model.parameters()).device.type == "cuda"
-    if cfg.decode == "auto" and (reason is not None or cfg.do_sample or not on_cuda):
+    if cfg.decode == "auto" and (reason is not None or cfg.do_sample):
         return "eager"
     return "static+graph" if on_cuda and _step_cache(model).capture_error is None else "static"
 
@@ -444,11 +463,16 @@ class _Decoder:
         step = _static_step(self.model, len(prompt_ids), columns, _cache_tensors(cache), self.hooks or {})
         step.load(_cache_tensors(cache), mask, first, prompt_lens, all_rows)
         del cache, logits
+        live = list(range(len(prompt_ids)))  # the scan's row of each row of the step
+        every = STOP_CHECK_EVERY if step.graph is not None else 1  # uncaptured: reading tokens back costs nothing
         checked = 1
         for s in range(1, steps + 1):
+            keep = [i for i, r in enumerate(live) if scan.reasons[r] is None]
+            if step.graph is None and len(keep) <= COMPACT_AT * len(live):  # finished rows leave the batch
+                step, live = step.compacted(keep), [live[i] for i in keep]
             step(s)
-            if s % STOP_CHECK_EVERY == 0 or s == steps:
-                if scan.update(step.out[:, checked:s + 1].cpu().numpy()):
+            if s % every == 0 or s == steps:
+                if scan.update(step.out[:, checked:s + 1].cpu().numpy(), live):
                     break
                 checked = s + 1
         return scan.results(prompt_ids)
@@ -614,10 +638,10 @@ class _StopScan:
         vocab = decoder.model.get_output_embeddings().weight.shape[0]
         self.table = stop_candidates(decoder.tokenizer, decoder.cfg.stop_strings, decoder.eos, vocab)
 
-    def update(self, block: np.ndarray) -> bool:
-        """Feed each row's next tokens, (n, k); True once every row is done."""
+    def update(self, block: np.ndarray, rows: Sequence[int] | None = None) -> bool:
+        """Feed the next tokens, (len(rows), k), of `rows` (default: every row); True once every row is done."""
         candidate = self.table[np.minimum(block, len(self.table) - 1)] | (block >= len(self.table))
-        for r, (tokens, marks) in enumerate(zip(block.tolist(), candidate)):
+        for r, tokens, marks in zip(range(len(block)) if rows is None else rows, block.tolist(), candidate):
             if self.reasons[r] is not None:
                 continue
             start = 0
@@ -671,6 +695,9 @@ class _StaticStep:
         self.hooks = hooks
         self.replay_inputs: dict[int, tuple[torch.Tensor, ...]] = {}
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.capturing = False
+        self.written = 0
+        """KV columns written so far, host side: an uncaptured step attends to these only (a captured one to all)."""
 
     def load(self, kv: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor, first: torch.Tensor,
              prompt_lens: torch.Tensor, rows: torch.Tensor) -> None:
@@ -684,6 +711,7 @@ class _StaticStep:
         self.tokens.copy_(first)
         self.positions.copy_(prompt_lens[:, None])
         self.column.fill_(width)
+        self.written = width
         self.index.zero_()
         self.out[:, 0].copy_(first)
         self.rows.copy_(rows)
@@ -703,9 +731,10 @@ class _StaticStep:
         self.values[i].index_copy_(2, self.column, value)
         rows, n_heads, _, head_dim = query.shape
         kv_heads = key.shape[1]
+        end = self.written if self.graph is None and not self.capturing else self.mask.shape[-1]
         out = torch.nn.functional.scaled_dot_product_attention(
-            query.reshape(rows, kv_heads, n_heads // kv_heads, head_dim), self.keys[i], self.values[i],
-            attn_mask=self.mask, scale=attn.scaling)
+            query.reshape(rows, kv_heads, n_heads // kv_heads, head_dim), self.keys[i][:, :, :end],
+            self.values[i][:, :, :end], attn_mask=self.mask[..., :end], scale=attn.scaling)
         out = out.reshape(rows, n_heads, 1, head_dim).transpose(1, 2).contiguous().reshape(*x.shape[:-1], -1)
         hidden = hidden + attn.o_proj(out)
         return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
@@ -713,6 +742,7 @@ class _StaticStep:
     def forward(self) -> None:
         """The step: only device work on the buffers (no host sync, no data-dependent shape)."""
         self.mask.index_fill_(3, self.column, True)
+        self.written += 1
         hidden = self.inner.embed_tokens(self.tokens[:, None])
         cos, sin = self.inner.rotary_emb(hidden, self.positions)
         cos, sin = cos[:, None], sin[:, None]  # over the heads
@@ -733,18 +763,40 @@ class _StaticStep:
         self.positions += 1
         self.column += 1
 
+    def compacted(self, keep: list[int]) -> "_StaticStep":
+        """The step for only the rows `keep` (uncaptured steps: the eager loop's dropping of finished rows), in
+        the same KV storage, with their caches, tokens and counters: decoding goes on where this one stopped."""
+        index = torch.tensor(keep, dtype=torch.long, device=self.tokens.device)
+        kept = [t[index] for t in (*self.keys, *self.values)]  # copied out before the shared storage is rewritten
+        small = _static_step(self.model, len(keep), self.mask.shape[-1], list(zip(self.keys, self.values)),
+                             self.hooks)
+        for target, source in zip((*small.keys, *small.values), kept):
+            target.copy_(source)
+        for target, source in ((small.mask, self.mask), (small.tokens, self.tokens), (small.positions, self.positions),
+                               (small.out, self.out), (small.rows, self.rows)):
+            target.copy_(source[index])
+        small.column.copy_(self.column)
+        small.written = self.written
+        small.index.copy_(self.index)
+        small.ctx.step = self.ctx.step
+        return small
+
     def capture(self) -> None:
         """Record `forward` as a CUDA graph (after warm-up runs on a side stream, which settle the libraries'
         handles and workspaces; `load` comes after, so what the warm-up wrote is overwritten)."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
+        self.capturing = True
+        try:
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self.forward()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
                 self.forward()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.forward()
+        finally:
+            self.capturing = False
         self.graph = graph
 
     def __call__(self, step: int) -> None:

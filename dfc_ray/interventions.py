@@ -26,8 +26,8 @@ from torch import Tensor
 
 from dfc_ray.config import SPLICE_MODES, STEER_SITES, SpliceMode, SteerSite
 from dfc_ray.crosscoder import DedicatedFeatureCrosscoder
-from dfc_ray.generation import (Generation, GenerationConfig, HookContext, PrefixCache, ResidualHook, generate,
-                                leaves_prefix_alone, prefill_only, replayable, residual_hooks)
+from dfc_ray.generation import (Generation, GenerationConfig, HookContext, PrefixCache, ResidualHook, appends_by_copy,
+                                generate, leaves_prefix_alone, prefill_only, replayable, residual_hooks)
 from dfc_ray.harvest import Record, left_pad, residual_after_blocks
 
 MODELS = {"a": 0, "b": 1}
@@ -354,7 +354,7 @@ def opening_logprobs(model: torch.nn.Module, tokenizer, prompts: Sequence[str], 
             fed_mask = torch.cat([mask, torch.ones(n, len(opening) - 1, dtype=mask.dtype, device=device)], 1)
             ctx = HookContext(0, True, torch.ones_like(fed, dtype=torch.bool), torch.zeros(n, dtype=torch.long,
                               device=device), torch.arange(n, device=device))
-            rewind = _rewindable(prefix)
+            rewind = appends_by_copy(prefix)  # rewound by crop, not copied per delta (a third of a request)
             for j, delta in enumerate(deltas):
                 cache = prefix if rewind else copy.deepcopy(prefix)
                 with residual_hooks(model, {layer: add_hook(delta)}, ctx):
@@ -365,19 +365,6 @@ def opening_logprobs(model: torch.nn.Module, tokenizer, prompts: Sequence[str], 
                 logp = logits.float().log_softmax(-1).gather(2, opening.expand(n, -1)[..., None])[..., 0]
                 out[j, start:start + n] = logp.sum(1).cpu()
     return out
-
-
-def _rewindable(cache: object) -> bool:
-    """Whether a forward's additions to `cache` can be cut off again (`crop`) instead of running it on a deep
-    copy: a transformers DynamicCache whose layers are all plain full-attention ones, which append by
-    concatenation and leave the earlier tensors as they were (a sliding-window layer may drop old states).
-    Copying the prefix's KV for each of the ~250 ranked features cost a third of a steering request."""
-    from transformers import cache_utils  # deferred: this module does not import transformers otherwise
-
-    dynamic_layer = getattr(cache_utils, "DynamicLayer", None)  # transformers 5 (4.x's lists are copied)
-    layers = getattr(cache, "layers", None)
-    return type(cache) is cache_utils.DynamicCache and dynamic_layer is not None and bool(layers) and \
-        all(type(layer) is dynamic_layer for layer in layers)
 
 
 # ---------------------------------------------------------------- patches (where the A − B difference lives)

@@ -127,18 +127,20 @@ def test_stops_per_row_at_eos_stop_string_or_length(tokenizer):
              "w18": "w19", "w19": "w18"}
     m = successor_model(tokenizer, chain)
     prompts = ["w20 w20 w20 w11", "w15", "w20 w17", "w20 w20 w20 w20 w20 w18"]
-    steps = []
-    hooks = {0: lambda h, ctx: steps.append((ctx.step, ctx.rows.tolist()))}
-    outs = generate(m, tokenizer, prompts, GenerationConfig(max_new_tokens=6), hooks)
-    assert [o.finish_reason for o in outs] == ["stop", "eos", "eos", "length"]
-    assert [o.text for o in outs] == ["w12 <tool_call> w13 </tool_call>", "w16", "", "w19 w18 w19 w18 w19 w18"]
     vocab = tokenizer.get_vocab()
-    assert outs[1].token_ids == [vocab["w16"], vocab["<|im_end|>"]]
-    assert outs[2].token_ids == [vocab["<|endoftext|>"]]
-    assert len(outs[0].token_ids) == 4 and len(outs[3].token_ids) == 6
-    # Finished rows leave the batch; the batch ends when the last row is done (6 tokens: 5 decode calls).
-    # Rows are sorted longest first: 3 (w18 row), 0 (w11), 2 (w17), 1 (w15).
-    assert steps == [(0, [3, 0, 2, 1]), (1, [3, 0, 1]), (2, [3, 0]), (3, [3, 0]), (4, [3]), (5, [3])]
+    for decode in ("eager", "static"):
+        steps = []
+        hooks = {0: lambda h, ctx: steps.append((ctx.step, ctx.rows.tolist()))}
+        outs = generate(m, tokenizer, prompts, GenerationConfig(max_new_tokens=6, decode=decode), hooks)
+        assert [o.finish_reason for o in outs] == ["stop", "eos", "eos", "length"]
+        assert [o.text for o in outs] == ["w12 <tool_call> w13 </tool_call>", "w16", "", "w19 w18 w19 w18 w19 w18"]
+        assert outs[1].token_ids == [vocab["w16"], vocab["<|im_end|>"]]
+        assert outs[2].token_ids == [vocab["<|endoftext|>"]]
+        assert len(outs[0].token_ids) == 4 and len(outs[3].token_ids) == 6
+        # Finished rows leave the batch (eager: at once; static on CPU: once COMPACT_AT of its rows or fewer are
+        # left, here each time); the batch ends when the last row is done (6 tokens: 5 decode calls).
+        # Rows are sorted longest first: 3 (w18 row), 0 (w11), 2 (w17), 1 (w15).
+        assert steps == [(0, [3, 0, 2, 1]), (1, [3, 0, 1]), (2, [3, 0]), (3, [3, 0]), (4, [3]), (5, [3])], decode
     # A multi-token stop string, and the text cut right after it.
     outs = generate(m, tokenizer, prompts[3:], GenerationConfig(max_new_tokens=6, stop_strings=("w18 w19",)))
     assert (outs[0].text, outs[0].finish_reason) == ("w19 w18 w19", "stop")
@@ -306,15 +308,15 @@ def replies(outs):
 
 
 def test_static_decoding_gives_the_eager_replies_with_every_kind_of_hook(model, tokenizer, prompts):
-    """The static step (preallocated KV, every column attended under a mask, finished rows decoding on, stop
-    checks every few steps) gives the eager loop's token ids, reasons and texts in fp32, with the judges' hooks:
+    """The static step (preallocated KV, the written columns attended under a mask, finished rows leaving the
+    batch in groups on CPU) gives the eager loop's token ids, reasons and texts in fp32, with the judges' hooks:
     a vector at the last prompt token, at generated positions and at all positions, a recording hook."""
     from dfc_ray.interventions import add_hook
 
     free = generate(model, tokenizer, prompts, GenerationConfig(max_new_tokens=12, stop_strings=()))
     vocab = tokenizer.get_vocab()
     word = next(w for w in WORDS if sum(vocab[w] in o.token_ids[1:-1] for o in free) >= 2)  # rows stop mid-batch
-    cfg = GenerationConfig(max_new_tokens=12, batch_size=4, stop_strings=(word,))
+    cfg = GenerationConfig(max_new_tokens=12, batch_size=4, stop_strings=(word,), decode="eager")
     delta = 4.0 * torch.randn(D_MODEL, generator=torch.Generator().manual_seed(2))
     seen, reasons = [], set()
     for hooks in (None, {1: add_at_last_prompt_token(delta)}, {2: add_hook(0.3 * delta, "generated")},
@@ -339,7 +341,7 @@ def test_static_decoding_gives_the_eager_replies_with_splices(model, tokenizer, 
     def edit(x):  # (k, 2, d): the target (A) sees the mean of both models' residuals
         return 0.5 * (x[:, 0] + x[:, 1])
 
-    cfg = GenerationConfig(max_new_tokens=8, batch_size=3, stop_strings=())
+    cfg = GenerationConfig(max_new_tokens=8, batch_size=3, stop_strings=(), decode="eager")
     cache = PrefixCache(model)
     eager = generate_edited(model, other, tokenizer, prompts, cfg, 1, edit, "a", mode, prefix_cache=cache)
     spliced = generate_edited(model, other, tokenizer, prompts, static(cfg), 1, edit, "a", mode, prefix_cache=cache)
@@ -371,7 +373,8 @@ def test_static_decoding_re_uses_its_step_for_new_vectors_and_stops_like_eager(t
         delta[vocab[word]] = 50.0
         hooks = {N_LAYERS - 1: add_hook(delta, "generated")}
         got = generate(m, tokenizer, prompts, cfg, hooks)
-        assert replies(got) == replies(generate(m, tokenizer, prompts, GenerationConfig(max_new_tokens=6), hooks))
+        assert replies(got) == replies(generate(m, tokenizer, prompts, GenerationConfig(max_new_tokens=6,
+                                                                                         decode="eager"), hooks))
         assert got[3].token_ids[1] == vocab[chain[word]]
         if i == 0:
             before = dict(steps)
@@ -379,18 +382,27 @@ def test_static_decoding_re_uses_its_step_for_new_vectors_and_stops_like_eager(t
 
 
 def test_static_decoding_on_a_prefix_cache_and_its_refusals(model, tokenizer, prompts):
-    from dfc_ray.generation import PrefixCache, decode_mode
+    from dfc_ray.generation import PrefixCache, _cache_tensors, decode_mode
     from dfc_ray.interventions import Lockstep
 
-    cfg = GenerationConfig(max_new_tokens=10, batch_size=3, stop_strings=())
+    cfg = GenerationConfig(max_new_tokens=10, batch_size=3, stop_strings=(), decode="eager")
     delta = 4.0 * torch.randn(D_MODEL, generator=torch.Generator().manual_seed(3))
     prompts = [p for p in prompts if len(p.split()) >= 2]  # a prefix to cache in every batch
     cache = PrefixCache(model)
     eager = generate(model, tokenizer, prompts, cfg, {1: add_at_last_prompt_token(delta)}, prefix_cache=cache)
     steered = generate(model, tokenizer, prompts, static(cfg), {1: add_at_last_prompt_token(delta)}, prefix_cache=cache)
     assert replies(steered) == replies(eager) and cache.hits == 2
-    assert decode_mode(model, cfg) == "eager"  # auto: eager on CPU (docs/generation.md says why)
-    assert decode_mode(model, static(cfg)) == "static"
+    # the copies a generation decodes on share the stored tensors (appends_by_copy): none of them is written
+    stored = [[t.clone() for pair in _cache_tensors(entry) for t in pair] for entry in cache._entries.values()]
+    for loop in (cfg, static(cfg)):
+        generate(model, tokenizer, prompts, loop, {1: add_at_last_prompt_token(-delta)}, prefix_cache=cache)
+    assert all(torch.equal(a, b) for entry, before in zip(cache._entries.values(), stored)
+               for a, b in zip((t for pair in _cache_tensors(entry) for t in pair), before))
+    assert decode_mode(model, cfg) == "eager"
+    # auto: static (uncaptured) on CPU too, for greedy decoding of a supported model (docs/generation.md says why)
+    auto = GenerationConfig(**{**vars(cfg), "decode": "auto"})
+    assert decode_mode(model, auto) == decode_mode(model, static(cfg)) == "static"
+    assert decode_mode(model, GenerationConfig(**{**vars(auto), "do_sample": True})) == "eager"
     with pytest.raises(ValueError, match="decode='static': Lockstep is not a transformers causal LM"):
         generate(Lockstep(model, model, 1, lambda x: x[:, 0], "a"), tokenizer, prompts[:1], static(cfg))
     with pytest.raises(ValueError, match="GenerationConfig.decode='static': expected 'eager' or 'auto' when do_sample"):

@@ -419,7 +419,7 @@ class Steerer(PairReplica):
             moving = [f for f in pool if bool(vectors[f].any())]  # a zero vector changes nothing: gain 0
             logp = opening_logprobs(self.model(target), self.tokenizer, self.tool_prompts(dev, cfg), layer,
                                     [torch.zeros(cc.cfg.d_model)] + [vectors[f] for f in moving], tokens,
-                                    cfg.batch_size).mean(1)
+                                    cfg.batch_size, self.prefix[target]).mean(1)
             gain = {f: 0.0 for f in pool} | {f: float(logp[i + 1] - logp[0]) for i, f in enumerate(moving)}
             best = sorted(pool, key=lambda f: (-gain[f], f))
             signal = has_signal([gain[f] for f in pool], 0.0)

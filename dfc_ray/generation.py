@@ -781,6 +781,26 @@ class _StaticStep:
         small.ctx.step = self.ctx.step
         return small
 
+    def logprobs_after(self, layer: int, deltas: Sequence[torch.Tensor], token: int) -> torch.Tensor:
+        """log p(`token` next), (len(deltas), rows), with deltas[j] added to the residual after block `layer` at the
+        token this step feeds: the blocks up to `layer` run once for every delta, the later ones once per delta
+        (each overwrites the same KV column). Uncaptured only."""
+        self.mask.index_fill_(3, self.column, True)
+        self.written += 1
+        hidden = self.inner.embed_tokens(self.tokens[:, None])
+        cos, sin = self.inner.rotary_emb(hidden, self.positions)
+        cos, sin = cos[:, None], sin[:, None]
+        for i in range(layer + 1):
+            hidden = self._block(i, hidden, cos, sin)
+        out = torch.empty(len(deltas), len(self.tokens))
+        for j, delta in enumerate(deltas):
+            steered = hidden + delta.to(hidden.device, hidden.dtype)
+            for i in range(layer + 1, len(self.layers)):
+                steered = self._block(i, steered, cos, sin)
+            logits = self.model.get_output_embeddings()(self.inner.norm(steered))[:, -1]
+            out[j] = logits.float().log_softmax(-1)[:, token].cpu()
+        return out
+
     def capture(self) -> None:
         """Record `forward` as a CUDA graph (after warm-up runs on a side stream, which settle the libraries'
         handles and workspaces; `load` comes after, so what the warm-up wrote is overwritten)."""
@@ -885,6 +905,28 @@ def static_decode_stats(model: torch.nn.Module) -> dict[str, object]:
     if cache is None:
         return {"captures": 0, "steps": 0, "capture_error": None}
     return {"captures": cache.captures, "steps": len(cache.steps), "capture_error": cache.capture_error}
+
+
+def steered_logprobs(model: torch.nn.Module, tokenizer, prompt_ids: list[list[int]], layer: int,
+                     deltas: Sequence[torch.Tensor], token: int,
+                     prefix_cache: PrefixCache | None = None) -> torch.Tensor | None:
+    """log p(`token` right after the prompt), (len(deltas), len(prompt_ids)), with deltas[j] added to the residual
+    after block `layer` at each prompt's last token, or None where the static step cannot run `model` uncaptured
+    (or failed its first-contact check): the prompts' prefix runs once (or comes from `prefix_cache`), their last
+    token through the blocks up to `layer` once, and only the blocks after it once per delta, on preallocated KV
+    (no cache copy per delta). Each prompt needs at least two tokens."""
+    cfg = GenerationConfig(max_new_tokens=1, decode="auto", stop_strings=())
+    decoder = _Decoder(model, tokenizer, cfg, None, prefix_cache)
+    if not decoder.static or decode_mode(model, cfg) != "static":
+        return None  # on CUDA the steps are captured: the caller's per-delta forward stays the path there
+    input_ids, mask = decoder._left_pad(prompt_ids)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    compute = lambda: decoder._prefix(input_ids, mask, positions)  # noqa: E731
+    kv = _cache_tensors(prefix_cache.copy_for(prompt_ids, compute) if prefix_cache is not None else compute())
+    width = mask.shape[1]  # the prefix's columns and the last token's
+    step = _static_step(model, len(prompt_ids), -(-width // STATIC_COLUMNS) * STATIC_COLUMNS, kv, {})
+    step.load(kv, mask[:, :-1], input_ids[:, -1], mask[:, :-1].sum(1), torch.arange(len(prompt_ids)))
+    return step.logprobs_after(layer, deltas, token)
 
 
 def _static_step(model: torch.nn.Module, rows: int, columns: int, kv: list[tuple[torch.Tensor, torch.Tensor]],

@@ -27,7 +27,8 @@ from torch import Tensor
 from dfc_ray.config import SPLICE_MODES, STEER_SITES, SpliceMode, SteerSite
 from dfc_ray.crosscoder import DedicatedFeatureCrosscoder
 from dfc_ray.generation import (Generation, GenerationConfig, HookContext, PrefixCache, ResidualHook, appends_by_copy,
-                                generate, leaves_prefix_alone, prefill_only, replayable, residual_hooks)
+                                generate, leaves_prefix_alone, prefill_only, replayable, residual_hooks,
+                                steered_logprobs)
 from dfc_ray.harvest import Record, left_pad, residual_after_blocks
 
 MODELS = {"a": 0, "b": 1}
@@ -322,15 +323,18 @@ def generate_steered(model: torch.nn.Module, tokenizer, prompts: Sequence[str], 
 
 
 def opening_logprobs(model: torch.nn.Module, tokenizer, prompts: Sequence[str], layer: int,
-                     deltas: Sequence[Tensor], token_ids: Sequence[int], batch_size: int = 32) -> Tensor:
+                     deltas: Sequence[Tensor], token_ids: Sequence[int], batch_size: int = 32,
+                     prefix_cache: PrefixCache | None = None) -> Tensor:
     """log p(the reply opens with `token_ids`) per delta and prompt, (len(deltas), len(prompts)), on CPU:
     the opening's tokens teacher-forced after the prompt and their log-probabilities summed, with each delta
     added to the residual after block `layer` at the last prompt token (and nowhere else).
 
     A delta at the last prompt token changes nothing before it, so each batch's prefix (every token
-    but the last) is run once and each delta costs one forward of the last prompt token plus the opening
-    on a copy of its KV cache. Prompts are tokenized as `generate` tokenizes them; each needs at least two
-    tokens."""
+    but the last) is run once (or taken from `prefix_cache`, keyed by the batch's ids) and each delta costs one
+    forward of the last prompt token plus the opening on a copy of its KV cache; with a one-token opening on a
+    model the uncaptured static step runs (`generation.steered_logprobs`), only the blocks after `layer`, with
+    the same log-probs up to float rounding (bit for bit on the organism's checkpoints). Prompts are tokenized
+    as `generate` tokenizes them; each needs at least two tokens."""
     if not token_ids:
         raise ValueError("opening_logprobs: no opening tokens; expected at least one token id")
     encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
@@ -342,12 +346,21 @@ def opening_logprobs(model: torch.nn.Module, tokenizer, prompts: Sequence[str], 
     out = torch.empty(len(deltas), len(encoded))
     with torch.inference_mode():
         for start in range(0, len(encoded), batch_size):
+            fast = steered_logprobs(model, tokenizer, encoded[start:start + batch_size], layer, deltas,
+                                    token_ids[0], prefix_cache) if len(token_ids) == 1 else None
+            if fast is not None:
+                out[:, start:start + len(fast[0])] = fast
+                continue
             records = [Record(list(e)) for e in encoded[start:start + batch_size]]
             ids, mask = (t.to(device) for t in left_pad(records, pad))
             n = len(ids)
             positions = (mask.cumsum(1) - 1).clamp(min=0)
-            prefix = getattr(model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1],
-                                   position_ids=positions[:, :-1], use_cache=True, logits_to_keep=1), kw)
+            def compute(ids=ids, mask=mask, positions=positions) -> object:
+                return getattr(model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1],
+                                     position_ids=positions[:, :-1], use_cache=True, logits_to_keep=1), kw)
+
+            batch = encoded[start:start + batch_size]
+            prefix = prefix_cache.copy_for(batch, compute) if prefix_cache is not None else compute()
             # fed: the last prompt token, then the opening but its last token (each predicts the next one)
             fed = torch.cat([ids[:, -1:], opening[:-1].expand(n, -1)], 1)
             fed_positions = positions[:, -1:] + torch.arange(len(opening), device=device)

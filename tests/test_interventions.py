@@ -191,7 +191,8 @@ def test_opening_logprobs_match_a_full_forward_and_see_the_delta(loaded, cc, pro
     opening = [5, 7, 9]
     delta = steering_vector(cc, [0], "a", 30.0)
     got = opening_logprobs(model_a, tok, prompts, LAYER, [torch.zeros_like(delta), delta], opening, batch_size=3)
-    first = opening_logprobs(model_a, tok, prompts, LAYER, [torch.zeros_like(delta)], opening[:1], batch_size=3)
+    first = opening_logprobs(model_a, tok, prompts, LAYER, [torch.zeros_like(delta), delta], opening[:1],
+                             batch_size=3)  # one token: the static step's blocks after LAYER only
     for j, d in enumerate((None, delta)):
         for i, prompt in enumerate(prompts):
             prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
@@ -203,9 +204,29 @@ def test_opening_logprobs_match_a_full_forward_and_see_the_delta(loaded, cc, pro
                 logp = model_a(input_ids=ids_).logits[0].log_softmax(-1)
             want = sum(logp[len(prompt_ids) - 1 + k, t] for k, t in enumerate(opening))
             assert float(got[j, i]) == pytest.approx(float(want), abs=1e-4)
-            if d is None:
-                assert float(first[0, i]) == pytest.approx(float(logp[len(prompt_ids) - 1, opening[0]]), abs=1e-4)
-    assert not torch.allclose(got[0], got[1])
+            assert float(first[j, i]) == pytest.approx(float(logp[len(prompt_ids) - 1, opening[0]]), abs=1e-4)
+    assert not torch.allclose(got[0], got[1]) and not torch.allclose(first[0], first[1])
+
+
+def test_one_token_opening_on_the_static_step_equals_the_per_delta_forward(loaded, cc, prompts, monkeypatch):
+    """The steering ranking's path (a one-token opening, blocks after the layer once per delta, the prefix from
+    the replica's cache) gives the per-delta full forward's log-probs (up to float rounding) and their order."""
+    from dfc_ray import interventions
+    from dfc_ray.generation import PrefixCache
+
+    model_a, _, tok = loaded
+    deltas = [torch.zeros(cc.cfg.d_model)] + [steering_vector(cc, [f], "a", 20.0) for f in range(4)]
+    cache = PrefixCache(model_a)
+    fast = [opening_logprobs(model_a, tok, prompts, LAYER, deltas, [5], batch_size=3, prefix_cache=cache)
+            for _ in range(2)]
+    batches = -(-len(prompts) // 3)
+    assert (cache.misses, cache.hits) == (batches, batches)  # each batch's prefix computed once, then re-used
+    monkeypatch.setattr(interventions, "steered_logprobs", lambda *args: None)
+    slow = opening_logprobs(model_a, tok, prompts, LAYER, deltas, [5], batch_size=3)
+    assert torch.equal(fast[0], fast[1])
+    torch.testing.assert_close(fast[0], slow, rtol=0, atol=1e-5)  # bit for bit on the organism; here ~1e-6 apart
+    assert fast[0].mean(1).argsort().tolist() == slow.mean(1).argsort().tolist()  # the ranking's order
+    assert len(set(slow[:, 0].tolist())) == len(deltas)  # every delta moved the log-prob
 
 
 def test_feature_directions_are_raw_space_and_b_uses_the_a_row_for_a_exclusive_features(cc):

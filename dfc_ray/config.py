@@ -268,6 +268,7 @@ Target = Literal["a", "b"]
 DecodeMode = Literal["auto", "eager", "static"]
 Dispatch = Literal["least_busy", "round_robin"]
 Reader = Literal["ray", "local"]
+Executor = Literal["ray", "local"]
 Direction = Literal["max", "min"]
 
 SPARSITIES, RECONS, L1_MODES = get_args(Sparsity), get_args(Recon), get_args(L1Mode)
@@ -609,8 +610,13 @@ class HarvestConfig(Config):
     matmuls split their sums by thread count, so rows computed with another count differ in the last
     bits (and then in the store dtype's rounding): a fixed count makes a harvest's bytes independent of
     who computed which part (docs/store.md, "What one content hash promises"). No effect on GPU rows."""
+    executor: Executor = "ray"
+    """Who computes the rows in a sweep: "ray", a Ray Data actor pool (`num_actors` replicas, on GPUs when the
+    cluster has them); "local", the driver's own process (a small harvest on a laptop: no actor and no Ray Data
+    executor to start, the pair loaded once). Rows are the same bytes either way (`cpu_threads`), so it is not
+    part of the content hash."""
     num_actors: int = at_least(1, 1)
-    """Ray actors hosting the pair (Ray Data actor pool size)."""
+    """Ray actors hosting the pair (Ray Data actor pool size; executor "ray")."""
     gpus_per_actor: float = -1
     """GPUs per actor; -1 = 1 when the cluster has GPUs, else 0 (CPU actors)."""
     resources: dict[str, float] = field(default_factory=dict)

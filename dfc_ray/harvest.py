@@ -153,7 +153,8 @@ def build_corpus(corpus: CorpusSpec, tokenizer, dialect: str = "auto") -> list[R
 def content_hash(cfg: HarvestConfig, records: Sequence[Record]) -> str:
     """Key of a harvest: the pair's weights, every record's tokens, and every setting that changes rows."""
     digest = hashlib.sha256(pair_fingerprint(cfg.pair).encode())
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("store", "num_actors", "gpus_per_actor", "resources")}
+    settings = {k: v for k, v in asdict(cfg).items()
+                if k not in ("store", "executor", "num_actors", "gpus_per_actor", "resources")}
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     for record in records:
         digest.update(np.asarray(record.prompt_ids, dtype=np.int64).tobytes() + b"|")

@@ -70,9 +70,10 @@ class Trainer:
         self.model.formulation = self.cfg.formulation
         weights = [p for n, p in self.model.named_parameters() if not n.startswith("b_")]
         biases = [p for n, p in self.model.named_parameters() if n.startswith("b_")]
-        self.optimizer = torch.optim.AdamW(
+        cuda = self.device.type == "cuda"  # fused kernels there; elsewhere the multi-tensor loop (same bits as
+        self.optimizer = torch.optim.AdamW(  # the per-tensor one, which torch picks by default on CPU, but faster)
             [{"params": weights, "weight_decay": self.cfg.weight_decay}, {"params": biases, "weight_decay": 0.0}],
-            lr=self.cfg.lr, betas=self.cfg.betas, fused=True if self.device.type == "cuda" else None)
+            lr=self.cfg.lr, betas=self.cfg.betas, fused=True if cuda else None, foreach=None if cuda else True)
         self.autocast = self.device.type == "cuda" and self.cfg.bf16
         self.step, self.status, self.reason = 0, "running", ""
         self.recent: deque[dict[str, float]] = deque(maxlen=self.cfg.log_every)

@@ -261,8 +261,9 @@ def test_harvest_to_s3_through_ray_then_train_a_step(tiny_pair, s3_bucket, ray_c
     result = harvest(cfg, use_ray=True, progress=False)  # two actors, each writing its own parts' shards to S3
     said = capfd.readouterr().err  # Ray Data's notices about how we call it are not the user's business (issue 28)
     assert "``concurrency`` is deprecated" not in said and "Progress bars disabled" not in said, said
-    local = harvest(replace(cfg, store=str(tmp_path / "local")), use_ray=False, progress=False)
+    local = harvest(replace(cfg, store=str(tmp_path / "local"), executor="local"), use_ray=False, progress=False)
     assert result.uri.startswith(s3_bucket) and result.rows == local.rows == 48
+    assert result.uri.rsplit("/", 1)[1] == local.uri.rsplit("/", 1)[1]  # who computes is not in the content hash
     for layer in cfg.layers:  # the same layout and bytes, whoever computed which part (each at cpu_threads)
         shards = store.read_manifest(result.uri, layer).shards
         assert shards == store.read_manifest(local.uri, layer).shards and len({s["part"] for s in shards}) > 1

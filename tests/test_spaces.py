@@ -188,7 +188,7 @@ def test_a_spec_can_set_every_harvest_field(tmp_path):
     values = {"tasks": "organism:dev", "n_tasks": 7, "plain_text": "", "n_plain": 3, "with_responses": True,
               "max_new_tokens": 9, "max_tokens": 99, "seed": 5, "positions": "prompt_and_response",
               "dtype": "bfloat16", "format": "safetensors", "shard_rows": 11, "batch_size": 4, "sink_factor": 2.5,
-              "num_actors": 2, "gpus_per_actor": 0.5, "cpu_threads": 3}
+              "num_actors": 2, "gpus_per_actor": 0.5, "cpu_threads": 3, "executor": "local"}
     settable = {f.name for f in fields(CorpusSpec)} | {f.name for f in fields(HarvestConfig)} - HARVEST_SET_BY_SPEC
     assert set(values) == settable
     spec = load_spec(write(tmp_path, BASE | {"harvest": values}))

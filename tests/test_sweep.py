@@ -92,16 +92,19 @@ def test_small_sweep_makes_a_complete_report(tiny_pair, ray_cluster, tmp_path):
 
 def test_positions_axis_harvests_each_value_once_and_trains_on_its_store(tiny_pair, ray_cluster, tmp_path):
     """`positions` as a grid axis: two harvests (different row counts), and every trial trains on
-    the store of its own positions value."""
+    the store of its own positions value. Both computed by the driver itself (`harvest.executor: local`)."""
     from dfc_ray.store import read_manifest
     from dfc_ray.sweep import run_sweep
 
-    spec = load_spec(write_spec(tmp_path, tiny_pair, grid={"positions": ["all_tokens", "last_prompt_token"],
-                                                           "dict_size": [64, 128]}))
+    harvest = {"tasks": "organism:dev", "n_tasks": 16, "plain_text": "organism", "n_plain": 16, "batch_size": 16,
+               "shard_rows": 512, "executor": "local"}
+    spec = load_spec(write_spec(tmp_path, tiny_pair, harvest=harvest,
+                                grid={"positions": ["all_tokens", "last_prompt_token"], "dict_size": [64, 128]}))
     assert spec.positions_values() == ["all_tokens", "last_prompt_token"]
     run = tmp_path / "runs" / "positions"
     run_sweep(spec, str(run), evaluate=False, live=False)
     harvests = json.loads((run / "report.json").read_text())["run"]["harvests"]
+    assert json.loads((run / "report.json").read_text())["run"]["harvest_nodes"] == []  # no Ray worker harvested
     assert set(harvests) == {"all_tokens", "last_prompt_token"}
     assert harvests["last_prompt_token"]["rows"] == 32 < harvests["all_tokens"]["rows"]  # 16 tasks + 16 texts
     assert len({h["uri"] for h in harvests.values()}) == 2

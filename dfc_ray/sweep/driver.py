@@ -312,7 +312,7 @@ def _harvest(spec: SweepSpec, store_root: str) -> dict[str, Any]:
     earlier harvest is found by its content hash and re-used)."""
     resources = custom_requests(spec).get("harvest", {})
     return {positions: harvest(replace(spec.harvest, store=store_root, positions=positions, resources=resources),
-                               use_ray=True)
+                               use_ray=spec.harvest.executor == "ray")
             for positions in spec.positions_values()}
 
 

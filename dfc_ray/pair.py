@@ -130,7 +130,9 @@ def load_model(spec: PairSpec, role: str) -> torch.nn.Module:
     """Load model ``a`` or ``b`` of the pair in eval mode on the spec's device and dtype."""
     # deferred: transformers takes seconds to import
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.disable_progress_bar()  # "Loading weights" bars on stdout would tear a sweep's live view
     reference = getattr(spec, role)
     kwargs: dict[str, Any] = {"dtype": DTYPES[spec.dtype]}
     if spec.revision and reference not in ORGANISM_PAIRS and not Path(reference).exists():

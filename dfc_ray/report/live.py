@@ -33,9 +33,9 @@ class LiveView:
 
     On a terminal it redraws in place once a second (rich Live, which asks `__rich_console__` at every
     refresh, so the clock ticks and updates show within the second): a render of 48 rows costs ~10 ms of the
-    CPU the trials run on, and redrawing 4 times a second plus at every report took ~35 s of organism48's
-    ~5 min on 2 cores. Elsewhere (CI logs, files) it prints one line per trial state change. The sweep calls
-    `update` from its Tune callback.
+    CPU the trials run on (organism48 in a tmux pane took 5 min 47 s redrawing 4 times a second plus at every
+    report, 5 min 32 s at once a second; 5 min 10 s with --quiet). Elsewhere (CI logs, files) it prints one
+    line per trial state change. The sweep calls `update` from its Tune callback.
     """
 
     def __init__(self, total: int, console: Console | None = None, axes: Sequence[str] | None = None,

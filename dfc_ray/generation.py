@@ -464,7 +464,7 @@ class _Decoder:
         step.load(_cache_tensors(cache), mask, first, prompt_lens, all_rows)
         del cache, logits
         live = list(range(len(prompt_ids)))  # the scan's row of each row of the step
-        every = STOP_CHECK_EVERY if step.graph is not None else 1  # uncaptured: reading tokens back costs nothing
+        every = STOP_CHECK_EVERY if step.graph is not None else 1  # uncaptured: every token read back, as eager does
         checked = 1
         for s in range(1, steps + 1):
             keep = [i for i, r in enumerate(live) if scan.reasons[r] is None]
@@ -695,9 +695,8 @@ class _StaticStep:
         self.hooks = hooks
         self.replay_inputs: dict[int, tuple[torch.Tensor, ...]] = {}
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.capturing = False
         self.written = 0
-        """KV columns written so far, host side: an uncaptured step attends to these only (a captured one to all)."""
+        """KV columns written so far, host side: on CPU a step attends to these only (on CUDA to all)."""
 
     def load(self, kv: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor, first: torch.Tensor,
              prompt_lens: torch.Tensor, rows: torch.Tensor) -> None:
@@ -731,7 +730,7 @@ class _StaticStep:
         self.values[i].index_copy_(2, self.column, value)
         rows, n_heads, _, head_dim = query.shape
         kv_heads = key.shape[1]
-        end = self.written if self.graph is None and not self.capturing else self.mask.shape[-1]
+        end = self.written if self.mask.device.type == "cpu" else self.mask.shape[-1]  # CUDA: fixed shapes to capture
         out = torch.nn.functional.scaled_dot_product_attention(
             query.reshape(rows, kv_heads, n_heads // kv_heads, head_dim), self.keys[i][:, :, :end],
             self.values[i][:, :, :end], attn_mask=self.mask[..., :end], scale=attn.scaling)
@@ -806,17 +805,13 @@ class _StaticStep:
         handles and workspaces; `load` comes after, so what the warm-up wrote is overwritten)."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        self.capturing = True
-        try:
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    self.forward()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+        with torch.cuda.stream(side):
+            for _ in range(2):
                 self.forward()
-        finally:
-            self.capturing = False
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.forward()
         self.graph = graph
 
     def __call__(self, step: int) -> None:

@@ -346,20 +346,21 @@ def opening_logprobs(model: torch.nn.Module, tokenizer, prompts: Sequence[str], 
     out = torch.empty(len(deltas), len(encoded))
     with torch.inference_mode():
         for start in range(0, len(encoded), batch_size):
-            fast = steered_logprobs(model, tokenizer, encoded[start:start + batch_size], layer, deltas,
-                                    token_ids[0], prefix_cache) if len(token_ids) == 1 else None
+            batch = encoded[start:start + batch_size]
+            fast = steered_logprobs(model, tokenizer, batch, layer, deltas, token_ids[0], prefix_cache) \
+                if len(token_ids) == 1 else None
             if fast is not None:
-                out[:, start:start + len(fast[0])] = fast
+                out[:, start:start + len(batch)] = fast
                 continue
-            records = [Record(list(e)) for e in encoded[start:start + batch_size]]
+            records = [Record(list(e)) for e in batch]
             ids, mask = (t.to(device) for t in left_pad(records, pad))
             n = len(ids)
             positions = (mask.cumsum(1) - 1).clamp(min=0)
+
             def compute(ids=ids, mask=mask, positions=positions) -> object:
                 return getattr(model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1],
                                      position_ids=positions[:, :-1], use_cache=True, logits_to_keep=1), kw)
 
-            batch = encoded[start:start + batch_size]
             prefix = prefix_cache.copy_for(batch, compute) if prefix_cache is not None else compute()
             # fed: the last prompt token, then the opening but its last token (each predicts the next one)
             fed = torch.cat([ids[:, -1:], opening[:-1].expand(n, -1)], 1)

@@ -41,6 +41,10 @@ def custom_requests(spec) -> dict[ActorKind, dict[str, float]]:
                 raise ValueError(f"{where}.{name}: CPUs and GPUs have their own fields (resources.cpu, gpu, "
                                  "evaluator_cpu, evaluator_gpu); expected a custom resource name")
         out[kind] = {name: float(amount) for name, amount in requests.items()}
+    if "harvest" in out and spec.harvest.executor != "ray":
+        raise ValueError(f"{spec.source}: field resources.custom.harvest asks for harvest actors, but harvest.executor "
+                         f"is {spec.harvest.executor!r} (the driver computes the rows); expected executor 'ray' "
+                         "or no resources.custom.harvest")
     return out
 
 

@@ -21,9 +21,9 @@ def cli(*args: str) -> subprocess.CompletedProcess:
                           timeout=120, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HOME": str(REPO)})
 
 
-def spec_with(tmp_path: Path, custom: dict, base: str = "paper48") -> str:
+def spec_with(tmp_path: Path, custom: dict, base: str = "paper48", **sections) -> str:
     path = tmp_path / "custom.yaml"
-    path.write_text(yaml.safe_dump({"extends": base, "name": "custom", "resources": {"custom": custom}}))
+    path.write_text(yaml.safe_dump({"extends": base, "name": "custom", "resources": {"custom": custom}} | sections))
     return str(path)
 
 
@@ -58,8 +58,17 @@ def test_bad_custom_requests_name_the_field(tmp_path, custom, message):
         actor_requests(load_spec(spec_with(tmp_path, custom)))
 
 
+def test_harvest_resources_for_a_harvest_the_driver_computes_are_refused(tmp_path):
+    """organism48 harvests in its driver (`harvest.executor: local`): resources for harvest actors that will
+    never exist are a contradiction, refused in one line naming both fields."""
+    with pytest.raises(ValueError, match=r"resources\.custom\.harvest asks for harvest actors, but "
+                                         r"harvest\.executor is 'local'"):
+        actor_requests(load_spec(spec_with(tmp_path, {"harvest": {"harvest_gpu": 1}}, base="organism48")))
+
+
 def test_submission_refuses_what_no_live_node_offers(ray_cluster, tmp_path):
     """On a running cluster the check reads the live nodes: a request none offers fails at once."""
-    spec = load_spec(spec_with(tmp_path, {"harvest": {"harvest_gpu": 1}}, base="organism48"))
+    spec = load_spec(spec_with(tmp_path, {"harvest": {"harvest_gpu": 1}}, base="organism48",
+                               harvest={"executor": "ray"}))
     with pytest.raises(ValueError, match="harvest actors request harvest_gpu=1 and no node offers it"):
         check_placeable(spec)

@@ -95,6 +95,16 @@ class ReplicaPool:
         self._in_flight[i].append(ref)
         return ref
 
+    def submit_in_turn(self, calls: Sequence[tuple[str, tuple]]) -> list[ray.ObjectRef]:
+        """Send `calls` ((method, args) pairs) to ONE replica, where they run one after the other (Ray runs a
+        caller's requests to an actor in the order sent). A trial's steering and localisation go this way: sent
+        apart, they took both replicas, and the other trial's steering queued behind a long localisation while
+        a core idled (docs/BENCHMARKS.md, "organism48 end to end")."""
+        i = self._pick()
+        refs = [getattr(self.handles[i], method).remote(*args) for method, args in calls]
+        self._in_flight[i] += refs
+        return refs
+
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """`submit` and wait for the result."""
         return ray.get(self.submit(method, *args, **kwargs))

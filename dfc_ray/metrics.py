@@ -232,7 +232,7 @@ METRICS: tuple[Metric, ...] = (
     metric("train_s", "training", "s", shows=("time",)),
     metric("eval_s", "splice evaluation (waiting for the evaluator)", "s", shows=("time",)),
     metric("steer_s", "steering (waiting for the steerer)", "s", shows=("time",)),
-    metric("loc_s", "localisation (waiting for the steerer)", "s", shows=("time",)),
+    metric("loc_s", "localisation (waiting for the steerer, which steers first)", "s", shows=("time",)),
     metric("judge_s", "evaluation + steering (in parallel)", "s", shows=("time",)),
 )
 

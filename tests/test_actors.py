@@ -79,7 +79,8 @@ def test_a_replica_killed_mid_request_is_restarted_and_the_request_completes(ray
 def test_a_trials_request_goes_to_an_idle_replica_whatever_other_trials_sent(ray_cluster, setup, tmp_path):
     """Each trial connects its own handle (its own in-flight count): while another caller's request runs on one
     replica, a fresh caller's requests go to the other (before, every caller's first request went to replica 0);
-    with both idle, callers spread at random. A judge replica counts its trials' requests as busy."""
+    with both idle, callers spread at random. A judge replica counts its trials' requests as busy. Requests sent
+    in turn go to one replica and run in order."""
     import random
 
     from actors.evaluator import Evaluator
@@ -126,6 +127,18 @@ def test_a_trials_request_goes_to_an_idle_replica_whatever_other_trials_sent(ray
         ray_cluster.get(ref, timeout=60)
         random.seed(0)
         assert {other._pick() for _ in range(16)} == {0, 1}
+        # a trial's steering and localisation: both to one replica, in order; the next caller takes the other
+        first, second = tmp_path / "first", tmp_path / "second"
+        in_turn = running.submit_in_turn([("hold", (str(first),)), ("hold", (str(second),))])
+        together = [i for i, refs in enumerate(running._in_flight) if set(in_turn) <= set(refs)]
+        assert len(together) == 1
+        while ray_cluster.get(handles[together[0]].busy.remote(), timeout=60) == 0:
+            pass
+        assert {ReplicaPool(cfg, handles)._pick() for _ in range(8)} == {1 - together[0]}
+        second.touch()  # the second request waits for the first: it has not started, so it cannot end
+        assert ray_cluster.wait(in_turn, num_returns=1, timeout=1.0)[0] == []
+        first.touch()
+        ray_cluster.get(in_turn, timeout=60)
     finally:
         for handle in handles:
             ray_cluster.kill(handle)

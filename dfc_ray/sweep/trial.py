@@ -124,14 +124,16 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
 
 
 def judge_checkpoint(pools: tuple, checkpoint: str, layer: int, fingerprint: str) -> dict[str, Any]:
-    """Splice evaluation and steering of one checkpoint on the sweep's shared actor pools (both
-    requests in flight at once), flattened into trial metrics. Each request carries the pair
-    `fingerprint` the trial's spec names; a replica hosting another pair refuses it (`PairReplica.for_pair`)."""
+    """Splice evaluation and steering of one checkpoint on the sweep's shared actor pools (the evaluation in
+    flight beside the steering; the localisation after the steering, on the same replica), flattened into trial
+    metrics. Each request carries the pair `fingerprint` the trial's spec names; a replica hosting another pair
+    refuses it (`PairReplica.for_pair`)."""
     evaluator, steerer = (ReplicaPool.connect(cfg) for cfg in pools)
     started = time.perf_counter()
+    steer_ref, loc_ref = steerer.submit_in_turn([("for_pair", (fingerprint, "steer", checkpoint, layer)),
+                                                 ("for_pair", (fingerprint, "localize", checkpoint, layer))])
     refs = {"eval_s": evaluator.submit("for_pair", fingerprint, "evaluate", checkpoint, layer),
-            "steer_s": steerer.submit("for_pair", fingerprint, "steer", checkpoint, layer),
-            "loc_s": steerer.submit("for_pair", fingerprint, "localize", checkpoint, layer)}
+            "steer_s": steer_ref, "loc_s": loc_ref}
     seconds, pending = {}, list(refs.values())
     while pending:  # time each answer: how long a trial waits for each judge
         ready, pending = wait_any((evaluator, steerer), pending)

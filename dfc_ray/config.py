@@ -613,10 +613,12 @@ class HarvestConfig(Config):
     executor: Executor = "ray"
     """Who computes the rows in a sweep: "ray", a Ray Data actor pool (`num_actors` replicas, on GPUs when the
     cluster has them); "local", the driver's own process (a small harvest on a laptop: no actor and no Ray Data
-    executor to start, the pair loaded once). Rows are the same bytes either way (`cpu_threads`), so it is not
+    executor to start; `num_actors` threads). Rows are the same bytes either way (`cpu_threads`), so it is not
     part of the content hash."""
     num_actors: int = at_least(1, 1)
-    """Ray actors hosting the pair (Ray Data actor pool size; executor "ray")."""
+    """Workers computing parts at once, each hosting the pair: Ray actors (the Ray Data actor pool's size) under
+    executor "ray", threads of the driver under "local" (two keep a 2-core laptop busy; each holds a copy of the
+    pair)."""
     gpus_per_actor: float = -1
     """GPUs per actor; -1 = 1 when the cluster has GPUs, else 0 (CPU actors)."""
     resources: dict[str, float] = field(default_factory=dict)

@@ -38,7 +38,10 @@ import contextlib
 import hashlib
 import json
 import logging
+import queue
 import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -326,10 +329,12 @@ class PairActivations:
                 for layer in self.cfg.layers}, provenance
 
     def run_part(self, uri: str, part: int, groups: list[list[Record]], node: str = "",
-                 on_group: Callable[[], None] | None = None) -> dict[str, list]:
+                 on_group: Callable[[], None] | None = None,
+                 helpers: Sequence[PairActivations] = ()) -> dict[str, list]:
         """Compute (or resume) one part: its groups' rows into its own shards of every layer. Its progress
         file records each group's rows before they can reach a recorded shard, so a re-run starts at the
-        first group not wholly in recorded shards and replays nothing else. Returns the progress."""
+        first group not wholly in recorded shards and replays nothing else. `helpers`: other extractors in this
+        process computing groups beside this one (`_computed`). Returns the progress."""
         specs = _store_specs(self.cfg, uri, int(self.model_a.config.get_text_config().hidden_size))
         writers = {layer: store.ShardWriter(uri, spec, part) for layer, spec in specs.items()}
         progress = _read_json(uri, _part_progress(part)) or {"group_rows": [], "group_nodes": []}
@@ -337,9 +342,7 @@ class PairActivations:
         progress = {key: values[:start] for key, values in progress.items()}
         for writer in writers.values():
             writer.skip(before)
-        for group in groups[start:]:
-            with torch_threads(self.cfg.cpu_threads):
-                rows, provenance = self.rows_and_provenance(group)
+        for rows, provenance in self._computed(groups[start:], helpers):
             progress["group_rows"].append(len(next(iter(rows.values()))))
             progress["group_nodes"].append(node)
             _write_json(uri, _part_progress(part), progress)  # before the rows can reach a recorded shard
@@ -350,6 +353,41 @@ class PairActivations:
         for writer in writers.values():
             writer.close()
         return progress
+
+    def _computed(self, groups: list[list[Record]],
+                  helpers: Sequence[PairActivations]) -> Iterator[tuple[dict[int, torch.Tensor], np.ndarray]]:
+        """Each group's `rows_and_provenance`, in order, at `cpu_threads` torch threads. With helpers, this
+        extractor and they compute groups at once, one thread each (each has its own copy of the pair: the
+        capture hooks live on the model), at most two groups per thread ahead of the caller; torch releases the
+        GIL in its kernels, so two threads keep two cores busy. The count is set once, before the threads
+        start: each takes it at its first kernel and nothing changes it under them, so the bytes are one
+        thread's."""
+        with torch_threads(self.cfg.cpu_threads):
+            if not helpers:
+                yield from map(self.rows_and_provenance, groups)
+                return
+            free: queue.SimpleQueue[PairActivations] = queue.SimpleQueue()
+            for extractor in (self, *helpers):
+                free.put(extractor)
+
+            def compute(group: list[Record]) -> tuple[dict[int, torch.Tensor], np.ndarray]:
+                extractor = free.get()  # as many threads as extractors: never waits
+                try:
+                    return extractor.rows_and_provenance(group)
+                finally:
+                    free.put(extractor)
+
+            pool = ThreadPoolExecutor(1 + len(helpers), thread_name_prefix="harvest")
+            pending: deque[Future[tuple[dict[int, torch.Tensor], np.ndarray]]] = deque()
+            try:
+                for group in groups:
+                    pending.append(pool.submit(compute, group))
+                    if len(pending) == 2 * (1 + len(helpers)):
+                        yield pending.popleft().result()
+                while pending:
+                    yield pending.popleft().result()
+            finally:  # Ctrl-C or a failed group: the groups not begun are dropped (a re-run resumes them)
+                pool.shutdown(wait=True, cancel_futures=True)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Ray Data UDF: a batch holding ONE part (`part`, `groups` as JSON) → that part written to the store;
@@ -469,10 +507,10 @@ def _run_parts(cfg: HarvestConfig, uri: str, groups: list[list[Record]], parts: 
     if not todo:
         return
     if not use_ray:
-        extractor = PairActivations(cfg)
+        extractor, *helpers = [PairActivations(cfg) for _ in range(cfg.num_actors)]
         for part in todo:
             first, end = parts[part]
-            yield part, extractor.run_part(uri, part, groups[first:end], on_group=on_group)
+            yield part, extractor.run_part(uri, part, groups[first:end], on_group=on_group, helpers=helpers)
         return
     # deferred: Ray starts only for a Ray harvest
     import ray

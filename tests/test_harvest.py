@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -17,9 +18,9 @@ import torch
 
 from dfc_ray import store
 from dfc_ray.harvest import (
-    MIX_LAST_PROMPT_REPEATS, PARTS_MAX, CorpusSpec, HarvestConfig, PairActivations, Record, harvest, left_pad,
-    plan_parts, residual_after_blocks, select_positions)
-from dfc_ray.pair import PairSpec
+    MIX_LAST_PROMPT_REPEATS, PARTS_MAX, CorpusSpec, HarvestConfig, PairActivations, Record, build_corpus, harvest,
+    left_pad, plan_parts, residual_after_blocks, select_positions)
+from dfc_ray.pair import PairSpec, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -279,10 +280,12 @@ def test_harvest_to_s3_through_ray_then_train_a_step(tiny_pair, s3_bucket, ray_c
     assert torch.isfinite(loss)
 
 
-def test_harvest_bytes_do_not_depend_on_the_callers_thread_count(tiny_pair, tmp_path):
-    """Rows are computed at `cpu_threads`, whatever the caller (driver or Ray actor) runs with: on the test
-    pair, float32 rows at 1 and 3 threads differ in their last bits without it (docs/store.md)."""
-    cfg = small_config(tiny_pair, tmp_path)
+def test_harvest_bytes_do_not_depend_on_the_callers_thread_count(tiny_pair, tmp_path, monkeypatch):
+    """Rows are computed at `cpu_threads`, whatever the caller (driver or Ray actor) runs with and however many
+    threads of the driver compute groups at once: on the test pair, float32 rows at 1 and 3 threads differ in
+    their last bits without it (docs/store.md)."""
+    cfg = small_config(tiny_pair, tmp_path, shard_rows=1024)  # one part of six groups: the threads share it
+    assert len(plan_parts(build_corpus(cfg.corpus, load_tokenizer(tiny_pair)), cfg.batch_size, cfg.shard_rows)) == 1
     before = torch.get_num_threads()
     crcs = []
     try:
@@ -291,9 +294,24 @@ def test_harvest_bytes_do_not_depend_on_the_callers_thread_count(tiny_pair, tmp_
             result = harvest(replace(cfg, store=str(tmp_path / f"t{threads}")), use_ray=False, progress=False)
             assert torch.get_num_threads() == threads  # the caller's count is restored
             crcs.append([[s["crc32"] for s in store.read_manifest(result.uri, layer).shards] for layer in cfg.layers])
+        # three threads of the driver (its own count 3) computing groups at once: the first three start together
+        start, computing = threading.Barrier(3, timeout=60), []
+        rows_of = PairActivations.rows_and_provenance
+
+        def together(self, records):
+            computing.append(threading.current_thread().name)
+            if len(computing) <= 3:
+                start.wait()
+            return rows_of(self, records)
+
+        monkeypatch.setattr(PairActivations, "rows_and_provenance", together)
+        torch.set_num_threads(3)
+        threads = harvest(replace(cfg, store=str(tmp_path / "threads"), num_actors=3), use_ray=False, progress=False)
+        assert torch.get_num_threads() == 3 and len(set(computing)) == 3
+        crcs.append([[s["crc32"] for s in store.read_manifest(threads.uri, layer).shards] for layer in cfg.layers])
     finally:
         torch.set_num_threads(before)
-    assert crcs[0] == crcs[1]
+    assert crcs[0] == crcs[1] == crcs[2]
     progress = json.loads((Path(result.uri) / "harvest.json").read_text())
     assert progress["config"]["cpu_threads"] == 1 and progress["torch"] == torch.__version__
 

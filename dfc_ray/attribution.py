@@ -135,6 +135,14 @@ def encode(cc: DedicatedFeatureCrosscoder, x: Tensor) -> Tensor:
                           for i in range(0, len(x), ENCODE_ROWS)]).to(x.device)
 
 
+def encode_columns(cc: DedicatedFeatureCrosscoder, x: Tensor, features: Sequence[int]) -> Tensor:
+    """`encode(cc, x)[:, features]` (n, len(features)), block by block, never holding (n, dict_size) codes."""
+    device, index = cc.b_enc.device, torch.as_tensor(list(features), dtype=torch.long)
+    with torch.inference_mode():
+        return torch.cat([cc.encode_columns(x[i:i + ENCODE_ROWS].float().to(device), index)
+                          for i in range(0, len(x), ENCODE_ROWS)]).to(x.device)
+
+
 def fewest_for(contributions: Tensor, share: float) -> int:
     """Fewest terms (the largest first) whose sum reaches `share` of the total; −1 when the total is ≤ 0."""
     total = float(contributions.sum())
@@ -168,7 +176,7 @@ def latent_scaling(codes: Tensor, targets: Tensor, directions: Tensor) -> Tensor
 def stronger_rows(cc: DedicatedFeatureCrosscoder, features: Sequence[int]) -> Tensor:
     """Each feature's stronger raw decoder row (n_features, d_model): the one direction Latent Scaling fits
     for both models."""
-    raw = cc.raw_decoder().detach().float().cpu()[list(features)]  # (n, 2, d)
+    raw = cc.raw_decoder_rows(torch.as_tensor(list(features), dtype=torch.long)).detach().float().cpu()  # (n, 2, d)
     return raw[torch.arange(len(raw)), raw.norm(dim=2).argmax(1)]
 
 

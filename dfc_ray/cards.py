@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from dfc_ray import store
-from dfc_ray.attribution import (difference_directions, encode, partition_names, raw_bias, scaling_ratio,
+from dfc_ray.attribution import (difference_directions, encode_columns, partition_names, raw_bias, scaling_ratio,
                                  scaling_sums, stronger_rows)
 from dfc_ray.config import CardConfig
 from dfc_ray.crosscoder import DedicatedFeatureCrosscoder
@@ -192,7 +192,7 @@ def _stream(cc: DedicatedFeatureCrosscoder, uri: str, layer: int, features: Sequ
     directions, bias = stronger_rows(cc, features), raw_bias(cc).cpu()
     out = _Pass(fire_rows=[[] for _ in features], fire_acts=[[] for _ in features])
     for rows, provenance in _rows(uri, layer, limit):
-        codes = encode(cc, rows)[:, index]  # the full encoder: TopK needs every pre-activation
+        codes = encode_columns(cc, rows, features)  # the full encoder: TopK needs every pre-activation
         with torch.inference_mode():
             pre = torch.einsum("nmd,fmd->nfm", cc.normalize(rows), enc)  # W_enc^m·x_m per feature and model
         fires = codes > 0

@@ -214,6 +214,20 @@ class DedicatedFeatureCrosscoder(nn.Module):
         """Decoder directions (dict_size, 2, d_model) in RAW activation space (for steering)."""
         return self.W_dec / self.norm_scale[None, :, None]
 
+    def raw_decoder_rows(self, features: Tensor) -> Tensor:
+        """`raw_decoder()[features]` (n, 2, d_model), the same bits, from the rows' own blocks: steering reads
+        hundreds of single rows per checkpoint, and the dense decoder is dict_size rows each time."""
+        d, features = self.cfg.d_model, features.to(self.b_enc.device)
+        out = self.b_enc.new_zeros(len(features), 2, d)
+        for start, _, dec, model in self._blocks():
+            inside = (features >= start) & (features < start + len(dec))
+            rows = dec.detach()[features[inside] - start]
+            if model is None:
+                out[inside] = rows.view(-1, 2, d)
+            else:
+                out[inside, model] = rows
+        return out / self.norm_scale[None, :, None]
+
     def decoder_norms(self) -> Tensor:
         """(2, dict_size): ‖d_{j,m}‖, the norm of feature j's decoder row into model m (0 if hidden)."""
         d, out = self.cfg.d_model, self.b_enc.new_zeros(2, self.cfg.dict_size)
@@ -357,6 +371,18 @@ class DedicatedFeatureCrosscoder(nn.Module):
         dense, _ = resolve_formulation(self.formulation, x.device)
         rows, feats, vals, _, products = self._encode_flat(self.normalize(self._check_input(x)), dense)
         return vals.new_zeros(products.shape).index_put((rows, feats), vals)
+
+    def encode_columns(self, x: Tensor, features: Tensor) -> Tensor:
+        """`encode(x)[:, features]` (batch, len(features)), the same bits, without forming the (batch, dict_size)
+        codes: the selection still ranks every product, but only the named features' activations are made
+        (feature cards stream whole stores through this)."""
+        products = self._products(self.normalize(self._check_input(x)))
+        rows, feats, _ = self._select(products + self.b_enc.to(products.dtype))
+        entry, column = (feats[:, None] == features.to(feats.device)[None]).nonzero(as_tuple=True)
+        rows, feats = rows[entry], feats[entry]
+        out = torch.zeros(len(x), len(features), device=x.device)
+        out[rows, column] = F.relu(products[rows, feats] + self.b_enc[feats]).float()
+        return out
 
     def decode(self, f: Tensor) -> Tensor:
         """Codes (batch, dict_size) -> raw-space reconstruction (batch, 2, d_model)."""

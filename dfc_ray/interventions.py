@@ -271,7 +271,7 @@ def feature_direction(cc: DedicatedFeatureCrosscoder, feature: int, target: str,
     m = model_index(target)
     if not 0 <= feature < cc.cfg.dict_size:
         raise ValueError(f"feature {feature}: expected an index in [0, {cc.cfg.dict_size})")
-    raw = cc.raw_decoder()[feature]
+    raw = cc.raw_decoder_rows(torch.tensor([feature]))[0]
     return raw[m] if own_decoder_only or bool(raw[m].any()) else raw[1 - m]
 
 
@@ -393,7 +393,7 @@ def patch_edit(cc: DedicatedFeatureCrosscoder, target: str, features: Sequence[i
     a chosen patch's norm); an empty feature list changes nothing."""
     m = model_index(target)
     index = torch.as_tensor(list(features), dtype=torch.long, device=cc.b_enc.device)
-    raw = cc.raw_decoder()[index].float()
+    raw = cc.raw_decoder_rows(index).float()
     shift = raw[:, 1 - m] - raw[:, m]  # (k, d_model)
 
     def edit(x: Tensor) -> Tensor:

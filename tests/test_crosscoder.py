@@ -96,6 +96,33 @@ def test_topk_keeps_exactly_k_per_sample():
     assert (f >= 0).all()
 
 
+@pytest.mark.parametrize("sparsity", ["topk", "batchtopk"])
+def test_encode_columns_is_encode_restricted_to_the_named_features(sparsity):
+    """Feature cards read a few columns of the codes over a whole store: the same bits as encode()'s columns,
+    for features that fire, that never fire, repeated, from every partition (eval: batchtopk's threshold)."""
+    cc = make(sparsity=sparsity, k=4)
+    x = data(256, seed=3)
+    cc.fit_normalization(x)
+    cc.loss(x)  # batchtopk learns its threshold
+    cc.eval()
+    with torch.no_grad():
+        cc.b_enc[5] = -1e4  # a feature that never fires
+    codes = cc.encode(x)
+    features = [0, 8, 20, 63, 5, 20]  # 0-7 A-exclusive, 8-23 B-exclusive, the rest shared
+    assert (codes[:, 5] == 0).all() and (codes[:, [0, 8, 20, 63]] > 0).any(0).all()
+    assert torch.equal(cc.encode_columns(x, torch.tensor(features)), codes[:, features])
+
+
+def test_raw_decoder_rows_are_the_dense_decoders_rows():
+    """Steering reads single rows (hundreds per checkpoint): the same bits as the dense raw decoder's."""
+    cc = make()
+    cc.fit_normalization(data(64) * torch.tensor([1.0, 3.0])[None, :, None])  # unequal scales per model
+    features = torch.tensor([63, 0, 8, 7, 23, 24, 0])  # every partition, its edges, a repeat
+    rows = cc.raw_decoder_rows(features)
+    assert torch.equal(rows, cc.raw_decoder()[features])
+    assert (rows[1, 1] == 0).all() and (rows[2, 0] == 0).all() and rows[0].all()  # exclusivity holds
+
+
 def test_batchtopk_trains_with_batch_k_and_infers_with_threshold():
     cc = make(sparsity="batchtopk", k=4)
     x = data(64)

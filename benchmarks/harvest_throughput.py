@@ -1,11 +1,12 @@
 """Harvest throughput: paired rows/s through both models into the store.
 
-    PYTHONPATH=. python benchmarks/harvest_throughput.py [--tasks 200] [--plain 500] [--ray --actors 2]
+    PYTHONPATH=. python benchmarks/harvest_throughput.py [--tasks 200] [--plain 500] [--actors 2] [--ray]
     PYTHONPATH=. python benchmarks/harvest_throughput.py --writer-d-model 2048 --dtype bfloat16   # the writer alone
 
 On the embedded organism by default (CPU). `--model-a/--model-b` take folders or hub ids (e.g. a
 random-weight Qwen2.5-3B-shaped pair on a GPU machine). With `--ray` the harvest runs on a local Ray
-cluster (`--cpus` CPUs) with `--actors` harvest actors, each writing its own parts' shards.
+cluster (`--cpus` CPUs) with `--actors` harvest actors, each writing its own parts' shards; without, the
+process computes groups in `--actors` threads (harvest.executor: local).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def main() -> None:
     parser.add_argument("--model-a", default="organism")
     parser.add_argument("--model-b", default="organism")
     parser.add_argument("--ray", action="store_true", help="through the Ray Data actor pool (else in-process)")
-    parser.add_argument("--actors", type=int, default=1, help="harvest actors with --ray")
+    parser.add_argument("--actors", type=int, default=1, help="harvest actors (--ray), else threads")
     parser.add_argument("--cpus", type=int, default=None, help="CPUs of the local Ray cluster (default: all)")
     parser.add_argument("--writer-d-model", type=int, default=0,
                         help="time only the store writer: 65,536 random float32 rows of this width")
@@ -53,7 +54,7 @@ def main() -> None:
     start, cpu = time.perf_counter(), _cpu_seconds()
     result = harvest(cfg, use_ray=args.ray, progress=False)
     seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
-    where = f"ray, {args.actors} actor(s)" if args.ray else "in-process"
+    where = f"ray, {args.actors} actor(s)" if args.ray else f"in-process, {args.actors} thread(s)"
     print(f"harvest ({where}): {result.rows} paired rows ({args.positions}, layers {list(result.layers)}, "
           f"d_model {result.d_model}, {args.dtype} store) in {seconds:.1f} s = {result.rows / seconds:,.0f} rows/s "
           f"(corpus building, model loading and store writes included)"

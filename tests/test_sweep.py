@@ -260,6 +260,44 @@ def test_ctrl_c_during_the_harvest_still_reports_the_trials_owed(tiny_pair, ray_
     assert report["n_trials"] == 0 and report["run"]["unfinished"]["not_started"] == 4
 
 
+def test_ctrl_c_while_tune_starts_stops_the_sweep(tiny_pair, ray_cluster, tmp_path, monkeypatch):
+    """Ctrl-C between the Optuna study's creation and Tune's own handler (a window in which a KeyboardInterrupt
+    was lost and the sweep ran on): noted, passed to Tune once it starts, so no trial runs and the report names
+    every trial as not started. A second Ctrl-C in that window raises at once."""
+    from dfc_ray.sweep import SweepInterrupted, run_sweep
+    from dfc_ray.sweep import driver
+
+    made = driver.searcher
+
+    def searcher_then_ctrl_c(*args, **kwargs):
+        search = made(*args, **kwargs)  # the study exists now
+        os.kill(os.getpid(), signal.SIGINT)
+        return search
+
+    monkeypatch.setattr(driver, "searcher", searcher_then_ctrl_c)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a driver's main thread outside Tune
+    try:
+        run = tmp_path / "runs" / "tune-starting"
+        with pytest.raises(SweepInterrupted) as stopped:
+            run_sweep(load_spec(write_spec(tmp_path, tiny_pair)), str(run), live=False, evaluate=False)
+        assert stopped.value.unfinished == {"running": [], "not_started": 4}
+        assert json.loads((run / "report.json").read_text())["n_trials"] == 0
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+
+        def searcher_then_two(*args, **kwargs):
+            search = made(*args, **kwargs)
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+            return search
+
+        monkeypatch.setattr(driver, "searcher", searcher_then_two)
+        with pytest.raises(KeyboardInterrupt):
+            run_sweep(load_spec(write_spec(tmp_path, tiny_pair)), str(tmp_path / "runs" / "twice"), live=False,
+                      evaluate=False)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_a_trial_no_node_can_hold_is_refused_before_any_trial(tiny_pair, ray_cluster, tmp_path):
     """A dictionary within validation's machine-independent bound (2 TB) but beyond the memory Ray offers on the
     largest node of the cluster: refused, in one line with the estimate, before any trial runs (issue 31)."""

@@ -393,7 +393,7 @@ def _run_trials(spec: SweepSpec, run: RunFolder, ctx: TrialContext, done: list[d
                               f"(round {round_} of at most {spec.resources.max_failures})", flush=True)
                     n_todo, remaining = remaining_work(spec, read_results(run))
                 if n_todo:
-                    with _sigint_handler_kept():
+                    with _sigint_handler_kept(run.uri):
                         _tuner(spec, run, ctx, n_todo, remaining).fit()
                 if run.uri in INTERRUPTED:
                     break
@@ -408,11 +408,22 @@ def _run_trials(spec: SweepSpec, run: RunFolder, ctx: TrialContext, done: list[d
 
 
 @contextlib.contextmanager
-def _sigint_handler_kept():
+def _sigint_handler_kept(run_uri: str):
     """Put back this process's SIGINT handler after a Tune experiment: Tune installs its own (and ResultsWriter
-    wraps it) and leaves it in place when the experiment ends normally, which would swallow a later Ctrl-C."""
+    wraps it) and leaves it in place when the experiment ends normally, which would swallow a later Ctrl-C.
+    Until Tune's is in place, a Ctrl-C is only noted (INTERRUPTED) and `ResultsWriter.setup` passes it on to
+    Tune: raised while Tune was starting, a KeyboardInterrupt could be lost there and the sweep ran on. A
+    second Ctrl-C still raises (Tune puts this handler back after the first)."""
     main = threading.current_thread() is threading.main_thread()
     handler = signal.getsignal(signal.SIGINT) if main else None
+
+    def noted(signum: int, frame: Any) -> None:
+        if run_uri in INTERRUPTED:
+            raise KeyboardInterrupt
+        INTERRUPTED.add(run_uri)
+
+    if main:
+        signal.signal(signal.SIGINT, noted)
     try:
         yield
     finally:

@@ -100,7 +100,8 @@ class ResultsWriter(Callback):
     """One results.jsonl line per finished trial (never twice, also across resumes), and
     live-view updates as results arrive. It also notes a Ctrl-C: Tune ends an experiment on SIGINT
     as if it had finished (its handler stops the loop and leaves no mark), so `setup` wraps that handler
-    to add the run to INTERRUPTED first; the driver then names the trials that did not finish."""
+    to add the run to INTERRUPTED first, and passes on a Ctrl-C that came while Tune was starting; the driver
+    then names the trials that did not finish."""
 
     def __init__(self, spec: SweepSpec, run_uri: str) -> None:
         self.spec, self.run_uri = spec, run_uri
@@ -118,6 +119,8 @@ class ResultsWriter(Callback):
                 raise KeyboardInterrupt
 
         signal.signal(signal.SIGINT, interrupted)
+        if self.run_uri in INTERRUPTED:  # Ctrl-C while Tune was starting (driver._sigint_handler_kept): stop now
+            interrupted(signal.SIGINT, None)
 
     def config(self, params: dict[str, Any]) -> dict[str, Any]:
         """The trial's full settings (fixed + grid + sampled) with its grid labels."""

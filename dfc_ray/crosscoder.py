@@ -217,7 +217,7 @@ class DedicatedFeatureCrosscoder(nn.Module):
     def raw_decoder_rows(self, features: Tensor) -> Tensor:
         """`raw_decoder()[features]` (n, 2, d_model), the same bits, from the rows' own blocks: steering reads
         hundreds of single rows per checkpoint, and the dense decoder is dict_size rows each time."""
-        d, features = self.cfg.d_model, features.to(self.b_enc.device)
+        d, features = self.cfg.d_model, self._feature_index(features)
         out = self.b_enc.new_zeros(len(features), 2, d)
         for start, _, dec, model in self._blocks():
             inside = (features >= start) & (features < start + len(dec))
@@ -227,6 +227,15 @@ class DedicatedFeatureCrosscoder(nn.Module):
             else:
                 out[inside, model] = rows
         return out / self.norm_scale[None, :, None]
+
+    def _feature_index(self, features: Tensor) -> Tensor:
+        """`features` on this module's device; IndexError naming the first one outside [0, dict_size) (the
+        row-wise reads would otherwise give it a silent zero row or column)."""
+        features = features.to(self.b_enc.device)
+        bad = features[(features < 0) | (features >= self.cfg.dict_size)]
+        if len(bad):
+            raise IndexError(f"feature {int(bad[0])}: expected an index in [0, {self.cfg.dict_size})")
+        return features
 
     def decoder_norms(self) -> Tensor:
         """(2, dict_size): ‖d_{j,m}‖, the norm of feature j's decoder row into model m (0 if hidden)."""
@@ -378,7 +387,7 @@ class DedicatedFeatureCrosscoder(nn.Module):
         (feature cards stream whole stores through this)."""
         products = self._products(self.normalize(self._check_input(x)))
         rows, feats, _ = self._select(products + self.b_enc.to(products.dtype))
-        entry, column = (feats[:, None] == features.to(feats.device)[None]).nonzero(as_tuple=True)
+        entry, column = (feats[:, None] == self._feature_index(features)[None]).nonzero(as_tuple=True)
         rows, feats = rows[entry], feats[entry]
         out = torch.zeros(len(x), len(features), device=x.device)
         out[rows, column] = F.relu(products[rows, feats] + self.b_enc[feats]).float()

@@ -121,6 +121,11 @@ def test_raw_decoder_rows_are_the_dense_decoders_rows():
     rows = cc.raw_decoder_rows(features)
     assert torch.equal(rows, cc.raw_decoder()[features])
     assert (rows[1, 1] == 0).all() and (rows[2, 0] == 0).all() and rows[0].all()  # exclusivity holds
+    for outside in (64, -1):  # dense indexing raised (or read from the end); a row read must not give zeros
+        with pytest.raises(IndexError, match=rf"feature {outside}: expected an index in \[0, 64\)"):
+            cc.raw_decoder_rows(torch.tensor([3, outside]))
+        with pytest.raises(IndexError, match=rf"feature {outside}: expected"):
+            cc.encode_columns(data(8), torch.tensor([outside]))
 
 
 def test_batchtopk_trains_with_batch_k_and_infers_with_threshold():

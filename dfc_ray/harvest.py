@@ -56,6 +56,7 @@ from dfc_ray.config import CorpusSpec, HarvestConfig
 from dfc_ray.fs import open_fs, redact, write_file_atomic
 from dfc_ray.generation import GenerationConfig, HookContext, generate, residual_hooks
 from dfc_ray.pair import check_pair, load_model, load_tokenizer, pair_fingerprint, require_chat_template
+from dfc_ray.preflight import free_memory_bytes, human_bytes
 from dfc_ray.tooluse import load_tasks, render_prompt
 
 MIX_LAST_PROMPT_REPEATS = 16
@@ -507,7 +508,9 @@ def _run_parts(cfg: HarvestConfig, uri: str, groups: list[list[Record]], parts: 
     if not todo:
         return
     if not use_ray:
-        extractor, *helpers = [PairActivations(cfg) for _ in range(cfg.num_actors)]
+        extractor = PairActivations(cfg)
+        _check_copies_fit(cfg, extractor)
+        helpers = [PairActivations(cfg) for _ in range(cfg.num_actors - 1)]
         for part in todo:
             first, end = parts[part]
             yield part, extractor.run_part(uri, part, groups[first:end], on_group=on_group, helpers=helpers)
@@ -532,6 +535,21 @@ def _run_parts(cfg: HarvestConfig, uri: str, groups: list[list[Record]], parts: 
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for part, progress in zip(batch["part"], batch["progress"]):  # Ray Data may merge finished parts
             yield int(part), json.loads(str(progress))
+
+
+def _check_copies_fit(cfg: HarvestConfig, extractor: PairActivations) -> None:
+    """ValueError (one line) when the further copies of the pair a local harvest's threads hold (`num_actors` −
+    1 beside `extractor`'s) would not fit in the free memory of their device."""
+    if cfg.num_actors < 2:
+        return
+    params = [p for model in (extractor.model_a, extractor.model_b) for p in model.parameters()]
+    needed = (cfg.num_actors - 1) * sum(p.numel() * p.element_size() for p in params)
+    device = params[0].device
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else free_memory_bytes()
+    if free is not None and needed > free:
+        raise ValueError(f"harvest.num_actors={cfg.num_actors} with harvest.executor 'local': {cfg.num_actors - 1} "
+                         f"more copies of the pair need {human_bytes(needed)} but {human_bytes(free)} of "
+                         f"{device.type} memory is free; expected fewer threads (num_actors) or executor 'ray'")
 
 
 PROGRESS_POLL_S = 2.0

@@ -316,6 +316,18 @@ def test_harvest_bytes_do_not_depend_on_the_callers_thread_count(tiny_pair, tmp_
     assert progress["config"]["cpu_threads"] == 1 and progress["torch"] == torch.__version__
 
 
+def test_a_local_harvest_refuses_more_copies_of_the_pair_than_memory_holds(tiny_pair, tmp_path):
+    """`num_actors` threads each hold a copy of the pair: copies that cannot fit are refused in one line before
+    any group is computed, and a re-run with fewer threads harvests the same store."""
+    cfg = small_config(tiny_pair, tmp_path)
+    with pytest.raises(ValueError, match=r"harvest.num_actors=1000000000 with harvest.executor 'local': 999999999 "
+                                         r"more copies of the pair need .* free; expected fewer threads"):
+        harvest(replace(cfg, num_actors=10**9), use_ray=False, progress=False)
+    assert not list(tmp_path.glob("*/layer_*/*rows*"))  # no rows computed
+    done = harvest(replace(cfg, num_actors=2), use_ray=False, progress=False)
+    assert done.rows == 48 and not done.reused and list(tmp_path.glob("*/layer_*/*rows*"))
+
+
 def test_compare_layers_accepts_rounding_and_catches_real_divergence(tiny_pair, tmp_path):
     """Across hardware the promise is the layout plus values within the store dtype's rounding and the
     float32 drift (store.compare_layers); other rows, another order or a dropped part are refused."""

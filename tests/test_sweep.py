@@ -271,7 +271,7 @@ def test_ctrl_c_while_tune_starts_stops_the_sweep(tiny_pair, ray_cluster, tmp_pa
 
     def searcher_then_ctrl_c(*args, **kwargs):
         search = made(*args, **kwargs)  # the study exists now
-        os.kill(os.getpid(), signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)  # its handler runs before this returns
         return search
 
     monkeypatch.setattr(driver, "searcher", searcher_then_ctrl_c)
@@ -286,8 +286,8 @@ def test_ctrl_c_while_tune_starts_stops_the_sweep(tiny_pair, ray_cluster, tmp_pa
 
         def searcher_then_two(*args, **kwargs):
             search = made(*args, **kwargs)
-            os.kill(os.getpid(), signal.SIGINT)
-            os.kill(os.getpid(), signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)  # two separate deliveries (two os.kill could merge into one)
+            signal.raise_signal(signal.SIGINT)
             return search
 
         monkeypatch.setattr(driver, "searcher", searcher_then_two)

@@ -74,13 +74,15 @@ class Evaluator(PairReplica):
 
     def _spliced(self, cc, layer: int, target: str, prompts: list[str], cfg: EvalConfig):
         """Replies of `target` with the reconstruction spliced in; at the last prompt token the other
-        model's activations and the target's prefill come from the replica's caches."""
+        model's activations and the target's prefill come from the replica's caches, and the clean replies are
+        the drafts (`generation.generate`: a good reconstruction leaves most replies as they were)."""
         other = None
         if cfg.splice.leaves_prefix_alone:
             other = self.last_residuals("b" if target == "a" else "a", prompts, layer, cfg.batch_size)[:, None]
+        clean = self.clean_replies(target, prompts, cfg.generation(), cfg.splice.leaves_prefix_alone)
         return generate_spliced(self.model_a, self.model_b, self.tokenizer, prompts, self.generation(cfg.generation(),
                                 prompts), cc, layer, target, cfg.splice_mode, other=other,
-                                prefix_cache=self.prefix[target])
+                                prefix_cache=self.prefix[target], drafts=[g.token_ids for g in clean])
 
     def _loss(self, cc, layer: int, target: str, cfg: EvalConfig) -> SpliceLoss | None:
         if not cfg.n_texts:

@@ -331,15 +331,18 @@ class Steerer(PairReplica):
     def steered_replies(self, target: str, prompts: list[str], cfg: SteerConfig, layer: int,
                         delta: torch.Tensor) -> list[Generation]:
         """Replies of `target` with `delta` added, kept for the last STEERED_CACHE requests: settings that
-        differ only in how replies are scored (the protocol's metric) re-score them instead of re-generating."""
+        differ only in how replies are scored (the protocol's metric) re-score them instead of re-generating.
+        The clean replies are the drafts (`generation.generate`): most steered replies are the clean ones."""
         key = hashlib.sha1(json.dumps([target, layer, cfg.positions, asdict(cfg.generation()), prompts]).encode()
                            + delta.detach().float().cpu().numpy().tobytes()).hexdigest()
         if key in self._steered:
             self._steered.move_to_end(key)
         else:
+            clean = self.clean_replies(target, prompts, cfg.generation(), cfg.site.leaves_prefix_alone)
             self._steered[key] = generate_steered(self.model(target), self.tokenizer, prompts,
                                                   self.generation(cfg.generation(), prompts), layer, delta,
-                                                  cfg.positions, prefix_cache=self.prefix[target])
+                                                  cfg.positions, prefix_cache=self.prefix[target],
+                                                  drafts=[g.token_ids for g in clean])
             while len(self._steered) > STEERED_CACHE:
                 self._steered.popitem(last=False)
         return self._steered[key]
@@ -655,15 +658,16 @@ class Steerer(PairReplica):
     def edited_correct(self, target: str, tasks: list[Task], cfg: SteerConfig, layer: int,
                        edit: PairEdit | None = None) -> list[bool]:
         """Correctness per task of `target` with a pair edit (interventions.patch_edit) at the last prompt token
-        of block `layer`; clean (cached, through the prefix cache as the edited replies are) when `edit` is None."""
+        of block `layer`; clean (cached, through the prefix cache as the edited replies are) when `edit` is None,
+        and the edited replies' drafts otherwise."""
         prompts = self.prompts(tasks, cfg.protocol.prompt_format)
-        if edit is None:
-            gens = self.clean_replies(target, prompts, cfg.generation(), True)
-        else:
+        gens = self.clean_replies(target, prompts, cfg.generation(), True)
+        if edit is not None:
             other = "b" if target == "a" else "a"
             last = list(self.last_residuals(other, prompts, layer, cfg.batch_size)[:, None])  # (1, d) per prompt
             gens = generate_edited(self.model(target), self.model(other), self.tokenizer, prompts, cfg.generation(),
-                                   layer, edit, target, other=last, prefix_cache=self.prefix[target])
+                                   layer, edit, target, other=last, prefix_cache=self.prefix[target],
+                                   drafts=[g.token_ids for g in gens])
         return [s.passes(cfg.protocol.metric) for s in score_all(tasks, gens, self.dialect)]
 
 

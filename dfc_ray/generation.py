@@ -274,6 +274,7 @@ def generate(
     cfg: GenerationConfig | None = None,
     hooks: dict[int, ResidualHook] | None = None,
     prefix_cache: PrefixCache | None = None,
+    drafts: Sequence[Sequence[int]] | None = None,
 ) -> list[Generation]:
     """Complete each rendered prompt; batched output equals one-at-a-time output (fp32).
 
@@ -281,6 +282,10 @@ def generate(
     batch-invariant) and decoded `cfg.batch_size` at a time; results come back in input order.
     With `prefix_cache` (for this model) the prompts' prefill is re-used across calls: only valid for
     hooks that act at the last prompt token or later (see PrefixCache).
+    `drafts`: a guess of each prompt's reply token ids (an intervention's judges pass the clean reply, which most
+    small interventions leave as it was). Under static greedy decoding with prefill-only hooks, one teacher-forced
+    forward over the drafts finishes every row whose greedy reply its draft turns out to be (`_Decoder._verify`);
+    the other rows decode as usual. The replies are the same token ids (up to float rounding at a near-tie).
     """
     cfg = cfg or GenerationConfig()
     if isinstance(prompts, str):
@@ -294,6 +299,8 @@ def generate(
     for i, ids in enumerate(encoded):
         if not ids:
             raise ValueError(f"generate: prompts[{i}] is empty; expected at least one token")
+    if drafts is not None and len(drafts) != len(encoded):
+        raise ValueError(f"generate: {len(drafts)} drafts for {len(encoded)} prompts; expected one per prompt")
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     decoder = _Decoder(model, tokenizer, cfg, hooks, prefix_cache)
     results: list[Generation | None] = [None] * len(encoded)
@@ -303,7 +310,8 @@ def generate(
         with torch.inference_mode():
             for start in range(0, len(order), cfg.batch_size):
                 rows = order[start : start + cfg.batch_size]
-                for row, gen in zip(rows, decoder.run([encoded[i] for i in rows], rows)):
+                batch_drafts = None if drafts is None else [list(drafts[i]) for i in rows]
+                for row, gen in zip(rows, decoder.run([encoded[i] for i in rows], rows, batch_drafts)):
                     results[row] = gen
     finally:
         model.train(was_training)
@@ -431,8 +439,13 @@ class _Decoder:
         tolerance = 0.0 if next(self.model.parameters()).dtype == torch.float32 else 0.25
         return (lengths - sum(s == e for s, e in pairs)) / max(lengths, 1), tolerance
 
-    def run(self, prompt_ids: list[list[int]], rows: list[int]) -> list[Generation]:
-        return (self._run_static if self.static else self._run_eager)(prompt_ids, rows)
+    def run(self, prompt_ids: list[list[int]], rows: list[int],
+            drafts: list[list[int]] | None = None) -> list[Generation]:
+        """Decode one batch; `drafts` (generate's) are used by static greedy decoding with prefill-only hooks."""
+        if not self.static:
+            return self._run_eager(prompt_ids, rows)
+        usable = not self.cfg.do_sample and all(getattr(h, "prefill_only", False) for h in (self.hooks or {}).values())
+        return self._run_static(prompt_ids, rows, drafts if usable else None)
 
     def _start(self, prompt_ids: list[list[int]], rows: list[int], hooks: dict[int, ResidualHook] | None):
         """Pad, prefill (on the prefix cache when there is one) with `hooks` active; returns (attention mask,
@@ -450,7 +463,8 @@ class _Decoder:
             cache, logits = self._prefill(input_ids, mask, positions, prompt_ids, prefix)
         return mask, mask.sum(1), all_rows, cache, logits
 
-    def _run_static(self, prompt_ids: list[list[int]], rows: list[int]) -> list[Generation]:
+    def _run_static(self, prompt_ids: list[list[int]], rows: list[int],
+                    drafts: list[list[int]] | None = None) -> list[Generation]:
         """Greedy decoding over preallocated buffers (module docstring); the eager loop's token ids in fp32."""
         mask, prompt_lens, all_rows, cache, logits = self._start(prompt_ids, rows, self.hooks)
         first = logits.float().argmax(-1)
@@ -463,6 +477,8 @@ class _Decoder:
         step = _static_step(self.model, len(prompt_ids), columns, _cache_tensors(cache), self.hooks or {})
         step.load(_cache_tensors(cache), mask, first, prompt_lens, all_rows)
         del cache, logits
+        if drafts is not None and self._accept_drafts(scan, step, first, drafts):
+            return scan.results(prompt_ids)
         live = list(range(len(prompt_ids)))  # the scan's row of each row of the step
         every = STOP_CHECK_EVERY if step.graph is not None else 1  # uncaptured: every token read back, as eager does
         checked = 1
@@ -476,6 +492,35 @@ class _Decoder:
                     break
                 checked = s + 1
         return scan.results(prompt_ids)
+
+    def _accept_drafts(self, scan: "_StopScan", step: "_StaticStep", first: torch.Tensor,
+                       drafts: list[list[int]]) -> bool:
+        """Finish in `scan` every row whose greedy reply its draft gives away; True once every row is done.
+
+        Each row is fed its draft (but its last token) in one teacher-forced forward of the loaded `step`
+        (`_StaticStep.greedy_after`). Greedy tokens are known up to the first position where the model's choice
+        differs from the draft, that choice included; a row whose stopping rule ends within them is done. The
+        others decode from the prefill as if there had been no draft (nothing of the forward is kept for them)."""
+        limit = self.cfg.max_new_tokens - 1  # tokens after the first
+        fed_lens = {r: min(len(draft), limit) for r, draft in enumerate(drafts)
+                    if scan.reasons[r] is None and len(draft) > 1 and draft[0] == int(first[r])}
+        if not fed_lens:
+            return False
+        fed = torch.full((len(drafts), max(fed_lens.values())), self.pad, dtype=torch.long)
+        for r, n in fed_lens.items():
+            fed[r, :n] = torch.tensor(drafts[r][:n])
+        chosen = step.greedy_after(fed.to(self.device)).cpu()
+        trial = _StopScan(self, len(drafts))
+        for r, n in fed_lens.items():
+            picks = chosen[r, :n].tolist()
+            known = next((j for j in range(1, n) if picks[j - 1] != drafts[r][j]), n)  # greedy tokens known
+            trial.completions[r] = list(scan.completions[r])
+            trial.update(np.array([picks[:known]]), [r])
+            if trial.reasons[r] is None and len(trial.completions[r]) > limit:
+                trial.reasons[r] = "length"
+            if trial.reasons[r] is not None:
+                scan.completions[r], scan.reasons[r] = trial.completions[r], trial.reasons[r]
+        return all(reason is not None for reason in scan.reasons)
 
     def _run_eager(self, prompt_ids: list[list[int]], rows: list[int]) -> list[Generation]:
         cfg, dev, n = self.cfg, self.device, len(prompt_ids)
@@ -715,8 +760,10 @@ class _StaticStep:
         self.out[:, 0].copy_(first)
         self.rows.copy_(rows)
 
-    def _block(self, i: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Decoder block i for one token per row, (rows, 1, d_model) → the residual after it."""
+    def _block(self, i: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               columns: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Decoder block i for one token per row, (rows, 1, d_model) → the residual after it; or for several,
+        (rows, T, d_model), written at KV `columns` (T,) and attending as `mask` (rows, 1, T, columns read) says."""
         layer = self.layers[i]
         attn = layer.self_attn
         x = layer.input_layernorm(hidden)
@@ -726,15 +773,20 @@ class _StaticStep:
         value = attn.v_proj(x).view(heads).transpose(1, 2)
         query = query * cos + _rotate_half(query) * sin
         key = key * cos + _rotate_half(key) * sin
-        self.keys[i].index_copy_(2, self.column, key)
-        self.values[i].index_copy_(2, self.column, value)
-        rows, n_heads, _, head_dim = query.shape
+        self.keys[i].index_copy_(2, self.column if columns is None else columns, key)
+        self.values[i].index_copy_(2, self.column if columns is None else columns, value)
+        rows, n_heads, tokens, head_dim = query.shape
         kv_heads = key.shape[1]
-        end = self.written if self.mask.device.type == "cpu" else self.mask.shape[-1]  # CUDA: fixed shapes to capture
+        if mask is None:
+            end = self.written if self.mask.device.type == "cpu" else self.mask.shape[-1]  # CUDA: fixed shapes
+            mask = self.mask[..., :end]
+        else:  # several tokens: the query heads of a KV head and their tokens fold into one query axis
+            end = mask.shape[-1]
+            mask = mask.repeat(1, 1, n_heads // kv_heads, 1)
         out = torch.nn.functional.scaled_dot_product_attention(
-            query.reshape(rows, kv_heads, n_heads // kv_heads, head_dim), self.keys[i][:, :, :end],
-            self.values[i][:, :, :end], attn_mask=self.mask[..., :end], scale=attn.scaling)
-        out = out.reshape(rows, n_heads, 1, head_dim).transpose(1, 2).contiguous().reshape(*x.shape[:-1], -1)
+            query.reshape(rows, kv_heads, n_heads // kv_heads * tokens, head_dim), self.keys[i][:, :, :end],
+            self.values[i][:, :, :end], attn_mask=mask, scale=attn.scaling)
+        out = out.reshape(rows, n_heads, tokens, head_dim).transpose(1, 2).contiguous().reshape(*x.shape[:-1], -1)
         hidden = hidden + attn.o_proj(out)
         return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
@@ -779,6 +831,25 @@ class _StaticStep:
         small.index.copy_(self.index)
         small.ctx.step = self.ctx.step
         return small
+
+    def greedy_after(self, fed: torch.Tensor) -> torch.Tensor:
+        """The greedy token after each prefix of `fed` (rows, T): the tokens the coming steps would feed, and the
+        ones after them, teacher-forced in one forward (`_Decoder._accept_drafts`). Their K/V go into the columns
+        those steps write over before they read them, and no counter moves: decoding goes on from where `load`
+        left it. Uncaptured, without hooks (prefill-only hooks do nothing after the prefill)."""
+        rows, tokens = fed.shape
+        start = self.written
+        hidden = self.inner.embed_tokens(fed)
+        cos, sin = self.inner.rotary_emb(hidden, self.positions + torch.arange(tokens, device=fed.device))
+        cos, sin = cos[:, None], sin[:, None]
+        mask = self.mask[..., :start + tokens].expand(rows, 1, tokens, start + tokens).clone()
+        mask[..., start:] = torch.ones(tokens, tokens, dtype=torch.bool, device=fed.device).tril()
+        columns = torch.arange(start, start + tokens, device=fed.device)
+        for i in range(len(self.layers)):
+            hidden = self._block(i, hidden, cos, sin, columns, mask)
+        hidden, head = self.inner.norm(hidden), self.model.get_output_embeddings()
+        return torch.cat([head(hidden[:, s:s + STOP_CHECK_EVERY]).float().argmax(-1)  # logits a few columns at a time
+                          for s in range(0, tokens, STOP_CHECK_EVERY)], 1)
 
     def logprobs_after(self, layer: int, deltas: Sequence[torch.Tensor], token: int) -> torch.Tensor:
         """log p(`token` next), (len(deltas), rows), with deltas[j] added to the residual after block `layer` at the

@@ -227,31 +227,34 @@ class Lockstep(torch.nn.Module):
 def generate_edited(target_model: torch.nn.Module, other_model: torch.nn.Module, tokenizer, prompts: Sequence[str],
                     cfg: GenerationConfig, layer: int, edit: PairEdit, target: str,
                     mode: str = "last_prompt_token", other: Sequence[Tensor] | None = None,
-                    prefix_cache: PrefixCache | None = None) -> list[Generation]:
+                    prefix_cache: PrefixCache | None = None,
+                    drafts: Sequence[Sequence[int]] | None = None) -> list[Generation]:
     """Generate from `target_model` with a pair edit at block `layer` (modes: SPLICE_MODES).
 
     `other`: the other model's activations on `prompts` when the caller already has them
     (`prompt_activations`, or `last_prompt_residuals` for the last_prompt_token mode); `prefix_cache`
-    (the target's) is used in the last_prompt_token mode, the only one that leaves the prefix alone."""
+    (the target's) is used in the last_prompt_token mode, the only one that leaves the prefix alone; `drafts`:
+    a guess of each reply (`generation.generate`'s), e.g. the target's clean replies."""
     splice = splice_mode(mode)
     if splice.positions == "all":
         return generate(Lockstep(target_model, other_model, layer, edit, target), tokenizer, prompts, cfg)
     if other is None:
         other = prompt_activations(other_model, tokenizer, prompts, layer, cfg.batch_size)
     return generate(target_model, tokenizer, prompts, cfg, {layer: prefill_edit_hook(edit, target, other, mode)},
-                    prefix_cache if splice.leaves_prefix_alone else None)
+                    prefix_cache if splice.leaves_prefix_alone else None, drafts)
 
 
 def generate_spliced(model_a: torch.nn.Module, model_b: torch.nn.Module, tokenizer, prompts: Sequence[str],
                      cfg: GenerationConfig, cc: DedicatedFeatureCrosscoder, layer: int, target: str = "a",
                      mode: str = "last_prompt_token", add_error: bool = False, other: Sequence[Tensor] | None = None,
-                     prefix_cache: PrefixCache | None = None) -> list[Generation]:
+                     prefix_cache: PrefixCache | None = None,
+                     drafts: Sequence[Sequence[int]] | None = None) -> list[Generation]:
     """Generate from model `target` with its residual after `layer` replaced by the reconstruction
-    (`other`, `prefix_cache`: see generate_edited)."""
+    (`other`, `prefix_cache`, `drafts`: see generate_edited)."""
     models = (model_a, model_b)
     m = model_index(target)
     return generate_edited(models[m], models[1 - m], tokenizer, prompts, cfg, layer,
-                           splice_edit(cc, target, add_error), target, mode, other, prefix_cache)
+                           splice_edit(cc, target, add_error), target, mode, other, prefix_cache, drafts)
 
 
 # ---------------------------------------------------------------- steering
@@ -315,11 +318,13 @@ def add_hook(delta: Tensor, positions: str = "last_prompt_token") -> ResidualHoo
 
 def generate_steered(model: torch.nn.Module, tokenizer, prompts: Sequence[str], cfg: GenerationConfig, layer: int,
                      delta: Tensor, positions: str = "last_prompt_token",
-                     prefix_cache: PrefixCache | None = None) -> list[Generation]:
+                     prefix_cache: PrefixCache | None = None,
+                     drafts: Sequence[Sequence[int]] | None = None) -> list[Generation]:
     """Generate with `delta` added to the residual after block `layer` at `positions` (`prefix_cache`,
-    the model's, is used for last_prompt_token: the other positions change the prefix)."""
+    the model's, is used for last_prompt_token: the other positions change the prefix; `drafts`: a guess of
+    each reply, see `generation.generate`)."""
     return generate(model, tokenizer, prompts, cfg, {layer: add_hook(delta, positions)},
-                    prefix_cache if steer_site(positions).leaves_prefix_alone else None)
+                    prefix_cache if steer_site(positions).leaves_prefix_alone else None, drafts)
 
 
 def opening_logprobs(model: torch.nn.Module, tokenizer, prompts: Sequence[str], layer: int,

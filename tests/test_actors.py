@@ -48,7 +48,8 @@ def test_clean_outputs_are_cached_across_checkpoints_and_metrics_are_named(evalu
     two = found.call("evaluate", second, LAYER)
     assert not one.clean_cached and two.clean_cached
     stats = found.call("stats")
-    assert (stats["clean_misses"], stats["clean_hits"]) == (2, 2)  # one clean set per model, generated once
+    # one clean set per model, generated once; each evaluation reads it again as its splices' drafts
+    assert (stats["clean_misses"], stats["clean_hits"]) == (2, 2 + 2 * 2)
     assert all(stats["prefix_hits"][t] > 0 for t in "ab")  # the second checkpoint re-used the prompts' prefill
     assert one.a_clean == two.a_clean and one.b_clean == two.b_clean  # same clean replies, same rates
     metrics = two.metrics()

@@ -447,3 +447,42 @@ def test_judge_batches_come_from_free_memory_on_a_gpu_and_stay_fixed_on_cpu():
     replica = PairReplica(PairSpec())
     cfg = GenerationConfig(batch_size=7)
     assert replica.generation(cfg, ["a prompt", "another"]) == cfg and replica.stats()["generation_batches"] == [7]
+
+
+def test_drafts_change_no_reply_and_skip_the_decode_steps_they_verify(model, tokenizer, prompts, monkeypatch):
+    """`generate(..., drafts=)`: whatever the drafts (the replies themselves, replies of another intervention,
+    a reply cut, changed or run on, noise, nothing), the replies, reasons and texts are those decoded without
+    drafts; drafts that are the replies finish every row in one teacher-forced forward (no decode step), and
+    hooks that act after the prefill, the eager loop and sampling leave the drafts unused."""
+    from dfc_ray.generation import _StaticStep
+    from dfc_ray.interventions import add_hook
+
+    steps = []
+    plain_call = _StaticStep.__call__
+    monkeypatch.setattr(_StaticStep, "__call__", lambda self, s: (steps.append(s), plain_call(self, s))[1])
+    free = generate(model, tokenizer, prompts, GenerationConfig(max_new_tokens=12, stop_strings=()))
+    vocab = tokenizer.get_vocab()
+    word = next(w for w in WORDS if sum(vocab[w] in o.token_ids[1:-1] for o in free) >= 2)  # rows stop mid-batch
+    cfg = GenerationConfig(max_new_tokens=12, batch_size=4, stop_strings=(word,), decode="static")
+    delta = 4.0 * torch.randn(D_MODEL, generator=torch.Generator().manual_seed(2))
+    hooks = {1: add_at_last_prompt_token(delta)}
+    plain = generate(model, tokenizer, prompts, cfg, hooks)
+    assert {o.finish_reason for o in plain} >= {"stop", "length"}
+    exact = ids(plain)
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, len(tokenizer), (len(prompts), 12)).tolist()
+    for drafts in (exact, ids(generate(model, tokenizer, prompts, cfg)), [d[:len(d) // 2] for d in exact],
+                   [d[:-2] + [(d[-2] + 1) % len(tokenizer)] + d[-1:] if len(d) > 2 else d for d in exact],
+                   [d + rng.integers(0, len(tokenizer), 5).tolist() for d in exact], noise, [[] for _ in prompts]):
+        steps.clear()
+        assert replies(generate(model, tokenizer, prompts, cfg, hooks, drafts=drafts)) == replies(plain)
+        assert not steps if drafts is exact else steps or drafts is not noise
+    for other_cfg, other_hooks in ((cfg, {2: add_hook(0.3 * delta, "generated")}),
+                                   (GenerationConfig(**{**vars(cfg), "decode": "eager"}), hooks)):
+        without = generate(model, tokenizer, prompts, other_cfg, other_hooks)
+        steps.clear()
+        assert replies(generate(model, tokenizer, prompts, other_cfg, other_hooks, drafts=ids(without))) == \
+            replies(without)
+        assert steps or other_cfg.decode == "eager"
+    with pytest.raises(ValueError, match="generate: 1 drafts for 6 prompts; expected one per prompt"):
+        generate(model, tokenizer, prompts, cfg, drafts=[[1]])

@@ -848,8 +848,8 @@ class _StaticStep:
         for i in range(len(self.layers)):
             hidden = self._block(i, hidden, cos, sin, columns, mask)
         hidden, head = self.inner.norm(hidden), self.model.get_output_embeddings()
-        return torch.cat([head(hidden[:, s:s + STOP_CHECK_EVERY]).float().argmax(-1)  # logits a few columns at a time
-                          for s in range(0, tokens, STOP_CHECK_EVERY)], 1)
+        # logits one column at a time: the memory a decode step's plan holds for them (`decode_bytes_per_row`)
+        return torch.stack([head(hidden[:, t]).float().argmax(-1) for t in range(tokens)], 1)
 
     def logprobs_after(self, layer: int, deltas: Sequence[torch.Tensor], token: int) -> torch.Tensor:
         """log p(`token` next), (len(deltas), rows), with deltas[j] added to the residual after block `layer` at the

@@ -466,17 +466,21 @@ class _Decoder:
     def _run_static(self, prompt_ids: list[list[int]], rows: list[int],
                     drafts: list[list[int]] | None = None) -> list[Generation]:
         """Greedy decoding over preallocated buffers (module docstring); the eager loop's token ids in fp32."""
-        mask, prompt_lens, all_rows, cache, logits = self._start(prompt_ids, rows, self.hooks)
-        first = logits.float().argmax(-1)
         scan = _StopScan(self, len(prompt_ids))
         steps = self.cfg.max_new_tokens - 1
-        if scan.update(first[:, None].cpu().numpy()) or steps == 0:
-            return scan.results(prompt_ids)
-        width = mask.shape[1]
-        columns = -(-(width + steps) // STATIC_COLUMNS) * STATIC_COLUMNS
-        step = _static_step(self.model, len(prompt_ids), columns, _cache_tensors(cache), self.hooks or {})
-        step.load(_cache_tensors(cache), mask, first, prompt_lens, all_rows)
-        del cache, logits
+        if self.prefix_cache is not None and min(len(p) for p in prompt_ids) >= 2 and steps > 0:
+            mask, prompt_lens, all_rows, step, first = self._start_static(prompt_ids, rows, self.prefix_cache)
+            if scan.update(first[:, None].cpu().numpy()):
+                return scan.results(prompt_ids)
+        else:
+            mask, prompt_lens, all_rows, cache, logits = self._start(prompt_ids, rows, self.hooks)
+            first = logits.float().argmax(-1)
+            if scan.update(first[:, None].cpu().numpy()) or steps == 0:
+                return scan.results(prompt_ids)
+            step = _static_step(self.model, len(prompt_ids), self._columns(mask), _cache_tensors(cache),
+                                self.hooks or {})
+            step.load(_cache_tensors(cache), mask, first, prompt_lens, all_rows)
+            del cache, logits
         if drafts is not None and self._accept_drafts(scan, step, first, drafts):
             return scan.results(prompt_ids)
         live = list(range(len(prompt_ids)))  # the scan's row of each row of the step
@@ -492,6 +496,27 @@ class _Decoder:
                     break
                 checked = s + 1
         return scan.results(prompt_ids)
+
+    def _columns(self, mask: torch.Tensor) -> int:
+        """KV columns of a static step for a batch of this padded width: the prompt and every new token, rounded."""
+        return -(-(mask.shape[1] + self.cfg.max_new_tokens - 1) // STATIC_COLUMNS) * STATIC_COLUMNS
+
+    def _start_static(self, prompt_ids: list[list[int]], rows: list[int], prefix_cache: PrefixCache):
+        """`_start` for static decoding on the prefix cache: the stored prefix goes straight into the step's
+        buffers and the last prompt token is prefilled by the step itself (`_StaticStep.prefill_last`, every hook
+        under the prefill context), instead of a transformers forward that copies the whole KV cache to append one
+        column, then a second copy into the buffers. Returns (attention mask, each prompt's length, rows as a
+        tensor, the loaded step, the first tokens)."""
+        dev, n = self.device, len(prompt_ids)
+        input_ids, mask = self._left_pad(prompt_ids)
+        all_rows = torch.tensor(rows, device=dev)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        kv = _cache_tensors(prefix_cache.copy_for(prompt_ids, lambda: self._prefix(input_ids, mask, positions)))
+        step = _static_step(self.model, n, self._columns(mask), kv, self.hooks or {})
+        step.load(kv, mask[:, :-1], input_ids[:, -1], mask[:, :-1].sum(1), all_rows)
+        ctx = HookContext(0, True, mask[:, -1:].bool(), torch.zeros(n, dtype=torch.long, device=dev), all_rows)
+        first = step.prefill_last(self.hooks or {}, ctx)
+        return mask, mask.sum(1), all_rows, step, first
 
     def _accept_drafts(self, scan: "_StopScan", step: "_StaticStep", first: torch.Tensor,
                        drafts: list[list[int]]) -> bool:
@@ -790,8 +815,10 @@ class _StaticStep:
         hidden = hidden + attn.o_proj(out)
         return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
-    def forward(self) -> None:
-        """The step: only device work on the buffers (no host sync, no data-dependent shape)."""
+    def forward(self, hooks: dict[int, ResidualHook] | None = None, ctx: HookContext | None = None) -> None:
+        """The step: only device work on the buffers (no host sync, no data-dependent shape). `hooks` and `ctx`
+        replace the step's decode hooks and context for one uncaptured call (`prefill_last`)."""
+        hooks, ctx = (self.hooks, self.ctx) if hooks is None else (hooks, ctx or self.ctx)
         self.mask.index_fill_(3, self.column, True)
         self.written += 1
         hidden = self.inner.embed_tokens(self.tokens[:, None])
@@ -799,8 +826,8 @@ class _StaticStep:
         cos, sin = cos[:, None], sin[:, None]  # over the heads
         for i in range(len(self.layers)):
             hidden = self._block(i, hidden, cos, sin)
-            if i in self.hooks:
-                new = self.hooks[i](hidden, self.ctx)
+            if i in hooks:
+                new = hooks[i](hidden, ctx)
                 if new is not None:
                     if new.shape != hidden.shape:
                         raise ValueError(f"hook at layer {i} returned shape {tuple(new.shape)}, "
@@ -831,6 +858,16 @@ class _StaticStep:
         small.index.copy_(self.index)
         small.ctx.step = self.ctx.step
         return small
+
+    def prefill_last(self, hooks: dict[int, ResidualHook], ctx: HookContext) -> torch.Tensor:
+        """Each row's first reply token (greedy) after the prefill of its last prompt token, on a step `load`ed
+        with the prompts' prefix (its KV, and the last prompt tokens as the tokens to feed): the blocks run with
+        every hook of `hooks` under the prefill context `ctx`, the token's K/V is written in place, and the step
+        is left as `load` leaves it for the whole prompt. Uncaptured."""
+        self.forward(hooks, ctx)
+        self.index.zero_()
+        self.out[:, 0].copy_(self.tokens)
+        return self.tokens.clone()
 
     def greedy_after(self, fed: torch.Tensor) -> torch.Tensor:
         """The greedy token after each prefix of `fed` (rows, T): the tokens the coming steps would feed, and the

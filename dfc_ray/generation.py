@@ -284,7 +284,7 @@ def generate(
     hooks that act at the last prompt token or later (see PrefixCache).
     `drafts`: a guess of each prompt's reply token ids (an intervention's judges pass the clean reply, which most
     small interventions leave as it was). Under static greedy decoding with prefill-only hooks, one teacher-forced
-    forward over the drafts finishes every row whose greedy reply its draft turns out to be (`_Decoder._verify`);
+    forward over the drafts finishes every row whose greedy reply its draft turns out to be (`_Decoder._accept_drafts`);
     the other rows decode as usual. The replies are the same token ids (up to float rounding at a near-tie).
     """
     cfg = cfg or GenerationConfig()

@@ -54,6 +54,9 @@ once per ~4 ms of compute on an H200, and larger batches only grow the KV cache.
 MEMORY_SHARE = 0.5
 """Share of the free device memory a decode batch may plan to use (the rest: caches that fill later)."""
 STATIC_MODEL_TYPES = ("llama", "qwen2")
+DRAFT_CHUNK = 16
+"""Draft tokens a teacher-forced pass feeds per forward (`_StaticStep.greedy_after`): its activations and attention
+scores then stay within what a prefill of one prompt already needs on a GPU, whatever `max_new_tokens` is."""
 """Decoder families whose blocks static decoding runs from their modules: pre-norm attention with q/k/v/o
 projections and rotary embeddings, then a pre-norm MLP."""
 
@@ -162,15 +165,20 @@ class PrefixCache:
     def copy_for(self, prompt_ids: list[list[int]], compute: Callable[[], object]) -> object:
         """A private copy of the batch's prefix KV cache; `compute()` makes it (without hooks) on first use. A
         cache whose layers only ever replace their tensors (`appends_by_copy`) shares the stored ones."""
+        entry = self.stored(prompt_ids, compute)
+        shared = {id(t): t for pair in _cache_tensors(entry) for t in pair} if appends_by_copy(entry) else {}
+        return copy.deepcopy(entry, memo=shared)
+
+    def stored(self, prompt_ids: list[list[int]], compute: Callable[[], object]) -> object:
+        """The stored prefix KV cache of the batch itself, for a caller that only reads it (static decoding copies
+        it into its own buffers); `compute()` makes it on first use."""
         key = tuple(tuple(ids) for ids in prompt_ids)
         if key in self._entries:
             self.hits += 1
         else:
             self.misses += 1
             self._entries[key] = compute()
-        entry = self._entries[key]
-        shared = {id(t): t for pair in _cache_tensors(entry) for t in pair} if appends_by_copy(entry) else {}
-        return copy.deepcopy(entry, memo=shared)
+        return self._entries[key]
 
 
 def appends_by_copy(cache: object) -> bool:
@@ -301,6 +309,10 @@ def generate(
             raise ValueError(f"generate: prompts[{i}] is empty; expected at least one token")
     if drafts is not None and len(drafts) != len(encoded):
         raise ValueError(f"generate: {len(drafts)} drafts for {len(encoded)} prompts; expected one per prompt")
+    vocab = model.get_output_embeddings().weight.shape[0] if hasattr(model, "get_output_embeddings") else None
+    for i, draft in enumerate(drafts or []):
+        if vocab and (bad := next((t for t in draft if not 0 <= t < vocab), None)) is not None:
+            raise ValueError(f"generate: drafts[{i}] holds token id {bad}; expected ids in [0, {vocab})")
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     decoder = _Decoder(model, tokenizer, cfg, hooks, prefix_cache)
     results: list[Generation | None] = [None] * len(encoded)
@@ -511,7 +523,7 @@ class _Decoder:
         input_ids, mask = self._left_pad(prompt_ids)
         all_rows = torch.tensor(rows, device=dev)
         positions = (mask.cumsum(1) - 1).clamp(min=0)
-        kv = _cache_tensors(prefix_cache.copy_for(prompt_ids, lambda: self._prefix(input_ids, mask, positions)))
+        kv = _cache_tensors(prefix_cache.stored(prompt_ids, lambda: self._prefix(input_ids, mask, positions)))
         step = _static_step(self.model, n, self._columns(mask), kv, self.hooks or {})
         step.load(kv, mask[:, :-1], input_ids[:, -1], mask[:, :-1].sum(1), all_rows)
         ctx = HookContext(0, True, mask[:, -1:].bool(), torch.zeros(n, dtype=torch.long, device=dev), all_rows)
@@ -526,9 +538,9 @@ class _Decoder:
         (`_StaticStep.greedy_after`). Greedy tokens are known up to the first position where the model's choice
         differs from the draft, that choice included; a row whose stopping rule ends within them is done. The
         others decode from the prefill as if there had been no draft (nothing of the forward is kept for them)."""
-        limit = self.cfg.max_new_tokens - 1  # tokens after the first
+        limit, firsts = self.cfg.max_new_tokens - 1, first.tolist()  # tokens after the first; one host read
         fed_lens = {r: min(len(draft), limit) for r, draft in enumerate(drafts)
-                    if scan.reasons[r] is None and len(draft) > 1 and draft[0] == int(first[r])}
+                    if scan.reasons[r] is None and len(draft) > 1 and draft[0] == firsts[r]}
         if not fed_lens:
             return False
         fed = torch.full((len(drafts), max(fed_lens.values())), self.pad, dtype=torch.long)
@@ -875,18 +887,23 @@ class _StaticStep:
         those steps write over before they read them, and no counter moves: decoding goes on from where `load`
         left it. Uncaptured, without hooks (prefill-only hooks do nothing after the prefill)."""
         rows, tokens = fed.shape
-        start = self.written
-        hidden = self.inner.embed_tokens(fed)
-        cos, sin = self.inner.rotary_emb(hidden, self.positions + torch.arange(tokens, device=fed.device))
-        cos, sin = cos[:, None], sin[:, None]
-        mask = self.mask[..., :start + tokens].expand(rows, 1, tokens, start + tokens).clone()
-        mask[..., start:] = torch.ones(tokens, tokens, dtype=torch.bool, device=fed.device).tril()
-        columns = torch.arange(start, start + tokens, device=fed.device)
-        for i in range(len(self.layers)):
-            hidden = self._block(i, hidden, cos, sin, columns, mask)
-        hidden, head = self.inner.norm(hidden), self.model.get_output_embeddings()
-        # logits one column at a time: the memory a decode step's plan holds for them (`decode_bytes_per_row`)
-        return torch.stack([head(hidden[:, t]).float().argmax(-1) for t in range(tokens)], 1)
+        start, head, picks = self.written, self.model.get_output_embeddings(), []
+        for first in range(0, tokens, DRAFT_CHUNK):  # DRAFT_CHUNK tokens a forward, each after the ones before
+            chunk = fed[:, first:first + DRAFT_CHUNK]
+            n, end = chunk.shape[1], start + first + chunk.shape[1]
+            hidden = self.inner.embed_tokens(chunk)
+            cos, sin = self.inner.rotary_emb(hidden, self.positions + first + torch.arange(n, device=fed.device))
+            cos, sin = cos[:, None], sin[:, None]
+            mask = self.mask[..., :end].expand(rows, 1, n, end).clone()
+            mask[..., start:end - n] = True  # the draft tokens of earlier chunks
+            mask[..., end - n:] = torch.ones(n, n, dtype=torch.bool, device=fed.device).tril()
+            columns = torch.arange(end - n, end, device=fed.device)
+            for i in range(len(self.layers)):
+                hidden = self._block(i, hidden, cos, sin, columns, mask)
+            hidden = self.inner.norm(hidden)
+            # logits one column at a time: the memory a decode step's plan holds for them (`decode_bytes_per_row`)
+            picks += [head(hidden[:, t]).float().argmax(-1) for t in range(n)]
+        return torch.stack(picks, 1)
 
     def logprobs_after(self, layer: int, deltas: Sequence[torch.Tensor], token: int) -> torch.Tensor:
         """log p(`token` next), (len(deltas), rows), with deltas[j] added to the residual after block `layer` at the
@@ -1025,7 +1042,7 @@ def steered_logprobs(model: torch.nn.Module, tokenizer, prompt_ids: list[list[in
     input_ids, mask = decoder._left_pad(prompt_ids)
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     compute = lambda: decoder._prefix(input_ids, mask, positions)  # noqa: E731
-    kv = _cache_tensors(prefix_cache.copy_for(prompt_ids, compute) if prefix_cache is not None else compute())
+    kv = _cache_tensors(prefix_cache.stored(prompt_ids, compute) if prefix_cache is not None else compute())
     width = mask.shape[1]  # the prefix's columns and the last token's
     step = _static_step(model, len(prompt_ids), -(-width // STATIC_COLUMNS) * STATIC_COLUMNS, kv, {})
     step.load(kv, mask[:, :-1], input_ids[:, -1], mask[:, :-1].sum(1), torch.arange(len(prompt_ids)))

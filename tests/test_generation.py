@@ -454,6 +454,7 @@ def test_drafts_change_no_reply_and_skip_the_decode_steps_they_verify(model, tok
     a reply cut, changed or run on, noise, nothing), the replies, reasons and texts are those decoded without
     drafts; drafts that are the replies finish every row in one teacher-forced forward (no decode step), and
     hooks that act after the prefill, the eager loop and sampling leave the drafts unused."""
+    from dfc_ray import generation
     from dfc_ray.generation import _StaticStep
     from dfc_ray.interventions import add_hook
 
@@ -486,3 +487,10 @@ def test_drafts_change_no_reply_and_skip_the_decode_steps_they_verify(model, tok
         assert steps or other_cfg.decode == "eager"
     with pytest.raises(ValueError, match="generate: 1 drafts for 6 prompts; expected one per prompt"):
         generate(model, tokenizer, prompts, cfg, drafts=[[1]])
+    with pytest.raises(ValueError, match=rf"generate: drafts\[1\] holds token id {len(tokenizer)}; expected ids in"):
+        generate(model, tokenizer, prompts, cfg, drafts=[[1], [2, len(tokenizer)]] + [[]] * 4)
+    monkeypatch.setattr(generation, "DRAFT_CHUNK", 3)  # the teacher-forced pass in several forwards
+    for drafts in (exact, noise):
+        steps.clear()
+        assert replies(generate(model, tokenizer, prompts, cfg, hooks, drafts=drafts)) == replies(plain)
+        assert not steps if drafts is exact else steps
